@@ -1,0 +1,77 @@
+#include "moelink/config.hpp"
+
+#include "kernels/common/mailbox.hpp"
+#include "kernels/intranode/ring_layout.hpp"
+#include "runtime/errors.hpp"
+
+namespace moelink {
+
+Config::Config(int num_sms_, int nvl_send, int nvl_recv, int rdma_send, int rdma_recv)
+    : num_sms(num_sms_),
+      num_max_nvl_chunked_send_tokens(nvl_send),
+      num_max_nvl_chunked_recv_tokens(nvl_recv),
+      num_max_rdma_chunked_send_tokens(rdma_send),
+      num_max_rdma_chunked_recv_tokens(rdma_recv) {
+  validate();
+}
+
+void Config::validate() const {
+  using detail::raise;
+  if (num_sms < 2 || num_sms > 2 * kernels::kMaxChannels || num_sms % 2 != 0)
+    raise(ErrorKind::kValue, "Config.num_sms: expected an even number in [2, ", 2 * kernels::kMaxChannels, "], got ",
+          num_sms, " (one sender and one receiver SM per channel)");
+  if (num_max_nvl_chunked_send_tokens < 1)
+    raise(ErrorKind::kValue, "Config.num_max_nvl_chunked_send_tokens: expected >= 1, got ", num_max_nvl_chunked_send_tokens);
+  if (num_max_nvl_chunked_recv_tokens < 2 * num_max_nvl_chunked_send_tokens)
+    raise(ErrorKind::kValue, "Config.num_max_nvl_chunked_recv_tokens: expected >= 2 * num_max_nvl_chunked_send_tokens (",
+          2 * num_max_nvl_chunked_send_tokens, "), got ", num_max_nvl_chunked_recv_tokens);
+  if (num_max_rdma_chunked_send_tokens < 1)
+    raise(ErrorKind::kValue, "Config.num_max_rdma_chunked_send_tokens: expected >= 1, got ", num_max_rdma_chunked_send_tokens);
+  if (num_max_rdma_chunked_recv_tokens < 2 * num_max_rdma_chunked_send_tokens)
+    raise(ErrorKind::kValue, "Config.num_max_rdma_chunked_recv_tokens: expected >= 2 * num_max_rdma_chunked_send_tokens (",
+          2 * num_max_rdma_chunked_send_tokens, "), got ", num_max_rdma_chunked_recv_tokens);
+}
+
+namespace {
+void check_hint_args(int64_t hidden_bytes, int num_ranks, int max_ranks) {
+  if (hidden_bytes <= 0 || hidden_bytes % 16 != 0)
+    detail::raise(ErrorKind::kValue, "hidden_bytes: expected a positive multiple of 16, got ", hidden_bytes);
+  if (num_ranks < 1 || num_ranks > max_ranks)
+    detail::raise(ErrorKind::kValue, "num_ranks: expected 1..", max_ranks, ", got ", num_ranks);
+}
+}  // namespace
+
+int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
+  validate();
+  check_hint_args(hidden_bytes, num_ranks, kMaxNvlRanks);
+  // Dispatch rings carry the most per row (scales, ids, weights); combine rows of the same hidden
+  // size carry less, so the dispatch layout at the largest top-k bounds both directions.
+  const auto layout = kernels::RingLayout::make(num_ranks, num_channels(), num_max_nvl_chunked_recv_tokens,
+                                                hidden_bytes, static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK);
+  return layout.total_bytes();
+}
+
+int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
+  validate();
+  check_hint_args(hidden_bytes, num_ranks, 1 << 20);
+  // Internode normal mode is not implemented yet; this bounds a send and a receive ring per
+  // (channel, node) with the same per-row budget as the NVLink rings.
+  const int64_t num_nodes = (num_ranks + kMaxNvlRanks - 1) / kMaxNvlRanks;
+  if (num_nodes <= 1) return 0;
+  const int64_t row = hidden_bytes + hidden_bytes / 128 * 4 + 4 + 8LL * kernels::kMaxTopK;
+  return kernels::align_up(2LL * num_channels() * num_nodes * num_max_rdma_chunked_recv_tokens * row, 128);
+}
+
+Config default_dispatch_config(int num_ranks, int num_sms) {
+  if (num_ranks < 1) detail::raise(ErrorKind::kValue, "num_ranks: expected >= 1, got ", num_ranks);
+  // Rings of 64 rows in chunks of 8 keep a chunk in flight while the previous one drains and keep
+  // the whole ring set small (tens of MB, not GB).
+  return Config(num_sms, 8, 64, 8, 128);
+}
+
+Config default_combine_config(int num_ranks, int num_sms) {
+  if (num_ranks < 1) detail::raise(ErrorKind::kValue, "num_ranks: expected >= 1, got ", num_ranks);
+  return Config(num_sms, 8, 64, 8, 128);
+}
+
+}  // namespace moelink

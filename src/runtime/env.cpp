@@ -1,0 +1,20 @@
+#include "runtime/env.hpp"
+
+#include <cstdlib>
+#include <string>
+
+#include "runtime/errors.hpp"
+
+namespace moelink::env {
+
+double timeout_seconds() {
+  const char* value = std::getenv("MOELINK_TIMEOUT_S");
+  if (value == nullptr || *value == '\0') return 100.0;
+  char* end = nullptr;
+  const double seconds = std::strtod(value, &end);
+  if (end == value || *end != '\0' || !(seconds > 0))
+    detail::raise(ErrorKind::kValue, "MOELINK_TIMEOUT_S: expected a positive number of seconds, got '", value, "'");
+  return seconds;
+}
+
+}  // namespace moelink::env
