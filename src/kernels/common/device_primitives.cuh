@@ -1,0 +1,84 @@
+#pragma once
+// Device primitives named for their memory semantics. Everything that crosses processes (peer
+// buffers over CUDA IPC, host-mapped mailboxes) uses .sys scope: a peer may be another process on
+// the same GPU under MPS or another GPU across NVLink.
+#include <cstdint>
+
+
+
+namespace moelink::kernels {
+
+__device__ __forceinline__ int ld_acquire_sys(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(int* ptr, int v) {
+  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_volatile(const int* ptr) {
+  int v;
+  asm volatile("ld.volatile.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ void st_volatile(int* ptr, int v) {
+  asm volatile("st.volatile.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+// Streaming read of data this kernel reads once and nobody writes during the kernel.
+__device__ __forceinline__ int4 ld_nc_stream(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// Read of ring data a peer wrote: it must not come from a stale L1 line, so bypass L1.
+__device__ __forceinline__ int4 ld_cg(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ void st_na(int4* ptr, const int4& v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Named barrier over `num_threads` threads of a warp group; id 0 is __syncthreads.
+__device__ __forceinline__ void group_barrier(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
+
+// Copies `num_int4` 16-byte words with the whole warp, several loads in flight per lane before the
+// first store. Load and store policies are template functors so the same loop serves every path.
+template <int kUnroll, typename Load, typename Store>
+__device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) {
+  const int lane = lane_id();
+  int i = lane;
+  for (; i + (kUnroll - 1) * 32 < num_int4; i += kUnroll * 32) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = load(i + u * 32);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) store(i + u * 32, v[u]);
+  }
+  for (; i < num_int4; i += 32) store(i, load(i));
+}
+
+}  // namespace moelink::kernels

@@ -1,0 +1,77 @@
+// Dispatch layout: from top-k expert ids to per-rank / per-node / per-expert counts and the
+// token-to-rank mask. One thread per token; counts are accumulated in shared memory and folded into
+// the (zeroed) outputs with one atomic per block and bin, so the result is exact and deterministic.
+// Out-of-range ids (other than -1) are ignored for counting and reported to the host.
+#include <cuda_runtime.h>
+
+#include "kernels/common/device_errors.cuh"
+
+namespace moelink::kernels {
+
+namespace {
+
+constexpr int kLayoutThreads = 256;
+
+__global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(LayoutArgs a) {
+  extern __shared__ int smem[];
+  const int num_rdma = a.num_tokens_per_rdma_rank ? a.num_ranks / a.num_nvl_ranks : 0;
+  int* expert_count = smem;
+  int* rank_count = smem + a.num_experts;
+  int* rdma_count = rank_count + a.num_ranks;
+  for (int i = threadIdx.x; i < a.num_experts + a.num_ranks + num_rdma; i += blockDim.x) smem[i] = 0;
+  __syncthreads();
+
+  const int experts_per_rank = a.num_experts / a.num_ranks;
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < a.num_tokens) {
+    int ranks_of_token[kMaxTopK];
+    const int64_t* row = a.topk_idx + static_cast<int64_t>(t) * a.num_topk;
+    for (int k = 0; k < a.num_topk; ++k) {
+      const int64_t e = row[k];
+      ranks_of_token[k] = -1;
+      if (e == -1) continue;
+      if (e < -1 || e >= a.num_experts) {
+        report_error(a.err, kErrBadExpertId, -1, kStepLayout, -1, static_cast<long long>(t) * kMaxTopK + k);
+        continue;
+      }
+      atomicAdd(&expert_count[e], 1);
+      ranks_of_token[k] = static_cast<int>(e / experts_per_rank);
+    }
+    bool* mask_row = a.is_token_in_rank + static_cast<int64_t>(t) * a.num_ranks;
+    int last_rdma = -1;
+    for (int r = 0; r < a.num_ranks; ++r) {
+      bool in_rank = false;
+      for (int k = 0; k < a.num_topk; ++k) in_rank |= ranks_of_token[k] == r;
+      mask_row[r] = in_rank;
+      if (!in_rank) continue;
+      atomicAdd(&rank_count[r], 1);
+      // Ranks are visited in order, so a node's ranks are contiguous: count each node once.
+      if (num_rdma > 0 && r / a.num_nvl_ranks != last_rdma) {
+        last_rdma = r / a.num_nvl_ranks;
+        atomicAdd(&rdma_count[last_rdma], 1);
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.num_experts; i += blockDim.x)
+    if (expert_count[i]) atomicAdd(&a.num_tokens_per_expert[i], expert_count[i]);
+  for (int i = threadIdx.x; i < a.num_ranks; i += blockDim.x)
+    if (rank_count[i]) atomicAdd(&a.num_tokens_per_rank[i], rank_count[i]);
+  for (int i = threadIdx.x; i < num_rdma; i += blockDim.x)
+    if (rdma_count[i]) atomicAdd(&a.num_tokens_per_rdma_rank[i], rdma_count[i]);
+}
+
+}  // namespace
+
+void launch_dispatch_layout(const LayoutArgs& a, cudaStream_t stream) {
+  const int num_rdma = a.num_tokens_per_rdma_rank ? a.num_ranks / a.num_nvl_ranks : 0;
+  cudaMemsetAsync(a.num_tokens_per_expert, 0, sizeof(int) * a.num_experts, stream);
+  cudaMemsetAsync(a.num_tokens_per_rank, 0, sizeof(int) * a.num_ranks, stream);
+  if (num_rdma) cudaMemsetAsync(a.num_tokens_per_rdma_rank, 0, sizeof(int) * num_rdma, stream);
+  if (a.num_tokens == 0) return;
+  const int blocks = (a.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
+  const size_t smem = sizeof(int) * (a.num_experts + a.num_ranks + num_rdma);
+  dispatch_layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(a);
+}
+
+}  // namespace moelink::kernels
