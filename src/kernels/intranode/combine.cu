@@ -1,0 +1,217 @@
+// Intranode combine: every row a rank received in dispatch goes back to its source rank, which sums
+// the rows of each of its tokens (fp32 accumulation, bf16 out) and adds the optional biases.
+//
+// Protocol (2 blocks per channel; block 2c sends channel c, block 2c+1 receives channel c):
+//   Sender (the expert side), warp group per source rank s: the rows from s in channel c are
+//     contiguous in x (dispatch put them there), so it copies them chunk by chunk into ring(c, me)
+//     in s's buffer, with their top-k weights; same space/tail handshake as dispatch.
+//   Receiver (the token side): walks its own channel-c tokens in batches of B tokens. For a batch it
+//     computes, per token and rank d, the ring position of that token's row from d: d sends rows in
+//     my token order, so the position is the count of earlier channel-c tokens routed to d. One
+//     warp per token waits for those rows, sums them, adds the biases and writes the output; then
+//     head[c][me] in each d's buffer is released by the batch's count.
+//   Rows a rank sent itself are read straight from its own x, never through a ring.
+//   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
+//   sender may still be writing. Counters reset themselves as in dispatch.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/common/device_errors.cuh"
+
+namespace moelink::kernels {
+
+namespace {
+
+constexpr int kNumWarps = kIntranodeThreads / 32;
+
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 out;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  return out;
+}
+
+__device__ __forceinline__ int ld_cg_int(const int* p) {
+  int v;
+  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ void send_channel(const CombineArgs& a, int channel) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
+  const int warps_per_group = kNumWarps / R;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int s = warp / warps_per_group, gw = warp % warps_per_group;
+  __shared__ bool abort_group[kMaxNvlRanks];
+  if (s >= R || s == rank) return;  // my own rows are read from x by my receiver
+
+  const int rank_base = s ? a.rank_prefix_matrix[(s - 1) * R + rank] : 0;
+  const int from_s = a.rank_prefix_matrix[s * R + rank] - rank_base;
+  const int first = a.recv_channel_prefix_matrix[s * C + channel];
+  const int total = (channel + 1 < C ? a.recv_channel_prefix_matrix[s * C + channel + 1] : from_s) - first;
+  const int row_base = rank_base + first;
+  int* tail_remote = L.tail(a.peers.data[s], channel, rank);
+  const int* head_local = L.head(a.peers.data[rank], channel, s);
+  char* ring = L.ring(a.peers.data[s], channel, rank);
+  const int group_threads = warps_per_group * 32;
+  const int4* x = static_cast<const int4*>(a.x);
+  const int K = L.num_topk;
+  if (threadIdx.x % group_threads == 0) abort_group[s] = false;
+
+  int sent = 0;
+  while (sent < total) {
+    const int n = min(a.chunk, total - sent);
+    if (gw == 0 && lane == 0) {
+      if (!wait_at_least(head_local, sent + n - L.slots, a.err, s, kStepCombineSend, channel)) abort_group[s] = true;
+    }
+    group_barrier(1 + s, group_threads);
+    if (abort_group[s]) return;
+    for (int j = gw; j < n; j += warps_per_group) {
+      const int slot = (sent + j) % L.slots;
+      const int64_t row = row_base + sent + j;
+      const int4* src = x + row * L.hidden_int4;
+      int4* dst = L.slot_x(ring, slot);
+      warp_copy<4>(L.hidden_int4, [&](int i) { return ld_nc_stream(src + i); }, [&](int i, const int4& v) { dst[i] = v; });
+      if (lane < K) L.slot_weights(ring, slot)[lane] = a.topk_weights[row * K + lane];
+    }
+    group_barrier(1 + s, group_threads);
+    sent += n;
+    if (gw == 0 && lane == 0) st_release_sys(tail_remote, sent);
+  }
+}
+
+__device__ void recv_channel(const CombineArgs& a, int channel) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int batch = min(kNumWarps, L.slots - a.chunk);
+  __shared__ int position[kNumWarps][kMaxNvlRanks];
+  __shared__ int batch_count[kMaxNvlRanks];
+  __shared__ int consumed[kMaxNvlRanks];
+  __shared__ int channel_total[kMaxNvlRanks];
+  __shared__ bool failed;
+  __shared__ const int4* rows_smem[kNumWarps][kMaxNvlRanks];
+  __shared__ const float* weights_smem[kNumWarps][kMaxNvlRanks];
+
+  const ChannelRange range = channel_range(a.num_tokens, C, channel);
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    consumed[d] = 0;
+    channel_total[d] = a.channel_prefix_matrix[d * C + channel] - (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+  }
+  if (threadIdx.x == 0) failed = false;
+  __syncthreads();
+
+  const int4* bias_0 = static_cast<const int4*>(a.bias_0);
+  const int4* bias_1 = static_cast<const int4*>(a.bias_1);
+  int4* out = static_cast<int4*>(a.combined_x);
+  const int K = L.num_topk, H4 = L.hidden_int4;
+  const int4* x = static_cast<const int4*>(a.x);
+  const int self_row_base = (rank ? a.rank_prefix_matrix[(rank - 1) * R + rank] : 0) +
+                            a.recv_channel_prefix_matrix[rank * C + channel];
+
+  for (int begin = range.begin; begin < range.end; begin += batch) {
+    if (warp == 0) {
+      const int t = begin + lane;
+      const bool valid = lane < batch && t < range.end;
+      for (int d = 0; d < R; ++d) {
+        const bool routed = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+        const unsigned mask = __ballot_sync(0xffffffffu, routed);
+        if (lane < batch) position[lane][d] = routed ? consumed[d] + __popc(mask & ((1u << lane) - 1)) : -1;
+        if (lane == 0) batch_count[d] = __popc(mask);
+      }
+    }
+    __syncthreads();
+
+    const int t = begin + warp;
+    if (warp < batch && t < range.end) {
+      // Where each contributing row is: a ring slot, or my own x for rows I sent to myself. Lane d
+      // resolves (and waits for) rank d's row, so the waits for different ranks overlap.
+      bool ok = true;
+      if (lane < kMaxNvlRanks) {
+        const int d = lane;
+        const int pos = d < R ? position[warp][d] : -1;
+        const int4* row_ptr = nullptr;
+        const float* weight_ptr = nullptr;
+        if (pos >= 0 && d == rank) {
+          const int64_t row = self_row_base + pos;
+          row_ptr = x + row * H4;
+          weight_ptr = a.topk_weights ? a.topk_weights + row * K : nullptr;
+        } else if (pos >= 0) {
+          char* ring = L.ring(a.peers.data[rank], channel, d);
+          row_ptr = L.slot_x(ring, pos % L.slots);
+          weight_ptr = L.slot_weights(ring, pos % L.slots);
+          ok = wait_at_least(L.tail(a.peers.data[rank], channel, d), pos + 1, a.err, d, kStepCombineRecv, channel);
+        }
+        rows_smem[warp][d] = row_ptr;
+        weights_smem[warp][d] = weight_ptr;
+      }
+      __syncwarp();
+      const int4* const* rows = rows_smem[warp];
+      const float* const* weights = weights_smem[warp];
+      if (!__all_sync(0xffffffffu, ok)) {
+        if (lane == 0) failed = true;
+      } else {
+        const int64_t out_row = static_cast<int64_t>(t) * H4;
+        for (int i = lane; i < H4; i += 32) {
+          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int4 v[kMaxNvlRanks];
+#pragma unroll
+          for (int d = 0; d < kMaxNvlRanks; ++d)
+            if (rows[d]) v[d] = ld_cg(rows[d] + i);
+#pragma unroll
+          for (int d = 0; d < kMaxNvlRanks; ++d)
+            if (rows[d]) accumulate_bf16x8(acc, v[d]);
+          if (bias_0) accumulate_bf16x8(acc, ld_nc_stream(bias_0 + out_row + i));
+          if (bias_1) accumulate_bf16x8(acc, ld_nc_stream(bias_1 + out_row + i));
+          st_na(out + out_row + i, pack_bf16x8(acc));
+        }
+        if (a.combined_topk_weights && lane < K) {
+          float w = 0.f;
+#pragma unroll
+          for (int d = 0; d < kMaxNvlRanks; ++d)
+            if (weights[d]) w += __int_as_float(ld_cg_int(reinterpret_cast<const int*>(weights[d] + lane)));
+          a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
+        }
+      }
+    }
+    __syncthreads();
+    if (failed) return;
+    if (threadIdx.x < R) {
+      const int d = threadIdx.x;
+      consumed[d] += batch_count[d];
+      if (batch_count[d] > 0 && d != rank)
+        st_release_sys(L.head(a.peers.data[d], channel, rank), consumed[d] == channel_total[d] ? 0 : consumed[d]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
+}
+
+__global__ void __launch_bounds__(kIntranodeThreads, 1) intranode_combine_kernel(CombineArgs a) {
+  const int channel = blockIdx.x / 2;
+  if (blockIdx.x % 2 == 0)
+    send_channel(a, channel);
+  else
+    recv_channel(a, channel);
+}
+
+}  // namespace
+
+void launch_intranode_combine(const CombineArgs& a, cudaStream_t stream) {
+  intranode_combine_kernel<<<a.layout.num_channels * 2, kIntranodeThreads, 0, stream>>>(a);
+}
+
+}  // namespace moelink::kernels

@@ -1,0 +1,28 @@
+#pragma once
+// Buffer's private state, shared by the runtime's translation units (buffer.cpp, intranode.cpp).
+#include <string>
+#include <vector>
+
+#include "kernels/launch.hpp"
+#include "moelink/buffer.hpp"
+
+namespace moelink {
+
+struct Buffer::Impl {
+  char* nvl_base = nullptr;      // header + data, one cudaMalloc
+  std::vector<void*> peer_base;  // per NVL rank; ours is nvl_base, others are IPC mappings
+  kernels::PeerTable peers{};
+  kernels::HostMailbox* mailbox = nullptr;      // host view
+  kernels::HostMailbox* mailbox_dev = nullptr;  // device alias
+  cudaEvent_t order_event = nullptr;            // reused to order the comm stream after the compute stream
+  void* rdma = nullptr;
+  bool nvshmem_joined = false;
+  std::vector<uint8_t> unique_id;
+  int op_seq = 0;
+  std::string broken;  // non-empty once a peer timed out: the ring counters can't be trusted
+
+  kernels::NvlHeader* header() const { return reinterpret_cast<kernels::NvlHeader*>(nvl_base); }
+  void* data() const { return nvl_base + kernels::kNvlHeaderBytes; }
+};
+
+}  // namespace moelink
