@@ -1,0 +1,360 @@
+// moelink._moelink: the nanobind glue over the C++ core. It only translates Python values to core
+// structs (convert.hpp) and core errors to Python exceptions; every check and decision lives in the
+// core. The surface is documented in docs/internal/BINDING_API.md.
+#include <cuda_runtime_api.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "convert.hpp"
+#include "moelink/buffer.hpp"
+#include "moelink/config.hpp"
+#include "moelink/error.hpp"
+#include "moelink/event.hpp"
+#include "moelink/tensor.hpp"
+#include "moelink/topology.hpp"
+#include "transport/nvshmem.hpp"  // nvshmem_compiled(): a build property, not public API
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using moelink::bindings::to_byte_vector;
+using moelink::bindings::to_bytes;
+using moelink::bindings::to_stream_order;
+using moelink::bindings::to_tensor_ref;
+
+void translate_error(const std::exception_ptr& error, void*) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const moelink::Error& e) {
+    PyObject* type = PyExc_RuntimeError;
+    switch (e.kind()) {
+      case moelink::ErrorKind::kValue: type = PyExc_ValueError; break;
+      case moelink::ErrorKind::kType: type = PyExc_TypeError; break;
+      case moelink::ErrorKind::kTimeout: type = PyExc_TimeoutError; break;
+      case moelink::ErrorKind::kCuda:
+      case moelink::ErrorKind::kState: type = PyExc_RuntimeError; break;
+    }
+    PyErr_SetString(type, e.what());
+  }
+}
+
+// Never raises: Python asks this before deciding whether to touch CUDA at all.
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();  // a missing driver leaves a (non-sticky) error behind; clear it
+    return 0;
+  }
+  return count;
+}
+
+bool is_sm90_compiled() {
+  // A build-time property of libmoelink: the build defines MOELINK_DISABLE_SM90 when it targets
+  // architectures without the SM90 features (TMA, cluster launch).
+#ifdef MOELINK_DISABLE_SM90
+  return false;
+#else
+  return true;
+#endif
+}
+
+std::string topology_repr(const moelink::Topology& t) {
+  return "Topology(rank=" + std::to_string(t.rank) + ", num_ranks=" + std::to_string(t.num_ranks) +
+         ", num_nvl_ranks=" + std::to_string(t.num_nvl_ranks) + ", num_rdma_ranks=" +
+         std::to_string(t.num_rdma_ranks) + ", nvl_rank=" + std::to_string(t.nvl_rank) +
+         ", rdma_rank=" + std::to_string(t.rdma_rank) + ")";
+}
+
+std::string config_repr(const moelink::Config& c) {
+  return "Config(num_sms=" + std::to_string(c.num_sms) +
+         ", num_max_nvl_chunked_send_tokens=" + std::to_string(c.num_max_nvl_chunked_send_tokens) +
+         ", num_max_nvl_chunked_recv_tokens=" + std::to_string(c.num_max_nvl_chunked_recv_tokens) +
+         ", num_max_rdma_chunked_send_tokens=" + std::to_string(c.num_max_rdma_chunked_send_tokens) +
+         ", num_max_rdma_chunked_recv_tokens=" + std::to_string(c.num_max_rdma_chunked_recv_tokens) + ")";
+}
+
+// A 1-D uint8 view of the whole local buffer as a plain DLPack producer (__dlpack__ /
+// __dlpack_device__): torch.from_dlpack takes it without the extension carrying a PyTorch ABI
+// dependency. The owner handle keeps the Python Buffer (and so the memory) alive for as long as any
+// consumer tensor does.
+using ByteView = nb::ndarray<uint8_t, nb::ndim<1>, nb::device::cuda, nb::array_api>;
+
+ByteView local_buffer_dlpack(moelink::Buffer& self, bool use_rdma_buffer) {
+  void* data = use_rdma_buffer ? self.local_rdma_buffer() : self.local_nvl_buffer();
+  const int64_t bytes = use_rdma_buffer ? self.num_rdma_bytes() : self.num_nvl_bytes();
+  nb::object owner = nb::find(&self);
+  const size_t shape[1] = {static_cast<size_t>(bytes)};
+  return ByteView(data, 1, shape, owner, nullptr, nb::dtype<uint8_t>(), nb::device::cuda::value,
+                  self.device_id());
+}
+
+moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
+                                        nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
+                                        nb::handle is_token_in_rank) {
+  moelink::DispatchHandle handle;
+  handle.rank_prefix_matrix = to_tensor_ref(rank_prefix_matrix, "rank_prefix_matrix");
+  handle.channel_prefix_matrix = to_tensor_ref(channel_prefix_matrix, "channel_prefix_matrix");
+  handle.recv_channel_prefix_matrix = to_tensor_ref(recv_channel_prefix_matrix, "recv_channel_prefix_matrix");
+  handle.recv_src_idx = to_tensor_ref(recv_src_idx, "recv_src_idx");
+  handle.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+  return handle;
+}
+
+void bind_config(nb::module_& m) {
+  nb::class_<moelink::Config>(m, "Config")
+      .def(nb::init<int, int, int, int, int>(), "num_sms"_a, "num_max_nvl_chunked_send_tokens"_a,
+           "num_max_nvl_chunked_recv_tokens"_a, "num_max_rdma_chunked_send_tokens"_a = 6,
+           "num_max_rdma_chunked_recv_tokens"_a = 256)
+      // Read-only: a Config is validated once, at construction.
+      .def_ro("num_sms", &moelink::Config::num_sms)
+      .def_ro("num_max_nvl_chunked_send_tokens", &moelink::Config::num_max_nvl_chunked_send_tokens)
+      .def_ro("num_max_nvl_chunked_recv_tokens", &moelink::Config::num_max_nvl_chunked_recv_tokens)
+      .def_ro("num_max_rdma_chunked_send_tokens", &moelink::Config::num_max_rdma_chunked_send_tokens)
+      .def_ro("num_max_rdma_chunked_recv_tokens", &moelink::Config::num_max_rdma_chunked_recv_tokens)
+      .def("get_nvl_buffer_size_hint", &moelink::Config::get_nvl_buffer_size_hint, "hidden_bytes"_a,
+           "num_ranks"_a)
+      .def("get_rdma_buffer_size_hint", &moelink::Config::get_rdma_buffer_size_hint, "hidden_bytes"_a,
+           "num_ranks"_a)
+      .def("__repr__", &config_repr);
+
+  m.def("default_dispatch_config", &moelink::default_dispatch_config, "num_ranks"_a, "num_sms"_a);
+  m.def("default_combine_config", &moelink::default_combine_config, "num_ranks"_a, "num_sms"_a);
+}
+
+void bind_event(nb::module_& m) {
+  nb::class_<moelink::EventHandle>(m, "EventHandle")
+      .def(nb::init<>())
+      .def(
+          "__init__",
+          [](moelink::EventHandle* self, uintptr_t stream) {
+            new (self) moelink::EventHandle(reinterpret_cast<cudaStream_t>(stream));
+          },
+          "stream"_a, "Records a new event on the CUDA stream whose handle is `stream`.")
+      .def_prop_ro("valid", &moelink::EventHandle::valid)
+      .def(
+          "stream_wait",
+          [](const moelink::EventHandle& self, uintptr_t stream) {
+            self.stream_wait(reinterpret_cast<cudaStream_t>(stream));
+          },
+          "stream"_a)
+      .def("synchronize", &moelink::EventHandle::synchronize, nb::call_guard<nb::gil_scoped_release>())
+      .def("query", &moelink::EventHandle::query);
+}
+
+void bind_topology(nb::module_& m) {
+  nb::class_<moelink::Topology>(m, "Topology")
+      .def_static("make", &moelink::Topology::make, "rank"_a, "num_ranks"_a, "num_nvl_ranks"_a = 0)
+      .def_ro("rank", &moelink::Topology::rank)
+      .def_ro("num_ranks", &moelink::Topology::num_ranks)
+      .def_ro("num_nvl_ranks", &moelink::Topology::num_nvl_ranks)
+      .def_ro("num_rdma_ranks", &moelink::Topology::num_rdma_ranks)
+      .def_ro("nvl_rank", &moelink::Topology::nvl_rank)
+      .def_ro("rdma_rank", &moelink::Topology::rdma_rank)
+      .def("is_intranode", &moelink::Topology::is_intranode)
+      .def("root_rdma_rank_global", &moelink::Topology::root_rdma_rank_global)
+      .def("__repr__", &topology_repr);
+}
+
+void bind_buffer(nb::module_& m) {
+  using moelink::Buffer;
+  using Release = nb::call_guard<nb::gil_scoped_release>;
+
+  nb::class_<Buffer>(m, "Buffer")
+      .def(
+          "__init__",
+          [](Buffer* self, int rank, int num_ranks, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
+             bool low_latency_mode, bool explicitly_destroy, int num_nvl_ranks, int num_qps_per_rank,
+             double timeout_s, int device) {
+            moelink::BufferOptions options;
+            options.rank = rank;
+            options.num_ranks = num_ranks;
+            options.num_nvl_bytes = num_nvl_bytes;
+            options.num_rdma_bytes = num_rdma_bytes;
+            options.low_latency_mode = low_latency_mode;
+            options.explicitly_destroy = explicitly_destroy;
+            options.num_nvl_ranks = num_nvl_ranks;
+            options.num_qps_per_rank = num_qps_per_rank;
+            options.timeout_s = timeout_s;
+            options.device = device;
+            new (self) Buffer(options);
+          },
+          "rank"_a, "num_ranks"_a, "num_nvl_bytes"_a, "num_rdma_bytes"_a, "low_latency_mode"_a = false,
+          "explicitly_destroy"_a = false, "num_nvl_ranks"_a = 0, "num_qps_per_rank"_a = 24,
+          "timeout_s"_a = -1.0, "device"_a = -1)
+
+      // ---- topology and resources ----
+      .def_prop_ro("topology", [](const Buffer& self) { return self.topology(); })
+      .def_prop_ro("device_id", &Buffer::device_id)
+      .def_prop_ro("num_nvl_bytes", &Buffer::num_nvl_bytes)
+      .def_prop_ro("num_rdma_bytes", &Buffer::num_rdma_bytes)
+      .def_prop_ro("low_latency_mode", &Buffer::low_latency_mode)
+      .def_prop_ro("explicitly_destroy", &Buffer::explicitly_destroy)
+      .def_prop_ro("timeout_s", &Buffer::timeout_s)
+      .def("comm_stream", [](const Buffer& self) { return reinterpret_cast<uintptr_t>(self.comm_stream()); })
+      .def("local_nvl_buffer",
+           [](const Buffer& self) { return reinterpret_cast<uintptr_t>(self.local_nvl_buffer()); })
+      .def("local_rdma_buffer",
+           [](const Buffer& self) { return reinterpret_cast<uintptr_t>(self.local_rdma_buffer()); })
+      .def("local_buffer_dlpack", &local_buffer_dlpack, "use_rdma_buffer"_a = false)
+
+      // ---- bootstrap ----
+      .def("local_ipc_handle", [](const Buffer& self) { return to_bytes(self.local_ipc_handle()); })
+      .def("local_nvshmem_unique_id",
+           [](const Buffer& self) { return to_bytes(self.local_nvshmem_unique_id()); })
+      .def(
+          "sync",
+          [](Buffer& self, const std::vector<int>& device_ids, nb::handle ipc_handles, nb::handle root_unique_id) {
+            std::vector<std::vector<uint8_t>> handles;
+            if (!nb::isinstance<nb::list>(ipc_handles) && !nb::isinstance<nb::tuple>(ipc_handles)) {
+              moelink::bindings::raise_type("ipc_handles", "a list of bytes");
+            }
+            for (nb::handle h : ipc_handles) handles.push_back(to_byte_vector(h, "ipc_handles"));
+            std::vector<uint8_t> root;
+            if (!root_unique_id.is_none()) root = to_byte_vector(root_unique_id, "root_unique_id");
+            nb::gil_scoped_release release;  // sync waits for the peers
+            self.sync(device_ids, handles, root);
+          },
+          "device_ids"_a, "ipc_handles"_a, "root_unique_id"_a.none())
+      .def("is_available", &Buffer::is_available)
+      .def("destroy", &Buffer::destroy, Release())
+      .def(
+          "barrier", [](Buffer& self, const std::string& step) { self.barrier(step.c_str()); }, "step"_a,
+          Release())
+      .def("check_device_errors", &Buffer::check_device_errors)
+
+      // ---- operations ----
+      .def(
+          "get_dispatch_layout",
+          [](Buffer& self, nb::handle topk_idx, int num_experts, nb::handle num_tokens_per_rank,
+             nb::handle num_tokens_per_rdma_rank, nb::handle num_tokens_per_expert, nb::handle is_token_in_rank,
+             nb::handle order) {
+            const moelink::TensorRef topk = to_tensor_ref(topk_idx, "topk_idx");
+            moelink::LayoutOutputs out;
+            out.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
+            out.num_tokens_per_rdma_rank = to_tensor_ref(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank");
+            out.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+            out.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            nb::gil_scoped_release release;
+            return self.get_dispatch_layout(topk, num_experts, out, stream_order);
+          },
+          "topk_idx"_a.none(), "num_experts"_a, "num_tokens_per_rank"_a.none(),
+          "num_tokens_per_rdma_rank"_a.none(), "num_tokens_per_expert"_a.none(), "is_token_in_rank"_a.none(),
+          "order"_a)
+      .def(
+          "intranode_notify",
+          [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
+             nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
+             int num_experts, int expert_alignment, int num_worst_tokens, nb::handle rank_prefix_matrix,
+             nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
+             const moelink::Config& config, nb::handle order) {
+            moelink::DispatchInputs in;
+            in.x = to_tensor_ref(x, "x");
+            in.x_scales = to_tensor_ref(x_scales, "x_scales");
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+            in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+            in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
+            in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+            in.num_experts = num_experts;
+            in.expert_alignment = expert_alignment;
+            in.num_worst_tokens = num_worst_tokens;
+            const moelink::DispatchHandle handle = dispatch_handle(
+                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, nb::none(), is_token_in_rank);
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            moelink::DispatchPlan plan;
+            {
+              nb::gil_scoped_release release;  // notify blocks the host until the peers' counts arrive
+              plan = self.intranode_notify(in, handle, config, stream_order);
+            }
+            return std::make_pair(plan.num_recv_tokens, std::move(plan.num_recv_tokens_per_expert));
+          },
+          "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
+          "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
+          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "rank_prefix_matrix"_a.none(),
+          "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(), "config"_a, "order"_a)
+      .def(
+          "intranode_dispatch",
+          [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
+             nb::handle is_token_in_rank, int num_experts, int expert_alignment, int num_worst_tokens,
+             nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
+             nb::handle recv_src_idx, nb::handle recv_x, nb::handle recv_x_scales, nb::handle recv_topk_idx,
+             nb::handle recv_topk_weights, const moelink::Config& config, nb::handle order, bool cached) {
+            moelink::DispatchInputs in;
+            in.x = to_tensor_ref(x, "x");
+            in.x_scales = to_tensor_ref(x_scales, "x_scales");
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+            in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+            in.num_experts = num_experts;
+            in.expert_alignment = expert_alignment;
+            in.num_worst_tokens = num_worst_tokens;
+            const moelink::DispatchHandle handle = dispatch_handle(
+                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank);
+            moelink::DispatchOutputs out;
+            out.recv_x = to_tensor_ref(recv_x, "recv_x");
+            out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
+            out.recv_topk_idx = to_tensor_ref(recv_topk_idx, "recv_topk_idx");
+            out.recv_topk_weights = to_tensor_ref(recv_topk_weights, "recv_topk_weights");
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            nb::gil_scoped_release release;
+            return self.intranode_dispatch(in, handle, out, config, stream_order, cached);
+          },
+          "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
+          "is_token_in_rank"_a.none(), "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a,
+          "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
+          "recv_src_idx"_a.none(), "recv_x"_a.none(), "recv_x_scales"_a.none(), "recv_topk_idx"_a.none(),
+          "recv_topk_weights"_a.none(), "config"_a, "order"_a, "cached"_a)
+      .def(
+          "intranode_combine",
+          [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,
+             nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
+             nb::handle recv_src_idx, nb::handle is_token_in_rank, nb::handle combined_x,
+             nb::handle combined_topk_weights, const moelink::Config& config, nb::handle order) {
+            moelink::CombineInputs in;
+            in.x = to_tensor_ref(x, "x");
+            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+            in.bias_0 = to_tensor_ref(bias_0, "bias_0");
+            in.bias_1 = to_tensor_ref(bias_1, "bias_1");
+            const moelink::DispatchHandle handle = dispatch_handle(
+                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank);
+            moelink::CombineOutputs out;
+            out.combined_x = to_tensor_ref(combined_x, "combined_x");
+            out.combined_topk_weights = to_tensor_ref(combined_topk_weights, "combined_topk_weights");
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            nb::gil_scoped_release release;
+            return self.intranode_combine(in, handle, out, config, stream_order);
+          },
+          "x"_a.none(), "topk_weights"_a.none(), "bias_0"_a.none(), "bias_1"_a.none(),
+          "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
+          "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "combined_x"_a.none(),
+          "combined_topk_weights"_a.none(), "config"_a, "order"_a);
+}
+
+}  // namespace
+
+NB_MODULE(_moelink, m) {
+  m.doc() = "moelink C++ core (internal; use the moelink package)";
+  nb::register_exception_translator(&translate_error);
+
+  bind_config(m);
+  bind_event(m);
+  bind_topology(m);
+  bind_buffer(m);
+
+  m.def("is_sm90_compiled", &is_sm90_compiled);
+  m.def("nvshmem_compiled", &moelink::transport::nvshmem_compiled);
+  m.def("device_count", &device_count);
+}

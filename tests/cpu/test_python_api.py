@@ -1,0 +1,249 @@
+"""The Python surface of moelink that needs no GPU: the extension's Config / Topology / size hints /
+default configs, and the pure-Python argument checks of Buffer and EventOverlap (those need torch)."""
+
+import importlib.util
+
+import pytest
+
+# The extension is built by CMake into build/python/moelink; skip (not fail) where it was not built.
+try:
+    import moelink
+    from moelink import _moelink
+except ImportError as e:  # pragma: no cover - depends on the build
+    pytest.skip(f"moelink._moelink is not importable: {e}", allow_module_level=True)
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+# ---- Config ------------------------------------------------------------------------------------------
+
+def test_config_is_the_extension_class():
+    assert moelink.Config is _moelink.Config
+
+
+def test_config_fields_and_defaults():
+    config = moelink.Config(24, 6, 256)
+    assert config.num_sms == 24
+    assert config.num_max_nvl_chunked_send_tokens == 6
+    assert config.num_max_nvl_chunked_recv_tokens == 256
+    assert config.num_max_rdma_chunked_send_tokens == 6
+    assert config.num_max_rdma_chunked_recv_tokens == 256
+    config = moelink.Config(num_sms=20, num_max_nvl_chunked_send_tokens=8, num_max_nvl_chunked_recv_tokens=288,
+                            num_max_rdma_chunked_send_tokens=16, num_max_rdma_chunked_recv_tokens=128)
+    assert (config.num_max_rdma_chunked_send_tokens, config.num_max_rdma_chunked_recv_tokens) == (16, 128)
+    assert "num_sms=20" in repr(config)
+
+
+@pytest.mark.parametrize("args, field", [
+    ((0, 6, 256), "num_sms"),
+    ((-2, 6, 256), "num_sms"),
+    ((20, 0, 256), "num_max_nvl_chunked_send_tokens"),
+    ((20, -1, 256), "num_max_nvl_chunked_send_tokens"),
+    ((20, 6, 0), "num_max_nvl_chunked_recv_tokens"),
+    ((20, 6, 256, 0, 256), "num_max_rdma_chunked_send_tokens"),
+    ((20, 6, 256, 6, -4), "num_max_rdma_chunked_recv_tokens"),
+])
+def test_config_rejects_bad_fields(args, field):
+    with pytest.raises(ValueError, match=field):
+        moelink.Config(*args)
+
+
+def test_config_rejects_non_ints():
+    with pytest.raises(TypeError):
+        moelink.Config("20", 6, 256)
+
+
+def test_config_is_read_only():
+    config = moelink.Config(20, 6, 256)
+    with pytest.raises(AttributeError):
+        config.num_sms = 4
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_nvl_size_hint_grows_with_hidden(num_ranks):
+    config = moelink.Config(20, 6, 256)
+    small = config.get_nvl_buffer_size_hint(2048, num_ranks)
+    large = config.get_nvl_buffer_size_hint(2 * 2048, num_ranks)
+    assert isinstance(small, int) and small > 0
+    assert large > small
+
+
+def test_nvl_size_hint_grows_with_recv_chunk():
+    assert (moelink.Config(20, 6, 512).get_nvl_buffer_size_hint(7168 * 2, 8)
+            > moelink.Config(20, 6, 256).get_nvl_buffer_size_hint(7168 * 2, 8))
+
+
+def test_rdma_size_hint_is_an_int():
+    hint = moelink.Config(20, 6, 256).get_rdma_buffer_size_hint(7168 * 2, 16)
+    assert isinstance(hint, int) and hint >= 0
+
+
+# ---- default configs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+@pytest.mark.parametrize("make", ["default_dispatch_config", "default_combine_config"])
+def test_default_configs(make, num_ranks):
+    config = getattr(_moelink, make)(num_ranks, 20)
+    assert isinstance(config, moelink.Config)
+    assert 2 <= config.num_sms <= 20 and config.num_sms % 2 == 0
+    assert config.num_max_nvl_chunked_send_tokens > 0
+    assert config.num_max_nvl_chunked_recv_tokens > 0
+    assert config.get_nvl_buffer_size_hint(7168 * 2, num_ranks) > 0
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_default_dispatch_and_combine_configs_share_num_sms(num_ranks):
+    # A cached dispatch / combine must run with the num_sms of the dispatch that made the handle.
+    assert (_moelink.default_dispatch_config(num_ranks, 24).num_sms
+            == _moelink.default_combine_config(num_ranks, 24).num_sms)
+
+
+# ---- Topology ----------------------------------------------------------------------------------------
+
+def test_topology_intranode():
+    topology = _moelink.Topology.make(3, 8)
+    assert (topology.rank, topology.num_ranks, topology.num_nvl_ranks, topology.num_rdma_ranks) == (3, 8, 8, 1)
+    assert (topology.nvl_rank, topology.rdma_rank) == (3, 0)
+    assert topology.is_intranode()
+    assert _moelink.Topology.make(0, 4).num_nvl_ranks == 4
+
+
+def test_topology_internode():
+    topology = _moelink.Topology.make(10, 16, 8)
+    assert (topology.num_nvl_ranks, topology.num_rdma_ranks, topology.nvl_rank, topology.rdma_rank) == (8, 2, 2, 1)
+    assert not topology.is_intranode()
+    assert topology.root_rdma_rank_global() == 2
+    assert _moelink.Topology.make(5, 8, 4).rdma_rank == 1
+
+
+@pytest.mark.parametrize("args", [
+    (0, 6, 4),     # num_ranks not a multiple of num_nvl_ranks
+    (8, 8, 0),     # rank out of range
+    (-1, 8, 0),    # rank out of range
+    (0, 16, 16),   # more than 8 GPUs per node
+    (0, 0, 0),     # no ranks
+])
+def test_topology_rejects_bad_values(args):
+    with pytest.raises(ValueError):
+        _moelink.Topology.make(*args)
+
+
+# ---- module functions --------------------------------------------------------------------------------
+
+def test_device_count_is_an_int():
+    count = _moelink.device_count()
+    assert isinstance(count, int) and count >= 0
+
+
+def test_build_flags_are_bools():
+    assert isinstance(_moelink.is_sm90_compiled(), bool)
+    assert isinstance(_moelink.nvshmem_compiled(), bool)
+
+
+def test_version():
+    assert isinstance(moelink.__version__, str)
+
+
+def test_event_handle_empty():
+    assert not _moelink.EventHandle().valid
+
+
+# ---- without torch -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_TORCH, reason="checks the torch-free fallbacks")
+def test_torch_classes_need_torch():
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        moelink.Buffer(None)
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        moelink.EventOverlap()
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        moelink.Buffer.set_num_sms(20)
+    with pytest.raises(ImportError):
+        moelink.topk_idx_t
+
+
+# ---- pure-Python checks that need torch but no GPU ---------------------------------------------------
+
+@pytest.fixture
+def torch_and_buffer():
+    torch = pytest.importorskip("torch")
+    saved = moelink.Buffer.num_sms
+    yield torch, moelink.Buffer
+    moelink.Buffer.num_sms = saved
+
+
+def test_topk_idx_t(torch_and_buffer):
+    torch, _ = torch_and_buffer
+    assert moelink.topk_idx_t is torch.int64
+
+
+@pytest.mark.parametrize("value, error", [(3, ValueError), (0, ValueError), (-2, ValueError),
+                                          ("4", TypeError), (4.0, TypeError), (None, TypeError)])
+def test_set_num_sms_rejects(torch_and_buffer, value, error):
+    _, Buffer = torch_and_buffer
+    with pytest.raises(error, match="num_sms"):
+        Buffer.set_num_sms(value)
+
+
+def test_set_num_sms_changes_default_configs(torch_and_buffer):
+    _, Buffer = torch_and_buffer
+    Buffer.set_num_sms(24)
+    assert Buffer.num_sms == 24
+    assert Buffer.get_dispatch_config(8).num_sms <= 24
+    assert Buffer.get_dispatch_config(8).num_sms == Buffer.get_combine_config(8).num_sms
+
+
+def test_event_overlap_without_event(torch_and_buffer):
+    event = moelink.EventOverlap()
+    with event as entered:
+        assert entered is event
+    event.current_stream_wait()  # nothing to wait for; must not touch CUDA
+    kept = object()
+    assert moelink.EventOverlap(None, extra_tensors=(kept,)).extra_tensors == (kept,)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({}, ValueError, "group"),
+    ({"num_nvl_bytes": -1}, ValueError, "num_nvl_bytes"),
+    ({"num_nvl_bytes": 1.5}, TypeError, "num_nvl_bytes"),
+    ({"num_rdma_bytes": -1}, ValueError, "num_rdma_bytes"),
+    ({"num_qps_per_rank": 0}, ValueError, "num_qps_per_rank"),
+    ({"allow_mnnvl": True}, NotImplementedError, "allow_mnnvl"),
+    ({"use_fabric": True}, NotImplementedError, "use_fabric"),
+    ({"enable_shrink": True}, NotImplementedError, "enable_shrink"),
+])
+def test_buffer_constructor_checks(torch_and_buffer, kwargs, error, match):
+    _, Buffer = torch_and_buffer
+    with pytest.raises(error, match=match):
+        Buffer(None, **kwargs)
+
+
+def test_buffer_needs_exactly_one_of_group_and_comm(torch_and_buffer):
+    _, Buffer = torch_and_buffer
+    with pytest.raises(ValueError, match="comm"):
+        Buffer(object(), comm=object())
+
+
+def test_low_latency_size_hint_not_implemented(torch_and_buffer):
+    _, Buffer = torch_and_buffer
+    with pytest.raises(NotImplementedError, match="low-latency"):
+        Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 64)
+
+
+def test_buffer_signature_matches_deep_ep(torch_and_buffer):
+    import inspect
+    _, Buffer = torch_and_buffer
+    params = list(inspect.signature(Buffer.__init__).parameters.items())[1:]
+    assert [(name, p.default) for name, p in params] == [
+        ("group", inspect.Parameter.empty), ("num_nvl_bytes", 0), ("num_rdma_bytes", 0),
+        ("low_latency_mode", False), ("num_qps_per_rank", 24), ("allow_nvlink_for_low_latency_mode", True),
+        ("allow_mnnvl", False), ("use_fabric", False), ("explicitly_destroy", False), ("enable_shrink", False),
+        ("comm", None)]
+    dispatch = inspect.signature(Buffer.dispatch).parameters
+    assert list(dispatch)[1:] == ["x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank",
+                                  "is_token_in_rank", "num_tokens_per_expert", "topk_idx", "topk_weights",
+                                  "expert_alignment", "num_worst_tokens", "config", "previous_event",
+                                  "async_finish", "allocate_on_comm_stream"]
+    combine = inspect.signature(Buffer.combine).parameters
+    assert list(combine)[1:] == ["x", "handle", "topk_weights", "bias", "config", "previous_event",
+                                 "async_finish", "allocate_on_comm_stream"]
