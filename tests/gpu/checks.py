@@ -1,0 +1,238 @@
+"""One intranode dispatch + cached dispatch + combine round, checked against the reference.
+
+Shared by tests/gpu/test_intranode.py and the bench's verify step. Each rank regenerates every
+rank's routing and inputs from the seed, so the expectations need no communication. moelink
+allocates every output, so stale data cannot be poisoned in advance; instead every case uses fresh
+random data that never contains zeros and every received element is compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+import common
+from reference import moe_reference as ref
+
+SLEEP_CYCLES = int(2e7)  # ~10 ms on an H100: long enough that work not ordered after it reads early data
+
+
+def combine_scale(d: int) -> float:
+    """Rank d feeds combine its received rows times this, so a row summed from the wrong rank shows."""
+    return 0.5 + 0.125 * d
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    num_tokens: int
+    hidden: int
+    num_topk: int
+    num_experts: int            # 0: one expert per rank
+    fp8: bool = False
+    scales_col_major: bool = False
+    drop_prob: float = 0.1      # chance that a top-k slot is -1
+    nowhere_prob: float = 0.0   # chance that a token is routed to no expert at all
+    silent: str = ""            # "empty": rank R//2 has T=0; "minus_one": all of its slots are -1
+    deaf: bool = False          # rank R-1 receives nothing (its experts are never chosen)
+    alignment: int = 1
+    worst: bool = False         # num_worst_tokens = R * T
+    use_async: bool = False     # previous_event + async_finish, with inputs written late
+    num_bias: int = 0
+    with_weights: bool = True
+
+    def resolved(self, num_ranks: int) -> "Case | None":
+        """The case for num_ranks (E filled in, K capped by the choosable experts), or None if E
+        cannot be split over num_ranks."""
+        num_experts = self.num_experts or num_ranks
+        if num_experts < num_ranks or num_experts % num_ranks:
+            return None
+        choosable = num_experts - (num_experts // num_ranks if self.deaf else 0)
+        return replace(self, num_experts=num_experts, num_topk=min(self.num_topk, choosable))
+
+    def tokens_of(self, rank: int, num_ranks: int) -> int:
+        return 0 if self.silent == "empty" and rank == num_ranks // 2 else self.num_tokens
+
+    def describe(self) -> str:
+        kind = ("fp8" + ("/col" if self.scales_col_major else "")) if self.fp8 else "bf16"
+        extras = [flag for flag, on in (("async", self.use_async), ("worst", self.worst), ("deaf", self.deaf),
+                                        (f"silent={self.silent}", self.silent), (f"bias{self.num_bias}", self.num_bias),
+                                        (f"align{self.alignment}", self.alignment > 1),
+                                        ("no-weights", not self.with_weights)) if on]
+        return (f"{self.name}: T={self.num_tokens} H={self.hidden} K={self.num_topk} E={self.num_experts} {kind}"
+                + (" " + " ".join(extras) if extras else ""))
+
+
+def make_routing_all(case: Case, seed: int, num_ranks: int) -> list[np.ndarray]:
+    deaf_rank = num_ranks - 1 if case.deaf else None
+    routing = [ref.make_routing(seed, s, case.tokens_of(s, num_ranks), case.num_topk, case.num_experts, num_ranks,
+                                case.drop_prob, case.nowhere_prob, deaf_rank) for s in range(num_ranks)]
+    if case.silent == "minus_one":
+        routing[num_ranks // 2][:] = -1
+    return routing
+
+
+def make_inputs_all(case: Case, seed: int, num_ranks: int, salt: int = 0) -> list[ref.RankInputs]:
+    return [ref.make_inputs(seed, s, case.tokens_of(s, num_ranks), case.hidden, case.num_topk, case.fp8,
+                            case.scales_col_major, device="cuda", salt=salt) for s in range(num_ranks)]
+
+
+def _poisoned_like(t):
+    out = torch.empty_like(t)
+    (out.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else out).fill_(0)
+    return out
+
+
+def written_late(x):
+    """A copy of x (a tensor or a tuple) that the current stream writes only after a long sleep:
+    an operation that is not ordered after the current stream reads zeros instead."""
+    items = x if isinstance(x, tuple) else (x,)
+    copies = tuple(_poisoned_like(t) for t in items)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    for dst, src in zip(copies, items):
+        if src.dtype == torch.float8_e4m3fn:
+            dst.view(torch.uint8).copy_(src.view(torch.uint8))
+        else:
+            dst.copy_(src)
+    return copies if isinstance(x, tuple) else copies[0]
+
+
+def check_recv_x(recv_x, want: ref.DispatchReference, num_rows: int, case: Case, what: str) -> None:
+    n = want.num_recv_tokens
+    if case.fp8:
+        assert isinstance(recv_x, tuple) and len(recv_x) == 2, f"{what}: fp8 recv_x must be (data, scales)"
+        data, scales = recv_x
+        assert tuple(data.shape) == (num_rows, case.hidden), f"{what}: recv_x shape {tuple(data.shape)}"
+        assert tuple(scales.shape) == (num_rows, case.hidden // ref.FP8_BLOCK), \
+            f"{what}: recv scales shape {tuple(scales.shape)}"
+        if case.scales_col_major:
+            assert scales.t().is_contiguous(), f"{what}: column-major scales came back with strides {scales.stride()}"
+        else:
+            assert scales.is_contiguous(), f"{what}: row-major scales came back with strides {scales.stride()}"
+        common.assert_bits_equal(data[:n], want.recv_x[0], f"{what}: recv_x fp8")
+        common.assert_bits_equal(scales[:n], want.recv_x[1], f"{what}: recv_x scales")
+    else:
+        assert isinstance(recv_x, torch.Tensor), f"{what}: bf16 recv_x must be a tensor, got {type(recv_x)}"
+        assert tuple(recv_x.shape) == (num_rows, case.hidden), f"{what}: recv_x shape {tuple(recv_x.shape)}"
+        common.assert_bits_equal(recv_x[:n], want.recv_x, f"{what}: recv_x")
+
+
+def check_dispatch(out, want: ref.DispatchReference, num_worst: int, case: Case, what: str) -> None:
+    recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, _ = out
+    n = want.num_recv_tokens
+    num_rows = num_worst or n
+    check_recv_x(recv_x, want, num_rows, case, what)
+    assert tuple(recv_topk_idx.shape) == (num_rows, case.num_topk), \
+        f"{what}: recv_topk_idx shape {tuple(recv_topk_idx.shape)}"
+    common.assert_values_equal(recv_topk_idx[:n], want.recv_topk_idx, f"{what}: recv_topk_idx")
+    assert bool((recv_topk_idx[n:] == -1).all()), f"{what}: recv_topk_idx rows >= {n} must be -1"
+    if case.with_weights:
+        assert tuple(recv_topk_weights.shape) == (num_rows, case.num_topk), \
+            f"{what}: recv_topk_weights shape {tuple(recv_topk_weights.shape)}"
+        common.assert_values_equal(recv_topk_weights[:n], want.recv_topk_weights, f"{what}: recv_topk_weights")
+    else:
+        assert recv_topk_weights is None, f"{what}: recv_topk_weights without topk_weights must be None"
+    want_list = [] if num_worst else want.num_recv_tokens_per_expert_list
+    assert list(per_expert) == want_list, f"{what}: num_recv_tokens_per_expert_list {list(per_expert)} != {want_list}"
+    recv_src_idx = handle[3]
+    assert tuple(recv_src_idx.shape) == (num_rows,), f"{what}: recv_src_idx shape {tuple(recv_src_idx.shape)}"
+    common.assert_values_equal(recv_src_idx[:n], want.recv_src_idx, f"{what}: recv_src_idx (handle[3])")
+    assert bool((recv_src_idx[n:] == -1).all()), f"{what}: recv_src_idx rows >= {n} must be -1"
+
+
+def combine_input(inputs, plan: ref.RecvPlan, rank: int, num_rows: int, hidden: int):
+    """What rank `rank` feeds combine: bf16(x_s[t] * combine_scale(rank)) for each received (s, t);
+    rows past the real ones (num_worst_tokens padding) hold random values combine must ignore."""
+    rows = ref.gather_rows([inp.x for inp in inputs], plan)
+    y = torch.randn(num_rows, hidden, device="cuda").to(torch.bfloat16)
+    y[:plan.num_recv_tokens] = (rows.float() * combine_scale(rank)).to(torch.bfloat16)
+    return y
+
+
+def check_combine(got_x, got_weights, want_x, want_weights, what: str) -> None:
+    # Each element is an fp32 sum of <= R bf16 terms and <= 2 bias terms rounded once to bf16. The
+    # kernel may sum in another order, which can move the fp32 result across a bf16 rounding
+    # boundary: 1 bf16 ulp is 2^-8 ~ 0.4% relative, so rtol 1e-2 allows about two ulps; atol
+    # (relative to the largest output) covers sums that cancel to near zero, where the fp32 rounding
+    # of the large terms dominates. A wrong or missing row is off by O(1) relative and still fails.
+    assert tuple(got_x.shape) == tuple(want_x.shape) and got_x.dtype == torch.bfloat16, \
+        f"{what}: combined_x {tuple(got_x.shape)} {got_x.dtype}, expected {tuple(want_x.shape)} bfloat16"
+    if want_x.numel():
+        atol = 1e-2 * want_x.float().abs().max().item()
+        torch.testing.assert_close(got_x.float(), want_x.float(), rtol=1e-2, atol=atol,
+                                   msg=lambda m: f"{what}: combined_x\n{m}")
+    if want_weights is None:
+        assert got_weights is None, f"{what}: combined_topk_weights without topk_weights must be None"
+    else:
+        # Exactly one rank contributes each valid slot (0 for the others), so the sum is exact.
+        torch.testing.assert_close(got_weights, want_weights, rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"{what}: combined_topk_weights\n{m}")
+
+
+def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, combine_config) -> str:
+    """Layout, uncached dispatch, cached dispatch of fresh data, combine; raises on the first
+    mismatch. Returns a one-line summary."""
+    start = time.perf_counter()
+    what = f"rank {rank}/{num_ranks} {case.name}"
+    num_experts = case.num_experts
+    routing = make_routing_all(case, seed, num_ranks)
+    inputs = make_inputs_all(case, seed, num_ranks)
+    mine = inputs[rank]
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    topk_weights = mine.topk_weights if case.with_weights else None
+
+    *layout, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    expected_layout = ref.reference_layout(topk_idx, num_experts, num_ranks)
+    common.check_layout(layout, expected_layout, what)
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = layout
+
+    want = ref.reference_dispatch(routing, [inp.dispatch_x(case.fp8) for inp in inputs],
+                                  [inp.topk_weights for inp in inputs] if case.with_weights else None,
+                                  rank, num_experts, num_ranks, case.alignment)
+    num_worst = num_ranks * case.num_tokens if case.worst else 0
+    x = mine.dispatch_x(case.fp8)
+    previous_event = None
+    if case.use_async:
+        x = written_late(x)
+        previous_event = buf.capture()
+    out = buf.dispatch(x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                       num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+                       expert_alignment=case.alignment, num_worst_tokens=num_worst, config=config,
+                       previous_event=previous_event, async_finish=case.use_async)
+    if case.use_async:
+        out[-1].current_stream_wait()
+    check_dispatch(out, want, num_worst, case, what)
+    handle = out[4]
+    recv_topk_weights = out[2]
+
+    # Cached: same routing, fresh data; the rows must land where the handle says.
+    fresh = make_inputs_all(case, seed, num_ranks, salt=1)
+    want_cached = ref.reference_dispatch(routing, [inp.dispatch_x(case.fp8) for inp in fresh], None, rank,
+                                         num_experts, num_ranks, case.alignment)
+    cached = buf.dispatch(fresh[rank].dispatch_x(case.fp8), handle=handle, config=config)
+    assert cached[1] is None and cached[2] is None and cached[3] is None, \
+        f"{what}: cached dispatch must return None for recv_topk_idx, recv_topk_weights and the per-expert list"
+    check_recv_x(cached[0], want_cached, num_worst or want.num_recv_tokens, case, f"{what} (cached)")
+    del fresh, want_cached, cached
+
+    y = combine_input(inputs, want.plan, rank, num_worst or want.num_recv_tokens, case.hidden)
+    bias = ref.make_bias(seed, rank, case.tokens_of(rank, num_ranks), case.hidden, case.num_bias, device="cuda")
+    previous_event = None
+    if case.use_async:
+        y = written_late(y)
+        previous_event = buf.capture()
+    combined_x, combined_weights, event = buf.combine(y, handle, topk_weights=recv_topk_weights, bias=bias,
+                                                      config=combine_config, previous_event=previous_event,
+                                                      async_finish=case.use_async)
+    if case.use_async:
+        event.current_stream_wait()
+    want_x, want_weights = ref.reference_combine(
+        expected_layout[3], lambda d, tokens: (mine.x[tokens].float() * combine_scale(d)).to(torch.bfloat16),
+        case.hidden, topk_idx, topk_weights, num_experts, bias)
+    check_combine(combined_x, combined_weights, want_x, want_weights, what)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return f"{case.describe()}: recv {want.num_recv_tokens} rows on rank {rank}, ok in {elapsed:.2f} s"

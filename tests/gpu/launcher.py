@@ -1,0 +1,160 @@
+"""Runs fn(rank, num_ranks, *args) in num_ranks spawned processes joined by a gloo process group.
+
+Several ranks share one GPU here (MPS), so rank r uses device r % device_count. The parent never
+hangs: a rank that raises is reported with its traceback, a rank that dies without reporting is
+reported with its exit code, and whatever is still running at timeout_s (or shortly after the first
+failure, since its peers are then usually stuck waiting for it) is killed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+DEFAULT_TIMEOUT_S = 300.0
+FAILURE_GRACE_S = 5.0   # lets peers of a failed rank report their own errors before they are killed
+EXIT_WAIT_S = 60.0     # teardown (CUDA context, IPC unmapping) after a rank reported
+DEFAULT_MOELINK_TIMEOUT_S = "20"
+
+
+class RankFailure(AssertionError):
+    """One or more ranks failed; the message names each with its traceback or exit status."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _function_ref(fn) -> tuple[str, str, str]:
+    return fn.__module__, fn.__qualname__, os.path.abspath(sys.modules[fn.__module__].__file__)
+
+
+def _resolve(module_name: str, qualname: str, path: str):
+    """fn by module name, or from its file when the parent imported it under a name the child
+    cannot import (pytest's importlib mode, a script run as __main__)."""
+    try:
+        module = importlib.import_module(module_name) if module_name != "__main__" else None
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, qualname.split(".")[0]):
+        spec = importlib.util.spec_from_file_location(f"_rank_fn_{os.path.basename(path)[:-3]}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    fn = module
+    for part in qualname.split("."):
+        fn = getattr(fn, part)
+    return fn
+
+
+def _child(rank, num_ranks, port, timeout_s, fn_ref, args, env, results):
+    os.environ.update(env)
+    try:
+        fn = _resolve(*fn_ref)
+        import torch
+        import torch.distributed as dist
+
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks,
+                                timeout=timedelta(seconds=timeout_s))
+        try:
+            value = fn(rank, num_ranks, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - everything, SystemExit included, goes to the parent
+        results.put((rank, False, traceback.format_exc()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, env: dict | None = None) -> list:
+    """Returns [fn's return value on rank r for r in range(num_ranks)]; raises RankFailure otherwise.
+    fn must be a module-level function; args and return values must be picklable."""
+    child_env = {"MOELINK_TIMEOUT_S": os.environ.get("MOELINK_TIMEOUT_S", DEFAULT_MOELINK_TIMEOUT_S)}
+    child_env.update({k: str(v) for k, v in (env or {}).items()})
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    fn_ref = _function_ref(fn)
+    procs = [ctx.Process(target=_child, args=(r, num_ranks, port, timeout_s, fn_ref, args, child_env, results),
+                         name=f"rank{r}", daemon=True) for r in range(num_ranks)]
+    # Set before start so the children see it from their first import on, not just from _child on.
+    saved_env = dict(os.environ)
+    os.environ.update(child_env)
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+    values, errors, order = {}, {}, []
+    deadline = time.monotonic() + timeout_s
+
+    def record(rank, ok, payload):
+        if ok:
+            values[rank] = payload
+        else:
+            errors[rank] = payload
+            order.append(rank)
+
+    def drain(block_s):
+        try:
+            record(*results.get(timeout=block_s))
+            while True:
+                record(*results.get_nowait())
+        except queue.Empty:
+            pass
+
+    try:
+        while len(values) + len(errors) < num_ranks and time.monotonic() < deadline:
+            drain(0.2)
+            silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in values and r not in errors]
+            if silent:
+                drain(1.0)  # a report can still be in the pipe right after the process exited
+                for r in silent:
+                    if r not in values and r not in errors:
+                        record(r, False, f"exited with code {procs[r].exitcode} without reporting")
+            if errors:
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+        # Ranks that reported still have to exit cleanly: a crash in teardown is a failure too.
+        for r, proc in enumerate(procs):
+            proc.join(timeout=0.5 if errors else min(EXIT_WAIT_S, max(0.0, deadline - time.monotonic())))
+            if r in values and proc.exitcode not in (0, None):
+                record(r, False, f"reported success but exited with code {proc.exitcode}")
+            elif r not in values and r not in errors and proc.exitcode is not None:
+                record(r, False, f"exited with code {proc.exitcode} without reporting")
+    finally:
+        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        results.close()
+
+    if errors or stuck:
+        lines = [f"--- rank {r} failed:\n{errors[r]}" for r in order]
+        for r in stuck:
+            if r in values:
+                lines.append(f"--- rank {r} reported but did not exit (killed)")
+            elif r not in errors:
+                why = f"after rank {order[0]} failed" if order else f"at the {timeout_s:.0f} s timeout"
+                lines.append(f"--- rank {r} was still running {why} (killed)")
+        head = f"rank {order[0]} failed first" if order else f"timed out after {timeout_s:.0f} s"
+        raise RankFailure(f"{fn.__name__} on {num_ranks} ranks: {head}\n" + "\n".join(lines))
+    return [values[r] for r in range(num_ranks)]

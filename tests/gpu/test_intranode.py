@@ -1,0 +1,105 @@
+"""Intranode dispatch + combine against tests/reference, one launch of R processes per rank count."""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import common  # noqa: E402
+import launcher  # noqa: E402
+from checks import Case, run_case  # noqa: E402
+
+from reference import moe_reference as ref  # noqa: E402
+
+HIDDEN_SIZES = (2048, 2056, 4096, 7168)
+
+# A covering subset, not the cross product: every T, H, K, E, dtype, alignment and option appears,
+# and the big T=4096 / H=7168 shape runs for bf16 and fp8 at every rank count.
+CASES = [
+    Case("empty", 0, 2048, 8, 64),
+    Case("one-token", 1, 2048, 1, 0),
+    Case("odd-hidden", 127, 2056, 4, 64, drop_prob=0.2),
+    Case("fp8-align", 127, 2048, 8, 256, fp8=True, alignment=128),
+    Case("fp8-colmajor", 127, 4096, 4, 64, fp8=True, scales_col_major=True),
+    Case("big", 4096, 7168, 8, 256),
+    Case("big-fp8", 4096, 7168, 8, 256, fp8=True),
+    Case("silent-empty", 512, 4096, 8, 256, silent="empty"),
+    Case("silent-minus-one", 512, 2048, 4, 64, silent="minus_one"),
+    Case("deaf", 512, 4096, 4, 64, deaf=True),
+    Case("nowhere-bias-pair", 300, 2048, 8, 256, nowhere_prob=0.1, num_bias=2),
+    Case("bias-align", 256, 7168, 8, 64, num_bias=1, alignment=128),
+    Case("worst", 256, 2048, 8, 256, worst=True),
+    Case("worst-fp8-colmajor", 200, 4096, 4, 64, fp8=True, scales_col_major=True, worst=True),
+    Case("async", 1024, 2048, 8, 256, use_async=True),
+    Case("async-fp8-worst", 128, 7168, 8, 64, fp8=True, use_async=True, worst=True, num_bias=1),
+    Case("expert-per-rank", 127, 4096, 8, 0, fp8=True, nowhere_prob=0.05),
+    Case("no-weights", 64, 2048, 4, 64, with_weights=False, alignment=4),
+]
+
+
+def _intranode(rank, num_ranks, seed):
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    buf = common.make_buffer(num_ranks, (config, combine_config), HIDDEN_SIZES)
+    for i, case in enumerate(CASES):
+        case = case.resolved(num_ranks)
+        if case is not None:
+            summary = run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
+            common.log(rank, f"[R={num_ranks}] {summary}")
+    buf.destroy()
+    _worst_tokens_too_small(rank, num_ranks, seed + len(CASES), config)
+
+
+def _worst_tokens_too_small(rank, num_ranks, seed, config):
+    """num_worst_tokens below the rows a rank really receives must raise ValueError naming it, at
+    that dispatch or at the next call (it may only be known on the device). Every rank overflows,
+    so no rank is left waiting for a peer that bailed out. Runs last, on its own buffer, since
+    after it the buffer's state is not part of the contract."""
+    os.environ["MOELINK_TIMEOUT_S"] = "5"  # if the overflow turns into a hang, fail fast
+    num_tokens, hidden, num_topk, num_experts = 256, 2048, 8, 64
+    buf = common.make_buffer(num_ranks, (config,), (hidden,))
+    routing = [ref.make_routing(seed, s, num_tokens, num_topk, num_experts, num_ranks) for s in range(num_ranks)]
+    recv_counts = [ref.dispatch_plan_np(routing, d, num_experts, num_ranks).num_recv_tokens for d in range(num_ranks)]
+    num_worst = min(recv_counts) - 1
+    inputs = ref.make_inputs(seed, rank, num_tokens, hidden, num_topk, device="cuda")
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    error = None
+    try:
+        buf.dispatch(inputs.x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                     num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
+                     topk_weights=inputs.topk_weights, num_worst_tokens=num_worst, config=config)
+        torch.cuda.synchronize()
+        buf.get_dispatch_layout(topk_idx, num_experts)
+    except ValueError as e:
+        error = e
+    assert error is not None, (f"rank {rank}: num_worst_tokens={num_worst} below the {recv_counts[rank]} rows it "
+                               f"receives raised nothing at the dispatch or the next call")
+    assert "num_worst_tokens" in str(error), f"rank {rank}: the error does not name num_worst_tokens: {error}"
+    common.log(rank, f"[R={num_ranks}] num_worst_tokens={num_worst} < {min(recv_counts)} rows: ValueError ok")
+    common.quiet_destroy(buf)
+
+
+def _back_to_back(rank, num_ranks, seed, rounds):
+    """Rounds with no host barrier between them, routing and options changing every round, so
+    leftovers of one round (counters, ring positions, flags) would corrupt the next."""
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,))
+    for i in range(rounds):
+        case = Case(f"round {i}", 256, 2048, 8, 64, fp8=i % 3 == 1, drop_prob=0.05 * (i % 4),
+                    alignment=(1, 128)[i % 2], worst=i % 5 == 4, num_bias=i % 3).resolved(num_ranks)
+        summary = run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
+        if i % 50 == 0 or i == rounds - 1:
+            common.log(rank, f"[R={num_ranks}] {summary}")
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_intranode(num_ranks):
+    launcher.run_ranks(num_ranks, _intranode, 1000 * num_ranks, timeout_s=300)
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_back_to_back(num_ranks):
+    launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)

@@ -1,0 +1,72 @@
+"""Runs the nvshmem_smoke binary (tests/gpu/nvshmem_smoke.cpp) as 2- and 4-PE jobs on this host.
+
+The binary forks its own PEs and kills them after 60 s, so this test only picks the environment
+and reads the verdict. Several PEs share one GPU here and there is no NIC, hence no remote
+transport, no NVLS (multicast needs distinct GPUs) and no NCCL (it refuses several PEs per GPU).
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BINARY_NAME = "nvshmem_smoke"
+
+
+def _build_dir() -> Path:
+    build_dir = Path(os.environ.get("MOELINK_BUILD_DIR", "build"))
+    return build_dir if build_dir.is_absolute() else REPO_ROOT / build_dir
+
+
+def _find_binary() -> Path | None:
+    build_dir = _build_dir()
+    for candidate in (build_dir / "tests" / "gpu" / BINARY_NAME, build_dir / "bin" / BINARY_NAME,
+                      build_dir / BINARY_NAME):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch  # noqa: PLC0415 - optional; nvidia-smi is the fallback
+
+        return torch.cuda.is_available()
+    except ImportError:
+        pass
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return False
+    listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=30)
+    return listing.returncode == 0 and "GPU" in listing.stdout
+
+
+def _job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["NVSHMEM_REMOTE_TRANSPORT"] = "none"
+    env["NVSHMEM_DISABLE_NVLS"] = "1"
+    env.setdefault("NVSHMEM_DISABLE_NCCL", "1")
+    # Every PE reserves this much of the one GPU; the default 1 GiB per PE is more than a smoke needs.
+    env.setdefault("NVSHMEM_SYMMETRIC_SIZE", "256m")
+    # All PEs are on this host, so the unique-id bootstrap can stay on loopback even where the
+    # container has no other interface.
+    env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
+    return env
+
+
+@pytest.mark.parametrize("num_pes", [2, 4])
+def test_nvshmem_smoke(num_pes: int) -> None:
+    binary = _find_binary()
+    if binary is None:
+        pytest.skip(f"{BINARY_NAME} not built under {_build_dir()} (needs NVSHMEM at configure time)")
+    if not _has_gpu():
+        pytest.skip("no CUDA GPU visible")
+
+    result = subprocess.run([str(binary), str(num_pes)], env=_job_env(), capture_output=True, text=True,
+                            timeout=120)
+    report = f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    assert result.returncode == 0, report
+    assert f"nvshmem_smoke {num_pes} PEs: PASS" in result.stdout, report
