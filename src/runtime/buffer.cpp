@@ -3,7 +3,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <sstream>
 #include <cstdio>
 #include <cstring>
 #include <thread>
@@ -240,35 +239,34 @@ void Buffer::check_device_errors() const {
   const int rank = topo_.rank;
   const int peer = rec->peer >= 0 ? topo_.global_rank(topo_.rdma_rank, rec->peer) : -1;
   const int step = rec->step, channel = rec->channel, tag = rec->barrier_tag;
-  const long long detail = rec->detail;
-  std::ostringstream os;
+  const long long value = rec->detail;
+  std::string message;
   ErrorKind kind = ErrorKind::kValue;
   if (code == kernels::kErrTimeout) {
     kind = ErrorKind::kTimeout;
-    os << "moelink: rank " << rank << " timed out after " << timeout_s_ << " s ";
+    message = detail::str("moelink: rank ", rank, " timed out after ", timeout_s_, " s ");
     if (step == kernels::kStepBarrier)
-      os << "in " << barrier_name(tag) << " (step 'sync' = " << (tag == kernels::kBarrierSync ? "yes" : "no")
-         << "): rank " << peer << " never arrived";
+      message += detail::str("in ", barrier_name(tag), ": rank ", peer, " never arrived");
     else
-      os << "in " << step_name(step) << " rank " << peer << ", channel " << channel << "): rank " << peer
-         << " stopped making progress";
-    os << " (raise MOELINK_TIMEOUT_S if the peer is just slow)";
-    impl_->broken = os.str();
+      message += detail::str("in ", step_name(step), " rank ", peer, ", channel ", channel, "): rank ", peer,
+                             " stopped making progress");
+    message += " (raise MOELINK_TIMEOUT_S if the peer is just slow)";
+    impl_->broken = message;
   } else if (code == kernels::kErrWorstTokensOverflow) {
-    os << "moelink: num_worst_tokens: rank " << rank << " received " << detail
-       << " rows, more than num_worst_tokens; the extra rows were not written (raise num_worst_tokens)";
+    message = detail::str("moelink: num_worst_tokens: rank ", rank, " received ", value,
+                          " rows, more than num_worst_tokens; the extra rows were not written (raise num_worst_tokens)");
   } else if (code == kernels::kErrBadExpertId) {
-    os << "moelink: topk_idx: rank " << rank << " token " << detail / kernels::kMaxTopK << " slot "
-       << detail % kernels::kMaxTopK << " holds an expert id outside [-1, num_experts); it was ignored";
+    message = detail::str("moelink: topk_idx: rank ", rank, " token ", value / kernels::kMaxTopK, " slot ",
+                          value % kernels::kMaxTopK, " holds an expert id outside [-1, num_experts); it was ignored");
   } else {
-    os << "moelink: rank " << rank << ": device error code " << code;
+    message = detail::str("moelink: rank ", rank, ": device error code ", code);
   }
   if (kind != ErrorKind::kTimeout) {
     // Value errors leave the protocol intact: clear the record so the Buffer stays usable.
     rec->code = kernels::kErrNone;
     cudaMemsetAsync(&impl_->header()->error_claim, 0, sizeof(int), comm_stream_);
   }
-  throw Error(kind, os.str());
+  throw Error(kind, message);
 }
 
 void Buffer::begin_op(const StreamOrder& order) const {

@@ -2,18 +2,38 @@
 // The single error path: build a message from parts and throw moelink::Error; check every CUDA call.
 #include <cuda_runtime_api.h>
 
-#include <sstream>
+#include <string>
+#include <string_view>
+#include <type_traits>
 
 #include "moelink/error.hpp"
 
 namespace moelink::detail {
 
+// Messages are built with std::to_string, never iostreams: formatting through std::ostream crashed
+// inside a process whose C++ runtime differs from the one libmoelink was built against (seen with
+// torch's Python on the GPU machine), and the error path must be the most robust code we have.
+inline void append(std::string& out, std::string_view part) { out.append(part); }
+inline void append(std::string& out, const char* part) { out.append(part ? part : "(null)"); }
+inline void append(std::string& out, char part) { out.push_back(part); }
+template <class T, std::enable_if_t<std::is_arithmetic_v<T> && !std::is_same_v<T, char>, int> = 0>
+void append(std::string& out, T part) {
+  if constexpr (std::is_same_v<T, bool>)
+    out.append(part ? "true" : "false");
+  else
+    out.append(std::to_string(part));
+}
+
+template <class... Parts>
+std::string str(const Parts&... parts) {
+  std::string out;
+  (append(out, parts), ...);
+  return out;
+}
+
 template <class... Parts>
 [[noreturn]] void raise(ErrorKind kind, const Parts&... parts) {
-  std::ostringstream os;
-  os << "moelink: ";
-  (os << ... << parts);
-  throw Error(kind, os.str());
+  throw Error(kind, str("moelink: ", parts...));
 }
 
 [[noreturn]] void raise_cuda(cudaError_t status, const char* expr, const char* file, int line);

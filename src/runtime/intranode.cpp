@@ -42,7 +42,7 @@ void expect_scales_layout(const TensorRef& t, const char* arg) {
 }  // namespace
 
 Buffer::DispatchShape Buffer::validate_dispatch(const DispatchInputs& in, const DispatchHandle& h, const Config& config,
-                                                bool cached, const char* op) const {
+                                                bool cached, bool notify_step, const char* op) const {
   require_usable(op);
   check_device_errors();
   if (!topo_.is_intranode())
@@ -86,14 +86,19 @@ Buffer::DispatchShape Buffer::validate_dispatch(const DispatchInputs& in, const 
   expect(h.channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, device_, "channel_prefix_matrix");
   expect(h.recv_channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, device_, "recv_channel_prefix_matrix");
   if (!cached) {
-    expect(in.num_tokens_per_rank, {R}, DType::kInt32, device_, "num_tokens_per_rank");
-    check::defined(in.num_tokens_per_expert, "num_tokens_per_expert");
-    check::dim(in.num_tokens_per_expert, 1, "num_tokens_per_expert");
-    s.num_experts = static_cast<int>(in.num_tokens_per_expert.size(0));
+    // The notify step gets the layout counts; the dispatch step after it only gets num_experts.
+    if (notify_step) {
+      expect(in.num_tokens_per_rank, {R}, DType::kInt32, device_, "num_tokens_per_rank");
+      check::defined(in.num_tokens_per_expert, "num_tokens_per_expert");
+      check::dim(in.num_tokens_per_expert, 1, "num_tokens_per_expert");
+      s.num_experts = static_cast<int>(in.num_tokens_per_expert.size(0));
+    } else {
+      s.num_experts = in.num_experts;
+    }
     if (s.num_experts <= 0 || s.num_experts % R != 0 || s.num_experts / R > kernels::kMaxLocalExperts)
       raise(ErrorKind::kValue, "num_tokens_per_expert: expected a positive multiple of num_ranks (", R, ") with at most ",
             kernels::kMaxLocalExperts, " experts per rank, got ", s.num_experts);
-    expect(in.num_tokens_per_expert, {s.num_experts}, DType::kInt32, device_, "num_tokens_per_expert");
+    if (notify_step) expect(in.num_tokens_per_expert, {s.num_experts}, DType::kInt32, device_, "num_tokens_per_expert");
     check::defined(in.topk_idx, "topk_idx");
     check::dtype(in.topk_idx, DType::kInt64, "topk_idx");
     check::dim(in.topk_idx, 2, "topk_idx");
@@ -118,7 +123,7 @@ Buffer::DispatchShape Buffer::validate_dispatch(const DispatchInputs& in, const 
 
 DispatchPlan Buffer::intranode_notify(const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                                       const StreamOrder& order) {
-  const DispatchShape s = validate_dispatch(in, h, config, false, "dispatch");
+  const DispatchShape s = validate_dispatch(in, h, config, false, true, "dispatch");
   const int R = topo_.num_ranks;
   begin_op(order);
   kernels::NotifyArgs a{};
@@ -170,7 +175,7 @@ DispatchPlan Buffer::intranode_notify(const DispatchInputs& in, const DispatchHa
 
 EventHandle Buffer::intranode_dispatch(const DispatchInputs& in, const DispatchHandle& h, const DispatchOutputs& out,
                                        const Config& config, const StreamOrder& order, bool cached) {
-  const DispatchShape s = validate_dispatch(in, h, config, cached, "dispatch");
+  const DispatchShape s = validate_dispatch(in, h, config, cached, false, "dispatch");
   const int R = topo_.num_ranks;
   check::defined(out.recv_x, "recv_x");
   check::dim(out.recv_x, 2, "recv_x");

@@ -1,9 +1,9 @@
 #include "moelink/tensor.hpp"
 
-#include <sstream>
 #include <string>
 
 #include "moelink/error.hpp"
+#include "runtime/errors.hpp"
 
 namespace moelink {
 
@@ -35,29 +35,21 @@ const DTypeInfo& info(DType dtype) {
 }
 
 std::string join(const std::vector<int64_t>& values) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i) out << ", ";
-    out << values[i];
-  }
-  out << ']';
-  return out.str();
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) detail::append(out, i ? ", " : ""), detail::append(out, values[i]);
+  return out + "]";
 }
 
 std::string shape_pattern(const std::vector<int64_t>& expected) {
-  std::ostringstream out;
-  out << '[';
+  std::string out = "[";
   for (size_t i = 0; i < expected.size(); ++i) {
-    if (i) out << ", ";
-    if (expected[i] < 0) {
-      out << '*';
-    } else {
-      out << expected[i];
-    }
+    detail::append(out, i ? ", " : "");
+    if (expected[i] < 0)
+      out += '*';
+    else
+      detail::append(out, expected[i]);
   }
-  out << ']';
-  return out.str();
+  return out + "]";
 }
 
 std::string device_name(int device) { return device < 0 ? "cpu" : "cuda:" + std::to_string(device); }
