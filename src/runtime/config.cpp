@@ -20,8 +20,9 @@ void Config::validate() const {
   if (num_sms < 2 || num_sms > 2 * kernels::kMaxChannels || num_sms % 2 != 0)
     raise(ErrorKind::kValue, "Config.num_sms: expected an even number in [2, ", 2 * kernels::kMaxChannels, "], got ",
           num_sms, " (one sender and one receiver SM per channel)");
-  if (num_max_nvl_chunked_send_tokens < 1)
-    raise(ErrorKind::kValue, "Config.num_max_nvl_chunked_send_tokens: expected >= 1, got ", num_max_nvl_chunked_send_tokens);
+  // A chunk's token list lives in shared memory (64 entries per peer).
+  if (num_max_nvl_chunked_send_tokens < 1 || num_max_nvl_chunked_send_tokens > 64)
+    raise(ErrorKind::kValue, "Config.num_max_nvl_chunked_send_tokens: expected 1..64, got ", num_max_nvl_chunked_send_tokens);
   if (num_max_nvl_chunked_recv_tokens < 2 * num_max_nvl_chunked_send_tokens)
     raise(ErrorKind::kValue, "Config.num_max_nvl_chunked_recv_tokens: expected >= 2 * num_max_nvl_chunked_send_tokens (",
           2 * num_max_nvl_chunked_send_tokens, "), got ", num_max_nvl_chunked_recv_tokens);

@@ -81,4 +81,27 @@ __device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) 
   for (; i < num_int4; i += 32) store(i, load(i));
 }
 
+// Copies n rows of `row_int4` 16-byte words with every thread of a group: the (row, word) space is
+// flattened, so a chunk of short rows still keeps kUnroll loads per thread in flight. `src(j)` and
+// `dst(j)` give row j's base; `load`/`store` choose the cache policy.
+template <int kUnroll, typename SrcRow, typename DstRow, typename Load, typename Store>
+__device__ __forceinline__ void group_copy_rows(int n, int row_int4, int thread, int num_threads, SrcRow src, DstRow dst,
+                                                Load load, Store store) {
+  const int total = n * row_int4;
+  for (int base = thread; base < total; base += num_threads * kUnroll) {
+    int4 v[kUnroll];
+    int row[kUnroll], word[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int e = base + u * num_threads;
+      row[u] = e / row_int4;
+      word[u] = e - row[u] * row_int4;
+      if (e < total) v[u] = load(src(row[u]) + word[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * num_threads < total) store(dst(row[u]) + word[u], v[u]);
+  }
+}
+
 }  // namespace moelink::kernels

@@ -78,13 +78,14 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
     }
     group_barrier(1 + s, group_threads);
     if (abort_group[s]) return;
-    for (int j = gw; j < n; j += warps_per_group) {
-      const int slot = (sent + j) % L.slots;
-      const int64_t row = row_base + sent + j;
-      const int4* src = x + row * L.hidden_int4;
-      int4* dst = L.slot_x(ring, slot);
-      warp_copy<4>(L.hidden_int4, [&](int i) { return ld_nc_stream(src + i); }, [&](int i, const int4& v) { dst[i] = v; });
-      if (lane < K) L.slot_weights(ring, slot)[lane] = a.topk_weights[row * K + lane];
+    const int thread = threadIdx.x % group_threads;
+    group_copy_rows<8>(
+        n, L.hidden_int4, thread, group_threads, [&](int j) { return x + static_cast<int64_t>(row_base + sent + j) * L.hidden_int4; },
+        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); }, [](const int4* p) { return ld_nc_stream(p); },
+        [](int4* p, const int4& v) { *p = v; });
+    for (int e = thread; e < n * K; e += group_threads) {
+      const int j = e / K, k = e - j * K;
+      L.slot_weights(ring, (sent + j) % L.slots)[k] = a.topk_weights[static_cast<int64_t>(row_base + sent + j) * K + k];
     }
     group_barrier(1 + s, group_threads);
     sent += n;
@@ -92,6 +93,7 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
   }
 }
 
+template <int kRanks>
 __device__ void recv_channel(const CombineArgs& a, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
@@ -165,23 +167,37 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
         if (lane == 0) failed = true;
       } else {
         const int64_t out_row = static_cast<int64_t>(t) * H4;
-        for (int i = lane; i < H4; i += 32) {
-          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          int4 v[kMaxNvlRanks];
+        // kSlices hidden slices per lane per step: up to kSlices x ranks 16-byte loads in flight
+        // before the sums (two slices only where the per-rank registers allow it).
+        constexpr int kSlices = kRanks <= 4 ? 2 : 1;
+        for (int i0 = lane; i0 < H4; i0 += 32 * kSlices) {
+          float acc[kSlices][8];
+          int4 v[kSlices][kRanks];
 #pragma unroll
-          for (int d = 0; d < kMaxNvlRanks; ++d)
-            if (rows[d]) v[d] = ld_cg(rows[d] + i);
+          for (int u = 0; u < kSlices; ++u)
 #pragma unroll
-          for (int d = 0; d < kMaxNvlRanks; ++d)
-            if (rows[d]) accumulate_bf16x8(acc, v[d]);
-          if (bias_0) accumulate_bf16x8(acc, ld_nc_stream(bias_0 + out_row + i));
-          if (bias_1) accumulate_bf16x8(acc, ld_nc_stream(bias_1 + out_row + i));
-          st_na(out + out_row + i, pack_bf16x8(acc));
+            for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
+#pragma unroll
+          for (int d = 0; d < kRanks; ++d)
+#pragma unroll
+            for (int u = 0; u < kSlices; ++u)
+              if (rows[d] && i0 + 32 * u < H4) v[u][d] = ld_cg(rows[d] + i0 + 32 * u);
+#pragma unroll
+          for (int u = 0; u < kSlices; ++u) {
+            const int i = i0 + 32 * u;
+            if (i >= H4) continue;
+#pragma unroll
+            for (int d = 0; d < kRanks; ++d)
+              if (rows[d]) accumulate_bf16x8(acc[u], v[u][d]);
+            if (bias_0) accumulate_bf16x8(acc[u], ld_nc_stream(bias_0 + out_row + i));
+            if (bias_1) accumulate_bf16x8(acc[u], ld_nc_stream(bias_1 + out_row + i));
+            st_na(out + out_row + i, pack_bf16x8(acc[u]));
+          }
         }
         if (a.combined_topk_weights && lane < K) {
           float w = 0.f;
 #pragma unroll
-          for (int d = 0; d < kMaxNvlRanks; ++d)
+          for (int d = 0; d < kRanks; ++d)
             if (weights[d]) w += __int_as_float(ld_cg_int(reinterpret_cast<const int*>(weights[d] + lane)));
           a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
         }
@@ -200,18 +216,25 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
   if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
 }
 
+template <int kRanks>
 __global__ void __launch_bounds__(kIntranodeThreads, 1) intranode_combine_kernel(CombineArgs a) {
   const int channel = blockIdx.x / 2;
   if (blockIdx.x % 2 == 0)
     send_channel(a, channel);
   else
-    recv_channel(a, channel);
+    recv_channel<kRanks>(a, channel);
 }
 
 }  // namespace
 
 void launch_intranode_combine(const CombineArgs& a, cudaStream_t stream) {
-  intranode_combine_kernel<<<a.layout.num_channels * 2, kIntranodeThreads, 0, stream>>>(a);
+  const int blocks = a.layout.num_channels * 2;
+  if (a.layout.num_ranks <= 2)
+    intranode_combine_kernel<2><<<blocks, kIntranodeThreads, 0, stream>>>(a);
+  else if (a.layout.num_ranks <= 4)
+    intranode_combine_kernel<4><<<blocks, kIntranodeThreads, 0, stream>>>(a);
+  else
+    intranode_combine_kernel<kMaxNvlRanks><<<blocks, kIntranodeThreads, 0, stream>>>(a);
 }
 
 }  // namespace moelink::kernels

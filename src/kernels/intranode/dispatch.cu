@@ -25,6 +25,7 @@ namespace moelink::kernels {
 namespace {
 
 constexpr int kNumWarps = kIntranodeThreads / 32;
+constexpr int kMaxChunkTokens = 64;  // Config allows at most this many tokens per chunk
 
 __device__ __forceinline__ int ld_cg_int(const int* p) {
   int v;
@@ -53,48 +54,59 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
   const int K = L.num_topk, S = L.num_scales;
   if (threadIdx.x % group_threads == 0) abort_group[d] = false;
 
+  __shared__ int chunk_tokens[kMaxNvlRanks][kMaxChunkTokens];
+  int* tokens = chunk_tokens[d];
+  const int thread = threadIdx.x % group_threads;
   int cursor = range.begin, sent = 0;
   while (sent < total) {
     const int n = min(a.chunk, total - sent);
-    if (gw == 0 && lane == 0) {
-      // Room for the chunk: sent + n - head <= slots.
-      if (!wait_at_least(head_local, sent + n - L.slots, a.err, d, kStepDispatchSend, channel)) abort_group[d] = true;
+    if (gw == 0) {
+      // Warp 0 of the group finds the chunk's next n tokens routed to d, in token order.
+      for (int j = 0; j < n;) {
+        const int t = cursor + lane;
+        const bool routed = t < range.end && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+        const unsigned mask = __ballot_sync(0xffffffffu, routed);
+        const int take = min(__popc(mask), n - j);
+        const int rank_in_mask = __popc(mask & ((1u << lane) - 1));
+        if (routed && rank_in_mask < take) tokens[j + rank_in_mask] = t;
+        int last_bit = 31;
+        if (take < __popc(mask)) {
+          // Bit position of the take-th set bit: the chunk ends there.
+          unsigned rest = mask;
+          for (int q = 0; q < take; ++q) {
+            last_bit = __ffs(rest) - 1;
+            rest &= rest - 1;
+          }
+          cursor += last_bit + 1;
+        } else {
+          cursor += 32;
+        }
+        j += take;
+      }
+      if (lane == 0 && !wait_at_least(head_local, sent + n - L.slots, a.err, d, kStepDispatchSend, channel))
+        abort_group[d] = true;
     }
     group_barrier(1 + d, group_threads);
     if (abort_group[d]) return;
 
-    for (int j = 0; j < n;) {
-      const int t = cursor + lane;
-      const bool routed = t < range.end && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
-      const unsigned mask = __ballot_sync(0xffffffffu, routed);
-      const int found = __popc(mask);
-      const int take = min(found, n - j);
-      unsigned rest = mask;
-      int last_bit = 31;
-      for (int q = 0; q < take; ++q) {
-        const int bit = __ffs(rest) - 1;
-        rest &= rest - 1;
-        last_bit = bit;
-        if ((j + q) % warps_per_group != gw) continue;
-        const int token = cursor + bit;
-        const int slot = (sent + j + q) % L.slots;
-        const int4* src = x + static_cast<int64_t>(token) * L.hidden_int4;
-        int4* dst = L.slot_x(ring, slot);
-        warp_copy<4>(L.hidden_int4, [&](int i) { return ld_nc_stream(src + i); },
-                     [&](int i, const int4& v) { dst[i] = v; });
-        if (lane == 0) *L.slot_src_idx(ring, slot) = token;
-        if (lane < K) {
-          const int64_t e = a.topk_idx[static_cast<int64_t>(token) * K + lane];
-          if (e < -1 || e >= a.num_experts)
-            report_error(a.err, kErrBadExpertId, -1, kStepDispatchSend, channel, static_cast<long long>(token) * kMaxTopK + lane);
-          L.slot_topk_idx(ring, slot)[lane] = static_cast<int>(e);
-          L.slot_weights(ring, slot)[lane] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(token) * K + lane] : 0.f;
-        }
-        for (int i = lane; i < S; i += 32)
-          L.slot_scales(ring, slot)[i] = a.x_scales[token * a.x_scales_stride_token + i * a.x_scales_stride_scale];
-      }
-      cursor += take < found ? last_bit + 1 : 32;
-      j += take;
+    group_copy_rows<8>(
+        n, L.hidden_int4, thread, group_threads,
+        [&](int j) { return x + static_cast<int64_t>(tokens[j]) * L.hidden_int4; },
+        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); },
+        [](const int4* p) { return ld_nc_stream(p); }, [](int4* p, const int4& v) { *p = v; });
+    for (int j = thread; j < n; j += group_threads) *L.slot_src_idx(ring, (sent + j) % L.slots) = tokens[j];
+    for (int e = thread; e < n * K; e += group_threads) {
+      const int j = e / K, k = e - j * K, token = tokens[j], slot = (sent + j) % L.slots;
+      const int64_t expert = a.topk_idx[static_cast<int64_t>(token) * K + k];
+      if (expert < -1 || expert >= a.num_experts)
+        report_error(a.err, kErrBadExpertId, -1, kStepDispatchSend, channel, static_cast<long long>(token) * kMaxTopK + k);
+      L.slot_topk_idx(ring, slot)[k] = static_cast<int>(expert);
+      L.slot_weights(ring, slot)[k] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(token) * K + k] : 0.f;
+    }
+    for (int e = thread; e < n * S; e += group_threads) {
+      const int j = e / S, i = e - j * S;
+      L.slot_scales(ring, (sent + j) % L.slots)[i] =
+          a.x_scales[tokens[j] * a.x_scales_stride_token + i * a.x_scales_stride_scale];
     }
     group_barrier(1 + d, group_threads);
     if (gw == 0 && lane == 0) st_release_sys(tail_remote, sent + n);
@@ -102,8 +114,6 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
   }
 }
 
-// A rank's own routed tokens go straight from x to recv_x: same row order as the rings would give
-// (channel rows start at row_base, tokens in order), without staging.
 __device__ void copy_own_rows(const DispatchArgs& a, int channel, int row_base, int gw, int warps_per_group) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, K = L.num_topk, S = L.num_scales, rank = a.rank, lane = lane_id();
@@ -123,7 +133,7 @@ __device__ void copy_own_rows(const DispatchArgs& a, int channel, int row_base, 
       if (row >= a.num_out_rows) continue;
       const int4* src = x + static_cast<int64_t>(token) * L.hidden_int4;
       int4* dst = recv_x + static_cast<int64_t>(row) * L.hidden_int4;
-      warp_copy<4>(L.hidden_int4, [&](int i) { return ld_nc_stream(src + i); }, [&](int i, const int4& v) { st_na(dst + i, v); });
+      warp_copy<8>(L.hidden_int4, [&](int i) { return ld_nc_stream(src + i); }, [&](int i, const int4& v) { st_na(dst + i, v); });
       if (lane == 0 && a.write_src_idx) a.recv_src_idx[row] = token;
       if (lane < K) {
         const int64_t e = a.topk_idx[static_cast<int64_t>(token) * K + lane];
@@ -187,24 +197,27 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
     group_barrier(1 + s, group_threads);
     if (abort_group[s]) return;
 
-    for (int j = gw; j < n; j += warps_per_group) {
-      const int slot = (consumed + j) % L.slots;
-      const int row = row_base + consumed + j;
-      if (row >= a.num_out_rows) continue;  // overflow of num_worst_tokens: reported by notify
-      const int4* src = L.slot_x(ring, slot);
-      int4* dst = recv_x + static_cast<int64_t>(row) * L.hidden_int4;
-      warp_copy<4>(L.hidden_int4, [&](int i) { return ld_cg(src + i); }, [&](int i, const int4& v) { st_na(dst + i, v); });
-      if (lane == 0 && a.write_src_idx) a.recv_src_idx[row] = ld_cg_int(L.slot_src_idx(ring, slot));
-      if (lane < K) {
-        const int e = ld_cg_int(L.slot_topk_idx(ring, slot) + lane);
-        const bool mine = e >= expert_begin && e < expert_begin + a.num_local_experts;
-        if (a.recv_topk_idx) a.recv_topk_idx[static_cast<int64_t>(row) * K + lane] = mine ? e - expert_begin : -1;
-        if (a.recv_topk_weights)
-          a.recv_topk_weights[static_cast<int64_t>(row) * K + lane] = mine ? ld_cg_float(L.slot_weights(ring, slot) + lane) : 0.f;
-      }
-      for (int i = lane; i < S; i += 32)
-        a.recv_x_scales[row * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
-            ld_cg_float(L.slot_scales(ring, slot) + i);
+    // Rows past num_out_rows (a num_worst_tokens overflow, reported by notify) are dropped.
+    const int m = max(0, min(n, a.num_out_rows - (row_base + consumed)));
+    const int thread = threadIdx.x % group_threads;
+    group_copy_rows<8>(
+        m, L.hidden_int4, thread, group_threads, [&](int j) { return L.slot_x(ring, (consumed + j) % L.slots); },
+        [&](int j) { return recv_x + static_cast<int64_t>(row_base + consumed + j) * L.hidden_int4; },
+        [](const int4* p) { return ld_cg(p); }, [](int4* p, const int4& v) { st_na(p, v); });
+    for (int j = thread; j < m && a.write_src_idx; j += group_threads)
+      a.recv_src_idx[row_base + consumed + j] = ld_cg_int(L.slot_src_idx(ring, (consumed + j) % L.slots));
+    for (int e = thread; e < m * K; e += group_threads) {
+      const int j = e / K, k = e - j * K, slot = (consumed + j) % L.slots;
+      const int64_t row = row_base + consumed + j;
+      const int expert = ld_cg_int(L.slot_topk_idx(ring, slot) + k);
+      const bool mine = expert >= expert_begin && expert < expert_begin + a.num_local_experts;
+      if (a.recv_topk_idx) a.recv_topk_idx[row * K + k] = mine ? expert - expert_begin : -1;
+      if (a.recv_topk_weights) a.recv_topk_weights[row * K + k] = mine ? ld_cg_float(L.slot_weights(ring, slot) + k) : 0.f;
+    }
+    for (int e = thread; e < m * S; e += group_threads) {
+      const int j = e / S, i = e - j * S;
+      a.recv_x_scales[(row_base + consumed + j) * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
+          ld_cg_float(L.slot_scales(ring, (consumed + j) % L.slots) + i);
     }
     group_barrier(1 + s, group_threads);
     consumed += n;
