@@ -79,6 +79,7 @@ struct DispatchArgs {
   // protocol
   RingLayout layout;
   int chunk;
+  bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
   int rank;
   PeerTable peers;
   ErrorSink err;
@@ -99,6 +100,7 @@ struct CombineArgs {
   float* combined_topk_weights;
   RingLayout layout;
   int chunk;
+  bool l2_hints;
   int rank;
   PeerTable peers;
   ErrorSink err;

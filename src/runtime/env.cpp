@@ -17,4 +17,12 @@ double timeout_seconds() {
   return seconds;
 }
 
+bool l2_hints() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("MOELINK_L2_HINTS");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 }  // namespace moelink::env

@@ -6,4 +6,7 @@ namespace moelink::env {
 // MOELINK_TIMEOUT_S: how long any wait for a peer may last, device and host side (default 100 s).
 double timeout_seconds();
 
+// MOELINK_L2_HINTS (0/1, default 1): evict-first L2 policy on data the kernels touch once.
+bool l2_hints();
+
 }  // namespace moelink::env

@@ -7,6 +7,7 @@
 #include "kernels/launch.hpp"
 #include "moelink/buffer.hpp"
 #include "runtime/buffer_impl.hpp"
+#include "runtime/env.hpp"
 #include "runtime/errors.hpp"
 
 namespace moelink {
@@ -229,6 +230,7 @@ EventHandle Buffer::intranode_dispatch(const DispatchInputs& in, const DispatchH
   a.layout = kernels::RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
                                        s.num_scales, s.num_topk);
   a.chunk = config.num_max_nvl_chunked_send_tokens;
+  a.l2_hints = env::l2_hints();
   a.rank = topo_.nvl_rank;
   a.peers = impl_->peers;
   a.err = error_sink();
@@ -299,6 +301,7 @@ EventHandle Buffer::intranode_combine(const CombineInputs& in, const DispatchHan
   a.combined_topk_weights = K ? static_cast<float*>(out.combined_topk_weights.data) : nullptr;
   a.layout = layout;
   a.chunk = config.num_max_nvl_chunked_send_tokens;
+  a.l2_hints = env::l2_hints();
   a.rank = topo_.nvl_rank;
   a.peers = impl_->peers;
   a.err = error_sink();

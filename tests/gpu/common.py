@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -34,9 +35,13 @@ def make_configs(num_ranks: int, num_sms: int):
     """(dispatch config, combine config): the presets for num_ranks with num_sms overridden."""
     moelink.Buffer.set_num_sms(num_sms)
     configs = []
+    # MOELINK_BENCH_NVL="chunk,slots" overrides both presets' NVLink chunk and ring sizes (tuning sweeps).
+    override = os.environ.get("MOELINK_BENCH_NVL")
     for preset in (moelink.Buffer.get_dispatch_config(num_ranks), moelink.Buffer.get_combine_config(num_ranks)):
-        configs.append(moelink.Config(num_sms, preset.num_max_nvl_chunked_send_tokens,
-                                      preset.num_max_nvl_chunked_recv_tokens))
+        chunk, slots = preset.num_max_nvl_chunked_send_tokens, preset.num_max_nvl_chunked_recv_tokens
+        if override:
+            chunk, slots = (int(v) for v in override.split(","))
+        configs.append(moelink.Config(num_sms, chunk, slots))
     return tuple(configs)
 
 

@@ -70,6 +70,7 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
   const int K = L.num_topk;
   if (threadIdx.x % group_threads == 0) abort_group[s] = false;
 
+  const uint64_t policy = evict_first_policy();
   int sent = 0;
   while (sent < total) {
     const int n = min(a.chunk, total - sent);
@@ -81,7 +82,7 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
     const int thread = threadIdx.x % group_threads;
     group_copy_rows<8>(
         n, L.hidden_int4, thread, group_threads, [&](int j) { return x + static_cast<int64_t>(row_base + sent + j) * L.hidden_int4; },
-        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); }, [](const int4* p) { return ld_nc_stream(p); },
+        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); }, [&](const int4* p) { return a.l2_hints ? ld_nc_stream(p, policy) : ld_nc_stream(p); },
         [](int4* p, const int4& v) { *p = v; });
     for (int e = thread; e < n * K; e += group_threads) {
       const int j = e / K, k = e - j * K;
@@ -121,6 +122,7 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
   int4* out = static_cast<int4*>(a.combined_x);
   const int K = L.num_topk, H4 = L.hidden_int4;
   const int4* x = static_cast<const int4*>(a.x);
+  const uint64_t policy = evict_first_policy();
   const int self_row_base = (rank ? a.rank_prefix_matrix[(rank - 1) * R + rank] : 0) +
                             a.recv_channel_prefix_matrix[rank * C + channel];
 
@@ -191,7 +193,10 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
               if (rows[d]) accumulate_bf16x8(acc[u], v[u][d]);
             if (bias_0) accumulate_bf16x8(acc[u], ld_nc_stream(bias_0 + out_row + i));
             if (bias_1) accumulate_bf16x8(acc[u], ld_nc_stream(bias_1 + out_row + i));
-            st_na(out + out_row + i, pack_bf16x8(acc[u]));
+            if (a.l2_hints)
+              st_na(out + out_row + i, pack_bf16x8(acc[u]), policy);
+            else
+              st_na(out + out_row + i, pack_bf16x8(acc[u]));
           }
         }
         if (a.combined_topk_weights && lane < K) {

@@ -2,16 +2,15 @@
 // ring per (channel, source) in the destination's NVLink buffer.
 //
 // Protocol (2 blocks per channel; block 2c sends channel c, block 2c+1 receives channel c):
-//   Sender, warp group per destination d: scans channel c's tokens for those routed to d, in token
-//     order, and copies them chunk by chunk into ring(c, me) in d's buffer (row, source index,
-//     top-k ids and weights, scales). Before a chunk it waits until d has consumed enough
-//     (head[c][d] in my buffer, written by d) for the chunk to fit; after the chunk the group
-//     leader publishes tail[c][me] in d's buffer with a system-scope release.
-//   Receiver, warp group per source s: waits (acquire) until tail[c][s] covers the next chunk,
-//     copies the chunk to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows land
-//     ordered by source rank then source token, and releases head[c][me] in s's buffer.
-//   Rows a rank sends to itself skip the ring: its receiver group copies them from x directly.
-//   Both sides use the same chunk size, so tail values are exactly the chunk boundaries.
+//   Sender, token-major: channel c's tokens go in batches of B = min(warps, slots), one warp per
+//     token. Per batch, ballots give each (token, destination d) its ring position (the number of
+//     earlier channel tokens routed to d); the block waits until every ring it writes has room
+//     (head[c][d] in my buffer, written by d, >= sent + count - slots); each warp reads its x row
+//     once and writes it to all its destinations (rows for this rank go straight into recv_x);
+//     then tail[c][me] in each d's buffer is released by the batch's count (system scope).
+//   Receiver, warp group per source s: waits (acquire) until tail[c][s] moves, copies what landed
+//     to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows are ordered by source
+//     rank then source token, and releases head[c][me] in s's buffer.
 //   Counters reset themselves: the receiver writes head = 0 instead of the final count (the sender
 //   never waits after its last chunk) and zeroes its own tail after the last chunk. The barrier
 //   that opens every operation guarantees nobody touches a ring before its owner reset it.
@@ -25,7 +24,6 @@ namespace moelink::kernels {
 namespace {
 
 constexpr int kNumWarps = kIntranodeThreads / 32;
-constexpr int kMaxChunkTokens = 64;  // Config allows at most this many tokens per chunk
 
 __device__ __forceinline__ int ld_cg_int(const int* p) {
   int v;
@@ -34,122 +32,135 @@ __device__ __forceinline__ int ld_cg_int(const int* p) {
 }
 __device__ __forceinline__ float ld_cg_float(const float* p) { return __int_as_float(ld_cg_int(reinterpret_cast<const int*>(p))); }
 
+// Token-major sender: warp w of a batch owns token t = batch + w, reads its row from x once, and
+// writes it into the ring of every destination it is routed to (and straight into recv_x for
+// this rank). Ring positions are "earlier channel tokens routed to d", found by ballots, so each
+// ring still receives its rows in token order.
 __device__ void send_channel(const DispatchArgs& a, int channel) {
   const RingLayout& L = a.layout;
-  const int R = L.num_ranks, C = L.num_channels;
-  const int warps_per_group = kNumWarps / R;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
   const int warp = threadIdx.x / 32, lane = lane_id();
-  const int d = warp / warps_per_group, gw = warp % warps_per_group;
-  __shared__ bool abort_group[kMaxNvlRanks];
-  // Spare warps when R does not divide the warp count; rows to myself never use a ring.
-  if (d >= R || d == a.rank) return;
+  const int batch = min(kNumWarps, L.slots);
+  __shared__ int position[kNumWarps][kMaxNvlRanks];
+  __shared__ int batch_count[kMaxNvlRanks];
+  __shared__ int sent[kMaxNvlRanks];
+  __shared__ int4* dst_rows[kNumWarps][kMaxNvlRanks];
+  __shared__ bool failed;
 
-  const int total = a.channel_prefix_matrix[d * C + channel] - (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
   const ChannelRange range = channel_range(a.num_tokens, C, channel);
-  int* tail_remote = L.tail(a.peers.data[d], channel, a.rank);
-  const int* head_local = L.head(a.peers.data[a.rank], channel, d);
-  char* ring = L.ring(a.peers.data[d], channel, a.rank);
-  const int group_threads = warps_per_group * 32;
-  const int4* x = static_cast<const int4*>(a.x);
-  const int K = L.num_topk, S = L.num_scales;
-  if (threadIdx.x % group_threads == 0) abort_group[d] = false;
-
-  __shared__ int chunk_tokens[kMaxNvlRanks][kMaxChunkTokens];
-  int* tokens = chunk_tokens[d];
-  const int thread = threadIdx.x % group_threads;
-  int cursor = range.begin, sent = 0;
-  while (sent < total) {
-    const int n = min(a.chunk, total - sent);
-    if (gw == 0) {
-      // Warp 0 of the group finds the chunk's next n tokens routed to d, in token order.
-      for (int j = 0; j < n;) {
-        const int t = cursor + lane;
-        const bool routed = t < range.end && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
-        const unsigned mask = __ballot_sync(0xffffffffu, routed);
-        const int take = min(__popc(mask), n - j);
-        const int rank_in_mask = __popc(mask & ((1u << lane) - 1));
-        if (routed && rank_in_mask < take) tokens[j + rank_in_mask] = t;
-        int last_bit = 31;
-        if (take < __popc(mask)) {
-          // Bit position of the take-th set bit: the chunk ends there.
-          unsigned rest = mask;
-          for (int q = 0; q < take; ++q) {
-            last_bit = __ffs(rest) - 1;
-            rest &= rest - 1;
-          }
-          cursor += last_bit + 1;
-        } else {
-          cursor += 32;
-        }
-        j += take;
-      }
-      if (lane == 0 && !wait_at_least(head_local, sent + n - L.slots, a.err, d, kStepDispatchSend, channel))
-        abort_group[d] = true;
-    }
-    group_barrier(1 + d, group_threads);
-    if (abort_group[d]) return;
-
-    group_copy_rows<8>(
-        n, L.hidden_int4, thread, group_threads,
-        [&](int j) { return x + static_cast<int64_t>(tokens[j]) * L.hidden_int4; },
-        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); },
-        [](const int4* p) { return ld_nc_stream(p); }, [](int4* p, const int4& v) { *p = v; });
-    for (int j = thread; j < n; j += group_threads) *L.slot_src_idx(ring, (sent + j) % L.slots) = tokens[j];
-    for (int e = thread; e < n * K; e += group_threads) {
-      const int j = e / K, k = e - j * K, token = tokens[j], slot = (sent + j) % L.slots;
-      const int64_t expert = a.topk_idx[static_cast<int64_t>(token) * K + k];
-      if (expert < -1 || expert >= a.num_experts)
-        report_error(a.err, kErrBadExpertId, -1, kStepDispatchSend, channel, static_cast<long long>(token) * kMaxTopK + k);
-      L.slot_topk_idx(ring, slot)[k] = static_cast<int>(expert);
-      L.slot_weights(ring, slot)[k] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(token) * K + k] : 0.f;
-    }
-    for (int e = thread; e < n * S; e += group_threads) {
-      const int j = e / S, i = e - j * S;
-      L.slot_scales(ring, (sent + j) % L.slots)[i] =
-          a.x_scales[tokens[j] * a.x_scales_stride_token + i * a.x_scales_stride_scale];
-    }
-    group_barrier(1 + d, group_threads);
-    if (gw == 0 && lane == 0) st_release_sys(tail_remote, sent + n);
-    sent += n;
-  }
-}
-
-__device__ void copy_own_rows(const DispatchArgs& a, int channel, int row_base, int gw, int warps_per_group) {
-  const RingLayout& L = a.layout;
-  const int R = L.num_ranks, K = L.num_topk, S = L.num_scales, rank = a.rank, lane = lane_id();
-  const ChannelRange range = channel_range(a.num_tokens, L.num_channels, channel);
+  const int self_row_base = (rank ? a.rank_prefix_matrix[(rank - 1) * R + rank] : 0) +
+                            a.recv_channel_prefix_matrix[rank * C + channel];
   const int4* x = static_cast<const int4*>(a.x);
   int4* recv_x = static_cast<int4*>(a.recv_x);
   const int expert_begin = rank * a.num_local_experts;
-  int found = 0;
-  for (int cursor = range.begin; cursor < range.end; cursor += 32) {
-    const int t = cursor + lane;
-    const bool routed = t < range.end && a.is_token_in_rank[static_cast<int64_t>(t) * R + rank];
-    unsigned mask = __ballot_sync(0xffffffffu, routed);
-    for (int q = 0; mask; ++q, mask &= mask - 1) {
-      if ((found + q) % warps_per_group != gw) continue;
-      const int token = cursor + __ffs(mask) - 1;
-      const int row = row_base + found + q;
-      if (row >= a.num_out_rows) continue;
-      const int4* src = x + static_cast<int64_t>(token) * L.hidden_int4;
-      int4* dst = recv_x + static_cast<int64_t>(row) * L.hidden_int4;
-      warp_copy<8>(L.hidden_int4, [&](int i) { return ld_nc_stream(src + i); }, [&](int i, const int4& v) { st_na(dst + i, v); });
-      if (lane == 0 && a.write_src_idx) a.recv_src_idx[row] = token;
-      if (lane < K) {
-        const int64_t e = a.topk_idx[static_cast<int64_t>(token) * K + lane];
-        const bool mine = e >= expert_begin && e < expert_begin + a.num_local_experts;
-        if (a.recv_topk_idx) a.recv_topk_idx[static_cast<int64_t>(row) * K + lane] = mine ? e - expert_begin : -1;
-        if (a.recv_topk_weights)
-          a.recv_topk_weights[static_cast<int64_t>(row) * K + lane] =
-              mine && a.topk_weights ? a.topk_weights[static_cast<int64_t>(token) * K + lane] : 0.f;
+  const uint64_t policy = evict_first_policy();
+  if (threadIdx.x < R) sent[threadIdx.x] = 0;
+  if (threadIdx.x == 0) failed = false;
+  __syncthreads();
+
+  for (int begin = range.begin; begin < range.end; begin += batch) {
+    if (warp == 0) {
+      const int t = begin + lane;
+      const bool valid = lane < batch && t < range.end;
+      for (int d = 0; d < R; ++d) {
+        const bool routed = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+        const unsigned mask = __ballot_sync(0xffffffffu, routed);
+        if (lane < batch) position[lane][d] = routed ? sent[d] + __popc(mask & ((1u << lane) - 1)) : -1;
+        if (lane == 0) batch_count[d] = __popc(mask);
       }
-      for (int i = lane; i < S; i += 32)
-        a.recv_x_scales[row * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
-            a.x_scales[token * a.x_scales_stride_token + i * a.x_scales_stride_scale];
     }
-    found += __popc(__ballot_sync(0xffffffffu, routed));
+    __syncthreads();
+    // Room in every destination ring this batch writes to: sent + count - head <= slots.
+    if (threadIdx.x < R && threadIdx.x != rank && batch_count[threadIdx.x] > 0) {
+      const int d = threadIdx.x;
+      if (!wait_at_least(L.head(a.peers.data[rank], channel, d), sent[d] + batch_count[d] - L.slots, a.err, d,
+                         kStepDispatchSend, channel))
+        failed = true;
+    }
+    __syncthreads();
+    if (failed) return;
+
+    const int t = begin + warp;
+    if (warp < batch && t < range.end) {
+      if (lane < R) {
+        const int d = lane, pos = position[warp][d];
+        int4* row = nullptr;
+        if (pos >= 0 && d == rank) {
+          // Overflowing num_worst_tokens (reported by notify): the row is dropped.
+          if (self_row_base + pos < a.num_out_rows) row = recv_x + static_cast<int64_t>(self_row_base + pos) * H4;
+        } else if (pos >= 0) {
+          row = L.slot_x(L.ring(a.peers.data[d], channel, rank), pos % L.slots);
+        }
+        dst_rows[warp][d] = row;
+      }
+      __syncwarp();
+      int4* const* dst = dst_rows[warp];
+      const int4* src = x + static_cast<int64_t>(t) * H4;
+      constexpr int kUnroll = 8;
+      for (int i0 = lane; i0 < H4; i0 += 32 * kUnroll) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (i0 + 32 * u < H4) v[u] = a.l2_hints ? ld_nc_stream(src + i0 + 32 * u, policy) : ld_nc_stream(src + i0 + 32 * u);
+        for (int d = 0; d < R; ++d) {
+          int4* row = dst[d];
+          if (row == nullptr) continue;
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (i0 + 32 * u < H4) {
+              if (d == rank && a.l2_hints)
+                st_na(row + i0 + 32 * u, v[u], policy);
+              else
+                row[i0 + 32 * u] = v[u];
+            }
+        }
+      }
+      // Metadata: ring fields for peers, final outputs for my own row.
+      for (int d = 0; d < R; ++d) {
+        const int pos = position[warp][d];
+        if (pos < 0) continue;
+        if (d == rank) {
+          const int64_t row = self_row_base + pos;
+          if (row >= a.num_out_rows) continue;
+          if (lane == 0 && a.write_src_idx) a.recv_src_idx[row] = t;
+          if (lane < K) {
+            const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
+            const bool mine = e >= expert_begin && e < expert_begin + a.num_local_experts;
+            if (a.recv_topk_idx) a.recv_topk_idx[row * K + lane] = mine ? e - expert_begin : -1;
+            if (a.recv_topk_weights)
+              a.recv_topk_weights[row * K + lane] = mine && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+          }
+          for (int i = lane; i < S; i += 32)
+            a.recv_x_scales[row * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
+                a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+        } else {
+          char* ring = L.ring(a.peers.data[d], channel, rank);
+          const int slot = pos % L.slots;
+          if (lane == 0) *L.slot_src_idx(ring, slot) = t;
+          if (lane < K) {
+            L.slot_topk_idx(ring, slot)[lane] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * K + lane]);
+            L.slot_weights(ring, slot)[lane] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+          }
+          for (int i = lane; i < S; i += 32)
+            L.slot_scales(ring, slot)[i] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+        }
+      }
+      if (lane < K && a.topk_idx) {
+        const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
+        if (e < -1 || e >= a.num_experts)
+          report_error(a.err, kErrBadExpertId, -1, kStepDispatchSend, channel, static_cast<long long>(t) * kMaxTopK + lane);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < R) {
+      const int d = threadIdx.x;
+      sent[d] += batch_count[d];
+      if (d != rank && batch_count[d] > 0) st_release_sys(L.tail(a.peers.data[d], channel, rank), sent[d]);
+    }
+    __syncthreads();
   }
 }
+
 
 __device__ void recv_channel(const DispatchArgs& a, int channel) {
   const RingLayout& L = a.layout;
@@ -175,10 +186,7 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
   const int first = a.recv_channel_prefix_matrix[s * C + channel];
   const int total = (channel + 1 < C ? a.recv_channel_prefix_matrix[s * C + channel + 1] : from_s) - first;
   const int row_base = rank_base + first;
-  if (s == rank) {
-    copy_own_rows(a, channel, row_base, gw, warps_per_group);
-    return;
-  }
+  if (s == rank) return;  // the sender block wrote my own rows straight into recv_x
   int* tail_local = L.tail(a.peers.data[rank], channel, s);
   int* head_remote = L.head(a.peers.data[s], channel, rank);
   char* ring = L.ring(a.peers.data[rank], channel, s);
@@ -187,15 +195,20 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
   const int K = L.num_topk, S = L.num_scales;
   const int expert_begin = rank * a.num_local_experts;
   if (threadIdx.x % group_threads == 0) abort_group[s] = false;
+  const uint64_t policy = evict_first_policy();
 
+  __shared__ int available[kMaxNvlRanks];
   int consumed = 0;
   while (consumed < total) {
-    const int n = min(a.chunk, total - consumed);
+    // The sender publishes per batch; take whatever has landed, up to a bound that keeps the
+    // head release frequent enough for the sender to stream.
     if (gw == 0 && lane == 0) {
-      if (!wait_at_least(tail_local, consumed + n, a.err, s, kStepDispatchRecv, channel)) abort_group[s] = true;
+      if (!wait_at_least(tail_local, consumed + 1, a.err, s, kStepDispatchRecv, channel)) abort_group[s] = true;
+      available[s] = ld_acquire_sys(tail_local);
     }
     group_barrier(1 + s, group_threads);
     if (abort_group[s]) return;
+    const int n = min(min(available[s], total) - consumed, max(a.chunk, L.slots / 2));
 
     // Rows past num_out_rows (a num_worst_tokens overflow, reported by notify) are dropped.
     const int m = max(0, min(n, a.num_out_rows - (row_base + consumed)));
@@ -203,7 +216,8 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
     group_copy_rows<8>(
         m, L.hidden_int4, thread, group_threads, [&](int j) { return L.slot_x(ring, (consumed + j) % L.slots); },
         [&](int j) { return recv_x + static_cast<int64_t>(row_base + consumed + j) * L.hidden_int4; },
-        [](const int4* p) { return ld_cg(p); }, [](int4* p, const int4& v) { st_na(p, v); });
+        [](const int4* p) { return ld_cg(p); },
+        [&](int4* p, const int4& v) { a.l2_hints ? st_na(p, v, policy) : st_na(p, v); });
     for (int j = thread; j < m && a.write_src_idx; j += group_threads)
       a.recv_src_idx[row_base + consumed + j] = ld_cg_int(L.slot_src_idx(ring, (consumed + j) % L.slots));
     for (int e = thread; e < m * K; e += group_threads) {
