@@ -159,7 +159,7 @@ class Buffer {
   kernels::ErrorSink error_sink() const;
   struct DispatchShape;
   DispatchShape validate_dispatch(const DispatchInputs& in, const DispatchHandle& handle, const Config& config,
-                                  bool cached, const char* op) const;
+                                  bool cached, bool notify_step, const char* op) const;
   void begin_op(const StreamOrder& order) const;
   EventHandle end_op(const StreamOrder& order) const;
 

@@ -65,14 +65,17 @@ int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) c
 
 Config default_dispatch_config(int num_ranks, int num_sms) {
   if (num_ranks < 1) detail::raise(ErrorKind::kValue, "num_ranks: expected >= 1, got ", num_ranks);
-  // Rings of 64 rows in chunks of 8 keep a chunk in flight while the previous one drains and keep
-  // the whole ring set small (tens of MB, not GB).
-  return Config(num_sms, 8, 64, 8, 128);
+  // 128-slot rings let a sender run several 24-token batches ahead of its receivers; measured best
+  // of 24/64/128 slots at 4x24, 4x8 and 8x16 SMs on an H100 (bench/RESULTS.md). Receivers drain
+  // up to max(chunk, slots / 2) rows per handshake.
+  return Config(num_sms, 16, 128, 8, 128);
 }
 
 Config default_combine_config(int num_ranks, int num_sms) {
   if (num_ranks < 1) detail::raise(ErrorKind::kValue, "num_ranks: expected >= 1, got ", num_ranks);
-  return Config(num_sms, 8, 64, 8, 128);
+  // Combine receivers walk tokens in batches of min(warps, slots - chunk); 16-row chunks into
+  // 128-slot rings measured best of 16/32/64/128 slots.
+  return Config(num_sms, 16, 128, 8, 128);
 }
 
 }  // namespace moelink

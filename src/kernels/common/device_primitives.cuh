@@ -103,6 +103,21 @@ __device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) 
   for (; i < num_int4; i += 32) store(i, load(i));
 }
 
+// Bit d set when token t is routed to rank d. All R loads are issued before any is used, so a
+// batch's routing costs one memory round trip instead of R.
+__device__ __forceinline__ unsigned valid_token_flags(const bool* is_token_in_rank, int t, bool valid, int num_ranks) {
+  unsigned flags = 0;
+  if (!valid) return 0;
+  const bool* row = is_token_in_rank + static_cast<int64_t>(t) * num_ranks;
+#pragma unroll
+  for (int d = 0; d < 8; ++d)
+    if (d < num_ranks && row[d]) flags |= 1u << d;
+  return flags;
+}
+
+// Warp groups serve only the remote peers: group g talks to peer g, skipping this rank.
+__device__ __forceinline__ int peer_of_group(int group, int rank) { return group < rank ? group : group + 1; }
+
 // Copies n rows of `row_int4` 16-byte words with every thread of a group: the (row, word) space is
 // flattened, so a chunk of short rows still keeps kUnroll loads per thread in flight. `src(j)` and
 // `dst(j)` give row j's base; `load`/`store` choose the cache policy.

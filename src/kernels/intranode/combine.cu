@@ -51,11 +51,13 @@ __device__ __forceinline__ int ld_cg_int(const int* p) {
 __device__ void send_channel(const CombineArgs& a, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
-  const int warps_per_group = kNumWarps / R;
+  // One warp group per remote token owner; my own rows are read from x by my receiver.
+  const int warps_per_group = kNumWarps / max(R - 1, 1);
   const int warp = threadIdx.x / 32, lane = lane_id();
-  const int s = warp / warps_per_group, gw = warp % warps_per_group;
+  const int group = warp / warps_per_group, gw = warp % warps_per_group;
   __shared__ bool abort_group[kMaxNvlRanks];
-  if (s >= R || s == rank) return;  // my own rows are read from x by my receiver
+  if (group >= R - 1) return;
+  const int s = peer_of_group(group, rank);
 
   const int rank_base = s ? a.rank_prefix_matrix[(s - 1) * R + rank] : 0;
   const int from_s = a.rank_prefix_matrix[s * R + rank] - rank_base;
@@ -68,17 +70,17 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
   const int group_threads = warps_per_group * 32;
   const int4* x = static_cast<const int4*>(a.x);
   const int K = L.num_topk;
-  if (threadIdx.x % group_threads == 0) abort_group[s] = false;
+  if (threadIdx.x % group_threads == 0) abort_group[group] = false;
 
   const uint64_t policy = evict_first_policy();
   int sent = 0;
   while (sent < total) {
     const int n = min(a.chunk, total - sent);
     if (gw == 0 && lane == 0) {
-      if (!wait_at_least(head_local, sent + n - L.slots, a.err, s, kStepCombineSend, channel)) abort_group[s] = true;
+      if (!wait_at_least(head_local, sent + n - L.slots, a.err, s, kStepCombineSend, channel)) abort_group[group] = true;
     }
-    group_barrier(1 + s, group_threads);
-    if (abort_group[s]) return;
+    group_barrier(1 + group, group_threads);
+    if (abort_group[group]) return;
     const int thread = threadIdx.x % group_threads;
     group_copy_rows<8>(
         n, L.hidden_int4, thread, group_threads, [&](int j) { return x + static_cast<int64_t>(row_base + sent + j) * L.hidden_int4; },
@@ -88,7 +90,7 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
       const int j = e / K, k = e - j * K;
       L.slot_weights(ring, (sent + j) % L.slots)[k] = a.topk_weights[static_cast<int64_t>(row_base + sent + j) * K + k];
     }
-    group_barrier(1 + s, group_threads);
+    group_barrier(1 + group, group_threads);
     sent += n;
     if (gw == 0 && lane == 0) st_release_sys(tail_remote, sent);
   }
@@ -129,9 +131,9 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
   for (int begin = range.begin; begin < range.end; begin += batch) {
     if (warp == 0) {
       const int t = begin + lane;
-      const bool valid = lane < batch && t < range.end;
+      const unsigned flags = valid_token_flags(a.is_token_in_rank, t, lane < batch && t < range.end, R);
       for (int d = 0; d < R; ++d) {
-        const bool routed = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+        const bool routed = (flags >> d) & 1u;
         const unsigned mask = __ballot_sync(0xffffffffu, routed);
         if (lane < batch) position[lane][d] = routed ? consumed[d] + __popc(mask & ((1u << lane) - 1)) : -1;
         if (lane == 0) batch_count[d] = __popc(mask);

@@ -61,9 +61,9 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
   for (int begin = range.begin; begin < range.end; begin += batch) {
     if (warp == 0) {
       const int t = begin + lane;
-      const bool valid = lane < batch && t < range.end;
+      const unsigned flags = valid_token_flags(a.is_token_in_rank, t, lane < batch && t < range.end, R);
       for (int d = 0; d < R; ++d) {
-        const bool routed = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+        const bool routed = (flags >> d) & 1u;
         const unsigned mask = __ballot_sync(0xffffffffu, routed);
         if (lane < batch) position[lane][d] = routed ? sent[d] + __popc(mask & ((1u << lane) - 1)) : -1;
         if (lane == 0) batch_count[d] = __popc(mask);
@@ -165,9 +165,9 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
 __device__ void recv_channel(const DispatchArgs& a, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
-  const int warps_per_group = kNumWarps / R;
+  const int warps_per_group = kNumWarps / max(R - 1, 1);
   const int warp = threadIdx.x / 32, lane = lane_id();
-  const int s = warp / warps_per_group, gw = warp % warps_per_group;
+  const int group = warp / warps_per_group, gw = warp % warps_per_group;
   __shared__ bool abort_group[kMaxNvlRanks];
 
   // Rows past the real count (num_worst_tokens padding) carry no expert and no source.
@@ -179,14 +179,14 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
       if (a.recv_topk_weights) a.recv_topk_weights[static_cast<int64_t>(row) * L.num_topk + k] = 0.f;
     }
   }
-  if (s >= R) return;
-
+  // One warp group per remote source; my own rows were written straight into recv_x by the sender.
+  if (group >= R - 1) return;
+  const int s = peer_of_group(group, rank);
   const int rank_base = s ? a.rank_prefix_matrix[(s - 1) * R + rank] : 0;
   const int from_s = a.rank_prefix_matrix[s * R + rank] - rank_base;
   const int first = a.recv_channel_prefix_matrix[s * C + channel];
   const int total = (channel + 1 < C ? a.recv_channel_prefix_matrix[s * C + channel + 1] : from_s) - first;
   const int row_base = rank_base + first;
-  if (s == rank) return;  // the sender block wrote my own rows straight into recv_x
   int* tail_local = L.tail(a.peers.data[rank], channel, s);
   int* head_remote = L.head(a.peers.data[s], channel, rank);
   char* ring = L.ring(a.peers.data[rank], channel, s);
@@ -194,7 +194,7 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
   int4* recv_x = static_cast<int4*>(a.recv_x);
   const int K = L.num_topk, S = L.num_scales;
   const int expert_begin = rank * a.num_local_experts;
-  if (threadIdx.x % group_threads == 0) abort_group[s] = false;
+  if (threadIdx.x % group_threads == 0) abort_group[group] = false;
   const uint64_t policy = evict_first_policy();
 
   __shared__ int available[kMaxNvlRanks];
@@ -203,12 +203,12 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
     // The sender publishes per batch; take whatever has landed, up to a bound that keeps the
     // head release frequent enough for the sender to stream.
     if (gw == 0 && lane == 0) {
-      if (!wait_at_least(tail_local, consumed + 1, a.err, s, kStepDispatchRecv, channel)) abort_group[s] = true;
-      available[s] = ld_acquire_sys(tail_local);
+      if (!wait_at_least(tail_local, consumed + 1, a.err, s, kStepDispatchRecv, channel)) abort_group[group] = true;
+      available[group] = ld_acquire_sys(tail_local);
     }
-    group_barrier(1 + s, group_threads);
-    if (abort_group[s]) return;
-    const int n = min(min(available[s], total) - consumed, max(a.chunk, L.slots / 2));
+    group_barrier(1 + group, group_threads);
+    if (abort_group[group]) return;
+    const int n = min(min(available[group], total) - consumed, max(a.chunk, L.slots / 2));
 
     // Rows past num_out_rows (a num_worst_tokens overflow, reported by notify) are dropped.
     const int m = max(0, min(n, a.num_out_rows - (row_base + consumed)));
@@ -233,7 +233,7 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
       a.recv_x_scales[(row_base + consumed + j) * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
           ld_cg_float(L.slot_scales(ring, (consumed + j) % L.slots) + i);
     }
-    group_barrier(1 + s, group_threads);
+    group_barrier(1 + group, group_threads);
     consumed += n;
     if (gw == 0 && lane == 0) st_release_sys(head_remote, consumed == total ? 0 : consumed);
   }
