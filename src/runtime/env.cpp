@@ -20,7 +20,10 @@ double timeout_seconds() {
 bool l2_hints() {
   static const bool enabled = [] {
     const char* value = std::getenv("MOELINK_L2_HINTS");
-    return value == nullptr || std::string(value) != "0";
+    if (value == nullptr || *value == '\0') return true;
+    const std::string text(value);
+    if (text != "0" && text != "1") detail::raise(ErrorKind::kValue, "MOELINK_L2_HINTS: expected 0 or 1, got '", text, "'");
+    return text == "1";
   }();
   return enabled;
 }

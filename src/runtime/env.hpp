@@ -7,6 +7,7 @@ namespace moelink::env {
 double timeout_seconds();
 
 // MOELINK_L2_HINTS (0/1, default 1): evict-first L2 policy on data the kernels touch once.
+// (Evict-last on ring writes measured slower: the rings are larger than L2.)
 bool l2_hints();
 
 }  // namespace moelink::env

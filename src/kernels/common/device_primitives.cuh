@@ -103,6 +103,22 @@ __device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) 
   for (; i < num_int4; i += 32) store(i, load(i));
 }
 
+// For e in [0, count), store(e, load(e)) across a group, with kUnroll loads in flight per thread
+// before their stores: per-row metadata (ids, weights, scales) would otherwise cost one memory
+// round trip per element.
+template <int kUnroll, typename Load, typename Store>
+__device__ __forceinline__ void group_transfer(int count, int thread, int num_threads, Load load, Store store) {
+  for (int base = thread; base < count; base += num_threads * kUnroll) {
+    decltype(load(0)) v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * num_threads < count) v[u] = load(base + u * num_threads);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * num_threads < count) store(base + u * num_threads, v[u]);
+  }
+}
+
 // Bit d set when token t is routed to rank d. All R loads are issued before any is used, so a
 // batch's routing costs one memory round trip instead of R.
 __device__ __forceinline__ unsigned valid_token_flags(const bool* is_token_in_rank, int t, bool valid, int num_ranks) {

@@ -86,10 +86,9 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
         n, L.hidden_int4, thread, group_threads, [&](int j) { return x + static_cast<int64_t>(row_base + sent + j) * L.hidden_int4; },
         [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); }, [&](const int4* p) { return a.l2_hints ? ld_nc_stream(p, policy) : ld_nc_stream(p); },
         [](int4* p, const int4& v) { *p = v; });
-    for (int e = thread; e < n * K; e += group_threads) {
-      const int j = e / K, k = e - j * K;
-      L.slot_weights(ring, (sent + j) % L.slots)[k] = a.topk_weights[static_cast<int64_t>(row_base + sent + j) * K + k];
-    }
+    group_transfer<4>(
+        n * K, thread, group_threads, [&](int e) { return a.topk_weights[static_cast<int64_t>(row_base + sent) * K + e]; },
+        [&](int e, float v) { L.slot_weights(ring, (sent + e / K) % L.slots)[e % K] = v; });
     group_barrier(1 + group, group_threads);
     sent += n;
     if (gw == 0 && lane == 0) st_release_sys(tail_remote, sent);

@@ -218,21 +218,34 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
         [&](int j) { return recv_x + static_cast<int64_t>(row_base + consumed + j) * L.hidden_int4; },
         [](const int4* p) { return ld_cg(p); },
         [&](int4* p, const int4& v) { a.l2_hints ? st_na(p, v, policy) : st_na(p, v); });
-    for (int j = thread; j < m && a.write_src_idx; j += group_threads)
-      a.recv_src_idx[row_base + consumed + j] = ld_cg_int(L.slot_src_idx(ring, (consumed + j) % L.slots));
-    for (int e = thread; e < m * K; e += group_threads) {
-      const int j = e / K, k = e - j * K, slot = (consumed + j) % L.slots;
-      const int64_t row = row_base + consumed + j;
-      const int expert = ld_cg_int(L.slot_topk_idx(ring, slot) + k);
-      const bool mine = expert >= expert_begin && expert < expert_begin + a.num_local_experts;
-      if (a.recv_topk_idx) a.recv_topk_idx[row * K + k] = mine ? expert - expert_begin : -1;
-      if (a.recv_topk_weights) a.recv_topk_weights[row * K + k] = mine ? ld_cg_float(L.slot_weights(ring, slot) + k) : 0.f;
-    }
-    for (int e = thread; e < m * S; e += group_threads) {
-      const int j = e / S, i = e - j * S;
-      a.recv_x_scales[(row_base + consumed + j) * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
-          ld_cg_float(L.slot_scales(ring, (consumed + j) % L.slots) + i);
-    }
+    const int first_row = row_base + consumed;
+    if (a.write_src_idx)
+      group_transfer<4>(
+          m, thread, group_threads, [&](int j) { return ld_cg_int(L.slot_src_idx(ring, (consumed + j) % L.slots)); },
+          [&](int j, int v) { a.recv_src_idx[first_row + j] = v; });
+    group_transfer<4>(
+        m * K, thread, group_threads,
+        [&](int e) {
+          const int j = e / K, slot = (consumed + j) % L.slots;
+          return make_int2(ld_cg_int(L.slot_topk_idx(ring, slot) + (e - j * K)),
+                           ld_cg_int(reinterpret_cast<const int*>(L.slot_weights(ring, slot) + (e - j * K))));
+        },
+        [&](int e, int2 v) {
+          const bool mine = v.x >= expert_begin && v.x < expert_begin + a.num_local_experts;
+          const int64_t at = static_cast<int64_t>(first_row) * K + e;
+          if (a.recv_topk_idx) a.recv_topk_idx[at] = mine ? v.x - expert_begin : -1;
+          if (a.recv_topk_weights) a.recv_topk_weights[at] = mine ? __int_as_float(v.y) : 0.f;
+        });
+    group_transfer<4>(
+        m * S, thread, group_threads,
+        [&](int e) {
+          const int j = e / S;
+          return ld_cg_float(L.slot_scales(ring, (consumed + j) % L.slots) + (e - j * S));
+        },
+        [&](int e, float v) {
+          const int j = e / S;
+          a.recv_x_scales[(first_row + j) * a.recv_scales_stride_token + (e - j * S) * a.recv_scales_stride_scale] = v;
+        });
     group_barrier(1 + group, group_threads);
     consumed += n;
     if (gw == 0 && lane == 0) st_release_sys(head_remote, consumed == total ? 0 : consumed);
