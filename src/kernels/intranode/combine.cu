@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/common/device_errors.cuh"
+#include "kernels/intranode/channel_rows.cuh"
 
 namespace moelink::kernels {
 
@@ -59,11 +60,8 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
   if (group >= R - 1) return;
   const int s = peer_of_group(group, rank);
 
-  const int rank_base = s ? a.rank_prefix_matrix[(s - 1) * R + rank] : 0;
-  const int from_s = a.rank_prefix_matrix[s * R + rank] - rank_base;
-  const int first = a.recv_channel_prefix_matrix[s * C + channel];
-  const int total = (channel + 1 < C ? a.recv_channel_prefix_matrix[s * C + channel + 1] : from_s) - first;
-  const int row_base = rank_base + first;
+  const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
+  const int row_base = rows.base, total = rows.count;
   int* tail_remote = L.tail(a.peers.data[s], channel, rank);
   const int* head_local = L.head(a.peers.data[rank], channel, s);
   char* ring = L.ring(a.peers.data[s], channel, rank);
@@ -124,20 +122,11 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
   const int K = L.num_topk, H4 = L.hidden_int4;
   const int4* x = static_cast<const int4*>(a.x);
   const uint64_t policy = evict_first_policy();
-  const int self_row_base = (rank ? a.rank_prefix_matrix[(rank - 1) * R + rank] : 0) +
-                            a.recv_channel_prefix_matrix[rank * C + channel];
+  const int self_row_base =
+      received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, rank, channel).base;
 
   for (int begin = range.begin; begin < range.end; begin += batch) {
-    if (warp == 0) {
-      const int t = begin + lane;
-      const unsigned flags = valid_token_flags(a.is_token_in_rank, t, lane < batch && t < range.end, R);
-      for (int d = 0; d < R; ++d) {
-        const bool routed = (flags >> d) & 1u;
-        const unsigned mask = __ballot_sync(0xffffffffu, routed);
-        if (lane < batch) position[lane][d] = routed ? consumed[d] + __popc(mask & ((1u << lane) - 1)) : -1;
-        if (lane == 0) batch_count[d] = __popc(mask);
-      }
-    }
+    if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, consumed, position, batch_count);
     __syncthreads();
 
     const int t = begin + warp;
