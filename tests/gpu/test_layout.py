@@ -13,7 +13,8 @@ import launcher  # noqa: E402
 
 from reference import moe_reference as ref  # noqa: E402
 
-SHAPES = list(itertools.product((0, 1, 4096), (1, 8), (8, 256)))  # (T, K, E)
+# (T, K, E); 40000 tokens takes the multi-block path of the layout kernel (above 32768 tokens).
+SHAPES = list(itertools.product((0, 1, 4096), (1, 8), (8, 256))) + [(40000, 8, 256)]
 
 
 def _layout(rank, num_ranks, seed):

@@ -1,6 +1,8 @@
 // Dispatch layout: from top-k expert ids to per-rank / per-node / per-expert counts and the
-// token-to-rank mask. One thread per token; counts are accumulated in shared memory and folded into
-// the (zeroed) outputs with one atomic per block and bin, so the result is exact and deterministic.
+// token-to-rank mask. Counts are accumulated in shared memory. Up to kSingleBlockTokens tokens one
+// block does everything and stores the counts directly (no memsets: under MPS each extra API call
+// costs more than this kernel); beyond that, blocks fold their counts into zeroed outputs with one
+// atomic per block and bin. Either way the result is exact and deterministic.
 // Out-of-range ids (other than -1) are ignored for counting and reported to the host.
 #include <cuda_runtime.h>
 
@@ -11,8 +13,11 @@ namespace moelink::kernels {
 namespace {
 
 constexpr int kLayoutThreads = 256;
+constexpr int kSingleBlockThreads = 1024;
+constexpr int kSingleBlockTokens = 32768;
 
-__global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(LayoutArgs a) {
+template <bool kSingleBlock>
+__global__ void dispatch_layout_kernel(LayoutArgs a) {
   extern __shared__ int smem[];
   const int num_rdma = a.num_tokens_per_rdma_rank ? a.num_ranks / a.num_nvl_ranks : 0;
   int* expert_count = smem;
@@ -22,8 +27,8 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(LayoutA
   __syncthreads();
 
   const int experts_per_rank = a.num_experts / a.num_ranks;
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t < a.num_tokens) {
+  const int stride = kSingleBlock ? blockDim.x : a.num_tokens;
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < a.num_tokens; t += stride) {
     int ranks_of_token[kMaxTopK];
     const int64_t* row = a.topk_idx + static_cast<int64_t>(t) * a.num_topk;
     for (int k = 0; k < a.num_topk; ++k) {
@@ -53,25 +58,34 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(LayoutA
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < a.num_experts; i += blockDim.x)
-    if (expert_count[i]) atomicAdd(&a.num_tokens_per_expert[i], expert_count[i]);
-  for (int i = threadIdx.x; i < a.num_ranks; i += blockDim.x)
-    if (rank_count[i]) atomicAdd(&a.num_tokens_per_rank[i], rank_count[i]);
-  for (int i = threadIdx.x; i < num_rdma; i += blockDim.x)
-    if (rdma_count[i]) atomicAdd(&a.num_tokens_per_rdma_rank[i], rdma_count[i]);
+  if constexpr (kSingleBlock) {
+    for (int i = threadIdx.x; i < a.num_experts; i += blockDim.x) a.num_tokens_per_expert[i] = expert_count[i];
+    for (int i = threadIdx.x; i < a.num_ranks; i += blockDim.x) a.num_tokens_per_rank[i] = rank_count[i];
+    for (int i = threadIdx.x; i < num_rdma; i += blockDim.x) a.num_tokens_per_rdma_rank[i] = rdma_count[i];
+  } else {
+    for (int i = threadIdx.x; i < a.num_experts; i += blockDim.x)
+      if (expert_count[i]) atomicAdd(&a.num_tokens_per_expert[i], expert_count[i]);
+    for (int i = threadIdx.x; i < a.num_ranks; i += blockDim.x)
+      if (rank_count[i]) atomicAdd(&a.num_tokens_per_rank[i], rank_count[i]);
+    for (int i = threadIdx.x; i < num_rdma; i += blockDim.x)
+      if (rdma_count[i]) atomicAdd(&a.num_tokens_per_rdma_rank[i], rdma_count[i]);
+  }
 }
 
 }  // namespace
 
 void launch_dispatch_layout(const LayoutArgs& a, cudaStream_t stream) {
   const int num_rdma = a.num_tokens_per_rdma_rank ? a.num_ranks / a.num_nvl_ranks : 0;
+  const size_t smem = sizeof(int) * (a.num_experts + a.num_ranks + num_rdma);
+  if (a.num_tokens <= kSingleBlockTokens) {
+    dispatch_layout_kernel<true><<<1, kSingleBlockThreads, smem, stream>>>(a);
+    return;
+  }
   cudaMemsetAsync(a.num_tokens_per_expert, 0, sizeof(int) * a.num_experts, stream);
   cudaMemsetAsync(a.num_tokens_per_rank, 0, sizeof(int) * a.num_ranks, stream);
   if (num_rdma) cudaMemsetAsync(a.num_tokens_per_rdma_rank, 0, sizeof(int) * num_rdma, stream);
-  if (a.num_tokens == 0) return;
   const int blocks = (a.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
-  const size_t smem = sizeof(int) * (a.num_experts + a.num_ranks + num_rdma);
-  dispatch_layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(a);
+  dispatch_layout_kernel<false><<<blocks, kLayoutThreads, smem, stream>>>(a);
 }
 
 }  // namespace moelink::kernels
