@@ -6,42 +6,13 @@ transport, no NVLS (multicast needs distinct GPUs) and no NCCL (it refuses sever
 """
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+import binaries
+
 BINARY_NAME = "nvshmem_smoke"
-
-
-def _build_dir() -> Path:
-    build_dir = Path(os.environ.get("MOELINK_BUILD_DIR", "build"))
-    return build_dir if build_dir.is_absolute() else REPO_ROOT / build_dir
-
-
-def _find_binary() -> Path | None:
-    build_dir = _build_dir()
-    for candidate in (build_dir / "tests" / "gpu" / BINARY_NAME, build_dir / "bin" / BINARY_NAME,
-                      build_dir / BINARY_NAME):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch  # noqa: PLC0415 - optional; nvidia-smi is the fallback
-
-        return torch.cuda.is_available()
-    except ImportError:
-        pass
-    nvidia_smi = shutil.which("nvidia-smi")
-    if nvidia_smi is None:
-        return False
-    listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=30)
-    return listing.returncode == 0 and "GPU" in listing.stdout
 
 
 def _job_env() -> dict[str, str]:
@@ -59,10 +30,10 @@ def _job_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("num_pes", [2, 4])
 def test_nvshmem_smoke(num_pes: int) -> None:
-    binary = _find_binary()
+    binary = binaries.find_binary(BINARY_NAME)
     if binary is None:
-        pytest.skip(f"{BINARY_NAME} not built under {_build_dir()} (needs NVSHMEM at configure time)")
-    if not _has_gpu():
+        pytest.skip(f"{BINARY_NAME} not built under {binaries.build_dir()} (needs NVSHMEM at configure time)")
+    if not binaries.has_gpu():
         pytest.skip("no CUDA GPU visible")
 
     result = subprocess.run([str(binary), str(num_pes)], env=_job_env(), capture_output=True, text=True,
