@@ -4,6 +4,8 @@
 // the same GPU under MPS or another GPU across NVLink.
 #include <cstdint>
 
+#include "moelink/topology.hpp"
+
 
 
 namespace moelink::kernels {
@@ -126,7 +128,7 @@ __device__ __forceinline__ unsigned valid_token_flags(const bool* is_token_in_ra
   if (!valid) return 0;
   const bool* row = is_token_in_rank + static_cast<int64_t>(t) * num_ranks;
 #pragma unroll
-  for (int d = 0; d < 8; ++d)
+  for (int d = 0; d < kMaxNvlRanks; ++d)
     if (d < num_ranks && row[d]) flags |= 1u << d;
   return flags;
 }
