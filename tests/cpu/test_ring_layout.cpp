@@ -1,0 +1,75 @@
+// The intranode protocol's host-visible arithmetic: how channels split tokens and how a ring is laid
+// out. The kernels and the size hint share these definitions, so a mistake here corrupts rows.
+#include <cstdint>
+#include <vector>
+
+#include "harness.hpp"
+#include "kernels/common/mailbox.hpp"
+#include "kernels/intranode/ring_layout.hpp"
+#include "moelink/config.hpp"
+
+using moelink::kernels::channel_range;
+using moelink::kernels::ChannelRange;
+using moelink::kernels::RingLayout;
+
+MOELINK_TEST(channel_ranges_partition_the_tokens_in_order) {
+  for (int tokens : {0, 1, 7, 127, 128, 4096, 4097}) {
+    for (int channels : {1, 2, 3, 4, 12, 64, 128}) {
+      std::vector<int> owner(tokens, -1);
+      int previous_end = 0;
+      for (int c = 0; c < channels; ++c) {
+        const ChannelRange r = channel_range(tokens, channels, c);
+        EXPECT_LE(r.begin, r.end);
+        EXPECT_EQ(r.begin, previous_end);  // contiguous and in channel order
+        previous_end = r.end;
+        for (int t = r.begin; t < r.end; ++t) {
+          EXPECT_EQ(owner[t], -1);
+          owner[t] = c;
+        }
+      }
+      EXPECT_EQ(previous_end, tokens);  // every token belongs to exactly one channel
+    }
+  }
+}
+
+MOELINK_TEST(ring_fields_are_disjoint_aligned_and_inside_the_ring) {
+  for (int slots : {2, 16, 128}) {
+    for (int64_t row_bytes : {16, 2 * 2056, 2 * 7168, 7168}) {
+      for (int topk : {0, 1, 8}) {
+        for (int scales : {0, 56}) {
+          const RingLayout l = RingLayout::make(8, 12, slots, row_bytes, scales, topk);
+          std::vector<char> base(static_cast<size_t>(l.total_bytes()));
+          char* ring = l.ring(base.data(), 11, 7);  // the last ring of the buffer
+          const char* end = base.data() + base.size();
+          const char* x_end = reinterpret_cast<const char*>(l.slot_x(ring, slots - 1) + l.hidden_int4);
+          EXPECT_LE(x_end, reinterpret_cast<const char*>(l.slot_src_idx(ring, 0)));
+          EXPECT_LE(reinterpret_cast<const char*>(l.slot_src_idx(ring, slots)), reinterpret_cast<const char*>(l.slot_topk_idx(ring, 0)));
+          EXPECT_LE(reinterpret_cast<const char*>(l.slot_topk_idx(ring, slots)), reinterpret_cast<const char*>(l.slot_weights(ring, 0)));
+          EXPECT_LE(reinterpret_cast<const char*>(l.slot_weights(ring, slots)), reinterpret_cast<const char*>(l.slot_scales(ring, 0)));
+          EXPECT_LE(reinterpret_cast<const char*>(l.slot_scales(ring, slots)), end);
+          EXPECT_EQ(reinterpret_cast<uintptr_t>(l.slot_x(ring, 1)) % 16, reinterpret_cast<uintptr_t>(base.data()) % 16);
+          // Counters come first and never reach the first ring.
+          EXPECT_LE(reinterpret_cast<const char*>(l.head(base.data(), 11, 7) + 1), l.ring(base.data(), 0, 0));
+        }
+      }
+    }
+  }
+}
+
+MOELINK_TEST(size_hint_is_the_layout_the_kernels_use_at_the_largest_row) {
+  for (int ranks : {1, 2, 4, 8}) {
+    for (int sms : {8, 16, 24}) {
+      const moelink::Config config = moelink::default_dispatch_config(ranks, sms);
+      const int64_t hidden_bytes = 2 * 7168;
+      const int64_t hint = config.get_nvl_buffer_size_hint(hidden_bytes, ranks);
+      const RingLayout widest = RingLayout::make(ranks, config.num_channels(), config.num_max_nvl_chunked_recv_tokens,
+                                                 hidden_bytes, static_cast<int>(hidden_bytes / 128),
+                                                 moelink::kernels::kMaxTopK);
+      EXPECT_EQ(hint, widest.total_bytes());
+      // What a real bf16 dispatch (top-8) and an fp8 one (7168 + 56 scales) need fits in the hint.
+      const int channels = config.num_channels(), slots = config.num_max_nvl_chunked_recv_tokens;
+      EXPECT_LE(RingLayout::make(ranks, channels, slots, hidden_bytes, 0, 8).total_bytes(), hint);
+      EXPECT_LE(RingLayout::make(ranks, channels, slots, 7168, 56, 8).total_bytes(), hint);
+    }
+  }
+}
