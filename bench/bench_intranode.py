@@ -12,6 +12,7 @@ peer that started late. Bytes per rank: dispatch bf16 = recv_rows * H * 2; fp8 =
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +32,14 @@ from reference import moe_reference as ref  # noqa: E402
 FLUSH_BYTES = 256 * common.MIB
 OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_bf16_uncached")
 VERIFY_CASES = (Case("verify-bf16", 512, 7168, 8, 256), Case("verify-fp8", 512, 7168, 8, 256, fp8=True))
+
+
+def arena_bytes(num_ranks: int, num_tokens: int, hidden: int) -> int:
+    """Receive arena per rank: two worst-case bf16 recv_x (the one a handle keeps for combine and
+    the one being timed) plus room for metadata. MOELINK_BENCH_ARENA=0 benches the ring path."""
+    if os.environ.get("MOELINK_BENCH_ARENA", "1") == "0":
+        return 0
+    return 2 * num_ranks * num_tokens * hidden * 2 + 64 * common.MIB
 
 
 def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True) -> float:
@@ -55,7 +64,8 @@ def bench_cell(rank, num_ranks, num_sms, num_tokens=4096, hidden=7168, num_topk=
                warmup=5, measure_layout=False, seed=0) -> dict:
     """Times the four ops on every rank and returns the cell's summary (the same on every rank)."""
     config, combine_config = common.make_configs(num_ranks, num_sms)
-    buf = common.make_buffer(num_ranks, (config, combine_config), (hidden,))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (hidden,),
+                             num_arena_bytes=arena_bytes(num_ranks, num_tokens, hidden))
     # Routing as in training: top-k of random scores, every slot used.
     topk_idx = torch.from_numpy(ref.make_routing(seed, rank, num_tokens, num_topk, num_experts, num_ranks)).cuda()
     inputs = ref.make_inputs(seed, rank, num_tokens, hidden, num_topk, fp8=True, device="cuda")
@@ -84,7 +94,7 @@ def bench_cell(rank, num_ranks, num_sms, num_tokens=4096, hidden=7168, num_topk=
     dist.all_gather_object(gathered, {"ops": mine, "recv_rows": recv_rows, "layout_us": layout_us})
     buf.destroy()
 
-    summary = {"ranks": num_ranks, "num_sms": num_sms, "tokens": num_tokens, "hidden": hidden, "topk": num_topk,
+    summary = {"ranks": num_ranks, "num_sms": num_sms, "arena": buf.num_arena_bytes > 0, "tokens": num_tokens, "hidden": hidden, "topk": num_topk,
                "experts": num_experts, "iters": iters, "recv_rows": [g["recv_rows"] for g in gathered],
                "layout_us": gathered[0]["layout_us"], "ops": {}}
     for name in OPS:
@@ -101,9 +111,11 @@ def bench_cell_job(rank, num_ranks, params: dict) -> dict:
 
 
 def verify(rank, num_ranks, seed=77) -> None:
-    """Dispatch (uncached + cached) and combine against the reference at the bench's shape."""
+    """Dispatch (uncached + cached) and combine against the reference at the bench's shape. The last
+    rank takes its rows through the rings, the others straight into arena outputs."""
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
-    buf = common.make_buffer(num_ranks, (config, combine_config), (7168,))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (7168,),
+                             num_arena_bytes=0 if rank == num_ranks - 1 else arena_bytes(num_ranks, 512, 7168))
     for i, case in enumerate(VERIFY_CASES):
         common.log(rank, f"verify [R={num_ranks}] " + run_case(buf, rank, num_ranks, case.resolved(num_ranks),
                                                                 seed + i, config, combine_config))

@@ -58,7 +58,7 @@ def format_table(cells: list[dict]) -> str:
              "ratio (bf16 / fp8 / combine) |",
              "|---|---|---|---|---|---|---|---|"]
     for cell in cells:
-        name = f"{cell['ranks']}x{cell['num_sms']}"
+        name = f"{cell['ranks']}x{cell['num_sms']}" + ("" if cell.get("arena", True) else " rings")
         if "error" in cell:
             lines.append(f"| {name} | FAILED | | | | | | |")
             continue

@@ -21,6 +21,7 @@ namespace moelink {
 
 namespace kernels {
 struct ErrorSink;
+struct DirectTarget;
 }
 
 struct BufferOptions {
@@ -28,6 +29,10 @@ struct BufferOptions {
   int num_ranks = 1;
   int64_t num_nvl_bytes = 0;
   int64_t num_rdma_bytes = 0;
+  // Receive arena: extra IPC-shared bytes that dispatch outputs may be allocated from
+  // (arena_allocate). When every output of a dispatch lives there, peers write rows straight into
+  // them instead of staging them in the rings: half the memory traffic. 0 = no arena.
+  int64_t num_arena_bytes = 0;
   bool low_latency_mode = false;
   bool explicitly_destroy = false;
   int num_nvl_ranks = 0;       // GPUs per node; 0 = min(num_ranks, 8)
@@ -98,6 +103,14 @@ struct CombineOutputs {
   TensorRef combined_topk_weights;  // [T, K] float32 (when topk_weights given)
 };
 
+// A block of the receive arena. The range goes back to the arena when the last copy of `owner`
+// dies, which may be after the Buffer is destroyed (the memory stays valid until then).
+struct ArenaBlock {
+  void* data = nullptr;
+  int64_t bytes = 0;
+  std::shared_ptr<void> owner;
+};
+
 class Buffer {
  public:
   explicit Buffer(const BufferOptions& options);
@@ -116,6 +129,12 @@ class Buffer {
   cudaStream_t comm_stream() const { return comm_stream_; }
   void* local_nvl_buffer() const;   // num_nvl_bytes of user-visible NVLink buffer
   void* local_rdma_buffer() const;  // num_rdma_bytes of NVSHMEM symmetric memory (after sync)
+  int64_t num_arena_bytes() const;
+  int64_t arena_bytes_in_use() const;
+  int64_t arena_largest_free() const;  // the largest block arena_allocate can return now
+  // `bytes` of the receive arena, or nullopt when no free range is large enough (allocate the
+  // output elsewhere: the dispatch then stages rows through the rings, correct but slower).
+  std::optional<ArenaBlock> arena_allocate(int64_t bytes);
 
   // ---- bootstrap (bytes in, bytes out) ----
   std::vector<uint8_t> local_ipc_handle() const;
@@ -161,6 +180,8 @@ class Buffer {
   DispatchShape validate_dispatch(const DispatchInputs& in, const DispatchHandle& handle, const Config& config,
                                   bool cached, bool notify_step, const char* op) const;
   void begin_op(const StreamOrder& order) const;
+  kernels::DirectTarget direct_target(const DispatchOutputs& out, const DispatchHandle& h, const DispatchShape& s,
+                                      int64_t num_rows, bool cached) const;
   EventHandle end_op(const StreamOrder& order) const;
 
   Topology topo_;

@@ -100,6 +100,18 @@ ByteView local_buffer_dlpack(moelink::Buffer& self, bool use_rdma_buffer) {
                   self.device_id());
 }
 
+// `bytes` of the receive arena as a 1-D uint8 DLPack array, or None when the arena has no room.
+// The capsule owns the block: the range returns to the arena when the last tensor viewing it dies.
+nb::object arena_dlpack(moelink::Buffer& self, int64_t bytes) {
+  std::optional<moelink::ArenaBlock> block = self.arena_allocate(bytes);
+  if (!block) return nb::none();
+  auto* owner = new std::shared_ptr<void>(std::move(block->owner));
+  nb::capsule capsule(owner, [](void* p) noexcept { delete static_cast<std::shared_ptr<void>*>(p); });
+  const size_t shape[1] = {static_cast<size_t>(bytes)};
+  return nb::cast(ByteView(block->data, 1, shape, capsule, nullptr, nb::dtype<uint8_t>(), nb::device::cuda::value,
+                           self.device_id()));
+}
+
 moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
                                         nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
                                         nb::handle is_token_in_rank) {
@@ -176,7 +188,7 @@ void bind_buffer(nb::module_& m) {
           "__init__",
           [](Buffer* self, int rank, int num_ranks, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
              bool low_latency_mode, bool explicitly_destroy, int num_nvl_ranks, int num_qps_per_rank,
-             double timeout_s, int device) {
+             double timeout_s, int device, int64_t num_arena_bytes) {
             moelink::BufferOptions options;
             options.rank = rank;
             options.num_ranks = num_ranks;
@@ -188,11 +200,12 @@ void bind_buffer(nb::module_& m) {
             options.num_qps_per_rank = num_qps_per_rank;
             options.timeout_s = timeout_s;
             options.device = device;
+            options.num_arena_bytes = num_arena_bytes;
             new (self) Buffer(options);
           },
           "rank"_a, "num_ranks"_a, "num_nvl_bytes"_a, "num_rdma_bytes"_a, "low_latency_mode"_a = false,
           "explicitly_destroy"_a = false, "num_nvl_ranks"_a = 0, "num_qps_per_rank"_a = 24,
-          "timeout_s"_a = -1.0, "device"_a = -1)
+          "timeout_s"_a = -1.0, "device"_a = -1, "num_arena_bytes"_a = 0)
 
       // ---- topology and resources ----
       .def_prop_ro("topology", [](const Buffer& self) { return self.topology(); })
@@ -208,6 +221,10 @@ void bind_buffer(nb::module_& m) {
       .def("local_rdma_buffer",
            [](const Buffer& self) { return reinterpret_cast<uintptr_t>(self.local_rdma_buffer()); })
       .def("local_buffer_dlpack", &local_buffer_dlpack, "use_rdma_buffer"_a = false)
+      .def_prop_ro("num_arena_bytes", &Buffer::num_arena_bytes)
+      .def("arena_bytes_in_use", &Buffer::arena_bytes_in_use)
+      .def("arena_largest_free", &Buffer::arena_largest_free)
+      .def("arena_dlpack", &arena_dlpack, "bytes"_a)
 
       // ---- bootstrap ----
       .def("local_ipc_handle", [](const Buffer& self) { return to_bytes(self.local_ipc_handle()); })

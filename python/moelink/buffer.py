@@ -168,7 +168,7 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
-                 comm: Optional[Any] = None) -> None:
+                 comm: Optional[Any] = None, num_arena_bytes: Optional[int] = None) -> None:
         """Allocates the buffers and connects this rank to its peers (collective over the group).
 
         Arguments:
@@ -184,6 +184,13 @@ class Buffer:
             allow_mnnvl, use_fabric, enable_shrink: must be False (NotImplementedError otherwise).
             explicitly_destroy: bool; when True, call ``destroy()`` before the Buffer is dropped.
             comm: an mpi4py communicator, used instead of ``group``.
+            num_arena_bytes: int or None (moelink only): bytes of receive arena, shared with the
+                peers like the NVLink buffer. Dispatch outputs are allocated there while it has
+                room, and peers then write rows straight into them: about half the memory traffic of
+                staging them in the rings. When it is full, outputs come from the caching allocator
+                and rows go through the rings (same results, slower). None reads
+                ``MOELINK_ARENA_BYTES`` (default 0: no arena). Size it for the dispatch outputs
+                alive at once, e.g. a few times ``num_recv_tokens * hidden * 2`` bytes.
 
         GPUs per node: the environment variable ``MOELINK_NVL_RANKS`` when set, else
         ``min(num_ranks, 8)``. The Buffer uses the current CUDA device.
@@ -192,6 +199,15 @@ class Buffer:
         num_rdma_bytes = _check_int(num_rdma_bytes, "num_rdma_bytes", 0)
         low_latency_mode = _check_bool(low_latency_mode, "low_latency_mode")
         num_qps_per_rank = _check_int(num_qps_per_rank, "num_qps_per_rank", 1)
+        if num_arena_bytes is None:
+            env_arena = os.environ.get("MOELINK_ARENA_BYTES", "0")
+            try:
+                num_arena_bytes = int(float(env_arena))
+            except ValueError:
+                raise ValueError(f"MOELINK_ARENA_BYTES must be a number of bytes, got {env_arena!r}") from None
+            if num_arena_bytes < 0:
+                raise ValueError(f"MOELINK_ARENA_BYTES must be >= 0, got {env_arena!r}")
+        num_arena_bytes = _check_int(num_arena_bytes, "num_arena_bytes", 0)
         _check_bool(allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode")
         explicitly_destroy = _check_bool(explicitly_destroy, "explicitly_destroy")
         for name, value in (("allow_mnnvl", allow_mnnvl), ("use_fabric", use_fabric),
@@ -227,6 +243,7 @@ class Buffer:
         self.comm = comm
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
+        self.num_arena_bytes = num_arena_bytes
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self._destroyed = False
@@ -237,7 +254,8 @@ class Buffer:
         runtime, info, error = None, None, None
         try:
             runtime = _moelink.Buffer(rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
-                                      explicitly_destroy, num_nvl_ranks, num_qps_per_rank, device=self._device)
+                                      explicitly_destroy, num_nvl_ranks, num_qps_per_rank, device=self._device,
+                                      num_arena_bytes=num_arena_bytes)
             topology = runtime.topology
             # The NVSHMEM root: the lane's rank on node 0 in normal mode, global rank 0 in low-latency mode.
             is_root = rank == 0 if low_latency_mode else topology.rdma_rank == 0
@@ -510,11 +528,8 @@ class Buffer:
 
         num_topk = topk_idx.size(1)
         with streams.allocating():
-            recv_x, recv_x_scales = self._alloc_recv_x(x, x_scales, hidden, num_recv_tokens)
-            recv_topk_idx = torch.empty((num_recv_tokens, num_topk), dtype=torch.int64, device=device)
-            recv_topk_weights = (torch.empty((num_recv_tokens, num_topk), dtype=torch.float32, device=device)
-                                 if topk_weights is not None else None)
-            recv_src_idx = torch.empty((num_recv_tokens,), dtype=torch.int32, device=device)
+            recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._alloc_dispatch_outputs(
+                x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None)
         event = self.runtime.intranode_dispatch(
             _ref(x), _ref(x_scales), _ref(topk_idx), _ref(topk_weights), _ref(is_token_in_rank), num_experts,
             expert_alignment, num_worst_tokens, _ref(rank_prefix_matrix), _ref(channel_prefix_matrix),
@@ -537,7 +552,7 @@ class Buffer:
         streams = _OpStreams(self, previous_event, async_finish, allocate_on_comm_stream)
         num_recv_tokens = recv_src_idx.numel()
         with streams.allocating():
-            recv_x, recv_x_scales = self._alloc_recv_x(x, x_scales, hidden, num_recv_tokens)
+            recv_x, recv_x_scales = self._alloc_dispatch_outputs(x, x_scales, hidden, num_recv_tokens)[:2]
         event = self.runtime.intranode_dispatch(
             _ref(x), _ref(x_scales), None, None, _ref(is_token_in_rank), 0, 1, 0, _ref(rank_prefix_matrix),
             _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(recv_x),
@@ -605,18 +620,65 @@ class Buffer:
         _check_dim(x, name, 2)
         return x.size(1)
 
-    def _alloc_recv_x(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
-                      num_recv_tokens: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        recv_x = torch.empty((num_recv_tokens, hidden), dtype=x.dtype, device=self._device)
-        if x_scales is None:
-            return recv_x, None
-        num_scales = x_scales.size(1)
-        if x_scales.stride(1) == 1:
-            recv_x_scales = torch.empty((num_recv_tokens, num_scales), dtype=torch.float32, device=self._device)
-        else:
-            # Keep the caller's (column-major) scale layout, which GEMM kernels that read it expect.
-            recv_x_scales = torch.empty((num_scales, num_recv_tokens), dtype=torch.float32, device=self._device).t()
-        return recv_x, recv_x_scales
+    def _alloc_dispatch_outputs(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
+                                num_recv_tokens: int, num_topk: int = 0, with_weights: bool = False
+                                ) -> Tuple[Optional[torch.Tensor], ...]:
+        """(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx); num_topk == 0 (a
+        cached dispatch) leaves the last three None.
+
+        They come from the receive arena when it has room, so peers write rows straight into them;
+        else from the caching allocator, and the rows come through the rings."""
+        n, device = num_recv_tokens, self._device
+        num_scales = x_scales.size(1) if x_scales is not None else 0
+        # Keep the caller's scale layout (column-major is what fp8 GEMMs read).
+        scales_col_major = x_scales is not None and x_scales.stride(1) != 1
+        parts = [((n, hidden), x.dtype)]
+        if x_scales is not None:
+            parts.append(((num_scales, n) if scales_col_major else (n, num_scales), torch.float32))
+        if num_topk:
+            parts.append(((n, num_topk), torch.int64))
+            if with_weights:
+                parts.append(((n, num_topk), torch.float32))
+        tensors = self._arena_tensors(parts, separate=[((n,), torch.int32)] if num_topk else [])
+        if tensors is None:
+            tensors = [torch.empty(shape, dtype=dtype, device=device)
+                       for shape, dtype in parts + ([((n,), torch.int32)] if num_topk else [])]
+        recv_x = tensors.pop(0)
+        recv_x_scales = None
+        if x_scales is not None:
+            recv_x_scales = tensors.pop(0)
+            if scales_col_major:
+                recv_x_scales = recv_x_scales.t()
+        if not num_topk:
+            return recv_x, recv_x_scales, None, None, None
+        recv_topk_idx = tensors.pop(0)
+        recv_topk_weights = tensors.pop(0) if with_weights else None
+        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, tensors.pop(0)
+
+    def _arena_tensors(self, parts: Sequence[Tuple[tuple, torch.dtype]],
+                       separate: Sequence[Tuple[tuple, torch.dtype]] = ()) -> Optional[List[torch.Tensor]]:
+        """Tensors of the given (shape, dtype) in the receive arena, or None when it lacks room.
+
+        ``parts`` share one block (they are dropped together); each of ``separate`` gets its own,
+        so a handle keeping recv_src_idx does not pin recv_x's memory."""
+        if self.runtime.num_arena_bytes == 0 or any(math.prod(shape) == 0 for shape, _ in parts):
+            return None
+        groups = [list(parts)] + [[part] for part in separate]
+        out: List[torch.Tensor] = []
+        for group in groups:
+            offsets, total = [], 0
+            for shape, dtype in group:
+                total = (total + 511) // 512 * 512
+                offsets.append(total)
+                total += math.prod(shape) * dtype.itemsize
+            block = self.runtime.arena_dlpack(total)
+            if block is None:
+                return None  # the blocks taken so far go back to the arena with `out`
+            raw = torch.from_dlpack(block)
+            for (shape, dtype), offset in zip(group, offsets):
+                size = math.prod(shape) * dtype.itemsize
+                out.append(raw[offset:offset + size].view(dtype).view(shape))
+        return out
 
     @staticmethod
     def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[torch.Tensor, ...]:

@@ -80,6 +80,11 @@ struct DispatchArgs {
   RingLayout layout;
   int chunk;
   bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
+  bool l2_discard;  // discard consumed ring lines from L2 (MOELINK_L2_DISCARD)
+  // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
+  // rows come through the rings), and this dispatch's sequence number, the same on every rank.
+  DirectTarget target;
+  int seq;
   int rank;
   PeerTable peers;
   ErrorSink err;
@@ -101,6 +106,7 @@ struct CombineArgs {
   RingLayout layout;
   int chunk;
   bool l2_hints;
+  bool l2_discard;
   int rank;
   PeerTable peers;
   ErrorSink err;

@@ -1,6 +1,7 @@
 // Buffer: allocation, bootstrap, lifecycle and the host side of every operation.
 #include "moelink/buffer.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -37,6 +38,7 @@ const char* step_name(int step) {
     case kernels::kStepNotify: return "dispatch notify";
     case kernels::kStepDispatchSend: return "dispatch (sender waiting for ring space at";
     case kernels::kStepDispatchRecv: return "dispatch (receiver waiting for rows from";
+    case kernels::kStepDispatchTarget: return "dispatch (sender waiting for the output addresses of";
     case kernels::kStepCombineSend: return "combine (sender waiting for ring space at";
     case kernels::kStepCombineRecv: return "combine (receiver waiting for rows from";
     default: return "an operation";
@@ -59,6 +61,7 @@ Buffer::Buffer(const BufferOptions& o) : impl_(std::make_unique<Impl>()) {
     raise(ErrorKind::kValue, "rank: expected 0..", o.num_ranks - 1, ", got ", o.rank);
   if (o.num_nvl_bytes < 0) raise(ErrorKind::kValue, "num_nvl_bytes: expected >= 0, got ", o.num_nvl_bytes);
   if (o.num_rdma_bytes < 0) raise(ErrorKind::kValue, "num_rdma_bytes: expected >= 0, got ", o.num_rdma_bytes);
+  if (o.num_arena_bytes < 0) raise(ErrorKind::kValue, "num_arena_bytes: expected >= 0, got ", o.num_arena_bytes);
   if (o.num_qps_per_rank < 1) raise(ErrorKind::kValue, "num_qps_per_rank: expected >= 1, got ", o.num_qps_per_rank);
   topo_ = Topology::make(o.rank, o.num_ranks, o.num_nvl_ranks);
   num_nvl_bytes_ = o.num_nvl_bytes;
@@ -82,7 +85,14 @@ Buffer::Buffer(const BufferOptions& o) : impl_(std::make_unique<Impl>()) {
   // The header (barrier signals, peer table, notify inbox) always exists so barriers work even
   // for a Buffer with no NVLink data region.
   const int64_t bytes = kernels::kNvlHeaderBytes + kernels::align_up(num_nvl_bytes_, 128);
-  MOELINK_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&impl_->nvl_base), bytes));
+  const int64_t arena_at = kernels::kNvlHeaderBytes + Impl::arena_offset(num_nvl_bytes_);
+  void* memory = nullptr;
+  MOELINK_CUDA_CHECK(cudaMalloc(&memory, o.num_arena_bytes > 0 ? arena_at + o.num_arena_bytes : bytes));
+  impl_->nvl_memory = std::shared_ptr<void>(memory, [](void* p) { cudaFree(p); });
+  impl_->nvl_base = static_cast<char*>(memory);
+  if (o.num_arena_bytes > 0)
+    impl_->arena = std::make_shared<detail::RecvArena>(impl_->nvl_memory, impl_->nvl_base + arena_at, o.num_arena_bytes);
+  // The arena needs no zeroing: every output row is written before it is read.
   MOELINK_CUDA_CHECK(cudaMemsetAsync(impl_->nvl_base, 0, bytes, comm_stream_));
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream_));
 
@@ -108,7 +118,9 @@ Buffer::~Buffer() {
     } catch (const Error&) {
     }
   }
-  cudaFree(impl_->nvl_base);
+  // Outputs still allocated in the arena keep the allocation alive until they are freed.
+  impl_->arena.reset();
+  impl_->nvl_memory.reset();
   cudaFreeHost(impl_->mailbox);
   cudaEventDestroy(impl_->order_event);
   cudaStreamDestroy(comm_stream_);
@@ -117,6 +129,21 @@ Buffer::~Buffer() {
 void* Buffer::local_nvl_buffer() const {
   require_usable("local_nvl_buffer");
   return impl_->data();
+}
+
+int64_t Buffer::num_arena_bytes() const { return impl_->arena ? impl_->arena->capacity() : 0; }
+
+int64_t Buffer::arena_bytes_in_use() const { return impl_->arena ? impl_->arena->bytes_in_use() : 0; }
+
+int64_t Buffer::arena_largest_free() const { return impl_->arena ? impl_->arena->largest_free() : 0; }
+
+std::optional<ArenaBlock> Buffer::arena_allocate(int64_t bytes) {
+  require_usable("arena_allocate");
+  if (bytes < 0) raise(ErrorKind::kValue, "bytes: expected >= 0, got ", bytes);
+  if (!impl_->arena) return std::nullopt;
+  auto block = impl_->arena->allocate(std::max<int64_t>(bytes, 1));
+  if (!block) return std::nullopt;
+  return ArenaBlock{block->data, bytes, std::move(block->owner)};
 }
 
 void* Buffer::local_rdma_buffer() const {
@@ -205,7 +232,8 @@ void Buffer::destroy() {
     transport::nvshmem_leave();
     impl_->nvshmem_joined = false;
   }
-  cudaFree(impl_->nvl_base);
+  impl_->arena.reset();
+  impl_->nvl_memory.reset();
   cudaFreeHost(impl_->mailbox);
   cudaEventDestroy(impl_->order_event);
   cudaStreamDestroy(comm_stream_);

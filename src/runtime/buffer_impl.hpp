@@ -5,11 +5,14 @@
 
 #include "kernels/launch.hpp"
 #include "moelink/buffer.hpp"
+#include "runtime/arena.hpp"
 
 namespace moelink {
 
 struct Buffer::Impl {
-  char* nvl_base = nullptr;      // header + data, one cudaMalloc
+  std::shared_ptr<void> nvl_memory;  // header + data + arena, one cudaMalloc; the arena co-owns it
+  char* nvl_base = nullptr;
+  std::shared_ptr<detail::RecvArena> arena;  // null when num_arena_bytes == 0
   std::vector<void*> peer_base;  // per NVL rank; ours is nvl_base, others are IPC mappings
   kernels::PeerTable peers{};
   kernels::HostMailbox* mailbox = nullptr;      // host view
@@ -19,10 +22,13 @@ struct Buffer::Impl {
   bool nvshmem_joined = false;
   std::vector<uint8_t> unique_id;
   int op_seq = 0;
+  int dispatch_seq = 0;  // every rank runs the same dispatches, so this numbers them identically
   std::string broken;  // non-empty once a peer timed out: the ring counters can't be trusted
 
   kernels::NvlHeader* header() const { return reinterpret_cast<kernels::NvlHeader*>(nvl_base); }
   void* data() const { return nvl_base + kernels::kNvlHeaderBytes; }
+  // The arena follows the data region, page-aligned.
+  static int64_t arena_offset(int64_t num_nvl_bytes) { return kernels::align_up(num_nvl_bytes, 4096); }
 };
 
 }  // namespace moelink

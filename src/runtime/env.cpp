@@ -17,14 +17,25 @@ double timeout_seconds() {
   return seconds;
 }
 
+namespace {
+
+bool flag(const char* name, bool fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  const std::string text(value);
+  if (text != "0" && text != "1") detail::raise(ErrorKind::kValue, name, ": expected 0 or 1, got '", text, "'");
+  return text == "1";
+}
+
+}  // namespace
+
 bool l2_hints() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("MOELINK_L2_HINTS");
-    if (value == nullptr || *value == '\0') return true;
-    const std::string text(value);
-    if (text != "0" && text != "1") detail::raise(ErrorKind::kValue, "MOELINK_L2_HINTS: expected 0 or 1, got '", text, "'");
-    return text == "1";
-  }();
+  static const bool enabled = flag("MOELINK_L2_HINTS", true);
+  return enabled;
+}
+
+bool l2_discard() {
+  static const bool enabled = flag("MOELINK_L2_DISCARD", true);
   return enabled;
 }
 

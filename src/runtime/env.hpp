@@ -10,4 +10,8 @@ double timeout_seconds();
 // (Evict-last on ring writes measured slower: the rings are larger than L2.)
 bool l2_hints();
 
+// MOELINK_L2_DISCARD (0/1, default 1): drop ring lines from L2 once consumed instead of letting
+// them be written back to HBM; the ring's next lap rewrites them anyway.
+bool l2_discard();
+
 }  // namespace moelink::env

@@ -122,6 +122,35 @@ Buffer::DispatchShape Buffer::validate_dispatch(const DispatchInputs& in, const 
   return s;
 }
 
+// Peers may write this dispatch's rows straight into our outputs only when every output the
+// kernel writes lives in our receive arena; otherwise the rows come through the rings.
+kernels::DirectTarget Buffer::direct_target(const DispatchOutputs& out, const DispatchHandle& h, const DispatchShape& s,
+                                            int64_t num_rows, bool cached) const {
+  kernels::DirectTarget t{};
+  t.x = t.scales = t.topk_idx = t.topk_weights = t.src_idx = -1;
+  t.num_rows = static_cast<int>(num_rows);
+  const char* data = static_cast<const char*>(impl_->data());
+  const auto offset = [&](const TensorRef& ref, int64_t bytes) -> int64_t {
+    if (ref.data == nullptr || !impl_->arena || !impl_->arena->contains(ref.data, bytes)) return -1;
+    return static_cast<const char*>(ref.data) - data;
+  };
+  if (num_rows == 0) return t;  // nothing to receive: the rings' bookkeeping is already trivial
+  bool direct = (t.x = offset(out.recv_x, num_rows * s.row_bytes)) >= 0;
+  if (s.fp8) {
+    direct &= (t.scales = offset(out.recv_x_scales, num_rows * s.num_scales * 4)) >= 0;
+    t.scales_stride_token = out.recv_x_scales.stride(0);
+    t.scales_stride_scale = out.recv_x_scales.stride(1);
+  }
+  if (!cached) {
+    direct &= (t.src_idx = offset(h.recv_src_idx, num_rows * 4)) >= 0;
+    direct &= (t.topk_idx = offset(out.recv_topk_idx, num_rows * s.num_topk * 8)) >= 0;
+    if (out.recv_topk_weights.data)
+      direct &= (t.topk_weights = offset(out.recv_topk_weights, num_rows * s.num_topk * 4)) >= 0;
+  }
+  t.direct = direct ? 1 : 0;
+  return t;
+}
+
 DispatchPlan Buffer::intranode_notify(const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                                       const StreamOrder& order) {
   const DispatchShape s = validate_dispatch(in, h, config, false, true, "dispatch");
@@ -231,6 +260,9 @@ EventHandle Buffer::intranode_dispatch(const DispatchInputs& in, const DispatchH
                                        s.num_scales, s.num_topk);
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = env::l2_hints();
+  a.l2_discard = env::l2_discard();
+  a.target = direct_target(out, h, s, N, cached);
+  a.seq = ++impl_->dispatch_seq;
   a.rank = topo_.nvl_rank;
   a.peers = impl_->peers;
   a.err = error_sink();
@@ -302,6 +334,7 @@ EventHandle Buffer::intranode_combine(const CombineInputs& in, const DispatchHan
   a.layout = layout;
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = env::l2_hints();
+  a.l2_discard = env::l2_discard();
   a.rank = topo_.nvl_rank;
   a.peers = impl_->peers;
   a.err = error_sink();

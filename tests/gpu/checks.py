@@ -100,6 +100,24 @@ def written_late(x):
     return copies if isinstance(x, tuple) else copies[0]
 
 
+ARENA_POISON = 0xA5  # bf16 0xA5A5, int64 0xA5A5..., float 0xA5A5A5A5: none is a value a case produces
+
+
+def poison_arena(buf) -> None:
+    """Fills the receive arena's largest free range, where the next outputs will be carved (first
+    fit), so an output row nobody wrote shows up as poison instead of as a stale correct row."""
+    free = buf.runtime.arena_largest_free()
+    if free:
+        block = torch.from_dlpack(buf.runtime.arena_dlpack(free))
+        block.fill_(ARENA_POISON)
+        del block
+
+
+def in_arena(buf, t) -> bool:
+    base = buf.runtime.local_nvl_buffer()
+    return t is not None and buf.runtime.num_arena_bytes > 0 and t.data_ptr() >= base + buf.num_nvl_bytes
+
+
 def check_recv_x(recv_x, want: ref.DispatchReference, num_rows: int, case: Case, what: str) -> None:
     n = want.num_recv_tokens
     if case.fp8:
@@ -198,6 +216,7 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
     if case.use_async:
         x = written_late(x)
         previous_event = buf.capture()
+    poison_arena(buf)
     out = buf.dispatch(x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
                        num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
                        expert_alignment=case.alignment, num_worst_tokens=num_worst, config=config,
@@ -207,11 +226,13 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
     check_dispatch(out, want, num_worst, case, what)
     handle = out[4]
     recv_topk_weights = out[2]
+    direct = in_arena(buf, out[0][0] if case.fp8 else out[0])
 
     # Cached: same routing, fresh data; the rows must land where the handle says.
     fresh = make_inputs_all(case, seed, num_ranks, salt=1)
     want_cached = ref.reference_dispatch(routing, [inp.dispatch_x(case.fp8) for inp in fresh], None, rank,
                                          num_experts, num_ranks, case.alignment)
+    poison_arena(buf)
     cached = buf.dispatch(fresh[rank].dispatch_x(case.fp8), handle=handle, config=config)
     assert cached[1] is None and cached[2] is None and cached[3] is None, \
         f"{what}: cached dispatch must return None for recv_topk_idx, recv_topk_weights and the per-expert list"
@@ -235,4 +256,5 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
     check_combine(combined_x, combined_weights, want_x, want_weights, what)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return f"{case.describe()}: recv {want.num_recv_tokens} rows on rank {rank}, ok in {elapsed:.2f} s"
+    path = "direct" if direct else "rings"
+    return f"{case.describe()}: recv {want.num_recv_tokens} rows on rank {rank} ({path}), ok in {elapsed:.2f} s"

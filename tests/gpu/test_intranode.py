@@ -39,9 +39,19 @@ CASES = [
 ]
 
 
-def _intranode(rank, num_ranks, seed):
+def arena_bytes(mode: str, rank: int, num_ranks: int) -> int:
+    """"rings": no arena anywhere. "arena": the last rank has none (its rows come through the
+    rings, next to peers that take theirs directly), rank 0's holds the small cases' outputs but not
+    the big ones' (they fall back to the rings), the others' hold everything."""
+    if mode == "rings" or rank == num_ranks - 1:
+        return 0
+    return 8 * common.MIB if rank == 0 else 512 * common.MIB
+
+
+def _intranode(rank, num_ranks, seed, mode):
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
-    buf = common.make_buffer(num_ranks, (config, combine_config), HIDDEN_SIZES)
+    buf = common.make_buffer(num_ranks, (config, combine_config), HIDDEN_SIZES,
+                             num_arena_bytes=arena_bytes(mode, rank, num_ranks))
     for i, case in enumerate(CASES):
         case = case.resolved(num_ranks)
         if case is not None:
@@ -83,9 +93,11 @@ def _worst_tokens_too_small(rank, num_ranks, seed, config):
 
 def _back_to_back(rank, num_ranks, seed, rounds):
     """Rounds with no host barrier between them, routing and options changing every round, so
-    leftovers of one round (counters, ring positions, flags) would corrupt the next."""
+    leftovers of one round (counters, ring positions, flags) would corrupt the next. Even ranks
+    take rows directly into arena outputs, odd ranks through the rings."""
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
-    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,),
+                             num_arena_bytes=64 * common.MIB if rank % 2 == 0 else 0)
     for i in range(rounds):
         case = Case(f"round {i}", 256, 2048, 8, 64, fp8=i % 3 == 1, drop_prob=0.05 * (i % 4),
                     alignment=(1, 128)[i % 2], worst=i % 5 == 4, num_bias=i % 3).resolved(num_ranks)
@@ -95,9 +107,44 @@ def _back_to_back(rank, num_ranks, seed, rounds):
     buf.destroy()
 
 
+@pytest.mark.parametrize("mode", ("rings", "arena"))
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
-def test_intranode(num_ranks):
-    launcher.run_ranks(num_ranks, _intranode, 1000 * num_ranks, timeout_s=300)
+def test_intranode(num_ranks, mode):
+    launcher.run_ranks(num_ranks, _intranode, 1000 * num_ranks + (mode == "arena"), mode, timeout_s=300)
+
+
+def _arena_lifetime(rank, num_ranks, seed):
+    """Arena outputs free their range when dropped, and stay valid after destroy()."""
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,), num_arena_bytes=64 * common.MIB)
+    assert buf.runtime.arena_bytes_in_use() == 0
+    case = Case("arena-lifetime", 256, 2048, 8, 64).resolved(num_ranks)
+    run_case(buf, rank, num_ranks, case, seed, config, combine_config)
+    import gc
+    gc.collect()
+    assert buf.runtime.arena_bytes_in_use() == 0, f"rank {rank}: {buf.runtime.arena_bytes_in_use()} arena bytes leaked"
+    routing = ref.make_routing(seed, rank, 256, 8, 64, num_ranks)
+    topk_idx = torch.from_numpy(routing).cuda()
+    x = ref.make_inputs(seed, rank, 256, 2048, 8, device="cuda").x
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buf.get_dispatch_layout(topk_idx, 64)
+    recv_x = buf.dispatch(x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                          num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, config=config)[0]
+    from checks import in_arena
+    assert recv_x.numel() == 0 or in_arena(buf, recv_x), f"rank {rank}: recv_x was not allocated in the arena"
+    expected = recv_x.clone()
+    torch.cuda.synchronize()
+    buf.destroy()
+    # The arena outlives the Buffer while an output still points into it.
+    torch.cuda.synchronize()
+    assert torch.equal(recv_x, expected), f"rank {rank}: recv_x changed after destroy()"
+    del recv_x
+    gc.collect()
+    common.log(rank, f"[R={num_ranks}] arena outputs released on drop and valid after destroy: ok")
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_arena_lifetime(num_ranks):
+    launcher.run_ranks(num_ranks, _arena_lifetime, 7000 * num_ranks, timeout_s=120)
 
 
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)

@@ -76,6 +76,26 @@ __device__ __forceinline__ void st_na(int4* ptr, const int4& v, uint64_t policy)
                : "memory");
 }
 
+// Drops the 128-byte L2 line at `line` without writing it back: a weak write of undefined data, so
+// it must follow every read of the line and precede the release that hands the line to a writer.
+__device__ __forceinline__ void discard_l2_line(const void* line) {
+  asm volatile("discard.global.L2 [%0], 128;" ::"l"(line) : "memory");
+}
+
+// Discards every 128-byte line of rows [0, n) that lies wholly inside a row, spread over a group's
+// threads; row(j) gives row j's base and `row_bytes` its length.
+template <typename Row>
+__device__ __forceinline__ void group_discard_rows(int n, int64_t row_bytes, int thread, int num_threads, Row row) {
+  const int lines = static_cast<int>(row_bytes / 128);
+  for (int e = thread; e < n * lines; e += num_threads) {
+    const int j = e / lines;
+    const uintptr_t base = reinterpret_cast<uintptr_t>(row(j));
+    const uintptr_t first = (base + 127) & ~uintptr_t{127};
+    const uintptr_t line = first + static_cast<uintptr_t>(e - j * lines) * 128;
+    if (line + 128 <= base + row_bytes) discard_l2_line(reinterpret_cast<const void*>(line));
+  }
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

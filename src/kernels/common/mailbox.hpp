@@ -28,6 +28,7 @@ enum WaitStep : int {
   kStepCombineRecv = 5,
   kStepLayout = 6,
   kStepDispatchLayoutCheck = 7,
+  kStepDispatchTarget = 8,  // sender waiting for a receiver to say where its outputs are
 };
 
 struct ErrorRecord {
@@ -48,6 +49,19 @@ struct HostMailbox {
   ErrorRecord error;
 };
 
+// Published by a receiving rank at the start of each dispatch: byte offsets into its receive arena
+// (-1 = that output is not written), so senders write rows straight into its outputs. `direct` = 0
+// means "use the rings": this rank's outputs are not in its arena. Valid once `seq` equals the
+// dispatch's sequence number.
+struct DirectTarget {
+  long long x, scales, topk_idx, topk_weights, src_idx;
+  long long scales_stride_token, scales_stride_scale;  // in floats
+  int num_rows;  // rows the outputs hold; rows past it are dropped (num_worst_tokens overflow)
+  int direct;
+  int seq;       // written last, with release semantics
+  int pad;
+};
+
 // Fixed header of each rank's NVLink buffer; the user-visible num_nvl_bytes follow it.
 struct alignas(128) NvlHeader {
   int barrier_signal[kMaxNvlRanks];  // [src]: last barrier epoch src reached, written by src
@@ -59,6 +73,11 @@ struct alignas(128) NvlHeader {
   int inbox_rank_counts[kMaxNvlRanks][kMaxNvlRanks];       // src's tokens per destination rank
   int inbox_channel_counts[kMaxNvlRanks][kMaxChannels];    // src's tokens to me per channel
   int inbox_expert_counts[kMaxNvlRanks][kMaxLocalExperts]; // src's (token, k) pairs per my expert
+  // Direct dispatch: where this rank wants the current dispatch's rows (see DirectTarget), and,
+  // per (channel, source), the dispatch sequence number of the last dispatch whose rows that
+  // source has finished writing here. Sequence-valued, so nothing ever needs resetting.
+  DirectTarget direct_target;
+  int direct_done[kMaxChannels][kMaxNvlRanks];
 };
 
 inline constexpr int64_t kNvlHeaderBytes = ((sizeof(NvlHeader) + 4095) / 4096) * 4096;

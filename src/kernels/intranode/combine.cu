@@ -196,6 +196,14 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
             if (weights[d]) w += __int_as_float(ld_cg_int(reinterpret_cast<const int*>(weights[d] + lane)));
           a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
         }
+        if (a.l2_discard) {
+          // Every lane's loads of these rows fed the sums stored above; the ring lines are dead
+          // until their sender's next lap, so drop them from L2 instead of writing them back.
+          __syncwarp();
+          for (int d = 0; d < kRanks; ++d)
+            if (rows[d] && d != rank)
+              group_discard_rows(1, static_cast<int64_t>(H4) * 16, lane, 32, [&](int) { return rows[d]; });
+        }
       }
     }
     __syncthreads();

@@ -33,10 +33,30 @@ __device__ __forceinline__ int ld_cg_int(const int* p) {
 }
 __device__ __forceinline__ float ld_cg_float(const float* p) { return __int_as_float(ld_cg_int(reinterpret_cast<const int*>(p))); }
 
+// Where a sender puts the rows (and their metadata) of one destination that takes them directly:
+// this rank's own outputs, or a peer's outputs in its receive arena.
+struct DirectOut {
+  int4* x;
+  float* scales;
+  long long scales_stride_token, scales_stride_scale;
+  int64_t* topk_idx;
+  float* topk_weights;
+  int* src_idx;
+  int first_row;   // row of this channel's first token for this destination
+  int num_rows;    // rows the outputs hold; later rows are dropped (num_worst_tokens overflow)
+  int expert_begin;
+};
+
+template <typename T>
+__device__ __forceinline__ T* at_offset(void* base, long long offset) {
+  return offset < 0 ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+}
+
 // Token-major sender: warp w of a batch owns token t = batch + w, reads its row from x once, and
-// writes it into the ring of every destination it is routed to (and straight into recv_x for
-// this rank). Ring positions are "earlier channel tokens routed to d", found by ballots, so each
-// ring still receives its rows in token order.
+// writes it to every destination it is routed to: straight into the destination's outputs when
+// they are in its receive arena (and always for this rank's own rows), else into its ring. Ring
+// positions are "earlier channel tokens routed to d", found by ballots, so each ring still
+// receives its rows in token order, and a direct row lands at the same place a ring row would.
 __device__ void send_channel(const DispatchArgs& a, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
@@ -46,24 +66,63 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
   __shared__ int batch_count[kMaxNvlRanks];
   __shared__ int sent[kMaxNvlRanks];
   __shared__ int4* dst_rows[kNumWarps][kMaxNvlRanks];
+  __shared__ DirectOut outs[kMaxNvlRanks];
+  __shared__ bool direct[kMaxNvlRanks];
   __shared__ bool failed;
 
   const ChannelRange range = channel_range(a.num_tokens, C, channel);
-  const int self_row_base =
-      received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, rank, channel).base;
   const int4* x = static_cast<const int4*>(a.x);
-  int4* recv_x = static_cast<int4*>(a.recv_x);
-  const int expert_begin = rank * a.num_local_experts;
   const uint64_t policy = evict_first_policy();
-  if (threadIdx.x < R) sent[threadIdx.x] = 0;
   if (threadIdx.x == 0) failed = false;
   __syncthreads();
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    sent[d] = 0;
+    DirectOut o{};
+    bool is_direct = d == rank;
+    if (d == rank) {
+      o.x = static_cast<int4*>(a.recv_x);
+      o.scales = a.recv_x_scales;
+      o.scales_stride_token = a.recv_scales_stride_token;
+      o.scales_stride_scale = a.recv_scales_stride_scale;
+      o.topk_idx = a.recv_topk_idx;
+      o.topk_weights = a.recv_topk_weights;
+      o.src_idx = a.write_src_idx ? a.recv_src_idx : nullptr;
+      o.num_rows = a.num_out_rows;
+    } else {
+      // Every receiver says, once per dispatch, whether it takes rows directly and where.
+      const DirectTarget* target = &a.peers.header[d]->direct_target;
+      // Volatile reads: an earlier dispatch's values may sit in this SM's L1.
+      const volatile DirectTarget* t = target;
+      if (!wait_at_least(&target->seq, a.seq, a.err, d, kStepDispatchTarget, channel)) {
+        failed = true;
+      } else if (t->direct) {
+        is_direct = true;
+        void* base = a.peers.data[d];
+        o.x = at_offset<int4>(base, t->x);
+        o.scales = at_offset<float>(base, t->scales);
+        o.scales_stride_token = t->scales_stride_token;
+        o.scales_stride_scale = t->scales_stride_scale;
+        o.topk_idx = at_offset<int64_t>(base, t->topk_idx);
+        o.topk_weights = at_offset<float>(base, t->topk_weights);
+        o.src_idx = at_offset<int>(base, t->src_idx);
+        o.num_rows = t->num_rows;
+      }
+    }
+    // Rows from ranks before me, then my rows in earlier channels.
+    o.first_row = (rank ? a.rank_prefix_matrix[(rank - 1) * R + d] : 0) + (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+    o.expert_begin = d * a.num_local_experts;
+    outs[d] = o;
+    direct[d] = is_direct;
+  }
+  __syncthreads();
+  if (failed) return;
 
   for (int begin = range.begin; begin < range.end; begin += batch) {
     if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
     __syncthreads();
     // Room in every destination ring this batch writes to: sent + count - head <= slots.
-    if (threadIdx.x < R && threadIdx.x != rank && batch_count[threadIdx.x] > 0) {
+    if (threadIdx.x < R && !direct[threadIdx.x] && batch_count[threadIdx.x] > 0) {
       const int d = threadIdx.x;
       if (!wait_at_least(L.head(a.peers.data[rank], channel, d), sent[d] + batch_count[d] - L.slots, a.err, d,
                          kStepDispatchSend, channel))
@@ -77,9 +136,10 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
       if (lane < R) {
         const int d = lane, pos = position[warp][d];
         int4* row = nullptr;
-        if (pos >= 0 && d == rank) {
-          // Overflowing num_worst_tokens (reported by notify): the row is dropped.
-          if (self_row_base + pos < a.num_out_rows) row = recv_x + static_cast<int64_t>(self_row_base + pos) * H4;
+        if (pos >= 0 && direct[d]) {
+          const int r = outs[d].first_row + pos;
+          // Past num_worst_tokens (reported by notify): the row is dropped.
+          if (r < outs[d].num_rows) row = outs[d].x + static_cast<int64_t>(r) * H4;
         } else if (pos >= 0) {
           row = L.slot_x(L.ring(a.peers.data[d], channel, rank), pos % L.slots);
         }
@@ -97,33 +157,37 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
         for (int d = 0; d < R; ++d) {
           int4* row = dst[d];
           if (row == nullptr) continue;
+          // Outputs are read by the next kernel, not by us: stream them past L2. Ring rows are
+          // read back soon, so they keep the default policy.
+          const bool output = direct[d] && a.l2_hints;
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
             if (i0 + 32 * u < H4) {
-              if (d == rank && a.l2_hints)
+              if (output)
                 st_na(row + i0 + 32 * u, v[u], policy);
               else
                 row[i0 + 32 * u] = v[u];
             }
         }
       }
-      // Metadata: ring fields for peers, final outputs for my own row.
+      // Metadata: final outputs for direct destinations, ring fields for the others.
       for (int d = 0; d < R; ++d) {
         const int pos = position[warp][d];
         if (pos < 0) continue;
-        if (d == rank) {
-          const int64_t row = self_row_base + pos;
-          if (row >= a.num_out_rows) continue;
-          if (lane == 0 && a.write_src_idx) a.recv_src_idx[row] = t;
+        if (direct[d]) {
+          const DirectOut& o = outs[d];
+          const int64_t row = o.first_row + pos;
+          if (row >= o.num_rows) continue;
+          if (lane == 0 && o.src_idx) o.src_idx[row] = t;
           if (lane < K) {
             const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
-            const bool mine = e >= expert_begin && e < expert_begin + a.num_local_experts;
-            if (a.recv_topk_idx) a.recv_topk_idx[row * K + lane] = mine ? e - expert_begin : -1;
-            if (a.recv_topk_weights)
-              a.recv_topk_weights[row * K + lane] = mine && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+            const bool mine = e >= o.expert_begin && e < o.expert_begin + a.num_local_experts;
+            if (o.topk_idx) o.topk_idx[row * K + lane] = mine ? e - o.expert_begin : -1;
+            if (o.topk_weights)
+              o.topk_weights[row * K + lane] = mine && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
           }
           for (int i = lane; i < S; i += 32)
-            a.recv_x_scales[row * a.recv_scales_stride_token + i * a.recv_scales_stride_scale] =
+            o.scales[row * o.scales_stride_token + i * o.scales_stride_scale] =
                 a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
         } else {
           char* ring = L.ring(a.peers.data[d], channel, rank);
@@ -147,12 +211,32 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
       sent[d] += batch_count[d];
-      if (d != rank && batch_count[d] > 0) st_release_sys(L.tail(a.peers.data[d], channel, rank), sent[d]);
+      if (!direct[d] && batch_count[d] > 0) st_release_sys(L.tail(a.peers.data[d], channel, rank), sent[d]);
     }
     __syncthreads();
   }
+  // Direct destinations learn that this channel's rows (possibly none) have all landed.
+  if (threadIdx.x < R && threadIdx.x != rank && direct[threadIdx.x]) {
+    __threadfence_system();
+    st_release_sys(&a.peers.header[threadIdx.x]->direct_done[channel][rank], a.seq);
+  }
 }
 
+// Tells the senders where this rank's outputs are (or that it takes rows through the rings).
+__device__ void publish_target(const DispatchArgs& a) {
+  DirectTarget* t = &a.peers.header[a.rank]->direct_target;
+  const DirectTarget& mine = a.target;
+  t->x = mine.x;
+  t->scales = mine.scales;
+  t->scales_stride_token = mine.scales_stride_token;
+  t->scales_stride_scale = mine.scales_stride_scale;
+  t->topk_idx = mine.topk_idx;
+  t->topk_weights = mine.topk_weights;
+  t->src_idx = mine.src_idx;
+  t->num_rows = mine.num_rows;
+  t->direct = mine.direct;
+  st_release_sys(&t->seq, a.seq);
+}
 
 __device__ void recv_channel(const DispatchArgs& a, int channel) {
   const RingLayout& L = a.layout;
@@ -170,6 +254,14 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
       if (a.recv_topk_idx) a.recv_topk_idx[static_cast<int64_t>(row) * L.num_topk + k] = -1;
       if (a.recv_topk_weights) a.recv_topk_weights[static_cast<int64_t>(row) * L.num_topk + k] = 0.f;
     }
+  }
+  if (a.target.direct) {
+    // The senders write straight into my outputs; the kernel ends once every one of them has
+    // finished this channel.
+    const int s = threadIdx.x;
+    if (s < R && s != rank)
+      wait_at_least(&a.peers.header[rank]->direct_done[channel][s], a.seq, a.err, s, kStepDispatchRecv, channel);
+    return;
   }
   // One warp group per remote source; my own rows were written straight into recv_x by the sender.
   if (group >= R - 1) return;
@@ -236,6 +328,13 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
           a.recv_x_scales[(first_row + j) * a.recv_scales_stride_token + (e - j * S) * a.recv_scales_stride_scale] = v;
         });
     group_barrier(1 + group, group_threads);
+    if (a.l2_discard) {
+      // The chunk's rows are read (their stores are issued behind the barrier); the sender's next
+      // lap rewrites them, so a write-back to HBM would be wasted bandwidth.
+      group_discard_rows(n, static_cast<int64_t>(L.hidden_int4) * 16, thread, group_threads,
+                         [&](int j) { return L.slot_x(ring, (consumed + j) % L.slots); });
+      group_barrier(1 + group, group_threads);
+    }
     consumed += n;
     if (gw == 0 && lane == 0) st_release_sys(head_remote, consumed == total ? 0 : consumed);
   }
@@ -244,6 +343,7 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) intranode_dispatch_kernel(DispatchArgs a) {
   const int channel = blockIdx.x / 2;
+  if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a);
   if (blockIdx.x % 2 == 0)
     send_channel(a, channel);
   else
