@@ -30,7 +30,7 @@ from checks import Case, run_case  # noqa: E402
 from reference import moe_reference as ref  # noqa: E402
 
 FLUSH_BYTES = 256 * common.MIB
-OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_bf16_uncached")
+OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_bf16_uncached", "combine_pushed")
 VERIFY_CASES = (Case("verify-bf16", 512, 7168, 8, 256), Case("verify-fp8", 512, 7168, 8, 256, fp8=True))
 
 
@@ -75,6 +75,9 @@ def bench_cell(rank, num_ranks, num_sms, num_tokens=4096, hidden=7168, num_topk=
                          topk_weights=inputs.topk_weights, config=config)
     recv_x, _, _, _, handle, _ = buf.dispatch(inputs.x, **uncached_args)
     recv_rows = recv_x.shape[0]
+    # recv_x lives in the arena (peers read it in place); a copy in torch memory is pushed through
+    # the rings, as an expert output allocated by torch would be.
+    recv_x_torch = recv_x.clone()
     fp8_x = (inputs.x_fp8, inputs.x_scales)
     ops = {
         "dispatch_bf16": (lambda: buf.dispatch(inputs.x, handle=handle, config=config), recv_rows * hidden * 2),
@@ -82,6 +85,7 @@ def bench_cell(rank, num_ranks, num_sms, num_tokens=4096, hidden=7168, num_topk=
                          recv_rows * hidden * 2 * (1 + 4 / 128) / 2),
         "combine": (lambda: buf.combine(recv_x, handle, config=combine_config), recv_rows * hidden * 2),
         "dispatch_bf16_uncached": (lambda: buf.dispatch(inputs.x, **uncached_args), recv_rows * hidden * 2),
+        "combine_pushed": (lambda: buf.combine(recv_x_torch, handle, config=combine_config), recv_rows * hidden * 2),
     }
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     mine = {name: (_time_us(op, flush, iters, warmup), nbytes) for name, (op, nbytes) in ops.items()}

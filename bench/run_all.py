@@ -54,22 +54,23 @@ def git_commit() -> str:
 
 def format_table(cells: list[dict]) -> str:
     lines = ["| cell | dispatch bf16 GB/s | dispatch fp8 GB/s | combine GB/s | uncached bf16 GB/s | "
-             "time µs (bf16 / fp8 / combine / uncached) | DeepEP GB/s (bf16 / fp8 / combine) | "
-             "ratio (bf16 / fp8 / combine) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "combine, input pushed GB/s | time µs (bf16 / fp8 / combine / uncached / pushed) | "
+             "DeepEP GB/s (bf16 / fp8 / combine) | ratio (bf16 / fp8 / combine / pushed) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         name = f"{cell['ranks']}x{cell['num_sms']}" + ("" if cell.get("arena", True) else " rings")
         if "error" in cell:
-            lines.append(f"| {name} | FAILED | | | | | | |")
+            lines.append(f"| {name} | FAILED | | | | | | | |")
             continue
         ops = cell["ops"]
-        gbps = [f"{ops[op]['gbps_mean']:.1f} (min {ops[op]['gbps_min']:.1f})"
-                for op in (*COMPARED_OPS, "dispatch_bf16_uncached")]
-        times = " / ".join(f"{ops[op]['time_us_mean']:.0f}" for op in (*COMPARED_OPS, "dispatch_bf16_uncached"))
+        shown = (*COMPARED_OPS, "dispatch_bf16_uncached", "combine_pushed")
+        gbps = [f"{ops[op]['gbps_mean']:.1f} (min {ops[op]['gbps_min']:.1f})" for op in shown]
+        times = " / ".join(f"{ops[op]['time_us_mean']:.0f}" for op in shown)
         deepep = DEEPEP_GBPS.get((cell["ranks"], cell["num_sms"]))
         if deepep:
             reference = " / ".join(str(v) for v in deepep)
-            ratio = " / ".join(f"{ops[op]['gbps_mean'] / v:.2f}" for op, v in zip(COMPARED_OPS, deepep))
+            ratio = " / ".join(f"{ops[op]['gbps_mean'] / v:.2f}"
+                               for op, v in zip((*COMPARED_OPS, "combine_pushed"), (*deepep, deepep[2])))
         else:
             reference = ratio = "-"
         lines.append(f"| {name} | {' | '.join(gbps)} | {times} | {reference} | {ratio} |")

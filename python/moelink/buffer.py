@@ -384,6 +384,22 @@ class Buffer:
             return tensor
         return tensor[:numel].view(shape)
 
+    def arena_empty(self, size: Union[torch.Size, Sequence[int]], dtype: torch.dtype = torch.bfloat16
+                    ) -> Optional[torch.Tensor]:
+        """An uninitialized tensor in this rank's receive arena (moelink only), or None when the
+        arena has no room (or there is none, ``num_arena_bytes=0``).
+
+        Write the expert outputs into one and pass it to ``combine``: the token owners then read
+        its rows in place instead of this rank pushing them through the rings. Dispatch outputs are
+        allocated there already. The range returns to the arena when the tensor is freed.
+        """
+        self._check_usable("arena_empty")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+        shape = tuple(_check_int(v, "size", 0) for v in ([size] if isinstance(size, int) else size))
+        tensors = self._arena_tensors([(shape, dtype)])
+        return tensors[0] if tensors else None
+
     # ---- intranode normal mode ---------------------------------------------------------------------
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,

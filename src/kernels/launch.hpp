@@ -107,6 +107,10 @@ struct CombineArgs {
   int chunk;
   bool l2_hints;
   bool l2_discard;
+  // Pull combine: this rank's input as offsets from its data region (source.pull = 0: it pushes
+  // its rows through the rings), and this combine's sequence number, the same on every rank.
+  CombineSource source;
+  int seq;
   int rank;
   PeerTable peers;
   ErrorSink err;

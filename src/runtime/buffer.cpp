@@ -39,6 +39,8 @@ const char* step_name(int step) {
     case kernels::kStepDispatchSend: return "dispatch (sender waiting for ring space at";
     case kernels::kStepDispatchRecv: return "dispatch (receiver waiting for rows from";
     case kernels::kStepDispatchTarget: return "dispatch (sender waiting for the output addresses of";
+    case kernels::kStepCombineSource: return "combine (receiver waiting for the input address of";
+    case kernels::kStepCombinePull: return "combine (waiting for the reads of its input by";
     case kernels::kStepCombineSend: return "combine (sender waiting for ring space at";
     case kernels::kStepCombineRecv: return "combine (receiver waiting for rows from";
     default: return "an operation";

@@ -23,6 +23,7 @@ struct Buffer::Impl {
   std::vector<uint8_t> unique_id;
   int op_seq = 0;
   int dispatch_seq = 0;  // every rank runs the same dispatches, so this numbers them identically
+  int combine_seq = 0;
   std::string broken;  // non-empty once a peer timed out: the ring counters can't be trusted
 
   kernels::NvlHeader* header() const { return reinterpret_cast<kernels::NvlHeader*>(nvl_base); }

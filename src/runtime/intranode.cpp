@@ -335,6 +335,16 @@ EventHandle Buffer::intranode_combine(const CombineInputs& in, const DispatchHan
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = env::l2_hints();
   a.l2_discard = env::l2_discard();
+  // Peers read our rows in place when the input (and its weights) live in our receive arena.
+  const char* data = static_cast<const char*>(impl_->data());
+  const auto arena_offset = [&](const TensorRef& ref, int64_t bytes) -> int64_t {
+    if (ref.data == nullptr || !impl_->arena || !impl_->arena->contains(ref.data, bytes)) return -1;
+    return static_cast<const char*>(ref.data) - data;
+  };
+  a.source.x = arena_offset(in.x, N * H * 2);
+  a.source.weights = K ? arena_offset(in.topk_weights, N * K * 4) : -1;
+  a.source.pull = N > 0 && a.source.x >= 0 && (K == 0 || a.source.weights >= 0);
+  a.seq = ++impl_->combine_seq;
   a.rank = topo_.nvl_rank;
   a.peers = impl_->peers;
   a.err = error_sink();

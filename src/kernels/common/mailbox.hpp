@@ -29,6 +29,8 @@ enum WaitStep : int {
   kStepLayout = 6,
   kStepDispatchLayoutCheck = 7,
   kStepDispatchTarget = 8,  // sender waiting for a receiver to say where its outputs are
+  kStepCombineSource = 9,   // token owner waiting for a peer to say where its combine input is
+  kStepCombinePull = 10,    // a rank waiting for token owners to finish reading its input
 };
 
 struct ErrorRecord {
@@ -62,6 +64,16 @@ struct DirectTarget {
   int pad;
 };
 
+// Published by every rank at the start of each combine: where its input rows are, as offsets from
+// its data region, when they live in its receive arena (`pull` = 1). Token owners then read those
+// rows in place instead of having them pushed through the rings. Valid once `seq` equals the
+// combine's sequence number.
+struct CombineSource {
+  long long x, weights;  // weights: -1 when the combine has no top-k weights
+  int pull;
+  int seq;  // written last, with release semantics
+};
+
 // Fixed header of each rank's NVLink buffer; the user-visible num_nvl_bytes follow it.
 struct alignas(128) NvlHeader {
   int barrier_signal[kMaxNvlRanks];  // [src]: last barrier epoch src reached, written by src
@@ -74,10 +86,14 @@ struct alignas(128) NvlHeader {
   int inbox_channel_counts[kMaxNvlRanks][kMaxChannels];    // src's tokens to me per channel
   int inbox_expert_counts[kMaxNvlRanks][kMaxLocalExperts]; // src's (token, k) pairs per my expert
   // Direct dispatch: where this rank wants the current dispatch's rows (see DirectTarget), and,
-  // per (channel, source), the dispatch sequence number of the last dispatch whose rows that
-  // source has finished writing here. Sequence-valued, so nothing ever needs resetting.
+  // per (sender part, channel, source), the sequence number of the last dispatch whose rows that
+  // part of that source's channel has finished writing here. Sequence-valued, so nothing ever needs resetting.
   DirectTarget direct_target;
-  int direct_done[kMaxChannels][kMaxNvlRanks];
+  int direct_done[2][kMaxChannels][kMaxNvlRanks];  // [sender part][channel][source]
+  // Pull combine: this rank's input rows (see CombineSource), and per (channel, token owner) the
+  // sequence number of the last combine whose reads of them that owner has finished.
+  CombineSource combine_source;
+  int pull_done[kMaxChannels][kMaxNvlRanks];
 };
 
 inline constexpr int64_t kNvlHeaderBytes = ((sizeof(NvlHeader) + 4095) / 4096) * 4096;

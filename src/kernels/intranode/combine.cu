@@ -59,6 +59,12 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
   __shared__ bool abort_group[kMaxNvlRanks];
   if (group >= R - 1) return;
   const int s = peer_of_group(group, rank);
+  if (a.source.pull) {
+    // The owners read my rows in place; my input must stay untouched until they are done.
+    if (gw == 0 && lane == 0)
+      wait_at_least(&a.peers.header[rank]->pull_done[channel][s], a.seq, a.err, s, kStepCombinePull, channel);
+    return;
+  }
 
   const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
   const int row_base = rows.base, total = rows.count;
@@ -106,15 +112,37 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
   __shared__ bool failed;
   __shared__ const int4* rows_smem[kNumWarps][kMaxNvlRanks];
   __shared__ const float* weights_smem[kNumWarps][kMaxNvlRanks];
+  // Peers whose input rows are read in place (pull), and where this channel's rows start there.
+  __shared__ bool pull[kMaxNvlRanks];
+  __shared__ const int4* pull_x[kMaxNvlRanks];
+  __shared__ const float* pull_weights[kMaxNvlRanks];
 
   const ChannelRange range = channel_range(a.num_tokens, C, channel);
   if (threadIdx.x < R) {
     const int d = threadIdx.x;
     consumed[d] = 0;
     channel_total[d] = a.channel_prefix_matrix[d * C + channel] - (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+    pull[d] = false;
   }
   if (threadIdx.x == 0) failed = false;
   __syncthreads();
+  if (threadIdx.x < R && threadIdx.x != rank) {
+    const int d = threadIdx.x;
+    const CombineSource* source = &a.peers.header[d]->combine_source;
+    const volatile CombineSource* v = source;  // volatile: an earlier combine's values may sit in L1
+    if (!wait_at_least(&source->seq, a.seq, a.err, d, kStepCombineSource, channel)) {
+      failed = true;
+    } else if (v->pull) {
+      // d holds my channel-c rows after the rows of lower ranks and of my earlier channels.
+      const int first = (rank ? a.rank_prefix_matrix[(rank - 1) * R + d] : 0) + (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+      char* base = static_cast<char*>(a.peers.data[d]);
+      pull[d] = true;
+      pull_x[d] = reinterpret_cast<const int4*>(base + v->x) + static_cast<int64_t>(first) * L.hidden_int4;
+      pull_weights[d] = v->weights < 0 ? nullptr : reinterpret_cast<const float*>(base + v->weights) + static_cast<int64_t>(first) * L.num_topk;
+    }
+  }
+  __syncthreads();
+  if (failed) return;
 
   const int4* bias_0 = static_cast<const int4*>(a.bias_0);
   const int4* bias_1 = static_cast<const int4*>(a.bias_1);
@@ -143,6 +171,9 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
           const int64_t row = self_row_base + pos;
           row_ptr = x + row * H4;
           weight_ptr = a.topk_weights ? a.topk_weights + row * K : nullptr;
+        } else if (pos >= 0 && pull[d]) {
+          row_ptr = pull_x[d] + static_cast<int64_t>(pos) * H4;
+          weight_ptr = pull_weights[d] ? pull_weights[d] + static_cast<int64_t>(pos) * K : nullptr;
         } else if (pos >= 0) {
           char* ring = L.ring(a.peers.data[rank], channel, d);
           row_ptr = L.slot_x(ring, pos % L.slots);
@@ -201,7 +232,7 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
           // until their sender's next lap, so drop them from L2 instead of writing them back.
           __syncwarp();
           for (int d = 0; d < kRanks; ++d)
-            if (rows[d] && d != rank)
+            if (rows[d] && d != rank && !pull[d])  // never a peer's input, only ring lines
               group_discard_rows(1, static_cast<int64_t>(H4) * 16, lane, 32, [&](int) { return rows[d]; });
         }
       }
@@ -211,17 +242,30 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
       consumed[d] += batch_count[d];
-      if (batch_count[d] > 0 && d != rank)
+      if (batch_count[d] > 0 && d != rank && !pull[d])
         st_release_sys(L.head(a.peers.data[d], channel, rank), consumed[d] == channel_total[d] ? 0 : consumed[d]);
     }
     __syncthreads();
   }
   if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
+  // Every read of a pulled peer's rows fed a store before the last barrier: release its input.
+  if (threadIdx.x < R && pull[threadIdx.x])
+    st_release_sys(&a.peers.header[threadIdx.x]->pull_done[channel][rank], a.seq);
+}
+
+// Tells the token owners whether they may read this rank's input rows in place, and where.
+__device__ void publish_source(const CombineArgs& a) {
+  CombineSource* s = &a.peers.header[a.rank]->combine_source;
+  s->x = a.source.x;
+  s->weights = a.source.weights;
+  s->pull = a.source.pull;
+  st_release_sys(&s->seq, a.seq);
 }
 
 template <int kRanks>
 __global__ void __launch_bounds__(kIntranodeThreads, 1) intranode_combine_kernel(CombineArgs a) {
   const int channel = blockIdx.x / 2;
+  if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a);
   if (blockIdx.x % 2 == 0)
     send_channel(a, channel);
   else

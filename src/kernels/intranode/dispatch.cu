@@ -57,7 +57,12 @@ __device__ __forceinline__ T* at_offset(void* base, long long offset) {
 // they are in its receive arena (and always for this rank's own rows), else into its ring. Ring
 // positions are "earlier channel tokens routed to d", found by ballots, so each ring still
 // receives its rows in token order, and a direct row lands at the same place a ring row would.
-__device__ void send_channel(const DispatchArgs& a, int channel) {
+//
+// When every destination, this rank included, takes its rows directly, nothing orders the rows of a
+// channel any more, so both blocks of the channel send, each half of its tokens (`part`).
+enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
+
+__device__ SendResult send_channel(const DispatchArgs& a, int channel, int part) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -70,7 +75,7 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
   __shared__ bool direct[kMaxNvlRanks];
   __shared__ bool failed;
 
-  const ChannelRange range = channel_range(a.num_tokens, C, channel);
+  ChannelRange range = channel_range(a.num_tokens, C, channel);
   const int4* x = static_cast<const int4*>(a.x);
   const uint64_t policy = evict_first_policy();
   if (threadIdx.x == 0) failed = false;
@@ -116,7 +121,31 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
     direct[d] = is_direct;
   }
   __syncthreads();
-  if (failed) return;
+  if (failed) return kFailed;
+  bool split = a.target.direct;
+  for (int d = 0; d < R; ++d) split &= direct[d];
+  if (part == 1 && !split) return kNotNeeded;
+  if (split) {
+    const int mid = range.begin + (range.end - range.begin + 1) / 2;
+    if (part == 1) {
+      // Part 1's ring positions start after part 0's tokens: count them per destination.
+      unsigned counts[kMaxNvlRanks] = {};
+      for (int t = range.begin + static_cast<int>(threadIdx.x); t < mid; t += blockDim.x) {
+        const unsigned flags = valid_token_flags(a.is_token_in_rank, t, true, R);
+#pragma unroll
+        for (int d = 0; d < kMaxNvlRanks; ++d) counts[d] += (flags >> d) & 1u;
+      }
+#pragma unroll
+      for (int d = 0; d < kMaxNvlRanks; ++d) {
+        const unsigned total = __reduce_add_sync(0xffffffffu, counts[d]);
+        if (lane == 0 && d < R && total) atomicAdd(&sent[d], static_cast<int>(total));
+      }
+      __syncthreads();
+      range.begin = mid;
+    } else {
+      range.end = mid;
+    }
+  }
 
   for (int begin = range.begin; begin < range.end; begin += batch) {
     if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
@@ -129,7 +158,7 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
         failed = true;
     }
     __syncthreads();
-    if (failed) return;
+    if (failed) return kFailed;
 
     const int t = begin + warp;
     if (warp < batch && t < range.end) {
@@ -215,11 +244,14 @@ __device__ void send_channel(const DispatchArgs& a, int channel) {
     }
     __syncthreads();
   }
-  // Direct destinations learn that this channel's rows (possibly none) have all landed.
+  // Direct destinations learn that this part's rows (possibly none) have all landed; a sender that
+  // did not split also speaks for the part it did not need.
   if (threadIdx.x < R && threadIdx.x != rank && direct[threadIdx.x]) {
     __threadfence_system();
-    st_release_sys(&a.peers.header[threadIdx.x]->direct_done[channel][rank], a.seq);
+    for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
+      st_release_sys(&a.peers.header[threadIdx.x]->direct_done[p][channel][rank], a.seq);
   }
+  return kSent;
 }
 
 // Tells the senders where this rank's outputs are (or that it takes rows through the rings).
@@ -258,9 +290,9 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
   if (a.target.direct) {
     // The senders write straight into my outputs; the kernel ends once every one of them has
     // finished this channel.
-    const int s = threadIdx.x;
-    if (s < R && s != rank)
-      wait_at_least(&a.peers.header[rank]->direct_done[channel][s], a.seq, a.err, s, kStepDispatchRecv, channel);
+    const int s = threadIdx.x % kMaxNvlRanks, p = threadIdx.x / kMaxNvlRanks;
+    if (p < 2 && s < R && s != rank)
+      wait_at_least(&a.peers.header[rank]->direct_done[p][channel][s], a.seq, a.err, s, kStepDispatchRecv, channel);
     return;
   }
   // One warp group per remote source; my own rows were written straight into recv_x by the sender.
@@ -345,8 +377,8 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) intranode_dispatch_kerne
   const int channel = blockIdx.x / 2;
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a);
   if (blockIdx.x % 2 == 0)
-    send_channel(a, channel);
-  else
+    send_channel(a, channel, 0);
+  else if (send_channel(a, channel, 1) != kFailed)
     recv_channel(a, channel);
 }
 
