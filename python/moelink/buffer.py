@@ -168,7 +168,7 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
-                 comm: Optional[Any] = None, num_arena_bytes: Optional[int] = None) -> None:
+                 comm: Optional[Any] = None, *, num_arena_bytes: Optional[int] = None) -> None:
         """Allocates the buffers and connects this rank to its peers (collective over the group).
 
         Arguments:

@@ -234,6 +234,12 @@ def test_buffer_signature_matches_deep_ep(torch_and_buffer):
     import inspect
     _, Buffer = torch_and_buffer
     params = list(inspect.signature(Buffer.__init__).parameters.items())[1:]
+    # deep_ep's parameters, in its order; moelink's own additions may only follow, keyword-only,
+    # so no positional call written for deep_ep can reach them.
+    extras = [(name, p) for name, p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert [name for name, _ in extras] == ["num_arena_bytes"]
+    assert all(p.default is None for _, p in extras)
+    params = params[:len(params) - len(extras)]
     assert [(name, p.default) for name, p in params] == [
         ("group", inspect.Parameter.empty), ("num_nvl_bytes", 0), ("num_rdma_bytes", 0),
         ("low_latency_mode", False), ("num_qps_per_rank", 24), ("allow_nvlink_for_low_latency_mode", True),
