@@ -30,6 +30,12 @@ struct Buffer::Impl {
   void* data() const { return nvl_base + kernels::kNvlHeaderBytes; }
   // The arena follows the data region, page-aligned.
   static int64_t arena_offset(int64_t num_nvl_bytes) { return kernels::align_up(num_nvl_bytes, 4096); }
+  // Where `bytes` at `ref` sit relative to our data region, as peers address them; -1 unless they
+  // lie wholly in our receive arena (only there may peers read or write a caller's tensor).
+  int64_t offset_in_arena(const TensorRef& ref, int64_t bytes) const {
+    if (ref.data == nullptr || !arena || !arena->contains(ref.data, bytes)) return -1;
+    return static_cast<const char*>(ref.data) - static_cast<const char*>(data());
+  }
 };
 
 }  // namespace moelink

@@ -129,11 +129,7 @@ kernels::DirectTarget Buffer::direct_target(const DispatchOutputs& out, const Di
   kernels::DirectTarget t{};
   t.x = t.scales = t.topk_idx = t.topk_weights = t.src_idx = -1;
   t.num_rows = static_cast<int>(num_rows);
-  const char* data = static_cast<const char*>(impl_->data());
-  const auto offset = [&](const TensorRef& ref, int64_t bytes) -> int64_t {
-    if (ref.data == nullptr || !impl_->arena || !impl_->arena->contains(ref.data, bytes)) return -1;
-    return static_cast<const char*>(ref.data) - data;
-  };
+  const auto offset = [&](const TensorRef& ref, int64_t bytes) { return impl_->offset_in_arena(ref, bytes); };
   if (num_rows == 0) return t;  // nothing to receive: the rings' bookkeeping is already trivial
   bool direct = (t.x = offset(out.recv_x, num_rows * s.row_bytes)) >= 0;
   if (s.fp8) {
@@ -336,13 +332,8 @@ EventHandle Buffer::intranode_combine(const CombineInputs& in, const DispatchHan
   a.l2_hints = env::l2_hints();
   a.l2_discard = env::l2_discard();
   // Peers read our rows in place when the input (and its weights) live in our receive arena.
-  const char* data = static_cast<const char*>(impl_->data());
-  const auto arena_offset = [&](const TensorRef& ref, int64_t bytes) -> int64_t {
-    if (ref.data == nullptr || !impl_->arena || !impl_->arena->contains(ref.data, bytes)) return -1;
-    return static_cast<const char*>(ref.data) - data;
-  };
-  a.source.x = arena_offset(in.x, N * H * 2);
-  a.source.weights = K ? arena_offset(in.topk_weights, N * K * 4) : -1;
+  a.source.x = impl_->offset_in_arena(in.x, N * H * 2);
+  a.source.weights = K ? impl_->offset_in_arena(in.topk_weights, N * K * 4) : -1;
   a.source.pull = N > 0 && a.source.x >= 0 && (K == 0 || a.source.weights >= 0);
   a.seq = ++impl_->combine_seq;
   a.rank = topo_.nvl_rank;
