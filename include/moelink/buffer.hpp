@@ -14,14 +14,14 @@
 
 #include "moelink/config.hpp"
 #include "moelink/event.hpp"
+#include "moelink/ops.hpp"
 #include "moelink/tensor.hpp"
 #include "moelink/topology.hpp"
 
 namespace moelink {
 
-namespace kernels {
-struct ErrorSink;
-struct DirectTarget;
+namespace runtime {
+class Context;
 }
 
 struct BufferOptions {
@@ -41,76 +41,6 @@ struct BufferOptions {
   int device = -1;             // CUDA ordinal; -1 = the current device
 };
 
-// How an operation orders itself against the caller's stream.
-struct StreamOrder {
-  cudaStream_t compute_stream = nullptr;
-  std::optional<EventHandle> previous_event;  // comm stream waits for this instead of compute_stream
-  bool async_finish = false;                  // return without making compute_stream wait
-  bool allocate_on_comm_stream = false;       // outputs were allocated on the comm stream
-};
-
-struct LayoutOutputs {
-  TensorRef num_tokens_per_rank;       // [R] int32
-  TensorRef num_tokens_per_rdma_rank;  // [num_rdma_ranks] int32, undefined when intranode
-  TensorRef num_tokens_per_expert;     // [E] int32
-  TensorRef is_token_in_rank;          // [T, R] bool
-};
-
-// ---- intranode dispatch -------------------------------------------------------------------------
-struct DispatchInputs {
-  TensorRef x;                 // [T, H] bf16, or fp8 e4m3 [T, H]
-  TensorRef x_scales;          // fp8 only: float32 [T, S], row- or column-major
-  TensorRef topk_idx;          // [T, K] int64, -1 = none (undefined in cached mode)
-  TensorRef topk_weights;      // [T, K] float32 (optional)
-  TensorRef is_token_in_rank;  // [T, R] bool
-  TensorRef num_tokens_per_rank;    // [R] int32 (uncached)
-  TensorRef num_tokens_per_expert;  // [E] int32 (uncached)
-  int num_experts = 0;              // uncached: E; cached: 0
-  int expert_alignment = 1;
-  int num_worst_tokens = 0;
-};
-
-// Handle tensors, allocated by the caller before notify (shapes from handle_shapes()).
-struct DispatchHandle {
-  TensorRef rank_prefix_matrix;          // [R, R] int32: [s][d] = rows d receives from ranks <= s
-  TensorRef channel_prefix_matrix;       // [R, C] int32: [d][c] = my tokens to d in channels <= c
-  TensorRef recv_channel_prefix_matrix;  // [R, C] int32: [s][c] = rows I get from s in channels < c
-  TensorRef recv_src_idx;                // [num_recv] int32: source token index of each row
-  TensorRef is_token_in_rank;            // [T, R] bool
-};
-
-struct DispatchPlan {
-  int num_recv_tokens = 0;                         // rows recv_x needs (num_worst_tokens if > 0)
-  std::vector<int> num_recv_tokens_per_expert;     // aligned; empty when num_worst_tokens > 0
-};
-
-struct DispatchOutputs {
-  TensorRef recv_x;             // [N, H] same dtype as x
-  TensorRef recv_x_scales;      // fp8: [N, S] float32, same majorness as x_scales
-  TensorRef recv_topk_idx;      // [N, K] int64 (uncached only): local expert ids, -1 elsewhere
-  TensorRef recv_topk_weights;  // [N, K] float32 (when topk_weights given)
-};
-
-struct CombineInputs {
-  TensorRef x;             // [N, H] bf16, the rows this rank received in dispatch
-  TensorRef topk_weights;  // [N, K] float32 (optional)
-  TensorRef bias_0;        // [T, H] bf16 (optional)
-  TensorRef bias_1;        // [T, H] bf16 (optional)
-};
-
-struct CombineOutputs {
-  TensorRef combined_x;             // [T, H] bf16
-  TensorRef combined_topk_weights;  // [T, K] float32 (when topk_weights given)
-};
-
-// A block of the receive arena. The range goes back to the arena when the last copy of `owner`
-// dies, which may be after the Buffer is destroyed (the memory stays valid until then).
-struct ArenaBlock {
-  void* data = nullptr;
-  int64_t bytes = 0;
-  std::shared_ptr<void> owner;
-};
-
 class Buffer {
  public:
   explicit Buffer(const BufferOptions& options);
@@ -119,14 +49,14 @@ class Buffer {
   Buffer& operator=(const Buffer&) = delete;
 
   // ---- topology and resources ----
-  const Topology& topology() const { return topo_; }
-  int device_id() const { return device_; }
-  int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
-  int64_t num_rdma_bytes() const { return num_rdma_bytes_; }
-  bool low_latency_mode() const { return low_latency_mode_; }
-  bool explicitly_destroy() const { return explicitly_destroy_; }
-  double timeout_s() const { return timeout_s_; }
-  cudaStream_t comm_stream() const { return comm_stream_; }
+  const Topology& topology() const;
+  int device_id() const;
+  int64_t num_nvl_bytes() const;
+  int64_t num_rdma_bytes() const;
+  bool low_latency_mode() const;
+  bool explicitly_destroy() const;
+  double timeout_s() const;
+  cudaStream_t comm_stream() const;
   void* local_nvl_buffer() const;   // num_nvl_bytes of user-visible NVLink buffer
   void* local_rdma_buffer() const;  // num_rdma_bytes of NVSHMEM symmetric memory (after sync)
   int64_t num_arena_bytes() const;
@@ -143,7 +73,7 @@ class Buffer {
   // device_ids / ipc_handles: one entry per global rank. root_unique_id: empty when no RDMA.
   void sync(const std::vector<int>& device_ids, const std::vector<std::vector<uint8_t>>& ipc_handles,
             const std::vector<uint8_t>& root_unique_id);
-  bool is_available() const { return available_; }
+  bool is_available() const;
   // Barrier across ranks, then free everything. Idempotent.
   void destroy();
 
@@ -172,29 +102,9 @@ class Buffer {
   void barrier(const char* step);
 
  private:
-  struct Impl;
-  void require_usable(const char* op) const;
-  void barrier_tagged(int tag);
-  kernels::ErrorSink error_sink() const;
-  struct DispatchShape;
-  DispatchShape validate_dispatch(const DispatchInputs& in, const DispatchHandle& handle, const Config& config,
-                                  bool cached, bool notify_step, const char* op) const;
-  void begin_op(const StreamOrder& order) const;
-  kernels::DirectTarget direct_target(const DispatchOutputs& out, const DispatchHandle& h, const DispatchShape& s,
-                                      int64_t num_rows, bool cached) const;
-  EventHandle end_op(const StreamOrder& order) const;
-
-  Topology topo_;
-  int device_ = 0;
-  int64_t num_nvl_bytes_ = 0;
-  int64_t num_rdma_bytes_ = 0;
-  bool low_latency_mode_ = false;
-  bool explicitly_destroy_ = false;
-  double timeout_s_ = 100.0;
-  bool available_ = false;
-  bool destroyed_ = false;
-  cudaStream_t comm_stream_ = nullptr;
-  std::unique_ptr<Impl> impl_;
+  // Everything the operations share lives in the runtime context; the modes are free functions
+  // over it, so the Buffer is lifecycle plus forwards.
+  std::unique_ptr<runtime::Context> ctx_;
 };
 
 }  // namespace moelink

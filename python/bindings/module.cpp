@@ -22,7 +22,7 @@
 #include "moelink/event.hpp"
 #include "moelink/tensor.hpp"
 #include "moelink/topology.hpp"
-#include "transport/nvshmem.hpp"  // nvshmem_compiled(): a build property, not public API
+#include "window/nvshmem.hpp"  // nvshmem_compiled(): a build property, not public API
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -372,6 +372,6 @@ NB_MODULE(_moelink, m) {
   bind_buffer(m);
 
   m.def("is_sm90_compiled", &is_sm90_compiled);
-  m.def("nvshmem_compiled", &moelink::transport::nvshmem_compiled);
+  m.def("nvshmem_compiled", &moelink::window::nvshmem_compiled);
   m.def("device_count", &device_count);
 }

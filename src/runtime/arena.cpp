@@ -2,14 +2,8 @@
 
 namespace moelink::detail {
 
-namespace {
-// Every output row is at least 16-byte aligned for vector stores; 512 also matches torch's own
-// allocation granularity, so views of a block behave like any torch allocation.
-constexpr int64_t kArenaAlignment = 512;
-}  // namespace
-
-RecvArena::RecvArena(std::shared_ptr<void> memory, char* base, int64_t capacity)
-    : memory_(std::move(memory)), base_(base), capacity_(capacity), ranges_(capacity, kArenaAlignment) {}
+RecvArena::RecvArena(std::shared_ptr<void> memory, char* base, int64_t capacity, int64_t alignment)
+    : memory_(std::move(memory)), base_(base), capacity_(capacity), ranges_(capacity, alignment) {}
 
 std::optional<RecvArena::Block> RecvArena::allocate(int64_t bytes) {
   std::optional<int64_t> offset;

@@ -13,7 +13,8 @@ namespace moelink::detail {
 
 class RecvArena : public std::enable_shared_from_this<RecvArena> {
  public:
-  RecvArena(std::shared_ptr<void> memory, char* base, int64_t capacity);
+  // Ranges start at multiples of `alignment` (runtime::kArenaAlignment).
+  RecvArena(std::shared_ptr<void> memory, char* base, int64_t capacity, int64_t alignment);
 
   // A block of `bytes`, released when the last copy of the returned owner dies; nullopt when no
   // free range is large enough.

@@ -1,7 +1,7 @@
 #include "moelink/config.hpp"
 
-#include "kernels/common/mailbox.hpp"
-#include "kernels/intranode/ring_layout.hpp"
+#include "common/header.hpp"
+#include "modes/intranode/ring_layout.hpp"
 #include "runtime/errors.hpp"
 
 namespace moelink {
@@ -47,7 +47,7 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) co
   check_hint_args(hidden_bytes, num_ranks, kMaxNvlRanks);
   // Dispatch rings carry the most per row (scales, ids, weights); combine rows of the same hidden
   // size carry less, so the dispatch layout at the largest top-k bounds both directions.
-  const auto layout = kernels::RingLayout::make(num_ranks, num_channels(), num_max_nvl_chunked_recv_tokens,
+  const auto layout = intranode::RingLayout::make(num_ranks, num_channels(), num_max_nvl_chunked_recv_tokens,
                                                 hidden_bytes, static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK);
   return layout.total_bytes();
 }

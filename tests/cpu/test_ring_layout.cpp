@@ -4,13 +4,13 @@
 #include <vector>
 
 #include "harness.hpp"
-#include "kernels/common/mailbox.hpp"
-#include "kernels/intranode/ring_layout.hpp"
+#include "common/header.hpp"
+#include "modes/intranode/ring_layout.hpp"
 #include "moelink/config.hpp"
 
-using moelink::kernels::channel_range;
-using moelink::kernels::ChannelRange;
-using moelink::kernels::RingLayout;
+using moelink::intranode::channel_range;
+using moelink::intranode::ChannelRange;
+using moelink::intranode::RingLayout;
 
 MOELINK_TEST(channel_ranges_partition_the_tokens_in_order) {
   for (int tokens : {0, 1, 7, 127, 128, 4096, 4097}) {

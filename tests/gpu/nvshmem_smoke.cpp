@@ -1,4 +1,4 @@
-// Smoke test for src/transport/nvshmem: N forked processes form one NVSHMEM job through the
+// Smoke test for src/window/nvshmem: N forked processes form one NVSHMEM job through the
 // unique-id bootstrap, allocate from the symmetric heap, meet at a barrier and leave.
 //
 // Protocol: PE 0 creates the unique id and publishes it by writing <dir>/uid.partial and renaming
@@ -26,7 +26,7 @@
 #include <cuda_runtime.h>
 
 #include "moelink/error.hpp"
-#include "transport/nvshmem.hpp"
+#include "window/nvshmem.hpp"
 
 namespace {
 
@@ -36,7 +36,7 @@ constexpr auto kJobWait = std::chrono::seconds(60);
 constexpr int64_t kAllocBytes = int64_t{1} << 20;
 
 namespace fs = std::filesystem;
-namespace transport = moelink::transport;
+namespace transport = moelink::window;
 
 void check_cuda(cudaError_t status, const char* call, int pe) {
   if (status != cudaSuccess) {

@@ -1,0 +1,163 @@
+// Buffer: the lifecycle (construct -> sync -> destroy) and thin forwards to the modes. Everything
+// the operations share is in the runtime context (runtime/context.hpp).
+#include "moelink/buffer.hpp"
+
+#include <cstdio>
+
+#include "modes/intranode/host.hpp"
+#include "modes/layout/host.hpp"
+#include "runtime/context.hpp"
+#include "runtime/errors.hpp"
+#include "window/nvshmem.hpp"
+
+namespace moelink {
+
+using detail::raise;
+
+Buffer::Buffer(const BufferOptions& options) : ctx_(std::make_unique<runtime::Context>(options)) {}
+
+Buffer::~Buffer() {
+  if (ctx_->destroyed) return;
+  if (ctx_->explicitly_destroy && ctx_->available)
+    std::fprintf(stderr, "moelink: rank %d: Buffer(explicitly_destroy=True) was never destroy()ed; freeing without a barrier\n",
+                 ctx_->topo.rank);
+  // No barrier here: peers may already be gone at interpreter exit, and a destructor must not hang.
+  ctx_->release();
+}
+
+const Topology& Buffer::topology() const { return ctx_->topo; }
+int Buffer::device_id() const { return ctx_->device; }
+int64_t Buffer::num_nvl_bytes() const { return ctx_->num_nvl_bytes; }
+int64_t Buffer::num_rdma_bytes() const { return ctx_->num_rdma_bytes; }
+bool Buffer::low_latency_mode() const { return ctx_->low_latency_mode; }
+bool Buffer::explicitly_destroy() const { return ctx_->explicitly_destroy; }
+double Buffer::timeout_s() const { return ctx_->timeout_s; }
+cudaStream_t Buffer::comm_stream() const { return ctx_->comm_stream; }
+bool Buffer::is_available() const { return ctx_->available; }
+
+void* Buffer::local_nvl_buffer() const {
+  ctx_->require_usable("local_nvl_buffer");
+  return ctx_->data();
+}
+
+void* Buffer::local_rdma_buffer() const {
+  ctx_->require_usable("local_rdma_buffer");
+  return ctx_->rdma;
+}
+
+int64_t Buffer::num_arena_bytes() const { return ctx_->arena ? ctx_->arena->capacity() : 0; }
+
+int64_t Buffer::arena_bytes_in_use() const { return ctx_->arena ? ctx_->arena->bytes_in_use() : 0; }
+
+int64_t Buffer::arena_largest_free() const { return ctx_->arena ? ctx_->arena->largest_free() : 0; }
+
+std::optional<ArenaBlock> Buffer::arena_allocate(int64_t bytes) {
+  ctx_->require_usable("arena_allocate");
+  if (bytes < 0) raise(ErrorKind::kValue, "bytes: expected >= 0, got ", bytes);
+  if (!ctx_->arena) return std::nullopt;
+  auto block = ctx_->arena->allocate(std::max<int64_t>(bytes, 1));
+  if (!block) return std::nullopt;
+  return ArenaBlock{block->data, bytes, std::move(block->owner)};
+}
+
+std::vector<uint8_t> Buffer::local_ipc_handle() const {
+  if (ctx_->destroyed) raise(ErrorKind::kState, "local_ipc_handle: the Buffer on rank ", ctx_->topo.rank, " was destroyed");
+  return ctx_->nvl_window.export_local();
+}
+
+std::vector<uint8_t> Buffer::local_nvshmem_unique_id() const {
+  if (ctx_->num_rdma_bytes == 0)
+    raise(ErrorKind::kState, "local_nvshmem_unique_id: this Buffer uses no RDMA buffer (num_rdma_bytes == 0)");
+  return ctx_->unique_id;
+}
+
+void Buffer::sync(const std::vector<int>& device_ids, const std::vector<std::vector<uint8_t>>& ipc_handles,
+                  const std::vector<uint8_t>& root_unique_id) {
+  runtime::Context& c = *ctx_;
+  if (c.destroyed) raise(ErrorKind::kState, "sync: the Buffer on rank ", c.topo.rank, " was destroyed");
+  if (c.available) raise(ErrorKind::kState, "sync: the Buffer on rank ", c.topo.rank, " is already synced");
+  const int R = c.topo.num_ranks;
+  if (static_cast<int>(device_ids.size()) != R)
+    raise(ErrorKind::kValue, "device_ids: expected one entry per rank (", R, "), got ", device_ids.size());
+  if (static_cast<int>(ipc_handles.size()) != R)
+    raise(ErrorKind::kValue, "ipc_handles: expected one entry per rank (", R, "), got ", ipc_handles.size());
+
+  MOELINK_CUDA_CHECK(cudaSetDevice(c.device));
+  std::vector<std::vector<uint8_t>> node_handles;
+  std::vector<int> node_ranks;
+  for (int p = 0; p < c.topo.num_nvl_ranks; ++p) {
+    const int global = c.topo.global_rank(c.topo.rdma_rank, p);
+    node_handles.push_back(ipc_handles[global]);
+    node_ranks.push_back(global);
+  }
+  c.nvl_window.open(node_handles, node_ranks);
+  for (int p = 0; p < c.topo.num_nvl_ranks; ++p) {
+    c.peers.header[p] = static_cast<kernels::CommonHeader*>(c.nvl_window.member(p));
+    c.peers.data[p] = static_cast<char*>(c.nvl_window.member(p)) + runtime::kNvlHeaderBytes;
+  }
+  MOELINK_CUDA_CHECK(cudaMemcpy(c.header()->common.peer_data, c.peers.data, sizeof(c.peers.data),
+                                cudaMemcpyHostToDevice));
+
+  if (c.num_rdma_bytes > 0) {
+    // Low-latency mode: all ranks form one NVSHMEM job. Normal mode: one job per NVL lane,
+    // one PE per node, so a rank only ever talks RDMA to its own lane on other nodes.
+    const int pe = c.low_latency_mode ? c.topo.rank : c.topo.rdma_rank;
+    const int num_pes = c.low_latency_mode ? c.topo.num_ranks : c.topo.num_rdma_ranks;
+    if (root_unique_id.empty()) raise(ErrorKind::kValue, "root_unique_id: required when num_rdma_bytes > 0");
+    window::nvshmem_join(pe, num_pes, root_unique_id);
+    c.nvshmem_joined = true;
+    c.rdma = window::nvshmem_alloc(c.num_rdma_bytes);
+    window::nvshmem_barrier_all();
+  }
+  c.available = true;
+  c.barrier(kernels::kBarrierSync);
+}
+
+void Buffer::barrier(const char* step) {
+  ctx_->require_usable(step);
+  ctx_->barrier(kernels::kBarrierUser);
+}
+
+void Buffer::destroy() {
+  runtime::Context& c = *ctx_;
+  if (c.destroyed) return;
+  std::string failure;
+  ErrorKind failure_kind = ErrorKind::kState;
+  if (c.available && c.broken.empty()) {
+    try {
+      MOELINK_CUDA_CHECK(cudaSetDevice(c.device));
+      MOELINK_CUDA_CHECK(cudaStreamSynchronize(c.comm_stream));
+      c.barrier(kernels::kBarrierDestroy);
+    } catch (const Error& e) {
+      failure = e.what();
+      failure_kind = e.kind();
+    }
+  }
+  c.release();
+  if (!failure.empty()) throw Error(failure_kind, failure);
+}
+
+void Buffer::check_device_errors() const { ctx_->check_device_errors(); }
+
+EventHandle Buffer::get_dispatch_layout(const TensorRef& topk_idx, int num_experts, const LayoutOutputs& out,
+                                        const StreamOrder& order) {
+  return layout::get_dispatch_layout(*ctx_, topk_idx, num_experts, out, order);
+}
+
+DispatchPlan Buffer::intranode_notify(const DispatchInputs& in, const DispatchHandle& handle, const Config& config,
+                                      const StreamOrder& order) {
+  return intranode::notify(*ctx_, in, handle, config, order);
+}
+
+EventHandle Buffer::intranode_dispatch(const DispatchInputs& in, const DispatchHandle& handle,
+                                       const DispatchOutputs& out, const Config& config, const StreamOrder& order,
+                                       bool cached) {
+  return intranode::dispatch(*ctx_, in, handle, out, config, order, cached);
+}
+
+EventHandle Buffer::intranode_combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
+                                      const Config& config, const StreamOrder& order) {
+  return intranode::combine(*ctx_, in, handle, out, config, order);
+}
+
+}  // namespace moelink

@@ -1,0 +1,12 @@
+#pragma once
+// The device barrier over a node's NVLink peers, as one launch (barrier.cuh has the protocol).
+#include <cuda_runtime_api.h>
+
+#include "common/header.hpp"
+
+namespace moelink::kernels {
+
+void launch_barrier(const PeerTable& peers, int rank, int num_ranks, int tag, const ErrorSink& err,
+                    cudaStream_t stream);
+
+}  // namespace moelink::kernels

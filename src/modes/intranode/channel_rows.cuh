@@ -1,0 +1,46 @@
+#pragma once
+// Row bookkeeping both intranode kernels share: where a source's rows of a channel sit in the
+// receive order, and each batch token's position in the per-rank ring streams.
+#include "common/primitives.cuh"
+#include "modes/intranode/ring_layout.hpp"
+#include "moelink/topology.hpp"
+
+namespace moelink::intranode {
+
+using kernels::lane_id;
+using kernels::valid_token_flags;
+
+// Rows `rank` received from `source` on `channel`: `count` rows starting at `base` in recv order
+// (source rank major, then channel, then token).
+struct RowSpan {
+  int base, count;
+};
+
+__device__ __forceinline__ RowSpan received_rows(const int* rank_prefix_matrix, const int* recv_channel_prefix_matrix,
+                                                 int num_ranks, int num_channels, int rank, int source, int channel) {
+  const int R = num_ranks, C = num_channels;
+  const int rank_base = source ? rank_prefix_matrix[(source - 1) * R + rank] : 0;
+  const int from_source = rank_prefix_matrix[source * R + rank] - rank_base;
+  const int first = recv_channel_prefix_matrix[source * C + channel];
+  const int end = channel + 1 < C ? recv_channel_prefix_matrix[source * C + channel + 1] : from_source;
+  return {rank_base + first, end - first};
+}
+
+// Called by one warp for tokens [begin, begin + batch) of a channel ending at `end` (batch <= 32).
+// position[i][d] = base[d] + (earlier batch tokens routed to d) for token begin + i when it is
+// routed to d, else -1; batch_count[d] = batch tokens routed to d. Rings carry a channel's rows in
+// token order, so base[d] + position is the token's place in rank d's stream.
+__device__ __forceinline__ void batch_positions(const bool* is_token_in_rank, int begin, int end, int batch,
+                                                int num_ranks, const int* base, int (*position)[kMaxNvlRanks],
+                                                int* batch_count) {
+  const int lane = lane_id(), t = begin + lane;
+  const unsigned flags = valid_token_flags(is_token_in_rank, t, lane < batch && t < end, num_ranks);
+  for (int d = 0; d < num_ranks; ++d) {
+    const bool routed = (flags >> d) & 1u;
+    const unsigned mask = __ballot_sync(0xffffffffu, routed);
+    if (lane < batch) position[lane][d] = routed ? base[d] + __popc(mask & ((1u << lane) - 1)) : -1;
+    if (lane == 0) batch_count[d] = __popc(mask);
+  }
+}
+
+}  // namespace moelink::intranode

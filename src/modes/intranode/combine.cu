@@ -1,0 +1,298 @@
+// Intranode combine: every row a rank received in dispatch goes back to its source rank, which sums
+// the rows of each of its tokens (fp32 accumulation, bf16 out) and adds the optional biases.
+//
+// Protocol (2 blocks per channel; block 2c sends channel c, block 2c+1 receives channel c):
+//   Sender (the expert side), warp group per source rank s: the rows from s in channel c are
+//     contiguous in x (dispatch put them there), so it copies them chunk by chunk into ring(c, me)
+//     in s's buffer, with their top-k weights; same space/tail handshake as dispatch.
+//   Receiver (the token side): walks its own channel-c tokens in batches of B tokens. For a batch it
+//     computes, per token and rank d, the ring position of that token's row from d: d sends rows in
+//     my token order, so the position is the count of earlier channel-c tokens routed to d. One
+//     warp per token waits for those rows, sums them, adds the biases and writes the output; then
+//     head[c][me] in each d's buffer is released by the batch's count.
+//   Rows a rank sent itself are read straight from its own x, never through a ring.
+//   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
+//   sender may still be writing. Counters reset themselves as in dispatch.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "common/launch.cuh"
+#include "common/waits.cuh"
+#include "modes/intranode/channel_rows.cuh"
+#include "modes/intranode/contract.hpp"
+#include "window/device.cuh"
+
+namespace moelink::intranode {
+
+using namespace kernels;
+
+namespace {
+
+constexpr int kNumWarps = kThreads / 32;
+
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 out;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  return out;
+}
+
+__device__ __forceinline__ int ld_cg_int(const int* p) {
+  int v;
+  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ void send_channel(const CombineArgs& a, int channel) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
+  // One warp group per remote token owner; my own rows are read from x by my receiver.
+  const int warps_per_group = kNumWarps / max(R - 1, 1);
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int group = warp / warps_per_group, gw = warp % warps_per_group;
+  __shared__ bool abort_group[kMaxNvlRanks];
+  if (group >= R - 1) return;
+  const int s = peer_of_group(group, rank);
+  if (a.source.pull) {
+    // The owners read my rows in place; my input must stay untouched until they are done.
+    if (gw == 0 && lane == 0)
+      window::wait(&a.sections[rank]->pull_done[channel][s], a.seq, a.err, s, kStepCombinePull, channel);
+    return;
+  }
+
+  const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
+  const int row_base = rows.base, total = rows.count;
+  int* tail_remote = L.tail(a.peers.data[s], channel, rank);
+  const int* head_local = L.head(a.peers.data[rank], channel, s);
+  char* ring = L.ring(a.peers.data[s], channel, rank);
+  const int group_threads = warps_per_group * 32;
+  const int4* x = static_cast<const int4*>(a.x);
+  const int K = L.num_topk;
+  if (threadIdx.x % group_threads == 0) abort_group[group] = false;
+
+  const uint64_t policy = evict_first_policy();
+  int sent = 0;
+  while (sent < total) {
+    const int n = min(a.chunk, total - sent);
+    if (gw == 0 && lane == 0) {
+      if (!window::wait(head_local, sent + n - L.slots, a.err, s, kStepCombineSend, channel)) abort_group[group] = true;
+    }
+    group_barrier(1 + group, group_threads);
+    if (abort_group[group]) return;
+    const int thread = threadIdx.x % group_threads;
+    group_copy_rows<8>(
+        n, L.hidden_int4, thread, group_threads, [&](int j) { return x + static_cast<int64_t>(row_base + sent + j) * L.hidden_int4; },
+        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); }, [&](const int4* p) { return a.l2_hints ? ld_nc_stream(p, policy) : ld_nc_stream(p); },
+        [](int4* p, const int4& v) { *p = v; });
+    group_transfer<4>(
+        n * K, thread, group_threads, [&](int e) { return a.topk_weights[static_cast<int64_t>(row_base + sent) * K + e]; },
+        [&](int e, float v) { L.slot_weights(ring, (sent + e / K) % L.slots)[e % K] = v; });
+    group_barrier(1 + group, group_threads);
+    sent += n;
+    if (gw == 0 && lane == 0) window::signal(tail_remote, sent);
+  }
+}
+
+template <int kRanks>
+__device__ void recv_channel(const CombineArgs& a, int channel) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int batch = min(kNumWarps, L.slots - a.chunk);
+  __shared__ int position[kNumWarps][kMaxNvlRanks];
+  __shared__ int batch_count[kMaxNvlRanks];
+  __shared__ int consumed[kMaxNvlRanks];
+  __shared__ int channel_total[kMaxNvlRanks];
+  __shared__ bool failed;
+  __shared__ const int4* rows_smem[kNumWarps][kMaxNvlRanks];
+  __shared__ const float* weights_smem[kNumWarps][kMaxNvlRanks];
+  // Peers whose input rows are read in place (pull), and where this channel's rows start there.
+  __shared__ bool pull[kMaxNvlRanks];
+  __shared__ const int4* pull_x[kMaxNvlRanks];
+  __shared__ const float* pull_weights[kMaxNvlRanks];
+
+  const ChannelRange range = channel_range(a.num_tokens, C, channel);
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    consumed[d] = 0;
+    channel_total[d] = a.channel_prefix_matrix[d * C + channel] - (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+    pull[d] = false;
+  }
+  if (threadIdx.x == 0) failed = false;
+  __syncthreads();
+  if (threadIdx.x < R && threadIdx.x != rank) {
+    const int d = threadIdx.x;
+    const CombineSource* source = &a.sections[d]->combine_source;
+    const volatile CombineSource* v = source;  // volatile: an earlier combine's values may sit in L1
+    if (!window::wait(&source->seq, a.seq, a.err, d, kStepCombineSource, channel)) {
+      failed = true;
+    } else if (v->pull) {
+      // d holds my channel-c rows after the rows of lower ranks and of my earlier channels.
+      const int first = (rank ? a.rank_prefix_matrix[(rank - 1) * R + d] : 0) + (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+      char* base = static_cast<char*>(a.peers.data[d]);
+      pull[d] = true;
+      pull_x[d] = reinterpret_cast<const int4*>(base + v->x) + static_cast<int64_t>(first) * L.hidden_int4;
+      pull_weights[d] = v->weights < 0 ? nullptr : reinterpret_cast<const float*>(base + v->weights) + static_cast<int64_t>(first) * L.num_topk;
+    }
+  }
+  __syncthreads();
+  if (failed) return;
+
+  const int4* bias_0 = static_cast<const int4*>(a.bias_0);
+  const int4* bias_1 = static_cast<const int4*>(a.bias_1);
+  int4* out = static_cast<int4*>(a.combined_x);
+  const int K = L.num_topk, H4 = L.hidden_int4;
+  const int4* x = static_cast<const int4*>(a.x);
+  const uint64_t policy = evict_first_policy();
+  const int self_row_base =
+      received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, rank, channel).base;
+
+  for (int begin = range.begin; begin < range.end; begin += batch) {
+    if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, consumed, position, batch_count);
+    __syncthreads();
+
+    const int t = begin + warp;
+    if (warp < batch && t < range.end) {
+      // Where each contributing row is: a ring slot, or my own x for rows I sent to myself. Lane d
+      // resolves (and waits for) rank d's row, so the waits for different ranks overlap.
+      bool ok = true;
+      if (lane < kMaxNvlRanks) {
+        const int d = lane;
+        const int pos = d < R ? position[warp][d] : -1;
+        const int4* row_ptr = nullptr;
+        const float* weight_ptr = nullptr;
+        if (pos >= 0 && d == rank) {
+          const int64_t row = self_row_base + pos;
+          row_ptr = x + row * H4;
+          weight_ptr = a.topk_weights ? a.topk_weights + row * K : nullptr;
+        } else if (pos >= 0 && pull[d]) {
+          row_ptr = pull_x[d] + static_cast<int64_t>(pos) * H4;
+          weight_ptr = pull_weights[d] ? pull_weights[d] + static_cast<int64_t>(pos) * K : nullptr;
+        } else if (pos >= 0) {
+          char* ring = L.ring(a.peers.data[rank], channel, d);
+          row_ptr = L.slot_x(ring, pos % L.slots);
+          weight_ptr = L.slot_weights(ring, pos % L.slots);
+          ok = window::wait(L.tail(a.peers.data[rank], channel, d), pos + 1, a.err, d, kStepCombineRecv, channel);
+        }
+        rows_smem[warp][d] = row_ptr;
+        weights_smem[warp][d] = weight_ptr;
+      }
+      __syncwarp();
+      const int4* const* rows = rows_smem[warp];
+      const float* const* weights = weights_smem[warp];
+      if (!__all_sync(0xffffffffu, ok)) {
+        if (lane == 0) failed = true;
+      } else {
+        const int64_t out_row = static_cast<int64_t>(t) * H4;
+        // kSlices hidden slices per lane per step: up to kSlices x ranks 16-byte loads in flight
+        // before the sums (two slices only where the per-rank registers allow it).
+        constexpr int kSlices = kRanks <= 4 ? 2 : 1;
+        for (int i0 = lane; i0 < H4; i0 += 32 * kSlices) {
+          float acc[kSlices][8];
+          int4 v[kSlices][kRanks];
+#pragma unroll
+          for (int u = 0; u < kSlices; ++u)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
+#pragma unroll
+          for (int d = 0; d < kRanks; ++d)
+#pragma unroll
+            for (int u = 0; u < kSlices; ++u)
+              if (rows[d] && i0 + 32 * u < H4) v[u][d] = ld_cg(rows[d] + i0 + 32 * u);
+#pragma unroll
+          for (int u = 0; u < kSlices; ++u) {
+            const int i = i0 + 32 * u;
+            if (i >= H4) continue;
+#pragma unroll
+            for (int d = 0; d < kRanks; ++d)
+              if (rows[d]) accumulate_bf16x8(acc[u], v[u][d]);
+            if (bias_0) accumulate_bf16x8(acc[u], ld_nc_stream(bias_0 + out_row + i));
+            if (bias_1) accumulate_bf16x8(acc[u], ld_nc_stream(bias_1 + out_row + i));
+            if (a.l2_hints)
+              st_na(out + out_row + i, pack_bf16x8(acc[u]), policy);
+            else
+              st_na(out + out_row + i, pack_bf16x8(acc[u]));
+          }
+        }
+        if (a.combined_topk_weights && lane < K) {
+          float w = 0.f;
+#pragma unroll
+          for (int d = 0; d < kRanks; ++d)
+            if (weights[d]) w += __int_as_float(ld_cg_int(reinterpret_cast<const int*>(weights[d] + lane)));
+          a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
+        }
+        if (a.l2_discard) {
+          // Every lane's loads of these rows fed the sums stored above; the ring lines are dead
+          // until their sender's next lap, so drop them from L2 instead of writing them back.
+          __syncwarp();
+          for (int d = 0; d < kRanks; ++d)
+            if (rows[d] && d != rank && !pull[d])  // never a peer's input, only ring lines
+              group_discard_rows(1, static_cast<int64_t>(H4) * 16, lane, 32, [&](int) { return rows[d]; });
+        }
+      }
+    }
+    __syncthreads();
+    if (failed) return;
+    if (threadIdx.x < R) {
+      const int d = threadIdx.x;
+      consumed[d] += batch_count[d];
+      if (batch_count[d] > 0 && d != rank && !pull[d])
+        window::signal(L.head(a.peers.data[d], channel, rank), consumed[d] == channel_total[d] ? 0 : consumed[d]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
+  // Every read of a pulled peer's rows fed a store before the last barrier: release its input.
+  if (threadIdx.x < R && pull[threadIdx.x])
+    window::signal(&a.sections[threadIdx.x]->pull_done[channel][rank], a.seq);
+}
+
+// Tells the token owners whether they may read this rank's input rows in place, and where.
+__device__ void publish_source(const CombineArgs& a) {
+  CombineSource* s = &a.sections[a.rank]->combine_source;
+  s->x = a.source.x;
+  s->weights = a.source.weights;
+  s->pull = a.source.pull;
+  st_release_sys(&s->seq, a.seq);
+}
+
+template <int kRanks>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
+  const int channel = blockIdx.x / 2;
+  if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a);
+  if (blockIdx.x % 2 == 0)
+    send_channel(a, channel);
+  else
+    recv_channel<kRanks>(a, channel);
+}
+
+const KernelRegistration registrations[] = {
+    {reinterpret_cast<const void*>(&combine_kernel<2>), "intranode combine", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<4>), "intranode combine", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), "intranode combine", kThreads, 0},
+};
+
+}  // namespace
+
+void launch_combine(const CombineArgs& a, cudaStream_t stream) {
+  const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
+  if (a.layout.num_ranks <= 2)
+    launch("intranode combine", &combine_kernel<2>, shape, stream, a);
+  else if (a.layout.num_ranks <= 4)
+    launch("intranode combine", &combine_kernel<4>, shape, stream, a);
+  else
+    launch("intranode combine", &combine_kernel<kMaxNvlRanks>, shape, stream, a);
+}
+
+}  // namespace moelink::intranode

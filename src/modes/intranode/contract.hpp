@@ -1,0 +1,160 @@
+#pragma once
+// The intranode mode's contract: its wait steps, its section of every rank's NVLink-buffer header,
+// its section of the host mailbox, and the argument structs of its three kernels (notify, dispatch,
+// combine). The host side (host.cpp) fills these; kernels never see a Buffer. All pointers are
+// device pointers (host-mapped memory through its device alias).
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/header.hpp"
+#include "modes/intranode/ring_layout.hpp"
+
+namespace moelink::intranode {
+
+using kernels::kMaxChannels;
+using kernels::kMaxLocalExperts;
+
+enum WaitStep : int {
+  kStepNotify = 32,
+  kStepDispatchSend = 33,    // sender waiting for ring space
+  kStepDispatchRecv = 34,    // receiver waiting for rows
+  kStepCombineSend = 35,
+  kStepCombineRecv = 36,
+  kStepDispatchTarget = 37,  // sender waiting for a receiver to say where its outputs are
+  kStepCombineSource = 38,   // token owner waiting for a peer to say where its combine input is
+  kStepCombinePull = 39,     // a rank waiting for token owners to finish reading its input
+};
+
+// Published by a receiving rank at the start of each dispatch: byte offsets into its receive arena
+// (-1 = that output is not written), so senders write rows straight into its outputs. `direct` = 0
+// means "use the rings": this rank's outputs are not in its arena. Valid once `seq` equals the
+// dispatch's sequence number.
+struct DirectTarget {
+  long long x, scales, topk_idx, topk_weights, src_idx;
+  long long scales_stride_token, scales_stride_scale;  // in floats
+  int num_rows;  // rows the outputs hold; rows past it are dropped (num_worst_tokens overflow)
+  int direct;
+  int seq;       // written last, with release semantics
+  int pad;
+};
+
+// Published by every rank at the start of each combine: where its input rows are, as offsets from
+// its data region, when they live in its receive arena (`pull` = 1). Token owners then read those
+// rows in place instead of having them pushed through the rings. Valid once `seq` equals the
+// combine's sequence number.
+struct CombineSource {
+  long long x, weights;  // weights: -1 when the combine has no top-k weights
+  int pull;
+  int seq;  // written last, with release semantics
+};
+
+// This mode's section of each rank's NVLink-buffer header.
+struct alignas(128) HeaderSection {
+  // notify inbox: [src] -> what src tells this rank
+  int inbox_rank_counts[kMaxNvlRanks][kMaxNvlRanks];       // src's tokens per destination rank
+  int inbox_channel_counts[kMaxNvlRanks][kMaxChannels];    // src's tokens to me per channel
+  int inbox_expert_counts[kMaxNvlRanks][kMaxLocalExperts]; // src's (token, k) pairs per my expert
+  // Direct dispatch: where this rank wants the current dispatch's rows (see DirectTarget), and,
+  // per (sender part, channel, source), the sequence number of the last dispatch whose rows that
+  // part of that source's channel has finished writing here. Sequence-valued, so nothing ever needs resetting.
+  DirectTarget direct_target;
+  int direct_done[2][kMaxChannels][kMaxNvlRanks];  // [sender part][channel][source]
+  // Pull combine: this rank's input rows (see CombineSource), and per (channel, token owner) the
+  // sequence number of the last combine whose reads of them that owner has finished.
+  CombineSource combine_source;
+  int pull_done[kMaxChannels][kMaxNvlRanks];
+};
+
+// This mode's section of the host-mapped mailbox: the results of a notify, valid once the
+// mailbox's ready_seq equals the notify's sequence number.
+struct MailboxSection {
+  int num_recv_tokens;
+  int num_recv_tokens_per_expert[kMaxLocalExperts];
+};
+
+struct NotifyArgs {
+  const bool* is_token_in_rank;     // [T, R]
+  const int* num_tokens_per_expert; // [E]
+  int num_tokens, num_ranks, num_channels, num_local_experts;
+  int expert_alignment, num_worst_tokens;
+  int* rank_prefix_matrix;          // [R, R]
+  int* channel_prefix_matrix;       // [R, C]
+  int* recv_channel_prefix_matrix;  // [R, C]
+  int* ready_seq;                   // host-mapped: set last, to seq
+  MailboxSection* mailbox;          // host-mapped
+  int seq;
+  kernels::PeerTable peers;
+  HeaderSection* sections[kMaxNvlRanks];
+  kernels::ErrorSink err;
+};
+void launch_notify(const NotifyArgs& args, cudaStream_t stream);
+
+struct DispatchArgs {
+  // inputs
+  const void* x;  // [T, row bytes]
+  const float* x_scales;
+  int64_t x_scales_stride_token, x_scales_stride_scale;
+  const int64_t* topk_idx;  // [T, K] or nullptr (cached)
+  const float* topk_weights;
+  const bool* is_token_in_rank;
+  const int* rank_prefix_matrix;
+  const int* channel_prefix_matrix;
+  const int* recv_channel_prefix_matrix;
+  int num_tokens, num_experts, num_local_experts;
+  // outputs
+  void* recv_x;
+  float* recv_x_scales;
+  int64_t recv_scales_stride_token, recv_scales_stride_scale;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int* recv_src_idx;
+  int num_out_rows;  // rows allocated in the outputs
+  bool write_src_idx;
+  // protocol
+  RingLayout layout;
+  int chunk;
+  bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
+  bool l2_discard;  // discard consumed ring lines from L2 (MOELINK_L2_DISCARD)
+  // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
+  // rows come through the rings), and this dispatch's sequence number, the same on every rank.
+  DirectTarget target;
+  int seq;
+  int rank;
+  kernels::PeerTable peers;
+  HeaderSection* sections[kMaxNvlRanks];
+  kernels::ErrorSink err;
+};
+void launch_dispatch(const DispatchArgs& args, cudaStream_t stream);
+
+struct CombineArgs {
+  const void* x;  // [N, H] bf16
+  const float* topk_weights;  // [N, K] or nullptr
+  const void* bias_0;         // [T, H] bf16 or nullptr
+  const void* bias_1;
+  const bool* is_token_in_rank;
+  const int* rank_prefix_matrix;
+  const int* channel_prefix_matrix;
+  const int* recv_channel_prefix_matrix;
+  int num_tokens;  // T of this rank
+  void* combined_x;
+  float* combined_topk_weights;
+  RingLayout layout;
+  int chunk;
+  bool l2_hints;
+  bool l2_discard;
+  // Pull combine: this rank's input as offsets from its data region (source.pull = 0: it pushes
+  // its rows through the rings), and this combine's sequence number, the same on every rank.
+  CombineSource source;
+  int seq;
+  int rank;
+  kernels::PeerTable peers;
+  HeaderSection* sections[kMaxNvlRanks];
+  kernels::ErrorSink err;
+};
+void launch_combine(const CombineArgs& args, cudaStream_t stream);
+
+// 24 warps: at most 80 registers per thread; 32 warps (64 registers) spilled and measured slower.
+inline constexpr int kThreads = 768;
+
+}  // namespace moelink::intranode

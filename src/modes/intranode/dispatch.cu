@@ -1,0 +1,399 @@
+// Intranode dispatch: rows move from each source rank's x into each destination's recv_x through a
+// ring per (channel, source) in the destination's NVLink buffer.
+//
+// Protocol (2 blocks per channel; block 2c sends channel c, block 2c+1 receives channel c):
+//   Sender, token-major: channel c's tokens go in batches of B = min(warps, slots), one warp per
+//     token. Per batch, ballots give each (token, destination d) its ring position (the number of
+//     earlier channel tokens routed to d); the block waits until every ring it writes has room
+//     (head[c][d] in my buffer, written by d, >= sent + count - slots); each warp reads its x row
+//     once and writes it to all its destinations (rows for this rank go straight into recv_x);
+//     then tail[c][me] in each d's buffer is released by the batch's count (system scope).
+//   Receiver, warp group per source s: waits (acquire) until tail[c][s] moves, copies what landed
+//     to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows are ordered by source
+//     rank then source token, and releases head[c][me] in s's buffer.
+//   Counters reset themselves: the receiver writes head = 0 instead of the final count (the sender
+//   never waits after its last chunk) and zeroes its own tail after the last chunk. The barrier
+//   that opens every operation guarantees nobody touches a ring before its owner reset it.
+//   Every wait is bounded by the timeout and reports (rank, peer, step, channel).
+#include <cuda_runtime.h>
+
+#include "common/launch.cuh"
+#include "common/waits.cuh"
+#include "modes/intranode/channel_rows.cuh"
+#include "modes/intranode/contract.hpp"
+#include "window/device.cuh"
+
+namespace moelink::intranode {
+
+using namespace kernels;
+
+namespace {
+
+constexpr int kNumWarps = kThreads / 32;
+
+__device__ __forceinline__ int ld_cg_int(const int* p) {
+  int v;
+  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float ld_cg_float(const float* p) { return __int_as_float(ld_cg_int(reinterpret_cast<const int*>(p))); }
+
+// Where a sender puts the rows (and their metadata) of one destination that takes them directly:
+// this rank's own outputs, or a peer's outputs in its receive arena.
+struct DirectOut {
+  int4* x;
+  float* scales;
+  long long scales_stride_token, scales_stride_scale;
+  int64_t* topk_idx;
+  float* topk_weights;
+  int* src_idx;
+  int first_row;   // row of this channel's first token for this destination
+  int num_rows;    // rows the outputs hold; later rows are dropped (num_worst_tokens overflow)
+  int expert_begin;
+};
+
+template <typename T>
+__device__ __forceinline__ T* at_offset(void* base, long long offset) {
+  return offset < 0 ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+}
+
+// Token-major sender: warp w of a batch owns token t = batch + w, reads its row from x once, and
+// writes it to every destination it is routed to: straight into the destination's outputs when
+// they are in its receive arena (and always for this rank's own rows), else into its ring. Ring
+// positions are "earlier channel tokens routed to d", found by ballots, so each ring still
+// receives its rows in token order, and a direct row lands at the same place a ring row would.
+//
+// When every destination, this rank included, takes its rows directly, nothing orders the rows of a
+// channel any more, so both blocks of the channel send, each half of its tokens (`part`).
+enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
+
+__device__ SendResult send_channel(const DispatchArgs& a, int channel, int part) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int batch = min(kNumWarps, L.slots);
+  __shared__ int position[kNumWarps][kMaxNvlRanks];
+  __shared__ int batch_count[kMaxNvlRanks];
+  __shared__ int sent[kMaxNvlRanks];
+  __shared__ int4* dst_rows[kNumWarps][kMaxNvlRanks];
+  __shared__ DirectOut outs[kMaxNvlRanks];
+  __shared__ bool direct[kMaxNvlRanks];
+  __shared__ bool failed;
+
+  ChannelRange range = channel_range(a.num_tokens, C, channel);
+  const int4* x = static_cast<const int4*>(a.x);
+  const uint64_t policy = evict_first_policy();
+  if (threadIdx.x == 0) failed = false;
+  __syncthreads();
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    sent[d] = 0;
+    DirectOut o{};
+    bool is_direct = d == rank;
+    if (d == rank) {
+      o.x = static_cast<int4*>(a.recv_x);
+      o.scales = a.recv_x_scales;
+      o.scales_stride_token = a.recv_scales_stride_token;
+      o.scales_stride_scale = a.recv_scales_stride_scale;
+      o.topk_idx = a.recv_topk_idx;
+      o.topk_weights = a.recv_topk_weights;
+      o.src_idx = a.write_src_idx ? a.recv_src_idx : nullptr;
+      o.num_rows = a.num_out_rows;
+    } else {
+      // Every receiver says, once per dispatch, whether it takes rows directly and where.
+      const DirectTarget* target = &a.sections[d]->direct_target;
+      // Volatile reads: an earlier dispatch's values may sit in this SM's L1.
+      const volatile DirectTarget* t = target;
+      if (!window::wait(&target->seq, a.seq, a.err, d, kStepDispatchTarget, channel)) {
+        failed = true;
+      } else if (t->direct) {
+        is_direct = true;
+        void* base = a.peers.data[d];
+        o.x = at_offset<int4>(base, t->x);
+        o.scales = at_offset<float>(base, t->scales);
+        o.scales_stride_token = t->scales_stride_token;
+        o.scales_stride_scale = t->scales_stride_scale;
+        o.topk_idx = at_offset<int64_t>(base, t->topk_idx);
+        o.topk_weights = at_offset<float>(base, t->topk_weights);
+        o.src_idx = at_offset<int>(base, t->src_idx);
+        o.num_rows = t->num_rows;
+      }
+    }
+    // Rows from ranks before me, then my rows in earlier channels.
+    o.first_row = (rank ? a.rank_prefix_matrix[(rank - 1) * R + d] : 0) + (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+    o.expert_begin = d * a.num_local_experts;
+    outs[d] = o;
+    direct[d] = is_direct;
+  }
+  __syncthreads();
+  if (failed) return kFailed;
+  bool split = a.target.direct;
+  for (int d = 0; d < R; ++d) split &= direct[d];
+  if (part == 1 && !split) return kNotNeeded;
+  if (split) {
+    const int mid = range.begin + (range.end - range.begin + 1) / 2;
+    if (part == 1) {
+      // Part 1's ring positions start after part 0's tokens: count them per destination.
+      unsigned counts[kMaxNvlRanks] = {};
+      for (int t = range.begin + static_cast<int>(threadIdx.x); t < mid; t += blockDim.x) {
+        const unsigned flags = valid_token_flags(a.is_token_in_rank, t, true, R);
+#pragma unroll
+        for (int d = 0; d < kMaxNvlRanks; ++d) counts[d] += (flags >> d) & 1u;
+      }
+#pragma unroll
+      for (int d = 0; d < kMaxNvlRanks; ++d) {
+        const unsigned total = __reduce_add_sync(0xffffffffu, counts[d]);
+        if (lane == 0 && d < R && total) atomicAdd(&sent[d], static_cast<int>(total));
+      }
+      __syncthreads();
+      range.begin = mid;
+    } else {
+      range.end = mid;
+    }
+  }
+
+  for (int begin = range.begin; begin < range.end; begin += batch) {
+    if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
+    __syncthreads();
+    // Room in every destination ring this batch writes to: sent + count - head <= slots.
+    if (threadIdx.x < R && !direct[threadIdx.x] && batch_count[threadIdx.x] > 0) {
+      const int d = threadIdx.x;
+      if (!window::wait(L.head(a.peers.data[rank], channel, d), sent[d] + batch_count[d] - L.slots, a.err, d,
+                         kStepDispatchSend, channel))
+        failed = true;
+    }
+    __syncthreads();
+    if (failed) return kFailed;
+
+    const int t = begin + warp;
+    if (warp < batch && t < range.end) {
+      if (lane < R) {
+        const int d = lane, pos = position[warp][d];
+        int4* row = nullptr;
+        if (pos >= 0 && direct[d]) {
+          const int r = outs[d].first_row + pos;
+          // Past num_worst_tokens (reported by notify): the row is dropped.
+          if (r < outs[d].num_rows) row = outs[d].x + static_cast<int64_t>(r) * H4;
+        } else if (pos >= 0) {
+          row = L.slot_x(L.ring(a.peers.data[d], channel, rank), pos % L.slots);
+        }
+        dst_rows[warp][d] = row;
+      }
+      __syncwarp();
+      int4* const* dst = dst_rows[warp];
+      const int4* src = x + static_cast<int64_t>(t) * H4;
+      constexpr int kUnroll = 8;
+      for (int i0 = lane; i0 < H4; i0 += 32 * kUnroll) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (i0 + 32 * u < H4) v[u] = a.l2_hints ? ld_nc_stream(src + i0 + 32 * u, policy) : ld_nc_stream(src + i0 + 32 * u);
+        for (int d = 0; d < R; ++d) {
+          int4* row = dst[d];
+          if (row == nullptr) continue;
+          // Outputs are read by the next kernel, not by us: stream them past L2. Ring rows are
+          // read back soon, so they keep the default policy.
+          const bool output = direct[d] && a.l2_hints;
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (i0 + 32 * u < H4) {
+              if (output)
+                st_na(row + i0 + 32 * u, v[u], policy);
+              else
+                row[i0 + 32 * u] = v[u];
+            }
+        }
+      }
+      // Metadata: final outputs for direct destinations, ring fields for the others.
+      for (int d = 0; d < R; ++d) {
+        const int pos = position[warp][d];
+        if (pos < 0) continue;
+        if (direct[d]) {
+          const DirectOut& o = outs[d];
+          const int64_t row = o.first_row + pos;
+          if (row >= o.num_rows) continue;
+          if (lane == 0 && o.src_idx) o.src_idx[row] = t;
+          if (lane < K) {
+            const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
+            const bool mine = e >= o.expert_begin && e < o.expert_begin + a.num_local_experts;
+            if (o.topk_idx) o.topk_idx[row * K + lane] = mine ? e - o.expert_begin : -1;
+            if (o.topk_weights)
+              o.topk_weights[row * K + lane] = mine && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+          }
+          for (int i = lane; i < S; i += 32)
+            o.scales[row * o.scales_stride_token + i * o.scales_stride_scale] =
+                a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+        } else {
+          char* ring = L.ring(a.peers.data[d], channel, rank);
+          const int slot = pos % L.slots;
+          if (lane == 0) *L.slot_src_idx(ring, slot) = t;
+          if (lane < K) {
+            L.slot_topk_idx(ring, slot)[lane] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * K + lane]);
+            L.slot_weights(ring, slot)[lane] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+          }
+          for (int i = lane; i < S; i += 32)
+            L.slot_scales(ring, slot)[i] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+        }
+      }
+      if (lane < K && a.topk_idx) {
+        const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
+        if (e < -1 || e >= a.num_experts)
+          report_error(a.err, kErrBadExpertId, -1, kStepDispatchSend, channel, static_cast<long long>(t) * kMaxTopK + lane);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < R) {
+      const int d = threadIdx.x;
+      sent[d] += batch_count[d];
+      if (!direct[d] && batch_count[d] > 0) window::signal(L.tail(a.peers.data[d], channel, rank), sent[d]);
+    }
+    __syncthreads();
+  }
+  // Direct destinations learn that this part's rows (possibly none) have all landed; a sender that
+  // did not split also speaks for the part it did not need.
+  if (threadIdx.x < R && threadIdx.x != rank && direct[threadIdx.x]) {
+    __threadfence_system();
+    for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
+      window::signal(&a.sections[threadIdx.x]->direct_done[p][channel][rank], a.seq);
+  }
+  return kSent;
+}
+
+// Tells the senders where this rank's outputs are (or that it takes rows through the rings).
+__device__ void publish_target(const DispatchArgs& a) {
+  DirectTarget* t = &a.sections[a.rank]->direct_target;
+  const DirectTarget& mine = a.target;
+  t->x = mine.x;
+  t->scales = mine.scales;
+  t->scales_stride_token = mine.scales_stride_token;
+  t->scales_stride_scale = mine.scales_stride_scale;
+  t->topk_idx = mine.topk_idx;
+  t->topk_weights = mine.topk_weights;
+  t->src_idx = mine.src_idx;
+  t->num_rows = mine.num_rows;
+  t->direct = mine.direct;
+  st_release_sys(&t->seq, a.seq);
+}
+
+__device__ void recv_channel(const DispatchArgs& a, int channel) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
+  const int warps_per_group = kNumWarps / max(R - 1, 1);
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int group = warp / warps_per_group, gw = warp % warps_per_group;
+  __shared__ bool abort_group[kMaxNvlRanks];
+
+  // Rows past the real count (num_worst_tokens padding) carry no expert and no source.
+  const int num_recv = a.rank_prefix_matrix[(R - 1) * R + rank];
+  for (int row = num_recv + (blockIdx.x / 2) * blockDim.x + threadIdx.x; row < a.num_out_rows; row += C * blockDim.x) {
+    if (a.write_src_idx) a.recv_src_idx[row] = -1;
+    for (int k = 0; k < L.num_topk; ++k) {
+      if (a.recv_topk_idx) a.recv_topk_idx[static_cast<int64_t>(row) * L.num_topk + k] = -1;
+      if (a.recv_topk_weights) a.recv_topk_weights[static_cast<int64_t>(row) * L.num_topk + k] = 0.f;
+    }
+  }
+  if (a.target.direct) {
+    // The senders write straight into my outputs; the kernel ends once every one of them has
+    // finished this channel.
+    const int s = threadIdx.x % kMaxNvlRanks, p = threadIdx.x / kMaxNvlRanks;
+    if (p < 2 && s < R && s != rank)
+      window::wait(&a.sections[rank]->direct_done[p][channel][s], a.seq, a.err, s, kStepDispatchRecv, channel);
+    return;
+  }
+  // One warp group per remote source; my own rows were written straight into recv_x by the sender.
+  if (group >= R - 1) return;
+  const int s = peer_of_group(group, rank);
+  const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
+  const int row_base = rows.base, total = rows.count;
+  int* tail_local = L.tail(a.peers.data[rank], channel, s);
+  int* head_remote = L.head(a.peers.data[s], channel, rank);
+  char* ring = L.ring(a.peers.data[rank], channel, s);
+  const int group_threads = warps_per_group * 32;
+  int4* recv_x = static_cast<int4*>(a.recv_x);
+  const int K = L.num_topk, S = L.num_scales;
+  const int expert_begin = rank * a.num_local_experts;
+  if (threadIdx.x % group_threads == 0) abort_group[group] = false;
+  const uint64_t policy = evict_first_policy();
+
+  __shared__ int available[kMaxNvlRanks];
+  int consumed = 0;
+  while (consumed < total) {
+    // The sender publishes per batch; take whatever has landed, up to a bound that keeps the
+    // head release frequent enough for the sender to stream.
+    if (gw == 0 && lane == 0) {
+      if (!window::wait(tail_local, consumed + 1, a.err, s, kStepDispatchRecv, channel)) abort_group[group] = true;
+      available[group] = ld_acquire_sys(tail_local);
+    }
+    group_barrier(1 + group, group_threads);
+    if (abort_group[group]) return;
+    const int n = min(min(available[group], total) - consumed, max(a.chunk, L.slots / 2));
+
+    // Rows past num_out_rows (a num_worst_tokens overflow, reported by notify) are dropped.
+    const int m = max(0, min(n, a.num_out_rows - (row_base + consumed)));
+    const int thread = threadIdx.x % group_threads;
+    group_copy_rows<8>(
+        m, L.hidden_int4, thread, group_threads, [&](int j) { return L.slot_x(ring, (consumed + j) % L.slots); },
+        [&](int j) { return recv_x + static_cast<int64_t>(row_base + consumed + j) * L.hidden_int4; },
+        [](const int4* p) { return ld_cg(p); },
+        [&](int4* p, const int4& v) { a.l2_hints ? st_na(p, v, policy) : st_na(p, v); });
+    const int first_row = row_base + consumed;
+    if (a.write_src_idx)
+      group_transfer<4>(
+          m, thread, group_threads, [&](int j) { return ld_cg_int(L.slot_src_idx(ring, (consumed + j) % L.slots)); },
+          [&](int j, int v) { a.recv_src_idx[first_row + j] = v; });
+    group_transfer<4>(
+        m * K, thread, group_threads,
+        [&](int e) {
+          const int j = e / K, slot = (consumed + j) % L.slots;
+          return make_int2(ld_cg_int(L.slot_topk_idx(ring, slot) + (e - j * K)),
+                           ld_cg_int(reinterpret_cast<const int*>(L.slot_weights(ring, slot) + (e - j * K))));
+        },
+        [&](int e, int2 v) {
+          const bool mine = v.x >= expert_begin && v.x < expert_begin + a.num_local_experts;
+          const int64_t at = static_cast<int64_t>(first_row) * K + e;
+          if (a.recv_topk_idx) a.recv_topk_idx[at] = mine ? v.x - expert_begin : -1;
+          if (a.recv_topk_weights) a.recv_topk_weights[at] = mine ? __int_as_float(v.y) : 0.f;
+        });
+    group_transfer<4>(
+        m * S, thread, group_threads,
+        [&](int e) {
+          const int j = e / S;
+          return ld_cg_float(L.slot_scales(ring, (consumed + j) % L.slots) + (e - j * S));
+        },
+        [&](int e, float v) {
+          const int j = e / S;
+          a.recv_x_scales[(first_row + j) * a.recv_scales_stride_token + (e - j * S) * a.recv_scales_stride_scale] = v;
+        });
+    group_barrier(1 + group, group_threads);
+    if (a.l2_discard) {
+      // The chunk's rows are read (their stores are issued behind the barrier); the sender's next
+      // lap rewrites them, so a write-back to HBM would be wasted bandwidth.
+      group_discard_rows(n, static_cast<int64_t>(L.hidden_int4) * 16, thread, group_threads,
+                         [&](int j) { return L.slot_x(ring, (consumed + j) % L.slots); });
+      group_barrier(1 + group, group_threads);
+    }
+    consumed += n;
+    if (gw == 0 && lane == 0) window::signal(head_remote, consumed == total ? 0 : consumed);
+  }
+  if (total > 0 && gw == 0 && lane == 0) st_volatile(tail_local, 0);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
+  const int channel = blockIdx.x / 2;
+  if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a);
+  if (blockIdx.x % 2 == 0)
+    send_channel(a, channel, 0);
+  else if (send_channel(a, channel, 1) != kFailed)
+    recv_channel(a, channel);
+}
+
+const KernelRegistration registration(reinterpret_cast<const void*>(&dispatch_kernel), "intranode dispatch", kThreads,
+                                      0);
+
+}  // namespace
+
+void launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
+  launch("intranode dispatch", &dispatch_kernel, LaunchShape{a.layout.num_channels * 2, kThreads, 0}, stream, a);
+}
+
+}  // namespace moelink::intranode

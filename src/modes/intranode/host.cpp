@@ -1,0 +1,361 @@
+// Host side of intranode dispatch and combine: argument checks, buffer-size checks, launches, and
+// the host wait on the notify mailbox.
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "modes/intranode/host.hpp"
+
+#include "modes/intranode/contract.hpp"
+#include "runtime/context.hpp"
+#include "runtime/errors.hpp"
+#include "runtime/knobs.hpp"
+#include "runtime/wait_steps.hpp"
+
+namespace moelink::intranode {
+
+using detail::raise;
+using runtime::Context;
+
+namespace {
+
+const runtime::WaitStepRegistration wait_steps{
+    {kStepNotify, "dispatch notify"},
+    {kStepDispatchSend, "dispatch (sender waiting for ring space at"},
+    {kStepDispatchRecv, "dispatch (receiver waiting for rows from"},
+    {kStepDispatchTarget, "dispatch (sender waiting for the output addresses of"},
+    {kStepCombineSource, "combine (receiver waiting for the input address of"},
+    {kStepCombinePull, "combine (waiting for the reads of its input by"},
+    {kStepCombineSend, "combine (sender waiting for ring space at"},
+    {kStepCombineRecv, "combine (receiver waiting for rows from"},
+};
+
+struct DispatchShape {
+  int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
+  int num_topk = 0, num_scales = 0, num_channels = 0, num_experts = 0;
+  bool fp8 = false;
+};
+
+void expect(const TensorRef& t, const std::vector<int64_t>& shape, DType dtype, int device, const char* arg,
+            bool contiguous = true) {
+  check::defined(t, arg);
+  check::dtype(t, dtype, arg);
+  check::shape(t, shape, arg);
+  if (contiguous) check::contiguous(t, arg);
+  check::on_device(t, device, arg);
+}
+
+void expect_scales_layout(const TensorRef& t, const char* arg) {
+  // Row-major [T, S] or column-major (the transpose of a contiguous [S, T]).
+  const bool row_major = t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) == t.size(1));
+  const bool col_major = t.stride(0) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(0));
+  if (!row_major && !col_major)
+    raise(ErrorKind::kValue, arg, ": expected a row-major or column-major [tokens, scales] tensor, got strides (",
+          t.stride(0), ", ", t.stride(1), ")");
+}
+
+DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
+                                bool cached, bool notify_step, const char* op) {
+  ctx.require_usable(op);
+  ctx.check_device_errors();
+  if (!ctx.topo.is_intranode())
+    raise(ErrorKind::kState, op, ": internode normal mode is not implemented yet (num_rdma_ranks = ", ctx.topo.num_rdma_ranks, ")");
+  config.validate();
+  const int R = ctx.topo.num_ranks;
+  DispatchShape s;
+  s.num_channels = config.num_channels();
+  check::defined(in.x, "x");
+  check::dim(in.x, 2, "x");
+  check::contiguous(in.x, "x");
+  check::on_device(in.x, ctx.device, "x");
+  s.fp8 = in.x.dtype == DType::kFloat8E4M3;
+  if (!s.fp8 && in.x.dtype != DType::kBFloat16)
+    raise(ErrorKind::kType, "x: expected bfloat16 or (float8_e4m3fn, float32 scales), got ", dtype_name(in.x.dtype));
+  s.num_tokens = in.x.size(0);
+  s.hidden = in.x.size(1);
+  s.row_bytes = s.hidden * dtype_size(in.x.dtype);
+  if (s.hidden <= 0 || s.row_bytes % 16 != 0)
+    raise(ErrorKind::kValue, "x: the row size (hidden * element size = ", s.row_bytes, " bytes) must be a positive multiple of 16");
+  if (s.fp8) {
+    check::defined(in.x_scales, "x_scales");
+    check::dtype(in.x_scales, DType::kFloat32, "x_scales");
+    check::dim(in.x_scales, 2, "x_scales");
+    if (in.x_scales.size(0) != s.num_tokens)
+      raise(ErrorKind::kValue, "x_scales: expected ", s.num_tokens, " rows (one per token of x), got ", in.x_scales.size(0));
+    check::on_device(in.x_scales, ctx.device, "x_scales");
+    expect_scales_layout(in.x_scales, "x_scales");
+    s.num_scales = static_cast<int>(in.x_scales.size(1));
+    if (s.num_scales < 1) raise(ErrorKind::kValue, "x_scales: expected at least one scale per token");
+  } else if (in.x_scales.data) {
+    raise(ErrorKind::kValue, "x_scales: only fp8 x carries scales");
+  }
+  expect(in.is_token_in_rank, {s.num_tokens, R}, DType::kBool, ctx.device, "is_token_in_rank");
+  expect(h.rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "rank_prefix_matrix");
+  if (cached && h.channel_prefix_matrix.defined() && h.channel_prefix_matrix.dim() == 2 &&
+      h.channel_prefix_matrix.size(1) != s.num_channels)
+    raise(ErrorKind::kValue, "config: num_sms = ", config.num_sms, " gives ", s.num_channels,
+          " channels, but the handle was made with ", h.channel_prefix_matrix.size(1),
+          " (num_sms = ", 2 * h.channel_prefix_matrix.size(1), "); use the same num_sms as the dispatch that made it");
+  expect(h.channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, ctx.device, "channel_prefix_matrix");
+  expect(h.recv_channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, ctx.device, "recv_channel_prefix_matrix");
+  if (!cached) {
+    // The notify step gets the layout counts; the dispatch step after it only gets num_experts.
+    if (notify_step) {
+      expect(in.num_tokens_per_rank, {R}, DType::kInt32, ctx.device, "num_tokens_per_rank");
+      check::defined(in.num_tokens_per_expert, "num_tokens_per_expert");
+      check::dim(in.num_tokens_per_expert, 1, "num_tokens_per_expert");
+      s.num_experts = static_cast<int>(in.num_tokens_per_expert.size(0));
+    } else {
+      s.num_experts = in.num_experts;
+    }
+    if (s.num_experts <= 0 || s.num_experts % R != 0 || s.num_experts / R > kernels::kMaxLocalExperts)
+      raise(ErrorKind::kValue, "num_tokens_per_expert: expected a positive multiple of num_ranks (", R, ") with at most ",
+            kernels::kMaxLocalExperts, " experts per rank, got ", s.num_experts);
+    if (notify_step) expect(in.num_tokens_per_expert, {s.num_experts}, DType::kInt32, ctx.device, "num_tokens_per_expert");
+    check::defined(in.topk_idx, "topk_idx");
+    check::dtype(in.topk_idx, DType::kInt64, "topk_idx");
+    check::dim(in.topk_idx, 2, "topk_idx");
+    s.num_topk = static_cast<int>(in.topk_idx.size(1));
+    if (s.num_topk < 1 || s.num_topk > kernels::kMaxTopK)
+      raise(ErrorKind::kValue, "topk_idx: expected 1..", kernels::kMaxTopK, " columns, got ", s.num_topk);
+    expect(in.topk_idx, {s.num_tokens, s.num_topk}, DType::kInt64, ctx.device, "topk_idx");
+    if (in.topk_weights.data || in.topk_weights.dim() > 0)
+      expect(in.topk_weights, {s.num_tokens, s.num_topk}, DType::kFloat32, ctx.device, "topk_weights");
+    if (in.expert_alignment < 1) raise(ErrorKind::kValue, "expert_alignment: expected >= 1, got ", in.expert_alignment);
+    if (in.num_worst_tokens < 0) raise(ErrorKind::kValue, "num_worst_tokens: expected >= 0, got ", in.num_worst_tokens);
+  }
+  const auto layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
+                                                s.num_scales, s.num_topk);
+  if (layout.total_bytes() > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", layout.total_bytes(), " bytes of NVLink buffer (",
+          R, " ranks, ", s.num_channels, " channels, ", config.num_max_nvl_chunked_recv_tokens, " ring slots, ",
+          s.row_bytes, "-byte rows) but the Buffer has ", ctx.num_nvl_bytes,
+          "; size it with Config.get_nvl_buffer_size_hint");
+  return s;
+}
+
+// Peers may write this dispatch's rows straight into our outputs only when every output the
+// kernel writes lives in our receive arena; otherwise the rows come through the rings.
+DirectTarget direct_target(const Context& ctx, const DispatchOutputs& out, const DispatchHandle& h, const DispatchShape& s,
+                           int64_t num_rows, bool cached) {
+  DirectTarget t{};
+  t.x = t.scales = t.topk_idx = t.topk_weights = t.src_idx = -1;
+  t.num_rows = static_cast<int>(num_rows);
+  const auto offset = [&](const TensorRef& ref, int64_t bytes) { return ctx.offset_in_arena(ref, bytes); };
+  if (num_rows == 0) return t;  // nothing to receive: the rings' bookkeeping is already trivial
+  bool direct = (t.x = offset(out.recv_x, num_rows * s.row_bytes)) >= 0;
+  if (s.fp8) {
+    direct &= (t.scales = offset(out.recv_x_scales, num_rows * s.num_scales * 4)) >= 0;
+    t.scales_stride_token = out.recv_x_scales.stride(0);
+    t.scales_stride_scale = out.recv_x_scales.stride(1);
+  }
+  if (!cached) {
+    direct &= (t.src_idx = offset(h.recv_src_idx, num_rows * 4)) >= 0;
+    direct &= (t.topk_idx = offset(out.recv_topk_idx, num_rows * s.num_topk * 8)) >= 0;
+    if (out.recv_topk_weights.data)
+      direct &= (t.topk_weights = offset(out.recv_topk_weights, num_rows * s.num_topk * 4)) >= 0;
+  }
+  t.direct = direct ? 1 : 0;
+  return t;
+}
+
+void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** sections) {
+  peers = ctx.peers;
+  for (int p = 0; p < ctx.topo.num_nvl_ranks; ++p) sections[p] = &ctx.peer_header(p)->intranode;
+}
+
+}  // namespace
+
+DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
+                    const StreamOrder& order) {
+  const DispatchShape s = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
+  const int R = ctx.topo.num_ranks;
+  ctx.begin_op(order);
+  NotifyArgs a{};
+  a.is_token_in_rank = static_cast<const bool*>(in.is_token_in_rank.data);
+  a.num_tokens_per_expert = static_cast<const int*>(in.num_tokens_per_expert.data);
+  a.num_tokens = static_cast<int>(s.num_tokens);
+  a.num_ranks = R;
+  a.num_channels = s.num_channels;
+  a.num_local_experts = s.num_experts / R;
+  a.expert_alignment = in.expert_alignment;
+  a.num_worst_tokens = in.num_worst_tokens;
+  a.rank_prefix_matrix = static_cast<int*>(h.rank_prefix_matrix.data);
+  a.channel_prefix_matrix = static_cast<int*>(h.channel_prefix_matrix.data);
+  a.recv_channel_prefix_matrix = static_cast<int*>(h.recv_channel_prefix_matrix.data);
+  a.mailbox = &ctx.mailbox_dev->intranode;
+  a.ready_seq = &ctx.mailbox_dev->ready_seq;
+  a.seq = ++ctx.op_seq;
+  fill_peers(ctx, a.peers, a.sections);
+  a.err = ctx.error_sink();
+  volatile int* ready = &ctx.mailbox->ready_seq;
+  *ready = 0;
+  launch_notify(a, ctx.comm_stream);
+
+  DispatchPlan plan;
+  if (in.num_worst_tokens > 0) {
+    plan.num_recv_tokens = in.num_worst_tokens;
+    return plan;
+  }
+  // Poll the host-mapped mailbox rather than synchronising the stream: the host only waits for the
+  // counts, never for unrelated work queued behind them. The device side bounds its own waits; the
+  // host adds a margin in case the kernel cannot even start.
+  const auto start = std::chrono::steady_clock::now();
+  const auto limit = std::chrono::duration<double>(ctx.timeout_s + 10.0);
+  for (uint64_t spins = 0; *ready != a.seq; ++spins) {
+    ctx.check_device_errors();
+    if (spins > 1024) std::this_thread::yield();
+    if ((spins & 1023) == 0 && std::chrono::steady_clock::now() - start > limit)
+      raise(ErrorKind::kTimeout, "rank ", ctx.topo.rank, " timed out after ", ctx.timeout_s + 10.0,
+            " s waiting for dispatch notify to finish on the GPU (is the comm stream blocked by previous_event?)");
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  ctx.check_device_errors();
+  plan.num_recv_tokens = ctx.mailbox->intranode.num_recv_tokens;
+  plan.num_recv_tokens_per_expert.assign(ctx.mailbox->intranode.num_recv_tokens_per_expert,
+                                         ctx.mailbox->intranode.num_recv_tokens_per_expert + s.num_experts / R);
+  return plan;
+}
+
+EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const DispatchOutputs& out,
+                     const Config& config, const StreamOrder& order, bool cached) {
+  const DispatchShape s = validate_dispatch(ctx, in, h, config, cached, false, "dispatch");
+  const int R = ctx.topo.num_ranks;
+  check::defined(out.recv_x, "recv_x");
+  check::dim(out.recv_x, 2, "recv_x");
+  const int64_t N = out.recv_x.size(0);
+  expect(out.recv_x, {N, s.hidden}, in.x.dtype, ctx.device, "recv_x");
+  if (cached) {
+    expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
+  } else {
+    expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
+    expect(out.recv_topk_idx, {N, s.num_topk}, DType::kInt64, ctx.device, "recv_topk_idx");
+    if (in.topk_weights.data) expect(out.recv_topk_weights, {N, s.num_topk}, DType::kFloat32, ctx.device, "recv_topk_weights");
+  }
+  if (s.fp8) {
+    check::defined(out.recv_x_scales, "recv_x_scales");
+    expect(out.recv_x_scales, {N, s.num_scales}, DType::kFloat32, ctx.device, "recv_x_scales", false);
+    expect_scales_layout(out.recv_x_scales, "recv_x_scales");
+  }
+
+  ctx.begin_op(order);
+  // A cached dispatch has no notify, whose barrier is what keeps this operation's first ring
+  // write behind every peer's reset of the previous one.
+  if (cached) {
+    ctx.launch_barrier(kernels::kBarrierOp);
+  }
+  DispatchArgs a{};
+  a.x = in.x.data;
+  if (s.fp8) {
+    a.x_scales = static_cast<const float*>(in.x_scales.data);
+    a.x_scales_stride_token = in.x_scales.stride(0);
+    a.x_scales_stride_scale = in.x_scales.stride(1);
+    a.recv_x_scales = static_cast<float*>(out.recv_x_scales.data);
+    a.recv_scales_stride_token = out.recv_x_scales.stride(0);
+    a.recv_scales_stride_scale = out.recv_x_scales.stride(1);
+  }
+  a.topk_idx = cached ? nullptr : static_cast<const int64_t*>(in.topk_idx.data);
+  a.topk_weights = cached ? nullptr : static_cast<const float*>(in.topk_weights.data);
+  a.is_token_in_rank = static_cast<const bool*>(in.is_token_in_rank.data);
+  a.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
+  a.channel_prefix_matrix = static_cast<const int*>(h.channel_prefix_matrix.data);
+  a.recv_channel_prefix_matrix = static_cast<const int*>(h.recv_channel_prefix_matrix.data);
+  a.num_tokens = static_cast<int>(s.num_tokens);
+  a.num_experts = s.num_experts;
+  a.num_local_experts = cached ? 0 : s.num_experts / R;
+  a.recv_x = out.recv_x.data;
+  a.recv_topk_idx = cached ? nullptr : static_cast<int64_t*>(out.recv_topk_idx.data);
+  a.recv_topk_weights = cached ? nullptr : static_cast<float*>(out.recv_topk_weights.data);
+  a.recv_src_idx = static_cast<int*>(h.recv_src_idx.data);
+  a.write_src_idx = !cached;
+  a.num_out_rows = static_cast<int>(N);
+  a.layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
+                                       s.num_scales, s.num_topk);
+  a.chunk = config.num_max_nvl_chunked_send_tokens;
+  a.l2_hints = knobs::l2_hints();
+  a.l2_discard = knobs::l2_discard();
+  a.target = direct_target(ctx, out, h, s, N, cached);
+  a.seq = ++ctx.dispatch_seq;
+  a.rank = ctx.topo.nvl_rank;
+  fill_peers(ctx, a.peers, a.sections);
+  a.err = ctx.error_sink();
+  launch_dispatch(a, ctx.comm_stream);
+  return ctx.end_op(order);
+}
+
+EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle& h, const CombineOutputs& out,
+                    const Config& config, const StreamOrder& order) {
+  ctx.require_usable("combine");
+  ctx.check_device_errors();
+  if (!ctx.topo.is_intranode())
+    raise(ErrorKind::kState, "combine: internode normal mode is not implemented yet");
+  config.validate();
+  const int R = ctx.topo.num_ranks;
+  const int C = config.num_channels();
+  check::defined(in.x, "x");
+  check::dtype(in.x, DType::kBFloat16, "x");
+  check::dim(in.x, 2, "x");
+  const int64_t H = in.x.size(1);
+  if (H <= 0 || (H * 2) % 16 != 0) raise(ErrorKind::kValue, "x: hidden size must be a positive multiple of 8, got ", H);
+  check::defined(h.recv_src_idx, "handle.recv_src_idx");
+  check::dim(h.recv_src_idx, 1, "handle.recv_src_idx");
+  const int64_t N = h.recv_src_idx.size(0);
+  expect(in.x, {N, H}, DType::kBFloat16, ctx.device, "x");
+  check::defined(h.is_token_in_rank, "handle.is_token_in_rank");
+  check::dim(h.is_token_in_rank, 2, "handle.is_token_in_rank");
+  const int64_t T = h.is_token_in_rank.size(0);
+  expect(h.is_token_in_rank, {T, R}, DType::kBool, ctx.device, "handle.is_token_in_rank");
+  expect(h.rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "handle.rank_prefix_matrix");
+  if (h.channel_prefix_matrix.dim() == 2 && h.channel_prefix_matrix.size(1) != C)
+    raise(ErrorKind::kValue, "config: num_sms = ", config.num_sms, " gives ", C, " channels, but the handle was made with ",
+          h.channel_prefix_matrix.size(1), " (num_sms = ", 2 * h.channel_prefix_matrix.size(1),
+          "); combine must use the same num_sms as the dispatch that made the handle");
+  expect(h.channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "handle.channel_prefix_matrix");
+  expect(h.recv_channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "handle.recv_channel_prefix_matrix");
+  int K = 0;
+  if (in.topk_weights.data || in.topk_weights.dim() > 0) {
+    check::dim(in.topk_weights, 2, "topk_weights");
+    K = static_cast<int>(in.topk_weights.size(1));
+    if (K < 1 || K > kernels::kMaxTopK) raise(ErrorKind::kValue, "topk_weights: expected 1..", kernels::kMaxTopK, " columns, got ", K);
+    expect(in.topk_weights, {N, K}, DType::kFloat32, ctx.device, "topk_weights");
+    expect(out.combined_topk_weights, {T, K}, DType::kFloat32, ctx.device, "combined_topk_weights");
+  }
+  if (in.bias_0.data || in.bias_0.dim() > 0) expect(in.bias_0, {T, H}, DType::kBFloat16, ctx.device, "bias[0]");
+  if (in.bias_1.data || in.bias_1.dim() > 0) expect(in.bias_1, {T, H}, DType::kBFloat16, ctx.device, "bias[1]");
+  expect(out.combined_x, {T, H}, DType::kBFloat16, ctx.device, "combined_x");
+  const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
+  if (layout.total_bytes() > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", layout.total_bytes(), " bytes of NVLink buffer but the Buffer has ",
+          ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
+
+  ctx.begin_op(order);
+  ctx.launch_barrier(kernels::kBarrierOp);
+  CombineArgs a{};
+  a.x = in.x.data;
+  a.topk_weights = K ? static_cast<const float*>(in.topk_weights.data) : nullptr;
+  a.bias_0 = in.bias_0.data;
+  a.bias_1 = in.bias_1.data;
+  a.is_token_in_rank = static_cast<const bool*>(h.is_token_in_rank.data);
+  a.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
+  a.channel_prefix_matrix = static_cast<const int*>(h.channel_prefix_matrix.data);
+  a.recv_channel_prefix_matrix = static_cast<const int*>(h.recv_channel_prefix_matrix.data);
+  a.num_tokens = static_cast<int>(T);
+  a.combined_x = out.combined_x.data;
+  a.combined_topk_weights = K ? static_cast<float*>(out.combined_topk_weights.data) : nullptr;
+  a.layout = layout;
+  a.chunk = config.num_max_nvl_chunked_send_tokens;
+  a.l2_hints = knobs::l2_hints();
+  a.l2_discard = knobs::l2_discard();
+  // Peers read our rows in place when the input (and its weights) live in our receive arena.
+  a.source.x = ctx.offset_in_arena(in.x, N * H * 2);
+  a.source.weights = K ? ctx.offset_in_arena(in.topk_weights, N * K * 4) : -1;
+  a.source.pull = N > 0 && a.source.x >= 0 && (K == 0 || a.source.weights >= 0);
+  a.seq = ++ctx.combine_seq;
+  a.rank = ctx.topo.nvl_rank;
+  fill_peers(ctx, a.peers, a.sections);
+  a.err = ctx.error_sink();
+  launch_combine(a, ctx.comm_stream);
+  return ctx.end_op(order);
+}
+
+}  // namespace moelink::intranode

@@ -1,0 +1,98 @@
+#pragma once
+// The named layout of the intranode part of an NVLink buffer. One definition serves the host (size
+// hints, "buffer too small" checks) and the kernels, so they cannot disagree.
+//
+//   [ counters: tail[C][R] | head[C][R] ]  [ ring(c=0,peer=0) | ring(0,1) | ... | ring(C-1,R-1) ]
+//
+// ring(c, p) in rank d's buffer carries channel c's rows from peer p to d. Each ring is `slots`
+// entries deep, stored field by field: x rows, source token index, top-k ids, top-k weights, scales.
+// tail[c][p] (in d's buffer) = rows p has published into ring(c, p); written by p.
+// head[c][q] (in p's buffer)  = rows q has consumed from p's ring in q's buffer; written by q.
+#include <cstdint>
+
+#include <vector_types.h>
+
+#include "common/header.hpp"
+
+namespace moelink::intranode {
+
+using kernels::align_up;
+
+struct RingLayout {
+  int num_ranks = 0;
+  int num_channels = 0;
+  int slots = 0;
+  int hidden_int4 = 0;  // row bytes / 16
+  int num_scales = 0;   // float32 per row
+  int num_topk = 0;
+
+  int64_t x_bytes = 0, src_idx_bytes = 0, topk_idx_bytes = 0, weights_bytes = 0, scales_bytes = 0;
+  int64_t ring_bytes = 0;
+  int64_t counters_bytes = 0;
+
+  MOELINK_HOST_DEVICE static RingLayout make(int num_ranks, int num_channels, int slots, int64_t row_bytes,
+                                             int num_scales, int num_topk) {
+    RingLayout l;
+    l.num_ranks = num_ranks;
+    l.num_channels = num_channels;
+    l.slots = slots;
+    l.hidden_int4 = static_cast<int>(row_bytes / 16);
+    l.num_scales = num_scales;
+    l.num_topk = num_topk;
+    l.x_bytes = align_up(static_cast<int64_t>(slots) * row_bytes, 128);
+    l.src_idx_bytes = align_up(static_cast<int64_t>(slots) * 4, 128);
+    l.topk_idx_bytes = align_up(static_cast<int64_t>(slots) * num_topk * 4, 128);
+    l.weights_bytes = align_up(static_cast<int64_t>(slots) * num_topk * 4, 128);
+    l.scales_bytes = align_up(static_cast<int64_t>(slots) * num_scales * 4, 128);
+    l.ring_bytes = l.x_bytes + l.src_idx_bytes + l.topk_idx_bytes + l.weights_bytes + l.scales_bytes;
+    l.counters_bytes = align_up(2LL * num_channels * num_ranks * 4, 128);
+    return l;
+  }
+
+  MOELINK_HOST_DEVICE int64_t total_bytes() const {
+    return counters_bytes + static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
+  }
+
+  // All pointers below are relative to the base of some rank's data region.
+  MOELINK_HOST_DEVICE int* tail(void* base, int channel, int peer) const {
+    return reinterpret_cast<int*>(base) + channel * num_ranks + peer;
+  }
+  MOELINK_HOST_DEVICE int* head(void* base, int channel, int peer) const {
+    return reinterpret_cast<int*>(base) + num_channels * num_ranks + channel * num_ranks + peer;
+  }
+  MOELINK_HOST_DEVICE char* ring(void* base, int channel, int peer) const {
+    return reinterpret_cast<char*>(base) + counters_bytes +
+           (static_cast<int64_t>(channel) * num_ranks + peer) * ring_bytes;
+  }
+  MOELINK_HOST_DEVICE int4* slot_x(char* ring, int slot) const {
+    return reinterpret_cast<int4*>(ring) + static_cast<int64_t>(slot) * hidden_int4;
+  }
+  MOELINK_HOST_DEVICE int* slot_src_idx(char* ring, int slot) const {
+    return reinterpret_cast<int*>(ring + x_bytes) + slot;
+  }
+  MOELINK_HOST_DEVICE int* slot_topk_idx(char* ring, int slot) const {
+    return reinterpret_cast<int*>(ring + x_bytes + src_idx_bytes) + slot * num_topk;
+  }
+  MOELINK_HOST_DEVICE float* slot_weights(char* ring, int slot) const {
+    return reinterpret_cast<float*>(ring + x_bytes + src_idx_bytes + topk_idx_bytes) + slot * num_topk;
+  }
+  MOELINK_HOST_DEVICE float* slot_scales(char* ring, int slot) const {
+    return reinterpret_cast<float*>(ring + x_bytes + src_idx_bytes + topk_idx_bytes + weights_bytes) +
+           slot * num_scales;
+  }
+};
+
+// Tokens [begin, end) of a rank's T tokens that channel c carries; the same split on every rank.
+struct ChannelRange {
+  int begin, end;
+};
+MOELINK_HOST_DEVICE ChannelRange channel_range(int num_tokens, int num_channels, int channel) {
+  const int per = (num_tokens + num_channels - 1) / num_channels;
+  int b = channel * per;
+  b = b < num_tokens ? b : num_tokens;
+  int e = b + per;
+  e = e < num_tokens ? e : num_tokens;
+  return {b, e};
+}
+
+}  // namespace moelink::intranode

@@ -1,0 +1,65 @@
+#include "runtime/knobs.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "runtime/errors.hpp"
+
+namespace moelink::knobs {
+
+namespace {
+
+const char* value_of(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || *value == '\0' ? nullptr : value;
+}
+
+bool flag(const char* name, bool fallback) {
+  const char* value = value_of(name);
+  if (value == nullptr) return fallback;
+  const std::string text(value);
+  if (text != "0" && text != "1") detail::raise(ErrorKind::kValue, name, ": expected 0 or 1, got '", text, "'");
+  return text == "1";
+}
+
+}  // namespace
+
+double timeout_seconds() {
+  // Read on every Buffer construction, not cached: tests lower it between Buffers of one process.
+  const char* value = value_of("MOELINK_TIMEOUT_S");
+  if (value == nullptr) return 100.0;
+  char* end = nullptr;
+  const double seconds = std::strtod(value, &end);
+  if (end == value || *end != '\0' || !(seconds > 0))
+    detail::raise(ErrorKind::kValue, "MOELINK_TIMEOUT_S: expected a positive number of seconds, got '", value, "'");
+  return seconds;
+}
+
+bool l2_hints() {
+  static const bool enabled = flag("MOELINK_L2_HINTS", true);
+  return enabled;
+}
+
+bool l2_discard() {
+  static const bool enabled = flag("MOELINK_L2_DISCARD", true);
+  return enabled;
+}
+
+bool debug() {
+  static const bool enabled = flag("MOELINK_DEBUG", false);
+  return enabled;
+}
+
+void log_once() {
+  if (!debug()) return;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    std::fprintf(stderr,
+                 "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d MOELINK_DEBUG=1\n",
+                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0);
+  });
+}
+
+}  // namespace moelink::knobs

@@ -1,0 +1,25 @@
+#pragma once
+// Every MOELINK_* environment variable the C++ core reads, in one place (docs/KNOBS.md lists them
+// all, the Python side's too). Each is read once; a malformed value raises kValue naming it.
+// With MOELINK_DEBUG=1 the values in use are printed once per process, on the first Buffer.
+
+namespace moelink::knobs {
+
+// MOELINK_TIMEOUT_S: how long any wait for a peer may last, device and host side (default 100 s).
+double timeout_seconds();
+
+// MOELINK_L2_HINTS (0/1, default 1): evict-first L2 policy on data the kernels touch once.
+// (Evict-last on ring writes measured slower: the rings are larger than L2.)
+bool l2_hints();
+
+// MOELINK_L2_DISCARD (0/1, default 1): drop ring lines from L2 once consumed instead of letting
+// them be written back to HBM; the ring's next lap rewrites them anyway.
+bool l2_discard();
+
+// MOELINK_DEBUG (0/1, default 0): log the knobs' values once, and more context in errors.
+bool debug();
+
+// Prints every knob's value to stderr once per process when debug() is on.
+void log_once();
+
+}  // namespace moelink::knobs

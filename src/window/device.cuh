@@ -1,0 +1,31 @@
+#pragma once
+// The device vocabulary over a window (window.hpp): a peer's address, rows put into it, a counter
+// signalled after the rows, and a bounded wait on a local counter. Over CUDA IPC these are plain
+// stores through mapped pointers and release/acquire at system scope (a peer may be another
+// process on this GPU under MPS, or another GPU across NVLink). Kernels written in these terms are
+// what the NVSHMEM put-with-signal path will implement for peers that cannot be mapped.
+#include <cstdint>
+
+#include "common/header.hpp"
+#include "common/primitives.cuh"
+#include "common/waits.cuh"
+
+namespace moelink::window {
+
+// Peer p's region at `offset`, or nullptr when p is not reachable by stores.
+__device__ __forceinline__ char* peer_address(const kernels::PeerTable& peers, int p, int64_t offset) {
+  return peers.data[p] == nullptr ? nullptr : static_cast<char*>(peers.data[p]) + offset;
+}
+
+// Raises a counter (usually in a peer's memory) to `value`; every store this thread made before is
+// visible to whoever sees the new value.
+__device__ __forceinline__ void signal(int* counter, int value) { kernels::st_release_sys(counter, value); }
+
+// Waits until a counter in this rank's memory reaches `target`; false (after reporting rank, peer,
+// step and channel) when the timeout expires first.
+__device__ __forceinline__ bool wait(const int* counter, int target, const kernels::ErrorSink& err, int peer,
+                                     int step, int channel) {
+  return kernels::wait_at_least(counter, target, err, peer, step, channel);
+}
+
+}  // namespace moelink::window
