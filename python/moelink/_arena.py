@@ -1,0 +1,78 @@
+"""Output tensors in the receive arena: the memory peers write dispatched rows straight into."""
+
+import math
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _moelink
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
+
+# Tensors sharing one arena block each start at the alignment the runtime gives whole blocks, so a
+# view is as aligned as a block of its own would be. The runtime owns the number; an extension that
+# does not export it uses 512.
+ARENA_ALIGNMENT: int = getattr(_moelink, "ARENA_ALIGNMENT", 512)
+
+
+def arena_tensors(buf: "Buffer", parts: Sequence[Tuple[tuple, torch.dtype]],
+                  separate: Sequence[Tuple[tuple, torch.dtype]] = ()) -> Optional[List[torch.Tensor]]:
+    """Tensors of the given (shape, dtype) in the receive arena, or None when it lacks room.
+
+    ``parts`` share one block (they are dropped together); each of ``separate`` gets its own,
+    so a handle keeping recv_src_idx does not pin recv_x's memory."""
+    if buf.runtime.num_arena_bytes == 0 or any(math.prod(shape) == 0 for shape, _ in parts):
+        return None
+    groups = [list(parts)] + [[part] for part in separate]
+    out: List[torch.Tensor] = []
+    for group in groups:
+        offsets, total = [], 0
+        for shape, dtype in group:
+            total = (total + ARENA_ALIGNMENT - 1) // ARENA_ALIGNMENT * ARENA_ALIGNMENT
+            offsets.append(total)
+            total += math.prod(shape) * dtype.itemsize
+        block = buf.runtime.arena_dlpack(total)
+        if block is None:
+            return None  # the blocks taken so far go back to the arena with `out`
+        raw = torch.from_dlpack(block)
+        for (shape, dtype), offset in zip(group, offsets):
+            size = math.prod(shape) * dtype.itemsize
+            out.append(raw[offset:offset + size].view(dtype).view(shape))
+    return out
+
+
+def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
+                           num_recv_tokens: int, num_topk: int = 0, with_weights: bool = False
+                           ) -> Tuple[Optional[torch.Tensor], ...]:
+    """(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx); num_topk == 0 (a
+    cached dispatch) leaves the last three None.
+
+    They come from the receive arena when it has room, so peers write rows straight into them;
+    else from the caching allocator, and the rows come through the rings."""
+    n, device = num_recv_tokens, buf._device
+    num_scales = x_scales.size(1) if x_scales is not None else 0
+    # Keep the caller's scale layout (column-major is what fp8 GEMMs read).
+    scales_col_major = x_scales is not None and x_scales.stride(1) != 1
+    parts = [((n, hidden), x.dtype)]
+    if x_scales is not None:
+        parts.append(((num_scales, n) if scales_col_major else (n, num_scales), torch.float32))
+    if num_topk:
+        parts.append(((n, num_topk), torch.int64))
+        if with_weights:
+            parts.append(((n, num_topk), torch.float32))
+    tensors = arena_tensors(buf, parts, separate=[((n,), torch.int32)] if num_topk else [])
+    if tensors is None:
+        tensors = [torch.empty(shape, dtype=dtype, device=device)
+                   for shape, dtype in parts + ([((n,), torch.int32)] if num_topk else [])]
+    recv_x = tensors.pop(0)
+    recv_x_scales = None
+    if x_scales is not None:
+        recv_x_scales = tensors.pop(0)
+        if scales_col_major:
+            recv_x_scales = recv_x_scales.t()
+    if not num_topk:
+        return recv_x, recv_x_scales, None, None, None
+    recv_topk_idx = tensors.pop(0)
+    recv_topk_weights = tensors.pop(0) if with_weights else None
+    return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, tensors.pop(0)

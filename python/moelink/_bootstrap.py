@@ -1,0 +1,75 @@
+"""Bringing up the runtime of one Buffer: the collective that connects each rank to its peers."""
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _knobs, _moelink
+from ._checks import _check_int
+
+
+def arena_bytes(num_arena_bytes: Optional[int]) -> int:
+    """The receive arena's size: ``num_arena_bytes`` when given, else ``MOELINK_ARENA_BYTES``."""
+    if num_arena_bytes is None:
+        num_arena_bytes = _knobs.arena_bytes()
+    return _check_int(num_arena_bytes, "num_arena_bytes", 0)
+
+
+def _rank_and_all_gather(group: Optional["dist.ProcessGroup"], comm: Optional[Any]
+                         ) -> Tuple[int, int, Callable[[Any], List[Any]]]:
+    if group is not None:
+        rank, num_ranks = group.rank(), group.size()
+
+        def all_gather(obj: Any) -> List[Any]:
+            gathered = [None] * num_ranks
+            dist.all_gather_object(gathered, obj, group=group)
+            return gathered
+    else:
+        rank, num_ranks = comm.Get_rank(), comm.Get_size()
+        all_gather = comm.allgather
+    return rank, num_ranks, all_gather
+
+
+def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl_bytes: int, num_rdma_bytes: int,
+              low_latency_mode: bool, explicitly_destroy: bool, num_qps_per_rank: int, num_arena_bytes: int
+              ) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
+    """(runtime, topology, rank, num_ranks) of this rank, connected to its peers: a collective over
+    ``group`` or ``comm`` (exactly one must be given). The other arguments are checked already; the
+    runtime lives on the current CUDA device."""
+    if (group is None) == (comm is None):
+        raise ValueError("Buffer needs exactly one of group (a torch.distributed ProcessGroup) or comm "
+                         "(an mpi4py communicator)")
+    rank, num_ranks, all_gather = _rank_and_all_gather(group, comm)
+    num_nvl_ranks = _knobs.nvl_ranks(num_ranks)
+    device = torch.cuda.current_device()
+
+    # A rank that fails alone must not leave its peers blocked in the next collective, so every
+    # rank reports success or its error in one all-gather and all of them raise together.
+    runtime, info, error = None, None, None
+    try:
+        runtime = _moelink.Buffer(rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
+                                  explicitly_destroy, num_nvl_ranks, num_qps_per_rank, device=device,
+                                  num_arena_bytes=num_arena_bytes)
+        topology = runtime.topology
+        # The NVSHMEM root: the lane's rank on node 0 in normal mode, global rank 0 in low-latency mode.
+        is_root = rank == 0 if low_latency_mode else topology.rdma_rank == 0
+        unique_id = runtime.local_nvshmem_unique_id() if num_rdma_bytes > 0 and is_root else None
+        info = (runtime.device_id, runtime.local_ipc_handle(), unique_id)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the peers learned of it
+        error = e
+    gathered = all_gather((None if error is None else f"{type(error).__name__}: {error}", info))
+    if error is not None:
+        raise error
+    for peer, (peer_error, _) in enumerate(gathered):
+        if peer_error is not None:
+            raise RuntimeError(f"moelink.Buffer: rank {peer} failed to initialize: {peer_error}")
+
+    device_ids = [peer_info[0] for _, peer_info in gathered]
+    ipc_handles = [peer_info[1] for _, peer_info in gathered]
+    root_unique_id = None
+    if num_rdma_bytes > 0:
+        root = 0 if low_latency_mode else topology.nvl_rank
+        root_unique_id = gathered[root][1][2]
+    runtime.sync(device_ids, ipc_handles, root_unique_id)
+    return runtime, topology, rank, num_ranks

@@ -1,0 +1,204 @@
+"""Intranode normal mode (all ranks in one NVLink domain): the bodies of Buffer's layout, dispatch
+and combine. Each takes the Buffer it runs on; Buffer keeps the documented signatures."""
+
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+
+import torch
+
+from ._arena import alloc_dispatch_outputs
+from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _ref, _split_bias, _split_x
+from ._moelink import Config
+from ._streams import _OpStreams
+from .event import EventOverlap
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
+
+# (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+#  is_token_in_rank, None)
+DispatchHandle = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]
+
+
+def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
+                        previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+    buf._check_usable("get_dispatch_layout")
+    _check_tensor(topk_idx, "topk_idx")
+    num_experts = _check_int(num_experts, "num_experts")
+    if num_experts <= 0 or num_experts % buf.group_size != 0:
+        raise ValueError(f"num_experts must be > 0 and a multiple of the number of ranks ({buf.group_size}), "
+                         f"got {num_experts}")
+    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    num_tokens = topk_idx.size(0) if topk_idx.dim() >= 1 else 0
+    num_rdma_ranks = buf._topology.num_rdma_ranks
+    with streams.allocating():
+        num_tokens_per_rank = torch.empty((buf.group_size,), dtype=torch.int32, device=buf._device)
+        num_tokens_per_rdma_rank = (torch.empty((num_rdma_ranks,), dtype=torch.int32, device=buf._device)
+                                    if num_rdma_ranks > 1 else None)
+        num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=buf._device)
+        is_token_in_rank = torch.empty((num_tokens, buf.group_size), dtype=torch.bool, device=buf._device)
+    event = buf.runtime.get_dispatch_layout(_ref(topk_idx, "topk_idx"), num_experts,
+                                            _ref(num_tokens_per_rank), _ref(num_tokens_per_rdma_rank),
+                                            _ref(num_tokens_per_expert), _ref(is_token_in_rank), streams.order)
+    outputs = (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)
+    return (*outputs, streams.finish(event, [topk_idx], outputs))
+
+
+def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+             handle: Optional[DispatchHandle], num_tokens_per_rank: Optional[torch.Tensor],
+             num_tokens_per_rdma_rank: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
+             num_tokens_per_expert: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
+             topk_weights: Optional[torch.Tensor], expert_alignment: int, num_worst_tokens: int,
+             config: Optional[Config], previous_event: Optional[EventOverlap], async_finish: bool,
+             allocate_on_comm_stream: bool
+             ) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor],
+                        Optional[torch.Tensor], Optional[List[int]], DispatchHandle, EventOverlap]:
+    buf._check_usable("dispatch")
+    x, x_scales = _split_x(x)
+    config = buf.get_dispatch_config(buf.group_size) if config is None else _check_config(config)
+    if buf._topology.num_rdma_ranks > 1:
+        return buf.internode_dispatch(x if x_scales is None else (x, x_scales), handle, num_tokens_per_rank,
+                                      num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                                      topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                                      previous_event, async_finish, allocate_on_comm_stream)
+    expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
+    num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
+    for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                        ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
+                        ("is_token_in_rank", is_token_in_rank),
+                        ("num_tokens_per_expert", num_tokens_per_expert),
+                        ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+        _check_tensor(value, name, optional=True)
+    hidden = _hidden(x, "x")
+    if x_scales is not None:
+        _check_dim(x_scales, "x_scales", 2)
+
+    if handle is not None:
+        for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                            ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
+                            ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert),
+                            ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if value is not None:
+                raise ValueError(f"dispatch with a handle (cached mode) repeats the handle's routing; "
+                                 f"{name} must be None")
+        return _cached_dispatch(buf, x, x_scales, hidden, handle, config, previous_event, async_finish,
+                                allocate_on_comm_stream)
+
+    for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                        ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx)):
+        if value is None:
+            raise ValueError(f"dispatch without a handle needs {name} (see get_dispatch_layout)")
+    num_experts = num_tokens_per_expert.numel()
+    num_channels = config.num_sms // 2
+    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    num_ranks, device = buf.group_size, buf._device
+    with streams.allocating():
+        rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
+        channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
+        recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
+    num_recv_tokens, num_recv_tokens_per_expert_list = buf.runtime.intranode_notify(
+        _ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"), _ref(topk_weights, "topk_weights"),
+        _ref(is_token_in_rank, "is_token_in_rank"), _ref(num_tokens_per_rank, "num_tokens_per_rank"),
+        _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
+        _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), config,
+        streams.order)
+
+    num_topk = topk_idx.size(1)
+    with streams.allocating():
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
+            buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None)
+    event = buf.runtime.intranode_dispatch(
+        _ref(x), _ref(x_scales), _ref(topk_idx), _ref(topk_weights), _ref(is_token_in_rank), num_experts,
+        expert_alignment, num_worst_tokens, _ref(rank_prefix_matrix), _ref(channel_prefix_matrix),
+        _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(recv_x), _ref(recv_x_scales),
+        _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
+
+    handle = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+              is_token_in_rank, None)
+    inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
+    outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, recv_x,
+               recv_x_scales, recv_topk_idx, recv_topk_weights)
+    event_overlap = streams.finish(event, inputs, outputs)
+    return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, recv_topk_idx, recv_topk_weights,
+            list(num_recv_tokens_per_expert_list), handle, event_overlap)
+
+
+def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int, handle: Any,
+                     config: Config, previous_event: Any, async_finish: Any, allocate_on_comm_stream: Any) -> tuple:
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = \
+        _unpack_handle(handle, config, "dispatch")
+    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    num_recv_tokens = recv_src_idx.numel()
+    with streams.allocating():
+        recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens)[:2]
+    event = buf.runtime.intranode_dispatch(
+        _ref(x), _ref(x_scales), None, None, _ref(is_token_in_rank), 0, 1, 0, _ref(rank_prefix_matrix),
+        _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(recv_x),
+        _ref(recv_x_scales), None, None, config, streams.order, True)
+    inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+              is_token_in_rank)
+    event_overlap = streams.finish(event, inputs, (recv_x, recv_x_scales))
+    return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, handle, event_overlap)
+
+
+def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
+            bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None], config: Optional[Config],
+            previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+    buf._check_usable("combine")
+    _check_tensor(x, "x")
+    _check_tensor(topk_weights, "topk_weights", optional=True)
+    bias_0, bias_1 = _split_bias(bias)
+    config = buf.get_combine_config(buf.group_size) if config is None else _check_config(config)
+    if buf._topology.num_rdma_ranks > 1:
+        return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                     allocate_on_comm_stream)
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = \
+        _unpack_handle(handle, config, "combine")
+    hidden = _hidden(x, "x")
+    num_tokens = is_token_in_rank.size(0)
+    if topk_weights is not None:
+        _check_dim(topk_weights, "topk_weights", 2)
+    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    with streams.allocating():
+        combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=buf._device)
+        combined_topk_weights = (torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32,
+                                             device=buf._device) if topk_weights is not None else None)
+    event = buf.runtime.intranode_combine(
+        _ref(x, "x"), _ref(topk_weights, "topk_weights"), _ref(bias_0, "bias"), _ref(bias_1, "bias"),
+        _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix),
+        _ref(recv_src_idx), _ref(is_token_in_rank), _ref(combined_x), _ref(combined_topk_weights), config,
+        streams.order)
+    inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
+              recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank)
+    return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
+
+
+def _hidden(x: torch.Tensor, name: str) -> int:
+    _check_dim(x, name, 2)
+    return x.size(1)
+
+
+def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[torch.Tensor, ...]:
+    if not isinstance(handle, (tuple, list)):
+        raise ValueError(f"handle must be the 6-tuple returned by dispatch, got {type(handle).__name__}")
+    if len(handle) != 6:
+        raise ValueError(f"handle must be the 6-tuple returned by dispatch, got {len(handle)} entries")
+    names = ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx",
+             "is_token_in_rank")
+    for i, name in enumerate(names):
+        _check_tensor(handle[i], f"handle[{i}] ({name})")
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = \
+        handle[:5]
+    _check_dim(channel_prefix_matrix, "handle[1] (channel_prefix_matrix)", 2)
+    _check_dim(recv_channel_prefix_matrix, "handle[2] (recv_channel_prefix_matrix)", 2)
+    _check_dim(is_token_in_rank, "handle[4] (is_token_in_rank)", 2)
+    num_channels = config.num_sms // 2
+    handle_channels = channel_prefix_matrix.size(1)
+    if handle_channels != num_channels or recv_channel_prefix_matrix.size(1) != num_channels:
+        raise ValueError(f"{op}: the handle was made by a dispatch whose config had num_sms = "
+                         f"{2 * handle_channels}, but this config has num_sms = {config.num_sms}; a cached "
+                         f"dispatch and combine must use a config with the same num_sms as the dispatch that "
+                         f"made the handle")
+    return rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank

@@ -1,0 +1,32 @@
+"""The MOELINK_* environment variables the Python side reads, all of them.
+
+Each is read when it is needed, not at import, so a job may set it after ``import moelink`` and
+before building its Buffer. (The runtime reads its own, e.g. the timeout, in C++.)
+"""
+
+import os
+
+
+def arena_bytes() -> int:
+    """``MOELINK_ARENA_BYTES``: bytes of receive arena when Buffer gets ``num_arena_bytes=None``;
+    default 0 (no arena). Any float literal is accepted, so ``2e9`` works."""
+    value = os.environ.get("MOELINK_ARENA_BYTES", "0")
+    try:
+        num_bytes = int(float(value))
+    except ValueError:
+        raise ValueError(f"MOELINK_ARENA_BYTES must be a number of bytes, got {value!r}") from None
+    if num_bytes < 0:
+        raise ValueError(f"MOELINK_ARENA_BYTES must be >= 0, got {value!r}")
+    return num_bytes
+
+
+def nvl_ranks(num_ranks: int) -> int:
+    """``MOELINK_NVL_RANKS``: GPUs per node; default ``min(num_ranks, 8)`` (deep_ep fixes it at 8,
+    which splits jobs on nodes of fewer GPUs wrongly)."""
+    value = os.environ.get("MOELINK_NVL_RANKS")
+    if value is None:
+        return min(num_ranks, 8)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"MOELINK_NVL_RANKS must be an int, got {value!r}") from None

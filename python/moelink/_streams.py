@@ -1,0 +1,58 @@
+"""Stream ordering of one Buffer operation against the caller's stream."""
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from ._checks import _check_bool, _tensors
+from .event import EventOverlap
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
+
+
+class _OpStreams:
+    """How one operation orders itself against the caller's stream (the same for every operation).
+
+    The runtime runs the operation on the comm stream after ``previous_event`` (or the current
+    stream). With ``async_finish`` the caller's stream does not wait, so the caching allocator must
+    learn that the comm stream still uses the tensors, or it would hand their memory out again once
+    the caller drops them.
+    """
+
+    def __init__(self, buffer: "Buffer", previous_event: Any, async_finish: Any,
+                 allocate_on_comm_stream: Any) -> None:
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+        self.async_finish = _check_bool(async_finish, "async_finish")
+        self.allocate_on_comm_stream = _check_bool(allocate_on_comm_stream, "allocate_on_comm_stream")
+        if self.allocate_on_comm_stream and (previous_event is None or not self.async_finish):
+            raise ValueError("allocate_on_comm_stream=True requires previous_event (an EventOverlap) and "
+                             "async_finish=True: outputs allocated on the comm stream are only safe when the "
+                             "comm stream is ordered after previous_event and the caller waits on the result")
+        self.compute_stream = torch.cuda.current_stream(buffer._device)
+        self.comm_stream = buffer._comm_stream
+        self.order = (self.compute_stream.cuda_stream,
+                      previous_event.event if previous_event is not None else None,
+                      self.async_finish, self.allocate_on_comm_stream)
+
+    def allocating(self) -> Any:
+        """The stream context output tensors are allocated under."""
+        if self.allocate_on_comm_stream:
+            return torch.cuda.stream(self.comm_stream)
+        return contextlib.nullcontext()
+
+    def finish(self, event: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
+        inputs, outputs = _tensors(*inputs), _tensors(*outputs)
+        if self.async_finish:
+            for t in inputs:
+                t.record_stream(self.comm_stream)
+            if not self.allocate_on_comm_stream:
+                for t in outputs:
+                    t.record_stream(self.comm_stream)
+        if self.allocate_on_comm_stream:
+            # Allocated on the comm stream but consumed on the caller's: reuse must wait for both.
+            for t in outputs:
+                t.record_stream(self.compute_stream)
+        return EventOverlap(event, extra_tensors=tuple(inputs + outputs))
