@@ -179,6 +179,8 @@ int run_rank(int rank, int R, int T, int H, const std::string& dir) {
   h.rank_prefix_matrix = ref(device_alloc<int>(R * R), DType::kInt32, {R, R}, device);
   h.channel_prefix_matrix = ref(device_alloc<int>(R * C), DType::kInt32, {R, C}, device);
   h.recv_channel_prefix_matrix = ref(device_alloc<int>(R * C), DType::kInt32, {R, C}, device);
+  // The dispatch writes its id and status here; combine checks them on the device.
+  h.info = ref(device_alloc<int64_t>(2), DType::kInt64, {2}, device);
   h.is_token_in_rank = layout.is_token_in_rank;
   const moelink::DispatchPlan plan = buffer.intranode_notify(in, h, config, order);
   const int N = plan.num_recv_tokens;

@@ -2,7 +2,10 @@
 // the operations share is in the runtime context (runtime/context.hpp).
 #include "moelink/buffer.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cstdio>
+#include <cstring>
 
 #include "modes/intranode/host.hpp"
 #include "modes/layout/host.hpp"
@@ -16,13 +19,42 @@ using detail::raise;
 
 Buffer::Buffer(const BufferOptions& options) : ctx_(std::make_unique<runtime::Context>(options)) {}
 
+namespace {
+
+// How long a Buffer that is dropped without destroy() waits for its peers: bounded, so that
+// interpreter exit with a peer already gone never hangs.
+constexpr double kDropTimeoutS = 10.0;
+
+std::array<uint8_t, 16> device_uuid(int device) {
+  cudaDeviceProp props;
+  MOELINK_CUDA_CHECK(cudaGetDeviceProperties(&props, device));
+  std::array<uint8_t, 16> uuid;
+  std::memcpy(uuid.data(), props.uuid.bytes, uuid.size());
+  return uuid;
+}
+
+}  // namespace
+
 Buffer::~Buffer() {
-  if (ctx_->destroyed) return;
-  if (ctx_->explicitly_destroy && ctx_->available)
+  runtime::Context& c = *ctx_;
+  if (c.destroyed) return;
+  if (c.explicitly_destroy && c.available)
     std::fprintf(stderr, "moelink: rank %d: Buffer(explicitly_destroy=True) was never destroy()ed; freeing without a barrier\n",
-                 ctx_->topo.rank);
-  // No barrier here: peers may already be gone at interpreter exit, and a destructor must not hang.
-  ctx_->release();
+                 c.topo.rank);
+  if (!c.explicitly_destroy && c.available && c.broken.empty()) {
+    // As destroy() does, so that no peer still writes into this memory when it is freed; both
+    // waits are bounded, and a failure only means the peers are gone already.
+    try {
+      const double timeout = std::min(c.timeout_s, kDropTimeoutS);
+      if (cudaSetDevice(c.device) == cudaSuccess && c.drain(c.timeout_s + 5.0))
+        c.barrier(kernels::kBarrierDestroy, timeout);
+    } catch (const Error&) {
+    }
+    cudaGetLastError();
+  } else if (!c.broken.empty()) {
+    c.drain(c.timeout_s + 5.0);
+  }
+  c.release();
 }
 
 const Topology& Buffer::topology() const { return ctx_->topo; }
@@ -51,18 +83,45 @@ int64_t Buffer::arena_bytes_in_use() const { return ctx_->arena ? ctx_->arena->b
 
 int64_t Buffer::arena_largest_free() const { return ctx_->arena ? ctx_->arena->largest_free() : 0; }
 
-std::optional<ArenaBlock> Buffer::arena_allocate(int64_t bytes) {
+std::optional<ArenaBlock> Buffer::arena_allocate(int64_t bytes, cudaStream_t stream) {
   ctx_->require_usable("arena_allocate");
   if (bytes < 0) raise(ErrorKind::kValue, "bytes: expected >= 0, got ", bytes);
   if (!ctx_->arena) return std::nullopt;
-  auto block = ctx_->arena->allocate(std::max<int64_t>(bytes, 1));
+  auto block = ctx_->arena->allocate(std::max<int64_t>(bytes, 1), stream, ctx_->comm_stream);
   if (!block) return std::nullopt;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+  MOELINK_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &capture, nullptr, &graph));
+  if (capture == cudaStreamCaptureStatusActive && graph != nullptr) {
+    // Every replay writes this block again, so the graph keeps it until the graph is destroyed.
+    auto* held = new std::shared_ptr<void>(block->owner);
+    cudaUserObject_t object = nullptr;
+    const auto drop = [](void* p) {
+      detail::RecvArena::set_in_cuda_callback(true);
+      delete static_cast<std::shared_ptr<void>*>(p);
+      detail::RecvArena::set_in_cuda_callback(false);
+    };
+    const cudaError_t status = cudaUserObjectCreate(&object, held, drop, 1, 0);
+    if (status != cudaSuccess) delete held;
+    MOELINK_CUDA_CHECK(status);
+    MOELINK_CUDA_CHECK(cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove));
+  }
   return ArenaBlock{block->data, bytes, std::move(block->owner)};
 }
 
+void Buffer::arena_record_stream(const void* data, cudaStream_t stream) {
+  if (ctx_->arena && !ctx_->destroyed) ctx_->arena->record_stream(data, stream);
+}
+
+// The bootstrap bytes: this GPU's UUID (so that sync() knows which ranks share a GPU), then what the
+// NVLink window exports.
 std::vector<uint8_t> Buffer::local_ipc_handle() const {
   if (ctx_->destroyed) raise(ErrorKind::kState, "local_ipc_handle: the Buffer on rank ", ctx_->topo.rank, " was destroyed");
-  return ctx_->nvl_window.export_local();
+  const auto uuid = device_uuid(ctx_->device);
+  std::vector<uint8_t> bytes(uuid.begin(), uuid.end());
+  const std::vector<uint8_t> exported = ctx_->nvl_window.export_local();
+  bytes.insert(bytes.end(), exported.begin(), exported.end());
+  return bytes;
 }
 
 std::vector<uint8_t> Buffer::local_nvshmem_unique_id() const {
@@ -82,12 +141,23 @@ void Buffer::sync(const std::vector<int>& device_ids, const std::vector<std::vec
   if (static_cast<int>(ipc_handles.size()) != R)
     raise(ErrorKind::kValue, "ipc_handles: expected one entry per rank (", R, "), got ", ipc_handles.size());
 
+  if (device_ids[c.topo.rank] != c.device)
+    raise(ErrorKind::kValue, "device_ids: entry ", c.topo.rank, " (this rank) is ", device_ids[c.topo.rank],
+          ", but this Buffer uses device ", c.device);
+
   MOELINK_CUDA_CHECK(cudaSetDevice(c.device));
+  const auto uuid = device_uuid(c.device);
   std::vector<std::vector<uint8_t>> node_handles;
   std::vector<int> node_ranks;
+  c.ranks_per_gpu = 0;
   for (int p = 0; p < c.topo.num_nvl_ranks; ++p) {
     const int global = c.topo.global_rank(c.topo.rdma_rank, p);
-    node_handles.push_back(ipc_handles[global]);
+    const std::vector<uint8_t>& bytes = ipc_handles[global];
+    if (bytes.size() <= uuid.size())
+      raise(ErrorKind::kValue, "ipc_handles[", global, "]: expected the bytes local_ipc_handle() returned on rank ", global,
+            ", got ", bytes.size(), " bytes");
+    if (std::equal(uuid.begin(), uuid.end(), bytes.begin())) ++c.ranks_per_gpu;
+    node_handles.emplace_back(bytes.begin() + uuid.size(), bytes.end());
     node_ranks.push_back(global);
   }
   c.nvl_window.open(node_handles, node_ranks);
@@ -123,6 +193,15 @@ void Buffer::destroy() {
   if (c.destroyed) return;
   std::string failure;
   ErrorKind failure_kind = ErrorKind::kState;
+  if (!c.broken.empty() && !c.drain(c.timeout_s + 5.0)) {
+    // Kernels behind a fault stop at once; one still running after every wait bound has passed may
+    // still touch peer memory, so the mappings stay (leaked) rather than vanish under it.
+    std::fprintf(stderr, "moelink: rank %d: destroy(): the comm stream did not drain in %g s; leaving the peer "
+                 "mappings in place\n", c.topo.rank, c.timeout_s + 5.0);
+    c.destroyed = true;
+    c.available = false;
+    return;
+  }
   if (c.available && c.broken.empty()) {
     try {
       MOELINK_CUDA_CHECK(cudaSetDevice(c.device));
@@ -138,6 +217,10 @@ void Buffer::destroy() {
 }
 
 void Buffer::check_device_errors() const { ctx_->check_device_errors(); }
+
+void Buffer::abstain() { ctx_->abstain(); }
+
+int Buffer::max_num_sms() const { return intranode::max_num_sms(*ctx_); }
 
 EventHandle Buffer::get_dispatch_layout(const TensorRef& topk_idx, int num_experts, const LayoutOutputs& out,
                                         const StreamOrder& order) {

@@ -64,7 +64,13 @@ class Buffer {
   int64_t arena_largest_free() const;  // the largest block arena_allocate can return now
   // `bytes` of the receive arena, or nullopt when no free range is large enough (allocate the
   // output elsewhere: the dispatch then stages rows through the rings, correct but slower).
-  std::optional<ArenaBlock> arena_allocate(int64_t bytes);
+  // `stream` is where the caller uses the block first (the comm stream always uses it); a range is
+  // handed out again only after the work queued on its streams before its release. A block
+  // allocated while `stream` is being captured belongs to that graph too, until it is destroyed.
+  std::optional<ArenaBlock> arena_allocate(int64_t bytes, cudaStream_t stream);
+  // The arena block holding `data` is also used on `stream` (what record_stream is for torch's
+  // own allocations). No-op for memory outside the arena.
+  void arena_record_stream(const void* data, cudaStream_t stream);
 
   // ---- bootstrap (bytes in, bytes out) ----
   std::vector<uint8_t> local_ipc_handle() const;
@@ -94,8 +100,19 @@ class Buffer {
   EventHandle intranode_combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                                 const Config& config, const StreamOrder& order);
 
-  // Raises the first error a kernel recorded (timeout, routing overflow, bad expert id) and marks the
-  // Buffer unusable for timeouts. Every operation calls it on entry.
+  // This rank will not make the collective call its peers are making now, because its own
+  // arguments were rejected (the operations do this themselves when their checks fail; a caller
+  // whose own checks fail before it reaches the Buffer calls it). It takes part in the operation's
+  // opening with that verdict, so every peer skips the operation and raises instead of waiting.
+  void abstain();
+
+  // The largest num_sms at which the normal-mode kernels of every rank sharing this GPU can be
+  // resident at once (they wait for each other, so they must be); num_sms above it is refused.
+  int max_num_sms() const;
+
+  // Raises the error a kernel recorded: a lost peer (TimeoutError; the Buffer is broken and every
+  // later call raises it again) or a data error every rank of an operation found (ValueError, once).
+  // Every operation calls it on entry.
   void check_device_errors() const;
 
   // Device barrier across the NVLink peers (the same one destroy() uses). Blocks the host.

@@ -51,6 +51,11 @@ struct DispatchHandle {
   TensorRef recv_channel_prefix_matrix;  // [R, C] int32: [s][c] = rows I get from s in channels < c
   TensorRef recv_src_idx;                // [num_recv] int32: source token index of each row
   TensorRef is_token_in_rank;            // [T, R] bool
+  // [2] int64, written on the device by the dispatch's notify: the dispatch's id (the same on every
+  // rank) and 0, or 1 when that dispatch failed. Later operations check it on the device, so a
+  // handle from another dispatch or from a failed one is refused on every rank.
+  TensorRef info;
+  int64_t hidden = 0;  // hidden size of the dispatch's x, when the caller knows it (0 = unknown)
 };
 
 struct DispatchPlan {

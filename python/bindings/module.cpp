@@ -22,6 +22,7 @@
 #include "moelink/event.hpp"
 #include "moelink/tensor.hpp"
 #include "moelink/topology.hpp"
+#include "runtime/memory_map.hpp"  // kArenaAlignment: one definition for C++ and Python
 #include "window/nvshmem.hpp"  // nvshmem_compiled(): a build property, not public API
 
 namespace nb = nanobind;
@@ -102,8 +103,8 @@ ByteView local_buffer_dlpack(moelink::Buffer& self, bool use_rdma_buffer) {
 
 // `bytes` of the receive arena as a 1-D uint8 DLPack array, or None when the arena has no room.
 // The capsule owns the block: the range returns to the arena when the last tensor viewing it dies.
-nb::object arena_dlpack(moelink::Buffer& self, int64_t bytes) {
-  std::optional<moelink::ArenaBlock> block = self.arena_allocate(bytes);
+nb::object arena_dlpack(moelink::Buffer& self, int64_t bytes, uintptr_t stream) {
+  std::optional<moelink::ArenaBlock> block = self.arena_allocate(bytes, reinterpret_cast<cudaStream_t>(stream));
   if (!block) return nb::none();
   auto* owner = new std::shared_ptr<void>(std::move(block->owner));
   nb::capsule capsule(owner, [](void* p) noexcept { delete static_cast<std::shared_ptr<void>*>(p); });
@@ -114,8 +115,10 @@ nb::object arena_dlpack(moelink::Buffer& self, int64_t bytes) {
 
 moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
                                         nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
-                                        nb::handle is_token_in_rank) {
+                                        nb::handle is_token_in_rank, nb::handle info, int64_t hidden) {
   moelink::DispatchHandle handle;
+  handle.info = to_tensor_ref(info, "handle_info");
+  handle.hidden = hidden;
   handle.rank_prefix_matrix = to_tensor_ref(rank_prefix_matrix, "rank_prefix_matrix");
   handle.channel_prefix_matrix = to_tensor_ref(channel_prefix_matrix, "channel_prefix_matrix");
   handle.recv_channel_prefix_matrix = to_tensor_ref(recv_channel_prefix_matrix, "recv_channel_prefix_matrix");
@@ -126,8 +129,9 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
 
 void bind_config(nb::module_& m) {
   nb::class_<moelink::Config>(m, "Config")
-      .def(nb::init<int, int, int, int, int>(), "num_sms"_a, "num_max_nvl_chunked_send_tokens"_a,
-           "num_max_nvl_chunked_recv_tokens"_a, "num_max_rdma_chunked_send_tokens"_a = 6,
+      // deep_ep V1's defaults, so that Config(**fields) with any subset of the fields works.
+      .def(nb::init<int, int, int, int, int>(), "num_sms"_a = 20, "num_max_nvl_chunked_send_tokens"_a = 6,
+           "num_max_nvl_chunked_recv_tokens"_a = 256, "num_max_rdma_chunked_send_tokens"_a = 6,
            "num_max_rdma_chunked_recv_tokens"_a = 256)
       // Read-only: a Config is validated once, at construction.
       .def_ro("num_sms", &moelink::Config::num_sms)
@@ -224,7 +228,15 @@ void bind_buffer(nb::module_& m) {
       .def_prop_ro("num_arena_bytes", &Buffer::num_arena_bytes)
       .def("arena_bytes_in_use", &Buffer::arena_bytes_in_use)
       .def("arena_largest_free", &Buffer::arena_largest_free)
-      .def("arena_dlpack", &arena_dlpack, "bytes"_a)
+      .def("arena_dlpack", &arena_dlpack, "bytes"_a, "stream"_a = 0)
+      .def(
+          "arena_record_stream",
+          [](Buffer& self, uintptr_t data, uintptr_t stream) {
+            self.arena_record_stream(reinterpret_cast<const void*>(data), reinterpret_cast<cudaStream_t>(stream));
+          },
+          "data"_a, "stream"_a)
+      .def("max_num_sms", &Buffer::max_num_sms)
+      .def("abstain", &Buffer::abstain)
 
       // ---- bootstrap ----
       .def("local_ipc_handle", [](const Buffer& self) { return to_bytes(self.local_ipc_handle()); })
@@ -275,7 +287,7 @@ void bind_buffer(nb::module_& m) {
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
              int num_experts, int expert_alignment, int num_worst_tokens, nb::handle rank_prefix_matrix,
-             nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
+             nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix, nb::handle handle_info,
              const moelink::Config& config, nb::handle order) {
             moelink::DispatchInputs in;
             in.x = to_tensor_ref(x, "x");
@@ -288,8 +300,9 @@ void bind_buffer(nb::module_& m) {
             in.num_experts = num_experts;
             in.expert_alignment = expert_alignment;
             in.num_worst_tokens = num_worst_tokens;
-            const moelink::DispatchHandle handle = dispatch_handle(
-                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, nb::none(), is_token_in_rank);
+            const moelink::DispatchHandle handle =
+                dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, nb::none(),
+                                is_token_in_rank, handle_info, 0);
             const moelink::StreamOrder stream_order = to_stream_order(order);
             moelink::DispatchPlan plan;
             {
@@ -301,14 +314,16 @@ void bind_buffer(nb::module_& m) {
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
           "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "rank_prefix_matrix"_a.none(),
-          "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(), "config"_a, "order"_a)
+          "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(), "handle_info"_a.none(), "config"_a,
+          "order"_a)
       .def(
           "intranode_dispatch",
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
              nb::handle is_token_in_rank, int num_experts, int expert_alignment, int num_worst_tokens,
              nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
-             nb::handle recv_src_idx, nb::handle recv_x, nb::handle recv_x_scales, nb::handle recv_topk_idx,
-             nb::handle recv_topk_weights, const moelink::Config& config, nb::handle order, bool cached) {
+             nb::handle recv_src_idx, nb::handle handle_info, nb::handle recv_x, nb::handle recv_x_scales,
+             nb::handle recv_topk_idx, nb::handle recv_topk_weights, const moelink::Config& config, nb::handle order,
+             bool cached) {
             moelink::DispatchInputs in;
             in.x = to_tensor_ref(x, "x");
             in.x_scales = to_tensor_ref(x_scales, "x_scales");
@@ -318,8 +333,9 @@ void bind_buffer(nb::module_& m) {
             in.num_experts = num_experts;
             in.expert_alignment = expert_alignment;
             in.num_worst_tokens = num_worst_tokens;
-            const moelink::DispatchHandle handle = dispatch_handle(
-                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank);
+            const moelink::DispatchHandle handle =
+                dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                                is_token_in_rank, handle_info, 0);
             moelink::DispatchOutputs out;
             out.recv_x = to_tensor_ref(recv_x, "recv_x");
             out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
@@ -332,21 +348,23 @@ void bind_buffer(nb::module_& m) {
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a,
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
-          "recv_src_idx"_a.none(), "recv_x"_a.none(), "recv_x_scales"_a.none(), "recv_topk_idx"_a.none(),
-          "recv_topk_weights"_a.none(), "config"_a, "order"_a, "cached"_a)
+          "recv_src_idx"_a.none(), "handle_info"_a.none(), "recv_x"_a.none(), "recv_x_scales"_a.none(),
+          "recv_topk_idx"_a.none(), "recv_topk_weights"_a.none(), "config"_a, "order"_a, "cached"_a)
       .def(
           "intranode_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,
              nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
-             nb::handle recv_src_idx, nb::handle is_token_in_rank, nb::handle combined_x,
-             nb::handle combined_topk_weights, const moelink::Config& config, nb::handle order) {
+             nb::handle recv_src_idx, nb::handle is_token_in_rank, nb::handle handle_info, int64_t hidden,
+             nb::handle combined_x, nb::handle combined_topk_weights, const moelink::Config& config,
+             nb::handle order) {
             moelink::CombineInputs in;
             in.x = to_tensor_ref(x, "x");
             in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
             in.bias_0 = to_tensor_ref(bias_0, "bias_0");
             in.bias_1 = to_tensor_ref(bias_1, "bias_1");
-            const moelink::DispatchHandle handle = dispatch_handle(
-                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank);
+            const moelink::DispatchHandle handle =
+                dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                                is_token_in_rank, handle_info, hidden);
             moelink::CombineOutputs out;
             out.combined_x = to_tensor_ref(combined_x, "combined_x");
             out.combined_topk_weights = to_tensor_ref(combined_topk_weights, "combined_topk_weights");
@@ -356,8 +374,8 @@ void bind_buffer(nb::module_& m) {
           },
           "x"_a.none(), "topk_weights"_a.none(), "bias_0"_a.none(), "bias_1"_a.none(),
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
-          "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "combined_x"_a.none(),
-          "combined_topk_weights"_a.none(), "config"_a, "order"_a);
+          "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "handle_info"_a.none(), "hidden"_a = 0,
+          "combined_x"_a.none(), "combined_topk_weights"_a.none(), "config"_a, "order"_a);
 }
 
 }  // namespace
@@ -372,6 +390,8 @@ NB_MODULE(_moelink, m) {
   bind_buffer(m);
 
   m.def("is_sm90_compiled", &is_sm90_compiled);
+  // Every arena range starts at a multiple of this; the Python layer lays tensors out in blocks by it.
+  m.attr("ARENA_ALIGNMENT") = moelink::runtime::kArenaAlignment;
   m.def("nvshmem_compiled", &moelink::window::nvshmem_compiled);
   m.def("device_count", &device_count);
 }

@@ -17,11 +17,16 @@ ARENA_ALIGNMENT: int = getattr(_moelink, "ARENA_ALIGNMENT", 512)
 
 
 def arena_tensors(buf: "Buffer", parts: Sequence[Tuple[tuple, torch.dtype]],
-                  separate: Sequence[Tuple[tuple, torch.dtype]] = ()) -> Optional[List[torch.Tensor]]:
+                  separate: Sequence[Tuple[tuple, torch.dtype]] = (), stream: Optional[int] = None
+                  ) -> Optional[List[torch.Tensor]]:
     """Tensors of the given (shape, dtype) in the receive arena, or None when it lacks room.
 
     ``parts`` share one block (they are dropped together); each of ``separate`` gets its own,
-    so a handle keeping recv_src_idx does not pin recv_x's memory."""
+    so a handle keeping recv_src_idx does not pin recv_x's memory. ``stream`` (a CUDA stream
+    handle; default the current stream) is where they are used first: a range freed by earlier
+    tensors is handed out only after the work those queued."""
+    if stream is None:
+        stream = torch.cuda.current_stream(buf._device).cuda_stream
     if buf.runtime.num_arena_bytes == 0 or any(math.prod(shape) == 0 for shape, _ in parts):
         return None
     groups = [list(parts)] + [[part] for part in separate]
@@ -32,7 +37,7 @@ def arena_tensors(buf: "Buffer", parts: Sequence[Tuple[tuple, torch.dtype]],
             total = (total + ARENA_ALIGNMENT - 1) // ARENA_ALIGNMENT * ARENA_ALIGNMENT
             offsets.append(total)
             total += math.prod(shape) * dtype.itemsize
-        block = buf.runtime.arena_dlpack(total)
+        block = buf.runtime.arena_dlpack(total, stream)
         if block is None:
             return None  # the blocks taken so far go back to the arena with `out`
         raw = torch.from_dlpack(block)
@@ -43,10 +48,11 @@ def arena_tensors(buf: "Buffer", parts: Sequence[Tuple[tuple, torch.dtype]],
 
 
 def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
-                           num_recv_tokens: int, num_topk: int = 0, with_weights: bool = False
+                           num_recv_tokens: int, num_topk: int = 0, with_weights: bool = False,
+                           with_src_idx: bool = False, stream: Optional[int] = None
                            ) -> Tuple[Optional[torch.Tensor], ...]:
-    """(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx); num_topk == 0 (a
-    cached dispatch) leaves the last three None.
+    """(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx); num_topk == 0 leaves
+    the top-k ones None, and recv_src_idx is None unless with_src_idx (an uncached dispatch).
 
     They come from the receive arena when it has room, so peers write rows straight into them;
     else from the caching allocator, and the rows come through the rings."""
@@ -61,18 +67,17 @@ def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[to
         parts.append(((n, num_topk), torch.int64))
         if with_weights:
             parts.append(((n, num_topk), torch.float32))
-    tensors = arena_tensors(buf, parts, separate=[((n,), torch.int32)] if num_topk else [])
+    separate = [((n,), torch.int32)] if with_src_idx else []
+    tensors = arena_tensors(buf, parts, separate=separate, stream=stream)
     if tensors is None:
-        tensors = [torch.empty(shape, dtype=dtype, device=device)
-                   for shape, dtype in parts + ([((n,), torch.int32)] if num_topk else [])]
+        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in parts + separate]
     recv_x = tensors.pop(0)
     recv_x_scales = None
     if x_scales is not None:
         recv_x_scales = tensors.pop(0)
         if scales_col_major:
             recv_x_scales = recv_x_scales.t()
-    if not num_topk:
-        return recv_x, recv_x_scales, None, None, None
-    recv_topk_idx = tensors.pop(0)
-    recv_topk_weights = tensors.pop(0) if with_weights else None
-    return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, tensors.pop(0)
+    recv_topk_idx = tensors.pop(0) if num_topk else None
+    recv_topk_weights = tensors.pop(0) if num_topk and with_weights else None
+    recv_src_idx = tensors.pop(0) if with_src_idx else None
+    return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx

@@ -1,10 +1,12 @@
 """Intranode normal mode (all ranks in one NVLink domain): the bodies of Buffer's layout, dispatch
 and combine. Each takes the Buffer it runs on; Buffer keeps the documented signatures."""
 
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import _moelink
 from ._arena import alloc_dispatch_outputs
 from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _ref, _split_bias, _split_x
 from ._moelink import Config
@@ -14,9 +16,39 @@ from .event import EventOverlap
 if TYPE_CHECKING:
     from .buffer import Buffer
 
-# (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-#  is_token_in_rank, None)
-DispatchHandle = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]
+class DispatchHandle(tuple):
+    """What a dispatch returns as ``handle``: deep_ep V1's 6-tuple (rank_prefix_matrix,
+    channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info) -- a
+    plain tuple to anyone who indexes or unpacks it. ``info`` (int64 [2], written on the device) is
+    the dispatch's id, the same on every rank, and whether it failed; later operations check it on
+    the device, so a handle from another dispatch, or from a failed one, is refused on every rank.
+    ``hidden`` is the dispatch's hidden size (0 when the handle was rebuilt as a plain tuple)."""
+
+    hidden: int
+
+    def __new__(cls, items: Sequence[Any], hidden: int) -> "DispatchHandle":
+        handle = super().__new__(cls, items)
+        handle.hidden = hidden
+        return handle
+
+
+@contextlib.contextmanager
+def _abstaining(buf: "Buffer") -> Iterator[None]:
+    """Argument checks of a collective operation: when they reject the arguments on this rank, it
+    still opens the operation with that verdict, so its peers skip it and raise instead of waiting
+    for it. (The runtime does the same for the checks it makes itself.)"""
+    try:
+        yield
+    except (TypeError, ValueError):
+        buf.runtime.abstain()
+        raise
+
+
+def default_config(buf: "Buffer", which: str) -> Config:
+    """The preset for this many ranks at Buffer.num_sms SMs, lowered to what lets every rank
+    sharing this GPU be resident at once (the ranks wait for each other, so they must be)."""
+    preset = getattr(_moelink, f"default_{which}_config")
+    return preset(buf.group_size, max(2, min(type(buf).num_sms, buf.runtime.max_num_sms())))
 
 
 def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
@@ -54,90 +86,104 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
              ) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor],
                         Optional[torch.Tensor], Optional[List[int]], DispatchHandle, EventOverlap]:
     buf._check_usable("dispatch")
-    x, x_scales = _split_x(x)
-    config = buf.get_dispatch_config(buf.group_size) if config is None else _check_config(config)
-    if buf._topology.num_rdma_ranks > 1:
-        return buf.internode_dispatch(x if x_scales is None else (x, x_scales), handle, num_tokens_per_rank,
-                                      num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                                      topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
-                                      previous_event, async_finish, allocate_on_comm_stream)
-    expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
-    num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
-    for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                        ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
-                        ("is_token_in_rank", is_token_in_rank),
-                        ("num_tokens_per_expert", num_tokens_per_expert),
-                        ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-        _check_tensor(value, name, optional=True)
-    hidden = _hidden(x, "x")
-    if x_scales is not None:
-        _check_dim(x_scales, "x_scales", 2)
-
-    if handle is not None:
+    with _abstaining(buf):
+        x, x_scales = _split_x(x)
+        config = default_config(buf, "dispatch") if config is None else _check_config(config)
+        if buf._topology.num_rdma_ranks > 1:
+            return buf.internode_dispatch(x if x_scales is None else (x, x_scales), handle, num_tokens_per_rank,
+                                          num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                                          topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                                          previous_event, async_finish, allocate_on_comm_stream)
+        expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
+        num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
         for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
                             ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
                             ("is_token_in_rank", is_token_in_rank),
                             ("num_tokens_per_expert", num_tokens_per_expert),
                             ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-            if value is not None:
-                raise ValueError(f"dispatch with a handle (cached mode) repeats the handle's routing; "
-                                 f"{name} must be None")
-        return _cached_dispatch(buf, x, x_scales, hidden, handle, config, previous_event, async_finish,
+            _check_tensor(value, name, optional=True)
+        hidden = _hidden(x, "x")
+        if x_scales is not None:
+            _check_dim(x_scales, "x_scales", 2)
+
+        if handle is not None:
+            for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
+                                ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
+                                ("is_token_in_rank", is_token_in_rank),
+                                ("num_tokens_per_expert", num_tokens_per_expert),
+                                ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+                if value is not None:
+                    raise ValueError(f"dispatch with a handle (cached mode) repeats the handle's routing; "
+                                     f"{name} must be None")
+            parts = _unpack_handle(handle, config, "dispatch")
+        else:
+            # Without top-k, rows are routed by is_token_in_rank alone (deep_ep V1 allows it).
+            for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                                ("num_tokens_per_expert", num_tokens_per_expert)):
+                if value is None:
+                    raise ValueError(f"dispatch without a handle needs {name} (see get_dispatch_layout)")
+            if topk_weights is not None and topk_idx is None:
+                raise ValueError("dispatch: topk_weights given without topk_idx")
+            if topk_idx is not None:
+                _check_dim(topk_idx, "topk_idx", 2)
+            streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    if handle is not None:
+        return _cached_dispatch(buf, x, x_scales, hidden, parts, handle, config, previous_event, async_finish,
                                 allocate_on_comm_stream)
 
-    for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                        ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx)):
-        if value is None:
-            raise ValueError(f"dispatch without a handle needs {name} (see get_dispatch_layout)")
     num_experts = num_tokens_per_expert.numel()
     num_channels = config.num_sms // 2
-    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     num_ranks, device = buf.group_size, buf._device
     with streams.allocating():
         rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
         channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
+        info = torch.empty((2,), dtype=torch.int64, device=device)
     num_recv_tokens, num_recv_tokens_per_expert_list = buf.runtime.intranode_notify(
         _ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"), _ref(topk_weights, "topk_weights"),
         _ref(is_token_in_rank, "is_token_in_rank"), _ref(num_tokens_per_rank, "num_tokens_per_rank"),
         _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
-        _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), config,
+        _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(info), config,
         streams.order)
 
-    num_topk = topk_idx.size(1)
+    num_topk = topk_idx.size(1) if topk_idx is not None else 0
     with streams.allocating():
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
-            buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None)
+            buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
+            stream=streams.allocation_stream())
     event = buf.runtime.intranode_dispatch(
         _ref(x), _ref(x_scales), _ref(topk_idx), _ref(topk_weights), _ref(is_token_in_rank), num_experts,
         expert_alignment, num_worst_tokens, _ref(rank_prefix_matrix), _ref(channel_prefix_matrix),
-        _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(recv_x), _ref(recv_x_scales),
+        _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(info), _ref(recv_x), _ref(recv_x_scales),
         _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
 
-    handle = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-              is_token_in_rank, None)
+    handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                             is_token_in_rank, info), hidden)
     inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
-    outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, recv_x,
+    outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
                recv_x_scales, recv_topk_idx, recv_topk_weights)
     event_overlap = streams.finish(event, inputs, outputs)
     return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, recv_topk_idx, recv_topk_weights,
             list(num_recv_tokens_per_expert_list), handle, event_overlap)
 
 
-def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int, handle: Any,
-                     config: Config, previous_event: Any, async_finish: Any, allocate_on_comm_stream: Any) -> tuple:
-    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = \
-        _unpack_handle(handle, config, "dispatch")
-    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
+                     parts: Tuple[Any, ...], handle: Any, config: Config, previous_event: Any, async_finish: Any,
+                     allocate_on_comm_stream: Any) -> tuple:
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, _ = \
+        parts
+    with _abstaining(buf):
+        streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     num_recv_tokens = recv_src_idx.numel()
     with streams.allocating():
-        recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens)[:2]
+        recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens,
+                                                       stream=streams.allocation_stream())[:2]
     event = buf.runtime.intranode_dispatch(
         _ref(x), _ref(x_scales), None, None, _ref(is_token_in_rank), 0, 1, 0, _ref(rank_prefix_matrix),
-        _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(recv_x),
-        _ref(recv_x_scales), None, None, config, streams.order, True)
+        _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(info),
+        _ref(recv_x), _ref(recv_x_scales), None, None, config, streams.order, True)
     inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-              is_token_in_rank)
+              is_token_in_rank, info)
     event_overlap = streams.finish(event, inputs, (recv_x, recv_x_scales))
     return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, handle, event_overlap)
 
@@ -147,20 +193,21 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool
             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
     buf._check_usable("combine")
-    _check_tensor(x, "x")
-    _check_tensor(topk_weights, "topk_weights", optional=True)
-    bias_0, bias_1 = _split_bias(bias)
-    config = buf.get_combine_config(buf.group_size) if config is None else _check_config(config)
-    if buf._topology.num_rdma_ranks > 1:
-        return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                     allocate_on_comm_stream)
-    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = \
-        _unpack_handle(handle, config, "combine")
-    hidden = _hidden(x, "x")
-    num_tokens = is_token_in_rank.size(0)
-    if topk_weights is not None:
-        _check_dim(topk_weights, "topk_weights", 2)
-    streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    with _abstaining(buf):
+        _check_tensor(x, "x")
+        _check_tensor(topk_weights, "topk_weights", optional=True)
+        bias_0, bias_1 = _split_bias(bias)
+        config = default_config(buf, "combine") if config is None else _check_config(config)
+        if buf._topology.num_rdma_ranks > 1:
+            return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                         allocate_on_comm_stream)
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, \
+            handle_hidden = _unpack_handle(handle, config, "combine")
+        hidden = _hidden(x, "x")
+        num_tokens = is_token_in_rank.size(0)
+        if topk_weights is not None:
+            _check_dim(topk_weights, "topk_weights", 2)
+        streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     with streams.allocating():
         combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=buf._device)
         combined_topk_weights = (torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32,
@@ -168,10 +215,10 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
     event = buf.runtime.intranode_combine(
         _ref(x, "x"), _ref(topk_weights, "topk_weights"), _ref(bias_0, "bias"), _ref(bias_1, "bias"),
         _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix),
-        _ref(recv_src_idx), _ref(is_token_in_rank), _ref(combined_x), _ref(combined_topk_weights), config,
-        streams.order)
+        _ref(recv_src_idx), _ref(is_token_in_rank), _ref(info), handle_hidden, _ref(combined_x),
+        _ref(combined_topk_weights), config, streams.order)
     inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
-              recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank)
+              recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info)
     return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
 
 
@@ -180,17 +227,18 @@ def _hidden(x: torch.Tensor, name: str) -> int:
     return x.size(1)
 
 
-def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[torch.Tensor, ...]:
+def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[Any, ...]:
+    """The handle's five matrices, its info tensor and the dispatch's hidden size (0 if unknown)."""
     if not isinstance(handle, (tuple, list)):
         raise ValueError(f"handle must be the 6-tuple returned by dispatch, got {type(handle).__name__}")
     if len(handle) != 6:
         raise ValueError(f"handle must be the 6-tuple returned by dispatch, got {len(handle)} entries")
     names = ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx",
-             "is_token_in_rank")
+             "is_token_in_rank", "info")
     for i, name in enumerate(names):
         _check_tensor(handle[i], f"handle[{i}] ({name})")
-    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = \
-        handle[:5]
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info = \
+        handle
     _check_dim(channel_prefix_matrix, "handle[1] (channel_prefix_matrix)", 2)
     _check_dim(recv_channel_prefix_matrix, "handle[2] (recv_channel_prefix_matrix)", 2)
     _check_dim(is_token_in_rank, "handle[4] (is_token_in_rank)", 2)
@@ -201,4 +249,5 @@ def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[torch.Tensor, 
                          f"{2 * handle_channels}, but this config has num_sms = {config.num_sms}; a cached "
                          f"dispatch and combine must use a config with the same num_sms as the dispatch that "
                          f"made the handle")
-    return rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank
+    return (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank,
+            info, getattr(handle, "hidden", 0))

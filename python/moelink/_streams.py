@@ -31,6 +31,7 @@ class _OpStreams:
             raise ValueError("allocate_on_comm_stream=True requires previous_event (an EventOverlap) and "
                              "async_finish=True: outputs allocated on the comm stream are only safe when the "
                              "comm stream is ordered after previous_event and the caller waits on the result")
+        self.buffer = buffer
         self.compute_stream = torch.cuda.current_stream(buffer._device)
         self.comm_stream = buffer._comm_stream
         self.order = (self.compute_stream.cuda_stream,
@@ -43,8 +44,19 @@ class _OpStreams:
             return torch.cuda.stream(self.comm_stream)
         return contextlib.nullcontext()
 
+    def allocation_stream(self) -> int:
+        """The CUDA stream handle outputs are allocated on (what ``allocating`` makes current)."""
+        return (self.comm_stream if self.allocate_on_comm_stream else self.compute_stream).cuda_stream
+
     def finish(self, event: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
         inputs, outputs = _tensors(*inputs), _tensors(*outputs)
+        if self.buffer.num_arena_bytes:
+            # record_stream cannot see arena tensors (they are not the caching allocator's): tell the
+            # arena instead, so that a range is reused only after both streams are done with it.
+            runtime = self.buffer.runtime
+            for t in inputs + outputs:
+                runtime.arena_record_stream(t.data_ptr(), self.compute_stream.cuda_stream)
+                runtime.arena_record_stream(t.data_ptr(), self.comm_stream.cuda_stream)
         if self.async_finish:
             for t in inputs:
                 t.record_stream(self.comm_stream)

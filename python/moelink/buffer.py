@@ -272,26 +272,35 @@ class Buffer:
             num_tokens_per_rdma_rank: int32 [num_nodes] or None; unused within one node.
             is_token_in_rank: bool [num_tokens, num_ranks], from get_dispatch_layout.
             num_tokens_per_expert: int32 [num_experts], from get_dispatch_layout.
-            topk_idx: int64 [num_tokens, num_topk], expert ids, -1 for an unused slot.
+            topk_idx: int64 [num_tokens, num_topk], expert ids, -1 for an unused slot; or None, to route
+                rows by is_token_in_rank alone (recv_topk_idx and recv_topk_weights are then None).
             topk_weights: float32 [num_tokens, num_topk] or None.
             expert_alignment: int >= 1; each num_recv_tokens_per_expert_list entry is rounded up to it.
             num_worst_tokens: int >= 0; when > 0 the receive tensors have exactly this many rows and the
                 host does not wait for the counts (num_recv_tokens_per_expert_list is then []).
-            config: Config, default ``get_dispatch_config(num_ranks)``.
+            config: Config, default ``get_dispatch_config(num_ranks)`` (with num_sms lowered to what
+                lets every rank sharing this GPU run at once).
             previous_event, async_finish, allocate_on_comm_stream: as in get_dispatch_layout.
+
+        Every rank must make the same call: ranks that disagree on the operation, config, hidden
+        size, dtype, top-k, num_experts or handle, and bad input on any one rank (an expert id outside
+        [-1, num_experts), more rows than num_worst_tokens), make every rank raise ValueError. A call
+        that does not wait on the host (num_worst_tokens > 0) raises at the next call instead, and
+        its outputs are poisoned (NaN, -1). A lost peer raises TimeoutError the same way.
 
         Returns:
             recv_x: like x, with num_recv_tokens rows: the rows from all ranks, ordered by source rank,
                 then source token index.
             recv_topk_idx: int64 [num_recv_tokens, num_topk], local expert ids (id - rank *
-                num_local_experts), -1 for experts on other ranks; None in cached mode.
+                num_local_experts), -1 for experts on other ranks; None in cached mode or without topk_idx.
             recv_topk_weights: float32 [num_recv_tokens, num_topk] or None (no topk_weights, or cached).
             num_recv_tokens_per_expert_list: list[int] of num_local_experts aligned counts; None in
                 cached mode.
             handle: (rank_prefix_matrix int32 [R, R], channel_prefix_matrix int32 [R, C],
                 recv_channel_prefix_matrix int32 [R, C], recv_src_idx int32 [num_recv_tokens],
-                is_token_in_rank bool [num_tokens, R], None) with C = config.num_sms // 2; pass it to
-                combine or to a cached dispatch.
+                is_token_in_rank bool [num_tokens, R], info int64 [2]) with C = config.num_sms // 2; pass
+                it to combine or to a cached dispatch. info (the dispatch's id, and whether it failed) is
+                written on the device.
             event: EventOverlap.
         """
         return _intranode.dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,

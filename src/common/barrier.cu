@@ -6,8 +6,17 @@ namespace moelink::kernels {
 
 namespace {
 
+// A rank that already knows of a fault does not arrive (its peers learned of the fault where it
+// did); it records the fault as its own so that the host raises it.
 __global__ void barrier_kernel(PeerTable peers, int rank, int num_ranks, int tag, ErrorSink err) {
-  if (threadIdx.x == 0) barrier_one_thread(peers, peers.header[rank], rank, num_ranks, tag, err);
+  if (threadIdx.x != 0) return;
+  const int word = fault_word(err);
+  if (word != 0) {
+    report_aborted(err, word);
+    return;
+  }
+  bool ok;
+  barrier_one_thread(peers, rank, num_ranks, tag, err, nullptr, &ok);
 }
 
 const KernelRegistration registration(reinterpret_cast<const void*>(&barrier_kernel), "barrier", 32, 0);

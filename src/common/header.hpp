@@ -1,9 +1,9 @@
 #pragma once
-// The common part of what host and device share: the fixed sizes every mode uses, the error record
-// kernels fill for the host, the common section of each rank's NVLink-buffer header (barrier
-// signals, error claim, peer table), and the peer table and error sink every kernel receives.
-// Each mode adds its own header section and mailbox section in its contract.hpp; the runtime's
-// memory_map.hpp assembles them. Plain structs: included by host code and kernels alike.
+// The common part of what host and device share: the fixed sizes every mode uses, the error records
+// kernels fill for the host, the common section of each rank's NVLink-buffer header, and the peer
+// table, error sink and opening digest every operation's kernels receive. Each mode adds its own
+// header section and mailbox section in its contract.hpp; runtime/memory_map.hpp assembles them.
+// Plain structs: included by host code and kernels alike.
 #include <cstdint>
 
 #include "moelink/topology.hpp"
@@ -23,12 +23,28 @@ inline constexpr int kMaxTopK = 32;
 
 MOELINK_HOST_DEVICE int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
+// Barrier epochs and operation sequence numbers: 64-bit and compared through their difference, so
+// a counter that wraps (MOELINK_DEBUG_EPOCH_START starts it next to the wrap) still orders right.
+using Epoch = unsigned long long;
+MOELINK_HOST_DEVICE bool epoch_reached(Epoch value, Epoch target) {
+  return static_cast<long long>(value - target) >= 0;
+}
+
 enum ErrorCode : int {
   kErrNone = 0,
-  kErrTimeout = 1,
-  kErrWorstTokensOverflow = 2,
-  kErrBadExpertId = 3,
+  // faults (the fault record; the Buffer is broken afterwards)
+  kErrTimeout = 1,  // peer: the rank that never arrived
+  kErrAborted = 2,  // a peer gave up first: peer = the rank it lost, detail = the rank that reported it
+  // data errors (the data record; every rank of the operation reports the same one)
+  kErrWorstTokensOverflow = 16,  // peer: the rank that receives more rows; detail: how many
+  kErrBadExpertId = 17,          // peer: the rank whose topk_idx holds it; detail: token * kMaxTopK + slot
+  kErrDisagree = 18,             // peer: a rank whose digest differs; channel: the digest word; detail: its value
+  kErrPeerRejected = 19,         // peer: the rank whose own checks rejected its arguments
+  kErrHandleFailed = 20,         // peer: the rank whose handle comes from a failed dispatch
+  kErrInputRows = 21,            // peer: the rank whose combine input has fewer rows than its handle; detail: rows needed
 };
+
+MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted; }
 
 // Wait steps are numbered per mode (runtime/wait_steps.hpp holds the table that names them):
 // common 0..15, layout 16..31, intranode 32..63, then the modes to come.
@@ -40,7 +56,7 @@ struct ErrorRecord {
   int code;  // ErrorCode; written last
   int rank;
   int peer;
-  int step;  // wait step; for kErrBadExpertId the token index is in detail
+  int step;  // wait step
   int channel;
   int barrier_tag;  // which barrier (sync, destroy, op) for kStepBarrier
   long long detail;
@@ -48,14 +64,70 @@ struct ErrorRecord {
 
 enum BarrierTag : int { kBarrierSync = 0, kBarrierDestroy = 1, kBarrierOp = 2, kBarrierUser = 3 };
 
+// What every rank says about the operation it is opening: the opening barrier carries it to every
+// peer, and a rank whose digest differs from another's (or who names a verdict) makes every rank
+// skip the operation and report the same data error. Words, by index:
+enum DigestWord : int {
+  kDigestOperation = 0,  // which operation (OpKind)
+  kDigestConfig = 1,     // channels | ring slots << 16 | chunk << 32
+  kDigestRow = 2,        // hidden | dtype << 32
+  kDigestTopK = 3,       // top-k | scales per row << 16
+  kDigestExperts = 4,    // num_experts
+  kDigestHandle = 5,     // the dispatch id of the handle (read on the device)
+  kDigestCompared = 6,   // words below this one must be equal on every rank
+  kDigestVerdict = 6,    // this rank's own objection: Verdict | detail << 8
+  kDigestWords = 8,
+};
+
+enum OpKind : int { kOpNone = 0, kOpDispatch = 1, kOpCachedDispatch = 2, kOpCombine = 3 };
+
+enum Verdict : int {
+  kVerdictOk = 0,
+  kVerdictRejected = 1,      // this rank's checks rejected its arguments
+  kVerdictHandleFailed = 2,  // its handle comes from a failed dispatch
+  kVerdictInputRows = 3,     // its combine input has fewer rows than the handle needs
+  kVerdictBadExpertId = 4,   // get_dispatch_layout saw a bad expert id since the last operation
+};
+
+struct Digest {
+  unsigned long long w[kDigestWords];
+};
+
+// What the host knows of an operation it opens (common/opening.cuh); the device completes the
+// handle and verdict words.
+struct Opening {
+  Digest digest;                    // every word but kDigestHandle; kDigestVerdict: host verdict
+  const long long* handle_info;     // the handle's [dispatch id, status], or nullptr
+  const int* rank_prefix_matrix;    // combine: the handle's matrix, to check the input's rows
+  int input_rows;                   // combine: rows of x
+};
+
+// The gate an operation's opening kernel leaves for the kernels after it.
+enum Gate : int { kGateSkip = 0, kGateGo = 1 };
+
 // Common section of each rank's NVLink-buffer header.
 struct alignas(128) CommonHeader {
-  int barrier_signal[kMaxNvlRanks];  // [src]: last barrier epoch src reached, written by src
-  int barrier_epoch;                 // this rank's own epoch counter (only this rank touches it)
-  int error_claim;                   // device-side claim word for ErrorRecord
-  int pad[32 - kMaxNvlRanks - 2];
-  void* peer_data[kMaxNvlRanks];     // peer-pointer table: each peer's data region, in this process
+  Epoch barrier_signal[kMaxNvlRanks];  // [src]: last barrier epoch src reached, written by src
+  Digest digest[2][kMaxNvlRanks];      // [epoch parity][src]: src's digest for that barrier, written before it
+  Epoch epoch;                         // this rank's barrier count (only this rank touches it)
+  // Non-zero once this rank, or a peer that told it so, gave up on a lost peer (sticky): every
+  // later kernel skips its peers and poisons its outputs. Peers write it; see encode_fault.
+  int fault;
+  int gate;                            // Gate of the current operation, written by its opening kernel
+  int fault_claim, data_claim;         // one writer per error record
+  unsigned exit_count;                 // blocks of the running kernel that have finished
+  int op_failed;                       // a block of the running kernel gave up
+  long long pending_bad_expert;        // layout: token * kMaxTopK + slot + 1 of a bad id, folded into the next operation
+  void* peer_data[kMaxNvlRanks];       // peer-pointer table: each peer's data region, in this process
 };
+
+// fault word: the lost rank + 1, the reporting rank, and the step, so every survivor can name them.
+MOELINK_HOST_DEVICE int encode_fault(int lost, int reporter, int step) {
+  return (lost + 1) | (reporter << 8) | (step << 16);
+}
+MOELINK_HOST_DEVICE int fault_lost(int word) { return (word & 0xff) - 1; }
+MOELINK_HOST_DEVICE int fault_reporter(int word) { return (word >> 8) & 0xff; }
+MOELINK_HOST_DEVICE int fault_step(int word) { return word >> 16; }
 
 // Each NVLink peer's header and data region, mapped into this process.
 struct PeerTable {
@@ -63,12 +135,23 @@ struct PeerTable {
   void* data[kMaxNvlRanks];
 };
 
-// Where a kernel reports a failure, and how long it may wait for a peer.
+// Where a kernel reports a failure, how long it may wait for a peer, and whom to tell when it gives
+// up on one.
 struct ErrorSink {
-  ErrorRecord* record;  // host-mapped
-  int* claim;           // in this rank's header
-  int rank;
+  ErrorRecord* fault;  // host-mapped
+  ErrorRecord* data;   // host-mapped
+  CommonHeader* self;
+  CommonHeader* peers[kMaxNvlRanks];
+  int rank, num_ranks;
   uint64_t timeout_ns;
+};
+
+// Outputs a failed or skipped operation fills with 0xFF bytes: NaN for bf16, fp8 and float32, -1
+// for integer ids, so nothing it leaves can pass as data.
+inline constexpr int kMaxPoisonRegions = 6;
+struct PoisonList {
+  void* data[kMaxPoisonRegions];
+  int64_t bytes[kMaxPoisonRegions];
 };
 
 }  // namespace moelink::kernels

@@ -1,7 +1,11 @@
 #pragma once
-// Device-side failure reporting and bounded waiting. A kernel that gives up (a peer never arrived,
-// a routing overflow, a bad expert id) claims the record once (atomicCAS on a device word) and
-// fills the host-mapped record; the host reads it without any CUDA call, so checking is free.
+// Device-side failure reporting and bounded waiting.
+//
+// A fault (a peer that never arrived) is sticky: the reporting kernel claims the fault record once,
+// fills it in host-mapped memory (the host reads it without any CUDA call), and writes the fault
+// word of every rank of the node, itself included, so that every wait anywhere stops at once and
+// every later kernel skips its peers and poisons its outputs. A data error (bad input every rank
+// agreed on) is recorded in the data record and leaves the protocol intact.
 #include <cstdint>
 
 #include "common/header.hpp"
@@ -9,32 +13,76 @@
 
 namespace moelink::kernels {
 
-__device__ __forceinline__ void report_error(const ErrorSink& err, int code, int peer, int step, int channel,
-                                             long long detail, int barrier_tag = -1) {
-  if (atomicCAS(err.claim, 0, 1) != 0) return;
-  err.record->rank = err.rank;
-  err.record->peer = peer;
-  err.record->step = step;
-  err.record->channel = channel;
-  err.record->barrier_tag = barrier_tag;
-  err.record->detail = detail;
+__device__ __forceinline__ void fill_record(ErrorRecord* record, int code, const ErrorSink& err, int peer, int step,
+                                            int channel, long long detail, int barrier_tag) {
+  record->rank = err.rank;
+  record->peer = peer;
+  record->step = step;
+  record->channel = channel;
+  record->barrier_tag = barrier_tag;
+  record->detail = detail;
   __threadfence_system();
-  *reinterpret_cast<volatile int*>(&err.record->code) = code;
+  *reinterpret_cast<volatile int*>(&record->code) = code;
   __threadfence_system();
 }
 
-// Spins until ld_acquire_sys(counter) >= target. Returns false (after reporting) on timeout.
-__device__ __forceinline__ bool wait_at_least(const int* counter, int target, const ErrorSink& err, int peer,
-                                              int step, int channel) {
-  if (ld_acquire_sys(counter) >= target) return true;
+__device__ __forceinline__ void report_fault(const ErrorSink& err, int code, int lost, int step, int channel,
+                                             long long detail, int barrier_tag = -1) {
+  *reinterpret_cast<volatile int*>(&err.self->op_failed) = 1;
+  if (atomicCAS(&err.self->fault_claim, 0, 1) == 0) fill_record(err.fault, code, err, lost, step, channel, detail, barrier_tag);
+  // NOTES: system-scope CAS so the first fault a rank hears of is the one it keeps, whichever
+  // process wrote it; the reporter's own word is set the same way.
+  const int word = encode_fault(lost, err.rank, step);
+  for (int p = 0; p < err.num_ranks; ++p)
+    if (err.peers[p] != nullptr) atomicCAS_system(&err.peers[p]->fault, 0, word);
+  __threadfence_system();
+}
+
+__device__ __forceinline__ void report_data(const ErrorSink& err, int code, int peer, int channel, long long detail) {
+  if (atomicCAS(&err.self->data_claim, 0, 1) == 0) fill_record(err.data, code, err, peer, -1, channel, detail, -1);
+}
+
+__device__ __forceinline__ int fault_word(const ErrorSink& err) { return ld_volatile(&err.self->fault); }
+
+// A wait that stops because another rank reported a fault records that fault as its own reason.
+__device__ __forceinline__ void report_aborted(const ErrorSink& err, int word) {
+  report_fault(err, kErrAborted, fault_lost(word), fault_step(word), -1, fault_reporter(word));
+}
+
+// Spins until done() holds. Returns false (after reporting) on timeout or when a fault was reported
+// anywhere on the node meanwhile.
+template <typename Done>
+__device__ __forceinline__ bool wait_until(Done done, const ErrorSink& err, int peer, int step, int channel,
+                                           long long detail, int barrier_tag = -1) {
+  if (done()) return true;
   const uint64_t start = global_timer_ns();
-  while (ld_acquire_sys(counter) < target) {
-    if (global_timer_ns() - start > err.timeout_ns) {
-      report_error(err, kErrTimeout, peer, step, channel, target);
-      return false;
+  for (uint32_t spins = 1;; ++spins) {
+    if (done()) return true;
+    if ((spins & 15) == 0) {
+      const int word = fault_word(err);
+      if (word != 0) {
+        report_aborted(err, word);
+        return false;
+      }
+      if (global_timer_ns() - start > err.timeout_ns) {
+        report_fault(err, kErrTimeout, peer, step, channel, detail, barrier_tag);
+        return false;
+      }
     }
   }
-  return true;
+}
+
+// Spins until ld_acquire_sys(counter) >= target.
+__device__ __forceinline__ bool wait_at_least(const int* counter, int target, const ErrorSink& err, int peer,
+                                              int step, int channel) {
+  return wait_until([&] { return ld_acquire_sys(counter) >= target; }, err, peer, step, channel, target);
+}
+
+// Spins until the epoch-valued counter has reached `target` (wrap-safe).
+__device__ __forceinline__ bool wait_epoch(const Epoch* counter, Epoch target, const ErrorSink& err, int peer,
+                                           int step, int channel, int barrier_tag = -1) {
+  return wait_until([&] { return epoch_reached(ld_acquire_sys(counter), target); }, err, peer, step, channel,
+                    static_cast<long long>(target), barrier_tag);
 }
 
 }  // namespace moelink::kernels

@@ -1,18 +1,23 @@
 #include "runtime/context.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "common/barrier.hpp"
 #include "common/launch.hpp"
+#include "common/opening.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/knobs.hpp"
+#include "runtime/stream_pool.hpp"
 #include "runtime/wait_steps.hpp"
 #include "window/nvshmem.hpp"
 
 namespace moelink::runtime {
 
 using detail::raise;
+using detail::str;
 
 namespace {
 
@@ -25,7 +30,49 @@ const char* barrier_name(int tag) {
   }
 }
 
+const char* op_name(unsigned long long op) {
+  switch (op) {
+    case kernels::kOpDispatch: return "dispatch";
+    case kernels::kOpCachedDispatch: return "cached dispatch (with a handle)";
+    case kernels::kOpCombine: return "combine";
+    default: return "no operation";
+  }
+}
+
+// What one digest word says, in the caller's terms.
+std::string describe_digest_word(int word, unsigned long long v) {
+  switch (word) {
+    case kernels::kDigestOperation: return str("the operation: it called ", op_name(v));
+    case kernels::kDigestConfig:
+      return str("the config: it has num_sms = ", 2 * (v & 0xffff), ", num_max_nvl_chunked_recv_tokens = ",
+                 (v >> 16) & 0xffff, ", num_max_nvl_chunked_send_tokens = ", v >> 32);
+    case kernels::kDigestRow:
+      return str("the hidden size or dtype of x: it has hidden = ", v & 0xffffffffu, ", dtype ",
+                 dtype_name(static_cast<DType>(v >> 32)));
+    case kernels::kDigestTopK:
+      return str("the top-k width or scales per row: it has top-k = ", v & 0xffff, ", ", (v >> 16) & 0xffff,
+                 " scales per row");
+    case kernels::kDigestExperts: return str("num_experts: it has ", v);
+    case kernels::kDigestHandle: return str("the handle: it passed the handle of dispatch #", v);
+    default: return "the operation";
+  }
+}
+
 }  // namespace
+
+kernels::Digest make_digest(int op, int num_channels, int slots, int chunk, int64_t hidden, DType dtype, int num_topk,
+                            int num_scales, int num_experts) {
+  kernels::Digest d{};
+  d.w[kernels::kDigestOperation] = static_cast<unsigned long long>(op);
+  d.w[kernels::kDigestConfig] = static_cast<unsigned long long>(num_channels) |
+                                (static_cast<unsigned long long>(slots) << 16) |
+                                (static_cast<unsigned long long>(chunk) << 32);
+  d.w[kernels::kDigestRow] =
+      static_cast<unsigned long long>(hidden) | (static_cast<unsigned long long>(static_cast<int>(dtype)) << 32);
+  d.w[kernels::kDigestTopK] = static_cast<unsigned long long>(num_topk) | (static_cast<unsigned long long>(num_scales) << 16);
+  d.w[kernels::kDigestExperts] = static_cast<unsigned long long>(num_experts);
+  return d;
+}
 
 Context::Context(const BufferOptions& o) {
   if (o.num_ranks < 1) raise(ErrorKind::kValue, "num_ranks: expected >= 1, got ", o.num_ranks);
@@ -42,6 +89,7 @@ Context::Context(const BufferOptions& o) {
   low_latency_mode = o.low_latency_mode;
   explicitly_destroy = o.explicitly_destroy;
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
+  const unsigned long long epoch_start = knobs::debug_epoch_start();
   if (num_rdma_bytes > 0 && !window::nvshmem_compiled())
     raise(ErrorKind::kState, "num_rdma_bytes > 0 needs NVSHMEM, but this build has none (pip install "
           "nvidia-nvshmem-cu13 or set NVSHMEM_HOME, then rebuild)");
@@ -52,9 +100,10 @@ Context::Context(const BufferOptions& o) {
   } else {
     MOELINK_CUDA_CHECK(cudaGetDevice(&device));
   }
+  MOELINK_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   // Loaded now, not at a first launch: with lazy module loading that launch would block the host.
   kernels::preload_kernels();
-  MOELINK_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking));
+  comm_stream = acquire_comm_stream(device);
   MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&order_event, cudaEventDisableTiming));
 
   // The header (barrier signals, peer table, notify inbox) always exists so barriers work even
@@ -69,6 +118,21 @@ Context::Context(const BufferOptions& o) {
     arena = std::make_shared<detail::RecvArena>(nvl_memory, nvl_base + arena_at, o.num_arena_bytes, kArenaAlignment);
   // The arena needs no zeroing: every output row is written before it is read.
   MOELINK_CUDA_CHECK(cudaMemsetAsync(nvl_base, 0, bytes, comm_stream));
+  if (epoch_start != 0) {
+    // Every epoch-valued word starts at the same value on every rank.
+    auto image = std::make_unique<NvlHeader>();
+    std::memset(static_cast<void*>(image.get()), 0, sizeof(NvlHeader));
+    image->common.epoch = epoch_start;
+    for (auto& s : image->common.barrier_signal) s = epoch_start;
+    image->intranode.direct_target.seq = epoch_start;
+    image->intranode.combine_source.seq = epoch_start;
+    for (auto& part : image->intranode.direct_done)
+      for (auto& channel : part)
+        for (auto& s : channel) s = epoch_start;
+    for (auto& channel : image->intranode.pull_done)
+      for (auto& s : channel) s = epoch_start;
+    MOELINK_CUDA_CHECK(cudaMemcpyAsync(nvl_base, image.get(), sizeof(NvlHeader), cudaMemcpyHostToDevice, comm_stream));
+  }
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream));
   nvl_window = window::Window(window::cuda_ipc(), nvl_base, topo.nvl_rank, topo.num_nvl_ranks);
 
@@ -81,6 +145,20 @@ Context::Context(const BufferOptions& o) {
 }
 
 Context::~Context() { release(); }
+
+bool Context::drain(double seconds) {
+  if (comm_stream == nullptr) return true;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  for (;;) {
+    const cudaError_t status = cudaStreamQuery(comm_stream);
+    if (status != cudaErrorNotReady) {
+      cudaGetLastError();  // an unloading runtime at exit counts as drained
+      return true;
+    }
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
 
 void Context::release() {
   if (destroyed) return;
@@ -101,7 +179,7 @@ void Context::release() {
   mailbox = mailbox_dev = nullptr;
   if (order_event) cudaEventDestroy(order_event);
   order_event = nullptr;
-  if (comm_stream) cudaStreamDestroy(comm_stream);
+  give_back_comm_stream(comm_stream, device);
   comm_stream = nullptr;
   destroyed = true;
   available = false;
@@ -112,56 +190,114 @@ int64_t Context::offset_in_arena(const TensorRef& ref, int64_t bytes) const {
   return static_cast<const char*>(ref.data) - static_cast<const char*>(data());
 }
 
-kernels::ErrorSink Context::error_sink() const {
-  return kernels::ErrorSink{&mailbox_dev->error, &header()->common.error_claim, topo.nvl_rank,
-                            static_cast<uint64_t>(timeout_s * 1e9)};
+kernels::ErrorSink Context::error_sink(double timeout) const {
+  kernels::ErrorSink sink{};
+  sink.fault = &mailbox_dev->fault;
+  sink.data = &mailbox_dev->data;
+  sink.self = &header()->common;
+  for (int p = 0; p < topo.num_nvl_ranks; ++p) sink.peers[p] = peers.header[p];
+  sink.rank = topo.nvl_rank;
+  sink.num_ranks = topo.num_nvl_ranks;
+  sink.timeout_ns = static_cast<uint64_t>((timeout > 0 ? timeout : timeout_s) * 1e9);
+  return sink;
 }
 
 void Context::require_usable(const char* op) const {
   if (destroyed) raise(ErrorKind::kState, op, ": the Buffer on rank ", topo.rank, " was destroyed");
   if (!available) raise(ErrorKind::kState, op, ": the Buffer on rank ", topo.rank, " is not synced yet (call sync())");
-  if (!broken.empty())
-    raise(ErrorKind::kState, op, ": the Buffer on rank ", topo.rank, " is unusable after an earlier failure (", broken,
-          "); destroy it and create a new one");
+  // The same message every time: the lost rank and the step, and what to do about it.
+  if (!broken.empty()) throw Error(ErrorKind::kTimeout, broken);
 }
 
 void Context::check_device_errors() {
   if (mailbox == nullptr) return;
-  volatile kernels::ErrorRecord* rec = &mailbox->error;
-  const int code = rec->code;
+  const int rank = topo.rank;
+  const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
+  volatile kernels::ErrorRecord* fault = &mailbox->fault;
+  if (fault->code != kernels::kErrNone) {
+    if (broken.empty()) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      const int lost = global(fault->peer);
+      if (fault->code == kernels::kErrTimeout) {
+        broken = str("moelink: rank ", rank, " timed out after ", timeout_s, " s ");
+        if (fault->step == kernels::kStepBarrier)
+          broken += str("in ", barrier_name(fault->barrier_tag), ": rank ", lost, " never arrived");
+        else
+          broken += str("in ", wait_step_description(fault->step), " rank ", lost, ", channel ", fault->channel,
+                        "): rank ", lost, " stopped making progress");
+        broken += " (raise MOELINK_TIMEOUT_S if the peer is just slow)";
+        broken += "; this Buffer is unusable now: destroy it and create a new one";
+      } else {
+        broken = str("moelink: rank ", rank, " stopped: rank ", global(static_cast<int>(fault->detail)),
+                     " gave up waiting for rank ", lost, " in ",
+                     fault->step == kernels::kStepBarrier ? "a barrier" : wait_step_description(fault->step),
+                     " (a lost or stuck peer; raise MOELINK_TIMEOUT_S if it is just slow); this Buffer is unusable "
+                     "now: destroy it and create a new one");
+      }
+    }
+    throw Error(ErrorKind::kTimeout, broken);
+  }
+  volatile kernels::ErrorRecord* data = &mailbox->data;
+  const int code = data->code;
   if (code == kernels::kErrNone) return;
   std::atomic_thread_fence(std::memory_order_acquire);
-  const int rank = topo.rank;
-  const int peer = rec->peer >= 0 ? topo.global_rank(topo.rdma_rank, rec->peer) : -1;
-  const int step = rec->step, channel = rec->channel, tag = rec->barrier_tag;
-  const long long value = rec->detail;
+  const int peer = global(data->peer);
+  const long long detail = data->detail;
+  const int word = data->channel;
   std::string message;
-  ErrorKind kind = ErrorKind::kValue;
-  if (code == kernels::kErrTimeout) {
-    kind = ErrorKind::kTimeout;
-    message = detail::str("moelink: rank ", rank, " timed out after ", timeout_s, " s ");
-    if (step == kernels::kStepBarrier)
-      message += detail::str("in ", barrier_name(tag), ": rank ", peer, " never arrived");
-    else
-      message += detail::str("in ", wait_step_description(step), " rank ", peer, ", channel ", channel, "): rank ",
-                             peer, " stopped making progress");
-    message += " (raise MOELINK_TIMEOUT_S if the peer is just slow)";
-    broken = message;
-  } else if (code == kernels::kErrWorstTokensOverflow) {
-    message = detail::str("moelink: num_worst_tokens: rank ", rank, " received ", value,
-                          " rows, more than num_worst_tokens; the extra rows were not written (raise num_worst_tokens)");
-  } else if (code == kernels::kErrBadExpertId) {
-    message = detail::str("moelink: topk_idx: rank ", rank, " token ", value / kernels::kMaxTopK, " slot ",
-                          value % kernels::kMaxTopK, " holds an expert id outside [-1, num_experts); it was ignored");
-  } else {
-    message = detail::str("moelink: rank ", rank, ": device error code ", code);
+  switch (code) {
+    case kernels::kErrWorstTokensOverflow:
+      message = str("moelink: num_worst_tokens: rank ", peer, " would receive ", detail,
+                    " rows, more than its num_worst_tokens; no rank ran the dispatch and its outputs are poisoned "
+                    "(raise num_worst_tokens)");
+      break;
+    case kernels::kErrBadExpertId:
+      message = str("moelink: topk_idx: rank ", peer, " token ", detail / kernels::kMaxTopK, " slot ",
+                    detail % kernels::kMaxTopK,
+                    " holds an expert id outside [-1, num_experts); no rank ran the dispatch (or the operation after "
+                    "get_dispatch_layout saw it)");
+      break;
+    case kernels::kErrDisagree:
+      message = str("moelink: ranks disagree on ", describe_digest_word(word, static_cast<unsigned long long>(detail)),
+                    " on rank ", peer, ", unlike rank ", rank, "; every rank must make the same call with the same "
+                    "config, hidden size, dtype and handle (no rank ran it; its outputs are poisoned)");
+      break;
+    case kernels::kErrPeerRejected:
+      message = str("moelink: rank ", peer, " rejected its own arguments for this operation (see the error raised "
+                    "there); no rank ran it and its outputs are poisoned");
+      break;
+    case kernels::kErrHandleFailed:
+      message = str("moelink: handle: rank ", peer, " passed the handle of a dispatch that failed; no rank ran the "
+                    "operation and its outputs are poisoned");
+      break;
+    case kernels::kErrInputRows:
+      message = str("moelink: x: the combine input on rank ", peer, " has fewer rows than its handle needs (", detail,
+                    "); no rank ran the combine and its outputs are poisoned");
+      break;
+    default: message = str("moelink: rank ", rank, ": device error code ", code);
   }
-  if (kind != ErrorKind::kTimeout) {
-    // Value errors leave the protocol intact: clear the record so the Buffer stays usable.
-    rec->code = kernels::kErrNone;
-    cudaMemsetAsync(&header()->common.error_claim, 0, sizeof(int), comm_stream);
+  // Data errors leave the protocol intact: clear the record so the Buffer stays usable.
+  data->code = kernels::kErrNone;
+  cudaMemsetAsync(&header()->common.data_claim, 0, sizeof(int), comm_stream);
+  throw Error(ErrorKind::kValue, message);
+}
+
+void Context::fail_host_wait(const std::string& message) {
+  broken = message;
+  // The kernels queued behind the wait, and the peers, must stop too: raise this rank's fault word
+  // and its peers' on a stream of its own (the comm stream may be the thing that is stuck).
+  if (available && !destroyed) {
+    const int word = kernels::encode_fault(topo.nvl_rank, topo.nvl_rank, kernels::kStepBarrier);
+    cudaStream_t side = nullptr;
+    if (cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) == cudaSuccess) {
+      for (int p = 0; p < topo.num_nvl_ranks; ++p)
+        cudaMemcpyAsync(&peers.header[p]->fault, &word, sizeof(int), cudaMemcpyHostToDevice, side);
+      cudaStreamSynchronize(side);
+      cudaStreamDestroy(side);
+    }
+    cudaGetLastError();
   }
-  throw Error(kind, message);
+  throw Error(ErrorKind::kTimeout, message);
 }
 
 void Context::begin_op(const StreamOrder& order) {
@@ -181,14 +317,42 @@ EventHandle Context::end_op(const StreamOrder& order) {
   return done;
 }
 
-void Context::launch_barrier(int tag) {
-  kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(), comm_stream);
+void Context::launch_opening(const kernels::Opening& opening) {
+  kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), comm_stream);
 }
 
-void Context::barrier(int tag) {
-  launch_barrier(tag);
+void Context::abstain() noexcept {
+  if (!available || destroyed || !broken.empty()) return;
+  try {
+    kernels::Opening opening{};
+    opening.digest.w[kernels::kDigestVerdict] = kernels::kVerdictRejected;
+    launch_opening(opening);
+  } catch (const Error&) {
+    // The caller is raising its own error already; its peers then time out instead.
+  }
+}
+
+void Context::launch_barrier(int tag, double timeout) {
+  kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), comm_stream);
+}
+
+void Context::barrier(int tag, double timeout) {
+  launch_barrier(tag, timeout);
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream));
   check_device_errors();
+}
+
+int Context::max_num_sms(int blocks_per_sm) const {
+  const int fit = sm_count * blocks_per_sm / ranks_per_gpu;
+  return fit - fit % 2;
+}
+
+void Context::require_coresident(int num_sms, int blocks_per_sm, const char* arg) const {
+  if (ranks_per_gpu * num_sms <= sm_count * blocks_per_sm) return;
+  raise(ErrorKind::kValue, arg, ": num_sms = ", num_sms, " is too many: ", ranks_per_gpu,
+        " ranks share this GPU (", sm_count, " SMs, ", blocks_per_sm, " block(s) per SM), and every rank's blocks must be "
+        "resident at once or the ranks wait for each other forever; use num_sms <= ", max_num_sms(blocks_per_sm),
+        " (Config(num_sms=...) or Buffer.set_num_sms)");
 }
 
 }  // namespace moelink::runtime

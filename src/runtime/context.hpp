@@ -1,9 +1,9 @@
 #pragma once
 // The runtime context of one rank: everything the operations share and that lives as long as the
-// Buffer does (topology, the memory map, the comm stream, the error record, the order event), and
-// the steps every operation takes (entry checks, stream ordering, the device barrier, error
-// decoding). Modes are free functions over a Context (modes/<mode>/host.hpp); the Buffer owns one
-// and forwards to them. Per-call values are small structs (moelink/ops.hpp).
+// Buffer does (topology, the memory map, the comm stream, the error records, the order event), and
+// the steps every operation takes (entry checks, the opening, stream ordering, the device barrier,
+// error decoding). Modes are free functions over a Context (modes/<mode>/host.hpp); the Buffer owns
+// one and forwards to them. Per-call values are small structs (moelink/ops.hpp).
 #include <cuda_runtime_api.h>
 
 #include <memory>
@@ -28,6 +28,8 @@ class Context {
   // ---- the rank and its resources (read by modes; written by the lifecycle in buffer.cpp) ----
   Topology topo;
   int device = 0;
+  int sm_count = 0;
+  int ranks_per_gpu = 1;  // NVLink peers (this rank included) on this very GPU, from sync()
   int64_t num_nvl_bytes = 0;
   int64_t num_rdma_bytes = 0;
   bool low_latency_mode = false;
@@ -48,10 +50,8 @@ class Context {
   void* rdma = nullptr;
   bool nvshmem_joined = false;
   std::vector<uint8_t> unique_id;
-  int op_seq = 0;
-  int dispatch_seq = 0;  // every rank runs the same dispatches, so this numbers them identically
-  int combine_seq = 0;
-  std::string broken;  // non-empty once a peer timed out: the ring counters can't be trusted
+  int notify_seq = 0;  // numbers host waits on the mailbox only; operations are numbered on the device
+  std::string broken;  // non-empty once a peer was lost: the protocol state can't be trusted
 
   NvlHeader* header() const { return reinterpret_cast<NvlHeader*>(nvl_base); }
   void* data() const { return nvl_base + kNvlHeaderBytes; }
@@ -60,23 +60,47 @@ class Context {
   // lie wholly in our receive arena (only there may peers read or write a caller's tensor).
   int64_t offset_in_arena(const TensorRef& ref, int64_t bytes) const;
 
-  // Unmaps the peers and frees everything; marks the context destroyed. Idempotent.
+  // Unmaps the peers and frees everything; marks the context destroyed. Idempotent. The comm
+  // stream goes back to a pool instead of being destroyed: the caching allocator may still hold
+  // tensors recorded on it, and freeing one records an event on the stream.
   void release();
+  // Waits until the comm stream has drained, at most `seconds`; false when it has not.
+  bool drain(double seconds);
 
   // ---- steps every operation takes ----
-  kernels::ErrorSink error_sink() const;
-  // Raises kState when the Buffer is destroyed, not synced, or broken by an earlier timeout.
+  kernels::ErrorSink error_sink(double timeout = -1) const;
+  // Raises kState when the Buffer is destroyed or not synced, kTimeout once it is broken.
   void require_usable(const char* op) const;
-  // Raises the first error a kernel recorded; a timeout also marks the Buffer broken.
+  // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
+  // data error every rank of the operation found (ValueError, raised once).
   void check_device_errors();
+  // A host-side wait gave up: the Buffer is broken, and its queued kernels and its peers learn so.
+  [[noreturn]] void fail_host_wait(const std::string& message);
   // Orders the comm stream after previous_event or the compute stream.
   void begin_op(const StreamOrder& order);
   // The event at the end of the op; without async_finish the compute stream waits for it.
   EventHandle end_op(const StreamOrder& order);
+  // Launches the opening of an operation whose kernels do not open it themselves.
+  void launch_opening(const kernels::Opening& opening);
+  // This rank's own checks rejected its arguments: it still takes part in the opening, with that
+  // verdict, so its peers skip the operation instead of waiting for it. Never throws.
+  void abstain() noexcept;
   // Launches the device barrier over the NVLink peers on the comm stream.
-  void launch_barrier(int tag);
+  void launch_barrier(int tag, double timeout = -1);
   // The barrier, then a host wait for it; raises what it found.
-  void barrier(int tag);
+  void barrier(int tag, double timeout = -1);
+
+  // ---- co-residency ----
+  // Every rank's kernel spins until its peers' kernels run, so when ranks share a GPU all their
+  // blocks must be resident at once. The largest even num_sms for which they are, for kernels of
+  // which `blocks_per_sm` fit on one SM.
+  int max_num_sms(int blocks_per_sm) const;
+  // Raises kValue naming `arg` when `num_sms` blocks per rank cannot all be resident.
+  void require_coresident(int num_sms, int blocks_per_sm, const char* arg) const;
 };
+
+// A digest word from its parts (common/header.hpp names the words).
+kernels::Digest make_digest(int op, int num_channels, int slots, int chunk, int64_t hidden, DType dtype, int num_topk,
+                            int num_scales, int num_experts);
 
 }  // namespace moelink::runtime

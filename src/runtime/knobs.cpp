@@ -52,13 +52,24 @@ bool debug() {
   return enabled;
 }
 
+unsigned long long debug_epoch_start() {
+  const char* value = value_of("MOELINK_DEBUG_EPOCH_START");
+  if (value == nullptr) return 0;
+  char* end = nullptr;
+  const unsigned long long start = std::strtoull(value, &end, 0);
+  if (end == value || *end != '\0' || *value == '-')
+    detail::raise(ErrorKind::kValue, "MOELINK_DEBUG_EPOCH_START: expected an unsigned 64-bit integer, got '", value, "'");
+  return start;
+}
+
 void log_once() {
   if (!debug()) return;
   static std::once_flag once;
   std::call_once(once, [] {
     std::fprintf(stderr,
-                 "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d MOELINK_DEBUG=1\n",
-                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0);
+                 "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d "
+                 "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_DEBUG=1\n",
+                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start());
   });
 }
 

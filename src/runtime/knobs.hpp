@@ -16,8 +16,12 @@ bool l2_hints();
 // them be written back to HBM; the ring's next lap rewrites them anyway.
 bool l2_discard();
 
-// MOELINK_DEBUG (0/1, default 0): log the knobs' values once, and more context in errors.
+// MOELINK_DEBUG (0/1, default 0): log the knobs' values once.
 bool debug();
+
+// MOELINK_DEBUG_EPOCH_START (unsigned 64-bit, default 0): where barrier epochs and operation
+// sequence numbers start, the same on every rank; tests start them next to the wrap point.
+unsigned long long debug_epoch_start();
 
 // Prints every knob's value to stderr once per process when debug() is on.
 void log_once();

@@ -22,7 +22,8 @@ struct NvlHeader {
 
 struct HostMailbox {
   int ready_seq;  // = the notify's sequence number once the mode sections below are valid
-  kernels::ErrorRecord error;
+  kernels::ErrorRecord fault;  // a lost peer: sticky
+  kernels::ErrorRecord data;   // bad input every rank of an operation agreed on: cleared once raised
   intranode::MailboxSection intranode;
 };
 

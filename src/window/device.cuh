@@ -20,12 +20,20 @@ __device__ __forceinline__ char* peer_address(const kernels::PeerTable& peers, i
 // Raises a counter (usually in a peer's memory) to `value`; every store this thread made before is
 // visible to whoever sees the new value.
 __device__ __forceinline__ void signal(int* counter, int value) { kernels::st_release_sys(counter, value); }
+__device__ __forceinline__ void signal(kernels::Epoch* counter, kernels::Epoch value) {
+  kernels::st_release_sys(counter, value);
+}
 
 // Waits until a counter in this rank's memory reaches `target`; false (after reporting rank, peer,
 // step and channel) when the timeout expires first.
 __device__ __forceinline__ bool wait(const int* counter, int target, const kernels::ErrorSink& err, int peer,
                                      int step, int channel) {
   return kernels::wait_at_least(counter, target, err, peer, step, channel);
+}
+// The same for an epoch-valued counter (wrap-safe).
+__device__ __forceinline__ bool wait(const kernels::Epoch* counter, kernels::Epoch target, const kernels::ErrorSink& err,
+                                     int peer, int step, int channel) {
+  return kernels::wait_epoch(counter, target, err, peer, step, channel);
 }
 
 }  // namespace moelink::window

@@ -13,10 +13,16 @@
 //   Rows a rank sent itself are read straight from its own x, never through a ring.
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
+//   The opening kernel before it (common/opening.cuh) gates it: every rank agrees on the
+//   operation, config, row layout, top-k and handle, and has at least the rows its handle names,
+//   or every rank skips and poisons combined_x.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "common/launch.cuh"
+#include "common/poison.cuh"
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
 #include "modes/intranode/contract.hpp"
@@ -54,7 +60,7 @@ __device__ __forceinline__ int ld_cg_int(const int* p) {
   return v;
 }
 
-__device__ void send_channel(const CombineArgs& a, int channel) {
+__device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   // One warp group per remote token owner; my own rows are read from x by my receiver.
@@ -67,7 +73,7 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
   if (a.source.pull) {
     // The owners read my rows in place; my input must stay untouched until they are done.
     if (gw == 0 && lane == 0)
-      window::wait(&a.sections[rank]->pull_done[channel][s], a.seq, a.err, s, kStepCombinePull, channel);
+      window::wait(&a.sections[rank]->pull_done[channel][s], seq, a.err, s, kStepCombinePull, channel);
     return;
   }
 
@@ -105,7 +111,7 @@ __device__ void send_channel(const CombineArgs& a, int channel) {
 }
 
 template <int kRanks>
-__device__ void recv_channel(const CombineArgs& a, int channel) {
+__device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -135,7 +141,7 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
     const int d = threadIdx.x;
     const CombineSource* source = &a.sections[d]->combine_source;
     const volatile CombineSource* v = source;  // volatile: an earlier combine's values may sit in L1
-    if (!window::wait(&source->seq, a.seq, a.err, d, kStepCombineSource, channel)) {
+    if (!window::wait(&source->seq, seq, a.err, d, kStepCombineSource, channel)) {
       failed = true;
     } else if (v->pull) {
       // d holds my channel-c rows after the rows of lower ranks and of my earlier channels.
@@ -255,26 +261,36 @@ __device__ void recv_channel(const CombineArgs& a, int channel) {
   if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
   // Every read of a pulled peer's rows fed a store before the last barrier: release its input.
   if (threadIdx.x < R && pull[threadIdx.x])
-    window::signal(&a.sections[threadIdx.x]->pull_done[channel][rank], a.seq);
+    window::signal(&a.sections[threadIdx.x]->pull_done[channel][rank], seq);
 }
 
 // Tells the token owners whether they may read this rank's input rows in place, and where.
-__device__ void publish_source(const CombineArgs& a) {
+__device__ void publish_source(const CombineArgs& a, Epoch seq) {
   CombineSource* s = &a.sections[a.rank]->combine_source;
   s->x = a.source.x;
   s->weights = a.source.weights;
   s->pull = a.source.pull;
-  st_release_sys(&s->seq, a.seq);
+  window::signal(&s->seq, seq);
 }
 
 template <int kRanks>
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
+__device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
-  if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a);
+  if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a, seq);
   if (blockIdx.x % 2 == 0)
-    send_channel(a, channel);
+    send_channel(a, seq, channel);
   else
-    recv_channel<kRanks>(a, channel);
+    recv_channel<kRanks>(a, seq, channel);
+}
+
+// Numbered by the opening barrier's epoch; skipped (outputs poisoned) as in dispatch.
+template <int kRanks>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
+  if (operation_may_run(a.err))
+    combine_channel<kRanks>(a, ld_volatile(&a.err.self->epoch));
+  else
+    poison_grid_share(a.poison);
+  finish_block(a.err, a.poison);
 }
 
 const KernelRegistration registrations[] = {
@@ -284,6 +300,12 @@ const KernelRegistration registrations[] = {
 };
 
 }  // namespace
+
+int combine_blocks_per_sm() {
+  return std::min({max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<2>), kThreads, 0),
+                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<4>), kThreads, 0),
+                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), kThreads, 0)});
+}
 
 void launch_combine(const CombineArgs& a, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};

@@ -12,6 +12,7 @@
 
 namespace moelink::intranode {
 
+using kernels::Epoch;
 using kernels::kMaxChannels;
 using kernels::kMaxLocalExperts;
 
@@ -29,14 +30,13 @@ enum WaitStep : int {
 // Published by a receiving rank at the start of each dispatch: byte offsets into its receive arena
 // (-1 = that output is not written), so senders write rows straight into its outputs. `direct` = 0
 // means "use the rings": this rank's outputs are not in its arena. Valid once `seq` equals the
-// dispatch's sequence number.
+// dispatch's sequence number (its opening epoch, the same on every rank).
 struct DirectTarget {
   long long x, scales, topk_idx, topk_weights, src_idx;
   long long scales_stride_token, scales_stride_scale;  // in floats
   int num_rows;  // rows the outputs hold; rows past it are dropped (num_worst_tokens overflow)
   int direct;
-  int seq;       // written last, with release semantics
-  int pad;
+  Epoch seq;     // written last, with release semantics
 };
 
 // Published by every rank at the start of each combine: where its input rows are, as offsets from
@@ -46,7 +46,8 @@ struct DirectTarget {
 struct CombineSource {
   long long x, weights;  // weights: -1 when the combine has no top-k weights
   int pull;
-  int seq;  // written last, with release semantics
+  int pad;
+  Epoch seq;  // written last, with release semantics
 };
 
 // This mode's section of each rank's NVLink-buffer header.
@@ -55,15 +56,19 @@ struct alignas(128) HeaderSection {
   int inbox_rank_counts[kMaxNvlRanks][kMaxNvlRanks];       // src's tokens per destination rank
   int inbox_channel_counts[kMaxNvlRanks][kMaxChannels];    // src's tokens to me per channel
   int inbox_expert_counts[kMaxNvlRanks][kMaxLocalExperts]; // src's (token, k) pairs per my expert
+  // src's own data checks, which every rank needs to reach the same verdict: the first bad expert
+  // id in its topk_idx (token * kMaxTopK + slot + 1, 0 = none) and its num_worst_tokens.
+  long long inbox_bad_expert[kMaxNvlRanks];
+  int inbox_worst_tokens[kMaxNvlRanks];
   // Direct dispatch: where this rank wants the current dispatch's rows (see DirectTarget), and,
   // per (sender part, channel, source), the sequence number of the last dispatch whose rows that
   // part of that source's channel has finished writing here. Sequence-valued, so nothing ever needs resetting.
   DirectTarget direct_target;
-  int direct_done[2][kMaxChannels][kMaxNvlRanks];  // [sender part][channel][source]
+  Epoch direct_done[2][kMaxChannels][kMaxNvlRanks];  // [sender part][channel][source]
   // Pull combine: this rank's input rows (see CombineSource), and per (channel, token owner) the
   // sequence number of the last combine whose reads of them that owner has finished.
   CombineSource combine_source;
-  int pull_done[kMaxChannels][kMaxNvlRanks];
+  Epoch pull_done[kMaxChannels][kMaxNvlRanks];
 };
 
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
@@ -73,17 +78,21 @@ struct MailboxSection {
   int num_recv_tokens_per_expert[kMaxLocalExperts];
 };
 
+// Notify opens the dispatch itself: its first barrier carries the digest (common/opening.cuh).
 struct NotifyArgs {
   const bool* is_token_in_rank;     // [T, R]
   const int* num_tokens_per_expert; // [E]
-  int num_tokens, num_ranks, num_channels, num_local_experts;
+  const int64_t* topk_idx;          // [T, K], or nullptr: checked for ids outside [-1, E)
+  int num_tokens, num_topk, num_experts, num_ranks, num_channels, num_local_experts;
   int expert_alignment, num_worst_tokens;
   int* rank_prefix_matrix;          // [R, R]
   int* channel_prefix_matrix;       // [R, C]
   int* recv_channel_prefix_matrix;  // [R, C]
+  long long* handle_info;           // [2]: the dispatch id (its opening epoch) and 0, or 1 if it failed
   int* ready_seq;                   // host-mapped: set last, to seq
   MailboxSection* mailbox;          // host-mapped
-  int seq;
+  int seq;                          // host-side number of this notify, for the host wait only
+  kernels::Opening opening;
   kernels::PeerTable peers;
   HeaderSection* sections[kMaxNvlRanks];
   kernels::ErrorSink err;
@@ -117,13 +126,13 @@ struct DispatchArgs {
   bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
   bool l2_discard;  // discard consumed ring lines from L2 (MOELINK_L2_DISCARD)
   // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
-  // rows come through the rings), and this dispatch's sequence number, the same on every rank.
+  // rows come through the rings). Its seq is filled on the device.
   DirectTarget target;
-  int seq;
   int rank;
   kernels::PeerTable peers;
   HeaderSection* sections[kMaxNvlRanks];
   kernels::ErrorSink err;
+  kernels::PoisonList poison;  // every output
 };
 void launch_dispatch(const DispatchArgs& args, cudaStream_t stream);
 
@@ -144,15 +153,19 @@ struct CombineArgs {
   bool l2_hints;
   bool l2_discard;
   // Pull combine: this rank's input as offsets from its data region (source.pull = 0: it pushes
-  // its rows through the rings), and this combine's sequence number, the same on every rank.
+  // its rows through the rings). Its seq is filled on the device.
   CombineSource source;
-  int seq;
   int rank;
   kernels::PeerTable peers;
   HeaderSection* sections[kMaxNvlRanks];
   kernels::ErrorSink err;
+  kernels::PoisonList poison;  // every output
 };
 void launch_combine(const CombineArgs& args, cudaStream_t stream);
+
+// Blocks of the dispatch / combine kernel that one SM holds at once (for the co-residency check).
+int dispatch_blocks_per_sm();
+int combine_blocks_per_sm();
 
 // 24 warps: at most 80 registers per thread; 32 warps (64 registers) spilled and measured slower.
 inline constexpr int kThreads = 768;

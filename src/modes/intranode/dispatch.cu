@@ -11,13 +11,20 @@
 //   Receiver, warp group per source s: waits (acquire) until tail[c][s] moves, copies what landed
 //     to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows are ordered by source
 //     rank then source token, and releases head[c][me] in s's buffer.
+//   Direct destinations (outputs in their receive arena) get rows written straight into their
+//   outputs instead; see publish_target and the done flags.
 //   Counters reset themselves: the receiver writes head = 0 instead of the final count (the sender
 //   never waits after its last chunk) and zeroes its own tail after the last chunk. The barrier
 //   that opens every operation guarantees nobody touches a ring before its owner reset it.
+//   Sequence numbers (targets, done flags) are the operation's last barrier epoch, read on the
+//   device: 64-bit, wrap-safe, and advanced by every replay of a captured graph.
+//   The kernel runs only when the opening left the gate open and no fault is known; otherwise, or
+//   when a block gives up, every output is poisoned (common/poison.cuh).
 //   Every wait is bounded by the timeout and reports (rank, peer, step, channel).
 #include <cuda_runtime.h>
 
 #include "common/launch.cuh"
+#include "common/poison.cuh"
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
 #include "modes/intranode/contract.hpp"
@@ -67,7 +74,7 @@ __device__ __forceinline__ T* at_offset(void* base, long long offset) {
 // channel any more, so both blocks of the channel send, each half of its tokens (`part`).
 enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
 
-__device__ SendResult send_channel(const DispatchArgs& a, int channel, int part) {
+__device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -104,7 +111,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, int channel, int part)
       const DirectTarget* target = &a.sections[d]->direct_target;
       // Volatile reads: an earlier dispatch's values may sit in this SM's L1.
       const volatile DirectTarget* t = target;
-      if (!window::wait(&target->seq, a.seq, a.err, d, kStepDispatchTarget, channel)) {
+      if (!window::wait(&target->seq, seq, a.err, d, kStepDispatchTarget, channel)) {
         failed = true;
       } else if (t->direct) {
         is_direct = true;
@@ -235,11 +242,6 @@ __device__ SendResult send_channel(const DispatchArgs& a, int channel, int part)
             L.slot_scales(ring, slot)[i] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
         }
       }
-      if (lane < K && a.topk_idx) {
-        const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
-        if (e < -1 || e >= a.num_experts)
-          report_error(a.err, kErrBadExpertId, -1, kStepDispatchSend, channel, static_cast<long long>(t) * kMaxTopK + lane);
-      }
     }
     __syncthreads();
     if (threadIdx.x < R) {
@@ -254,13 +256,13 @@ __device__ SendResult send_channel(const DispatchArgs& a, int channel, int part)
   if (threadIdx.x < R && threadIdx.x != rank && direct[threadIdx.x]) {
     __threadfence_system();
     for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
-      window::signal(&a.sections[threadIdx.x]->direct_done[p][channel][rank], a.seq);
+      window::signal(&a.sections[threadIdx.x]->direct_done[p][channel][rank], seq);
   }
   return kSent;
 }
 
 // Tells the senders where this rank's outputs are (or that it takes rows through the rings).
-__device__ void publish_target(const DispatchArgs& a) {
+__device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   DirectTarget* t = &a.sections[a.rank]->direct_target;
   const DirectTarget& mine = a.target;
   t->x = mine.x;
@@ -272,10 +274,10 @@ __device__ void publish_target(const DispatchArgs& a) {
   t->src_idx = mine.src_idx;
   t->num_rows = mine.num_rows;
   t->direct = mine.direct;
-  st_release_sys(&t->seq, a.seq);
+  window::signal(&t->seq, seq);
 }
 
-__device__ void recv_channel(const DispatchArgs& a, int channel) {
+__device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   const int warps_per_group = kNumWarps / max(R - 1, 1);
@@ -297,7 +299,7 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
     // finished this channel.
     const int s = threadIdx.x % kMaxNvlRanks, p = threadIdx.x / kMaxNvlRanks;
     if (p < 2 && s < R && s != rank)
-      window::wait(&a.sections[rank]->direct_done[p][channel][s], a.seq, a.err, s, kStepDispatchRecv, channel);
+      window::wait(&a.sections[rank]->direct_done[p][channel][s], seq, a.err, s, kStepDispatchRecv, channel);
     return;
   }
   // One warp group per remote source; my own rows were written straight into recv_x by the sender.
@@ -378,19 +380,34 @@ __device__ void recv_channel(const DispatchArgs& a, int channel) {
   if (total > 0 && gw == 0 && lane == 0) st_volatile(tail_local, 0);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
+__device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
-  if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a);
+  if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
   if (blockIdx.x % 2 == 0)
-    send_channel(a, channel, 0);
-  else if (send_channel(a, channel, 1) != kFailed)
-    recv_channel(a, channel);
+    send_channel(a, seq, channel, 0);
+  else if (send_channel(a, seq, channel, 1) != kFailed)
+    recv_channel(a, seq, channel);
+}
+
+// The operation's number is its last barrier's epoch (notify's, or the cached dispatch's
+// opening), the same on every rank and advanced by the device, so a replayed graph never reuses
+// one. A skipped operation touches no peer memory and poisons its outputs.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
+  if (operation_may_run(a.err))
+    dispatch_channel(a, ld_volatile(&a.err.self->epoch));
+  else
+    poison_grid_share(a.poison);
+  finish_block(a.err, a.poison);
 }
 
 const KernelRegistration registration(reinterpret_cast<const void*>(&dispatch_kernel), "intranode dispatch", kThreads,
                                       0);
 
 }  // namespace
+
+int dispatch_blocks_per_sm() {
+  return max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel), kThreads, 0);
+}
 
 void launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
   launch("intranode dispatch", &dispatch_kernel, LaunchShape{a.layout.num_channels * 2, kThreads, 0}, stream, a);

@@ -1,8 +1,10 @@
 // Host side of intranode dispatch and combine: argument checks, buffer-size checks, launches, and
 // the host wait on the notify mailbox.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <thread>
+#include <utility>
 
 #include "modes/intranode/host.hpp"
 
@@ -30,6 +32,8 @@ const runtime::WaitStepRegistration wait_steps{
     {kStepCombineRecv, "combine (receiver waiting for rows from"},
 };
 
+int blocks_per_sm();
+
 struct DispatchShape {
   int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
   int num_topk = 0, num_scales = 0, num_channels = 0, num_experts = 0;
@@ -54,13 +58,24 @@ void expect_scales_layout(const TensorRef& t, const char* arg) {
           t.stride(0), ", ", t.stride(1), ")");
 }
 
+// The checks of an operation's arguments. When they reject them this rank still opens the
+// operation, with that verdict, so that its peers skip it instead of waiting for it to time out.
+template <class Checks>
+auto checked(Context& ctx, Checks&& checks) {
+  try {
+    return checks();
+  } catch (const Error& e) {
+    if (e.kind() == ErrorKind::kValue || e.kind() == ErrorKind::kType) ctx.abstain();
+    throw;
+  }
+}
+
 DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                                 bool cached, bool notify_step, const char* op) {
-  ctx.require_usable(op);
-  ctx.check_device_errors();
   if (!ctx.topo.is_intranode())
     raise(ErrorKind::kState, op, ": internode normal mode is not implemented yet (num_rdma_ranks = ", ctx.topo.num_rdma_ranks, ")");
   config.validate();
+  ctx.require_coresident(config.num_sms, blocks_per_sm(), "config");
   const int R = ctx.topo.num_ranks;
   DispatchShape s;
   s.num_channels = config.num_channels();
@@ -85,7 +100,12 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
     check::on_device(in.x_scales, ctx.device, "x_scales");
     expect_scales_layout(in.x_scales, "x_scales");
     s.num_scales = static_cast<int>(in.x_scales.size(1));
-    if (s.num_scales < 1) raise(ErrorKind::kValue, "x_scales: expected at least one scale per token");
+    // One float32 scale per 128-wide block of each row: what fp8 grouped GEMMs produce and read.
+    if (s.hidden % 128 != 0)
+      raise(ErrorKind::kValue, "x: an fp8 x needs a hidden size that is a multiple of 128 (one scale per 128 values), got ",
+            s.hidden);
+    if (s.num_scales != s.hidden / 128)
+      raise(ErrorKind::kValue, "x_scales: expected hidden / 128 = ", s.hidden / 128, " scales per token, got ", s.num_scales);
   } else if (in.x_scales.data) {
     raise(ErrorKind::kValue, "x_scales: only fp8 x carries scales");
   }
@@ -112,15 +132,19 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
       raise(ErrorKind::kValue, "num_tokens_per_expert: expected a positive multiple of num_ranks (", R, ") with at most ",
             kernels::kMaxLocalExperts, " experts per rank, got ", s.num_experts);
     if (notify_step) expect(in.num_tokens_per_expert, {s.num_experts}, DType::kInt32, ctx.device, "num_tokens_per_expert");
-    check::defined(in.topk_idx, "topk_idx");
-    check::dtype(in.topk_idx, DType::kInt64, "topk_idx");
-    check::dim(in.topk_idx, 2, "topk_idx");
-    s.num_topk = static_cast<int>(in.topk_idx.size(1));
-    if (s.num_topk < 1 || s.num_topk > kernels::kMaxTopK)
-      raise(ErrorKind::kValue, "topk_idx: expected 1..", kernels::kMaxTopK, " columns, got ", s.num_topk);
-    expect(in.topk_idx, {s.num_tokens, s.num_topk}, DType::kInt64, ctx.device, "topk_idx");
-    if (in.topk_weights.data || in.topk_weights.dim() > 0)
-      expect(in.topk_weights, {s.num_tokens, s.num_topk}, DType::kFloat32, ctx.device, "topk_weights");
+    // Without topk_idx rows are routed by is_token_in_rank alone and carry no expert ids.
+    if (in.topk_idx.defined()) {
+      check::dtype(in.topk_idx, DType::kInt64, "topk_idx");
+      check::dim(in.topk_idx, 2, "topk_idx");
+      s.num_topk = static_cast<int>(in.topk_idx.size(1));
+      if (s.num_topk < 1 || s.num_topk > kernels::kMaxTopK)
+        raise(ErrorKind::kValue, "topk_idx: expected 1..", kernels::kMaxTopK, " columns, got ", s.num_topk);
+      expect(in.topk_idx, {s.num_tokens, s.num_topk}, DType::kInt64, ctx.device, "topk_idx");
+      if (in.topk_weights.data || in.topk_weights.dim() > 0)
+        expect(in.topk_weights, {s.num_tokens, s.num_topk}, DType::kFloat32, ctx.device, "topk_weights");
+    } else if (in.topk_weights.defined()) {
+      raise(ErrorKind::kValue, "topk_weights: given without topk_idx");
+    }
     if (in.expert_alignment < 1) raise(ErrorKind::kValue, "expert_alignment: expected >= 1, got ", in.expert_alignment);
     if (in.num_worst_tokens < 0) raise(ErrorKind::kValue, "num_worst_tokens: expected >= 0, got ", in.num_worst_tokens);
   }
@@ -151,7 +175,7 @@ DirectTarget direct_target(const Context& ctx, const DispatchOutputs& out, const
   }
   if (!cached) {
     direct &= (t.src_idx = offset(h.recv_src_idx, num_rows * 4)) >= 0;
-    direct &= (t.topk_idx = offset(out.recv_topk_idx, num_rows * s.num_topk * 8)) >= 0;
+    if (s.num_topk > 0) direct &= (t.topk_idx = offset(out.recv_topk_idx, num_rows * s.num_topk * 8)) >= 0;
     if (out.recv_topk_weights.data)
       direct &= (t.topk_weights = offset(out.recv_topk_weights, num_rows * s.num_topk * 4)) >= 0;
   }
@@ -164,17 +188,50 @@ void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** s
   for (int p = 0; p < ctx.topo.num_nvl_ranks; ++p) sections[p] = &ctx.peer_header(p)->intranode;
 }
 
+const long long* handle_info(const DispatchHandle& h, int device) {
+  expect(h.info, {2}, DType::kInt64, device, "handle[5] (the handle's dispatch id and status)");
+  return static_cast<const long long*>(h.info.data);
+}
+
+kernels::PoisonList poison_list(std::initializer_list<std::pair<const TensorRef*, int64_t>> regions) {
+  kernels::PoisonList list{};
+  int i = 0;
+  for (const auto& [ref, bytes] : regions)
+    if (ref->data != nullptr && bytes > 0) {
+      list.data[i] = ref->data;
+      list.bytes[i] = bytes;
+      ++i;
+    }
+  return list;
+}
+
+int blocks_per_sm() {
+  static const int blocks = std::min(dispatch_blocks_per_sm(), combine_blocks_per_sm());
+  return blocks;
+}
+
 }  // namespace
+
+int max_num_sms(const Context& ctx) { return ctx.max_num_sms(blocks_per_sm()); }
 
 DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                     const StreamOrder& order) {
-  const DispatchShape s = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
+  ctx.require_usable("dispatch");
+  ctx.check_device_errors();
+  const DispatchShape s = checked(ctx, [&] {
+    DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
+    expect(h.info, {2}, DType::kInt64, ctx.device, "handle[5] (the handle's dispatch id and status)");
+    ctx.begin_op(order);
+    return shape;
+  });
   const int R = ctx.topo.num_ranks;
-  ctx.begin_op(order);
   NotifyArgs a{};
   a.is_token_in_rank = static_cast<const bool*>(in.is_token_in_rank.data);
   a.num_tokens_per_expert = static_cast<const int*>(in.num_tokens_per_expert.data);
+  a.topk_idx = static_cast<const int64_t*>(in.topk_idx.data);
   a.num_tokens = static_cast<int>(s.num_tokens);
+  a.num_topk = s.num_topk;
+  a.num_experts = s.num_experts;
   a.num_ranks = R;
   a.num_channels = s.num_channels;
   a.num_local_experts = s.num_experts / R;
@@ -183,9 +240,13 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   a.rank_prefix_matrix = static_cast<int*>(h.rank_prefix_matrix.data);
   a.channel_prefix_matrix = static_cast<int*>(h.channel_prefix_matrix.data);
   a.recv_channel_prefix_matrix = static_cast<int*>(h.recv_channel_prefix_matrix.data);
+  a.handle_info = static_cast<long long*>(h.info.data);
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.ready_seq = &ctx.mailbox_dev->ready_seq;
-  a.seq = ++ctx.op_seq;
+  a.seq = ++ctx.notify_seq;
+  a.opening.digest = runtime::make_digest(kernels::kOpDispatch, s.num_channels, config.num_max_nvl_chunked_recv_tokens,
+                                          config.num_max_nvl_chunked_send_tokens, s.hidden, in.x.dtype, s.num_topk,
+                                          s.num_scales, s.num_experts);
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
   volatile int* ready = &ctx.mailbox->ready_seq;
@@ -201,13 +262,14 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   // counts, never for unrelated work queued behind them. The device side bounds its own waits; the
   // host adds a margin in case the kernel cannot even start.
   const auto start = std::chrono::steady_clock::now();
-  const auto limit = std::chrono::duration<double>(ctx.timeout_s + 10.0);
+  const auto limit = std::chrono::duration<double>(ctx.timeout_s + 5.0);
   for (uint64_t spins = 0; *ready != a.seq; ++spins) {
     ctx.check_device_errors();
     if (spins > 1024) std::this_thread::yield();
     if ((spins & 1023) == 0 && std::chrono::steady_clock::now() - start > limit)
-      raise(ErrorKind::kTimeout, "rank ", ctx.topo.rank, " timed out after ", ctx.timeout_s + 10.0,
-            " s waiting for dispatch notify to finish on the GPU (is the comm stream blocked by previous_event?)");
+      ctx.fail_host_wait(detail::str("moelink: rank ", ctx.topo.rank, " timed out after ", ctx.timeout_s + 5.0,
+                                     " s waiting for dispatch notify to run on the GPU (is the comm stream blocked by "
+                                     "previous_event?)"));
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   ctx.check_device_errors();
@@ -219,7 +281,12 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
 
 EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const DispatchOutputs& out,
                      const Config& config, const StreamOrder& order, bool cached) {
-  const DispatchShape s = validate_dispatch(ctx, in, h, config, cached, false, "dispatch");
+  ctx.require_usable("dispatch");
+  // An uncached dispatch was opened by its notify (which raised what it found); a cached one
+  // opens here.
+  if (cached) ctx.check_device_errors();
+  const auto checks = [&] { return validate_dispatch(ctx, in, h, config, cached, false, "dispatch"); };
+  const DispatchShape s = cached ? checked(ctx, checks) : checks();
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");
   check::dim(out.recv_x, 2, "recv_x");
@@ -237,12 +304,18 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     expect(out.recv_x_scales, {N, s.num_scales}, DType::kFloat32, ctx.device, "recv_x_scales", false);
     expect_scales_layout(out.recv_x_scales, "recv_x_scales");
   }
+  const long long* info = cached ? checked(ctx, [&] { return handle_info(h, ctx.device); }) : nullptr;
 
   ctx.begin_op(order);
-  // A cached dispatch has no notify, whose barrier is what keeps this operation's first ring
-  // write behind every peer's reset of the previous one.
+  // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
+  // ring write behind every peer's reset of the previous one (and checks that all ranks agree).
   if (cached) {
-    ctx.launch_barrier(kernels::kBarrierOp);
+    kernels::Opening opening{};
+    opening.digest = runtime::make_digest(kernels::kOpCachedDispatch, s.num_channels,
+                                          config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens,
+                                          s.hidden, in.x.dtype, 0, s.num_scales, 0);
+    opening.handle_info = info;
+    ctx.launch_opening(opening);
   }
   DispatchArgs a{};
   a.x = in.x.data;
@@ -275,10 +348,14 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   a.target = direct_target(ctx, out, h, s, N, cached);
-  a.seq = ++ctx.dispatch_seq;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
+  a.poison = poison_list({{&out.recv_x, N * s.row_bytes},
+                          {&out.recv_x_scales, N * s.num_scales * 4},
+                          {&out.recv_topk_idx, cached ? 0 : N * s.num_topk * 8},
+                          {&out.recv_topk_weights, cached ? 0 : N * s.num_topk * 4},
+                          {&h.recv_src_idx, cached ? 0 : N * 4}});
   launch_dispatch(a, ctx.comm_stream);
   return ctx.end_op(order);
 }
@@ -289,21 +366,28 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   ctx.check_device_errors();
   if (!ctx.topo.is_intranode())
     raise(ErrorKind::kState, "combine: internode normal mode is not implemented yet");
-  config.validate();
   const int R = ctx.topo.num_ranks;
   const int C = config.num_channels();
+  int64_t H = 0, N = 0, T = 0;
+  int K = 0;
+  const long long* info = checked(ctx, [&] {
+  config.validate();
+  ctx.require_coresident(config.num_sms, blocks_per_sm(), "config");
   check::defined(in.x, "x");
   check::dtype(in.x, DType::kBFloat16, "x");
   check::dim(in.x, 2, "x");
-  const int64_t H = in.x.size(1);
+  H = in.x.size(1);
   if (H <= 0 || (H * 2) % 16 != 0) raise(ErrorKind::kValue, "x: hidden size must be a positive multiple of 8, got ", H);
+  if (h.hidden > 0 && H != h.hidden)
+    raise(ErrorKind::kValue, "x: its hidden size ", H, " differs from the hidden size ", h.hidden,
+          " of the dispatch that made the handle");
   check::defined(h.recv_src_idx, "handle.recv_src_idx");
   check::dim(h.recv_src_idx, 1, "handle.recv_src_idx");
-  const int64_t N = h.recv_src_idx.size(0);
+  N = h.recv_src_idx.size(0);
   expect(in.x, {N, H}, DType::kBFloat16, ctx.device, "x");
   check::defined(h.is_token_in_rank, "handle.is_token_in_rank");
   check::dim(h.is_token_in_rank, 2, "handle.is_token_in_rank");
-  const int64_t T = h.is_token_in_rank.size(0);
+  T = h.is_token_in_rank.size(0);
   expect(h.is_token_in_rank, {T, R}, DType::kBool, ctx.device, "handle.is_token_in_rank");
   expect(h.rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "handle.rank_prefix_matrix");
   if (h.channel_prefix_matrix.dim() == 2 && h.channel_prefix_matrix.size(1) != C)
@@ -312,7 +396,6 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
           "); combine must use the same num_sms as the dispatch that made the handle");
   expect(h.channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "handle.channel_prefix_matrix");
   expect(h.recv_channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "handle.recv_channel_prefix_matrix");
-  int K = 0;
   if (in.topk_weights.data || in.topk_weights.dim() > 0) {
     check::dim(in.topk_weights, 2, "topk_weights");
     K = static_cast<int>(in.topk_weights.size(1));
@@ -323,13 +406,25 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   if (in.bias_0.data || in.bias_0.dim() > 0) expect(in.bias_0, {T, H}, DType::kBFloat16, ctx.device, "bias[0]");
   if (in.bias_1.data || in.bias_1.dim() > 0) expect(in.bias_1, {T, H}, DType::kBFloat16, ctx.device, "bias[1]");
   expect(out.combined_x, {T, H}, DType::kBFloat16, ctx.device, "combined_x");
-  const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
-  if (layout.total_bytes() > ctx.num_nvl_bytes)
-    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", layout.total_bytes(), " bytes of NVLink buffer but the Buffer has ",
+  const auto needed = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
+  if (needed.total_bytes() > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", needed.total_bytes(), " bytes of NVLink buffer but the Buffer has ",
           ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
-
+  const long long* handle = handle_info(h, ctx.device);
   ctx.begin_op(order);
-  ctx.launch_barrier(kernels::kBarrierOp);
+  return handle;
+  });
+  const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
+
+  // The opening checks, on the device, that all ranks agree and that x has every row the handle
+  // names: no rank reads outside any allocation.
+  kernels::Opening opening{};
+  opening.digest = runtime::make_digest(kernels::kOpCombine, C, config.num_max_nvl_chunked_recv_tokens,
+                                        config.num_max_nvl_chunked_send_tokens, H, DType::kBFloat16, K, 0, 0);
+  opening.handle_info = info;
+  opening.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
+  opening.input_rows = static_cast<int>(N);
+  ctx.launch_opening(opening);
   CombineArgs a{};
   a.x = in.x.data;
   a.topk_weights = K ? static_cast<const float*>(in.topk_weights.data) : nullptr;
@@ -350,10 +445,10 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.source.x = ctx.offset_in_arena(in.x, N * H * 2);
   a.source.weights = K ? ctx.offset_in_arena(in.topk_weights, N * K * 4) : -1;
   a.source.pull = N > 0 && a.source.x >= 0 && (K == 0 || a.source.weights >= 0);
-  a.seq = ++ctx.combine_seq;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
+  a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
   launch_combine(a, ctx.comm_stream);
   return ctx.end_op(order);
 }

@@ -13,6 +13,9 @@ DispatchPlan notify(runtime::Context& ctx, const DispatchInputs& in, const Dispa
                     const StreamOrder& order);
 EventHandle dispatch(runtime::Context& ctx, const DispatchInputs& in, const DispatchHandle& handle,
                      const DispatchOutputs& out, const Config& config, const StreamOrder& order, bool cached);
+// The largest num_sms at which every rank sharing this GPU runs these kernels at once.
+int max_num_sms(const runtime::Context& ctx);
+
 EventHandle combine(runtime::Context& ctx, const CombineInputs& in, const DispatchHandle& handle,
                     const CombineOutputs& out, const Config& config, const StreamOrder& order);
 

@@ -1,19 +1,26 @@
 // Intranode notify: every rank learns how many rows it will receive, from whom, in which channel,
-// and for which local expert, before any row moves.
+// and for which local expert, before any row moves; and every rank reaches the same verdict on
+// whether the dispatch may run at all.
 //
 // Protocol (one block per rank):
-//   1. barrier: every peer has finished its previous operation (so it no longer reads its inbox
-//      and has reset its ring counters).
-//   2. count my tokens per (destination, channel) from is_token_in_rank; write into each
-//      destination's header inbox: my per-rank totals, my per-channel counts to it, and my
-//      per-expert counts for its experts.
+//   1. opening barrier with the digest (common/opening.cuh): every peer has finished its previous
+//      operation (so it no longer reads its inbox and has reset its ring counters), and all ranks
+//      agree on the operation, config, row layout, top-k and experts, or all skip it. Meanwhile the
+//      other threads count my tokens per (destination, channel) from is_token_in_rank and look for
+//      expert ids outside [-1, E) in topk_idx.
+//   2. write into each destination's header inbox: my per-rank totals, my per-channel counts to it,
+//      my per-expert counts for its experts, my first bad expert id and my num_worst_tokens.
 //   3. barrier: all inboxes are written (release/acquire at system scope through the barrier).
-//   4. read my inbox: rank_prefix_matrix, recv_channel_prefix_matrix, per-expert counts; publish
-//      them to the host-mapped mailbox and set ready_seq last. The host polls ready_seq.
+//   4. read my inbox. Every rank sees every rank's totals, bad id and num_worst_tokens, so every
+//      rank finds the same data error (a bad id on the lowest rank, else the lowest rank that would
+//      receive more rows than its num_worst_tokens) and skips with it. Otherwise:
+//      rank_prefix_matrix, recv_channel_prefix_matrix, per-expert counts. The handle's info gets
+//      the dispatch id (the opening epoch) and its status; the gate is left for the dispatch
+//      kernel; the mailbox gets the counts and ready_seq last. The host polls ready_seq.
 #include <cuda_runtime.h>
 
-#include "common/barrier.cuh"
 #include "common/launch.cuh"
+#include "common/opening.cuh"
 #include "modes/intranode/contract.hpp"
 
 namespace moelink::intranode {
@@ -24,14 +31,56 @@ namespace {
 
 constexpr int kNotifyThreads = 512;
 
+// token * kMaxTopK + slot of this thread's first expert id outside [-1, E), or ~0. 16-byte loads,
+// eight in flight per thread: one block reads a 4096 x 8 topk_idx in a few microseconds.
+__device__ unsigned long long first_bad_expert(const NotifyArgs& a) {
+  const int64_t slots = static_cast<int64_t>(a.num_tokens) * a.num_topk;
+  unsigned long long bad = ~0ull;
+  const auto check = [&](int64_t i, long long e) {
+    if (e < -1 || e >= a.num_experts) {
+      const int64_t t = i / a.num_topk;
+      bad = min(bad, static_cast<unsigned long long>(t * kMaxTopK + (i - t * a.num_topk)));
+    }
+  };
+  int64_t scalar_from = 0;
+  if ((reinterpret_cast<uintptr_t>(a.topk_idx) & 15) == 0) {
+    const int4* pairs = reinterpret_cast<const int4*>(a.topk_idx);
+    const int64_t num_pairs = slots / 2;
+    constexpr int kUnroll = 8;
+    for (int64_t base = threadIdx.x; base < num_pairs; base += static_cast<int64_t>(blockDim.x) * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * blockDim.x < num_pairs) v[u] = ld_nc_stream(pairs + base + u * blockDim.x);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t p = base + u * blockDim.x;
+        if (p >= num_pairs) continue;
+        check(2 * p, static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(v[u].y)) << 32) |
+                                            static_cast<unsigned>(v[u].x)));
+        check(2 * p + 1, static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(v[u].w)) << 32) |
+                                                static_cast<unsigned>(v[u].z)));
+      }
+    }
+    scalar_from = num_pairs * 2;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < slots; i += blockDim.x) check(i, a.topk_idx[i]);
+  return bad;
+}
+
 __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
   const int R = a.num_ranks, C = a.num_channels, rank = a.err.rank;
   const int warp = threadIdx.x / 32, lane = lane_id(), num_warps = blockDim.x / 32;
   __shared__ int counts[kMaxNvlRanks * kMaxChannels];
   __shared__ int totals[kMaxNvlRanks];
-  __shared__ bool failed;
+  __shared__ int gate;
+  __shared__ Epoch epoch;
+  __shared__ unsigned long long first_bad;  // token * kMaxTopK + slot of the first bad id, or ~0
 
-  if (threadIdx.x == 0) failed = !barrier_one_thread(a.peers, a.peers.header[rank], rank, R, kBarrierOp, a.err);
+  if (threadIdx.x == 0) {
+    first_bad = ~0ull;
+    gate = open_operation(a.peers, rank, R, a.opening, a.err, &epoch);
+  }
   // Count my tokens per (destination, channel): one warp per pair, lanes stride the tokens.
   for (int pair = warp; pair < R * C; pair += num_warps) {
     const int d = pair / C, c = pair % C;
@@ -42,8 +91,23 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
     for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(0xffffffffu, n, off);
     if (lane == 0) counts[pair] = n;
   }
+  // The scan overlaps the opening barrier; the block's first bad id is folded in after it.
+  const unsigned long long my_bad = a.topk_idx != nullptr ? first_bad_expert(a) : ~0ull;
+  __syncthreads();  // the opening is done and first_bad initialised
+  if (my_bad != ~0ull) atomicMin(&first_bad, my_bad);
   __syncthreads();
-  if (failed) return;
+  if (gate == kGateSkip) {
+    // The handle of a skipped dispatch can never be used: its info says so and its matrices are -1.
+    for (int i = threadIdx.x; i < R * R; i += blockDim.x) a.rank_prefix_matrix[i] = -1;
+    for (int i = threadIdx.x; i < R * C; i += blockDim.x) a.channel_prefix_matrix[i] = a.recv_channel_prefix_matrix[i] = -1;
+    if (threadIdx.x == 0) {
+      a.handle_info[0] = static_cast<long long>(epoch);
+      a.handle_info[1] = 1;
+      __threadfence_system();
+      *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;
+    }
+    return;
+  }
 
   if (threadIdx.x < R) {
     const int d = threadIdx.x;
@@ -63,14 +127,41 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
     for (int c = threadIdx.x; c < C; c += blockDim.x) dst->inbox_channel_counts[rank][c] = counts[d * C + c];
     for (int j = threadIdx.x; j < a.num_local_experts; j += blockDim.x)
       dst->inbox_expert_counts[rank][j] = a.num_tokens_per_expert[d * a.num_local_experts + j];
+    if (threadIdx.x == 0) {
+      dst->inbox_bad_expert[rank] = first_bad == ~0ull ? 0 : static_cast<long long>(first_bad) + 1;
+      dst->inbox_worst_tokens[rank] = a.num_worst_tokens;
+    }
   }
   __threadfence_system();
   __syncthreads();
-  if (threadIdx.x == 0) failed = !barrier_one_thread(a.peers, a.peers.header[rank], rank, R, kBarrierOp, a.err);
+  if (threadIdx.x == 0) {
+    bool ok;
+    barrier_one_thread(a.peers, rank, R, kBarrierOp, a.err, nullptr, &ok);
+    if (!ok) gate = kGateSkip;
+  }
   __syncthreads();
-  if (failed) return;
 
   const HeaderSection* self = a.sections[rank];
+  if (threadIdx.x == 0 && gate == kGateGo) {
+    // The same scan on every rank, so the same rank is named everywhere.
+    for (int s = 0; s < R && gate == kGateGo; ++s) {
+      const long long bad = *reinterpret_cast<const volatile long long*>(&self->inbox_bad_expert[s]);
+      if (bad != 0) {
+        report_data(a.err, kErrBadExpertId, s, -1, bad - 1);
+        gate = kGateSkip;
+      }
+    }
+    for (int d = 0; d < R && gate == kGateGo; ++d) {
+      const int worst = ld_volatile(&self->inbox_worst_tokens[d]);
+      int received = 0;
+      for (int s = 0; s < R; ++s) received += ld_volatile(&self->inbox_rank_counts[s][d]);
+      if (worst > 0 && received > worst) {
+        report_data(a.err, kErrWorstTokensOverflow, d, -1, received);
+        gate = kGateSkip;
+      }
+    }
+  }
+  __syncthreads();
   if (threadIdx.x < R) {
     const int d = threadIdx.x;
     int acc = 0;
@@ -78,11 +169,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
       acc += ld_volatile(&self->inbox_rank_counts[s][d]);
       a.rank_prefix_matrix[s * R + d] = acc;
     }
-    if (d == rank) {
-      a.mailbox->num_recv_tokens = acc;
-      if (a.num_worst_tokens > 0 && acc > a.num_worst_tokens)
-        report_error(a.err, kErrWorstTokensOverflow, -1, kStepNotify, -1, acc);
-    }
+    if (d == rank) a.mailbox->num_recv_tokens = acc;
   }
   if (threadIdx.x >= 32 && threadIdx.x < 32 + R) {
     const int s = threadIdx.x - 32;
@@ -100,7 +187,13 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
   }
   __threadfence_system();
   __syncthreads();
-  if (threadIdx.x == 0) *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;
+  if (threadIdx.x == 0) {
+    a.handle_info[0] = static_cast<long long>(epoch);
+    a.handle_info[1] = gate == kGateGo ? 0 : 1;
+    *reinterpret_cast<volatile int*>(&a.peers.header[rank]->gate) = gate;
+    __threadfence_system();
+    *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;
+  }
 }
 
 const KernelRegistration registration(reinterpret_cast<const void*>(&notify_kernel), "intranode notify",

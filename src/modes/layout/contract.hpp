@@ -1,7 +1,7 @@
 #pragma once
 // The layout mode's contract: get_dispatch_layout's kernel arguments. Layout is local to a rank
-// (no peer is touched), so it has no header section, and its one step names where a bad expert id
-// was found, never a wait.
+// (no peer is touched), so it has no header section and no wait step; a bad expert id it finds is
+// left in the common header for the next collective operation to report.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -10,7 +10,6 @@
 
 namespace moelink::layout {
 
-enum Step : int { kStepLayout = 16 };
 
 struct LayoutArgs {
   const int64_t* topk_idx;  // [T, K]

@@ -3,7 +3,8 @@
 // block does everything and stores the counts directly (no memsets: under MPS each extra API call
 // costs more than this kernel); beyond that, blocks fold their counts into zeroed outputs with one
 // atomic per block and bin. Either way the result is exact and deterministic.
-// Out-of-range ids (other than -1) are ignored for counting and reported to the host.
+// Out-of-range ids (other than -1) are ignored for counting and left for the next collective
+// operation to report on every rank (common/opening.cuh).
 #include <cuda_runtime.h>
 
 #include "common/launch.cuh"
@@ -40,7 +41,9 @@ __global__ void dispatch_layout_kernel(LayoutArgs a) {
       ranks_of_token[k] = -1;
       if (e == -1) continue;
       if (e < -1 || e >= a.num_experts) {
-        report_error(a.err, kErrBadExpertId, -1, kStepLayout, -1, static_cast<long long>(t) * kMaxTopK + k);
+        // Layout is local: the id is reported by the next collective operation, on every rank.
+        atomicCAS(reinterpret_cast<unsigned long long*>(&a.err.self->pending_bad_expert), 0ull,
+                  static_cast<unsigned long long>(t) * kMaxTopK + k + 1);
         continue;
       }
       atomicAdd(&expert_count[e], 1);

@@ -1,0 +1,90 @@
+#pragma once
+// The opening of a collective operation: every rank states what it is about to do (its digest and
+// its own verdict), the opening barrier carries that to every peer, and every rank then makes the
+// same decision from the same digests: go, or skip with one data error that every rank reports
+// (the first rank with a verdict, else the first digest word on which some rank differs). The
+// decision is left in the rank's gate for the kernels that follow on the comm stream.
+#include "common/barrier.cuh"
+
+namespace moelink::kernels {
+
+__device__ __forceinline__ int verdict_error(int verdict) {
+  switch (verdict) {
+    case kVerdictHandleFailed: return kErrHandleFailed;
+    case kVerdictInputRows: return kErrInputRows;
+    case kVerdictBadExpertId: return kErrBadExpertId;
+    default: return kErrPeerRejected;
+  }
+}
+
+// Called by one thread. Returns the gate (also written to the rank's header) and the opening
+// barrier's epoch, which numbers the operation identically on every rank.
+__device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, int num_ranks, const Opening& o,
+                                              const ErrorSink& err, Epoch* epoch_out) {
+  CommonHeader* self = peers.header[rank];
+  volatile int* gate = &self->gate;
+  *epoch_out = self->epoch;
+  const int word = fault_word(err);
+  if (word != 0) {
+    report_aborted(err, word);
+    *gate = kGateSkip;
+    return kGateSkip;
+  }
+  Digest mine = o.digest;
+  long long verdict = static_cast<long long>(mine.w[kDigestVerdict] & 0xff);
+  long long detail = static_cast<long long>(mine.w[kDigestVerdict] >> 8);
+  if (o.handle_info != nullptr) {
+    mine.w[kDigestHandle] = static_cast<unsigned long long>(o.handle_info[0]);
+    if (verdict == kVerdictOk && o.handle_info[1] != 0) verdict = kVerdictHandleFailed;
+  }
+  if (o.rank_prefix_matrix != nullptr && verdict == kVerdictOk) {
+    const int needed = o.rank_prefix_matrix[(num_ranks - 1) * num_ranks + rank];
+    if (needed > o.input_rows) {
+      verdict = kVerdictInputRows;
+      detail = needed;
+    }
+  }
+  const long long pending = self->pending_bad_expert;
+  if (pending != 0) {
+    self->pending_bad_expert = 0;
+    if (verdict == kVerdictOk) {
+      verdict = kVerdictBadExpertId;
+      detail = pending - 1;
+    }
+  }
+  mine.w[kDigestVerdict] = static_cast<unsigned long long>(verdict) | (static_cast<unsigned long long>(detail) << 8);
+
+  bool ok = false;
+  const Epoch epoch = barrier_one_thread(peers, rank, num_ranks, kBarrierOp, err, &mine, &ok);
+  *epoch_out = epoch;
+  if (!ok) {
+    *gate = kGateSkip;
+    return kGateSkip;
+  }
+  int decision = kGateGo;
+  for (int p = 0; p < num_ranks && decision == kGateGo; ++p) {
+    const Digest d = p == rank ? mine : received_digest(self, epoch, p);
+    const int v = static_cast<int>(d.w[kDigestVerdict] & 0xff);
+    if (v != kVerdictOk) {
+      // A rank that rejected its own arguments has raised that error already (often every rank
+      // rejects the same arguments): it records nothing more.
+      if (verdict != kVerdictRejected)
+        report_data(err, verdict_error(v), p, -1, static_cast<long long>(d.w[kDigestVerdict] >> 8));
+      decision = kGateSkip;
+    }
+  }
+  for (int w = 0; w < kDigestCompared && decision == kGateGo; ++w) {
+    for (int p = 0; p < num_ranks; ++p) {
+      const Digest d = p == rank ? mine : received_digest(self, epoch, p);
+      if (d.w[w] != mine.w[w]) {
+        report_data(err, kErrDisagree, p, w, static_cast<long long>(d.w[w]));
+        decision = kGateSkip;
+        break;
+      }
+    }
+  }
+  *gate = decision;
+  return decision;
+}
+
+}  // namespace moelink::kernels

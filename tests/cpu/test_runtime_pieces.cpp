@@ -1,0 +1,156 @@
+// The host-side pieces of the runtime that need no GPU: epoch arithmetic across the wrap, the
+// fault word and digest encodings every rank must decode alike, the wait-step table, the knobs'
+// parsing, and the window's bookkeeping over a transport table.
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "common/header.hpp"
+#include "harness.hpp"
+#include "runtime/context.hpp"
+#include "runtime/knobs.hpp"
+#include "runtime/wait_steps.hpp"
+#include "window/window.hpp"
+
+using moelink::ErrorKind;
+using namespace moelink::kernels;
+
+MOELINK_TEST(epochs_order_across_the_wrap) {
+  const Epoch near_wrap = ~0ull - 2;  // 2^64 - 3
+  EXPECT_TRUE(epoch_reached(near_wrap, near_wrap));
+  EXPECT_FALSE(epoch_reached(near_wrap, near_wrap + 1));
+  // After the wrap a later epoch is numerically smaller and must still count as later.
+  const Epoch after = near_wrap + 5;  // 2
+  EXPECT_EQ(after, 2ull);
+  EXPECT_TRUE(epoch_reached(after, near_wrap));
+  EXPECT_FALSE(epoch_reached(near_wrap, after));
+  // A signal one barrier ahead of the waiter satisfies it; one behind does not.
+  for (Epoch base : {Epoch{0}, Epoch{1} << 31, near_wrap}) {
+    EXPECT_TRUE(epoch_reached(base + 1, base));
+    EXPECT_FALSE(epoch_reached(base - 1, base));
+  }
+}
+
+MOELINK_TEST(fault_word_names_lost_rank_reporter_and_step) {
+  for (int lost = 0; lost < moelink::kMaxNvlRanks; ++lost)
+    for (int reporter = 0; reporter < moelink::kMaxNvlRanks; ++reporter) {
+      const int word = encode_fault(lost, reporter, 37);
+      EXPECT_NE(word, 0);  // 0 means "no fault"
+      EXPECT_EQ(fault_lost(word), lost);
+      EXPECT_EQ(fault_reporter(word), reporter);
+      EXPECT_EQ(fault_step(word), 37);
+    }
+}
+
+MOELINK_TEST(digest_words_differ_for_every_field_ranks_may_disagree_on) {
+  using moelink::DType;
+  using moelink::runtime::make_digest;
+  const Digest base = make_digest(kOpCombine, 12, 128, 16, 7168, DType::kBFloat16, 8, 0, 256);
+  const std::vector<std::pair<int, Digest>> variants = {
+      {kDigestOperation, make_digest(kOpCachedDispatch, 12, 128, 16, 7168, DType::kBFloat16, 8, 0, 256)},
+      {kDigestConfig, make_digest(kOpCombine, 8, 128, 16, 7168, DType::kBFloat16, 8, 0, 256)},
+      {kDigestConfig, make_digest(kOpCombine, 12, 256, 16, 7168, DType::kBFloat16, 8, 0, 256)},
+      {kDigestConfig, make_digest(kOpCombine, 12, 128, 6, 7168, DType::kBFloat16, 8, 0, 256)},
+      {kDigestRow, make_digest(kOpCombine, 12, 128, 16, 4096, DType::kBFloat16, 8, 0, 256)},
+      {kDigestRow, make_digest(kOpCombine, 12, 128, 16, 7168, DType::kFloat8E4M3, 8, 0, 256)},
+      {kDigestTopK, make_digest(kOpCombine, 12, 128, 16, 7168, DType::kBFloat16, 4, 0, 256)},
+      {kDigestExperts, make_digest(kOpCombine, 12, 128, 16, 7168, DType::kBFloat16, 8, 0, 64)},
+  };
+  for (const auto& [word, d] : variants) {
+    for (int w = 0; w < kDigestCompared; ++w) {
+      if (w == word)
+        EXPECT_NE(d.w[w], base.w[w]);
+      else
+        EXPECT_EQ(d.w[w], base.w[w]);
+    }
+  }
+  // The handle word is the device's to fill; the verdict word is never compared.
+  EXPECT_EQ(base.w[kDigestHandle], 0ull);
+  EXPECT_EQ(base.w[kDigestVerdict], 0ull);
+  EXPECT_LT(static_cast<int>(kDigestHandle), static_cast<int>(kDigestCompared));
+  EXPECT_EQ(static_cast<int>(kDigestVerdict), static_cast<int>(kDigestCompared));
+}
+
+MOELINK_TEST(wait_steps_registered_by_modes_are_named) {
+  // Intranode registers its steps from its host code, which the test binary links in.
+  const std::string notify = moelink::runtime::wait_step_description(32);
+  EXPECT_EQ(notify, std::string("dispatch notify"));
+  EXPECT_EQ(std::string(moelink::runtime::wait_step_description(12345)), std::string("an operation"));
+  static const moelink::runtime::WaitStepRegistration extra{{12346, "a test step"}};
+  EXPECT_EQ(std::string(moelink::runtime::wait_step_description(12346)), std::string("a test step"));
+}
+
+MOELINK_TEST(knobs_read_timeout_and_reject_malformed_values) {
+  setenv("MOELINK_TIMEOUT_S", "2.5", 1);
+  EXPECT_EQ(moelink::knobs::timeout_seconds(), 2.5);
+  setenv("MOELINK_TIMEOUT_S", "soon", 1);
+  EXPECT_THROW_KIND(moelink::knobs::timeout_seconds(), ErrorKind::kValue, "MOELINK_TIMEOUT_S");
+  setenv("MOELINK_TIMEOUT_S", "-1", 1);
+  EXPECT_THROW_KIND(moelink::knobs::timeout_seconds(), ErrorKind::kValue, "MOELINK_TIMEOUT_S");
+  unsetenv("MOELINK_TIMEOUT_S");
+  EXPECT_EQ(moelink::knobs::timeout_seconds(), 100.0);
+}
+
+MOELINK_TEST(knobs_parse_the_epoch_start_as_unsigned_64_bit) {
+  setenv("MOELINK_DEBUG_EPOCH_START", "18446744073709551516", 1);
+  EXPECT_EQ(moelink::knobs::debug_epoch_start(), 18446744073709551516ull);
+  setenv("MOELINK_DEBUG_EPOCH_START", "0x10", 1);
+  EXPECT_EQ(moelink::knobs::debug_epoch_start(), 16ull);
+  setenv("MOELINK_DEBUG_EPOCH_START", "-5", 1);
+  EXPECT_THROW_KIND(moelink::knobs::debug_epoch_start(), ErrorKind::kValue, "MOELINK_DEBUG_EPOCH_START");
+  setenv("MOELINK_DEBUG_EPOCH_START", "12x", 1);
+  EXPECT_THROW_KIND(moelink::knobs::debug_epoch_start(), ErrorKind::kValue, "MOELINK_DEBUG_EPOCH_START");
+  unsetenv("MOELINK_DEBUG_EPOCH_START");
+  EXPECT_EQ(moelink::knobs::debug_epoch_start(), 0ull);
+}
+
+namespace {
+
+// A transport over plain host memory: "exporting" a region writes its address, "opening" reads it
+// back, and every open and close is counted, so the window's bookkeeping is visible.
+int opened = 0, closed = 0;
+std::vector<uint8_t> fake_export(void* base) {
+  const auto at = reinterpret_cast<uintptr_t>(base);
+  std::vector<uint8_t> bytes(sizeof(at));
+  for (size_t i = 0; i < sizeof(at); ++i) bytes[i] = static_cast<uint8_t>(at >> (8 * i));
+  return bytes;
+}
+void* fake_open(const std::vector<uint8_t>& bytes, int peer) {
+  if (bytes.size() != sizeof(uintptr_t)) throw moelink::Error(ErrorKind::kValue, "moelink: peer " + std::to_string(peer));
+  uintptr_t at = 0;
+  for (size_t i = 0; i < sizeof(at); ++i) at |= static_cast<uintptr_t>(bytes[i]) << (8 * i);
+  ++opened;
+  return reinterpret_cast<void*>(at);
+}
+void fake_close(void*) { ++closed; }
+const moelink::window::Transport fake{"fake", &fake_export, &fake_open, &fake_close};
+
+}  // namespace
+
+MOELINK_TEST(window_opens_every_peer_and_closes_what_it_opened) {
+  opened = closed = 0;
+  char regions[3][16];
+  std::vector<moelink::window::Window> windows;
+  for (int r = 0; r < 3; ++r) windows.emplace_back(fake, regions[r], r, 3);
+  std::vector<std::vector<uint8_t>> exported;
+  for (auto& w : windows) exported.push_back(w.export_local());
+  windows[1].open(exported, {10, 11, 12});
+  EXPECT_EQ(windows[1].member(0), static_cast<void*>(regions[0]));
+  EXPECT_EQ(windows[1].member(1), static_cast<void*>(regions[1]));  // itself: never opened
+  EXPECT_EQ(windows[1].member(2), static_cast<void*>(regions[2]));
+  EXPECT_EQ(opened, 2);
+  EXPECT_THROW_KIND(windows[1].open(exported, {10, 11, 12}), ErrorKind::kState, "already open");
+  windows[1].close();
+  windows[1].close();  // idempotent
+  EXPECT_EQ(closed, 2);
+  EXPECT_EQ(windows[1].member(0), nullptr);
+
+  // A peer that cannot be opened leaves nothing mapped behind.
+  opened = closed = 0;
+  exported[2] = {1, 2, 3};
+  EXPECT_THROW_KIND(windows[0].open(exported, {10, 11, 12}), ErrorKind::kValue, "peer 12");
+  EXPECT_EQ(opened, 1);
+  EXPECT_EQ(closed, 1);
+  EXPECT_FALSE(windows[0].is_open());
+}
