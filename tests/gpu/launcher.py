@@ -4,6 +4,13 @@ Several ranks share one GPU here (MPS), so rank r uses device r % device_count. 
 hangs: a rank that raises is reported with its traceback, a rank that dies without reporting is
 reported with its exit code, and whatever is still running at timeout_s (or shortly after the first
 failure, since its peers are then usually stuck waiting for it) is killed.
+
+Peer-loss tests end a rank on purpose: `expect_killed={r}` accepts rank r dying by SIGKILL (and
+`expect_exit={r: code}` rank r ending the process itself, e.g. os._exit(0)) without a report; such a
+rank's result is None, and it fails the run only if it exits otherwise or returns.
+
+MOELINK_TEST_TIMEOUT_SCALE (default 1) multiplies every run's timeout_s: tools that slow the
+kernels down (scripts/sanitize.sh) raise it instead of editing each test.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import importlib.util
 import multiprocessing
 import os
 import queue
+import signal
 import socket
 import sys
 import time
@@ -23,6 +31,18 @@ DEFAULT_TIMEOUT_S = 300.0
 FAILURE_GRACE_S = 5.0   # lets peers of a failed rank report their own errors before they are killed
 EXIT_WAIT_S = 60.0     # teardown (CUDA context, IPC unmapping) after a rank reported
 DEFAULT_MOELINK_TIMEOUT_S = "20"
+
+
+def timeout_scale() -> float:
+    """MOELINK_TEST_TIMEOUT_SCALE: how much longer than usual every wait of a test may take."""
+    value = os.environ.get("MOELINK_TEST_TIMEOUT_SCALE", "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"MOELINK_TEST_TIMEOUT_SCALE must be a number, got {value!r}") from None
+    if scale <= 0:
+        raise ValueError(f"MOELINK_TEST_TIMEOUT_SCALE must be > 0, got {value!r}")
+    return scale
 
 
 class RankFailure(AssertionError):
@@ -78,9 +98,20 @@ def _child(rank, num_ranks, port, timeout_s, fn_ref, args, env, results):
     sys.stderr.flush()
 
 
-def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, env: dict | None = None) -> list:
+def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, env: dict | None = None,
+              expect_killed=(), expect_exit: dict | None = None) -> list:
     """Returns [fn's return value on rank r for r in range(num_ranks)]; raises RankFailure otherwise.
-    fn must be a module-level function; args and return values must be picklable."""
+    fn must be a module-level function; args and return values must be picklable.
+
+    expect_killed: ranks that end by SIGKILL on purpose (a lost peer); expect_exit: {rank: exit code}
+    for ranks that end the process themselves. Their result is None; the run does not wait for their
+    report, and fails if one of them returns, raises, or exits any other way."""
+    timeout_s *= timeout_scale()
+    departures = {r: -signal.SIGKILL for r in expect_killed}
+    departures.update(expect_exit or {})
+    for r in departures:
+        if not 0 <= r < num_ranks:
+            raise ValueError(f"expected departure of rank {r}, but there are {num_ranks} ranks")
     child_env = {"MOELINK_TIMEOUT_S": os.environ.get("MOELINK_TIMEOUT_S", DEFAULT_MOELINK_TIMEOUT_S)}
     child_env.update({k: str(v) for k, v in (env or {}).items()})
     ctx = multiprocessing.get_context("spawn")
@@ -99,15 +130,31 @@ def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, e
         os.environ.clear()
         os.environ.update(saved_env)
 
-    values, errors, order = {}, {}, []
+    values, errors, order, departed = {}, {}, [], set()
     deadline = time.monotonic() + timeout_s
 
     def record(rank, ok, payload):
+        if ok and rank in departures:
+            ok, payload = False, (f"returned {payload!r}, but it was expected to end with exit code "
+                                  f"{departures[rank]}")
         if ok:
             values[rank] = payload
         else:
             errors[rank] = payload
             order.append(rank)
+
+    def exited(rank):
+        """A rank whose process ended without a report: an expected departure or a failure."""
+        code = procs[rank].exitcode
+        if rank in departures and code == departures[rank]:
+            departed.add(rank)
+        elif rank in departures:
+            record(rank, False, f"exited with code {code}, expected {departures[rank]}")
+        else:
+            record(rank, False, f"exited with code {code} without reporting")
+
+    def settled(rank):
+        return rank in values or rank in errors or rank in departed
 
     def drain(block_s):
         try:
@@ -118,23 +165,25 @@ def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, e
             pass
 
     try:
-        while len(values) + len(errors) < num_ranks and time.monotonic() < deadline:
+        while sum(settled(r) for r in range(num_ranks)) < num_ranks and time.monotonic() < deadline:
             drain(0.2)
-            silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in values and r not in errors]
+            silent = [r for r, p in enumerate(procs) if p.exitcode is not None and not settled(r)]
             if silent:
                 drain(1.0)  # a report can still be in the pipe right after the process exited
                 for r in silent:
-                    if r not in values and r not in errors:
-                        record(r, False, f"exited with code {procs[r].exitcode} without reporting")
+                    if not settled(r):
+                        exited(r)
             if errors:
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
         # Ranks that reported still have to exit cleanly: a crash in teardown is a failure too.
         for r, proc in enumerate(procs):
+            if r in departed:
+                continue
             proc.join(timeout=0.5 if errors else min(EXIT_WAIT_S, max(0.0, deadline - time.monotonic())))
             if r in values and proc.exitcode not in (0, None):
                 record(r, False, f"reported success but exited with code {proc.exitcode}")
-            elif r not in values and r not in errors and proc.exitcode is not None:
-                record(r, False, f"exited with code {proc.exitcode} without reporting")
+            elif not settled(r) and proc.exitcode is not None:
+                exited(r)
     finally:
         stuck = [r for r, p in enumerate(procs) if p.is_alive()]
         for proc in procs:
@@ -152,9 +201,11 @@ def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, e
         for r in stuck:
             if r in values:
                 lines.append(f"--- rank {r} reported but did not exit (killed)")
+            elif r in departures and r not in errors:
+                lines.append(f"--- rank {r} was expected to end itself but was still running (killed)")
             elif r not in errors:
                 why = f"after rank {order[0]} failed" if order else f"at the {timeout_s:.0f} s timeout"
                 lines.append(f"--- rank {r} was still running {why} (killed)")
         head = f"rank {order[0]} failed first" if order else f"timed out after {timeout_s:.0f} s"
         raise RankFailure(f"{fn.__name__} on {num_ranks} ranks: {head}\n" + "\n".join(lines))
-    return [values[r] for r in range(num_ranks)]
+    return [values.get(r) for r in range(num_ranks)]

@@ -108,7 +108,9 @@ def test_dispatch_results(dispatched):
     assert recv_topk_weights.dtype == torch.float32 and torch.equal(recv_topk_weights, topk_weights)
     assert isinstance(num_recv_tokens_per_expert_list, list)
     assert num_recv_tokens_per_expert_list == torch.bincount(topk_idx.flatten(), minlength=NUM_EXPERTS).tolist()
-    assert isinstance(handle, tuple) and len(handle) == 6 and handle[5] is None
+    assert isinstance(handle, tuple) and len(handle) == 6
+    # handle[5]: the dispatch's id and status, written on the device
+    assert handle[5].dtype == torch.int64 and tuple(handle[5].shape) == (2,) and int(handle[5][1]) == 0
     rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank = handle[:5]
     num_channels = moelink.Buffer.get_dispatch_config(1).num_sms // 2
     assert rank_prefix_matrix.shape == (1, 1) and rank_prefix_matrix.dtype == torch.int32
@@ -290,6 +292,28 @@ def test_dispatch_scales_wrong_dtype(buffer):
         buffer.dispatch((x_fp8, scales.to(torch.bfloat16)), topk_idx=topk_idx, **layout_kwargs(buffer, topk_idx))
 
 
+def test_dispatch_fp8_hidden_not_multiple_of_128(buffer):
+    # Scales for the whole 128-blocks only, so the one thing wrong is x's hidden size.
+    hidden = HIDDEN - 64
+    _, topk_idx, _ = make_inputs()
+    x_fp8 = torch.randn(NUM_TOKENS, hidden, device="cuda").to(torch.float8_e4m3fn)
+    scales = torch.ones(NUM_TOKENS, hidden // 128, device="cuda", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"(?<![A-Za-z0-9_])x(?![A-Za-z0-9_])"):
+        buffer.dispatch((x_fp8, scales), topk_idx=topk_idx, **layout_kwargs(buffer, topk_idx))
+
+
+@pytest.mark.parametrize("num_scales", [NUM_SCALES - 1, NUM_SCALES + 1])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_dispatch_scales_columns_mismatch(buffer, num_scales, column_major):
+    x, topk_idx, _ = make_inputs()
+    x_fp8, _ = fp8_inputs(x, column_major=False)
+    scales = torch.ones(NUM_TOKENS, num_scales, device="cuda", dtype=torch.float32)
+    if column_major:
+        scales = scales.t().contiguous().t()
+    with pytest.raises(ValueError, match="x_scales"):
+        buffer.dispatch((x_fp8, scales), topk_idx=topk_idx, **layout_kwargs(buffer, topk_idx))
+
+
 @pytest.mark.parametrize("missing", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx"])
 def test_dispatch_missing_layout(buffer, missing):
     x, topk_idx, _ = make_inputs()
@@ -353,6 +377,28 @@ def test_combine_x_wrong_rows(buffer, dispatched):
     _, _, _, (recv_x, _, _, _, handle, _) = dispatched
     with pytest.raises(ValueError, match=r"\bx\b"):
         buffer.combine(recv_x[1:].contiguous(), handle)
+
+
+def test_combine_hidden_differs_from_dispatch(buffer, dispatched):
+    _, _, _, (recv_x, _, _, _, handle, _) = dispatched
+    other = torch.randn(recv_x.size(0), HIDDEN // 2, device="cuda").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="hidden"):
+        buffer.combine(other, handle)
+
+
+def test_usable_after_value_errors(buffer):
+    # Every error above left the module's Buffer usable: a full round is still exact.
+    x, topk_idx, topk_weights = make_inputs(NUM_TOKENS // 2)
+    x_fp8, scales = fp8_inputs(x, column_major=False)
+    with pytest.raises(ValueError, match="x_scales"):
+        buffer.dispatch((x_fp8, scales[:, :1].contiguous()), topk_idx=topk_idx, **layout_kwargs(buffer, topk_idx))
+    recv_x, _, recv_topk_weights, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                                 **layout_kwargs(buffer, topk_idx))
+    assert torch.equal(recv_x, x)
+    assert torch.equal(buffer.dispatch(x, handle=handle)[0], x)
+    combined_x, combined_topk_weights, _ = buffer.combine(recv_x, handle, topk_weights=recv_topk_weights)
+    assert torch.equal(combined_x, x)
+    assert torch.allclose(combined_topk_weights, topk_weights)
 
 
 @pytest.mark.parametrize("make_bias, error", [

@@ -38,6 +38,19 @@ CASES = [
     Case("no-weights", 64, 2048, 4, 64, with_weights=False, alignment=4),
 ]
 
+# MOELINK_TEST_CASES=small: the cases without the big shapes, plus a small async one, for runs where
+# every kernel is much slower (scripts/sanitize.sh). Every option still appears.
+SMALL_CASES = [case for case in CASES if case.num_tokens <= 512 and case.hidden <= 4096] + [
+    Case("async-small", 64, 2048, 8, 64, use_async=True, num_bias=1),
+]
+
+
+def selected_cases() -> list:
+    choice = os.environ.get("MOELINK_TEST_CASES", "all")
+    if choice not in ("all", "small"):
+        raise ValueError(f"MOELINK_TEST_CASES must be 'all' or 'small', got {choice!r}")
+    return CASES if choice == "all" else SMALL_CASES
+
 
 def arena_bytes(mode: str, rank: int, num_ranks: int) -> int:
     """"rings": no arena anywhere. "arena": the last rank has none (its rows come through the
@@ -52,13 +65,14 @@ def _intranode(rank, num_ranks, seed, mode):
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     buf = common.make_buffer(num_ranks, (config, combine_config), HIDDEN_SIZES,
                              num_arena_bytes=arena_bytes(mode, rank, num_ranks))
-    for i, case in enumerate(CASES):
+    cases = selected_cases()
+    for i, case in enumerate(cases):
         case = case.resolved(num_ranks)
         if case is not None:
             summary = run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
             common.log(rank, f"[R={num_ranks}] {summary}")
     buf.destroy()
-    _worst_tokens_too_small(rank, num_ranks, seed + len(CASES), config)
+    _worst_tokens_too_small(rank, num_ranks, seed + len(cases), config)
 
 
 def _worst_tokens_too_small(rank, num_ranks, seed, config):
@@ -66,7 +80,8 @@ def _worst_tokens_too_small(rank, num_ranks, seed, config):
     that dispatch or at the next call (it may only be known on the device). Every rank overflows,
     so no rank is left waiting for a peer that bailed out. Runs last, on its own buffer, since
     after it the buffer's state is not part of the contract."""
-    os.environ["MOELINK_TIMEOUT_S"] = "5"  # if the overflow turns into a hang, fail fast
+    # If the overflow turns into a hang, fail fast (scaled where a tool slows every kernel down).
+    os.environ["MOELINK_TIMEOUT_S"] = str(5 * launcher.timeout_scale())
     num_tokens, hidden, num_topk, num_experts = 256, 2048, 8, 64
     buf = common.make_buffer(num_ranks, (config,), (hidden,))
     routing = [ref.make_routing(seed, s, num_tokens, num_topk, num_experts, num_ranks) for s in range(num_ranks)]

@@ -1,0 +1,191 @@
+"""Lost peers and host-side timeouts (Runtime v2 contract I and N).
+
+Peer loss: the last rank SIGKILLs itself at one of four points of a round (before its dispatch,
+right after launching it, between a finished dispatch and its combine, right after launching its
+combine), with MOELINK_TIMEOUT_S=5. Every survivor must raise TimeoutError naming the lost rank and
+the step within timeout + 5 s: at the call, or (for an operation that does not wait on the host)
+through all-poisoned outputs and the next call. After that the Buffer is broken: every call raises
+the same TimeoutError at once. destroy() comes back within timeout + 5 s and the survivors exit 0.
+
+Host-side timeout: a notify that cannot start (its previous_event waits for a 15 s GPU sleep) makes
+dispatch raise TimeoutError after MOELINK_TIMEOUT_S=2 and breaks the Buffer. A pending value error
+(num_worst_tokens too small) is raised first, and a peer lost meanwhile by the call after it.
+"""
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import torch.distributed as dist  # noqa: E402
+
+import common  # noqa: E402
+import faults  # noqa: E402
+import launcher  # noqa: E402
+from checks import Case, run_case  # noqa: E402
+from faults import combine_outputs, dispatch_outputs  # noqa: E402
+
+PEER_TIMEOUT_S = 5.0      # MOELINK_TIMEOUT_S of the peer-loss runs
+STALL_TIMEOUT_S = 2.0     # MOELINK_TIMEOUT_S of the notify-stall run
+SLACK_S = 5.0             # the contract's allowance on top of the timeout
+STALL_S = 15.0            # how long the notify-stall run keeps its notify from starting
+LATER_CALL_S = 2.0        # a broken Buffer refuses at once
+VICTIM_HEAD_START_S = 0.5  # survivors' kernels of a "during" phase start this much after the kill
+CASE = Case("peer-loss", 256, 2048, 8, 64)
+PHASES = ("before-dispatch", "during-dispatch", "after-dispatch", "during-combine")
+
+
+def _setup(rank, num_ranks, seed):
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (CASE.hidden,))
+    case = CASE.resolved(num_ranks)
+    run_case(buf, rank, num_ranks, case, seed, config, combine_config)  # every kernel has run once
+    faults.cycles_per_second()
+    return buf, case, config, combine_config
+
+
+def _assert_broken(message, calls, what):
+    """Every call raises the first TimeoutError again, at once."""
+    for name, call in calls.items():
+        start = time.perf_counter()
+        error = faults.expect_raises(TimeoutError, [], call, f"{what}: {name} after the timeout")
+        elapsed = time.perf_counter() - start
+        assert str(error) == message, f"{what}: {name} raised another message: {str(error)!r} != {message!r}"
+        assert elapsed < LATER_CALL_S, f"{what}: {name} on the broken Buffer took {elapsed:.1f} s"
+
+
+def _peer_loss(rank, num_ranks, seed, phase):
+    victim = num_ranks - 1
+    what = f"rank {rank}/{num_ranks} {phase}"
+    buf, case, config, combine_config = _setup(rank, num_ranks, seed)
+    r = faults.routed(case, seed + 1, rank, num_ranks)
+    kwargs = r.layout(buf)
+    num_worst = num_ranks * case.num_tokens
+    out = y = None
+    if phase in ("after-dispatch", "during-combine"):
+        out, want = faults.checked_dispatch(buf, r, config, what=f"{what}: the dispatch before the loss")
+        y = r.combine_input(want, want.num_recv_tokens)
+
+    def dispatch(worst=0):
+        return buf.dispatch(r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=worst, config=config)
+
+    def combine():
+        return buf.combine(y, out[4], topk_weights=out[2], config=combine_config)
+
+    torch.cuda.synchronize()
+    dist.barrier()  # the last collective: after it the victim may be gone
+    start = time.perf_counter()
+    if rank == victim:
+        if phase == "during-dispatch":
+            dispatch(num_worst)  # returns without waiting on the host
+        elif phase == "during-combine":
+            combine()
+        faults.die()
+
+    if phase.startswith("during"):
+        # The survivors' kernels start behind this sleep, so the victim's just-launched operation can
+        # never complete with them: it dies in the middle of it.
+        faults.gpu_sleep(VICTIM_HEAD_START_S)
+    if phase == "before-dispatch":
+        call, host_wait, outputs = dispatch, True, None
+    elif phase == "during-dispatch":
+        call, host_wait, outputs = (lambda: dispatch(num_worst)), False, dispatch_outputs
+    else:
+        call, host_wait, outputs = combine, False, combine_outputs
+    next_call = lambda: buf.get_dispatch_layout(r.topk_idx, case.num_experts)  # noqa: E731
+    raised = faults.expect_error(TimeoutError, [f"rank {victim}"], call, host_wait=host_wait, in_call_ok=True,
+                                 next_call=next_call, outputs=outputs, what=what)
+    elapsed = time.perf_counter() - start
+    assert elapsed <= PEER_TIMEOUT_S + SLACK_S, \
+        f"{what}: the TimeoutError came {elapsed:.1f} s after the phase started, limit {PEER_TIMEOUT_S + SLACK_S:.0f} s"
+    message = str(raised.error)
+    assert any(word in message.lower() for word in faults.STEP_WORDS), \
+        f"{what}: the TimeoutError names no step ({'/'.join(faults.STEP_WORDS)}): {message!r}"
+    del raised
+
+    later = {"get_dispatch_layout": next_call, "dispatch": dispatch,
+             "dispatch(num_worst_tokens)": lambda: dispatch(num_worst)}
+    if out is not None:
+        later.update({"cached dispatch": lambda: buf.dispatch(r.x, handle=out[4], config=config), "combine": combine})
+    _assert_broken(message, later, what)
+    destroyed = faults.bounded_destroy(buf, PEER_TIMEOUT_S + SLACK_S, what)
+    common.log(rank, f"[R={num_ranks}] {phase}: TimeoutError after {elapsed:.1f} s: {message}; {destroyed}")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("num_ranks", (2, 4))
+def test_peer_loss(num_ranks, phase):
+    launcher.run_ranks(num_ranks, _peer_loss, 17000 * num_ranks + PHASES.index(phase), phase, timeout_s=120,
+                       env={"MOELINK_TIMEOUT_S": f"{PEER_TIMEOUT_S:g}"}, expect_killed={num_ranks - 1})
+
+
+def _notify_stall(rank, num_ranks, seed):
+    what = f"rank {rank}/{num_ranks} notify stall"
+    buf, case, config, combine_config = _setup(rank, num_ranks, seed)
+    out, _ = faults.checked_dispatch(buf, faults.routed(case, seed + 1, rank, num_ranks), config, what=what)
+    r = faults.routed(case, seed + 2, rank, num_ranks)
+    kwargs = r.layout(buf)
+    torch.cuda.synchronize()  # the layout is done: nothing below is ordered after the current stream
+    dist.barrier()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        faults.gpu_sleep(STALL_S)
+        stalled = buf.capture()  # recorded on `side`, after the sleep
+
+    def dispatch(previous_event=None):
+        return buf.dispatch(r.x, **kwargs, topk_weights=r.topk_weights, config=config, previous_event=previous_event)
+
+    start = time.perf_counter()
+    error = faults.expect_raises(TimeoutError, [], lambda: dispatch(stalled), f"{what}: dispatch")
+    elapsed = time.perf_counter() - start
+    assert elapsed <= STALL_TIMEOUT_S + SLACK_S, \
+        f"{what}: dispatch raised after {elapsed:.1f} s, limit {STALL_TIMEOUT_S + SLACK_S:.0f} s"
+    message = str(error)
+    assert any(word in message.lower() for word in faults.STEP_WORDS), f"{what}: names no step: {message!r}"
+    _assert_broken(message, {
+        "get_dispatch_layout": lambda: buf.get_dispatch_layout(r.topk_idx, case.num_experts),
+        "dispatch": dispatch,
+        "cached dispatch": lambda: buf.dispatch(r.x, handle=out[4], config=config),
+        "combine": lambda: buf.combine(out[0], out[4], config=combine_config),
+    }, what)
+    torch.cuda.synchronize()  # the sleep ends and whatever was queued behind it finishes
+    destroyed = faults.bounded_destroy(buf, STALL_TIMEOUT_S + SLACK_S, what)
+    common.log(rank, f"[R={num_ranks}] notify stalled: TimeoutError after {elapsed:.1f} s: {message}; {destroyed}")
+
+
+def test_notify_stall():
+    launcher.run_ranks(2, _notify_stall, 19000, timeout_s=120, env={"MOELINK_TIMEOUT_S": f"{STALL_TIMEOUT_S:g}"})
+
+
+def _pending_error_then_loss(rank, num_ranks, seed):
+    victim = num_ranks - 1
+    what = f"rank {rank}/{num_ranks} pending error, then loss"
+    buf, case, config, _ = _setup(rank, num_ranks, seed)
+    r = faults.routed(case, seed + 1, rank, num_ranks)
+    num_worst = min(r.recv_counts()) - 1
+    assert num_worst >= 1
+    kwargs = r.layout(buf)
+
+    def dispatch(worst=0):
+        return buf.dispatch(r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=worst, config=config)
+
+    dispatch(num_worst)  # every rank overflows; the error is pending
+    torch.cuda.synchronize()
+    dist.barrier()  # every rank's overflowing dispatch is over
+    if rank == victim:
+        faults.die()
+    faults.expect_raises(ValueError, ["num_worst_tokens"], dispatch, f"{what}: the call after the overflow")
+    start = time.perf_counter()
+    error = faults.expect_raises(TimeoutError, [f"rank {victim}"], dispatch, f"{what}: the call after that")
+    elapsed = time.perf_counter() - start
+    assert elapsed <= PEER_TIMEOUT_S + SLACK_S, f"{what}: the TimeoutError took {elapsed:.1f} s"
+    destroyed = faults.bounded_destroy(buf, PEER_TIMEOUT_S + SLACK_S, what)
+    common.log(rank, f"[R={num_ranks}] pending ValueError raised, then TimeoutError after {elapsed:.1f} s: {error}; "
+                     f"{destroyed}")
+
+
+def test_pending_error_then_loss():
+    launcher.run_ranks(2, _pending_error_then_loss, 19500, timeout_s=120,
+                       env={"MOELINK_TIMEOUT_S": f"{PEER_TIMEOUT_S:g}"}, expect_killed={1})
