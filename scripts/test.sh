@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The test command: build, C++ and Python CPU tests, then the GPU tests when a GPU is visible.
-# Exits non-zero if anything failed. MOELINK_SKIP_DEPS=1 skips scripts/deps.sh.
+# Exits non-zero if anything failed. MOELINK_SKIP_DEPS=1 skips scripts/deps.sh; MOELINK_BUILD_DIR
+# (default build/) is the build tree used, as in scripts/build.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$PWD/build/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+BUILD_DIR=${MOELINK_BUILD_DIR:-build}
+case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$PWD/$BUILD_DIR" ;; esac
+export MOELINK_BUILD_DIR="$BUILD_DIR"
+export PYTHONPATH="$BUILD_DIR/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
 if [ "${MOELINK_SKIP_DEPS:-0}" != 1 ]; then
@@ -17,7 +21,8 @@ if ! bash scripts/build.sh; then
 fi
 
 echo "moelink test: C++ CPU tests"
-ctest --test-dir build --output-on-failure || failed+=("ctest")
+# --no-tests=error: a build that registered no C++ test must not pass as "all passed".
+ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error || failed+=("ctest")
 
 echo "moelink test: Python CPU tests"
 "$PYTHON" -m pytest -q tests/cpu

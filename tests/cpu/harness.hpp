@@ -1,8 +1,14 @@
 #pragma once
 // A self-contained test harness: the GPU machine has no gtest and no internet, so the CPU tests
-// cannot depend on one. EXPECT_* records a failure and continues; ASSERT_* ends the test.
-// main() (tests/cpu/main.cpp) runs every MOELINK_TEST, optionally only those whose name contains
-// argv[1], and ends with "N passed, M failed".
+// cannot depend on one (why not GoogleTest where it exists: see the C++ CPU tests in CMakeLists.txt).
+// EXPECT_* records a failure and continues; ASSERT_* ends the test.
+// main() (tests/cpu/main.cpp) takes, at most, one of:
+//   (nothing)      run every MOELINK_TEST
+//   SUBSTRING      run the tests whose name contains SUBSTRING
+//   --exact NAME   run the test called NAME (each ctest entry runs one test this way)
+//   --list         print every test name, one a line (the build registers them with ctest)
+// and ends with "N passed, M failed". Selecting no test is a failure: a renamed or deleted test must
+// not leave behind a ctest entry that passes without running anything.
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -127,12 +133,27 @@ inline bool expect_no_throw(const std::function<void()>& body, const char* expr_
   return false;
 }
 
+inline int usage(const char* program) {
+  std::printf("usage: %s [SUBSTRING | --exact NAME | --list]\n", program);
+  return 2;
+}
+
 inline int run_all(int argc, char** argv) {
-  const std::string filter = argc > 1 ? argv[1] : "";
+  const std::string first = argc > 1 ? argv[1] : "";
+  if (first == "--list" && argc == 2) {
+    for (const TestCase& test : registry()) std::printf("%s\n", test.name);
+    return 0;
+  }
+  const bool exact = first == "--exact";
+  if ((exact && argc != 3) || (!exact && argc > 2) || (!first.empty() && first[0] == '-' && !exact)) {
+    return usage(argv[0]);
+  }
+  const std::string filter = exact ? argv[2] : first;
   int passed = 0;
   int failed = 0;
   for (const TestCase& test : registry()) {
-    if (!filter.empty() && std::string(test.name).find(filter) == std::string::npos) continue;
+    const std::string name = test.name;
+    if (exact ? name != filter : name.find(filter) == std::string::npos) continue;
     current_failures() = 0;
     try {
       test.body();
@@ -150,6 +171,11 @@ inline int run_all(int argc, char** argv) {
     }
   }
   std::printf("%d passed, %d failed\n", passed, failed);
+  if (passed + failed == 0) {
+    std::printf("FAILED: no test %s \"%s\" (--list prints the names)\n", exact ? "is called" : "name contains",
+                filter.c_str());
+    return 1;
+  }
   return failed > 0 ? 1 : 0;
 }
 
