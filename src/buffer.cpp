@@ -87,12 +87,13 @@ std::optional<ArenaBlock> Buffer::arena_allocate(int64_t bytes, cudaStream_t str
   ctx_->require_usable("arena_allocate");
   if (bytes < 0) raise(ErrorKind::kValue, "bytes: expected >= 0, got ", bytes);
   if (!ctx_->arena) return std::nullopt;
-  auto block = ctx_->arena->allocate(std::max<int64_t>(bytes, 1), stream, ctx_->comm_stream);
-  if (!block) return std::nullopt;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   cudaGraph_t graph = nullptr;
   MOELINK_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &capture, nullptr, &graph));
-  if (capture == cudaStreamCaptureStatusActive && graph != nullptr) {
+  const bool capturing = capture == cudaStreamCaptureStatusActive;
+  auto block = ctx_->arena->allocate(std::max<int64_t>(bytes, 1), stream, ctx_->comm_stream, capturing);
+  if (!block) return std::nullopt;
+  if (capturing && graph != nullptr) {
     // Every replay writes this block again, so the graph keeps it until the graph is destroyed.
     auto* held = new std::shared_ptr<void>(block->owner);
     cudaUserObject_t object = nullptr;
@@ -101,7 +102,9 @@ std::optional<ArenaBlock> Buffer::arena_allocate(int64_t bytes, cudaStream_t str
       delete static_cast<std::shared_ptr<void>*>(p);
       detail::RecvArena::set_in_cuda_callback(false);
     };
-    const cudaError_t status = cudaUserObjectCreate(&object, held, drop, 1, 0);
+    // CUDA releases a graph's references only once the work of its launches has completed, so the
+    // range is free for the arena again when the callback runs (the one flag CUDA defines is required).
+    const cudaError_t status = cudaUserObjectCreate(&object, held, drop, 1, cudaUserObjectNoDestructorSync);
     if (status != cudaSuccess) delete held;
     MOELINK_CUDA_CHECK(status);
     MOELINK_CUDA_CHECK(cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove));

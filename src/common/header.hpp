@@ -121,13 +121,15 @@ struct alignas(128) CommonHeader {
   void* peer_data[kMaxNvlRanks];       // peer-pointer table: each peer's data region, in this process
 };
 
-// fault word: the lost rank + 1, the reporting rank, and the step, so every survivor can name them.
-MOELINK_HOST_DEVICE int encode_fault(int lost, int reporter, int step) {
-  return (lost + 1) | (reporter << 8) | (step << 16);
+// fault word: the lost rank + 1, the reporting rank, the step and, for a barrier, which one (+ 1),
+// so every survivor can name them. Never 0.
+MOELINK_HOST_DEVICE int encode_fault(int lost, int reporter, int step, int barrier_tag) {
+  return (lost + 1) | (reporter << 8) | ((step & 0xff) << 16) | ((barrier_tag + 1) << 24);
 }
 MOELINK_HOST_DEVICE int fault_lost(int word) { return (word & 0xff) - 1; }
 MOELINK_HOST_DEVICE int fault_reporter(int word) { return (word >> 8) & 0xff; }
-MOELINK_HOST_DEVICE int fault_step(int word) { return word >> 16; }
+MOELINK_HOST_DEVICE int fault_step(int word) { return (word >> 16) & 0xff; }
+MOELINK_HOST_DEVICE int fault_barrier_tag(int word) { return ((word >> 24) & 0x7f) - 1; }
 
 // Each NVLink peer's header and data region, mapped into this process.
 struct PeerTable {

@@ -32,7 +32,7 @@ __device__ __forceinline__ void report_fault(const ErrorSink& err, int code, int
   if (atomicCAS(&err.self->fault_claim, 0, 1) == 0) fill_record(err.fault, code, err, lost, step, channel, detail, barrier_tag);
   // NOTES: system-scope CAS so the first fault a rank hears of is the one it keeps, whichever
   // process wrote it; the reporter's own word is set the same way.
-  const int word = encode_fault(lost, err.rank, step);
+  const int word = encode_fault(lost, err.rank, step, barrier_tag);
   for (int p = 0; p < err.num_ranks; ++p)
     if (err.peers[p] != nullptr) atomicCAS_system(&err.peers[p]->fault, 0, word);
   __threadfence_system();
@@ -46,7 +46,7 @@ __device__ __forceinline__ int fault_word(const ErrorSink& err) { return ld_vola
 
 // A wait that stops because another rank reported a fault records that fault as its own reason.
 __device__ __forceinline__ void report_aborted(const ErrorSink& err, int word) {
-  report_fault(err, kErrAborted, fault_lost(word), fault_step(word), -1, fault_reporter(word));
+  report_fault(err, kErrAborted, fault_lost(word), fault_step(word), -1, fault_reporter(word), fault_barrier_tag(word));
 }
 
 // Spins until done() holds. Returns false (after reporting) on timeout or when a fault was reported

@@ -39,13 +39,14 @@ void RecvArena::collect_locked() {
   }
 }
 
-std::optional<RecvArena::Block> RecvArena::allocate(int64_t bytes, cudaStream_t stream, cudaStream_t comm_stream) {
+std::optional<RecvArena::Block> RecvArena::allocate(int64_t bytes, cudaStream_t stream, cudaStream_t comm_stream,
+                                                    bool capturing) {
   std::optional<int64_t> offset;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    collect_locked();
+    if (!capturing) collect_locked();
     offset = ranges_.allocate(bytes);
-    if (!offset && !pending_.empty()) {
+    if (!offset && !pending_.empty() && !capturing) {
       // Take the ranges still in use on some stream, ordering the new block's streams after that use.
       for (Pending& p : pending_) {
         for (cudaEvent_t e : p.events) {
@@ -122,6 +123,7 @@ int64_t RecvArena::largest_free() const {
 
 int64_t RecvArena::bytes_in_use() const {
   std::lock_guard<std::mutex> lock(mutex_);
+  const_cast<RecvArena*>(this)->collect_locked();
   return ranges_.bytes_in_use();
 }
 

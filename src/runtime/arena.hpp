@@ -34,7 +34,9 @@ class RecvArena : public std::enable_shared_from_this<RecvArena> {
     void* data;
     std::shared_ptr<void> owner;
   };
-  std::optional<Block> allocate(int64_t bytes, cudaStream_t stream, cudaStream_t comm_stream);
+  // While `stream` is being captured no event may be queried (it would invalidate the capture),
+  // so `capturing` takes free ranges only.
+  std::optional<Block> allocate(int64_t bytes, cudaStream_t stream, cudaStream_t comm_stream, bool capturing);
   // The live block holding `p` is also used on `stream`. No-op for a pointer in no live block.
   void record_stream(const void* p, cudaStream_t stream);
 
@@ -43,7 +45,7 @@ class RecvArena : public std::enable_shared_from_this<RecvArena> {
     return c >= base_ && bytes >= 0 && c + bytes <= base_ + capacity_;
   }
   int64_t capacity() const { return capacity_; }
-  int64_t bytes_in_use() const;  // live and pending ranges
+  int64_t bytes_in_use() const;  // live ranges, and freed ones still in use on a stream
   int64_t largest_free() const;
 
   // Set while a CUDA callback (a graph's user-object destructor) drops an owner: no CUDA call may

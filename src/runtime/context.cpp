@@ -228,11 +228,15 @@ void Context::check_device_errors() {
         broken += " (raise MOELINK_TIMEOUT_S if the peer is just slow)";
         broken += "; this Buffer is unusable now: destroy it and create a new one";
       } else {
-        broken = str("moelink: rank ", rank, " stopped: rank ", global(static_cast<int>(fault->detail)),
-                     " gave up waiting for rank ", lost, " in ",
-                     fault->step == kernels::kStepBarrier ? "a barrier" : wait_step_description(fault->step),
-                     " (a lost or stuck peer; raise MOELINK_TIMEOUT_S if it is just slow); this Buffer is unusable "
-                     "now: destroy it and create a new one");
+        const int reporter = global(static_cast<int>(fault->detail));
+        if (fault->step == kernels::kStepBarrier)
+          broken = str("moelink: rank ", rank, " stopped: rank ", reporter, " gave up waiting for rank ", lost, " in ",
+                       barrier_name(fault->barrier_tag));
+        else
+          broken = str("moelink: rank ", rank, " stopped: rank ", reporter, " gave up in ",
+                       wait_step_description(fault->step), " rank ", lost, ")");
+        broken += " (a lost or stuck peer; raise MOELINK_TIMEOUT_S if it is just slow); this Buffer is unusable now: "
+                  "destroy it and create a new one";
       }
     }
     throw Error(ErrorKind::kTimeout, broken);
@@ -282,12 +286,12 @@ void Context::check_device_errors() {
   throw Error(ErrorKind::kValue, message);
 }
 
-void Context::fail_host_wait(const std::string& message) {
+void Context::fail_host_wait(const std::string& message, int step) {
   broken = message;
   // The kernels queued behind the wait, and the peers, must stop too: raise this rank's fault word
   // and its peers' on a stream of its own (the comm stream may be the thing that is stuck).
   if (available && !destroyed) {
-    const int word = kernels::encode_fault(topo.nvl_rank, topo.nvl_rank, kernels::kStepBarrier);
+    const int word = kernels::encode_fault(topo.nvl_rank, topo.nvl_rank, step, -1);
     cudaStream_t side = nullptr;
     if (cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) == cudaSuccess) {
       for (int p = 0; p < topo.num_nvl_ranks; ++p)

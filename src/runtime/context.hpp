@@ -74,8 +74,9 @@ class Context {
   // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
   // data error every rank of the operation found (ValueError, raised once).
   void check_device_errors();
-  // A host-side wait gave up: the Buffer is broken, and its queued kernels and its peers learn so.
-  [[noreturn]] void fail_host_wait(const std::string& message);
+  // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers
+  // learn so (they name this rank as the one lost).
+  [[noreturn]] void fail_host_wait(const std::string& message, int step);
   // Orders the comm stream after previous_event or the compute stream.
   void begin_op(const StreamOrder& order);
   // The event at the end of the op; without async_finish the compute stream waits for it.

@@ -32,15 +32,17 @@ MOELINK_TEST(epochs_order_across_the_wrap) {
   }
 }
 
-MOELINK_TEST(fault_word_names_lost_rank_reporter_and_step) {
+MOELINK_TEST(fault_word_names_lost_rank_reporter_step_and_barrier) {
   for (int lost = 0; lost < moelink::kMaxNvlRanks; ++lost)
-    for (int reporter = 0; reporter < moelink::kMaxNvlRanks; ++reporter) {
-      const int word = encode_fault(lost, reporter, 37);
-      EXPECT_NE(word, 0);  // 0 means "no fault"
-      EXPECT_EQ(fault_lost(word), lost);
-      EXPECT_EQ(fault_reporter(word), reporter);
-      EXPECT_EQ(fault_step(word), 37);
-    }
+    for (int reporter = 0; reporter < moelink::kMaxNvlRanks; ++reporter)
+      for (int tag : {-1, 0, 3}) {
+        const int word = encode_fault(lost, reporter, 37, tag);
+        EXPECT_GT(word, 0);  // 0 means "no fault"
+        EXPECT_EQ(fault_lost(word), lost);
+        EXPECT_EQ(fault_reporter(word), reporter);
+        EXPECT_EQ(fault_step(word), 37);
+        EXPECT_EQ(fault_barrier_tag(word), tag);
+      }
 }
 
 MOELINK_TEST(digest_words_differ_for_every_field_ranks_may_disagree_on) {

@@ -262,14 +262,17 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   // counts, never for unrelated work queued behind them. The device side bounds its own waits; the
   // host adds a margin in case the kernel cannot even start.
   const auto start = std::chrono::steady_clock::now();
-  const auto limit = std::chrono::duration<double>(ctx.timeout_s + 5.0);
+  // The kernel bounds its own waits by the timeout; the host's margin covers a kernel that never
+  // started, short enough that the caller hears of it well within timeout + 5 s.
+  const auto limit = std::chrono::duration<double>(ctx.timeout_s + 2.0);
   for (uint64_t spins = 0; *ready != a.seq; ++spins) {
     ctx.check_device_errors();
     if (spins > 1024) std::this_thread::yield();
     if ((spins & 1023) == 0 && std::chrono::steady_clock::now() - start > limit)
-      ctx.fail_host_wait(detail::str("moelink: rank ", ctx.topo.rank, " timed out after ", ctx.timeout_s + 5.0,
+      ctx.fail_host_wait(detail::str("moelink: rank ", ctx.topo.rank, " timed out after ", ctx.timeout_s + 2.0,
                                      " s waiting for dispatch notify to run on the GPU (is the comm stream blocked by "
-                                     "previous_event?)"));
+                                     "previous_event?)"),
+                         kStepNotify);
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   ctx.check_device_errors();
