@@ -1,8 +1,12 @@
 """Lost peers and host-side timeouts (Runtime v2 contract I and N).
 
-Peer loss: the last rank SIGKILLs itself at one of four points of a round (before its dispatch,
-right after launching it, between a finished dispatch and its combine, right after launching its
-combine), with MOELINK_TIMEOUT_S=5. Every survivor must raise TimeoutError naming the lost rank and
+Peer loss: the last rank SIGKILLs itself at one of the points of a round, with MOELINK_TIMEOUT_S=5:
+before its dispatch; after its dispatch's notify (every count exchanged) and before its dispatch
+kernel ("notified"); between a finished dispatch and its combine; and, where ranks have GPUs of
+their own, right after launching its dispatch or its combine (mid-kernel). On one GPU shared under
+MPS a process killed while its kernel writes a peer's memory faults every client's context (seen
+with a two-process probe: the exporter then fails even on its own buffers), which no runtime can
+survive, so there the deaths are placed at kernel boundaries. Every survivor must raise TimeoutError naming the lost rank and
 the step within timeout + 5 s: at the call, or (for an operation that does not wait on the host)
 through all-poisoned outputs and the next call. After that the Buffer is broken: every call raises
 the same TimeoutError at once. destroy() comes back within timeout + 5 s and the survivors exit 0.
@@ -34,7 +38,22 @@ STALL_S = 15.0            # how long the notify-stall run keeps its notify from 
 LATER_CALL_S = 2.0        # a broken Buffer refuses at once
 VICTIM_HEAD_START_S = 0.5  # survivors' kernels of a "during" phase start this much after the kill
 CASE = Case("peer-loss", 256, 2048, 8, 64)
-PHASES = ("before-dispatch", "during-dispatch", "after-dispatch", "during-combine")
+PHASES = ("before-dispatch", "notified", "during-dispatch", "after-dispatch", "during-combine")
+MID_KERNEL = ("during-dispatch", "during-combine")  # need a GPU per rank (see above)
+
+
+class _DiesBeforeDispatchKernel:
+    """The victim's runtime: every call goes through, but launching a dispatch's data kernel ends
+    the process, after its notify has exchanged the counts with every peer."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def intranode_dispatch(self, *args, **kwargs):
+        faults.die()
 
 
 def _setup(rank, num_ranks, seed):
@@ -82,6 +101,9 @@ def _peer_loss(rank, num_ranks, seed, phase):
             dispatch(num_worst)  # returns without waiting on the host
         elif phase == "during-combine":
             combine()
+        elif phase == "notified":
+            buf.runtime = _DiesBeforeDispatchKernel(buf.runtime)
+            dispatch()  # its notify completes with the peers; it dies where the data kernel would launch
         faults.die()
 
     if phase.startswith("during"):
@@ -90,6 +112,8 @@ def _peer_loss(rank, num_ranks, seed, phase):
         faults.gpu_sleep(VICTIM_HEAD_START_S)
     if phase == "before-dispatch":
         call, host_wait, outputs = dispatch, True, None
+    elif phase == "notified":
+        call, host_wait, outputs = dispatch, False, dispatch_outputs
     elif phase == "during-dispatch":
         call, host_wait, outputs = (lambda: dispatch(num_worst)), False, dispatch_outputs
     else:
@@ -117,6 +141,9 @@ def _peer_loss(rank, num_ranks, seed, phase):
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("num_ranks", (2, 4))
 def test_peer_loss(num_ranks, phase):
+    if phase in MID_KERNEL and torch.cuda.device_count() < num_ranks:
+        pytest.skip("a rank killed mid-kernel while it writes a peer's memory faults every MPS client sharing the "
+                    "GPU; run where each rank has a GPU")
     launcher.run_ranks(num_ranks, _peer_loss, 17000 * num_ranks + PHASES.index(phase), phase, timeout_s=120,
                        env={"MOELINK_TIMEOUT_S": f"{PEER_TIMEOUT_S:g}"}, expect_killed={num_ranks - 1})
 
