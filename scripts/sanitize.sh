@@ -72,8 +72,10 @@ for tool in $TOOLS; do
   rm -f "$LOG_DIR/$tool".*.log
   echo "sanitize: $tool over ${TESTS[*]}"
   start=$(date +%s)
-  bash scripts/with_mps.sh "$SANITIZER" --tool "$tool" --target-processes all --error-exitcode 86 \
-    --log-file "$LOG_DIR/$tool.%p.log" "$PYTHON" -m pytest -q -x "${TESTS[@]}" 2>&1 | tee "$LOG_DIR/$tool.pytest.log"
+  # Each rank runs as the tool's own child (tests/gpu/launcher.py reads MOELINK_TEST_RANK_PREFIX): a
+  # tool wrapped around pytest instrumented only pytest itself (one log for a 2-rank run, 2026-12-01).
+  MOELINK_TEST_RANK_PREFIX="$SANITIZER --tool $tool --error-exitcode 86 --log-file $LOG_DIR/$tool.%p.log" \
+    bash scripts/with_mps.sh "$PYTHON" -m pytest -q -x "${TESTS[@]}" 2>&1 | tee "$LOG_DIR/$tool.pytest.log"
   rc=${PIPESTATUS[0]}
   seconds=$(( $(date +%s) - start ))
   # One log per process; each ends with "ERROR SUMMARY: N errors" (racecheck adds a "RACECHECK
@@ -96,6 +98,10 @@ for tool in $TOOLS; do
     fi
   done
   verdict=clean
+  if [ "$processes" -lt "${MOELINK_TEST_RANKS:-2}" ]; then
+    verdict="only $processes process logs for ${MOELINK_TEST_RANKS:-2} ranks: the ranks were not instrumented"
+    status=1
+  fi
   if [ "$errors" -gt 0 ]; then
     verdict="$errors errors"
     status=1

@@ -20,9 +20,12 @@ import importlib.util
 import multiprocessing
 import os
 import queue
+import shlex
 import signal
 import socket
+import stat
 import sys
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -43,6 +46,21 @@ def timeout_scale() -> float:
     if scale <= 0:
         raise ValueError(f"MOELINK_TEST_TIMEOUT_SCALE must be > 0, got {value!r}")
     return scale
+
+
+def _rank_executable():
+    """MOELINK_TEST_RANK_PREFIX: a command every rank's interpreter runs under, e.g. a
+    compute-sanitizer invocation, so that each rank is that tool's own child (a tool wrapped around
+    the parent process does not follow the ranks multiprocessing spawns). None when unset."""
+    prefix = os.environ.get("MOELINK_TEST_RANK_PREFIX", "").strip()
+    if not prefix:
+        return None
+    words = shlex.split(prefix) + [sys.executable]
+    fd, path = tempfile.mkstemp(prefix="moelink-rank-", suffix=".sh")
+    with os.fdopen(fd, "w") as script:
+        script.write("#!/bin/sh\nexec " + " ".join(shlex.quote(w) for w in words) + ' "$@"\n')
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+    return path
 
 
 class RankFailure(AssertionError):
@@ -115,6 +133,9 @@ def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, e
     child_env = {"MOELINK_TIMEOUT_S": os.environ.get("MOELINK_TIMEOUT_S", DEFAULT_MOELINK_TIMEOUT_S)}
     child_env.update({k: str(v) for k, v in (env or {}).items()})
     ctx = multiprocessing.get_context("spawn")
+    wrapper = _rank_executable()
+    if wrapper is not None:
+        ctx.set_executable(wrapper)
     results = ctx.Queue()
     port = free_port()
     fn_ref = _function_ref(fn)
