@@ -8,6 +8,7 @@
 
 #include "modes/intranode/host.hpp"
 
+#include "common/poison.hpp"
 #include "modes/intranode/contract.hpp"
 #include "runtime/context.hpp"
 #include "runtime/errors.hpp"
@@ -17,6 +18,7 @@
 namespace moelink::intranode {
 
 using detail::raise;
+using kernels::poison_list;
 using runtime::Context;
 
 namespace {
@@ -191,18 +193,6 @@ void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** s
 const long long* handle_info(const DispatchHandle& h, int device) {
   expect(h.info, {2}, DType::kInt64, device, "handle[5] (the handle's dispatch id and status)");
   return static_cast<const long long*>(h.info.data);
-}
-
-kernels::PoisonList poison_list(std::initializer_list<std::pair<const TensorRef*, int64_t>> regions) {
-  kernels::PoisonList list{};
-  int i = 0;
-  for (const auto& [ref, bytes] : regions)
-    if (ref->data != nullptr && bytes > 0) {
-      list.data[i] = ref->data;
-      list.bytes[i] = bytes;
-      ++i;
-    }
-  return list;
 }
 
 int blocks_per_sm() {
