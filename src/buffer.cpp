@@ -9,6 +9,7 @@
 
 #include "modes/intranode/host.hpp"
 #include "modes/layout/host.hpp"
+#include "modes/low_latency/host.hpp"
 #include "runtime/context.hpp"
 #include "runtime/errors.hpp"
 #include "window/nvshmem.hpp"
@@ -74,7 +75,7 @@ void* Buffer::local_nvl_buffer() const {
 
 void* Buffer::local_rdma_buffer() const {
   ctx_->require_usable("local_rdma_buffer");
-  return ctx_->rdma;
+  return ctx_->low_latency_bytes > 0 ? ctx_->low_latency_base() : ctx_->rdma;
 }
 
 int64_t Buffer::num_arena_bytes() const { return ctx_->arena ? ctx_->arena->capacity() : 0; }
@@ -127,9 +128,12 @@ std::vector<uint8_t> Buffer::local_ipc_handle() const {
   return bytes;
 }
 
+bool Buffer::uses_nvshmem() const { return ctx_->uses_nvshmem; }
+
 std::vector<uint8_t> Buffer::local_nvshmem_unique_id() const {
-  if (ctx_->num_rdma_bytes == 0)
-    raise(ErrorKind::kState, "local_nvshmem_unique_id: this Buffer uses no RDMA buffer (num_rdma_bytes == 0)");
+  if (!ctx_->uses_nvshmem)
+    raise(ErrorKind::kState, "local_nvshmem_unique_id: this Buffer uses no NVSHMEM (num_rdma_bytes == 0, or a "
+          "low-latency Buffer within one NVLink domain)");
   return ctx_->unique_id;
 }
 
@@ -167,11 +171,13 @@ void Buffer::sync(const std::vector<int>& device_ids, const std::vector<std::vec
   for (int p = 0; p < c.topo.num_nvl_ranks; ++p) {
     c.peers.header[p] = static_cast<kernels::CommonHeader*>(c.nvl_window.member(p));
     c.peers.data[p] = static_cast<char*>(c.nvl_window.member(p)) + runtime::kNvlHeaderBytes;
+    if (c.low_latency_bytes > 0)
+      c.low_latency_regions[p] = static_cast<char*>(c.peers.data[p]) + runtime::low_latency_offset(c.num_nvl_bytes);
   }
   MOELINK_CUDA_CHECK(cudaMemcpy(c.header()->common.peer_data, c.peers.data, sizeof(c.peers.data),
                                 cudaMemcpyHostToDevice));
 
-  if (c.num_rdma_bytes > 0) {
+  if (c.uses_nvshmem) {
     // Low-latency mode: all ranks form one NVSHMEM job. Normal mode: one job per NVL lane,
     // one PE per node, so a rank only ever talks RDMA to its own lane on other nodes.
     const int pe = c.low_latency_mode ? c.topo.rank : c.topo.rdma_rank;
@@ -222,6 +228,27 @@ void Buffer::destroy() {
 void Buffer::check_device_errors() const { ctx_->check_device_errors(); }
 
 void Buffer::abstain() { ctx_->abstain(); }
+
+int64_t Buffer::low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
+                                           int num_experts) {
+  return low_latency::rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);
+}
+
+EventHandle Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                                         LowLatencyPhase phase, const StreamOrder& order) {
+  return low_latency::dispatch(*ctx_, in, out, phase, order);
+}
+
+EventHandle Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
+                                        LowLatencyPhase phase, const StreamOrder& order) {
+  return low_latency::combine(*ctx_, in, out, phase, order);
+}
+
+void* Buffer::low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
+                                         int which) const {
+  ctx_->require_usable("get_next_low_latency_combine_buffer");
+  return low_latency::combine_buffer(*ctx_, num_max_dispatch_tokens_per_rank, hidden, num_experts, which);
+}
 
 int Buffer::max_num_sms() const { return intranode::max_num_sms(*ctx_); }
 

@@ -74,6 +74,9 @@ class Buffer {
 
   // ---- bootstrap (bytes in, bytes out) ----
   std::vector<uint8_t> local_ipc_handle() const;
+  // Whether sync() needs the NVSHMEM root's unique id: num_rdma_bytes > 0, except for a low-latency
+  // Buffer whose ranks all share one NVLink domain (its RDMA buffer is IPC memory then).
+  bool uses_nvshmem() const;
   // The NVSHMEM unique id; only meaningful on the rank whose rdma_rank == 0 and when RDMA is used.
   std::vector<uint8_t> local_nvshmem_unique_id() const;
   // device_ids / ipc_handles: one entry per global rank. root_unique_id: empty when no RDMA.
@@ -99,6 +102,19 @@ class Buffer {
                                  bool cached);
   EventHandle intranode_combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                                 const Config& config, const StreamOrder& order);
+
+  // ---- low-latency mode (deep_ep's low_latency_*; Buffer built with low_latency_mode) ----
+  // Bytes of num_rdma_bytes a low-latency Buffer needs: never below deep_ep V1's hint for the same
+  // arguments, so a deep_ep-sized buffer fits.
+  static int64_t low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
+                                            int num_experts);
+  EventHandle low_latency_dispatch(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                                   LowLatencyPhase phase, const StreamOrder& order);
+  EventHandle low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
+                                  LowLatencyPhase phase, const StreamOrder& order);
+  // Where a zero-copy combine's input may be written: [E_local, R * M, H] bf16 in this rank's
+  // low-latency region (`which` alternates between two such areas).
+  void* low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int which) const;
 
   // This rank will not make the collective call its peers are making now, because its own
   // arguments were rejected (the operations do this themselves when their checks fail; a caller

@@ -83,6 +83,49 @@ struct CombineOutputs {
   TensorRef combined_topk_weights;  // out: [T, K] float32 (when topk_weights given)
 };
 
+// ---- low-latency dispatch / combine -------------------------------------------------------------
+// Which halves of a low-latency call a launch runs: the whole call, only its send (the caller
+// receives later, with a second call of kReceive: deep_ep's return_recv_hook), or only its receive.
+enum class LowLatencyPhase { kSendAndReceive, kSend, kReceive };
+
+struct LowLatencyDispatchInputs {
+  TensorRef x;           // in: [T, H] bf16, T <= num_max_dispatch_tokens_per_rank
+  TensorRef topk_idx;    // in: [T, K] int64, -1 = none
+  int num_max_dispatch_tokens_per_rank = 0;
+  int num_experts = 0;
+  bool use_fp8 = true;
+  bool round_scale = false;  // fp8 scales rounded up to powers of two
+  bool use_ue8m0 = false;    // fp8 scales as packed exponent bytes (needs round_scale)
+  TensorRef cumulative_local_expert_recv_stats;  // in/out: [E_local] int32, += each expert's rows
+  TensorRef dispatch_wait_recv_cost_stats;       // in/out: [R] int64, += ns waited for each source
+};
+
+struct LowLatencyDispatchOutputs {
+  TensorRef recv_x;         // out: [E_local, R * M, H] bf16, or fp8 e4m3
+  TensorRef recv_x_scales;  // out: fp8: float32 [E_local, R * M, H / 128], or int32 [.., H / 512] with
+                            //      use_ue8m0; column-major in the last two dims
+  TensorRef recv_count;     // out: [E_local] int32: valid rows per local expert
+  TensorRef src_info;       // out: [E_local, R * M] int32: each row's source token
+  TensorRef layout_range;   // out: [E_local, R] int64: begin << 32 | count of each source's block
+  TensorRef state;          // out: [2] int64, written on the device: the call's number, for kReceive
+};
+
+struct LowLatencyCombineInputs {
+  TensorRef x;              // in: [E_local, R * M, H] bf16, the experts' outputs in the dispatch's layout
+  TensorRef topk_idx;       // in: [T, K] int64, the dispatch's
+  TensorRef topk_weights;   // in: [T, K] float32
+  TensorRef src_info;       // in: the dispatch's handle
+  TensorRef layout_range;   // in: the dispatch's handle
+  int num_max_dispatch_tokens_per_rank = 0;
+  int num_experts = 0;
+  TensorRef combine_wait_recv_cost_stats;  // in/out: [R] int64, += ns waited for each source
+};
+
+struct LowLatencyCombineOutputs {
+  TensorRef combined_x;  // out: [T, H] bf16: sum over k of topk_weights * the expert's row
+  TensorRef state;       // out: [2] int64, as in dispatch
+};
+
 // ---- receive arena ------------------------------------------------------------------------------
 // A block of the receive arena. The range goes back to the arena when the last copy of `owner`
 // dies, which may be after the Buffer is destroyed (the memory stays valid until then).

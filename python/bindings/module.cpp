@@ -113,6 +113,16 @@ nb::object arena_dlpack(moelink::Buffer& self, int64_t bytes, uintptr_t stream) 
                            self.device_id()));
 }
 
+// 0: send and receive, 1: send only, 2: receive only (what Python passes).
+moelink::LowLatencyPhase to_phase(int phase) {
+  switch (phase) {
+    case 0: return moelink::LowLatencyPhase::kSendAndReceive;
+    case 1: return moelink::LowLatencyPhase::kSend;
+    case 2: return moelink::LowLatencyPhase::kReceive;
+    default: throw moelink::Error(moelink::ErrorKind::kValue, "moelink: phase: expected 0, 1 or 2, got " + std::to_string(phase));
+  }
+}
+
 moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
                                         nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
                                         nb::handle is_token_in_rank, nb::handle info, int64_t hidden) {
@@ -236,6 +246,7 @@ void bind_buffer(nb::module_& m) {
           },
           "data"_a, "stream"_a)
       .def("max_num_sms", &Buffer::max_num_sms)
+      .def_prop_ro("uses_nvshmem", &Buffer::uses_nvshmem)
       .def("abstain", &Buffer::abstain)
 
       // ---- bootstrap ----
@@ -375,7 +386,73 @@ void bind_buffer(nb::module_& m) {
           "x"_a.none(), "topk_weights"_a.none(), "bias_0"_a.none(), "bias_1"_a.none(),
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
           "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "handle_info"_a.none(), "hidden"_a = 0,
-          "combined_x"_a.none(), "combined_topk_weights"_a.none(), "config"_a, "order"_a);
+          "combined_x"_a.none(), "combined_topk_weights"_a.none(), "config"_a, "order"_a)
+
+      // ---- low-latency mode ----
+      .def_static("low_latency_rdma_size_hint", &Buffer::low_latency_rdma_size_hint,
+                  "num_max_dispatch_tokens_per_rank"_a, "hidden"_a, "num_ranks"_a, "num_experts"_a)
+      .def(
+          "low_latency_dispatch",
+          [](Buffer& self, nb::handle x, nb::handle topk_idx, int num_max_dispatch_tokens_per_rank, int num_experts,
+             nb::handle cumulative_stats, nb::handle wait_stats, bool use_fp8, bool round_scale, bool use_ue8m0,
+             nb::handle recv_x, nb::handle recv_x_scales, nb::handle recv_count, nb::handle src_info,
+             nb::handle layout_range, nb::handle state, int phase, nb::handle order) {
+            moelink::LowLatencyDispatchInputs in;
+            in.x = to_tensor_ref(x, "x");
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
+            in.num_experts = num_experts;
+            in.use_fp8 = use_fp8;
+            in.round_scale = round_scale;
+            in.use_ue8m0 = use_ue8m0;
+            in.cumulative_local_expert_recv_stats = to_tensor_ref(cumulative_stats, "cumulative_local_expert_recv_stats");
+            in.dispatch_wait_recv_cost_stats = to_tensor_ref(wait_stats, "dispatch_wait_recv_cost_stats");
+            moelink::LowLatencyDispatchOutputs out;
+            out.recv_x = to_tensor_ref(recv_x, "recv_x");
+            out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
+            out.recv_count = to_tensor_ref(recv_count, "recv_count");
+            out.src_info = to_tensor_ref(src_info, "src_info");
+            out.layout_range = to_tensor_ref(layout_range, "layout_range");
+            out.state = to_tensor_ref(state, "state");
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            nb::gil_scoped_release release;
+            return self.low_latency_dispatch(in, out, to_phase(phase), stream_order);
+          },
+          "x"_a.none(), "topk_idx"_a.none(), "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a,
+          "cumulative_local_expert_recv_stats"_a.none(), "dispatch_wait_recv_cost_stats"_a.none(), "use_fp8"_a,
+          "round_scale"_a, "use_ue8m0"_a, "recv_x"_a.none(), "recv_x_scales"_a.none(), "recv_count"_a.none(),
+          "src_info"_a.none(), "layout_range"_a.none(), "state"_a.none(), "phase"_a, "order"_a)
+      .def(
+          "low_latency_combine",
+          [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle src_info,
+             nb::handle layout_range, int num_max_dispatch_tokens_per_rank, int num_experts, nb::handle wait_stats,
+             nb::handle combined_x, nb::handle state, int phase, nb::handle order) {
+            moelink::LowLatencyCombineInputs in;
+            in.x = to_tensor_ref(x, "x");
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+            in.src_info = to_tensor_ref(src_info, "src_info");
+            in.layout_range = to_tensor_ref(layout_range, "layout_range");
+            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
+            in.num_experts = num_experts;
+            in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
+            moelink::LowLatencyCombineOutputs out;
+            out.combined_x = to_tensor_ref(combined_x, "out");
+            out.state = to_tensor_ref(state, "state");
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            nb::gil_scoped_release release;
+            return self.low_latency_combine(in, out, to_phase(phase), stream_order);
+          },
+          "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "src_info"_a.none(), "layout_range"_a.none(),
+          "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a, "combine_wait_recv_cost_stats"_a.none(),
+          "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a)
+      .def(
+          "low_latency_combine_buffer",
+          [](const Buffer& self, int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int which) {
+            return reinterpret_cast<uintptr_t>(
+                self.low_latency_combine_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts, which));
+          },
+          "num_max_dispatch_tokens_per_rank"_a, "hidden"_a, "num_experts"_a, "which"_a);
 }
 
 }  // namespace

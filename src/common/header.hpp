@@ -42,6 +42,8 @@ enum ErrorCode : int {
   kErrPeerRejected = 19,         // peer: the rank whose own checks rejected its arguments
   kErrHandleFailed = 20,         // peer: the rank whose handle comes from a failed dispatch
   kErrInputRows = 21,            // peer: the rank whose combine input has fewer rows than its handle; detail: rows needed
+  // low-latency calls have no agreement step, so this one is this rank's alone, found mid-call
+  kErrLowLatencyBadExpertId = 22,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
 };
 
 MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted; }

@@ -33,8 +33,9 @@ __device__ __forceinline__ void poison_grid_share(const PoisonList& list) {
 
 // Called by every thread of every block as the last thing the kernel does. The last block to
 // finish poisons every output when any block gave up (it knows no block still writes them), and
-// resets the counters for the next kernel on the comm stream.
-__device__ __forceinline__ void finish_block(const ErrorSink& err, const PoisonList& list) {
+// resets the counters for the next kernel on the comm stream. Returns true in that last block:
+// every block of the grid has started (and finished) by then.
+__device__ __forceinline__ bool finish_block(const ErrorSink& err, const PoisonList& list) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -42,7 +43,7 @@ __device__ __forceinline__ void finish_block(const ErrorSink& err, const PoisonL
     last = atomicAdd(&err.self->exit_count, 1u) == gridDim.x - 1;
   }
   __syncthreads();
-  if (!last) return;
+  if (!last) return false;
   __threadfence();
   if (ld_volatile(&err.self->op_failed) != 0) poison(list, threadIdx.x, blockDim.x);
   __syncthreads();
@@ -50,6 +51,7 @@ __device__ __forceinline__ void finish_block(const ErrorSink& err, const PoisonL
     err.self->exit_count = 0;
     *reinterpret_cast<volatile int*>(&err.self->op_failed) = 0;
   }
+  return true;
 }
 
 }  // namespace moelink::kernels

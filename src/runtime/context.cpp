@@ -90,7 +90,9 @@ Context::Context(const BufferOptions& o) {
   explicitly_destroy = o.explicitly_destroy;
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
   const unsigned long long epoch_start = knobs::debug_epoch_start();
-  if (num_rdma_bytes > 0 && !window::nvshmem_compiled())
+  low_latency_bytes = low_latency_mode && topo.is_intranode() ? num_rdma_bytes : 0;
+  uses_nvshmem = num_rdma_bytes > 0 && low_latency_bytes == 0;
+  if (uses_nvshmem && !window::nvshmem_compiled())
     raise(ErrorKind::kState, "num_rdma_bytes > 0 needs NVSHMEM, but this build has none (pip install "
           "nvidia-nvshmem-cu13 or set NVSHMEM_HOME, then rebuild)");
 
@@ -108,8 +110,11 @@ Context::Context(const BufferOptions& o) {
 
   // The header (barrier signals, peer table, notify inbox) always exists so barriers work even
   // for a Buffer with no NVLink data region.
-  const int64_t bytes = kNvlHeaderBytes + kernels::align_up(num_nvl_bytes, 128);
-  const int64_t arena_at = kNvlHeaderBytes + arena_offset(num_nvl_bytes);
+  // The low-latency region is zeroed too: its signal words must start out matching no call.
+  const int64_t bytes = low_latency_bytes > 0
+                            ? kNvlHeaderBytes + low_latency_offset(num_nvl_bytes) + kernels::align_up(low_latency_bytes, 128)
+                            : kNvlHeaderBytes + kernels::align_up(num_nvl_bytes, 128);
+  const int64_t arena_at = kNvlHeaderBytes + arena_offset(num_nvl_bytes, low_latency_bytes);
   void* memory = nullptr;
   MOELINK_CUDA_CHECK(cudaMalloc(&memory, o.num_arena_bytes > 0 ? arena_at + o.num_arena_bytes : bytes));
   nvl_memory = std::shared_ptr<void>(memory, [](void* p) { cudaFree(p); });
@@ -141,7 +146,7 @@ Context::Context(const BufferOptions& o) {
   std::memset(mailbox, 0, sizeof(HostMailbox));
   MOELINK_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&mailbox_dev), mailbox, 0));
 
-  if (num_rdma_bytes > 0) unique_id = window::nvshmem_unique_id();
+  if (uses_nvshmem) unique_id = window::nvshmem_unique_id();
 }
 
 Context::~Context() { release(); }
@@ -260,6 +265,12 @@ void Context::check_device_errors() {
                     detail % kernels::kMaxTopK,
                     " holds an expert id outside [-1, num_experts); no rank ran the dispatch (or the operation after "
                     "get_dispatch_layout saw it)");
+      break;
+    case kernels::kErrLowLatencyBadExpertId:
+      message = str("moelink: topk_idx: token ", detail / kernels::kMaxTopK, " slot ", detail % kernels::kMaxTopK,
+                    " of an earlier low_latency_", word == 0 ? "dispatch" : "combine", " on rank ", peer,
+                    " held an expert id outside [-1, num_experts); the slot was skipped",
+                    word == 0 ? " (its row went to no expert)" : " and the token's combined row is poisoned");
       break;
     case kernels::kErrDisagree:
       message = str("moelink: ranks disagree on ", describe_digest_word(word, static_cast<unsigned long long>(detail)),

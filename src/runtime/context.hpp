@@ -32,6 +32,10 @@ class Context {
   int ranks_per_gpu = 1;  // NVLink peers (this rank included) on this very GPU, from sync()
   int64_t num_nvl_bytes = 0;
   int64_t num_rdma_bytes = 0;
+  // With low_latency_mode and every rank in this NVLink domain the RDMA buffer is carved from the
+  // IPC-shared allocation (peers reach it by stores) and NVSHMEM is not used at all.
+  int64_t low_latency_bytes = 0;
+  bool uses_nvshmem = false;
   bool low_latency_mode = false;
   bool explicitly_destroy = false;
   double timeout_s = 100.0;
@@ -44,6 +48,7 @@ class Context {
   std::shared_ptr<detail::RecvArena> arena;  // null when num_arena_bytes == 0
   window::Window nvl_window;                 // the node's NVLink buffers, ours included
   kernels::PeerTable peers{};
+  char* low_latency_regions[kMaxNvlRanks] = {};  // every NVLink peer's low-latency region, in this process
   HostMailbox* mailbox = nullptr;      // host view
   HostMailbox* mailbox_dev = nullptr;  // device alias
   cudaEvent_t order_event = nullptr;   // reused to order the comm stream after the compute stream
@@ -55,6 +60,9 @@ class Context {
 
   NvlHeader* header() const { return reinterpret_cast<NvlHeader*>(nvl_base); }
   void* data() const { return nvl_base + kNvlHeaderBytes; }
+  char* low_latency_base() const {
+    return low_latency_bytes > 0 ? static_cast<char*>(data()) + low_latency_offset(num_nvl_bytes) : nullptr;
+  }
   NvlHeader* peer_header(int nvl_rank) const { return reinterpret_cast<NvlHeader*>(peers.header[nvl_rank]); }
   // Where `bytes` at `ref` sit relative to our data region, as peers address them; -1 unless they
   // lie wholly in our receive arena (only there may peers read or write a caller's tensor).

@@ -2,7 +2,8 @@
 // What a rank's shared memory holds, assembled from the common part and each mode's section.
 //
 //   NVLink buffer (one cudaMalloc, shared with the node's peers by CUDA IPC):
-//     [ NvlHeader, padded to kNvlHeaderBytes ][ num_nvl_bytes of data (rings) ][ receive arena ]
+//     [ NvlHeader, padded to kNvlHeaderBytes ][ num_nvl_bytes of data (rings) ]
+//     [ low-latency region: num_rdma_bytes, when every rank is in this NVLink domain ][ receive arena ]
 //   Host mailbox (pinned, mapped into the device): written by kernels, polled by the host.
 //
 // A mode's kernels get pointers to their own section only; the runtime is the one place that
@@ -12,12 +13,14 @@
 
 #include "common/header.hpp"
 #include "modes/intranode/contract.hpp"
+#include "modes/low_latency/contract.hpp"
 
 namespace moelink::runtime {
 
 struct NvlHeader {
   kernels::CommonHeader common;
   intranode::HeaderSection intranode;
+  low_latency::HeaderSection low_latency;
 };
 
 struct HostMailbox {
@@ -29,8 +32,11 @@ struct HostMailbox {
 
 inline constexpr int64_t kNvlHeaderBytes = ((sizeof(NvlHeader) + 4095) / 4096) * 4096;
 
-// The arena follows the data region, page-aligned.
-inline int64_t arena_offset(int64_t num_nvl_bytes) { return kernels::align_up(num_nvl_bytes, 4096); }
+// Offsets from the start of the data region (what peers add to a data pointer), page-aligned.
+inline int64_t low_latency_offset(int64_t num_nvl_bytes) { return kernels::align_up(num_nvl_bytes, 4096); }
+inline int64_t arena_offset(int64_t num_nvl_bytes, int64_t low_latency_bytes) {
+  return low_latency_offset(num_nvl_bytes) + kernels::align_up(low_latency_bytes, 4096);
+}
 
 // Every arena range (and so every output row carved from one) is this aligned: 16 bytes for vector
 // stores, and 512 to match torch's own allocation granularity, so views of a block behave like any

@@ -16,6 +16,10 @@ namespace moelink::window {
 __device__ __forceinline__ char* peer_address(const kernels::PeerTable& peers, int p, int64_t offset) {
   return peers.data[p] == nullptr ? nullptr : static_cast<char*>(peers.data[p]) + offset;
 }
+// The same over a table of regions (one per rank, nullptr where unreachable).
+__device__ __forceinline__ char* peer_address_in(char* const* regions, int p, int64_t offset) {
+  return regions[p] == nullptr ? nullptr : regions[p] + offset;
+}
 
 // Raises a counter (usually in a peer's memory) to `value`; every store this thread made before is
 // visible to whoever sees the new value.

@@ -1,0 +1,171 @@
+// Low-latency combine over the NVLink window: each expert's output row goes straight back into its
+// token's rank, which sums a token's rows weighted by its top-k weights.
+//
+// Protocol (any grid; every block does both halves in a plain call):
+//   Send half (the experts' side). Every block lays out the dispatch's blocks from its handle
+//     (layout_range: per local expert and source, where the source's rows start and how many).
+//     Warps take rows: row j of local expert le came from source s's token src_info[le][j]; it is
+//     written to slot [expert][token] of s's receive area, then counted done per (le, s). The warp
+//     that signals (le, s) waits until its rows are done (this rank's own writes), then writes s's
+//     signal for the expert, tagged with the call's number, with release semantics.
+//   Receive half (the tokens' side). The grid waits (bounded) for every expert's signal; then warps
+//     take this rank's tokens, lane k checks the signal of slot k's expert, and the warp sums the K
+//     rows in float32, weighted, and writes one bf16 row. A slot with no expert (-1) adds nothing.
+//   Numbering, parities and poisoning as in dispatch.cu.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/launch.cuh"
+#include "common/waits.cuh"
+#include "modes/low_latency/call.cuh"
+#include "modes/low_latency/contract.hpp"
+#include "window/device.cuh"
+
+namespace moelink::low_latency {
+
+using namespace kernels;
+
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ int block_begin(long long range) { return static_cast<int>(range >> 32); }
+__device__ __forceinline__ int block_count(long long range) { return static_cast<int>(range & 0xffffffffLL); }
+
+__device__ void send_half(const CombineArgs& a, Epoch seq, int parity) {
+  const Layout& L = a.layout;
+  const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, E_local = L.num_local_experts;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int global_warp = blockIdx.x * kWarps + warp, num_warps = gridDim.x * kWarps;
+  // Rows of local expert le are [0, total[le]); prefix[le] numbers them across experts.
+  __shared__ int prefix[kMaxExperts + 1];
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int le = 0; le < E_local; ++le) {
+      prefix[le] = acc;
+      for (int s = 0; s < R; ++s) acc += block_count(a.layout_range[le * R + s]);
+    }
+    prefix[E_local] = acc;
+  }
+  __syncthreads();
+  for (int idx = global_warp; idx < prefix[E_local]; idx += num_warps) {
+    int le = 0;
+    while (idx >= prefix[le + 1]) ++le;
+    const int row = idx - prefix[le];
+    int s = 0;
+    while (s + 1 < R && row >= block_begin(a.layout_range[le * R + s + 1])) ++s;
+    const int token = a.src_info[static_cast<int64_t>(le) * RM + row];
+    const int expert = a.rank * E_local + le;
+    char* dst = window::peer_address_in(a.regions, s, L.combine_slot(parity, expert, token));
+    const int4* src = static_cast<const int4*>(a.x) + (static_cast<int64_t>(le) * RM + row) * (H / 8);
+    for (int i = lane; i < H / 8; i += 32) reinterpret_cast<int4*>(dst)[i] = ld_nc_stream(src + i);
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) atomicAdd(&a.self->combine_done[le * R + s], 1);
+  }
+  for (int pair = global_warp; pair < E_local * R; pair += num_warps) {
+    if (lane != 0) continue;
+    const int le = pair / R, s = pair % R;
+    const int want = block_count(a.layout_range[pair]);
+    int* done = &a.self->combine_done[pair];
+    if (!wait_until([&] { return ld_acquire_sys(done) >= want; }, a.err, a.err.rank, kStepLocal, pair, want)) continue;
+    *done = 0;
+    window::signal(reinterpret_cast<int*>(window::peer_address_in(a.regions, s,
+                                                                  L.combine_signal(parity, a.rank * E_local + le))),
+                   static_cast<int>(signal_word(seq, 0)));
+  }
+}
+
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v, float w) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += w * f.x;
+    acc[2 * i + 1] += w * f.y;
+  }
+}
+
+__device__ void recv_half(const CombineArgs& a, Epoch seq, int parity) {
+  const Layout& L = a.layout;
+  const int K = a.num_topk, H = L.hidden;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int global_warp = blockIdx.x * kWarps + warp, num_warps = gridDim.x * kWarps;
+  __shared__ const int4* rows[kWarps][kMaxTopK];
+  __shared__ float weights[kWarps][kMaxTopK];
+  char* own = a.regions[a.rank];
+  // Every expert's signal, not only those this rank's tokens use: a rank then finishes a combine
+  // only after every rank has finished the dispatch before it, so no rank gets two calls ahead and
+  // writes into a parity a slower rank still reads (layout.hpp).
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < L.num_experts; e += gridDim.x * blockDim.x) {
+    const int source = e / L.num_local_experts;
+    const int* word = reinterpret_cast<const int*>(own + L.combine_signal(parity, e));
+    const uint64_t start = global_timer_ns();
+    const bool arrived = wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); },
+                                    a.err, source, kStepCombineRecv, e, static_cast<long long>(seq));
+    if (a.wait_recv_cost_stats != nullptr)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[source]), global_timer_ns() - start);
+    if (!arrived) break;
+  }
+  for (int t = global_warp; t < a.num_tokens; t += num_warps) {
+    bool ok = true, bad = false;
+    if (lane < K) {
+      const long long e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
+      const int4* row = nullptr;
+      if (e < -1 || e >= L.num_experts) {
+        report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 1, t * kMaxTopK + lane);
+        bad = true;
+      }
+      if (e >= 0 && e < L.num_experts) {
+        const int expert = static_cast<int>(e), source = expert / L.num_local_experts;
+        const int* word = reinterpret_cast<const int*>(own + L.combine_signal(parity, expert));
+        ok = wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); }, a.err,
+                        source, kStepCombineRecv, expert, static_cast<long long>(seq));
+        row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
+      }
+      rows[warp][lane] = row;
+      weights[warp][lane] = row != nullptr ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+    }
+    __syncwarp();
+    if (!__all_sync(0xffffffffu, ok)) return;
+    int4* out = static_cast<int4*>(a.combined_x) + static_cast<int64_t>(t) * (H / 8);
+    if (__any_sync(0xffffffffu, bad)) {
+      for (int i = lane; i < H / 8; i += 32) out[i] = make_int4(-1, -1, -1, -1);  // 0xFF bytes: NaN
+      __syncwarp();
+      continue;
+    }
+    for (int i = lane; i < H / 8; i += 32) {
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int k = 0; k < K; ++k)
+        if (rows[warp][k] != nullptr) accumulate_bf16x8(acc, ld_cg(rows[warp][k] + i), weights[warp][k]);
+      int4 packed;
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+      out[i] = packed;
+    }
+    __syncwarp();
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
+  run_call(a, [&](Epoch seq, int parity) { send_half(a, seq, parity); },
+           [&](Epoch seq, int parity) { recv_half(a, seq, parity); });
+}
+
+const KernelRegistration registration(reinterpret_cast<const void*>(&combine_kernel), "low-latency combine", kThreads,
+                                      0);
+
+}  // namespace
+
+int combine_blocks_per_sm() {
+  return max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel), kThreads, 0);
+}
+
+void launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream) {
+  launch("low-latency combine", &combine_kernel, LaunchShape{blocks, kThreads, 0}, stream, a);
+}
+
+}  // namespace moelink::low_latency

@@ -1,0 +1,87 @@
+#pragma once
+// The low-latency mode's contract: its wait steps, its section of every rank's NVLink-buffer
+// header, and the argument structs of its two kernels. The host side (host.cpp) fills these.
+//
+// Each call (a dispatch or a combine) is numbered by a sequence number kept on the device
+// (HeaderSection::seq): its send half reads seq + 1, its last block stores it back and into the
+// call's state tensor, from which the receive half of a hook reads it. The number picks the parity
+// (layout.hpp) and tags every signal, so nothing is ever cleaned and graph replays stay consistent.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/header.hpp"
+#include "modes/low_latency/layout.hpp"
+
+namespace moelink::low_latency {
+
+using kernels::Epoch;
+
+inline constexpr int kMaxExperts = 1024;  // per-expert counters live in the header
+inline constexpr int kMaxTopK = 16;
+
+enum WaitStep : int {
+  kStepDispatchRecv = 64,  // a local expert waiting for a source's count
+  kStepCombineRecv = 65,   // a token waiting for an expert's rows
+  kStepLocal = 66,         // a signalling warp waiting for this rank's own sends (no peer involved)
+};
+
+// Which halves of a call a launch runs: both (the usual call), the send half (return_recv_hook), or
+// the receive half (the hook).
+enum Phase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
+
+struct alignas(128) HeaderSection {
+  Epoch seq;                   // the last call's sequence number
+  int dispatch_slots[kMaxExperts];  // rows this rank has claimed per expert in the current dispatch
+  int dispatch_done[kMaxExperts];   // rows it has finished writing per expert
+  int combine_done[kMaxExperts];    // rows it has finished writing back per (local expert, source)
+};
+
+struct DispatchArgs {
+  const void* x;             // [T, H] bf16
+  const int64_t* topk_idx;   // [T, K]
+  int num_tokens, num_topk;
+  bool fp8, round_scale, ue8m0;
+  void* recv_x;              // [E_local, R * M, H] bf16 or fp8
+  void* recv_scales;         // fp8: float32 [E_local, R * M, S] or int32 [.., S / 4], column-major in the last two
+  int* recv_count;           // [E_local]
+  int* src_info;             // [E_local, R * M]
+  long long* layout_range;   // [E_local, R]
+  int* cumulative_recv_stats;      // [E_local] or nullptr
+  long long* wait_recv_cost_stats;  // [R] or nullptr
+  long long* state;          // [2]: the call's sequence number (written by the send half)
+  Layout layout;
+  int phase;
+  int rank;
+  char* regions[kMaxNvlRanks];  // every rank's low-latency region, in this process
+  HeaderSection* self;
+  kernels::ErrorSink err;
+  kernels::PoisonList poison;
+};
+void launch_dispatch(const DispatchArgs& args, int blocks, cudaStream_t stream);
+
+struct CombineArgs {
+  const void* x;             // [E_local, R * M, H] bf16: the experts' outputs, in the dispatch's layout
+  const int* src_info;       // the dispatch's handle
+  const long long* layout_range;
+  const int64_t* topk_idx;   // [T, K]
+  const float* topk_weights; // [T, K]
+  int num_tokens, num_topk;
+  void* combined_x;          // [T, H] bf16
+  long long* wait_recv_cost_stats;  // [R] or nullptr
+  long long* state;          // [2]
+  Layout layout;
+  int phase;
+  int rank;
+  char* regions[kMaxNvlRanks];
+  HeaderSection* self;
+  kernels::ErrorSink err;
+  kernels::PoisonList poison;
+};
+void launch_combine(const CombineArgs& args, int blocks, cudaStream_t stream);
+
+inline constexpr int kThreads = 512;
+int dispatch_blocks_per_sm();
+int combine_blocks_per_sm();
+
+}  // namespace moelink::low_latency

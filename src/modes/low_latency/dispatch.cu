@@ -1,0 +1,259 @@
+// Low-latency dispatch over the NVLink window: every (token, top-k slot) goes straight into a slot
+// of its expert's rank's receive area, and each (expert, source) block is signalled with its count.
+//
+// Protocol (any grid; every block does both halves in a plain call):
+//   Send half. Every block counts this rank's (token, slot) pairs per expert (a shared-memory
+//     histogram of topk_idx, so each block knows every expert's total). Warps take tokens; for each
+//     slot the warp claims the next row of that expert's block (an atomic on this rank's counter),
+//     writes the 16-byte header (the token's index) and the row (bf16, or cast to fp8 on the way:
+//     per 128 values scale = max(amax, 1e-4) / 448, rounded up to a power of two with
+//     round_scale) into the peer's slot through the window, then counts the row done. The warp
+//     that signals an expert waits until all its rows are done (this rank's own writes only), then
+//     writes the peer's count signal for (expert, this rank), tagged with the call's sequence
+//     number, with release semantics, and resets the counters for the next call.
+//   Receive half. Blocks take local experts; thread s waits (bounded) for source s's signal of this
+//     call, the block lays the sources' blocks out back to back (layout_range, recv_count), and
+//     warps copy each row, its source token (src_info) and its scales (column-major; packed UE8M0
+//     bytes with use_ue8m0) out of the receive area.
+//   The call's number is the device counter + 1 (contract.hpp), read by every block; the last block
+//   stores it back and into the state tensor. Outputs are poisoned when a fault is known or a
+//   block gives up.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/launch.cuh"
+#include "common/waits.cuh"
+#include "modes/low_latency/call.cuh"
+#include "modes/low_latency/contract.hpp"
+#include "window/device.cuh"
+
+namespace moelink::low_latency {
+
+using namespace kernels;
+
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float block_scale(float amax, bool round_scale) {
+  float scale = fmaxf(amax, 1e-4f) / 448.0f;
+  if (round_scale) {
+    // The next power of two at or above the scale, from its bits (exact, as the reference does).
+    unsigned bits = __float_as_uint(scale);
+    unsigned exponent = (bits >> 23) & 0xffu;
+    if (bits & 0x7fffffu) ++exponent;
+    scale = __uint_as_float(exponent << 23);
+  }
+  return scale;
+}
+
+// Lanes 16h..16h+15 of the warp hold one 128-value block (8 bf16 each); returns the block's scale
+// and writes the lane's 8 quantized bytes.
+__device__ __forceinline__ float quantize_8(const int4& v, bool round_scale, uint2* out) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+  float f[8];
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = __bfloat1622float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+    amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
+  }
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float scale = block_scale(amax, round_scale);
+  uint16_t q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    q[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(f[2 * i], scale), __fdiv_rn(f[2 * i + 1], scale)),
+                                    __NV_SATFINITE, __NV_E4M3);
+  out->x = static_cast<uint32_t>(q[0]) | (static_cast<uint32_t>(q[1]) << 16);
+  out->y = static_cast<uint32_t>(q[2]) | (static_cast<uint32_t>(q[3]) << 16);
+  return scale;
+}
+
+// One warp sends token t to each of its top-k experts.
+template <bool kFp8>
+__device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dsts)[kMaxTopK], int* experts) {
+  const Layout& L = a.layout;
+  const int lane = lane_id(), K = a.num_topk, H = L.hidden;
+  if (lane < K) {
+    const long long e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
+    char* dst = nullptr;
+    int expert = -1;
+    if (e < -1 || e >= L.num_experts) report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 0, t * kMaxTopK + lane);
+    if (e >= 0 && e < L.num_experts) {
+      expert = static_cast<int>(e);
+      const int r = expert / L.num_local_experts, le = expert % L.num_local_experts;
+      const int slot = atomicAdd(&a.self->dispatch_slots[expert], 1);
+      dst = window::peer_address_in(a.regions, r, L.dispatch_slot(parity, le, a.rank, slot));
+      *reinterpret_cast<int4*>(dst) = make_int4(t, 0, 0, 0);
+    }
+    dsts[lane] = dst;
+    experts[lane] = expert;
+  }
+  __syncwarp();
+  const int4* row = static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * (H / 8);
+  if constexpr (!kFp8) {
+    for (int i = lane; i < H / 8; i += 32) {
+      const int4 v = ld_nc_stream(row + i);
+      for (int k = 0; k < K; ++k)
+        if (dsts[k] != nullptr) reinterpret_cast<int4*>(dsts[k] + 16)[i] = v;
+    }
+  } else {
+    // Two 128-value blocks per warp step: lanes 0-15 take block b, lanes 16-31 block b + 1. Every
+    // lane runs every step (the amax shuffles need the whole warp); a missing odd block is zeros.
+    const int half = lane / 16, sub = lane % 16;
+    for (int b0 = 0; b0 < L.num_scales; b0 += 2) {
+      const int b = b0 + half;
+      const bool valid = b < L.num_scales;
+      const int4 v = valid ? ld_nc_stream(row + b * 16 + sub) : make_int4(0, 0, 0, 0);
+      uint2 q;
+      const float scale = quantize_8(v, a.round_scale, &q);
+      if (!valid) continue;
+      for (int k = 0; k < K; ++k) {
+        if (dsts[k] == nullptr) continue;
+        reinterpret_cast<uint2*>(dsts[k] + 16 + b * kScaleBlock)[sub] = q;
+        if (sub == 0) reinterpret_cast<float*>(dsts[k] + 16 + H)[b] = scale;
+      }
+    }
+  }
+  // Every lane's writes land before the expert's count moves (the signalling warp releases it).
+  __threadfence_system();
+  __syncwarp();
+  if (lane < K && experts[lane] >= 0) atomicAdd(&a.self->dispatch_done[experts[lane]], 1);
+  __syncwarp();
+}
+
+template <bool kFp8>
+__device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* expected) {
+  const Layout& L = a.layout;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int E = L.num_experts, K = a.num_topk;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) expected[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.num_tokens * K; i += blockDim.x) {
+    const long long e = a.topk_idx[i];
+    if (e >= 0 && e < E) atomicAdd(&expected[e], 1);
+  }
+  __syncthreads();
+  __shared__ char* dsts[kWarps][kMaxTopK];
+  __shared__ int experts[kWarps][kMaxTopK];
+  const int global_warp = blockIdx.x * kWarps + warp, num_warps = gridDim.x * kWarps;
+  for (int t = global_warp; t < a.num_tokens; t += num_warps) send_token<kFp8>(a, t, parity, dsts[warp], experts[warp]);
+  // Signal each expert once all of this rank's rows to it are written.
+  for (int e = global_warp; e < E; e += num_warps) {
+    if (lane != 0) continue;
+    const int want = expected[e];
+    int* done = &a.self->dispatch_done[e];
+    if (!wait_until([&] { return ld_acquire_sys(done) >= want; }, a.err, a.err.rank, kStepLocal, e, want)) continue;
+    const int r = e / L.num_local_experts, le = e % L.num_local_experts;
+    a.self->dispatch_slots[e] = 0;
+    *done = 0;
+    window::signal(reinterpret_cast<int*>(window::peer_address_in(a.regions, r, L.count_signal(parity, le, a.rank))),
+                   static_cast<int>(signal_word(seq, want)));
+  }
+}
+
+template <bool kFp8>
+__device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity) {
+  const Layout& L = a.layout;
+  const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, S = L.num_scales;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  __shared__ int counts[kMaxNvlRanks], begins[kMaxNvlRanks + 1];
+  __shared__ bool failed;
+  char* own = a.regions[a.rank];
+  for (int le = blockIdx.x; le < L.num_local_experts; le += gridDim.x) {
+    if (threadIdx.x == 0) failed = false;
+    __syncthreads();
+    if (threadIdx.x < R) {
+      const int s = threadIdx.x;
+      const int* word = reinterpret_cast<const int*>(own + L.count_signal(parity, le, s));
+      const uint64_t start = global_timer_ns();
+      if (!wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); }, a.err, s,
+                      kStepDispatchRecv, le, static_cast<long long>(seq)))
+        failed = true;
+      counts[s] = signal_value(static_cast<uint32_t>(ld_volatile(word)));
+      if (a.wait_recv_cost_stats != nullptr)
+        atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[s]), global_timer_ns() - start);
+    }
+    __syncthreads();
+    if (failed) return;
+    if (threadIdx.x == 0) {
+      int acc = 0;
+      for (int s = 0; s < R; ++s) {
+        begins[s] = acc;
+        a.layout_range[le * R + s] = (static_cast<long long>(acc) << 32) | counts[s];
+        acc += counts[s];
+      }
+      begins[R] = acc;
+      a.recv_count[le] = acc;
+      if (a.cumulative_recv_stats != nullptr) atomicAdd(&a.cumulative_recv_stats[le], acc);
+    }
+    __syncthreads();
+    for (int row = warp; row < begins[R]; row += kWarps) {
+      int s = 0;
+      while (row >= begins[s + 1]) ++s;
+      const char* msg = own + L.dispatch_slot(parity, le, s, row - begins[s]);
+      const int64_t out_row = static_cast<int64_t>(le) * RM + row;
+      if (lane == 0) a.src_info[out_row] = ld_cg(reinterpret_cast<const int4*>(msg)).x;
+      const int4* payload = reinterpret_cast<const int4*>(msg + 16);
+      if constexpr (!kFp8) {
+        int4* out = static_cast<int4*>(a.recv_x) + out_row * (H / 8);
+        for (int i = lane; i < H / 8; i += 32) out[i] = ld_cg(payload + i);
+      } else {
+        int4* out = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + out_row * H);
+        for (int i = lane; i < H / 16; i += 32) out[i] = ld_cg(payload + i);
+        const float* scales = reinterpret_cast<const float*>(msg + 16 + H);
+        // Column-major in the last two dims: scale g of row r at [le][g][r].
+        if (!a.ue8m0) {
+          float* dst = static_cast<float*>(a.recv_scales) + static_cast<int64_t>(le) * S * RM;
+          for (int g = lane; g < S; g += 32) dst[static_cast<int64_t>(g) * RM + row] = __ldcg(scales + g);
+        } else {
+          int* dst = static_cast<int*>(a.recv_scales) + static_cast<int64_t>(le) * (S / kUe8m0PerInt) * RM;
+          for (int g = lane; g < S / kUe8m0PerInt; g += 32) {
+            unsigned packed = 0;
+#pragma unroll
+            for (int j = 0; j < kUe8m0PerInt; ++j)
+              packed |= ((__float_as_uint(__ldcg(scales + g * kUe8m0PerInt + j)) >> 23) & 0xffu) << (8 * j);
+            dst[static_cast<int64_t>(g) * RM + row] = static_cast<int>(packed);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
+  __shared__ int expected[kMaxExperts];
+  run_call(a, [&](Epoch seq, int parity) { send_half<kFp8>(a, seq, parity, expected); },
+           [&](Epoch seq, int parity) { recv_half<kFp8>(a, seq, parity); });
+}
+
+const KernelRegistration registrations[] = {
+    {reinterpret_cast<const void*>(&dispatch_kernel<false>), "low-latency dispatch", kThreads, 0},
+    {reinterpret_cast<const void*>(&dispatch_kernel<true>), "low-latency dispatch", kThreads, 0},
+};
+
+}  // namespace
+
+int dispatch_blocks_per_sm() {
+  return std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<false>), kThreads, 0),
+                  max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<true>), kThreads, 0));
+}
+
+void launch_dispatch(const DispatchArgs& a, int blocks, cudaStream_t stream) {
+  const LaunchShape shape{blocks, kThreads, 0};
+  if (a.fp8)
+    launch("low-latency dispatch", &dispatch_kernel<true>, shape, stream, a);
+  else
+    launch("low-latency dispatch", &dispatch_kernel<false>, shape, stream, a);
+}
+
+}  // namespace moelink::low_latency
