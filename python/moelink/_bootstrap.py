@@ -54,7 +54,7 @@ def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl
         topology = runtime.topology
         # The NVSHMEM root: the lane's rank on node 0 in normal mode, global rank 0 in low-latency mode.
         is_root = rank == 0 if low_latency_mode else topology.rdma_rank == 0
-        unique_id = runtime.local_nvshmem_unique_id() if num_rdma_bytes > 0 and is_root else None
+        unique_id = runtime.local_nvshmem_unique_id() if runtime.uses_nvshmem and is_root else None
         info = (runtime.device_id, runtime.local_ipc_handle(), unique_id)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the peers learned of it
         error = e
@@ -68,7 +68,7 @@ def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl
     device_ids = [peer_info[0] for _, peer_info in gathered]
     ipc_handles = [peer_info[1] for _, peer_info in gathered]
     root_unique_id = None
-    if num_rdma_bytes > 0:
+    if runtime.uses_nvshmem:
         root = 0 if low_latency_mode else topology.nvl_rank
         root_unique_id = gathered[root][1][2]
     runtime.sync(device_ids, ipc_handles, root_unique_id)

@@ -20,6 +20,15 @@ def arena_bytes() -> int:
     return num_bytes
 
 
+def experimental_low_latency() -> bool:
+    """``MOELINK_EXPERIMENTAL_LOW_LATENCY`` (0/1, default 0): run the low-latency operations, whose
+    kernels have not been validated on a GPU yet; without it they raise NotImplementedError."""
+    value = os.environ.get("MOELINK_EXPERIMENTAL_LOW_LATENCY", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOELINK_EXPERIMENTAL_LOW_LATENCY must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def nvl_ranks(num_ranks: int) -> int:
     """``MOELINK_NVL_RANKS``: GPUs per node; default ``min(num_ranks, 8)`` (deep_ep fixes it at 8,
     which splits jobs on nodes of fewer GPUs wrongly)."""

@@ -8,7 +8,7 @@ tensor correct.
 This module is the API, signatures and documentation; the work is done in the private modules, so
 each can be read (and changed) alone: _bootstrap (construction), _intranode (layout, dispatch,
 combine), _arena (the receive arena), _streams (stream ordering), _checks (argument checks),
-_internode and _low_latency (not implemented yet).
+_low_latency (low-latency mode, experimental) and _internode (not implemented yet).
 """
 
 import math
@@ -27,8 +27,9 @@ from .event import EventOverlap
 class Buffer:
     """The communication buffer of one rank for MoE dispatch and combine (deep_ep V1 API).
 
-    Intranode normal mode (all ranks in one NVLink domain) is implemented; internode normal mode and
-    low-latency mode raise NotImplementedError (see docs/COMPATIBILITY.md).
+    Intranode normal mode (all ranks in one NVLink domain) is implemented; intranode low-latency mode
+    is experimental (MOELINK_EXPERIMENTAL_LOW_LATENCY=1); internode modes raise NotImplementedError
+    (see docs/COMPATIBILITY.md).
 
     Attributes:
         num_sms: SMs the normal-mode kernels use (class attribute, default 20; see set_num_sms).
@@ -53,11 +54,13 @@ class Buffer:
             num_nvl_bytes: int, bytes of the NVLink buffer shared with the node's peers; size it with
                 ``Config.get_nvl_buffer_size_hint`` of the dispatch and combine configs.
             num_rdma_bytes: int, bytes of the NVSHMEM (RDMA) buffer; 0 for intranode use.
-            low_latency_mode: bool; accepted (buffers are allocated) but low-latency operations raise
-                NotImplementedError for now.
+            low_latency_mode: bool; the low-latency operations need it. Within one NVLink domain the
+                RDMA buffer is IPC-shared memory and NVSHMEM is not used (until validated on a GPU,
+                the operations need MOELINK_EXPERIMENTAL_LOW_LATENCY=1).
             num_qps_per_rank: int >= 1, RDMA queue pairs per peer.
             allow_nvlink_for_low_latency_mode: bool, accepted for compatibility.
-            allow_mnnvl, use_fabric, enable_shrink: must be False (NotImplementedError otherwise).
+            allow_mnnvl: bool, accepted; no effect while every peer is in one NVLink domain.
+            use_fabric, enable_shrink: must be False (NotImplementedError otherwise).
             explicitly_destroy: bool; when True, call ``destroy()`` before the Buffer is dropped.
             comm: an mpi4py communicator, used instead of ``group``.
             num_arena_bytes: int or None (moelink only): bytes of receive arena, shared with the
@@ -78,7 +81,8 @@ class Buffer:
         num_arena_bytes = _bootstrap.arena_bytes(num_arena_bytes)
         _check_bool(allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode")
         explicitly_destroy = _check_bool(explicitly_destroy, "explicitly_destroy")
-        for name, value in (("allow_mnnvl", allow_mnnvl), ("use_fabric", use_fabric),
+        _check_bool(allow_mnnvl, "allow_mnnvl")
+        for name, value in (("use_fabric", use_fabric),
                             ("enable_shrink", enable_shrink)):
             if _check_bool(value, name):
                 raise NotImplementedError(f"{name}=True is not implemented yet in moelink")
@@ -96,6 +100,7 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self._destroyed = False
+        self._low_latency_combines = 0  # alternates get_next_low_latency_combine_buffer's areas
         # The runtime was built on the current device and reports it back; asking torch again
         # could differ if the bootstrap collective had switched devices.
         self._device = runtime.device_id
@@ -144,7 +149,8 @@ class Buffer:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """RDMA bytes low-latency mode needs (not implemented yet)."""
+        """Bytes of ``num_rdma_bytes`` a low-latency Buffer needs for these arguments: never below
+        deep_ep V1's hint for the same arguments, so a buffer sized for deep_ep fits."""
         return _low_latency.rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     @staticmethod
@@ -357,10 +363,11 @@ class Buffer:
         return _internode.combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish,
                                   allocate_on_comm_stream)
 
-    # ---- low-latency mode (not implemented yet) ----------------------------------------------------
+    # ---- low-latency mode ---------------------------------------------------------------------------
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Zeroes the low-latency buffers (not implemented yet)."""
+        """Prepares the low-latency buffers for these arguments (collective). moelink's signals carry
+        their call's number, so nothing needs zeroing; it checks that the arguments fit."""
         _low_latency.clean_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
@@ -368,7 +375,28 @@ class Buffer:
                              dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
                              return_recv_hook: bool = False) -> Tuple[Any, torch.Tensor, tuple, EventOverlap, Callable]:
-        """Low-latency dispatch (not implemented yet)."""
+        """Sends each (token, top-k slot) to its expert's rank, into an expert-major layout.
+
+        Arguments:
+            x: bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank.
+            topk_idx: int64 [num_tokens, num_topk], -1 for an unused slot.
+            num_max_dispatch_tokens_per_rank (M), num_experts: as the Buffer was sized for.
+            cumulative_local_expert_recv_stats: int32 [E_local] or None; += each expert's rows.
+            dispatch_wait_recv_cost_stats: int64 [R] or None; += ns waited for each source.
+            use_fp8, round_scale, use_ue8m0: cast to fp8 with per-128 scales (amax / 448), rounded to
+                powers of two, packed as UE8M0 exponent bytes (needs round_scale).
+            async_finish / return_recv_hook (exclusive): return without waiting / send only and return
+                a hook that receives.
+
+        Returns:
+            recv_x: [E_local, R * M, H] bf16, or (fp8 [E_local, R * M, H], scales float32
+                [E_local, R * M, H / 128] or int32 [.., H / 512]), scales column-major in the last two
+                dims; expert le's first recv_count[le] rows are valid, each source's rows one block.
+            recv_count: int32 [E_local].
+            handle: (src_info int32 [E_local, R * M], layout_range int64 [E_local, R] = begin << 32 |
+                count, M, hidden, num_experts).
+            event: EventOverlap. hook: call it to receive when return_recv_hook.
+        """
         return _low_latency.dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                                      cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
                                      round_scale, use_ue8m0, async_finish, return_recv_hook)
@@ -378,12 +406,28 @@ class Buffer:
                             return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None
                             ) -> Tuple[torch.Tensor, EventOverlap, Callable]:
-        """Low-latency combine (not implemented yet)."""
+        """Sends each expert's output row back to its token's rank and returns, per token, the sum
+        over its top-k slots of topk_weights * that expert's row (float32, rounded once to bf16).
+
+        Arguments:
+            x: bf16 [E_local, R * M, H]: the experts' outputs, in the dispatch's layout.
+            topk_idx, topk_weights: the dispatch's [num_tokens, num_topk] (int64, float32).
+            handle: the dispatch's handle.
+            use_logfmt: not implemented yet (NotImplementedError).
+            zero_copy: x was written into get_next_low_latency_combine_buffer(handle) (it is read in
+                place either way).
+            async_finish / return_recv_hook: as in low_latency_dispatch.
+            out: bf16 [num_tokens, H] to write into, or None.
+            combine_wait_recv_cost_stats: int64 [R] or None; += ns waited for each source.
+
+        Returns: (combined_x [num_tokens, H] bf16, EventOverlap, hook).
+        """
         return _low_latency.combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
                                     return_recv_hook, out, combine_wait_recv_cost_stats)
 
     def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
-        """The zero-copy input buffer of the next low-latency combine (not implemented yet)."""
+        """[E_local, R * M, H] bf16 in this rank's low-latency region, to write the next combine's
+        input into (two such areas alternate)."""
         return _low_latency.next_combine_buffer(self, handle)
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:

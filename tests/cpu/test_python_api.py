@@ -208,7 +208,7 @@ def test_event_overlap_without_event(torch_and_buffer):
     ({"num_nvl_bytes": 1.5}, TypeError, "num_nvl_bytes"),
     ({"num_rdma_bytes": -1}, ValueError, "num_rdma_bytes"),
     ({"num_qps_per_rank": 0}, ValueError, "num_qps_per_rank"),
-    ({"allow_mnnvl": True}, NotImplementedError, "allow_mnnvl"),
+    ({"allow_mnnvl": True}, ValueError, "group"),  # accepted: it gets as far as the missing group
     ({"use_fabric": True}, NotImplementedError, "use_fabric"),
     ({"enable_shrink": True}, NotImplementedError, "enable_shrink"),
 ])
@@ -224,10 +224,12 @@ def test_buffer_needs_exactly_one_of_group_and_comm(torch_and_buffer):
         Buffer(object(), comm=object())
 
 
-def test_low_latency_size_hint_not_implemented(torch_and_buffer):
+def test_low_latency_size_hint_is_deep_eps(torch_and_buffer):
+    from reference import low_latency_reference as ll
     _, Buffer = torch_and_buffer
-    with pytest.raises(NotImplementedError, match="low-latency"):
-        Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 64)
+    assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 64) == ll.deep_ep_rdma_size_hint(128, 7168, 8, 64)
+    with pytest.raises(ValueError, match="hidden"):
+        Buffer.get_low_latency_rdma_size_hint(128, 100, 8, 64)
 
 
 def test_buffer_signature_matches_deep_ep(torch_and_buffer):
