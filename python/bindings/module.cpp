@@ -268,6 +268,21 @@ void bind_buffer(nb::module_& m) {
           },
           "device_ids"_a, "ipc_handles"_a, "root_unique_id"_a.none())
       .def("is_available", &Buffer::is_available)
+
+      // ---- deep_ep's runtime names (code reads them from Buffer.runtime) ----
+      .def("get_num_rdma_ranks", [](const Buffer& self) { return self.topology().num_rdma_ranks; })
+      .def("get_rdma_rank", [](const Buffer& self) { return self.topology().rdma_rank; })
+      .def(
+          "get_root_rdma_rank",
+          [](const Buffer& self, bool global) { return global ? self.topology().root_rdma_rank_global() : 0; },
+          "global"_a)
+      .def("get_local_device_id", &Buffer::device_id)
+      .def("get_num_max_nvl_peers", [](const Buffer&) { return moelink::kMaxNvlRanks; })
+      .def("get_local_ipc_handle", [](const Buffer& self) { return to_bytes(self.local_ipc_handle()); })
+      .def("get_local_nvshmem_unique_id",
+           [](const Buffer& self) { return to_bytes(self.local_nvshmem_unique_id()); })
+      .def("is_internode_available",
+           [](const Buffer& self) { return self.is_available() && !self.topology().is_intranode(); })
       .def("destroy", &Buffer::destroy, Release())
       .def(
           "barrier", [](Buffer& self, const std::string& step) { self.barrier(step.c_str()); }, "step"_a,

@@ -21,6 +21,7 @@ from .compat import install_as_deep_ep  # noqa: E402
 if _torch is not None:
     from .buffer import Buffer
     from .event import EventOverlap
+    from .utils import EventHandle, check_nvlink_connections
 
     # The dtype of expert indices (topk_idx) everywhere in the API.
     topk_idx_t = _torch.int64
@@ -40,10 +41,17 @@ else:
     class EventOverlap(metaclass=_NeedsTorch):
         pass
 
+    class EventHandle(metaclass=_NeedsTorch):
+        pass
+
+    def check_nvlink_connections(group=None):
+        raise ImportError("moelink.check_nvlink_connections needs PyTorch")
+
     def __getattr__(name):
         if name == "topk_idx_t":
             raise ImportError("moelink.topk_idx_t needs PyTorch")
         raise AttributeError(f"module 'moelink' has no attribute {name!r}")
 
 
-__all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t", "install_as_deep_ep", "__version__"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "check_nvlink_connections", "topk_idx_t",
+           "install_as_deep_ep", "__version__"]

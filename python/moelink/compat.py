@@ -7,9 +7,6 @@ and ``deep_ep.buffer`` (``Buffer``). This module is the one definition of that l
 - ``install_as_deep_ep()`` registers it in ``sys.modules`` for the current process;
 - the ``moelink-deep-ep`` distribution (``compat/deep_ep/``, ``pip install ./compat/deep_ep``) is an
   installed ``deep_ep`` package whose modules fill themselves from ``namespace()``.
-
-A name moelink does not provide yet is still importable (so ``from deep_ep.utils import
-EventHandle`` works at import time) but raises NotImplementedError naming it when used.
 """
 
 from __future__ import annotations
@@ -35,32 +32,10 @@ _LAYOUT = {
 # Resolved on first access: moelink.topk_idx_t needs torch, and its ImportError should come from use,
 # not from ``import deep_ep`` on a torch-free machine.
 _LAZY = {"deep_ep": ("topk_idx_t",)}
-# What to do instead, for names moelink does not provide (yet).
-_HINTS = {
-    "EventHandle": "moelink.Buffer.capture() returns an EventOverlap recorded on the current stream",
-    "check_nvlink_connections": "moelink does not check NVLink connectivity up front yet",
-}
-
-
-class _NotProvided(type):
-    """Metaclass of the stand-ins for missing names: importable, but calling one raises."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{cls.__module__}.{cls.__name__} is not provided by moelink "
-            f"{_moelink_version()} (deep_ep compatibility layer); {cls._moelink_hint}")
-
-
 def _moelink_version() -> str:
     from . import __version__
 
     return __version__
-
-
-def _not_provided(module: str, name: str) -> type:
-    hint = _HINTS.get(name, "see docs/COMPATIBILITY.md")
-    return _NotProvided(name, (), {"__module__": module, "_moelink_hint": hint,
-                                   "__doc__": f"Not provided by moelink yet: {hint}."})
 
 
 def _moelink_attribute(name: str) -> Any:
@@ -71,13 +46,10 @@ def _moelink_attribute(name: str) -> Any:
 
 def namespace(module: str) -> Dict[str, Any]:
     """The names of deep_ep module ``module`` ("deep_ep", "deep_ep.utils" or "deep_ep.buffer"), as
-    moelink provides them, with stand-ins for what it does not have."""
+    moelink provides them (without torch, moelink's stand-ins that raise ImportError on use)."""
     names: Dict[str, Any] = {SHIM_MARKER: True}
     for name in _LAYOUT[module]:
-        try:
-            names[name] = _moelink_attribute(name)
-        except AttributeError:
-            names[name] = _not_provided(module, name)
+        names[name] = _moelink_attribute(name)
     if module == "deep_ep":
         names["__version__"] = _moelink_version()
     return names

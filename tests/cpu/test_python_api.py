@@ -148,6 +148,14 @@ def test_event_handle_empty():
     assert not _moelink.EventHandle().valid
 
 
+# deep_ep's Buffer.runtime methods that frameworks read.
+@pytest.mark.parametrize("name", ["get_num_rdma_ranks", "get_rdma_rank", "get_root_rdma_rank", "get_local_device_id",
+                                  "get_num_max_nvl_peers", "get_local_ipc_handle", "get_local_nvshmem_unique_id",
+                                  "is_available", "is_internode_available", "sync", "destroy"])
+def test_runtime_has_deep_eps_method_names(name):
+    assert callable(getattr(_moelink.Buffer, name))
+
+
 # ---- without torch -----------------------------------------------------------------------------------
 
 @pytest.mark.skipif(HAS_TORCH, reason="checks the torch-free fallbacks")
@@ -156,6 +164,10 @@ def test_torch_classes_need_torch():
         moelink.Buffer(None)
     with pytest.raises(ImportError, match="needs PyTorch"):
         moelink.EventOverlap()
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        moelink.EventHandle()
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        moelink.check_nvlink_connections()
     with pytest.raises(ImportError, match="needs PyTorch"):
         moelink.Buffer.set_num_sms(20)
     with pytest.raises(ImportError):

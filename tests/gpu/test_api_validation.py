@@ -467,3 +467,26 @@ def test_out_of_range_expert_ids(group):
             buf.destroy()
         except (ValueError, RuntimeError, TimeoutError):
             pass  # the closing barrier may report the same failure again
+
+
+def test_event_handle_records_on_the_current_stream():
+    """deep_ep.utils.EventHandle(): an event on the current torch stream, which another stream can wait for."""
+    side = torch.cuda.Stream()
+    x = torch.zeros(1, device="cuda")
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(5e7))  # long enough that a missing wait would read 0
+        x.fill_(1.0)
+        handle = moelink.EventHandle()
+    assert isinstance(handle, moelink._moelink.EventHandle) and handle.valid
+    handle.current_stream_wait()
+    assert x.item() == 1.0, "the current stream did not wait for the event recorded on the side stream"
+    # As Megatron passes it: EventOverlap(EventHandle()) as previous_event.
+    assert moelink.EventOverlap(moelink.EventHandle()).event.valid
+
+
+def test_check_nvlink_connections_one_rank(group):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NVML may be missing on the test host
+        moelink.check_nvlink_connections(group)
