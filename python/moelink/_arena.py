@@ -62,7 +62,7 @@ def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[to
     scales_col_major = x_scales is not None and x_scales.stride(1) != 1
     parts = [((n, hidden), x.dtype)]
     if x_scales is not None:
-        parts.append(((num_scales, n) if scales_col_major else (n, num_scales), torch.float32))
+        parts.append(((num_scales, n) if scales_col_major else (n, num_scales), x_scales.dtype))
     if num_topk:
         parts.append(((n, num_topk), torch.int64))
         if with_weights:

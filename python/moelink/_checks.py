@@ -60,7 +60,8 @@ def _split_x(x: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
         return x[0], x[1]
     raise TypeError("x must be a bf16 torch.Tensor [num_tokens, hidden] or a tuple (fp8 torch.Tensor "
-                    f"[num_tokens, hidden], float32 scales [num_tokens, num_scales]), got {type(x).__name__}")
+                    "[num_tokens, hidden], scales: float32 [num_tokens, hidden / 128] or packed UE8M0 int32 "
+                    f"[num_tokens, ceil(hidden / 512)]), got {type(x).__name__}")
 
 
 def _split_bias(bias: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -270,8 +270,9 @@ class Buffer:
         """Sends each token to every rank that holds one of its top-k experts.
 
         Arguments:
-            x: bf16 [num_tokens, hidden], or a tuple (float8_e4m3fn [num_tokens, hidden], float32 scales
-                [num_tokens, num_scales], row- or column-major).
+            x: bf16 [num_tokens, hidden], or a tuple (float8_e4m3fn [num_tokens, hidden], scales): float32
+                [num_tokens, hidden / 128], or UE8M0 exponents packed four to an int32 [num_tokens,
+                ceil(hidden / 512)]; row- or column-major. recv_x's scales keep the dtype and layout.
             handle: the handle of an earlier dispatch to repeat its routing (cached mode); then the
                 layout arguments, topk_idx and topk_weights must be None.
             num_tokens_per_rank: int32 [num_ranks], from get_dispatch_layout.

@@ -43,6 +43,7 @@ class Case:
     use_async: bool = False     # previous_event + async_finish, with inputs written late
     num_bias: int = 0
     with_weights: bool = True
+    ue8m0: bool = False         # fp8 scales as packed UE8M0 int32
 
     def resolved(self, num_ranks: int) -> "Case | None":
         """The case for num_ranks (E filled in, K capped by the choosable experts), or None if E
@@ -57,7 +58,8 @@ class Case:
         return 0 if self.silent == "empty" and rank == num_ranks // 2 else self.num_tokens
 
     def describe(self) -> str:
-        kind = ("fp8" + ("/col" if self.scales_col_major else "")) if self.fp8 else "bf16"
+        kind = ("fp8" + ("/ue8m0" if self.ue8m0 else "") + ("/col" if self.scales_col_major else "")) \
+            if self.fp8 else "bf16"
         extras = [flag for flag, on in (("async", self.use_async), ("worst", self.worst), ("deaf", self.deaf),
                                         (f"silent={self.silent}", self.silent), (f"bias{self.num_bias}", self.num_bias),
                                         (f"align{self.alignment}", self.alignment > 1),
@@ -77,7 +79,8 @@ def make_routing_all(case: Case, seed: int, num_ranks: int) -> list[np.ndarray]:
 
 def make_inputs_all(case: Case, seed: int, num_ranks: int, salt: int = 0) -> list[ref.RankInputs]:
     return [ref.make_inputs(seed, s, case.tokens_of(s, num_ranks), case.hidden, case.num_topk, case.fp8,
-                            case.scales_col_major, device="cuda", salt=salt) for s in range(num_ranks)]
+                            case.scales_col_major, device="cuda", salt=salt, ue8m0=case.ue8m0)
+            for s in range(num_ranks)]
 
 
 def _poisoned_like(t):
@@ -124,8 +127,9 @@ def check_recv_x(recv_x, want: ref.DispatchReference, num_rows: int, case: Case,
         assert isinstance(recv_x, tuple) and len(recv_x) == 2, f"{what}: fp8 recv_x must be (data, scales)"
         data, scales = recv_x
         assert tuple(data.shape) == (num_rows, case.hidden), f"{what}: recv_x shape {tuple(data.shape)}"
-        assert tuple(scales.shape) == (num_rows, case.hidden // ref.FP8_BLOCK), \
-            f"{what}: recv scales shape {tuple(scales.shape)}"
+        columns = ref.packed_ue8m0_columns(case.hidden) if case.ue8m0 else case.hidden // ref.FP8_BLOCK
+        assert tuple(scales.shape) == (num_rows, columns), f"{what}: recv scales shape {tuple(scales.shape)}"
+        assert scales.dtype == (torch.int32 if case.ue8m0 else torch.float32), f"{what}: recv scales {scales.dtype}"
         if case.scales_col_major:
             assert scales.t().is_contiguous(), f"{what}: column-major scales came back with strides {scales.stride()}"
         else:

@@ -152,6 +152,33 @@ def test_fp8_dispatch_keeps_scale_layout(buffer, column_major):
     assert torch.equal(recv_x.view(torch.uint8), x_fp8.view(torch.uint8))
 
 
+@pytest.mark.parametrize("column_major", [False, True])
+def test_fp8_dispatch_packed_ue8m0_scales(buffer, column_major):
+    """UE8M0 exponents packed four to an int32 travel as they are, in the caller's layout, uncached
+    and cached. Random words include float NaN patterns, so a copy through float arithmetic shows."""
+    x, topk_idx, _ = make_inputs()
+    x_fp8 = x.float().to(torch.float8_e4m3fn)
+
+    def packed_scales(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        words = torch.randint(-2**31, 2**31 - 1, (NUM_TOKENS, (NUM_SCALES + 3) // 4), dtype=torch.int32,
+                              device="cuda", generator=g)
+        return words.t().contiguous().t() if column_major else words
+
+    packed = packed_scales(1)
+    (recv_x, recv_scales), _, _, _, handle, _ = buffer.dispatch((x_fp8, packed), topk_idx=topk_idx,
+                                                                **layout_kwargs(buffer, topk_idx))
+    assert recv_scales.dtype == torch.int32 and recv_scales.shape == packed.shape
+    assert (recv_scales.stride(1) != 1) == column_major
+    assert torch.equal(recv_scales, packed) and torch.equal(recv_x.view(torch.uint8), x_fp8.view(torch.uint8))
+    fresh = packed_scales(2)
+    (_, cached_scales), *_ = buffer.dispatch((x_fp8, fresh), handle=handle)
+    assert cached_scales.dtype == torch.int32 and torch.equal(cached_scales, fresh)
+    with pytest.raises(ValueError, match="x_scales: expected ceil"):
+        buffer.dispatch((x_fp8, torch.zeros(NUM_TOKENS, NUM_SCALES, dtype=torch.int32, device="cuda")),
+                        topk_idx=topk_idx, **layout_kwargs(buffer, topk_idx))
+
+
 def test_async_and_comm_stream_allocation(buffer):
     x, topk_idx, _ = make_inputs()
     expected = layout_kwargs(buffer, topk_idx)

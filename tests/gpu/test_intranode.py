@@ -23,6 +23,8 @@ CASES = [
     Case("odd-hidden", 127, 2056, 4, 64, drop_prob=0.2),
     Case("fp8-align", 127, 2048, 8, 256, fp8=True, alignment=128),
     Case("fp8-colmajor", 127, 4096, 4, 64, fp8=True, scales_col_major=True),
+    Case("fp8-ue8m0", 127, 7168, 8, 256, fp8=True, ue8m0=True),
+    Case("fp8-ue8m0-colmajor-worst", 200, 2048, 4, 64, fp8=True, scales_col_major=True, ue8m0=True, worst=True),
     Case("big", 4096, 7168, 8, 256),
     Case("big-fp8", 4096, 7168, 8, 256, fp8=True),
     Case("silent-empty", 512, 4096, 8, 256, silent="empty"),

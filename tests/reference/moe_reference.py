@@ -156,14 +156,15 @@ class RankInputs:
     x: "torch.Tensor"                     # [T, H] bf16, no zeros, so stale or zeroed rows show
     topk_weights: "torch.Tensor"          # [T, K] float32 in [0.1, 1.1)
     x_fp8: "torch.Tensor | None" = None   # [T, H] float8_e4m3fn, no zero or NaN bytes
-    x_scales: "torch.Tensor | None" = None  # [T, H/128] float32 in [0.5, 1.5), row- or column-major
+    x_scales: "torch.Tensor | None" = None  # [T, H/128] float32 in [0.5, 1.5), row- or column-major,
+    #                                           or [T, ceil(H/512)] int32 random words (packed UE8M0)
 
     def dispatch_x(self, fp8: bool):
         return (self.x_fp8, self.x_scales) if fp8 else self.x
 
 
 def make_inputs(seed: int, rank: int, num_tokens: int, hidden: int, num_topk: int, fp8: bool = False,
-                scales_col_major: bool = False, device="cpu", salt: int = 0) -> RankInputs:
+                scales_col_major: bool = False, device="cpu", salt: int = 0, ue8m0: bool = False) -> RankInputs:
     """Deterministic inputs of `rank`. On CUDA the generator is Philox, so every process on the same
     GPU model regenerates bit-identical tensors."""
     torch = _require_torch()
@@ -181,11 +182,22 @@ def make_inputs(seed: int, rank: int, num_tokens: int, hidden: int, num_topk: in
         sign = torch.randint(0, 2, (num_tokens, hidden), generator=gen, device=device, dtype=torch.int16) * 128
         inputs.x_fp8 = (magnitude + sign).to(torch.uint8).view(torch.float8_e4m3fn)
         num_scales = hidden // FP8_BLOCK
-        if scales_col_major:
+        if ue8m0:
+            # Any 32-bit word, NaN patterns included: packed scales are data to move, not floats.
+            cols = packed_ue8m0_columns(hidden)
+            shape = (cols, num_tokens) if scales_col_major else (num_tokens, cols)
+            words = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
+            inputs.x_scales = words.t() if scales_col_major else words
+        elif scales_col_major:
             inputs.x_scales = (torch.rand(num_scales, num_tokens, generator=gen, device=device) + 0.5).t()
         else:
             inputs.x_scales = torch.rand(num_tokens, num_scales, generator=gen, device=device) + 0.5
     return inputs
+
+
+def packed_ue8m0_columns(hidden: int) -> int:
+    """int32 columns of packed UE8M0 scales: four one-byte exponents per int, the last one padded."""
+    return (hidden // FP8_BLOCK + 3) // 4
 
 
 def make_bias(seed: int, rank: int, num_tokens: int, hidden: int, num_bias: int, device="cpu"):

@@ -40,6 +40,7 @@ struct DispatchShape {
   int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
   int num_topk = 0, num_scales = 0, num_channels = 0, num_experts = 0;
   bool fp8 = false;
+  DType scales_dtype = DType::kFloat32;  // or kInt32: packed UE8M0 exponents (moved as opaque 4-byte words)
 };
 
 void expect(const TensorRef& t, const std::vector<int64_t>& shape, DType dtype, int device, const char* arg,
@@ -87,7 +88,8 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   check::on_device(in.x, ctx.device, "x");
   s.fp8 = in.x.dtype == DType::kFloat8E4M3;
   if (!s.fp8 && in.x.dtype != DType::kBFloat16)
-    raise(ErrorKind::kType, "x: expected bfloat16 or (float8_e4m3fn, float32 scales), got ", dtype_name(in.x.dtype));
+    raise(ErrorKind::kType, "x: expected bfloat16 or (float8_e4m3fn, float32 or packed UE8M0 int32 scales), got ",
+          dtype_name(in.x.dtype));
   s.num_tokens = in.x.size(0);
   s.hidden = in.x.size(1);
   s.row_bytes = s.hidden * dtype_size(in.x.dtype);
@@ -95,19 +97,26 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
     raise(ErrorKind::kValue, "x: the row size (hidden * element size = ", s.row_bytes, " bytes) must be a positive multiple of 16");
   if (s.fp8) {
     check::defined(in.x_scales, "x_scales");
-    check::dtype(in.x_scales, DType::kFloat32, "x_scales");
+    if (in.x_scales.dtype != DType::kFloat32 && in.x_scales.dtype != DType::kInt32)
+      raise(ErrorKind::kType, "x_scales: expected float32 (one scale per 128 values) or int32 (packed UE8M0, four "
+            "exponent bytes per int), got ", dtype_name(in.x_scales.dtype));
+    s.scales_dtype = in.x_scales.dtype;
     check::dim(in.x_scales, 2, "x_scales");
     if (in.x_scales.size(0) != s.num_tokens)
       raise(ErrorKind::kValue, "x_scales: expected ", s.num_tokens, " rows (one per token of x), got ", in.x_scales.size(0));
     check::on_device(in.x_scales, ctx.device, "x_scales");
     expect_scales_layout(in.x_scales, "x_scales");
     s.num_scales = static_cast<int>(in.x_scales.size(1));
-    // One float32 scale per 128-wide block of each row: what fp8 grouped GEMMs produce and read.
+    // One scale per 128-wide block of each row, what fp8 grouped GEMMs produce and read: float32,
+    // or UE8M0 exponents packed four to an int32 (the last int padded).
     if (s.hidden % 128 != 0)
       raise(ErrorKind::kValue, "x: an fp8 x needs a hidden size that is a multiple of 128 (one scale per 128 values), got ",
             s.hidden);
-    if (s.num_scales != s.hidden / 128)
-      raise(ErrorKind::kValue, "x_scales: expected hidden / 128 = ", s.hidden / 128, " scales per token, got ", s.num_scales);
+    const bool packed = s.scales_dtype == DType::kInt32;
+    const int64_t want = packed ? (s.hidden / 128 + 3) / 4 : s.hidden / 128;
+    if (s.num_scales != want)
+      raise(ErrorKind::kValue, "x_scales: expected ", packed ? "ceil(hidden / 512) = " : "hidden / 128 = ", want,
+            packed ? " packed UE8M0 ints" : " scales", " per token, got ", s.num_scales);
   } else if (in.x_scales.data) {
     raise(ErrorKind::kValue, "x_scales: only fp8 x carries scales");
   }
@@ -294,7 +303,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   }
   if (s.fp8) {
     check::defined(out.recv_x_scales, "recv_x_scales");
-    expect(out.recv_x_scales, {N, s.num_scales}, DType::kFloat32, ctx.device, "recv_x_scales", false);
+    expect(out.recv_x_scales, {N, s.num_scales}, s.scales_dtype, ctx.device, "recv_x_scales", false);
     expect_scales_layout(out.recv_x_scales, "recv_x_scales");
   }
   const long long* info = cached ? checked(ctx, [&] { return handle_info(h, ctx.device); }) : nullptr;
