@@ -485,5 +485,7 @@ NB_MODULE(_moelink, m) {
   // Every arena range starts at a multiple of this; the Python layer lays tensors out in blocks by it.
   m.attr("ARENA_ALIGNMENT") = moelink::runtime::kArenaAlignment;
   m.def("nvshmem_compiled", &moelink::window::nvshmem_compiled);
+  m.def("nvshmem_require", &moelink::window::nvshmem_require,
+        "Loads the NVSHMEM transport plugin, or raises RuntimeError saying what to install.");
   m.def("device_count", &device_count);
 }

@@ -181,4 +181,9 @@ ARENA_ALIGNMENT: int = 512
 
 def nvshmem_compiled() -> bool: ...
 
+def nvshmem_require() -> None:
+    """
+    Loads the NVSHMEM transport plugin, or raises RuntimeError saying what to install.
+    """
+
 def device_count() -> int: ...

@@ -92,9 +92,8 @@ Context::Context(const BufferOptions& o) {
   const unsigned long long epoch_start = knobs::debug_epoch_start();
   low_latency_bytes = low_latency_mode && topo.is_intranode() ? num_rdma_bytes : 0;
   uses_nvshmem = num_rdma_bytes > 0 && low_latency_bytes == 0;
-  if (uses_nvshmem && !window::nvshmem_compiled())
-    raise(ErrorKind::kState, "num_rdma_bytes > 0 needs NVSHMEM, but this build has none (pip install "
-          "nvidia-nvshmem-cu13 or set NVSHMEM_HOME, then rebuild)");
+  // Before anything is allocated: a missing NVSHMEM is a setup error the user fixes by installing it.
+  if (uses_nvshmem) window::nvshmem_require();
 
   if (o.device >= 0) {
     MOELINK_CUDA_CHECK(cudaSetDevice(o.device));

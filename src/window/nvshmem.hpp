@@ -1,12 +1,15 @@
 #pragma once
-// NVSHMEM symmetric heap for the RDMA buffer. Compiled against NVSHMEM when the build finds it
-// (MOELINK_WITH_NVSHMEM); otherwise every call except compiled() throws kState "built without NVSHMEM".
+// NVSHMEM symmetric heap for the RDMA buffer. The transport is a plugin, libmoelink_nvshmem.so,
+// built when the build finds NVSHMEM and opened on first use (nvshmem.cpp); without it, or when it
+// cannot be loaded (NVSHMEM not installed), every call except compiled() throws kState saying what
+// to install.
 #include <cstdint>
 #include <vector>
 
 namespace moelink::window {
 
-bool nvshmem_compiled();
+bool nvshmem_compiled();  // whether this build has the plugin (it may still fail to load)
+void nvshmem_require();   // loads the plugin, or throws the reason it cannot be used
 // 128-byte unique id, created by the root PE (rdma rank 0 of each NVL lane).
 std::vector<uint8_t> nvshmem_unique_id();
 // Joins the job as PE `pe` of `num_pes` using the root's unique id; binds to the current CUDA device.

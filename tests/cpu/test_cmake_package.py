@@ -38,7 +38,7 @@ def test_consumer_builds_and_runs(repo_root, install_prefix, tmp_path, loader_en
     binary_dir = tmp_path / "consumer"
     result = configure(repo_root, install_prefix, binary_dir, f"-DREQUESTED_VERSION={version}")
     assert result.returncode == 0, f"configuring the consumer failed:\n{result.stdout}\n{result.stderr}"
-    # The consumer's link resolves libmoelink's own dependencies too (NVSHMEM): same environment.
+    # The consumer's link resolves libmoelink's own dependencies too (the CUDA runtime): same environment.
     result = subprocess.run(["cmake", "--build", str(binary_dir)], capture_output=True, text=True, env=loader_env)
     assert result.returncode == 0, f"building the consumer failed:\n{result.stdout}\n{result.stderr}"
     executable = binary_dir / "consumer"

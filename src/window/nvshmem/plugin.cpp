@@ -1,0 +1,197 @@
+// NVSHMEM symmetric heap for the RDMA buffer (contract in window/nvshmem.hpp): the body of
+// libmoelink_nvshmem.so, which the core opens on first use (window/nvshmem.cpp, nvshmem/ops.hpp).
+//
+// Initialisation goes through nvshmemx_hostlib_init_attr, not the header-inline nvshmemx_init_attr:
+// the inline one calls nvshmemi_init_thread / nvshmemi_finalize, which live only in the static
+// libnvshmem_device.a (they register the device-state callback and need an nvcc device link,
+// -rdc), and it exit()s the process on failure instead of returning the status. The host-library
+// path needs libnvshmem_host.so alone, which is all the host runtime uses today.
+// NOTES: once kernels call NVSHMEM device functions, build with MOELINK_NVSHMEM_DEVICE_LIB and link
+// NVSHMEM::device with separable compilation, so that init also fills the device state of the
+// module those kernels live in; the host-library init leaves it empty.
+#include "window/nvshmem/ops.hpp"
+
+#include <string>
+
+#include "moelink/error.hpp"
+
+#include <cuda_runtime.h>
+// The host-only umbrella: nvshmem.h would also pull in the device API, which a g++ translation unit
+// cannot use.
+#include <nvshmem_host.h>
+
+#include <cstring>
+#include <mutex>
+
+namespace moelink::window::nvshmem_plugin {
+
+namespace {
+
+// The unique id crosses process boundaries as raw bytes; nvshmem.hpp promises 128 of them.
+static_assert(sizeof(nvshmemx_uniqueid_t) == 128, "nvshmemx_uniqueid_t is no longer 128 bytes");
+
+// NVSHMEM is a per-process singleton: one membership at a time, guarded here so that a second
+// Buffer in the same process gets a kState error instead of undefined behaviour inside NVSHMEM.
+struct Membership {
+  std::mutex mutex;
+  bool joined = false;
+  int pe = -1;
+  int num_pes = 0;
+  int device = -1;
+};
+
+Membership& membership() {
+  static Membership state;
+  return state;
+}
+
+std::string where(const Membership& state) {
+  if (!state.joined) return "(not joined)";
+  return "(pe " + std::to_string(state.pe) + " of " + std::to_string(state.num_pes) + ", device " +
+         std::to_string(state.device) + ")";
+}
+
+[[noreturn]] void fail(const std::string& call, const std::string& detail, const std::string& context) {
+  throw Error(ErrorKind::kCuda, "moelink: nvshmem " + call + " failed with " + detail + " " + context);
+}
+
+void check_status(int status, const char* call, const std::string& context) {
+  if (status != 0) fail(call, std::to_string(status), context);
+}
+
+void require_joined(const Membership& state, const char* operation) {
+  if (!state.joined) {
+    throw Error(ErrorKind::kState,
+                std::string("moelink: nvshmem ") + operation + " called before nvshmem_join (or after nvshmem_leave)");
+  }
+}
+
+std::vector<uint8_t> unique_id() {
+  // No membership needed: the root creates the id before anyone (itself included) has joined.
+  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  check_status(nvshmemx_get_uniqueid(&id), "nvshmemx_get_uniqueid", "(root, before join)");
+  std::vector<uint8_t> bytes(sizeof(id));
+  std::memcpy(bytes.data(), &id, sizeof(id));
+  return bytes;
+}
+
+void join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
+  const std::string context = "(pe " + std::to_string(pe) + " of " + std::to_string(num_pes) + ")";
+  if (num_pes <= 0 || pe < 0 || pe >= num_pes) {
+    throw Error(ErrorKind::kValue, "moelink: nvshmem_join needs 0 <= pe < num_pes, got " + context);
+  }
+  if (root_unique_id.size() != sizeof(nvshmemx_uniqueid_t)) {
+    throw Error(ErrorKind::kValue, "moelink: nvshmem_join root_unique_id must be " +
+                                       std::to_string(sizeof(nvshmemx_uniqueid_t)) + " bytes, got " +
+                                       std::to_string(root_unique_id.size()) + " " + context);
+  }
+
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.joined) {
+    throw Error(ErrorKind::kState, "moelink: nvshmem_join called while this process is already " + where(state) +
+                                       "; call nvshmem_leave first");
+  }
+
+  // NVSHMEM binds to whatever device is current at init; the caller chose it with cudaSetDevice and
+  // it is only read here. cudaFree(nullptr) makes sure its primary context exists, so init does not
+  // fall into NVSHMEM's deferred two-stage mode.
+  int device = -1;
+  const cudaError_t device_status = cudaGetDevice(&device);
+  if (device_status != cudaSuccess) {
+    fail("join (cudaGetDevice)", cudaGetErrorString(device_status), context);
+  }
+  const cudaError_t context_status = cudaFree(nullptr);
+  if (context_status != cudaSuccess) {
+    fail("join (cudaFree(nullptr) to create the context)", cudaGetErrorString(context_status), context);
+  }
+  const std::string device_context = "(pe " + std::to_string(pe) + " of " + std::to_string(num_pes) +
+                                     ", device " + std::to_string(device) + ")";
+
+  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  std::memcpy(&id, root_unique_id.data(), sizeof(id));
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  check_status(nvshmemx_set_attr_uniqueid_args(pe, num_pes, &id, &attr), "nvshmemx_set_attr_uniqueid_args",
+               device_context);
+#if MOELINK_NVSHMEM_DEVICE_LIB
+  check_status(nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr), "nvshmemx_init_attr", device_context);
+#else
+  check_status(nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr), "nvshmemx_hostlib_init_attr",
+               device_context);
+#endif
+
+  const int init_status = nvshmemx_init_status();
+  if (init_status < NVSHMEM_STATUS_IS_INITIALIZED) {
+    fail("nvshmemx_init_status", "status " + std::to_string(init_status) + " (expected initialized)",
+         device_context);
+  }
+  // A mismatch means two PEs passed the same rank or the id came from another job.
+  if (nvshmem_my_pe() != pe || nvshmem_n_pes() != num_pes) {
+    fail("join", "membership pe " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()),
+         device_context);
+  }
+
+  state.joined = true;
+  state.pe = pe;
+  state.num_pes = num_pes;
+  state.device = device;
+}
+
+void* alloc(int64_t bytes) {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "nvshmem_alloc");
+  if (bytes <= 0) {
+    throw Error(ErrorKind::kValue, "moelink: nvshmem_alloc needs a positive byte count, got " +
+                                       std::to_string(bytes) + " " + where(state));
+  }
+  // calloc, not malloc: the contract promises zeroed memory, and NVSHMEM clears it before the
+  // collective returns, so no PE can read a peer's stale bytes.
+  void* ptr = ::nvshmem_calloc(static_cast<size_t>(bytes), 1);
+  if (ptr == nullptr) {
+    fail("nvshmem_calloc(" + std::to_string(bytes) + " bytes)",
+         "a null pointer (symmetric heap exhausted? raise NVSHMEM_SYMMETRIC_SIZE)", where(state));
+  }
+  return ptr;
+}
+
+void release(void* ptr) {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "nvshmem_release");
+  if (ptr == nullptr) return;
+  ::nvshmem_free(ptr);
+}
+
+void barrier_all() {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "nvshmem_barrier_all");
+  ::nvshmem_barrier_all();
+}
+
+void leave() {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "nvshmem_leave");
+#if MOELINK_NVSHMEM_DEVICE_LIB
+  ::nvshmem_finalize();
+#else
+  ::nvshmemx_hostlib_finalize();
+#endif
+  state.joined = false;
+  state.pe = -1;
+  state.num_pes = 0;
+  state.device = -1;
+}
+
+
+const Ops ops{kAbi, unique_id, join, alloc, release, barrier_all, leave};
+
+}  // namespace
+
+}  // namespace moelink::window::nvshmem_plugin
+
+extern "C" __attribute__((visibility("default"))) const moelink::window::nvshmem_plugin::Ops* moelink_nvshmem_ops() {
+  return &moelink::window::nvshmem_plugin::ops;
+}
