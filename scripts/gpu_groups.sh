@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU suite in named groups within a time budget, for GPU time that is lent by the minute: builds
+# (unless REBUILD=0 and a build exists), runs the groups under one MPS daemon, each bounded by its
+# own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
+# summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
+#   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
+# Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency frameworks peerloss
+#         peerlossall soak sanitize bench. Env: SOAK_ARGS, BENCH_ARGS, MOELINK_SANITIZE_TOOLS.
+set -u
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to a directory for the logs}"
+BUDGET=${1:-540}; shift
+START=$(date +%s)
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1 MOELINK_BUILD_DIR=build MOELINK_SKIP_DEPS=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+summary="$OUT/summary.txt"
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+if [ ! -f build/python/moelink/libmoelink.so ] || [ "${REBUILD:-1}" = 1 ]; then
+  t0=$(date +%s)
+  if ! bash scripts/build.sh > "$OUT/logs/build.log" 2>&1; then
+    say "BUILD FAILED"; tail -60 "$OUT/logs/build.log"; tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs; exit 1
+  fi
+  say "build ok in $(( $(date +%s) - t0 )) s"
+fi
+export PYTHONPATH="$PWD/build/python:$PWD/tests"
+groups_script=$(mktemp)
+cat > "$groups_script" <<'INNER'
+set -u
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+group() {
+  local name=$1 limit=$2; shift 2
+  local remain; remain=$(left)
+  if [ "$remain" -lt 30 ]; then echo "$name: NOT RUN (budget)" | tee -a "$summary"; return; fi
+  [ "$limit" -gt "$remain" ] && limit=$remain
+  local t0; t0=$(date +%s)
+  timeout -k 5 "$limit" env "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'passed|failed|error' "$OUT/logs/$name.log" | tail -1)" | tee -a "$summary"
+}
+P="python3 -m pytest -q -p no:cacheprovider -x"
+for g in $TEST_GROUPS; do
+  case $g in
+    api) group api 120 $P tests/gpu/test_api_validation.py tests/gpu/test_layout.py tests/gpu/test_cpp_api.py tests/gpu/test_nvshmem.py ;;
+    lifecycle) group lifecycle 150 $P tests/gpu/test_lifecycle.py ;;
+    intranode24) group intranode24 200 MOELINK_TEST_RANKS=2,4 $P tests/gpu/test_intranode.py ;;
+    intranode8) group intranode8 200 MOELINK_TEST_RANKS=8 $P tests/gpu/test_intranode.py ;;
+    failures) group failures 150 $P tests/gpu/test_failures.py ;;
+    v2) group v2 240 $P tests/gpu/test_runtime_v2.py ;;
+    graphs) group graphs 200 $P tests/gpu/test_graphs.py ;;
+    lowlatency) group lowlatency 240 $P tests/gpu/test_low_latency.py ;;
+    frameworks) group frameworks 200 $P tests/gpu/test_frameworks.py ;;
+    peerloss) group peerloss 240 $P tests/gpu/test_peer_loss.py ;;
+    peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;
+    soak) group soak 300 python3 bench/soak.py ${SOAK_ARGS:-} ;;
+    sanitize) group sanitize 300 OUT="$OUT/logs" bash scripts/sanitize.sh ;;
+    bench) group bench 300 python3 bench/run_all.py ${BENCH_ARGS:-} ;;
+    *) echo "$g: unknown group" | tee -a "$summary" ;;
+  esac
+done
+INNER
+export BUDGET START summary OUT TEST_GROUPS="$*"
+bash scripts/with_mps.sh bash "$groups_script"
+say "total $(( $(date +%s) - START )) s"
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
