@@ -1,20 +1,27 @@
-"""Intranode dispatch / combine bandwidth of one (ranks, SMs) cell, the verify step, and device facts.
+"""Intranode dispatch / combine of one (ranks, SMs) cell, timed the same way for moelink and for DeepEP
+V1 (the anchor) in the same run, plus the verify step and device facts.
 
 Every function here runs inside a rank spawned by tests/gpu/launcher.py (bench/run_all.py drives
 them), so the parent process never touches CUDA.
 
+Both libraries are called as a framework calls them: `Buffer.set_num_sms(S)`, `num_nvl_bytes` from
+the default dispatch and combine configs' hints, `config=None`, no moelink-only keyword (the
+`moelink+arena` variant adds its receive arena and is labelled so). The routing, inputs and call
+sequence are identical; only the module differs.
+
 Timing: each op is timed alone with CUDA events on the caller's stream, median over `iters`. Before
 every iteration a 256 MB tensor is zeroed (evicting L2, so inputs come from HBM), the device is
 synchronized and all ranks meet at a barrier, so one rank's time does not include waiting for a
-peer that started late. Bytes per rank: dispatch bf16 = recv_rows * H * 2; fp8 = recv_rows * H *
-(1 + 4/128) (data plus float32 scales); combine = recv_rows * H * 2; GB/s = bytes / time / 1e9.
+peer that started late. Bytes per rank, as DeepEP's tests count them: dispatch bf16 = recv_rows *
+H * 2; fp8 = recv_rows * H * (1 + 4/128) (data plus float32 scales); combine = recv_rows * H * 2;
+GB/s = bytes / time / 1e9.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
+import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +37,43 @@ from checks import Case, run_case  # noqa: E402
 from reference import moe_reference as ref  # noqa: E402
 
 FLUSH_BYTES = 256 * common.MIB
-OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_bf16_uncached", "combine_pushed")
+IMPLS = ("moelink", "deep_ep", "moelink+arena")
+# (name, what it is) in report order; every one is timed for every impl.
+OPS = (
+    ("dispatch_bf16", "dispatch bf16, uncached (layout tensors passed; notify inside)"),
+    ("dispatch_fp8", "dispatch fp8, uncached, row-major scales"),
+    ("dispatch_fp8_colmajor", "dispatch fp8, uncached, column-major scales"),
+    ("dispatch_bf16_cached", "dispatch bf16, cached (handle=)"),
+    ("dispatch_fp8_cached", "dispatch fp8, cached, row-major scales"),
+    ("combine", "combine of recv_x"),
+    ("combine_torch_input", "combine of a torch-allocated copy of recv_x"),
+    ("dispatch_bf16_held", "dispatch bf16, uncached, with earlier outputs held alive"),
+    ("layout", "get_dispatch_layout"),
+)
+OP_NAMES = tuple(name for name, _ in OPS)
+HELD_OUTPUTS = 60  # a training step keeps every layer's expert inputs for backward
 VERIFY_CASES = (Case("verify-bf16", 512, 7168, 8, 256), Case("verify-fp8", 512, 7168, 8, 256, fp8=True))
 
 
 def arena_bytes(num_ranks: int, num_tokens: int, hidden: int) -> int:
-    """Receive arena per rank: two worst-case bf16 recv_x (the one a handle keeps for combine and
-    the one being timed) plus room for metadata. MOELINK_BENCH_ARENA=0 benches the ring path."""
-    if os.environ.get("MOELINK_BENCH_ARENA", "1") == "0":
-        return 0
+    """Receive arena per rank of the moelink+arena variant: two worst-case bf16 recv_x (the one a
+    handle keeps for combine and the one being timed) plus room for metadata."""
     return 2 * num_ranks * num_tokens * hidden * 2 + 64 * common.MIB
+
+
+def load_impl(impl: str, anchor_path: str | None):
+    """The module a framework would import: moelink, or DeepEP V1 from anchor_path."""
+    if impl == "deep_ep":
+        if anchor_path and anchor_path not in sys.path:
+            sys.path.insert(0, anchor_path)
+        import deep_ep  # noqa: PLC0415
+
+        if getattr(deep_ep, "__moelink_shim__", False):
+            raise RuntimeError("the deep_ep on the path is moelink's shim, not DeepEP")
+        return deep_ep
+    import moelink  # noqa: PLC0415
+
+    return moelink
 
 
 def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True) -> float:
@@ -60,53 +94,104 @@ def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True) -> float:
     return statistics.median(samples)
 
 
-def bench_cell(rank, num_ranks, num_sms, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, iters=30,
-               warmup=5, measure_layout=False, seed=0) -> dict:
-    """Times the four ops on every rank and returns the cell's summary (the same on every rank)."""
-    config, combine_config = common.make_configs(num_ranks, num_sms)
-    buf = common.make_buffer(num_ranks, (config, combine_config), (hidden,),
-                             num_arena_bytes=arena_bytes(num_ranks, num_tokens, hidden))
+def _make_buffer(mod, impl: str, num_ranks: int, num_tokens: int, hidden: int):
+    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+                        for config in (mod.Buffer.get_dispatch_config(num_ranks),
+                                       mod.Buffer.get_combine_config(num_ranks)))
+    extra = {"num_arena_bytes": arena_bytes(num_ranks, num_tokens, hidden)} if impl == "moelink+arena" else {}
+    return mod.Buffer(common.world_group(), num_nvl_bytes, 0, explicitly_destroy=True, **extra)
+
+
+def _held_count(recv_rows: int, hidden: int, num_ranks: int) -> int:
+    """How many dispatch outputs to hold: HELD_OUTPUTS, fewer if the ranks sharing this GPU would
+    fill more than half of its free memory with them."""
+    free, _ = torch.cuda.mem_get_info()
+    per_output = recv_rows * hidden * 2 + recv_rows * 64
+    ranks_here = max(1, num_ranks // max(1, torch.cuda.device_count()))
+    return max(1, min(HELD_OUTPUTS, int(free * 0.5 / ranks_here / max(per_output, 1))))
+
+
+def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, iters=30,
+               warmup=5, seed=0, anchor_path=None) -> dict:
+    """Times every op of OPS on every rank with `impl`; returns the cell's summary (the same on
+    every rank). An op that raises is reported as such; the others still run."""
+    mod = load_impl(impl, anchor_path)
+    mod.Buffer.set_num_sms(num_sms)
+    buf = _make_buffer(mod, impl, num_ranks, num_tokens, hidden)
     # Routing as in training: top-k of random scores, every slot used.
     topk_idx = torch.from_numpy(ref.make_routing(seed, rank, num_tokens, num_topk, num_experts, num_ranks)).cuda()
     inputs = ref.make_inputs(seed, rank, num_tokens, hidden, num_topk, fp8=True, device="cuda")
-    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
-    uncached_args = dict(num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
-                         num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
-                         topk_weights=inputs.topk_weights, config=config)
-    recv_x, _, _, _, handle, _ = buf.dispatch(inputs.x, **uncached_args)
+    fp8_row = (inputs.x_fp8, inputs.x_scales)
+    fp8_col = (inputs.x_fp8, inputs.x_scales.t().contiguous().t())
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
+        buf.get_dispatch_layout(topk_idx, num_experts)
+    layout = dict(num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                  is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                  topk_idx=topk_idx, topk_weights=inputs.topk_weights)
+    recv_x, _, _, _, handle, _ = buf.dispatch(inputs.x, **layout)
     recv_rows = recv_x.shape[0]
-    # recv_x lives in the arena (peers read it in place); a copy in torch memory is pushed through
-    # the rings, as an expert output allocated by torch would be.
     recv_x_torch = recv_x.clone()
-    fp8_x = (inputs.x_fp8, inputs.x_scales)
+    bf16_bytes = recv_rows * hidden * 2
+    fp8_bytes = recv_rows * hidden * (1 + 4 / 128)
+    held = []
+
+    def hold_then_dispatch():
+        return buf.dispatch(inputs.x, **layout)
+
     ops = {
-        "dispatch_bf16": (lambda: buf.dispatch(inputs.x, handle=handle, config=config), recv_rows * hidden * 2),
-        "dispatch_fp8": (lambda: buf.dispatch(fp8_x, handle=handle, config=config),
-                         recv_rows * hidden * 2 * (1 + 4 / 128) / 2),
-        "combine": (lambda: buf.combine(recv_x, handle, config=combine_config), recv_rows * hidden * 2),
-        "dispatch_bf16_uncached": (lambda: buf.dispatch(inputs.x, **uncached_args), recv_rows * hidden * 2),
-        "combine_pushed": (lambda: buf.combine(recv_x_torch, handle, config=combine_config), recv_rows * hidden * 2),
+        "dispatch_bf16": (lambda: buf.dispatch(inputs.x, **layout), bf16_bytes),
+        "dispatch_fp8": (lambda: buf.dispatch(fp8_row, **layout), fp8_bytes),
+        "dispatch_fp8_colmajor": (lambda: buf.dispatch(fp8_col, **layout), fp8_bytes),
+        "dispatch_bf16_cached": (lambda: buf.dispatch(inputs.x, handle=handle), bf16_bytes),
+        "dispatch_fp8_cached": (lambda: buf.dispatch(fp8_row, handle=handle), fp8_bytes),
+        "combine": (lambda: buf.combine(recv_x, handle), bf16_bytes),
+        "combine_torch_input": (lambda: buf.combine(recv_x_torch, handle), bf16_bytes),
+        "dispatch_bf16_held": (hold_then_dispatch, bf16_bytes),
+        "layout": (lambda: buf.get_dispatch_layout(topk_idx, num_experts), 0),
     }
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    mine = {name: (_time_us(op, flush, iters, warmup), nbytes) for name, (op, nbytes) in ops.items()}
-    layout_us = None
-    if measure_layout and rank == 0:
-        # Alone on the device (the other ranks wait on the host), as a layout runs in practice.
-        layout_us = _time_us(lambda: buf.get_dispatch_layout(topk_idx, num_experts), flush, iters, warmup,
-                             barrier=False)
+    mine, errors = {}, {}
+    num_held = 0
+    for name in OP_NAMES:
+        op, nbytes = ops[name]
+        if name == "dispatch_bf16_held":
+            num_held = _held_count(recv_rows, hidden, num_ranks)
+            counts = [None] * num_ranks
+            dist.all_gather_object(counts, num_held)
+            num_held = min(counts)  # every rank must make the same number of dispatches
+            try:
+                held.extend(buf.dispatch(inputs.x, **layout)[0] for _ in range(num_held))
+            except Exception:  # noqa: BLE001 - reported with the op; the protocol may be unusable now
+                errors[name] = traceback.format_exc(limit=3)
+                break
+        try:
+            mine[name] = (_time_us(op, flush, iters, warmup), nbytes)
+        except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
+            errors[name] = traceback.format_exc(limit=3)
+            break  # a failed collective leaves the peers in an unknown state: stop this impl here
+    del held
     gathered = [None] * num_ranks
-    dist.all_gather_object(gathered, {"ops": mine, "recv_rows": recv_rows, "layout_us": layout_us})
-    buf.destroy()
+    dist.all_gather_object(gathered, {"ops": mine, "errors": errors, "recv_rows": recv_rows})
+    if not any(g["errors"] for g in gathered):
+        buf.destroy()
 
-    summary = {"ranks": num_ranks, "num_sms": num_sms, "arena": buf.num_arena_bytes > 0, "tokens": num_tokens, "hidden": hidden, "topk": num_topk,
-               "experts": num_experts, "iters": iters, "recv_rows": [g["recv_rows"] for g in gathered],
-               "layout_us": gathered[0]["layout_us"], "ops": {}}
-    for name in OPS:
+    summary = {"impl": impl, "version": getattr(mod, "__version__", "?"), "ranks": num_ranks, "num_sms": num_sms,
+               "tokens": num_tokens, "hidden": hidden, "topk": num_topk, "experts": num_experts, "iters": iters,
+               "recv_rows": [g["recv_rows"] for g in gathered], "held": num_held, "ops": {}, "errors": {}}
+    for name in OP_NAMES:
+        failed = [g["errors"][name] for g in gathered if name in g["errors"]]
+        if failed:
+            summary["errors"][name] = failed[0]
+            continue
+        if not all(name in g["ops"] for g in gathered):
+            continue  # not reached: an earlier op failed
         times = [g["ops"][name][0] for g in gathered]
         nbytes = [g["ops"][name][1] for g in gathered]
-        gbps = [b / (t * 1e-6) / 1e9 for b, t in zip(nbytes, times)]
-        summary["ops"][name] = {"time_us_mean": statistics.mean(times), "gbps_mean": statistics.mean(gbps),
-                                "gbps_min": min(gbps), "time_us": times, "bytes": nbytes}
+        entry = {"time_us_mean": statistics.mean(times), "time_us": times, "bytes": nbytes}
+        if all(nbytes):
+            gbps = [b / (t * 1e-6) / 1e9 for b, t in zip(nbytes, times)]
+            entry.update(gbps_mean=statistics.mean(gbps), gbps_min=min(gbps))
+        summary["ops"][name] = entry
     return summary
 
 
@@ -139,4 +224,17 @@ def device_info(rank, num_ranks) -> dict:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {"name": props.name, "sm_count": props.multi_processor_count,
             "memory_gib": round(props.total_memory / (1 << 30), 1), "copy_gbps": copy_bandwidth(),
-            "torch": torch.__version__, "cuda": torch.version.cuda}
+            "torch": torch.__version__, "cuda": torch.version.cuda, "gpu_count": torch.cuda.device_count(),
+            "driver": _driver_version()}
+
+
+def _driver_version() -> str:
+    try:
+        import subprocess  # noqa: PLC0415
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "?"
+    except (OSError, IndexError, ValueError):
+        return "?"
+

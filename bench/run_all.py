@@ -1,16 +1,21 @@
-"""The benchmark job: device facts, a correctness check against the reference, then the cells.
+"""The benchmark job: device facts, a correctness check against the reference, then every cell timed
+for moelink and, in the same run, for DeepEP V1 (the anchor) when it is present.
 
     python3 bench/run_all.py [--cells 4x24,4x8,8x16 | --ranks 4,8 --sms 8,24]
                              [--tokens 4096[,...]] [--hidden 7168[,...]] [--topk 8] [--experts 256]
-                             [--iters 30] [--warmup 5] [--dry-run]
+                             [--iters 30] [--warmup 5] [--anchor auto|none|PATH] [--arena] [--dry-run]
 
 A cell RxS runs R ranks as processes on this host (several per GPU under MPS), each with S SMs, once
-per size (every --tokens x --hidden). The options pick the shape only; how a run is measured is
-bench/bench_intranode.py's (see bench/RESULTS.md). While a run is in progress a line shows its
-elapsed time; each finished run prints one row, as nccl-tests does, and the end a markdown table.
-MOELINK_BENCH_QUICK=1: verify on 2 ranks and default to 10 iterations. The table and the raw JSON
-go to $OUT (bench_intranode.md / .json) if OUT is set, else to bench/last_run.json.
-Exit status: 0 ok, 1 verify failed, 2 a run failed (or bad arguments), 3 no usable GPU.
+per size (every --tokens x --hidden), first with moelink, then with DeepEP, then (--arena) with
+moelink and a receive arena. Both libraries are called as a framework calls them (bench_intranode.py
+says how, and how a run is measured). Ratios come only from figures of this run; without an anchor
+the ratio column says so (bench/anchor.py says where the anchor is looked for).
+
+While a run is in progress a line shows its elapsed time; each finished run prints one row, as
+nccl-tests does, and the end a markdown table with every op. MOELINK_BENCH_QUICK=1: verify on 2
+ranks and default to 10 iterations. The table and the raw JSON go to $OUT (bench_intranode.md /
+.json) if OUT is set, else to bench/last_run.json.
+Exit status: 0 ok, 1 verify failed, 2 a moelink run failed (or bad arguments), 3 no usable GPU.
 """
 
 from __future__ import annotations
@@ -33,13 +38,18 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests" / "gpu"):
 
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
 
-# DeepEP V1 intranode GB/s (dispatch bf16, dispatch fp8, combine) on an H100 with ranks under MPS,
-# measured at the default shape only.
-DEEPEP_GBPS = {(4, 24): (149, 158, 181), (4, 8): (81, 78, 115), (8, 16): (87, 83, 101)}
-DEEPEP_SHAPE = {"tokens": 4096, "hidden": 7168, "topk": 8, "experts": 256}
-COMPARED_OPS = ("dispatch_bf16", "dispatch_fp8", "combine")
-SHOWN_OPS = (*COMPARED_OPS, "dispatch_bf16_uncached", "combine_pushed")
-OP_TITLES = ("dispatch bf16", "dispatch fp8", "combine", "uncached bf16", "combine pushed")
+# The ops a row shows (the markdown table and the JSON have every op of bench_intranode.OPS), with
+# short titles. Kept here so that the parent process needs no torch.
+ROW_OPS = (("dispatch_bf16", "bf16"), ("dispatch_fp8", "fp8"), ("dispatch_fp8_colmajor", "fp8 col"),
+           ("dispatch_bf16_cached", "bf16 cached"), ("dispatch_fp8_cached", "fp8 cached"), ("combine", "combine"),
+           ("combine_torch_input", "comb. torch"), ("dispatch_bf16_held", "bf16 held"))
+OP_TITLES = {
+    "dispatch_bf16": "dispatch bf16 uncached", "dispatch_fp8": "dispatch fp8 uncached (row-major scales)",
+    "dispatch_fp8_colmajor": "dispatch fp8 uncached (column-major scales)",
+    "dispatch_bf16_cached": "dispatch bf16 cached", "dispatch_fp8_cached": "dispatch fp8 cached",
+    "combine": "combine of recv_x", "combine_torch_input": "combine, torch-allocated input",
+    "dispatch_bf16_held": "dispatch bf16 uncached, outputs held", "layout": "get_dispatch_layout",
+}
 DEFAULT_CELLS = "4x24,4x8,8x16"
 MAX_RANKS = 8  # one NVLink domain: the intranode mode this job measures
 EXIT_VERIFY, EXIT_RUN, EXIT_NO_GPU = 1, 2, 3
@@ -98,6 +108,11 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
     timing = parser.add_argument_group("timing")
     timing.add_argument("--iters", type=int, default=10 if quick else 30, help="timed iterations, median reported")
     timing.add_argument("--warmup", type=int, default=2 if quick else 5, help="untimed iterations first")
+    compare = parser.add_argument_group("comparison")
+    compare.add_argument("--anchor", default="auto",
+                         help="DeepEP to run side by side: auto (default), none, or a directory / wheel (bench/anchor.py)")
+    compare.add_argument("--arena", action="store_true",
+                         help="also run moelink with a receive arena (an opt-in moelink feature), labelled moelink+arena")
     parser.add_argument("--dry-run", action="store_true", help="print the runs this would do and exit (no GPU needed)")
     return parser
 
@@ -183,56 +198,109 @@ class Progress:
 
 
 ROW_SIZE = f"{'ranks':>5} {'sms':>4} {'tokens':>7} {'hidden':>6} {'topk':>4} {'experts':>7} {'recv':>8}"
+CELL_WIDTH = 13
 
 
 def row_header() -> str:
-    ops = " ".join(f"| {title:^16}" for title in OP_TITLES)
-    units = " ".join(f"| {'time us':>8} {'GB/s':>7}" for _ in OP_TITLES)
-    return f"# {ROW_SIZE} {ops}\n# {' ' * (len(ROW_SIZE) - 8)}{'rows':>8} {units}"
+    ops = " ".join(f"|{title:^{CELL_WIDTH}}" for _, title in ROW_OPS)
+    units = " ".join(f"|{'GB/s  ratio':^{CELL_WIDTH}}" for _ in ROW_OPS)
+    return (f"# {ROW_SIZE} {ops} | layout\n"
+            f"# {' ' * (len(ROW_SIZE) - 8)}{'rows':>8} {units} |     us")
 
 
-def format_row(result: dict) -> str:
-    """One nccl-tests style line for a finished (or failed) run."""
-    recv = result.get("recv_rows")
-    recv_text = f"{sum(recv) // len(recv)}" if recv else "-"
-    size = (f"{result['ranks']:>5} {result['num_sms']:>4} {result['tokens']:>7} {result['hidden']:>6} "
-            f"{result['topk']:>4} {result['experts']:>7} {recv_text:>8}")
-    if "error" in result:
-        return f"  {size} | FAILED (see above)"
-    ops = result["ops"]
-    cols = " ".join(f"| {ops[op]['time_us_mean']:>8.1f} {ops[op]['gbps_mean']:>7.1f}" for op in SHOWN_OPS)
-    return f"  {size} {cols}"
-
-
-def deepep_reference(result: dict):
-    if any(result.get(key) != value for key, value in DEEPEP_SHAPE.items()):
+def _op(result: dict | None, name: str) -> dict | None:
+    if not result or "error" in result:
         return None
-    return DEEPEP_GBPS.get((result["ranks"], result["num_sms"]))
+    return result.get("ops", {}).get(name)
 
 
-def format_table(results: list[dict]) -> str:
-    """The markdown table for bench/RESULTS.md: one row per (cell, size)."""
-    lines = ["| cell | T | H | K | E | dispatch bf16 GB/s | dispatch fp8 GB/s | combine GB/s | uncached bf16 GB/s | "
-             "combine, input pushed GB/s | time µs (bf16 / fp8 / combine / uncached / pushed) | "
-             "DeepEP GB/s (bf16 / fp8 / combine) | ratio (bf16 / fp8 / combine / pushed) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for result in results:
-        name = f"{result['ranks']}x{result['num_sms']}" + ("" if result.get("arena", True) else " rings")
-        size = f"{result['tokens']} | {result['hidden']} | {result['topk']} | {result['experts']}"
-        if "error" in result:
-            lines.append(f"| {name} | {size} | FAILED | | | | | | | |")
+def ratio(mine: dict | None, theirs: dict | None) -> float | None:
+    """How many times faster moelink is, both from this run: GB/s over GB/s, or for an op without a
+    byte count (layout) DeepEP's time over moelink's. None where either is missing."""
+    if not mine or not theirs:
+        return None
+    if mine.get("gbps_mean") and theirs.get("gbps_mean"):
+        return mine["gbps_mean"] / theirs["gbps_mean"]
+    if "gbps_mean" not in mine and "gbps_mean" not in theirs and mine.get("time_us_mean"):
+        return theirs["time_us_mean"] / mine["time_us_mean"]
+    return None
+
+
+def format_row(run: dict, results: dict) -> str:
+    """One nccl-tests style line per (cell, size): moelink's GB/s and its ratio to DeepEP for each
+    op of ROW_OPS, then moelink's layout time."""
+    mine, theirs = results.get("moelink"), results.get("deep_ep")
+    recv = mine.get("recv_rows") if mine and "error" not in mine else None
+    recv_text = f"{sum(recv) // len(recv)}" if recv else "-"
+    size = (f"{run['ranks']:>5} {run['num_sms']:>4} {run['tokens']:>7} {run['hidden']:>6} "
+            f"{run['topk']:>4} {run['experts']:>7} {recv_text:>8}")
+    if mine is None or "error" in mine:
+        return f"  {size} | moelink FAILED (see above)"
+    cells = []
+    for name, _ in ROW_OPS:
+        op = _op(mine, name)
+        if op is None or "gbps_mean" not in op:
+            cells.append(f"|{'failed':^{CELL_WIDTH}}")
             continue
-        ops = result["ops"]
-        gbps = [f"{ops[op]['gbps_mean']:.1f} (min {ops[op]['gbps_min']:.1f})" for op in SHOWN_OPS]
-        times = " / ".join(f"{ops[op]['time_us_mean']:.0f}" for op in SHOWN_OPS)
-        deepep = deepep_reference(result)
-        if deepep:
-            reference = " / ".join(str(v) for v in deepep)
-            ratio = " / ".join(f"{ops[op]['gbps_mean'] / v:.2f}"
-                               for op, v in zip((*COMPARED_OPS, "combine_pushed"), (*deepep, deepep[2])))
-        else:
-            reference = ratio = "-"
-        lines.append(f"| {name} | {size} | {' | '.join(gbps)} | {times} | {reference} | {ratio} |")
+        r = ratio(op, _op(theirs, name))
+        cells.append(f"|{op['gbps_mean']:>6.1f} {('x' + format(r, '.2f')) if r else '    -':>6}")
+    layout = _op(mine, "layout")
+    return f"  {size} {' '.join(cells)} | {layout['time_us_mean'] if layout else float('nan'):>6.1f}"
+
+
+def two_touch_limit(copy_gbps: float, ranks: int, gpus: int) -> float:
+    """Per-rank GB/s if every routed byte cost only its two HBM touches (read at the source, write at
+    the destination) on a GPU whose copy moves copy_gbps (read + write) and is shared by the ranks on it."""
+    ranks_per_gpu = max(1, -(-ranks // max(1, gpus)))
+    return copy_gbps / (2 * ranks_per_gpu)
+
+
+def _cell(op: dict | None) -> tuple[str, str]:
+    if op is None:
+        return "-", "-"
+    gbps = f"{op['gbps_mean']:.1f}" if "gbps_mean" in op else "-"
+    return f"{op['time_us_mean']:.1f}", gbps
+
+
+def format_table(cells: list[dict], info: dict, anchor_note: str) -> str:
+    """The markdown table: one row per (cell, size, op), moelink and DeepEP from this run."""
+    arena = any("moelink+arena" in c["results"] for c in cells)
+    head = ["cell", "T", "H", "K", "E", "op", "moelink µs", "moelink GB/s", "DeepEP µs", "DeepEP GB/s", "ratio",
+            "% of two-touch limit"]
+    if arena:
+        head += ["moelink+arena GB/s", "arena ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        results = cell["results"]
+        mine, theirs, with_arena = results.get("moelink"), results.get("deep_ep"), results.get("moelink+arena")
+        prefix = (f"| {cell['ranks']}x{cell['num_sms']} | {cell['tokens']} | {cell['hidden']} | {cell['topk']} | "
+                  f"{cell['experts']}")
+        if mine is None or "error" in mine:
+            lines.append(f"{prefix} | all | moelink FAILED |" + " |" * (len(head) - 7))
+            continue
+        limit = two_touch_limit(info.get("copy_gbps", 0.0), cell["ranks"], info.get("gpu_count", 1))
+        for name, title in OP_TITLES.items():
+            op, other = _op(mine, name), _op(theirs, name)
+            if op is None and name in mine.get("errors", {}):
+                row = [title, "raised", "", *_cell(other), "-", "-"]
+            else:
+                r = ratio(op, other)
+                share = f"{100 * op['gbps_mean'] / limit:.0f}%" if op and "gbps_mean" in op and limit else "-"
+                if theirs is None or "error" in theirs:
+                    other_cells = ("no anchor", "-") if theirs is None else ("anchor failed", "-")
+                elif other is None:
+                    other_cells = ("raised" if name in theirs.get("errors", {}) else "-", "-")
+                else:
+                    other_cells = _cell(other)
+                row = [title, *_cell(op), *other_cells, f"{r:.2f}" if r else "-", share]
+            if arena:
+                arena_op = _op(with_arena, name)
+                r = ratio(arena_op, other)
+                row += [_cell(arena_op)[1], f"{r:.2f}" if r else "-"]
+            lines.append(f"{prefix} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(f"Anchor: {anchor_note}. Two-touch limit: {info.get('copy_gbps', 0):.0f} GB/s copy rate "
+                 "(read + write) / (2 x ranks per GPU).")
     return "\n".join(lines)
 
 
@@ -251,6 +319,20 @@ def git_commit() -> str:
 
 # ---- the job ------------------------------------------------------------------------------------
 
+def run_cell(run: dict, impl: str, args: argparse.Namespace, anchor_path: str | None, label: str) -> dict:
+    import bench_intranode  # noqa: PLC0415 - imports torch; only after the GPU check
+
+    params = {"impl": impl, "num_sms": run["num_sms"], "num_tokens": run["tokens"], "hidden": run["hidden"],
+              "num_topk": run["topk"], "num_experts": run["experts"], "iters": args.iters, "warmup": args.warmup,
+              "anchor_path": anchor_path}
+    try:
+        with Progress(label):
+            return launcher.run_ranks(run["ranks"], bench_intranode.bench_cell_job, params, timeout_s=900)[0]
+    except launcher.RankFailure as failure:
+        print(f"{label}: FAILED\n{failure}", flush=True)
+        return {"impl": impl, "error": str(failure)}
+
+
 def main(argv=None) -> int:
     quick = bool(os.environ.get("MOELINK_BENCH_QUICK"))
     args = parse_args(argv, quick)
@@ -264,18 +346,23 @@ def main(argv=None) -> int:
         print(f"moelink bench: {problem}; the benchmark needs PyTorch with CUDA and a Hopper GPU", file=sys.stderr)
         return EXIT_NO_GPU
 
+    import anchor as anchor_lookup  # noqa: PLC0415 - bench/ is on sys.path
     import bench_intranode  # noqa: PLC0415 - after sys.path is set and the GPU check; imports torch
 
+    anchor = anchor_lookup.resolve(args.anchor, REPO_ROOT)
+    impls = ["moelink"] + (["deep_ep"] if anchor.available else []) + (["moelink+arena"] if args.arena else [])
     report = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
-              "iters": args.iters, "warmup": args.warmup, "runs": runs, "cells": []}
+              "iters": args.iters, "warmup": args.warmup, "runs": runs, "impls": impls,
+              "anchor": {"path": anchor.path, "version": anchor.version, "reason": anchor.reason}, "cells": []}
     try:
         info = launcher.run_ranks(1, bench_intranode.device_info, timeout_s=120)[0]
     except launcher.RankFailure as failure:
         print(f"cannot query the device:\n{failure}", flush=True)
         return EXIT_VERIFY
     report["device"] = info
-    print(f"device: {info['name']}, {info['sm_count']} SMs, {info['memory_gib']} GiB "
+    print(f"device: {info['name']}, {info['sm_count']} SMs, {info['memory_gib']} GiB, driver {info['driver']} "
           f"(torch {info['torch']}, CUDA {info['cuda']}); commit {report['commit']}", flush=True)
+    print(f"anchor: {anchor.describe()}", flush=True)
 
     verify_ranks = 2 if quick else 4
     try:
@@ -287,38 +374,22 @@ def main(argv=None) -> int:
         report["verify"] = {"ranks": verify_ranks, "ok": False, "error": str(failure)}
         print(f"verify on {verify_ranks} ranks: FAILED\n{failure}", flush=True)
 
-    print(f"\n{len(runs)} runs, median of {args.iters} iterations each (GB/s per rank, mean over ranks)")
+    print(f"\n{len(runs)} runs x {len(impls)} ({', '.join(impls)}), median of {args.iters} iterations "
+          "(GB/s per rank, mean over ranks; ratio = moelink / DeepEP, both from this run; layout: DeepEP time / moelink time)")
     print(row_header(), flush=True)
-    layout_run = None
     for index, run in enumerate(runs):
-        measure_layout = layout_run is None and run["ranks"] == 4
-        params = {"num_sms": run["num_sms"], "num_tokens": run["tokens"], "hidden": run["hidden"],
-                  "num_topk": run["topk"], "num_experts": run["experts"], "iters": args.iters,
-                  "warmup": args.warmup, "measure_layout": measure_layout}
-        try:
-            with Progress(f"[{index + 1}/{len(runs)}] {run_label(run)}"):
-                result = launcher.run_ranks(run["ranks"], bench_intranode.bench_cell_job, params, timeout_s=600)[0]
-        except launcher.RankFailure as failure:
-            result = {**run, "error": str(failure)}
-            print(f"{run_label(run)}: FAILED\n{failure}", flush=True)
-        else:
-            if measure_layout:
-                layout_run = result
-        report["cells"].append(result)
-        print(format_row(result), flush=True)
+        results = {}
+        for impl in impls:
+            label = f"[{index + 1}/{len(runs)}] {run_label(run)} {impl}"
+            results[impl] = run_cell(run, impl, args, anchor.path, label)
+        report["cells"].append({**run, "results": results})
+        print(format_row(run, results), flush=True)
 
-    table = format_table(report["cells"])
-    layout_us = layout_run.get("layout_us") if layout_run else None
-    report["layout_us"] = layout_us
+    table = format_table(report["cells"], info, anchor.describe())
     footer = [f"copy bandwidth (1 GiB device-to-device, read + write): {info['copy_gbps']:.0f} GB/s"]
-    if layout_us is not None:
-        footer.append(f"layout (T={layout_run['tokens']}, K={layout_run['topk']}, E={layout_run['experts']}, "
-                      f"4-rank cell, rank 0): {layout_us:.1f} µs")
-    else:
-        footer.append("layout: not measured (no 4-rank run)")
     if not report["verify"]["ok"]:
         footer.append("VERIFY FAILED: the numbers above come from a build that does not match the reference")
-    text = "\n".join([f"{info['name']} ({info['sm_count']} SMs), commit {report['commit']}, "
+    text = "\n".join([f"{info['name']} ({info['sm_count']} SMs, driver {info['driver']}), commit {report['commit']}, "
                       f"median of {args.iters} iterations", "", table, "", *footer])
     print("\n" + text, flush=True)
 
@@ -335,7 +406,8 @@ def main(argv=None) -> int:
 
     if not report["verify"]["ok"]:
         return EXIT_VERIFY
-    return EXIT_RUN if any("error" in c for c in report["cells"]) else 0
+    failed = any("error" in c["results"]["moelink"] or c["results"]["moelink"].get("errors") for c in report["cells"])
+    return EXIT_RUN if failed else 0
 
 
 if __name__ == "__main__":

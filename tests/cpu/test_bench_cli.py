@@ -31,7 +31,7 @@ def test_help_lists_the_options(repo_root):
     result = cli(repo_root, "--help")
     assert result.returncode == 0, result.stderr
     for option in ("--tokens", "--hidden", "--topk", "--experts", "--ranks", "--sms", "--cells", "--iters",
-                   "--dry-run"):
+                   "--anchor", "--arena", "--dry-run"):
         assert option in result.stdout
 
 
@@ -99,29 +99,137 @@ def test_no_gpu_is_a_clear_error(repo_root):
     assert "Traceback" not in result.stderr
 
 
-def fake_result(run_all, ranks=4, sms=24, tokens=4096, **overrides):
-    ops = {op: {"time_us_mean": 100.0 + i, "gbps_mean": 200.0 + i, "gbps_min": 190.0} for i, op in
-           enumerate(run_all.SHOWN_OPS)}
-    return {"ranks": ranks, "num_sms": sms, "tokens": tokens, "hidden": 7168, "topk": 8, "experts": 256,
-            "recv_rows": [30000, 30002], "arena": True, "ops": ops, **overrides}
+def fake_result(run_all, impl="moelink", scale=1.0, errors=None):
+    ops = {name: {"time_us_mean": (100.0 + i) / scale, "gbps_mean": (200.0 + i) * scale, "gbps_min": 190.0}
+           for i, (name, _) in enumerate(run_all.ROW_OPS)}
+    ops["layout"] = {"time_us_mean": 50.0 / scale}
+    return {"impl": impl, "recv_rows": [30000, 30002], "ops": ops, "errors": errors or {}}
 
 
-def test_one_row_per_run(run_all):
-    row = run_all.format_row(fake_result(run_all))
+RUN = {"ranks": 4, "num_sms": 24, "tokens": 4096, "hidden": 7168, "topk": 8, "experts": 256}
+
+
+def test_one_row_per_run_with_ratios_from_this_run(run_all):
+    row = run_all.format_row(RUN, {"moelink": fake_result(run_all), "deep_ep": fake_result(run_all, "deep_ep", 0.5)})
     assert row.split()[:7] == ["4", "24", "4096", "7168", "8", "256", "30001"]
-    assert "100.0" in row and "200.0" in row
-    failed = run_all.format_row({**fake_result(run_all), "error": "boom", "recv_rows": None})
+    assert "200.0" in row and "x2.00" in row
+    alone = run_all.format_row(RUN, {"moelink": fake_result(run_all)})
+    assert "x2" not in alone and "    -" in alone  # no anchor: no ratio
+    failed = run_all.format_row(RUN, {"moelink": {"impl": "moelink", "error": "boom"}})
     assert "FAILED" in failed
     header = run_all.row_header()
-    assert all(title in header for title in run_all.OP_TITLES)
+    assert all(title in header for _, title in run_all.ROW_OPS)
 
 
-def test_table_compares_with_deepep_only_at_its_shape(run_all):
-    table = run_all.format_table([fake_result(run_all), fake_result(run_all, tokens=128)])
-    rows = table.splitlines()[2:]
-    assert len(rows) == 2
-    assert "149 / 158 / 181" in rows[0]          # 4x24 at DeepEP's shape
-    assert rows[1].rstrip("|").endswith("- | - ")  # same cell, another size: no reference
+def test_ratio_is_speed_over_speed(run_all):
+    assert run_all.ratio({"gbps_mean": 300.0}, {"gbps_mean": 150.0}) == 2.0
+    assert run_all.ratio({"time_us_mean": 25.0}, {"time_us_mean": 50.0}) == 2.0  # layout: time over time
+    assert run_all.ratio({"gbps_mean": 300.0}, None) is None
+    assert run_all.ratio(None, {"gbps_mean": 1.0}) is None
+
+
+def test_no_figure_is_typed_in(repo_root):
+    """Ratios divide by figures of the same run only: no DeepEP number lives in the bench's code."""
+    import re
+
+    for name in ("run_all.py", "bench_intranode.py", "anchor.py"):
+        text = (repo_root / "bench" / name).read_text()
+        assert not re.search(r"DEEPEP_GBPS|\(\s*149\s*,\s*158", text), f"bench/{name} holds typed-in DeepEP figures"
+
+
+def test_table_marks_a_missing_or_failed_anchor(run_all):
+    info = {"copy_gbps": 4000.0, "gpu_count": 1}
+    cells = [{**RUN, "results": {"moelink": fake_result(run_all), "deep_ep": fake_result(run_all, "deep_ep", 0.5)}},
+             {**RUN, "results": {"moelink": fake_result(run_all)}},
+             {**RUN, "results": {"moelink": fake_result(run_all), "deep_ep": {"impl": "deep_ep", "error": "hung"}}}]
+    table = run_all.format_table(cells, info, "DeepEP 1.2.1 from /x")
+    rows = [line for line in table.splitlines() if line.startswith("| 4x24")]
+    per_cell = len(run_all.OP_TITLES)
+    assert len(rows) == 3 * per_cell
+    assert "| 2.00 |" in rows[0] and "40%" in rows[0]        # 200 GB/s of 4000 / (2 x 4)
+    assert "no anchor" in rows[per_cell]
+    assert "anchor failed" in rows[2 * per_cell]
+    assert "DeepEP 1.2.1 from /x" in table
+
+
+def test_two_touch_limit(run_all):
+    assert run_all.two_touch_limit(4000.0, 4, 1) == 500.0
+    assert run_all.two_touch_limit(4000.0, 8, 8) == 2000.0  # one rank per GPU
+
+
+# ---- the anchor ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def anchor(repo_root):
+    spec = importlib.util.spec_from_file_location("bench_anchor", repo_root / "bench" / "anchor.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_anchor"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_anchor", None)
+
+
+def fake_deep_ep(root, shim=False, version="1.2.1"):
+    package = root / "deep_ep"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"__version__ = {version!r}\n" + ("__moelink_shim__ = True\n" if shim else ""))
+    return root
+
+
+def fake_wheel(directory):
+    import zipfile
+
+    wheel = directory / "deep_ep-1.2.1-py3-none-any.whl"
+    info = "deep_ep-1.2.1.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("deep_ep/__init__.py", "__version__ = '1.2.1'\n")
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: deep_ep\nVersion: 1.2.1\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_anchor_none(anchor, repo_root):
+    found = anchor.resolve("none", repo_root)
+    assert not found.available and "ratios are not printed" in found.describe()
+
+
+def test_anchor_directory(anchor, repo_root, tmp_path):
+    found = anchor.resolve(str(fake_deep_ep(tmp_path)), repo_root)
+    assert found.available and found.version == "1.2.1" and found.path == str(tmp_path)
+
+
+def test_anchor_refuses_moelinks_shim(anchor, repo_root, tmp_path):
+    found = anchor.resolve(str(fake_deep_ep(tmp_path, shim=True)), repo_root)
+    assert not found.available and "shim" in found.reason
+
+
+def test_anchor_wheel_is_installed_once(anchor, repo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(anchor.tempfile, "gettempdir", lambda: str(tmp_path / "cache"))
+    wheel = fake_wheel(tmp_path)
+    first = anchor.resolve(str(wheel), repo_root)
+    assert first.available, first.reason
+    assert (tmp_path / "cache" / "moelink-anchor" / wheel.stem / "deep_ep").is_dir()
+    assert anchor.resolve(str(wheel), repo_root).path == first.path
+
+
+def test_anchor_auto_uses_the_environment_variable(anchor, repo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(anchor.ENV, str(fake_deep_ep(tmp_path)))
+    assert anchor.resolve("auto", repo_root).path == str(tmp_path)
+
+
+def test_anchor_auto_without_deep_ep_says_where_to_put_it(anchor, tmp_path, monkeypatch):
+    monkeypatch.delenv(anchor.ENV, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "")
+    found = anchor.resolve("auto", tmp_path)  # a repo root without .anchors/
+    if found.available:
+        pytest.skip("this interpreter can import a deep_ep of its own")
+    assert ".anchors/" in found.reason
+
+
+def test_anchor_bad_directory(anchor, repo_root, tmp_path):
+    found = anchor.resolve(str(tmp_path), repo_root)
+    assert not found.available and "holds no deep_ep package" in found.reason
 
 
 def test_progress_while_running(run_all, monkeypatch):
