@@ -239,3 +239,29 @@ def test_progress_while_running(run_all, monkeypatch):
         time.sleep(0.2)
     lines = stream.getvalue().splitlines()
     assert lines and all(line.startswith("  4x24 T=4096: running,") for line in lines)
+
+
+# ---- the low-latency benchmark -------------------------------------------------------------------
+
+def test_low_latency_bench_help_and_no_gpu(repo_root):
+    script = str(repo_root / "bench" / "bench_low_latency.py")
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--experts" in result.stdout, result.stderr
+    bad = subprocess.run([sys.executable, script, "--ranks", "3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a multiple of 3 ranks" in bad.stderr
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    none = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, env=env)
+    assert none.returncode == 3 and "needs PyTorch with CUDA" in none.stderr, none.stdout + none.stderr
+
+
+def test_low_latency_floor(repo_root):
+    spec = importlib.util.spec_from_file_location("bench_ll", repo_root / "bench" / "bench_low_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_ll"] = module
+    try:
+        spec.loader.exec_module(module)
+        # 1000 rows of 2 x 7168 bytes, read and written, at 4000 GB/s: 2 * 1000 * 14336 / 4e9 s = 7.168 us
+        assert abs(module.floor_us("dispatch_bf16", 1000, 7168, 4000.0) - 7.168) < 1e-9
+        assert module.floor_us("dispatch_send_hook", 1000, 7168, 4000.0) is None
+    finally:
+        sys.modules.pop("bench_ll", None)

@@ -1,0 +1,179 @@
+"""Low-latency dispatch / combine latency on this GPU, beside the HBM floor for the same bytes.
+
+    bash scripts/with_mps.sh python3 bench/bench_low_latency.py [--ranks 2,4,8] [--tokens 128]
+        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10]
+
+Each (ranks, experts) runs R ranks as processes (several per GPU under MPS) with
+MOELINK_EXPERIMENTAL_LOW_LATENCY=1, checks one round against the GPU suite's reference checks, then
+times: dispatch bf16, dispatch fp8, combine (bf16, of the bf16 dispatch's layout), and the send call
+of a hook-mode dispatch (return_recv_hook=True; the hook runs untimed after it). Timing: all ranks
+meet at a barrier, then CUDA events around one call on the caller's stream; per iteration the
+slowest rank's time counts; the median over iterations is shown. No L2 flush: decode runs these
+back to back on warm data.
+
+Floor: the time the same bytes take at this GPU's copy rate (1 GiB device-to-device, read + write
+counted), every routed row read once and written once, summed over the ranks sharing a GPU:
+dispatch bf16 2 x rows x 2H, fp8 2 x rows x (H + 4H/128), combine 2 x rows x 2H, with rows = the
+(token, expert) pairs of all ranks on the GPU. DeepEP V1's low-latency mode cannot run without an
+RDMA NIC (it forces IBGDA), so there is no anchor here. Raw JSON goes to $OUT/bench_low_latency.json
+when OUT is set. Exit status: 0 ok, 1 a check failed, 2 a run failed, 3 no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _path in (BENCH_DIR, REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import launcher  # noqa: E402 - imports no torch
+from run_all import EXIT_NO_GPU, EXIT_RUN, EXIT_VERIFY, Progress, gpu_problem, int_list  # noqa: E402
+
+ENV = {"MOELINK_EXPERIMENTAL_LOW_LATENCY": "1"}
+OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_send_hook")
+
+
+def _latency_us(op, iters: int, warmup: int, after=None) -> list[float]:
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    for _ in range(warmup):
+        out = op()
+        if after:
+            after(out)
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = op()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+        if after:
+            after(out)
+    return samples
+
+
+def bench_ll(rank, num_ranks, params: dict) -> dict:
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    import common  # noqa: PLC0415
+    import moelink  # noqa: PLC0415
+    from test_low_latency import LLCase, check_combine, check_dispatch, combine_input, make_round  # noqa: PLC0415
+
+    case = LLCase("bench", params["tokens"], params["tokens"], params["hidden"], params["topk"], params["experts"],
+                  drop_prob=0.0)
+    hint = moelink.Buffer.get_low_latency_rdma_size_hint(case.max_tokens, case.hidden, num_ranks, case.num_experts)
+    buf = moelink.Buffer(common.world_group(), 0, hint, low_latency_mode=True,
+                         num_qps_per_rank=case.num_experts // num_ranks, explicitly_destroy=True)
+    routing, inputs = make_round(case, params["seed"], num_ranks)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    x, weights = inputs[rank].x, inputs[rank].topk_weights
+    M, E = case.max_tokens, case.num_experts
+
+    out = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)
+    check_dispatch(out, case, routing, inputs, rank, num_ranks, f"bench rank {rank}")
+    y = combine_input(case, out, inputs, rank, num_ranks)
+    check_combine(buf.low_latency_combine(y, topk_idx, weights, out[2])[0], case, routing, inputs, rank,
+                  f"bench rank {rank}")
+    handle = out[2]
+
+    ops = {
+        "dispatch_bf16": (lambda: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False), None),
+        "dispatch_fp8": (lambda: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True), None),
+        "combine": (lambda: buf.low_latency_combine(y, topk_idx, weights, handle), None),
+        "dispatch_send_hook": (lambda: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False,
+                                                                return_recv_hook=True),
+                               lambda result: result[4]()),
+    }
+    mine = {name: _latency_us(op, params["iters"], params["warmup"], after) for name, (op, after) in ops.items()}
+    routed = int((topk_idx >= 0).sum().item())
+    gathered = [None] * num_ranks
+    dist.all_gather_object(gathered, {"samples": mine, "routed": routed})
+    buf.destroy()
+    summary = {"ranks": num_ranks, **{k: params[k] for k in ("tokens", "hidden", "topk", "experts", "iters")},
+               "routed_rows": sum(g["routed"] for g in gathered), "ops": {}}
+    for name in OPS:
+        worst = [max(g["samples"][name][i] for g in gathered) for i in range(params["iters"])]
+        summary["ops"][name] = {"median_us": statistics.median(worst), "min_us": min(worst)}
+    return summary
+
+
+def floor_us(op: str, routed_rows_on_gpu: int, hidden: int, copy_gbps: float) -> float | None:
+    row = {"dispatch_bf16": 2 * hidden, "dispatch_fp8": hidden + 4 * hidden // 128, "combine": 2 * hidden}.get(op)
+    if row is None or not copy_gbps:
+        return None
+    return 2 * routed_rows_on_gpu * row / (copy_gbps * 1e3)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int_list, default=[2, 4, 8])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per rank (= num_max_dispatch_tokens_per_rank)")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int_list, default=[256, 288])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args(argv)
+    for ranks in args.ranks:
+        for experts in args.experts:
+            if experts % ranks:
+                parser.error(f"--experts {experts} is not a multiple of {ranks} ranks")
+    problem = gpu_problem()
+    if problem:
+        print(f"moelink bench: {problem}; the benchmark needs PyTorch with CUDA and a Hopper GPU", file=sys.stderr)
+        return EXIT_NO_GPU
+    import bench_intranode  # noqa: PLC0415 - imports torch; after the GPU check
+
+    info = launcher.run_ranks(1, bench_intranode.device_info, timeout_s=120)[0]
+    print(f"device: {info['name']}, {info['sm_count']} SMs, copy {info['copy_gbps']:.0f} GB/s (read + write)")
+    print(f"# {'ranks':>5} {'experts':>7} {'tokens':>6} {'hidden':>6} {'topk':>4} | "
+          + " | ".join(f"{name:>18}" for name in OPS) + " |  (median us, slowest rank; floor us)")
+    report = {"device": info, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
+    status = 0
+    for ranks in args.ranks:
+        for experts in args.experts:
+            params = {"tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "experts": experts,
+                      "iters": args.iters, "warmup": args.warmup, "seed": 7}
+            try:
+                with Progress(f"{ranks} ranks, {experts} experts"):
+                    result = launcher.run_ranks(ranks, bench_ll, params, timeout_s=600, env=ENV)[0]
+            except launcher.RankFailure as failure:
+                text = str(failure)
+                print(f"{ranks} ranks, {experts} experts: FAILED\n{text}", flush=True)
+                report["runs"].append({"ranks": ranks, "experts": experts, "error": text})
+                status = EXIT_VERIFY if "AssertionError" in text else EXIT_RUN
+                continue
+            gpus = max(1, info.get("gpu_count", 1))
+            on_gpu = result["routed_rows"] * min(ranks, -(-ranks // gpus)) // ranks
+            cells = []
+            for name in OPS:
+                op = result["ops"][name]
+                op["floor_us"] = floor_us(name, on_gpu, args.hidden, info["copy_gbps"])
+                floor = f"{op['floor_us']:.1f}" if op["floor_us"] else "-"
+                cells.append(f"{op['median_us']:>9.1f} ({floor:>6})")
+            print(f"  {ranks:>5} {experts:>7} {args.tokens:>6} {args.hidden:>6} {args.topk:>4} | "
+                  + " | ".join(cells) + " |", flush=True)
+            report["runs"].append(result)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "bench_low_latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
