@@ -225,7 +225,7 @@ void Buffer::destroy() {
   if (!failure.empty()) throw Error(failure_kind, failure);
 }
 
-void Buffer::check_device_errors() const { ctx_->check_device_errors(); }
+void Buffer::check_device_errors() const { ctx_->check_device_errors(false); }
 
 void Buffer::abstain() { ctx_->abstain(); }
 
@@ -242,6 +242,10 @@ EventHandle Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, con
 EventHandle Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
                                         LowLatencyPhase phase, const StreamOrder& order) {
   return low_latency::combine(*ctx_, in, out, phase, order);
+}
+
+void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
+  low_latency::clean(*ctx_, num_max_dispatch_tokens_per_rank, hidden, num_experts);
 }
 
 void* Buffer::low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,

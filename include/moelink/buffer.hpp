@@ -112,6 +112,10 @@ class Buffer {
                                    LowLatencyPhase phase, const StreamOrder& order);
   EventHandle low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
                                   LowLatencyPhase phase, const StreamOrder& order);
+  // Collective: after every rank's earlier calls, zeroes this rank's signal words for the layout of
+  // (M, hidden, num_experts), then waits for every rank again. Needed before the first low-latency
+  // call with another expert count than the last one, or after the region held normal-mode data.
+  void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts);
   // Where a zero-copy combine's input may be written: [E_local, R * M, H] bf16 in this rank's
   // low-latency region (`which` alternates between two such areas).
   void* low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int which) const;

@@ -461,6 +461,8 @@ void bind_buffer(nb::module_& m) {
           "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "src_info"_a.none(), "layout_range"_a.none(),
           "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a, "combine_wait_recv_cost_stats"_a.none(),
           "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a)
+      .def("clean_low_latency_buffer", &Buffer::clean_low_latency_buffer, "num_max_dispatch_tokens_per_rank"_a,
+           "hidden"_a, "num_experts"_a, Release())
       .def(
           "low_latency_combine_buffer",
           [](const Buffer& self, int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int which) {

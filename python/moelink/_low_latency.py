@@ -179,11 +179,11 @@ def next_combine_buffer(buf: "Buffer", handle: tuple) -> torch.Tensor:
 
 
 def clean_buffer(buf: "Buffer", num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-    """Signals carry their call's number, so nothing needs cleaning: this checks the arguments fit
-    the buffer and waits for every rank (deep_ep's call is collective too)."""
+    """Zeroes this rank's signal words for the layout, between two barriers (collective, as deep_ep's).
+    Signals carry their call's number, so calls of one layout never need it; a new expert count does."""
     buf._check_usable("clean_low_latency_buffer")
     rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, buf.group_size, num_experts)
-    buf.runtime.barrier("clean_low_latency_buffer")
+    buf.runtime.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
 
 def update_mask_buffer(buf: "Buffer", rank_to_mask: int, mask: bool) -> None:

@@ -367,8 +367,9 @@ class Buffer:
     # ---- low-latency mode ---------------------------------------------------------------------------
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Prepares the low-latency buffers for these arguments (collective). moelink's signals carry
-        their call's number, so nothing needs zeroing; it checks that the arguments fit."""
+        """Prepares the low-latency buffers for these arguments (collective): zeroes this rank's signal
+        words between two barriers. Call it before low-latency calls with another expert count than
+        the last ones (calls of one layout never need it: signals carry their call's number)."""
         _low_latency.clean_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,

@@ -35,6 +35,7 @@ enum ErrorCode : int {
   // faults (the fault record; the Buffer is broken afterwards)
   kErrTimeout = 1,  // peer: the rank that never arrived
   kErrAborted = 2,  // a peer gave up first: peer = the rank it lost, detail = the rank that reported it
+  kErrBadSignal = 3,  // a low-latency signal word no sender writes: peer = its source; detail: the value
   // data errors (the data record; every rank of the operation reports the same one)
   kErrWorstTokensOverflow = 16,  // peer: the rank that receives more rows; detail: how many
   kErrBadExpertId = 17,          // peer: the rank whose topk_idx holds it; detail: token * kMaxTopK + slot
@@ -42,11 +43,17 @@ enum ErrorCode : int {
   kErrPeerRejected = 19,         // peer: the rank whose own checks rejected its arguments
   kErrHandleFailed = 20,         // peer: the rank whose handle comes from a failed dispatch
   kErrInputRows = 21,            // peer: the rank whose combine input has fewer rows than its handle; detail: rows needed
-  // low-latency calls have no agreement step, so this one is this rank's alone, found mid-call
+  // Low-latency calls have no agreement step, so these are this rank's alone, found mid-call. They are
+  // raised after the next operation is launched, never instead of launching it: its peers wait for it.
   kErrLowLatencyBadExpertId = 22,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
+  kErrLowLatencyTooManyRows = 23,  // more than M rows for one expert: detail = the expert
 };
 
-MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted; }
+MOELINK_HOST_DEVICE bool is_deferred_data_error(int code) {
+  return code == kErrLowLatencyBadExpertId || code == kErrLowLatencyTooManyRows;
+}
+
+MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted || code == kErrBadSignal; }
 
 // Wait steps are numbered per mode (runtime/wait_steps.hpp holds the table that names them):
 // common 0..15, layout 16..31, intranode 32..63, then the modes to come.

@@ -135,6 +135,8 @@ Context::Context(const BufferOptions& o) {
         for (auto& s : channel) s = epoch_start;
     for (auto& channel : image->intranode.pull_done)
       for (auto& s : channel) s = epoch_start;
+    image->low_latency.seq = epoch_start;
+    for (auto& s : image->low_latency.recv_done) s = epoch_start;
     MOELINK_CUDA_CHECK(cudaMemcpyAsync(nvl_base, image.get(), sizeof(NvlHeader), cudaMemcpyHostToDevice, comm_stream));
   }
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream));
@@ -210,10 +212,10 @@ void Context::require_usable(const char* op) const {
   if (destroyed) raise(ErrorKind::kState, op, ": the Buffer on rank ", topo.rank, " was destroyed");
   if (!available) raise(ErrorKind::kState, op, ": the Buffer on rank ", topo.rank, " is not synced yet (call sync())");
   // The same message every time: the lost rank and the step, and what to do about it.
-  if (!broken.empty()) throw Error(ErrorKind::kTimeout, broken);
+  if (!broken.empty()) throw Error(broken_kind, broken);
 }
 
-void Context::check_device_errors() {
+void Context::check_device_errors(bool before_launch) {
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
@@ -222,7 +224,13 @@ void Context::check_device_errors() {
     if (broken.empty()) {
       std::atomic_thread_fence(std::memory_order_acquire);
       const int lost = global(fault->peer);
-      if (fault->code == kernels::kErrTimeout) {
+      if (fault->code == kernels::kErrBadSignal) {
+        broken_kind = ErrorKind::kState;
+        broken = str("moelink: rank ", rank, ": a low-latency signal word from rank ", lost, " held ", fault->detail,
+                     ", not a count any sender writes: words left by a layout with another expert count (call "
+                     "clean_low_latency_buffer after changing num_experts); this Buffer is unusable now: destroy it "
+                     "and create a new one");
+      } else if (fault->code == kernels::kErrTimeout) {
         broken = str("moelink: rank ", rank, " timed out after ", timeout_s, " s ");
         if (fault->step == kernels::kStepBarrier)
           broken += str("in ", barrier_name(fault->barrier_tag), ": rank ", lost, " never arrived");
@@ -243,11 +251,11 @@ void Context::check_device_errors() {
                   "destroy it and create a new one";
       }
     }
-    throw Error(ErrorKind::kTimeout, broken);
+    throw Error(broken_kind, broken);
   }
   volatile kernels::ErrorRecord* data = &mailbox->data;
   const int code = data->code;
-  if (code == kernels::kErrNone) return;
+  if (code == kernels::kErrNone || (before_launch && kernels::is_deferred_data_error(code))) return;
   std::atomic_thread_fence(std::memory_order_acquire);
   const int peer = global(data->peer);
   const long long detail = data->detail;
@@ -264,6 +272,11 @@ void Context::check_device_errors() {
                     detail % kernels::kMaxTopK,
                     " holds an expert id outside [-1, num_experts); no rank ran the dispatch (or the operation after "
                     "get_dispatch_layout saw it)");
+      break;
+    case kernels::kErrLowLatencyTooManyRows:
+      message = str("moelink: topk_idx: an earlier low_latency_dispatch on rank ", peer, " sent more than "
+                    "num_max_dispatch_tokens_per_rank rows to expert ", detail,
+                    " (a token names it twice?); the extra rows were dropped");
       break;
     case kernels::kErrLowLatencyBadExpertId:
       message = str("moelink: topk_idx: token ", detail / kernels::kMaxTopK, " slot ", detail % kernels::kMaxTopK,
@@ -328,6 +341,12 @@ void Context::begin_op(const StreamOrder& order) {
 EventHandle Context::end_op(const StreamOrder& order) {
   EventHandle done(comm_stream);
   if (!order.async_finish) done.stream_wait(order.compute_stream);
+  if (mailbox != nullptr && kernels::is_deferred_data_error(mailbox->data.code)) {
+    // The caller gets an exception instead of its outputs, and frees them on its stream: that
+    // stream must not reuse their memory before this op's kernels are done with it.
+    if (order.async_finish) done.stream_wait(order.compute_stream);
+    check_device_errors(false);
+  }
   return done;
 }
 

@@ -12,6 +12,7 @@
 
 #include "common/header.hpp"
 #include "moelink/buffer.hpp"
+#include "moelink/error.hpp"
 #include "runtime/arena.hpp"
 #include "runtime/memory_map.hpp"
 #include "window/window.hpp"
@@ -57,6 +58,7 @@ class Context {
   std::vector<uint8_t> unique_id;
   int notify_seq = 0;  // numbers host waits on the mailbox only; operations are numbered on the device
   std::string broken;  // non-empty once a peer was lost: the protocol state can't be trusted
+  ErrorKind broken_kind = ErrorKind::kTimeout;  // what raising `broken` throws
 
   NvlHeader* header() const { return reinterpret_cast<NvlHeader*>(nvl_base); }
   void* data() const { return nvl_base + kNvlHeaderBytes; }
@@ -80,14 +82,16 @@ class Context {
   // Raises kState when the Buffer is destroyed or not synced, kTimeout once it is broken.
   void require_usable(const char* op) const;
   // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
-  // data error every rank of the operation found (ValueError, raised once).
-  void check_device_errors();
+  // data error every rank of the operation found (ValueError, raised once). At the start of an
+  // operation (before_launch) a deferred data error (header.hpp) is left for end_op to raise.
+  void check_device_errors(bool before_launch = true);
   // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers
   // learn so (they name this rank as the one lost).
   [[noreturn]] void fail_host_wait(const std::string& message, int step);
   // Orders the comm stream after previous_event or the compute stream.
   void begin_op(const StreamOrder& order);
-  // The event at the end of the op; without async_finish the compute stream waits for it.
+  // The event at the end of the op; without async_finish the compute stream waits for it. Then
+  // raises a deferred data error an earlier operation recorded (the op itself was launched).
   EventHandle end_op(const StreamOrder& order);
   // Launches the opening of an operation whose kernels do not open it themselves.
   void launch_opening(const kernels::Opening& opening);

@@ -1,5 +1,6 @@
-// The low-latency region's layout: both parities, every slot and signal inside its area, and the
-// total equal to deep_ep V1's hint formula (which tests/cpu/test_low_latency_reference.py checks).
+// The low-latency region's layout: both parities, every slot and signal inside its area and 16-byte
+// aligned, signals placed by the expert count alone, and the hint equal to deep_ep V1's formula
+// (which tests/cpu/test_low_latency_reference.py checks) and never below what the layout needs.
 #include <cstdint>
 
 #include "harness.hpp"
@@ -7,25 +8,50 @@
 
 using moelink::low_latency::Layout;
 
-MOELINK_TEST(low_latency_layout_areas_do_not_overlap) {
-  const int M = 128, H = 7168, R = 8, E = 256;
-  const Layout l = Layout::make(M, H, R, E);
-  EXPECT_EQ(l.num_local_experts, 32);
-  EXPECT_EQ(l.dispatch_message, 16 + 2 * H);
-  EXPECT_EQ(l.combine_message, 2 * H + 4 * (H / 128));
+namespace {
+
+void check_areas(const Layout& l) {
+  const int M = l.max_tokens, R = l.num_ranks, E = l.num_experts, EL = l.num_local_experts;
+  EXPECT_EQ(l.signals(1), l.signal_bytes);
+  EXPECT_EQ(l.send(0), 2 * l.signal_bytes);
   for (int p = 0; p < 2; ++p) {
     EXPECT_EQ(l.recv(p), l.send(p) + l.send_bytes);
-    EXPECT_EQ(l.signals(p), l.recv(p) + l.recv_bytes);
-    // The last dispatch slot and the last combine slot end inside the receive area.
-    EXPECT_LE(l.dispatch_slot(p, l.num_local_experts - 1, R - 1, M - 1) + l.dispatch_message, l.signals(p));
-    EXPECT_LE(l.combine_slot(p, E - 1, M - 1) + l.combine_message, l.signals(p));
-    EXPECT_LE(l.count_signal(p, l.num_local_experts - 1, R - 1) + 4, l.signals(p) + l.signal_bytes);
+    const int64_t recv_end = l.recv(p) + l.recv_bytes;
+    EXPECT_LE(l.dispatch_slot(p, EL - 1, R - 1, M - 1) + l.dispatch_stride, recv_end);
+    EXPECT_LE(l.combine_slot(p, E - 1, M - 1) + l.combine_stride, recv_end);
+    EXPECT_LE(l.count_signal(p, EL - 1, R - 1) + 4, l.signals(p) + l.signal_bytes);
     EXPECT_LE(l.combine_signal(p, E - 1) + 4, l.signals(p) + l.signal_bytes);
-    EXPECT_EQ(l.dispatch_slot(p, 0, 0, 0) % 16, 0);
+    // Kernels move rows as 16-byte words: every slot of every shape starts aligned.
+    EXPECT_EQ(l.dispatch_slot(p, EL - 1, R - 1, M - 1) % 16, 0);
+    EXPECT_EQ(l.combine_slot(p, E - 1, M - 1) % 16, 0);
+    EXPECT_EQ(l.send(p) % 16, 0);
   }
-  EXPECT_EQ(l.send(1), l.parity_bytes);
-  EXPECT_LE(2 * l.parity_bytes, l.total_bytes());
+  EXPECT_LE(l.recv(1) + l.recv_bytes, l.total_bytes());
   EXPECT_EQ(l.total_bytes() % 128, 0);
+  EXPECT_LE(l.total_bytes(), l.hint_bytes());
+}
+
+}  // namespace
+
+MOELINK_TEST(low_latency_layout_areas_do_not_overlap) {
+  const Layout l = Layout::make(128, 7168, 8, 256);
+  EXPECT_EQ(l.num_local_experts, 32);
+  EXPECT_EQ(l.dispatch_message, 16 + 2 * 7168);
+  EXPECT_EQ(l.combine_message, 2 * 7168 + 4 * (7168 / 128));
+  EXPECT_EQ(l.combine_stride, 2 * 7168);
+  check_areas(l);
+}
+
+MOELINK_TEST(low_latency_layout_any_hidden_multiple_of_128) {
+  // Hidden sizes whose deep_ep combine message (2H + 4H/128) is not a multiple of 16, and tiny shapes.
+  for (int hidden : {128, 384, 896, 1152, 2304, 2048, 7168})
+    for (int m : {1, 3, 128})
+      for (int ranks : {1, 2, 8}) check_areas(Layout::make(m, hidden, ranks, 2 * ranks));
+}
+
+MOELINK_TEST(low_latency_signals_move_only_with_the_expert_count) {
+  const Layout a = Layout::make(128, 7168, 4, 64), b = Layout::make(1, 2048, 4, 64);
+  for (int p = 0; p < 2; ++p) EXPECT_EQ(a.combine_signal(p, 63), b.combine_signal(p, 63));
 }
 
 MOELINK_TEST(low_latency_signal_words_name_their_call) {

@@ -3,7 +3,8 @@ processes (on one GPU under MPS): every routed (source, token, expert) arrives o
 layout_range, src_info, rows and scales bit-exact against the reference cast), the weighted combine
 matches the reference within bf16 rounding, and the call shapes frameworks use work: hook mode with
 work between send and receive, zero-copy combine input, `out=`, three dispatches in a row, CUDA graph
-replays, and low-latency calls mixed with normal-mode ones on one Buffer.
+replays, low-latency calls mixed with normal-mode ones on one Buffer, two overlapped micro-batches in
+hook mode with skewed ranks, and a third outstanding call timing out naming the limit.
 
 These kernels had not run on a GPU when this file was written (see CHANGELOG): the operations need
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, which the launcher sets here.
@@ -163,8 +164,12 @@ def one_round(buf, case, seed, rank, num_ranks, hook=False, zero_copy=False, use
 def _low_latency(rank, num_ranks, seed):
     cases = [c.resolved(num_ranks) for c in CASES]
     buf = make_ll_buffer(num_ranks, cases)
+    last_experts = None
     for i, case in enumerate(cases):
         what = f"rank {rank}/{num_ranks} {case.name}"
+        if case.num_experts != last_experts:  # a new expert count moves the signal words (as in deep_ep)
+            buf.clean_low_latency_buffer(case.max_tokens, case.hidden, case.num_experts)
+            last_experts = case.num_experts
         one_round(buf, case, seed + i, rank, num_ranks, what=what)
         one_round(buf, case, seed + 100 + i, rank, num_ranks, hook=True, zero_copy=True, use_out=True,
                   what=f"{what} (hook, zero-copy, out=)")
@@ -304,3 +309,56 @@ def _bad_expert_ids(rank, num_ranks, seed):
         buf.low_latency_dispatch(x, topk_idx, case.max_tokens, case.num_experts)
     one_round(buf, case, seed + 1, rank, num_ranks, what="after the bad ids")
     buf.destroy()
+
+
+def _double_batch(rank, num_ranks, seed):
+    """Two micro-batches overlapped as inference servers do: send 0, send 1, hook 0, hook 1, for the
+    dispatch and then the combine, with ranks skewed by a GPU sleep before their hooks."""
+    case = CASES[1].resolved(num_ranks)
+    buf = make_ll_buffer(num_ranks, [case])
+    M, E = case.max_tokens, case.num_experts
+    for i in range(4):
+        rounds = [make_round(case, seed + 10 * i + j, num_ranks) for j in range(2)]
+        idx = [torch.from_numpy(routing[rank]).cuda() for routing, _ in rounds]
+        sent = [buf.low_latency_dispatch(inputs[rank].x, idx[j], M, E, use_fp8=False, return_recv_hook=True)
+                for j, (_, inputs) in enumerate(rounds)]
+        if (rank + i) % 2:
+            torch.cuda._sleep(int(2e6))
+        for out in sent:
+            out[4]()
+        for j, (routing, inputs) in enumerate(rounds):
+            check_dispatch(sent[j], case, routing, inputs, rank, num_ranks, f"rank {rank} round {i} batch {j}")
+        ys = [combine_input(case, sent[j], inputs, rank, num_ranks) for j, (_, inputs) in enumerate(rounds)]
+        combined = [buf.low_latency_combine(ys[j], idx[j], inputs[rank].topk_weights, sent[j][2],
+                                            return_recv_hook=True)
+                    for j, (_, inputs) in enumerate(rounds)]
+        if (rank + i + 1) % 2:
+            torch.cuda._sleep(int(2e6))
+        for result in combined:
+            result[2]()
+        for j, (routing, inputs) in enumerate(rounds):
+            check_combine(combined[j][0], case, routing, inputs, rank, f"rank {rank} round {i} batch {j} combine")
+    common.log(rank, f"[R={num_ranks}] double batch: 4 rounds exact")
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", (2, 4))
+def test_double_batch_hooks(num_ranks):
+    launcher.run_ranks(num_ranks, _double_batch, 66000 + num_ranks, timeout_s=300, env=ENV)
+
+
+def _three_outstanding(rank, num_ranks, seed):
+    case = CASES[1].resolved(num_ranks)
+    buf = make_ll_buffer(num_ranks, [case])
+    routing, inputs = make_round(case, seed, num_ranks)
+    idx = torch.from_numpy(routing[rank]).cuda()
+    sent = [buf.low_latency_dispatch(inputs[rank].x, idx, case.max_tokens, case.num_experts, use_fp8=False,
+                                     return_recv_hook=True) for _ in range(3)]
+    torch.cuda.synchronize()  # the third send waits for a receive nobody runs, until MOELINK_TIMEOUT_S
+    with pytest.raises(TimeoutError, match="at most two low-latency calls may be outstanding"):
+        sent[0][4]()
+    common.quiet_destroy(buf)
+
+
+def test_a_third_outstanding_call_times_out_naming_the_limit():
+    launcher.run_ranks(2, _three_outstanding, 66500, timeout_s=120, env={**ENV, "MOELINK_TIMEOUT_S": "3"})

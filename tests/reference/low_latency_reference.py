@@ -8,7 +8,7 @@ in any order; src_info names each row's source token. Combine sends each expert'
 its token's rank, which sums them weighted by topk_weights (float32, one bf16 rounding).
 
 numpy half (no torch): the size hint deep_ep documents, and which tokens each (expert, source) block
-holds. torch half: the fp8 cast (per 128 values: scale = max(amax, 1e-4) / 448, optionally rounded up
+holds. torch half: the fp8 cast (per 128 values: scale = max(amax, 1e-4) * (1/448), optionally rounded up
 to a power of two, optionally packed as UE8M0 exponent bytes) and the weighted combine.
 """
 
@@ -97,7 +97,9 @@ def cast_fp8(x, round_scale: bool = False, use_ue8m0: bool = False):
         raise ValueError(f"fp8 needs hidden % {FP8_BLOCK} == 0, got {hidden}")
     blocks = x.float().view(n, hidden // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    scale = amax / FP8_MAX
+    # Times the reciprocal (float32), as deep_ep and the kernels compute it; a true division differs
+    # from it in the last bit for about half of all amax values.
+    scale = amax * (1.0 / FP8_MAX)
     if round_scale:
         # The next power of two at or above the scale, from its float32 exponent.
         bits = scale.view(torch.int32)

@@ -1,40 +1,74 @@
 #pragma once
-// What both low-latency kernels do around their halves: number the call, handle a known fault,
-// publish the number.
+// What both low-latency kernels do around their halves: number the call, stop at a known fault,
+// keep a peer's parity from being reused while it still reads it, publish the number.
 #include "common/poison.cuh"
 #include "common/waits.cuh"
 #include "modes/low_latency/contract.hpp"
 
 namespace moelink::low_latency {
 
+struct CallStart {
+  kernels::Epoch seq;
+  bool fault;  // known at the start: the block only poisons
+};
+
 // A send half numbers a new call (the device counter + 1); a hook's receive half runs the call its
-// send half numbered, which left the number in the call's state tensor. Thread 0 reads it once
-// for the block.
-__device__ __forceinline__ kernels::Epoch call_number(int phase, const HeaderSection* self, const long long* state) {
-  __shared__ kernels::Epoch seq;
-  if (threadIdx.x == 0)
-    seq = (phase & kPhaseSend) ? kernels::ld_volatile(&self->seq) + 1
-                               : static_cast<kernels::Epoch>(kernels::ld_volatile(reinterpret_cast<const kernels::Epoch*>(state)));
+// send half numbered, which left the number in the call's state tensor. Thread 0 reads the number
+// and the fault word once for the block, so that every thread of a block takes the same branch.
+__device__ __forceinline__ CallStart start_call(int phase, const HeaderSection* self, const long long* state,
+                                                const kernels::ErrorSink& err) {
+  __shared__ CallStart start;
+  if (threadIdx.x == 0) {
+    start.seq = (phase & kPhaseSend) ? kernels::ld_volatile(&self->seq) + 1
+                                     : static_cast<kernels::Epoch>(kernels::ld_volatile(
+                                           reinterpret_cast<const kernels::Epoch*>(state)));
+    start.fault = kernels::fault_word(err) != 0;
+  }
   __syncthreads();
-  return seq;
+  return start;
+}
+
+// Before a send writes into peers' regions: each peer has finished receiving the call two before
+// this one, the last that used this parity (contract.hpp). Returns false when a wait gave up.
+template <class Args>
+__device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch seq) {
+  __shared__ bool ok;
+  if (threadIdx.x == 0) ok = true;
+  __syncthreads();
+  const int p = threadIdx.x;
+  if (p < a.layout.num_ranks && p != a.rank) {
+    const kernels::Epoch* done = &a.self->recv_done[p];
+    if (!kernels::wait_until([&] { return kernels::epoch_reached(kernels::ld_acquire_sys(done), seq - 2); }, a.err, p,
+                             kStepGate, -1, static_cast<long long>(seq)))
+      ok = false;
+  }
+  __syncthreads();
+  return ok;
 }
 
 // A kernel's body: number the call, run its halves (or, with a fault known, only poison the
-// outputs), end the block (common/poison.cuh). Only the last block of a send half publishes the
-// number: every block has read the old one by then. send and recv take (seq, parity).
+// outputs), end the block (common/poison.cuh). The last block of a send half publishes the
+// number (every block has read the old one by then); the last block of a receive half tells every
+// peer that this rank is done reading this call's parity. send and recv take (seq, parity).
 template <class Args, class Send, class Recv>
 __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
-  const kernels::Epoch seq = call_number(a.phase, a.self, a.state);
+  const CallStart start = start_call(a.phase, a.self, a.state, a.err);
+  const kernels::Epoch seq = start.seq;
   const int parity = static_cast<int>(seq & 1);
-  if (kernels::fault_word(a.err) != 0) {
+  if (start.fault) {
     if (a.phase & kPhaseRecv) kernels::poison_grid_share(a.poison);
   } else {
-    if (a.phase & kPhaseSend) send(seq, parity);
+    if ((a.phase & kPhaseSend) && wait_for_parity(a, seq)) send(seq, parity);
     if (a.phase & kPhaseRecv) recv(seq, parity);
   }
-  if (kernels::finish_block(a.err, a.poison) && threadIdx.x == 0 && (a.phase & kPhaseSend)) {
-    a.self->seq = seq;
-    a.state[0] = static_cast<long long>(seq);
+  if (kernels::finish_block(a.err, a.poison) && threadIdx.x == 0) {
+    if (a.phase & kPhaseSend) {
+      a.self->seq = seq;
+      a.state[0] = static_cast<long long>(seq);
+    }
+    if (a.phase & kPhaseRecv)
+      for (int p = 0; p < a.layout.num_ranks; ++p)
+        if (p != a.rank) kernels::st_release_sys(&a.peers[p]->recv_done[a.rank], seq);
   }
 }
 

@@ -8,9 +8,9 @@
 //     written to slot [expert][token] of s's receive area, then counted done per (le, s). The warp
 //     that signals (le, s) waits until its rows are done (this rank's own writes), then writes s's
 //     signal for the expert, tagged with the call's number, with release semantics.
-//   Receive half (the tokens' side). The grid waits (bounded) for every expert's signal; then warps
-//     take this rank's tokens, lane k checks the signal of slot k's expert, and the warp sums the K
-//     rows in float32, weighted, and writes one bf16 row. A slot with no expert (-1) adds nothing.
+//   Receive half (the tokens' side). Warps take this rank's tokens; lane k waits (bounded) for the
+//     signal of slot k's expert, then the warp sums the K rows in float32, weighted, and writes one
+//     bf16 row. A slot with no expert (-1) adds nothing.
 //   Numbering, parities and poisoning as in dispatch.cu.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -61,9 +61,12 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity) {
     char* dst = window::peer_address_in(a.regions, s, L.combine_slot(parity, expert, token));
     const int4* src = static_cast<const int4*>(a.x) + (static_cast<int64_t>(le) * RM + row) * (H / 8);
     for (int i = lane; i < H / 8; i += 32) reinterpret_cast<int4*>(dst)[i] = ld_nc_stream(src + i);
-    __threadfence_system();
+    // The warp barrier orders every lane's writes before lane 0's fence (see dispatch.cu).
     __syncwarp();
-    if (lane == 0) atomicAdd(&a.self->combine_done[le * R + s], 1);
+    if (lane == 0) {
+      __threadfence_system();
+      atomicAdd(&a.self->combine_done[le * R + s], 1);
+    }
   }
   for (int pair = global_warp; pair < E_local * R; pair += num_warps) {
     if (lane != 0) continue;
@@ -96,33 +99,23 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity) {
   __shared__ const int4* rows[kWarps][kMaxTopK];
   __shared__ float weights[kWarps][kMaxTopK];
   char* own = a.regions[a.rank];
-  // Every expert's signal, not only those this rank's tokens use: a rank then finishes a combine
-  // only after every rank has finished the dispatch before it, so no rank gets two calls ahead and
-  // writes into a parity a slower rank still reads (layout.hpp).
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < L.num_experts; e += gridDim.x * blockDim.x) {
-    const int source = e / L.num_local_experts;
-    const int* word = reinterpret_cast<const int*>(own + L.combine_signal(parity, e));
-    const uint64_t start = global_timer_ns();
-    const bool arrived = wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); },
-                                    a.err, source, kStepCombineRecv, e, static_cast<long long>(seq));
-    if (a.wait_recv_cost_stats != nullptr)
-      atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[source]), global_timer_ns() - start);
-    if (!arrived) break;
-  }
   for (int t = global_warp; t < a.num_tokens; t += num_warps) {
     bool ok = true, bad = false;
     if (lane < K) {
       const long long e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
       const int4* row = nullptr;
       if (e < -1 || e >= L.num_experts) {
-        report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 1, t * kMaxTopK + lane);
+        report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 1, static_cast<long long>(t) * kernels::kMaxTopK + lane);
         bad = true;
       }
       if (e >= 0 && e < L.num_experts) {
         const int expert = static_cast<int>(e), source = expert / L.num_local_experts;
         const int* word = reinterpret_cast<const int*>(own + L.combine_signal(parity, expert));
+        const uint64_t start = global_timer_ns();
         ok = wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); }, a.err,
                         source, kStepCombineRecv, expert, static_cast<long long>(seq));
+        if (a.wait_recv_cost_stats != nullptr)
+          atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[source]), global_timer_ns() - start);
         row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
       }
       rows[warp][lane] = row;

@@ -24,14 +24,20 @@ enum WaitStep : int {
   kStepDispatchRecv = 64,  // a local expert waiting for a source's count
   kStepCombineRecv = 65,   // a token waiting for an expert's rows
   kStepLocal = 66,         // a signalling warp waiting for this rank's own sends (no peer involved)
+  kStepGate = 67,          // a send waiting for a peer to finish receiving the call two before
 };
 
 // Which halves of a call a launch runs: both (the usual call), the send half (return_recv_hook), or
 // the receive half (the hook).
 enum Phase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
 
+// Each call's send half waits, per peer, until that peer has finished receiving the call two
+// before it (recv_done), since both use one parity of the peer's region. Any order of plain and
+// hook calls stays consistent with up to two calls outstanding; a third waits, and with nobody
+// receiving meanwhile times out naming kStepGate.
 struct alignas(128) HeaderSection {
   Epoch seq;                   // the last call's sequence number
+  Epoch recv_done[kMaxNvlRanks];  // [src]: the last call whose receive half src finished (src writes it)
   int dispatch_slots[kMaxExperts];  // rows this rank has claimed per expert in the current dispatch
   int dispatch_done[kMaxExperts];   // rows it has finished writing per expert
   int combine_done[kMaxExperts];    // rows it has finished writing back per (local expert, source)
@@ -55,6 +61,7 @@ struct DispatchArgs {
   int rank;
   char* regions[kMaxNvlRanks];  // every rank's low-latency region, in this process
   HeaderSection* self;
+  HeaderSection* peers[kMaxNvlRanks];  // every rank's section (self included), in this process
   kernels::ErrorSink err;
   kernels::PoisonList poison;
 };
@@ -75,6 +82,7 @@ struct CombineArgs {
   int rank;
   char* regions[kMaxNvlRanks];
   HeaderSection* self;
+  HeaderSection* peers[kMaxNvlRanks];
   kernels::ErrorSink err;
   kernels::PoisonList poison;
 };

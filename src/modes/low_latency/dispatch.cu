@@ -39,7 +39,8 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ float block_scale(float amax, bool round_scale) {
-  float scale = fmaxf(amax, 1e-4f) / 448.0f;
+  // Times the reciprocal, as the reference and deep_ep compute it (a division differs in the last bit).
+  float scale = fmaxf(amax, 1e-4f) * (1.0f / 448.0f);
   if (round_scale) {
     // The next power of two at or above the scale, from its bits (exact, as the reference does).
     unsigned bits = __float_as_uint(scale);
@@ -85,13 +86,20 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dst
     const long long e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
     char* dst = nullptr;
     int expert = -1;
-    if (e < -1 || e >= L.num_experts) report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 0, t * kMaxTopK + lane);
+    if (e < -1 || e >= L.num_experts)
+      report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 0, static_cast<long long>(t) * kernels::kMaxTopK + lane);
     if (e >= 0 && e < L.num_experts) {
       expert = static_cast<int>(e);
       const int r = expert / L.num_local_experts, le = expert % L.num_local_experts;
       const int slot = atomicAdd(&a.self->dispatch_slots[expert], 1);
-      dst = window::peer_address_in(a.regions, r, L.dispatch_slot(parity, le, a.rank, slot));
-      *reinterpret_cast<int4*>(dst) = make_int4(t, 0, 0, 0);
+      // More than M rows for one expert only when a token names it twice: the extra rows are
+      // dropped (still counted done, so the expert's signal goes out) and reported.
+      if (slot < L.max_tokens) {
+        dst = window::peer_address_in(a.regions, r, L.dispatch_slot(parity, le, a.rank, slot));
+        *reinterpret_cast<int4*>(dst) = make_int4(t, 0, 0, 0);
+      } else {
+        report_data(a.err, kErrLowLatencyTooManyRows, a.rank, 0, expert);
+      }
     }
     dsts[lane] = dst;
     experts[lane] = expert;
@@ -122,10 +130,14 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dst
       }
     }
   }
-  // Every lane's writes land before the expert's count moves (the signalling warp releases it).
-  __threadfence_system();
+  // Every lane's writes land before the expert's count moves (the signalling warp releases it):
+  // the warp barrier orders them before lane 0's fence, whose cumulativity covers them.
   __syncwarp();
-  if (lane < K && experts[lane] >= 0) atomicAdd(&a.self->dispatch_done[experts[lane]], 1);
+  if (lane == 0) {
+    __threadfence_system();
+    for (int k = 0; k < K; ++k)
+      if (experts[k] >= 0) atomicAdd(&a.self->dispatch_done[experts[k]], 1);
+  }
   __syncwarp();
 }
 
@@ -148,14 +160,14 @@ __device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* exp
   // Signal each expert once all of this rank's rows to it are written.
   for (int e = global_warp; e < E; e += num_warps) {
     if (lane != 0) continue;
-    const int want = expected[e];
+    const int want = expected[e];  // rows counted done, dropped ones included
     int* done = &a.self->dispatch_done[e];
     if (!wait_until([&] { return ld_acquire_sys(done) >= want; }, a.err, a.err.rank, kStepLocal, e, want)) continue;
     const int r = e / L.num_local_experts, le = e % L.num_local_experts;
     a.self->dispatch_slots[e] = 0;
     *done = 0;
     window::signal(reinterpret_cast<int*>(window::peer_address_in(a.regions, r, L.count_signal(parity, le, a.rank))),
-                   static_cast<int>(signal_word(seq, want)));
+                   static_cast<int>(signal_word(seq, min(want, L.max_tokens))));
   }
 }
 
@@ -178,6 +190,11 @@ __device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity) {
                       kStepDispatchRecv, le, static_cast<long long>(seq)))
         failed = true;
       counts[s] = signal_value(static_cast<uint32_t>(ld_volatile(word)));
+      if (!failed && (counts[s] < 0 || counts[s] > L.max_tokens)) {
+        // Not a count any sender writes: a word left by another layout (contract.hpp).
+        report_fault(a.err, kErrBadSignal, s, kStepDispatchRecv, le, counts[s]);
+        failed = true;
+      }
       if (a.wait_recv_cost_stats != nullptr)
         atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[s]), global_timer_ns() - start);
     }

@@ -23,6 +23,8 @@ const runtime::WaitStepRegistration wait_steps{
     {kStepDispatchRecv, "low-latency dispatch (a local expert waiting for the rows of"},
     {kStepCombineRecv, "low-latency combine (a token waiting for the rows of the expert on"},
     {kStepLocal, "low-latency send (a signalling warp waiting for this rank's own writes,"},
+    {kStepGate, "low-latency send (waiting for a peer to finish receiving the call two before this one: at most two "
+                "low-latency calls may be outstanding between their send and their hook;"},
 };
 
 // Blocks of the low-latency kernels unless fewer fit (every rank's must be resident at once).
@@ -116,7 +118,10 @@ void fill_call(Args& a, const Context& ctx, const Layout& L, LowLatencyPhase pha
   a.layout = L;
   a.phase = phase_bits(phase);
   a.rank = ctx.topo.nvl_rank;
-  for (int p = 0; p < ctx.topo.num_nvl_ranks; ++p) a.regions[p] = ctx.low_latency_regions[p];
+  for (int p = 0; p < ctx.topo.num_nvl_ranks; ++p) {
+    a.regions[p] = ctx.low_latency_regions[p];
+    a.peers[p] = &ctx.peer_header(p)->low_latency;
+  }
   a.self = &ctx.header()->low_latency;
   a.err = ctx.error_sink();
 }
@@ -130,7 +135,7 @@ int64_t rdma_size_hint(int max_tokens, int hidden, int num_ranks, int num_expert
   if (num_ranks < 1) raise(ErrorKind::kValue, "num_ranks: expected >= 1, got ", num_ranks);
   if (num_experts < num_ranks || num_experts % num_ranks != 0)
     raise(ErrorKind::kValue, "num_experts: expected a multiple of num_ranks (", num_ranks, "), got ", num_experts);
-  return Layout::make(max_tokens, hidden, num_ranks, num_experts).total_bytes();
+  return Layout::make(max_tokens, hidden, num_ranks, num_experts).hint_bytes();
 }
 
 EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
@@ -228,6 +233,16 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   a.poison = poison_list({{&out.combined_x, T * H * 2}});
   launch_combine(a, blocks, ctx.comm_stream);
   return ctx.end_op(order);
+}
+
+void clean(Context& ctx, int max_tokens, int hidden, int num_experts) {
+  ctx.require_usable("clean_low_latency_buffer");
+  const Layout L = checked_layout(ctx, max_tokens, hidden, num_experts, "clean_low_latency_buffer");
+  // The first barrier: no peer still runs a call that writes into this region. The second: no peer
+  // starts one before the zeroing is done.
+  ctx.barrier(kernels::kBarrierUser);
+  MOELINK_CUDA_CHECK(cudaMemsetAsync(ctx.low_latency_base(), 0, 2 * L.signal_bytes, ctx.comm_stream));
+  ctx.barrier(kernels::kBarrierUser);
 }
 
 void* combine_buffer(const Context& ctx, int max_tokens, int hidden, int num_experts, int which) {

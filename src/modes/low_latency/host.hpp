@@ -13,6 +13,8 @@ EventHandle dispatch(runtime::Context& ctx, const LowLatencyDispatchInputs& in, 
                      LowLatencyPhase phase, const StreamOrder& order);
 EventHandle combine(runtime::Context& ctx, const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
                     LowLatencyPhase phase, const StreamOrder& order);
+// Zeroes this rank's signal words of the layout, between two barriers (Buffer::clean_low_latency_buffer).
+void clean(runtime::Context& ctx, int max_tokens, int hidden, int num_experts);
 // The zero-copy combine input area `which` (0 or 1) of this rank's low-latency region.
 void* combine_buffer(const runtime::Context& ctx, int max_tokens, int hidden, int num_experts, int which);
 
