@@ -86,5 +86,11 @@ void* nvshmem_alloc(int64_t bytes) { return ops().alloc(bytes); }
 void nvshmem_release(void* ptr) { ops().release(ptr); }
 void nvshmem_barrier_all() { ops().barrier_all(); }
 void nvshmem_leave() { ops().leave(); }
+bool nvshmem_self_test() {
+  bool mapped = false;
+  const std::string error = ops().self_test(&mapped);
+  if (!error.empty()) throw Error(ErrorKind::kCuda, "moelink: " + error);
+  return mapped;
+}
 
 }  // namespace moelink::window

@@ -18,5 +18,8 @@ void* nvshmem_alloc(int64_t bytes);  // collective, zero-filled
 void nvshmem_release(void* ptr);     // collective
 void nvshmem_barrier_all();          // host-blocking barrier over all PEs
 void nvshmem_leave();                // collective finalize
+// Collective, after join: the device API end to end (nvshmem/self_test.cu); throws kCuda with the
+// reason when it fails. Returns whether the store path to a mapped peer ran too.
+bool nvshmem_self_test();
 
 }  // namespace moelink::window

@@ -1,5 +1,6 @@
 // Smoke test for src/window/nvshmem: N forked processes form one NVSHMEM job through the
-// unique-id bootstrap, allocate from the symmetric heap, meet at a barrier and leave.
+// unique-id bootstrap, allocate from the symmetric heap, meet at a barrier, run the device-side
+// self-test (a ring of stores to mapped peers and of put-with-signal), and leave.
 //
 // Protocol: PE 0 creates the unique id and publishes it by writing <dir>/uid.partial and renaming
 // it to <dir>/uid (the rename is atomic, so a reader never sees a half-written id); every other PE
@@ -108,6 +109,10 @@ void run_pe(int pe, int num_pes, const fs::path& dir) {
     }
   }
   transport::nvshmem_barrier_all();
+  const bool mapped = transport::nvshmem_self_test();
+  std::printf("pe %d: device self-test ok (%s)\n", pe, mapped ? "store to a mapped peer and put-with-signal"
+                                                             : "put-with-signal; the next PE was not mapped");
+  std::fflush(stdout);
   transport::nvshmem_release(buffer);
   transport::nvshmem_leave();
   expect_state_error([] { transport::nvshmem_barrier_all(); }, "nvshmem_barrier_all after leave", pe);

@@ -4,11 +4,12 @@
 // where NVSHMEM is not installed; the core opens the plugin the first time the RDMA buffer is used.
 // Both sides are built together, so the table may use C++ types; kAbi catches a stale plugin.
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace moelink::window::nvshmem_plugin {
 
-inline constexpr int kAbi = 1;
+inline constexpr int kAbi = 2;
 inline constexpr const char* kLibrary = "libmoelink_nvshmem.so";
 inline constexpr const char* kEntry = "moelink_nvshmem_ops";
 
@@ -20,7 +21,13 @@ struct Ops {
   void (*release)(void* ptr);
   void (*barrier_all)();
   void (*leave)();
+  // Collective, after join: a ring of plain stores (to peers nvshmem_ptr maps) and of
+  // put-with-signal through the device API. Returns "" on success; *mapped says whether the next PE
+  // was mapped (so the store path ran too).
+  std::string (*self_test)(bool* mapped);
 };
+
+std::string self_test(bool* mapped);  // self_test.cu
 
 }  // namespace moelink::window::nvshmem_plugin
 

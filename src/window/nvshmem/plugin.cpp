@@ -1,14 +1,12 @@
 // NVSHMEM symmetric heap for the RDMA buffer (contract in window/nvshmem.hpp): the body of
 // libmoelink_nvshmem.so, which the core opens on first use (window/nvshmem.cpp, nvshmem/ops.hpp).
 //
-// Initialisation goes through nvshmemx_hostlib_init_attr, not the header-inline nvshmemx_init_attr:
-// the inline one calls nvshmemi_init_thread / nvshmemi_finalize, which live only in the static
-// libnvshmem_device.a (they register the device-state callback and need an nvcc device link,
-// -rdc), and it exit()s the process on failure instead of returning the status. The host-library
-// path needs libnvshmem_host.so alone, which is all the host runtime uses today.
-// NOTES: once kernels call NVSHMEM device functions, build with MOELINK_NVSHMEM_DEVICE_LIB and link
-// NVSHMEM::device with separable compilation, so that init also fills the device state of the
-// module those kernels live in; the host-library init leaves it empty.
+// The plugin's kernels call NVSHMEM device functions (self_test.cu), so it is built with
+// separable compilation against libnvshmem_device.a, and initialisation must go through
+// nvshmemi_init_thread from that library (it also fills the device state of this module). The
+// header-inline nvshmemx_init_attr wraps the same call but exit()s the process on failure; calling
+// it directly returns the status instead, which join() reports. Without the device library
+// (MOELINK_NVSHMEM_DEVICE_LIB=0) the host-library init is used and device functions are unusable.
 #include "window/nvshmem/ops.hpp"
 
 #include <string>
@@ -114,7 +112,12 @@ void join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
   check_status(nvshmemx_set_attr_uniqueid_args(pe, num_pes, &id, &attr), "nvshmemx_set_attr_uniqueid_args",
                device_context);
 #if MOELINK_NVSHMEM_DEVICE_LIB
-  check_status(nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr), "nvshmemx_init_attr", device_context);
+  nvshmemx_init_init_attr_ver_only(attr);
+  const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                      NVSHMEM_VENDOR_PATCH_VERSION};
+  int provided = 0;
+  check_status(nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version),
+               "nvshmemi_init_thread", device_context);
 #else
   check_status(nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr), "nvshmemx_hostlib_init_attr",
                device_context);
@@ -186,7 +189,7 @@ void leave() {
 }
 
 
-const Ops ops{kAbi, unique_id, join, alloc, release, barrier_all, leave};
+const Ops ops{kAbi, unique_id, join, alloc, release, barrier_all, leave, self_test};
 
 }  // namespace
 
