@@ -225,7 +225,16 @@ void Buffer::destroy() {
   if (!failure.empty()) throw Error(failure_kind, failure);
 }
 
-void Buffer::check_device_errors() const { ctx_->check_device_errors(false); }
+void Buffer::check_device_errors() const {
+  ctx_->check_device_errors();
+  const std::vector<std::string> local = ctx_->take_local_errors();
+  if (local.empty()) return;
+  std::string message = local.front();
+  for (size_t i = 1; i < local.size(); ++i) message += "; then " + local[i];
+  throw Error(ErrorKind::kValue, message);
+}
+
+std::vector<std::string> Buffer::take_local_errors() { return ctx_->take_local_errors(); }
 
 void Buffer::abstain() { ctx_->abstain(); }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "moelink/config.hpp"
@@ -134,6 +135,11 @@ class Buffer {
   // later call raises it again) or a data error every rank of an operation found (ValueError, once).
   // Every operation calls it on entry.
   void check_device_errors() const;
+  // Bad input this rank alone saw in a low-latency call, which went on (its peers with it): expert
+  // ids outside [-1, num_experts) or named twice in a token. The rows they spoilt are poisoned; each
+  // operation collects these, and this hands them out (the Python package warns with them).
+  // check_device_errors() raises them as kValue.
+  std::vector<std::string> take_local_errors();
 
   // Device barrier across the NVLink peers (the same one destroy() uses). Blocks the host.
   void barrier(const char* step);

@@ -12,6 +12,7 @@ import torch
 
 from . import _knobs, _moelink
 from ._checks import _check_bool, _check_int, _check_tensor, _ref
+from ._streams import warn_local_errors
 from .event import EventOverlap
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
             _ref(recv_count), _ref(src_info), _ref(layout_range), _ref(state))
     event = buf.runtime.low_latency_dispatch(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
                                              _order(buf, async_finish))
+    warn_local_errors(buf)
     keep = (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, recv_x, scales,
             recv_count, src_info, layout_range, state)
     if return_recv_hook:
@@ -99,6 +101,7 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
         def hook() -> None:
             buf._check_usable("the low-latency dispatch hook")
             buf.runtime.low_latency_dispatch(*refs, _PHASE_RECEIVE, _order(buf, False))
+            warn_local_errors(buf)
             del keep_alive[:]  # the receive is queued on the caller's stream, which now holds them
     else:
         hook = _no_hook
@@ -148,6 +151,7 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
             _ref(layout_range), m, num_experts, _ref(combine_wait_recv_cost_stats), _ref(out, "out"), _ref(state))
     event = buf.runtime.low_latency_combine(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
                                             _order(buf, async_finish))
+    warn_local_errors(buf)
     buf._low_latency_combines += 1
     keep = (x, topk_idx, topk_weights, src_info, layout_range, combine_wait_recv_cost_stats, out, state)
     if return_recv_hook:
@@ -156,6 +160,7 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
         def hook() -> None:
             buf._check_usable("the low-latency combine hook")
             buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False))
+            warn_local_errors(buf)
             del keep_alive[:]
     else:
         hook = _no_hook

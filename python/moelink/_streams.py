@@ -1,6 +1,7 @@
 """Stream ordering of one Buffer operation against the caller's stream."""
 
 import contextlib
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -10,6 +11,15 @@ from .event import EventOverlap
 
 if TYPE_CHECKING:
     from .buffer import Buffer
+
+
+def warn_local_errors(buf: "Buffer") -> None:
+    """Bad input this rank alone saw in a low-latency call (ids outside [-1, num_experts), an expert
+    named twice in a token): the call went on, since its peers did, and poisoned the rows it spoilt.
+    Raising here would desynchronise the ranks, so it is a warning (Buffer.runtime.check_device_errors()
+    raises them instead)."""
+    for message in buf.runtime.take_local_errors():
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class _OpStreams:
@@ -67,4 +77,5 @@ class _OpStreams:
             # Allocated on the comm stream but consumed on the caller's: reuse must wait for both.
             for t in outputs:
                 t.record_stream(self.compute_stream)
+        warn_local_errors(self.buffer)
         return EventOverlap(event, extra_tensors=tuple(inputs + outputs))

@@ -43,15 +43,13 @@ enum ErrorCode : int {
   kErrPeerRejected = 19,         // peer: the rank whose own checks rejected its arguments
   kErrHandleFailed = 20,         // peer: the rank whose handle comes from a failed dispatch
   kErrInputRows = 21,            // peer: the rank whose combine input has fewer rows than its handle; detail: rows needed
-  // Low-latency calls have no agreement step, so these are this rank's alone, found mid-call. They are
-  // raised after the next operation is launched, never instead of launching it: its peers wait for it.
+  // Local errors (the local record): bad input only this rank saw, mid-call, in a mode without an
+  // agreement step (low latency). The call went on, its peers with it; the rows the input spoilt
+  // are poisoned, and the host hears of it after the next operation (Context::end_op).
   kErrLowLatencyBadExpertId = 22,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
   kErrLowLatencyTooManyRows = 23,  // more than M rows for one expert: detail = the expert
+  kErrLowLatencyDuplicateExpert = 24,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
 };
-
-MOELINK_HOST_DEVICE bool is_deferred_data_error(int code) {
-  return code == kErrLowLatencyBadExpertId || code == kErrLowLatencyTooManyRows;
-}
 
 MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted || code == kErrBadSignal; }
 
@@ -123,7 +121,7 @@ struct alignas(128) CommonHeader {
   // later kernel skips its peers and poisons its outputs. Peers write it; see encode_fault.
   int fault;
   int gate;                            // Gate of the current operation, written by its opening kernel
-  int fault_claim, data_claim;         // one writer per error record
+  int fault_claim, data_claim, local_claim;  // one writer per error record
   unsigned exit_count;                 // blocks of the running kernel that have finished
   int op_failed;                       // a block of the running kernel gave up
   long long pending_bad_expert;        // layout: token * kMaxTopK + slot + 1 of a bad id, folded into the next operation
@@ -151,6 +149,7 @@ struct PeerTable {
 struct ErrorSink {
   ErrorRecord* fault;  // host-mapped
   ErrorRecord* data;   // host-mapped
+  ErrorRecord* local;  // host-mapped
   CommonHeader* self;
   CommonHeader* peers[kMaxNvlRanks];
   int rank, num_ranks;

@@ -5,7 +5,8 @@
 // fills it in host-mapped memory (the host reads it without any CUDA call), and writes the fault
 // word of every rank of the node, itself included, so that every wait anywhere stops at once and
 // every later kernel skips its peers and poisons its outputs. A data error (bad input every rank
-// agreed on) is recorded in the data record and leaves the protocol intact.
+// agreed on) is recorded in the data record and leaves the protocol intact; a local error (bad
+// input one rank saw in a call that went on) in the local record.
 #include <cstdint>
 
 #include "common/header.hpp"
@@ -40,6 +41,11 @@ __device__ __forceinline__ void report_fault(const ErrorSink& err, int code, int
 
 __device__ __forceinline__ void report_data(const ErrorSink& err, int code, int peer, int channel, long long detail) {
   if (atomicCAS(&err.self->data_claim, 0, 1) == 0) fill_record(err.data, code, err, peer, -1, channel, detail, -1);
+}
+
+// A local error (header.hpp): the first one since the host last read the local record is kept.
+__device__ __forceinline__ void report_local(const ErrorSink& err, int code, int channel, long long detail) {
+  if (atomicCAS(&err.self->local_claim, 0, 1) == 0) fill_record(err.local, code, err, err.rank, -1, channel, detail, -1);
 }
 
 __device__ __forceinline__ int fault_word(const ErrorSink& err) { return ld_volatile(&err.self->fault); }

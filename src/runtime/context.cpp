@@ -136,7 +136,8 @@ Context::Context(const BufferOptions& o) {
     for (auto& channel : image->intranode.pull_done)
       for (auto& s : channel) s = epoch_start;
     image->low_latency.seq = epoch_start;
-    for (auto& s : image->low_latency.recv_done) s = epoch_start;
+    for (auto& parity : image->low_latency.recv_done)
+      for (auto& s : parity) s = epoch_start;
     MOELINK_CUDA_CHECK(cudaMemcpyAsync(nvl_base, image.get(), sizeof(NvlHeader), cudaMemcpyHostToDevice, comm_stream));
   }
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream));
@@ -200,6 +201,7 @@ kernels::ErrorSink Context::error_sink(double timeout) const {
   kernels::ErrorSink sink{};
   sink.fault = &mailbox_dev->fault;
   sink.data = &mailbox_dev->data;
+  sink.local = &mailbox_dev->local;
   sink.self = &header()->common;
   for (int p = 0; p < topo.num_nvl_ranks; ++p) sink.peers[p] = peers.header[p];
   sink.rank = topo.nvl_rank;
@@ -215,7 +217,7 @@ void Context::require_usable(const char* op) const {
   if (!broken.empty()) throw Error(broken_kind, broken);
 }
 
-void Context::check_device_errors(bool before_launch) {
+void Context::check_device_errors() {
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
@@ -255,7 +257,7 @@ void Context::check_device_errors(bool before_launch) {
   }
   volatile kernels::ErrorRecord* data = &mailbox->data;
   const int code = data->code;
-  if (code == kernels::kErrNone || (before_launch && kernels::is_deferred_data_error(code))) return;
+  if (code == kernels::kErrNone) return;
   std::atomic_thread_fence(std::memory_order_acquire);
   const int peer = global(data->peer);
   const long long detail = data->detail;
@@ -272,17 +274,6 @@ void Context::check_device_errors(bool before_launch) {
                     detail % kernels::kMaxTopK,
                     " holds an expert id outside [-1, num_experts); no rank ran the dispatch (or the operation after "
                     "get_dispatch_layout saw it)");
-      break;
-    case kernels::kErrLowLatencyTooManyRows:
-      message = str("moelink: topk_idx: an earlier low_latency_dispatch on rank ", peer, " sent more than "
-                    "num_max_dispatch_tokens_per_rank rows to expert ", detail,
-                    " (a token names it twice?); the extra rows were dropped");
-      break;
-    case kernels::kErrLowLatencyBadExpertId:
-      message = str("moelink: topk_idx: token ", detail / kernels::kMaxTopK, " slot ", detail % kernels::kMaxTopK,
-                    " of an earlier low_latency_", word == 0 ? "dispatch" : "combine", " on rank ", peer,
-                    " held an expert id outside [-1, num_experts); the slot was skipped",
-                    word == 0 ? " (its row went to no expert)" : " and the token's combined row is poisoned");
       break;
     case kernels::kErrDisagree:
       message = str("moelink: ranks disagree on ", describe_digest_word(word, static_cast<unsigned long long>(detail)),
@@ -341,13 +332,48 @@ void Context::begin_op(const StreamOrder& order) {
 EventHandle Context::end_op(const StreamOrder& order) {
   EventHandle done(comm_stream);
   if (!order.async_finish) done.stream_wait(order.compute_stream);
-  if (mailbox != nullptr && kernels::is_deferred_data_error(mailbox->data.code)) {
-    // The caller gets an exception instead of its outputs, and frees them on its stream: that
-    // stream must not reuse their memory before this op's kernels are done with it.
-    if (order.async_finish) done.stream_wait(order.compute_stream);
-    check_device_errors(false);
-  }
+  collect_local_errors();
   return done;
+}
+
+void Context::collect_local_errors() {
+  if (mailbox == nullptr) return;
+  volatile kernels::ErrorRecord* local = &mailbox->local;
+  const int code = local->code;
+  if (code == kernels::kErrNone) return;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const long long detail = local->detail;
+  const char* call = local->channel == 0 ? "low_latency_dispatch" : "low_latency_combine";
+  const long long token = detail / kernels::kMaxTopK, slot = detail % kernels::kMaxTopK;
+  std::string message;
+  switch (code) {
+    case kernels::kErrLowLatencyBadExpertId:
+      message = str("moelink: topk_idx: token ", token, " slot ", slot, " of a ", call, " on rank ", topo.rank,
+                    " held an expert id outside [-1, num_experts); the slot was skipped",
+                    local->channel == 0 ? " (its row went to no expert)" : " and the token's combined row is poisoned");
+      break;
+    case kernels::kErrLowLatencyDuplicateExpert:
+      message = str("moelink: topk_idx: token ", token, " of a ", call, " on rank ", topo.rank, " names one expert in "
+                    "slot ", slot, " and in an earlier slot; slot ", slot, " was skipped",
+                    local->channel == 0 ? "" : " and the token's combined row is poisoned");
+      break;
+    case kernels::kErrLowLatencyTooManyRows:
+      message = str("moelink: topk_idx: a low_latency_dispatch on rank ", topo.rank, " sent more than "
+                    "num_max_dispatch_tokens_per_rank rows to expert ", detail, "; the extra rows were dropped");
+      break;
+    default: message = str("moelink: rank ", topo.rank, ": local device error code ", code);
+  }
+  // Only the first local error since the last read is kept; the next one may be recorded now.
+  local->code = kernels::kErrNone;
+  cudaMemsetAsync(&header()->common.local_claim, 0, sizeof(int), comm_stream);
+  local_errors.push_back(std::move(message));
+}
+
+std::vector<std::string> Context::take_local_errors() {
+  collect_local_errors();
+  std::vector<std::string> taken;
+  taken.swap(local_errors);
+  return taken;
 }
 
 void Context::launch_opening(const kernels::Opening& opening) {

@@ -82,16 +82,20 @@ class Context {
   // Raises kState when the Buffer is destroyed or not synced, kTimeout once it is broken.
   void require_usable(const char* op) const;
   // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
-  // data error every rank of the operation found (ValueError, raised once). At the start of an
-  // operation (before_launch) a deferred data error (header.hpp) is left for end_op to raise.
-  void check_device_errors(bool before_launch = true);
+  // data error every rank of the operation found (ValueError, raised once).
+  void check_device_errors();
+  // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
+  // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
+  void collect_local_errors();
+  std::vector<std::string> take_local_errors();
+  std::vector<std::string> local_errors;
   // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers
   // learn so (they name this rank as the one lost).
   [[noreturn]] void fail_host_wait(const std::string& message, int step);
   // Orders the comm stream after previous_event or the compute stream.
   void begin_op(const StreamOrder& order);
-  // The event at the end of the op; without async_finish the compute stream waits for it. Then
-  // raises a deferred data error an earlier operation recorded (the op itself was launched).
+  // The event at the end of the op; without async_finish the compute stream waits for it. Never
+  // throws; collects local errors.
   EventHandle end_op(const StreamOrder& order);
   // Launches the opening of an operation whose kernels do not open it themselves.
   void launch_opening(const kernels::Opening& opening);

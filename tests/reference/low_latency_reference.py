@@ -40,13 +40,14 @@ def combine_message_bytes(hidden: int) -> int:
 def deep_ep_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                            num_experts: int) -> int:
     """The bytes deep_ep V1's get_low_latency_rdma_size_hint returns for these arguments: two buffers
-    of (send area + receive area + signals), rounded up to 128 bytes. moelink's hint is never below it,
-    so a num_rdma_bytes sized for deep_ep fits moelink too."""
+    of (send area + receive area + signals), then (n + 128) // 128 * 128, which adds 128 bytes even
+    when n is a multiple of 128 (tests/gpu/test_low_latency.py compares it with DeepEP's own when the
+    anchor is present). moelink's hint is this, so a num_rdma_bytes sized for deep_ep fits moelink."""
     m, e = num_max_dispatch_tokens_per_rank, num_experts
     del num_ranks  # the formula does not depend on it
     send = max(m * dispatch_message_bytes(hidden), e * m * combine_message_bytes(hidden))
     recv = max(e * m * dispatch_message_bytes(hidden), e * m * combine_message_bytes(hidden))
-    return align_up(2 * send + 2 * recv + 2 * align_up(4 * e, 128), 128)
+    return (2 * send + 2 * recv + 2 * align_up(4 * e, 128) + 128) // 128 * 128
 
 
 @dataclass

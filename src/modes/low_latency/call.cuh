@@ -7,6 +7,14 @@
 
 namespace moelink::low_latency {
 
+// Whether lane's id (slot `lane` of a token, one slot per lane) repeats a valid id of an earlier
+// lane. Every lane of the warp must call it.
+__device__ __forceinline__ bool names_earlier_slot(long long e, int num_experts, int lane) {
+  const bool valid = e >= 0 && e < num_experts;
+  const unsigned same = __match_any_sync(0xffffffffu, valid ? static_cast<int>(e) : -2 - lane);
+  return valid && (same & ((1u << lane) - 1)) != 0;
+}
+
 struct CallStart {
   kernels::Epoch seq;
   bool fault;  // known at the start: the block only poisons
@@ -35,9 +43,10 @@ __device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch se
   __shared__ bool ok;
   if (threadIdx.x == 0) ok = true;
   __syncthreads();
+  // Self too: with one rank, or rows routed to self, this rank's own receive is what must be done.
   const int p = threadIdx.x;
-  if (p < a.layout.num_ranks && p != a.rank) {
-    const kernels::Epoch* done = &a.self->recv_done[p];
+  if (p < a.layout.num_ranks) {
+    const kernels::Epoch* done = &a.self->recv_done[seq & 1][p];
     if (!kernels::wait_until([&] { return kernels::epoch_reached(kernels::ld_acquire_sys(done), seq - 2); }, a.err, p,
                              kStepGate, -1, static_cast<long long>(seq)))
       ok = false;
@@ -66,9 +75,9 @@ __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
       a.self->seq = seq;
       a.state[0] = static_cast<long long>(seq);
     }
+    // Per parity, so receives of two outstanding calls may finish in either order.
     if (a.phase & kPhaseRecv)
-      for (int p = 0; p < a.layout.num_ranks; ++p)
-        if (p != a.rank) kernels::st_release_sys(&a.peers[p]->recv_done[a.rank], seq);
+      for (int p = 0; p < a.layout.num_ranks; ++p) kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
   }
 }
 

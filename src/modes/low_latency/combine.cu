@@ -101,14 +101,20 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity) {
   char* own = a.regions[a.rank];
   for (int t = global_warp; t < a.num_tokens; t += num_warps) {
     bool ok = true, bad = false;
+    const long long e = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+    const bool duplicate = names_earlier_slot(e, L.num_experts, lane);
     if (lane < K) {
-      const long long e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
       const int4* row = nullptr;
+      const long long where = static_cast<long long>(t) * kernels::kMaxTopK + lane;
       if (e < -1 || e >= L.num_experts) {
-        report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 1, static_cast<long long>(t) * kernels::kMaxTopK + lane);
+        report_local(a.err, kErrLowLatencyBadExpertId, 1, where);
         bad = true;
       }
-      if (e >= 0 && e < L.num_experts) {
+      if (duplicate) {
+        report_local(a.err, kErrLowLatencyDuplicateExpert, 1, where);
+        bad = true;
+      }
+      if (e >= 0 && e < L.num_experts && !duplicate) {
         const int expert = static_cast<int>(e), source = expert / L.num_local_experts;
         const int* word = reinterpret_cast<const int*>(own + L.combine_signal(parity, expert));
         const uint64_t start = global_timer_ns();

@@ -37,7 +37,8 @@ enum Phase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
 // receiving meanwhile times out naming kStepGate.
 struct alignas(128) HeaderSection {
   Epoch seq;                   // the last call's sequence number
-  Epoch recv_done[kMaxNvlRanks];  // [src]: the last call whose receive half src finished (src writes it)
+  Epoch recv_done[2][kMaxNvlRanks];  // [parity][src]: the last call of that parity whose receive half
+                                      // src finished (src writes it; self included)
   int dispatch_slots[kMaxExperts];  // rows this rank has claimed per expert in the current dispatch
   int dispatch_done[kMaxExperts];   // rows it has finished writing per expert
   int combine_done[kMaxExperts];    // rows it has finished writing back per (local expert, source)

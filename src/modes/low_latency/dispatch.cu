@@ -82,13 +82,15 @@ template <bool kFp8>
 __device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dsts)[kMaxTopK], int* experts) {
   const Layout& L = a.layout;
   const int lane = lane_id(), K = a.num_topk, H = L.hidden;
+  const long long e = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+  const bool duplicate = names_earlier_slot(e, L.num_experts, lane);
   if (lane < K) {
-    const long long e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
     char* dst = nullptr;
     int expert = -1;
-    if (e < -1 || e >= L.num_experts)
-      report_data(a.err, kErrLowLatencyBadExpertId, a.rank, 0, static_cast<long long>(t) * kernels::kMaxTopK + lane);
-    if (e >= 0 && e < L.num_experts) {
+    const long long where = static_cast<long long>(t) * kernels::kMaxTopK + lane;
+    if (e < -1 || e >= L.num_experts) report_local(a.err, kErrLowLatencyBadExpertId, 0, where);
+    if (duplicate) report_local(a.err, kErrLowLatencyDuplicateExpert, 0, where);
+    if (e >= 0 && e < L.num_experts && !duplicate) {
       expert = static_cast<int>(e);
       const int r = expert / L.num_local_experts, le = expert % L.num_local_experts;
       const int slot = atomicAdd(&a.self->dispatch_slots[expert], 1);
@@ -98,7 +100,7 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dst
         dst = window::peer_address_in(a.regions, r, L.dispatch_slot(parity, le, a.rank, slot));
         *reinterpret_cast<int4*>(dst) = make_int4(t, 0, 0, 0);
       } else {
-        report_data(a.err, kErrLowLatencyTooManyRows, a.rank, 0, expert);
+        report_local(a.err, kErrLowLatencyTooManyRows, 0, expert);
       }
     }
     dsts[lane] = dst;
@@ -148,9 +150,14 @@ __device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* exp
   const int E = L.num_experts, K = a.num_topk;
   for (int e = threadIdx.x; e < E; e += blockDim.x) expected[e] = 0;
   __syncthreads();
+  // Rows each expert gets from this rank: valid ids, a token's repeats of one expert not counted
+  // (send_token skips them, and the count must be the rows written).
   for (int i = threadIdx.x; i < a.num_tokens * K; i += blockDim.x) {
     const long long e = a.topk_idx[i];
-    if (e >= 0 && e < E) atomicAdd(&expected[e], 1);
+    if (e < 0 || e >= E) continue;
+    bool repeat = false;
+    for (int k = i - i % K; k < i; ++k) repeat |= a.topk_idx[k] == e;
+    if (!repeat) atomicAdd(&expected[e], 1);
   }
   __syncthreads();
   __shared__ char* dsts[kWarps][kMaxTopK];

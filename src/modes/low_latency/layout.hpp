@@ -12,7 +12,7 @@
 // counts; a combine receives into slots [expert][token] and its signals [expert] say that expert's
 // rows have landed. The send area is the zero-copy combine input (peers never touch it).
 //
-// Sizes: deep_ep V1 sizes its buffer as 2 x (send + receive + align128(4E)) with dispatch messages of
+// Sizes: deep_ep V1 sizes its buffer as 2 x (send + receive + align128(4E)), rounded as (n + 128) / 128 x 128, with dispatch messages of
 // 16 + max(2H, H + 4H/128) bytes and combine messages of 2H + 4H/128; hint_bytes() is exactly that,
 // so a num_rdma_bytes from either library's hint fits. moelink's combine slots hold the bf16 row
 // alone (2H: every offset stays 16-byte aligned for any H multiple of 128), so it needs no more.
@@ -48,9 +48,10 @@ struct Layout {
     l.combine_message = bf16_row + 4LL * l.num_scales;  // deep_ep also carries LogFMT scales
     l.signal_bytes = align_up(4 * e, 128);
     const auto larger = [](int64_t a, int64_t b) { return a > b ? a : b; };
-    l.hint = align_up(2 * (larger(m * l.dispatch_message, e * m * l.combine_message) +
-                           larger(e * m * l.dispatch_message, e * m * l.combine_message) + l.signal_bytes),
-                      128);
+    // deep_ep rounds with (n + 128) / 128 * 128, one 128 bytes more when n is aligned already.
+    l.hint = (2 * (larger(m * l.dispatch_message, e * m * l.combine_message) +
+                   larger(e * m * l.dispatch_message, e * m * l.combine_message) + l.signal_bytes) +
+              128) / 128 * 128;
     l.dispatch_stride = align_up(l.dispatch_message, 16);
     l.combine_stride = bf16_row;
     l.send_bytes = align_up(larger(m * l.dispatch_stride, e * m * l.combine_stride), 16);
