@@ -50,8 +50,8 @@ std::string describe_digest_word(int word, unsigned long long v) {
       return str("the hidden size or dtype of x: it has hidden = ", v & 0xffffffffu, ", dtype ",
                  dtype_name(static_cast<DType>(v >> 32)));
     case kernels::kDigestTopK:
-      return str("the top-k width or scales per row: it has top-k = ", v & 0xffff, ", ", (v >> 16) & 0xffff,
-                 " scales per row");
+      return str("the top-k width or the fp8 scales: it has top-k = ", v & 0xffff, ", ", (v >> 16) & 0xffff,
+                 " scales per row of dtype ", dtype_name(static_cast<DType>(v >> 32)));
     case kernels::kDigestExperts: return str("num_experts: it has ", v);
     case kernels::kDigestHandle: return str("the handle: it passed the handle of dispatch #", v);
     default: return "the operation";
@@ -61,7 +61,7 @@ std::string describe_digest_word(int word, unsigned long long v) {
 }  // namespace
 
 kernels::Digest make_digest(int op, int num_channels, int slots, int chunk, int64_t hidden, DType dtype, int num_topk,
-                            int num_scales, int num_experts) {
+                            int num_scales, int num_experts, DType scales_dtype) {
   kernels::Digest d{};
   d.w[kernels::kDigestOperation] = static_cast<unsigned long long>(op);
   d.w[kernels::kDigestConfig] = static_cast<unsigned long long>(num_channels) |
@@ -69,7 +69,8 @@ kernels::Digest make_digest(int op, int num_channels, int slots, int chunk, int6
                                 (static_cast<unsigned long long>(chunk) << 32);
   d.w[kernels::kDigestRow] =
       static_cast<unsigned long long>(hidden) | (static_cast<unsigned long long>(static_cast<int>(dtype)) << 32);
-  d.w[kernels::kDigestTopK] = static_cast<unsigned long long>(num_topk) | (static_cast<unsigned long long>(num_scales) << 16);
+  d.w[kernels::kDigestTopK] = static_cast<unsigned long long>(num_topk) | (static_cast<unsigned long long>(num_scales) << 16) |
+                              (static_cast<unsigned long long>(static_cast<int>(scales_dtype)) << 32);
   d.w[kernels::kDigestExperts] = static_cast<unsigned long long>(num_experts);
   return d;
 }

@@ -118,6 +118,6 @@ class Context {
 
 // A digest word from its parts (common/header.hpp names the words).
 kernels::Digest make_digest(int op, int num_channels, int slots, int chunk, int64_t hidden, DType dtype, int num_topk,
-                            int num_scales, int num_experts);
+                            int num_scales, int num_experts, DType scales_dtype = DType::kFloat32);
 
 }  // namespace moelink::runtime

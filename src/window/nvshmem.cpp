@@ -44,8 +44,10 @@ Loaded load() {
                    ", which is missing from this installation; reinstall moelink";
     return result;
   }
-  // NOTES: RTLD_LOCAL keeps NVSHMEM's symbols out of the global scope, so a framework that loads
-  // its own NVSHMEM (a DeepEP next to us) cannot bind to ours by accident.
+  // NOTES: RTLD_LOCAL keeps the plugin's symbols out of the global scope (it exports only its entry;
+  // the static device library's are hidden), so no other library binds to them. It does not
+  // isolate libnvshmem_host.so.3, of which a process has one copy: join refuses one that another
+  // library initialised.
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) {
     const char* why = dlerror();

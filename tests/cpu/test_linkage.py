@@ -144,3 +144,19 @@ def test_without_the_plugin(build_dir, tmp_path):
     result = _run_python(package, REQUIRE)
     assert result.returncode == 0 and result.stdout.startswith("refused:"), result.stdout + result.stderr
     assert "missing from this installation" in result.stdout or "built without NVSHMEM" in result.stdout, result.stdout
+
+
+def test_plugin_exports_only_its_entry(build_dir):
+    """The plugin holds a static copy of NVSHMEM's device library; none of its symbols may be bound to
+    (or from) another NVSHMEM copy in the process (a DeepEP beside us)."""
+    import shutil
+    import subprocess
+
+    plugin = build_dir / "python" / "moelink" / "libmoelink_nvshmem.so"
+    if not plugin.is_file():
+        pytest.skip("built without NVSHMEM")
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is not installed")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(plugin)], capture_output=True, text=True, check=True)
+    names = [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+    assert names == ["moelink_nvshmem_ops"], names

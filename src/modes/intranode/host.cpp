@@ -245,7 +245,7 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   a.seq = ++ctx.notify_seq;
   a.opening.digest = runtime::make_digest(kernels::kOpDispatch, s.num_channels, config.num_max_nvl_chunked_recv_tokens,
                                           config.num_max_nvl_chunked_send_tokens, s.hidden, in.x.dtype, s.num_topk,
-                                          s.num_scales, s.num_experts);
+                                          s.num_scales, s.num_experts, s.scales_dtype);
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
   volatile int* ready = &ctx.mailbox->ready_seq;
@@ -315,7 +315,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     kernels::Opening opening{};
     opening.digest = runtime::make_digest(kernels::kOpCachedDispatch, s.num_channels,
                                           config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens,
-                                          s.hidden, in.x.dtype, 0, s.num_scales, 0);
+                                          s.hidden, in.x.dtype, 0, s.num_scales, 0, s.scales_dtype);
     opening.handle_info = info;
     ctx.launch_opening(opening);
   }

@@ -64,6 +64,15 @@ void require_joined(const Membership& state, const char* operation) {
   }
 }
 
+// The init's counterpart: the device-library finalize also unregisters this module's device state.
+void finalize() {
+#if MOELINK_NVSHMEM_DEVICE_LIB
+  ::nvshmem_finalize();
+#else
+  ::nvshmemx_hostlib_finalize();
+#endif
+}
+
 std::vector<uint8_t> unique_id() {
   // No membership needed: the root creates the id before anyone (itself included) has joined.
   nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
@@ -106,6 +115,14 @@ void join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
   const std::string device_context = "(pe " + std::to_string(pe) + " of " + std::to_string(num_pes) +
                                      ", device " + std::to_string(device) + ")";
 
+  // libnvshmem_host.so.3 is one copy per process whatever loaded it (RTLD_LOCAL does not isolate a
+  // soname): if another library (a DeepEP beside us) initialised it, joining would silently enter
+  // that library's job and heap.
+  if (nvshmemx_init_status() >= NVSHMEM_STATUS_IS_INITIALIZED) {
+    throw Error(ErrorKind::kState, "moelink: NVSHMEM is already initialised in this process by another library; "
+                                   "moelink cannot share it " + context);
+  }
+
   nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
   std::memcpy(&id, root_unique_id.data(), sizeof(id));
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
@@ -128,10 +145,12 @@ void join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
     fail("nvshmemx_init_status", "status " + std::to_string(init_status) + " (expected initialized)",
          device_context);
   }
-  // A mismatch means two PEs passed the same rank or the id came from another job.
+  // A mismatch means two PEs passed the same rank or the id came from another job. Leave again, so
+  // that a later join starts from nothing.
   if (nvshmem_my_pe() != pe || nvshmem_n_pes() != num_pes) {
-    fail("join", "membership pe " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()),
-         device_context);
+    const std::string got = "membership pe " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes());
+    finalize();
+    fail("join", got, device_context);
   }
 
   state.joined = true;
@@ -177,11 +196,7 @@ void leave() {
   Membership& state = membership();
   std::lock_guard<std::mutex> lock(state.mutex);
   require_joined(state, "nvshmem_leave");
-#if MOELINK_NVSHMEM_DEVICE_LIB
-  ::nvshmem_finalize();
-#else
-  ::nvshmemx_hostlib_finalize();
-#endif
+  finalize();
   state.joined = false;
   state.pe = -1;
   state.num_pes = 0;
@@ -189,7 +204,14 @@ void leave() {
 }
 
 
-const Ops ops{kAbi, unique_id, join, alloc, release, barrier_all, leave, self_test};
+std::string checked_self_test(bool* mapped) {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "the device self-test");
+  return self_test(mapped);
+}
+
+const Ops ops{kAbi, unique_id, join, alloc, release, barrier_all, leave, checked_self_test};
 
 }  // namespace
 

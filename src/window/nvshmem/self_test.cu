@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kThreads) ring(unsigned* inbox, unsigned* outb
     __syncthreads();
     if (round == 0) {
       auto* peer = static_cast<unsigned*>(nvshmem_ptr(dest, next));
-      if (threadIdx.x == 0) *mapped = peer != nullptr;
+      if (threadIdx.x == 0) *mapped = peer != nullptr && next != pe;  // one PE maps only itself
       if (peer != nullptr) {
         for (int i = threadIdx.x; i < kWords; i += blockDim.x) peer[i] = outbox[i];
         __syncthreads();
@@ -65,6 +65,9 @@ __global__ void __launch_bounds__(kThreads) ring(unsigned* inbox, unsigned* outb
           break;
         }
     }
+    // The spin bounded the wait; the API's wait adds what a proxy transport needs for the data to be
+    // visible once the signal is (it returns at once here).
+    if (threadIdx.x == 0 && arrived) nvshmem_signal_wait_until(signal + round, NVSHMEM_CMP_EQ, 1);
     __syncthreads();
     if (!arrived) {
       if (threadIdx.x == 0) *result = -1;
@@ -86,19 +89,25 @@ std::string cuda_error(cudaError_t status, const char* what) {
 
 std::string self_test(bool* mapped) {
   *mapped = false;
-  const size_t bytes = sizeof(unsigned) * 3 * kWords + 2 * sizeof(uint64_t);
-  auto* base = static_cast<char*>(nvshmem_calloc(bytes, 1));
-  if (base == nullptr) return "nvshmem self-test: nvshmem_calloc failed";
-  auto* inbox = reinterpret_cast<unsigned*>(base);
-  auto* outbox = inbox + 2 * kWords;
-  auto* signal = reinterpret_cast<uint64_t*>(outbox + kWords);
+  // Every PE makes the same collective calls (calloc, two barriers, free) whatever fails locally,
+  // so that one PE's failure cannot pair its collectives with the wrong ones of its peers.
   int* flags = nullptr;  // [result, mapped]
   std::string error;
   cudaError_t status = cudaMallocManaged(&flags, 2 * sizeof(int));
-  if (status != cudaSuccess) error = cuda_error(status, "cudaMallocManaged");
-  if (error.empty()) {
+  if (status != cudaSuccess) {
+    error = cuda_error(status, "cudaMallocManaged");
+    flags = nullptr;
+  } else {
     flags[0] = flags[1] = 0;
-    nvshmem_barrier_all();  // every PE's inbox is zeroed before anyone sends
+  }
+  const size_t bytes = sizeof(unsigned) * 3 * kWords + 2 * sizeof(uint64_t);
+  auto* base = static_cast<char*>(nvshmem_calloc(bytes, 1));
+  if (base == nullptr && error.empty()) error = "nvshmem self-test: nvshmem_calloc failed";
+  nvshmem_barrier_all();  // every PE's inbox is zeroed before anyone sends
+  if (error.empty()) {
+    auto* inbox = reinterpret_cast<unsigned*>(base);
+    auto* outbox = inbox + 2 * kWords;
+    auto* signal = reinterpret_cast<uint64_t*>(outbox + kWords);
     ring<<<1, kThreads>>>(inbox, outbox, signal, flags, flags + 1);
     status = cudaGetLastError();
     if (status == cudaSuccess) status = cudaDeviceSynchronize();
@@ -108,9 +117,9 @@ std::string self_test(bool* mapped) {
     error = flags[0] < 0 ? "nvshmem self-test: the previous PE's signal never came (10 s)"
                          : "nvshmem self-test: word " + std::to_string(flags[0] - 1) + " from the previous PE is wrong";
   }
-  *mapped = error.empty() && flags[1] != 0;
+  if (error.empty()) *mapped = flags[1] != 0;
   nvshmem_barrier_all();
-  nvshmem_free(base);
+  if (base != nullptr) nvshmem_free(base);
   if (flags != nullptr) cudaFree(flags);
   return error;
 }
