@@ -104,8 +104,9 @@ def _make_buffer(mod, impl: str, num_ranks: int, num_tokens: int, hidden: int):
 
 def _held_count(recv_rows: int, hidden: int, num_ranks: int) -> int:
     """How many dispatch outputs to hold: HELD_OUTPUTS, fewer if the ranks sharing this GPU would
-    fill more than half of its free memory with them."""
-    free, _ = torch.cuda.mem_get_info()
+    fill more than a third of its memory with them. From the total, not the free memory, so that
+    moelink and DeepEP hold the same number."""
+    free = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * 2 // 3
     per_output = recv_rows * hidden * 2 + recv_rows * 64
     ranks_here = max(1, num_ranks // max(1, torch.cuda.device_count()))
     return max(1, min(HELD_OUTPUTS, int(free * 0.5 / ranks_here / max(per_output, 1))))
@@ -152,6 +153,14 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     mine, errors = {}, {}
     num_held = 0
+
+    def everyone_ok(name: str) -> bool:
+        # Every rank makes the same collective calls: after each step all learn whether any failed,
+        # and all stop together (a rank that went on alone would wait in a barrier forever).
+        flags = [None] * num_ranks
+        dist.all_gather_object(flags, name not in errors)
+        return all(flags)
+
     for name in OP_NAMES:
         op, nbytes = ops[name]
         if name == "dispatch_bf16_held":
@@ -163,12 +172,14 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
                 held.extend(buf.dispatch(inputs.x, **layout)[0] for _ in range(num_held))
             except Exception:  # noqa: BLE001 - reported with the op; the protocol may be unusable now
                 errors[name] = traceback.format_exc(limit=3)
+            if not everyone_ok(name):
                 break
         try:
             mine[name] = (_time_us(op, flush, iters, warmup), nbytes)
         except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
             errors[name] = traceback.format_exc(limit=3)
-            break  # a failed collective leaves the peers in an unknown state: stop this impl here
+        if not everyone_ok(name):
+            break  # a failed collective leaves the ranks in an unknown state: stop this impl here
     del held
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, {"ops": mine, "errors": errors, "recv_rows": recv_rows})

@@ -36,7 +36,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):
         sys.path.insert(0, str(_path))
 
 import launcher  # noqa: E402 - imports no torch
-from run_all import EXIT_NO_GPU, EXIT_RUN, EXIT_VERIFY, Progress, gpu_problem, int_list  # noqa: E402
+from run_all import EXIT_NO_GPU, EXIT_RUN, EXIT_VERIFY, Progress, gpu_problem, int_list, job  # noqa: E402
 
 ENV = {"MOELINK_EXPERIMENTAL_LOW_LATENCY": "1"}
 OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_send_hook")
@@ -136,9 +136,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"moelink bench: {problem}; the benchmark needs PyTorch with CUDA and a Hopper GPU", file=sys.stderr)
         return EXIT_NO_GPU
-    import bench_intranode  # noqa: PLC0415 - imports torch; after the GPU check
-
-    info = launcher.run_ranks(1, bench_intranode.device_info, timeout_s=120)[0]
+    info = launcher.run_ranks(1, job("device_info"), timeout_s=120)[0]
     print(f"device: {info['name']}, {info['sm_count']} SMs, copy {info['copy_gbps']:.0f} GB/s (read + write)")
     print(f"# {'ranks':>5} {'experts':>7} {'tokens':>6} {'hidden':>6} {'topk':>4} | "
           + " | ".join(f"{name:>18}" for name in OPS) + " |  (median us, slowest rank; floor us)")
@@ -150,7 +148,8 @@ def main(argv=None) -> int:
                       "iters": args.iters, "warmup": args.warmup, "seed": 7}
             try:
                 with Progress(f"{ranks} ranks, {experts} experts"):
-                    result = launcher.run_ranks(ranks, bench_ll, params, timeout_s=600, env=ENV)[0]
+                    result = launcher.run_ranks(ranks, ("bench_low_latency", "bench_ll", str(Path(__file__).resolve())), params,
+                                                timeout_s=600, env=ENV)[0]
             except launcher.RankFailure as failure:
                 text = str(failure)
                 print(f"{ranks} ranks, {experts} experts: FAILED\n{text}", flush=True)

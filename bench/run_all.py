@@ -319,15 +319,18 @@ def git_commit() -> str:
 
 # ---- the job ------------------------------------------------------------------------------------
 
-def run_cell(run: dict, impl: str, args: argparse.Namespace, anchor_path: str | None, label: str) -> dict:
-    import bench_intranode  # noqa: PLC0415 - imports torch; only after the GPU check
+def job(name: str) -> tuple[str, str, str]:
+    """bench_intranode.<name>, by reference: the ranks import it (and torch); this process does not."""
+    return "bench_intranode", name, str(BENCH_DIR / "bench_intranode.py")
 
+
+def run_cell(run: dict, impl: str, args: argparse.Namespace, anchor_path: str | None, label: str) -> dict:
     params = {"impl": impl, "num_sms": run["num_sms"], "num_tokens": run["tokens"], "hidden": run["hidden"],
               "num_topk": run["topk"], "num_experts": run["experts"], "iters": args.iters, "warmup": args.warmup,
               "anchor_path": anchor_path}
     try:
         with Progress(label):
-            return launcher.run_ranks(run["ranks"], bench_intranode.bench_cell_job, params, timeout_s=900)[0]
+            return launcher.run_ranks(run["ranks"], job("bench_cell_job"), params, timeout_s=900)[0]
     except launcher.RankFailure as failure:
         print(f"{label}: FAILED\n{failure}", flush=True)
         return {"impl": impl, "error": str(failure)}
@@ -347,7 +350,6 @@ def main(argv=None) -> int:
         return EXIT_NO_GPU
 
     import anchor as anchor_lookup  # noqa: PLC0415 - bench/ is on sys.path
-    import bench_intranode  # noqa: PLC0415 - after sys.path is set and the GPU check; imports torch
 
     anchor = anchor_lookup.resolve(args.anchor, REPO_ROOT)
     impls = ["moelink"] + (["deep_ep"] if anchor.available else []) + (["moelink+arena"] if args.arena else [])
@@ -355,7 +357,7 @@ def main(argv=None) -> int:
               "iters": args.iters, "warmup": args.warmup, "runs": runs, "impls": impls,
               "anchor": {"path": anchor.path, "version": anchor.version, "reason": anchor.reason}, "cells": []}
     try:
-        info = launcher.run_ranks(1, bench_intranode.device_info, timeout_s=120)[0]
+        info = launcher.run_ranks(1, job("device_info"), timeout_s=120)[0]
     except launcher.RankFailure as failure:
         print(f"cannot query the device:\n{failure}", flush=True)
         return EXIT_VERIFY
@@ -367,7 +369,7 @@ def main(argv=None) -> int:
     verify_ranks = 2 if quick else 4
     try:
         with Progress(f"verify on {verify_ranks} ranks"):
-            launcher.run_ranks(verify_ranks, bench_intranode.verify, timeout_s=300)
+            launcher.run_ranks(verify_ranks, job("verify"), timeout_s=300)
         report["verify"] = {"ranks": verify_ranks, "ok": True}
         print(f"verify on {verify_ranks} ranks: ok", flush=True)
     except launcher.RankFailure as failure:

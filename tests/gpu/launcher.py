@@ -74,6 +74,10 @@ def free_port() -> int:
 
 
 def _function_ref(fn) -> tuple[str, str, str]:
+    # A (module, qualname, path) tuple names a function the parent never imports (the benchmark's
+    # parent stays free of torch); the child imports it.
+    if isinstance(fn, tuple):
+        return fn
     return fn.__module__, fn.__qualname__, os.path.abspath(sys.modules[fn.__module__].__file__)
 
 
@@ -119,7 +123,8 @@ def _child(rank, num_ranks, port, timeout_s, fn_ref, args, env, results):
 def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, env: dict | None = None,
               expect_killed=(), expect_exit: dict | None = None) -> list:
     """Returns [fn's return value on rank r for r in range(num_ranks)]; raises RankFailure otherwise.
-    fn must be a module-level function; args and return values must be picklable.
+    fn must be a module-level function, or a (module, qualname, path) tuple naming one; args and
+    return values must be picklable.
 
     expect_killed: ranks that end by SIGKILL on purpose (a lost peer); expect_exit: {rank: exit code}
     for ranks that end the process themselves. Their result is None; the run does not wait for their

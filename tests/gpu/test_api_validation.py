@@ -163,7 +163,11 @@ def test_fp8_dispatch_packed_ue8m0_scales(buffer, column_major):
         g = torch.Generator(device="cuda").manual_seed(seed)
         words = torch.randint(-2**31, 2**31 - 1, (NUM_TOKENS, (NUM_SCALES + 3) // 4), dtype=torch.int32,
                               device="cuda", generator=g)
-        return words.t().contiguous().t() if column_major else words
+        if not column_major:
+            return words
+        # Built from a [scales, tokens] tensor, so the strides say column-major even for one column
+        # (a [T, 1] .t().contiguous().t() keeps unit strides).
+        return torch.empty((words.size(1), NUM_TOKENS), dtype=torch.int32, device="cuda").t().copy_(words)
 
     packed = packed_scales(1)
     (recv_x, recv_scales), _, _, _, handle, _ = buffer.dispatch((x_fp8, packed), topk_idx=topk_idx,

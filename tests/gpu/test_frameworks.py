@@ -62,10 +62,11 @@ def _expect_combine(case, routing, inputs, rank, num_ranks, with_weights):
         case.hidden, topk_idx, mine.topk_weights if with_weights else None, case.num_experts)
 
 
-def _check_combined(combined_x, combined_weights, case, routing, inputs, rank, num_ranks, what):
-    want_x, want_weights = _expect_combine(case, routing, inputs, rank, num_ranks,
-                                           with_weights=combined_weights is not None)
-    checks.check_combine(combined_x, combined_weights, want_x, want_weights, what)
+def _check_combined(combined, with_weights, case, routing, inputs, rank, num_ranks, what):
+    """combined: combine's (combined_x, combined_topk_weights) as returned; with_weights: whether the
+    call passed topk_weights (then the weights must come back, else None)."""
+    want_x, want_weights = _expect_combine(case, routing, inputs, rank, num_ranks, with_weights=with_weights)
+    checks.check_combine(combined[0], combined[1], want_x, want_weights, what)
 
 
 def _megatron(rank, num_ranks, seed):
@@ -105,11 +106,12 @@ def _megatron(rank, num_ranks, seed):
 
         # FusedCombine.forward (the experts' output) ...
         y = checks.combine_input(inputs, want.plan, rank, want.num_recv_tokens, case.hidden)
-        combined_x, _, after_event = buffer.combine(y, handle=handle, async_finish=True,
-                                                    previous_event=EventOverlap(EventHandle()),
-                                                    allocate_on_comm_stream=True)
+        combined_x, combined_weights, after_event = buffer.combine(y, handle=handle, async_finish=True,
+                                                                   previous_event=EventOverlap(EventHandle()),
+                                                                   allocate_on_comm_stream=True)
         after_event.current_stream_wait()
-        _check_combined(combined_x, None, case, routing, inputs, rank, num_ranks, f"{what}: combine forward")
+        _check_combined((combined_x, combined_weights), False, case, routing, inputs, rank, num_ranks,
+                        f"{what}: combine forward")
 
         # ... FusedCombine.backward: the gradient goes out again by a cached dispatch ...
         grad = inputs[rank].x.flip(0).contiguous()  # stands for the combined output's gradient
@@ -126,7 +128,8 @@ def _megatron(rank, num_ranks, seed):
                                                           previous_event=EventOverlap(EventHandle()),
                                                           async_finish=True, allocate_on_comm_stream=True)
         after_event.current_stream_wait()
-        _check_combined(grad_in, grad_probs, case, routing, inputs, rank, num_ranks, f"{what}: dispatch backward")
+        _check_combined((grad_in, grad_probs), True, case, routing, inputs, rank, num_ranks,
+                        f"{what}: dispatch backward")
         common.log(rank, f"[R={num_ranks}] megatron round {i} exact")
     del buffer, deep_ep  # Megatron never calls destroy(): the Buffer is dropped (explicitly_destroy=False)
 
@@ -176,12 +179,11 @@ def _sglang(rank, num_ranks, seed):
         checks.check_dispatch(out, want, 0, case, what)
         y = checks.combine_input(inputs, want.plan, rank, want.num_recv_tokens, case.hidden)
         previous_event = Buffer.capture() if async_finish else None
-        combined_x, _, event = buffer.combine(y, out[4], async_finish=async_finish, previous_event=previous_event,
-                                              allocate_on_comm_stream=previous_event is not None,
-                                              config=combine_config)
+        *combined, event = buffer.combine(y, out[4], async_finish=async_finish, previous_event=previous_event,
+                                          allocate_on_comm_stream=previous_event is not None, config=combine_config)
         if async_finish:
             event.current_stream_wait()
-        _check_combined(combined_x, None, case, routing, inputs, rank, num_ranks, f"{what}: combine")
+        _check_combined(combined, False, case, routing, inputs, rank, num_ranks, f"{what}: combine")
         common.log(rank, f"[R={num_ranks}] sglang round {i} exact")
     del buffer, deep_ep  # SGLang never calls destroy(): the Buffer is dropped (explicitly_destroy=False)
 
@@ -216,12 +218,11 @@ def _vllm(rank, num_ranks, seed):
         want = _expect_round(case, routing, inputs, rank, num_ranks)
         checks.check_dispatch(out, want, 0, case, what)
         y = checks.combine_input(inputs, want.plan, rank, want.num_recv_tokens, case.hidden)
-        combined_x, _, event = buffer.combine(x=y, handle=out[4], topk_weights=None, config=combine_config,
-                                              previous_event=None, async_finish=async_prepare,
-                                              allocate_on_comm_stream=False)
+        *combined, event = buffer.combine(x=y, handle=out[4], topk_weights=None, config=combine_config,
+                                          previous_event=None, async_finish=async_prepare, allocate_on_comm_stream=False)
         if event.event is not None:
             event.current_stream_wait()
-        _check_combined(combined_x, None, case, routing, inputs, rank, num_ranks, f"{what}: combine")
+        _check_combined(combined, False, case, routing, inputs, rank, num_ranks, f"{what}: combine")
         common.log(rank, f"[R={num_ranks}] vllm round {i} exact")
     buffer.destroy()
 

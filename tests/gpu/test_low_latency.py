@@ -10,6 +10,7 @@ These kernels had not run on a GPU when this file was written (see CHANGELOG): t
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, which the launcher sets here.
 """
 
+import re
 from dataclasses import dataclass, replace
 
 import pytest
@@ -176,6 +177,7 @@ def _low_latency(rank, num_ranks, seed):
         common.log(rank, f"[R={num_ranks}] {case.name}: plain and hook/zero-copy/out= rounds exact")
     # Three dispatches in a row (both parities, and the first reused), then their combines.
     case = cases[1]
+    buf.clean_low_latency_buffer(case.max_tokens, case.hidden, case.num_experts)  # another expert count
     rounds = []
     for j in range(3):
         routing, inputs = make_round(case, seed + 200 + j, num_ranks)
@@ -308,27 +310,36 @@ def _bad_expert_ids(rank, num_ranks, seed):
         bad[5, 0] = bad[5, 2] = 0  # expert 0 twice
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = buf.low_latency_dispatch(x, bad, M, E)
+        out = buf.low_latency_dispatch(x, bad, M, E, use_fp8=False)
         torch.cuda.synchronize()
-        buf.low_latency_dispatch(x, topk_idx, M, E)  # the next operation reports it
+        buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)  # the next operation reports it
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if rank == 0:
         assert any("token 3 slot 1" in m and "outside [-1, num_experts)" in m for m in messages) or \
             any("token 5" in m and "names one expert" in m for m in messages), messages
     else:
         assert not messages, messages
-    out = buf.low_latency_dispatch(x, topk_idx, M, E)
+    out = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)
     check_dispatch(out, case, routing, inputs, rank, num_ranks, "dispatch after the bad one")
     y = combine_input(case, out, inputs, rank, num_ranks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    # The error reaches the host either as a warning of an operation that collected it, or from
+    # check_device_errors(), depending on when the kernel wrote it.
+    raised = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         combined = buf.low_latency_combine(y, bad, inputs[rank].topk_weights, out[2])[0]
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        try:
+            buf.runtime.check_device_errors()
+        except ValueError as error:
+            raised = str(error)
+    reports = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] + ([raised] if raised else [])
     if rank == 0:
         assert torch.isnan(combined[3].float()).all(), "the token with a bad id was not poisoned"
         assert torch.isnan(combined[5].float()).all(), "the token naming an expert twice was not poisoned"
-        with pytest.raises(ValueError, match=r"topk_idx: token [35]"):
-            buf.runtime.check_device_errors()
+        assert any(re.search(r"topk_idx: token [35]", m) for m in reports), reports
+    else:
+        assert not reports, reports
     one_round(buf, case, seed + 1, rank, num_ranks, what="after the bad ids")
     buf.destroy()
 
