@@ -50,7 +50,7 @@ for g in $TEST_GROUPS; do
     failures) group failures 150 $P tests/gpu/test_failures.py ;;
     v2) group v2 240 $P tests/gpu/test_runtime_v2.py ;;
     graphs) group graphs 200 $P tests/gpu/test_graphs.py ;;
-    lowlatency) group lowlatency 240 $P tests/gpu/test_low_latency.py ;;
+    lowlatency) group lowlatency 300 $P tests/gpu/test_low_latency.py tests/gpu/test_low_latency_shrink.py ;;
     frameworks) group frameworks 200 $P tests/gpu/test_frameworks.py ;;
     peerloss) group peerloss 240 $P tests/gpu/test_peer_loss.py ;;
     peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;

@@ -9,6 +9,7 @@
 
 #include "modes/intranode/host.hpp"
 #include "modes/layout/host.hpp"
+#include "modes/low_latency/contract.hpp"
 #include "modes/low_latency/host.hpp"
 #include "runtime/context.hpp"
 #include "runtime/errors.hpp"
@@ -255,6 +256,18 @@ EventHandle Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const
 
 void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
   low_latency::clean(*ctx_, num_max_dispatch_tokens_per_rank, hidden, num_experts);
+}
+
+EventHandle Buffer::low_latency_update_mask(int rank, bool mask, const StreamOrder& order) {
+  return low_latency::mask_call(*ctx_, low_latency::kMaskSet, rank, mask ? 1 : 0, nullptr, order);
+}
+
+EventHandle Buffer::low_latency_query_mask(const TensorRef& mask_status, const StreamOrder& order) {
+  return low_latency::mask_call(*ctx_, low_latency::kMaskQuery, -1, 0, &mask_status, order);
+}
+
+EventHandle Buffer::low_latency_clean_mask(const StreamOrder& order) {
+  return low_latency::mask_call(*ctx_, low_latency::kMaskClean, -1, 0, nullptr, order);
 }
 
 void* Buffer::low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,

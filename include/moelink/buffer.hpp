@@ -35,6 +35,9 @@ struct BufferOptions {
   // them instead of staging them in the rings: half the memory traffic. 0 = no arena.
   int64_t num_arena_bytes = 0;
   bool low_latency_mode = false;
+  // Low-latency calls mask a peer that stops answering instead of failing (deep_ep's enable_shrink);
+  // needs low_latency_mode.
+  bool enable_shrink = false;
   bool explicitly_destroy = false;
   int num_nvl_ranks = 0;       // GPUs per node; 0 = min(num_ranks, 8)
   int num_qps_per_rank = 24;
@@ -117,6 +120,11 @@ class Buffer {
   // (M, hidden, num_experts), then waits for every rank again. Needed before the first low-latency
   // call with another expert count than the last one, or after the region held normal-mode data.
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts);
+  // Shrink's mask (enable_shrink), in stream order with the low-latency calls: mask or unmask one
+  // rank, copy the mask into an int32 [num_ranks] tensor (1 = masked), or clear it.
+  EventHandle low_latency_update_mask(int rank, bool mask, const StreamOrder& order);
+  EventHandle low_latency_query_mask(const TensorRef& mask_status, const StreamOrder& order);
+  EventHandle low_latency_clean_mask(const StreamOrder& order);
   // Where a zero-copy combine's input may be written: [E_local, R * M, H] bf16 in this rank's
   // low-latency region (`which` alternates between two such areas).
   void* low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int which) const;

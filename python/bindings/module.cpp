@@ -202,7 +202,7 @@ void bind_buffer(nb::module_& m) {
           "__init__",
           [](Buffer* self, int rank, int num_ranks, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
              bool low_latency_mode, bool explicitly_destroy, int num_nvl_ranks, int num_qps_per_rank,
-             double timeout_s, int device, int64_t num_arena_bytes) {
+             double timeout_s, int device, int64_t num_arena_bytes, bool enable_shrink) {
             moelink::BufferOptions options;
             options.rank = rank;
             options.num_ranks = num_ranks;
@@ -215,11 +215,12 @@ void bind_buffer(nb::module_& m) {
             options.timeout_s = timeout_s;
             options.device = device;
             options.num_arena_bytes = num_arena_bytes;
+            options.enable_shrink = enable_shrink;
             new (self) Buffer(options);
           },
           "rank"_a, "num_ranks"_a, "num_nvl_bytes"_a, "num_rdma_bytes"_a, "low_latency_mode"_a = false,
           "explicitly_destroy"_a = false, "num_nvl_ranks"_a = 0, "num_qps_per_rank"_a = 24,
-          "timeout_s"_a = -1.0, "device"_a = -1, "num_arena_bytes"_a = 0)
+          "timeout_s"_a = -1.0, "device"_a = -1, "num_arena_bytes"_a = 0, "enable_shrink"_a = false)
 
       // ---- topology and resources ----
       .def_prop_ro("topology", [](const Buffer& self) { return self.topology(); })
@@ -464,6 +465,21 @@ void bind_buffer(nb::module_& m) {
           "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a)
       .def("clean_low_latency_buffer", &Buffer::clean_low_latency_buffer, "num_max_dispatch_tokens_per_rank"_a,
            "hidden"_a, "num_experts"_a, Release())
+      .def(
+          "low_latency_update_mask",
+          [](Buffer& self, int rank, bool mask, nb::handle order) {
+            return self.low_latency_update_mask(rank, mask, to_stream_order(order));
+          },
+          "rank"_a, "mask"_a, "order"_a)
+      .def(
+          "low_latency_query_mask",
+          [](Buffer& self, nb::handle mask_status, nb::handle order) {
+            return self.low_latency_query_mask(to_tensor_ref(mask_status, "mask_status"), to_stream_order(order));
+          },
+          "mask_status"_a.none(), "order"_a)
+      .def(
+          "low_latency_clean_mask", [](Buffer& self, nb::handle order) { return self.low_latency_clean_mask(to_stream_order(order)); },
+          "order"_a)
       .def(
           "low_latency_combine_buffer",
           [](const Buffer& self, int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int which) {

@@ -32,8 +32,8 @@ def _rank_and_all_gather(group: Optional["dist.ProcessGroup"], comm: Optional[An
 
 
 def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl_bytes: int, num_rdma_bytes: int,
-              low_latency_mode: bool, explicitly_destroy: bool, num_qps_per_rank: int, num_arena_bytes: int
-              ) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
+              low_latency_mode: bool, explicitly_destroy: bool, num_qps_per_rank: int, num_arena_bytes: int,
+              enable_shrink: bool = False) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
     """(runtime, topology, rank, num_ranks) of this rank, connected to its peers: a collective over
     ``group`` or ``comm`` (exactly one must be given). The other arguments are checked already; the
     runtime lives on the current CUDA device."""
@@ -50,7 +50,7 @@ def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl
     try:
         runtime = _moelink.Buffer(rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                                   explicitly_destroy, num_nvl_ranks, num_qps_per_rank, device=device,
-                                  num_arena_bytes=num_arena_bytes)
+                                  num_arena_bytes=num_arena_bytes, enable_shrink=enable_shrink)
         topology = runtime.topology
         # The NVSHMEM root: the lane's rank on node 0 in normal mode, global rank 0 in low-latency mode.
         is_root = rank == 0 if low_latency_mode else topology.rdma_rank == 0

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from .buffer import Buffer
 
 _NOT_VALIDATED = ("low-latency mode has not run on a GPU yet; set MOELINK_EXPERIMENTAL_LOW_LATENCY=1 to try it")
-_SHRINK_NOT_IMPLEMENTED = "low-latency rank masking (enable_shrink) is not implemented yet in moelink"
 _PHASE_BOTH, _PHASE_SEND, _PHASE_RECEIVE = 0, 1, 2
 FP8_BLOCK = 128
 UE8M0_PER_INT = 4
@@ -192,12 +191,20 @@ def clean_buffer(buf: "Buffer", num_max_dispatch_tokens_per_rank: int, hidden: i
 
 
 def update_mask_buffer(buf: "Buffer", rank_to_mask: int, mask: bool) -> None:
-    raise NotImplementedError(_SHRINK_NOT_IMPLEMENTED)
+    _require_enabled()
+    buf._check_usable("low_latency_update_mask_buffer")
+    rank_to_mask = _check_int(rank_to_mask, "rank_to_mask", 0)
+    buf.runtime.low_latency_update_mask(rank_to_mask, _check_bool(mask, "mask"), _order(buf, False))
 
 
 def query_mask_buffer(buf: "Buffer", mask_status: torch.Tensor) -> None:
-    raise NotImplementedError(_SHRINK_NOT_IMPLEMENTED)
+    _require_enabled()
+    buf._check_usable("low_latency_query_mask_buffer")
+    _check_tensor(mask_status, "mask_status")
+    buf.runtime.low_latency_query_mask(_ref(mask_status, "mask_status"), _order(buf, False))
 
 
 def clean_mask_buffer(buf: "Buffer") -> None:
-    raise NotImplementedError(_SHRINK_NOT_IMPLEMENTED)
+    _require_enabled()
+    buf._check_usable("low_latency_clean_mask_buffer")
+    buf.runtime.low_latency_clean_mask(_order(buf, False))

@@ -60,7 +60,9 @@ class Buffer:
             num_qps_per_rank: int >= 1, RDMA queue pairs per peer.
             allow_nvlink_for_low_latency_mode: bool, accepted for compatibility.
             allow_mnnvl: bool, accepted; no effect while every peer is in one NVLink domain.
-            use_fabric, enable_shrink: must be False (NotImplementedError otherwise).
+            enable_shrink: bool (low-latency mode): a peer that stops answering is masked, so the calls
+                go on over the live ranks, instead of failing with TimeoutError.
+            use_fabric: must be False (NotImplementedError otherwise).
             explicitly_destroy: bool; when True, call ``destroy()`` before the Buffer is dropped.
             comm: an mpi4py communicator, used instead of ``group``.
             num_arena_bytes: int or None (moelink only): bytes of receive arena, shared with the
@@ -82,13 +84,15 @@ class Buffer:
         _check_bool(allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode")
         explicitly_destroy = _check_bool(explicitly_destroy, "explicitly_destroy")
         _check_bool(allow_mnnvl, "allow_mnnvl")
-        for name, value in (("use_fabric", use_fabric),
-                            ("enable_shrink", enable_shrink)):
-            if _check_bool(value, name):
-                raise NotImplementedError(f"{name}=True is not implemented yet in moelink")
+        if _check_bool(use_fabric, "use_fabric"):
+            raise NotImplementedError("use_fabric=True is not implemented yet in moelink")
+        enable_shrink = _check_bool(enable_shrink, "enable_shrink")
+        if enable_shrink and not low_latency_mode:
+            raise ValueError("enable_shrink: masking lost ranks is a low-latency feature; it needs low_latency_mode=True")
         runtime, topology, rank, num_ranks = _bootstrap.bootstrap(
             group, comm, num_nvl_bytes, num_rdma_bytes, low_latency_mode, explicitly_destroy, num_qps_per_rank,
-            num_arena_bytes)
+            num_arena_bytes, enable_shrink)
+        self.enable_shrink = enable_shrink
 
         self.rank = rank
         self.group_size = num_ranks
@@ -433,13 +437,16 @@ class Buffer:
         return _low_latency.next_combine_buffer(self, handle)
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Masks or unmasks a failed rank (not implemented yet)."""
+        """Masks (mask=True) or unmasks rank_to_mask in this rank's view (enable_shrink): low-latency
+        calls skip a masked rank, do not wait for it, and drop its experts' top-k slots from combine.
+        Ordered with the calls on the current stream."""
         _low_latency.update_mask_buffer(self, rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Copies the rank mask into ``mask_status`` (not implemented yet)."""
+        """Writes this rank's mask into ``mask_status`` (int32 [num_ranks] CUDA, 1 = masked), on the
+        current stream: ranks masked by hand or because they stopped answering (enable_shrink)."""
         _low_latency.query_mask_buffer(self, mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Clears the rank mask (not implemented yet)."""
+        """Unmasks every rank in this rank's view (enable_shrink), on the current stream."""
         _low_latency.clean_mask_buffer(self)

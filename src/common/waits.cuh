@@ -55,27 +55,36 @@ __device__ __forceinline__ void report_aborted(const ErrorSink& err, int word) {
   report_fault(err, kErrAborted, fault_lost(word), fault_step(word), -1, fault_reporter(word), fault_barrier_tag(word));
 }
 
+enum WaitResult : int { kArrived = 0, kTimedOut = 1, kAborted = 2 };
+
+// Spins until done() holds, for at most the sink's timeout. Reports nothing on a timeout (the caller
+// decides what a late peer means); when a fault was reported anywhere on the node meanwhile,
+// records it as its own reason and returns kAborted.
+template <typename Done>
+__device__ __forceinline__ WaitResult wait_for(Done done, const ErrorSink& err) {
+  if (done()) return kArrived;
+  const uint64_t start = global_timer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    if (done()) return kArrived;
+    if ((spins & 15) == 0) {
+      const int word = fault_word(err);
+      if (word != 0) {
+        report_aborted(err, word);
+        return kAborted;
+      }
+      if (global_timer_ns() - start > err.timeout_ns) return kTimedOut;
+    }
+  }
+}
+
 // Spins until done() holds. Returns false (after reporting) on timeout or when a fault was reported
 // anywhere on the node meanwhile.
 template <typename Done>
 __device__ __forceinline__ bool wait_until(Done done, const ErrorSink& err, int peer, int step, int channel,
                                            long long detail, int barrier_tag = -1) {
-  if (done()) return true;
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spins = 1;; ++spins) {
-    if (done()) return true;
-    if ((spins & 15) == 0) {
-      const int word = fault_word(err);
-      if (word != 0) {
-        report_aborted(err, word);
-        return false;
-      }
-      if (global_timer_ns() - start > err.timeout_ns) {
-        report_fault(err, kErrTimeout, peer, step, channel, detail, barrier_tag);
-        return false;
-      }
-    }
-  }
+  const WaitResult result = wait_for(done, err);
+  if (result == kTimedOut) report_fault(err, kErrTimeout, peer, step, channel, detail, barrier_tag);
+  return result == kArrived;
 }
 
 // Spins until ld_acquire_sys(counter) >= target.

@@ -88,6 +88,9 @@ Context::Context(const BufferOptions& o) {
   num_nvl_bytes = o.num_nvl_bytes;
   num_rdma_bytes = o.num_rdma_bytes;
   low_latency_mode = o.low_latency_mode;
+  enable_shrink = o.enable_shrink;
+  if (enable_shrink && !low_latency_mode)
+    raise(ErrorKind::kValue, "enable_shrink: masking lost ranks is a low-latency feature; it needs low_latency_mode=True");
   explicitly_destroy = o.explicitly_destroy;
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
   const unsigned long long epoch_start = knobs::debug_epoch_start();

@@ -38,6 +38,7 @@ class Context {
   int64_t low_latency_bytes = 0;
   bool uses_nvshmem = false;
   bool low_latency_mode = false;
+  bool enable_shrink = false;
   bool explicitly_destroy = false;
   double timeout_s = 100.0;
   bool available = false;

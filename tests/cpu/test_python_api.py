@@ -222,7 +222,8 @@ def test_event_overlap_without_event(torch_and_buffer):
     ({"num_qps_per_rank": 0}, ValueError, "num_qps_per_rank"),
     ({"allow_mnnvl": True}, ValueError, "group"),  # accepted: it gets as far as the missing group
     ({"use_fabric": True}, NotImplementedError, "use_fabric"),
-    ({"enable_shrink": True}, NotImplementedError, "enable_shrink"),
+    ({"enable_shrink": True}, ValueError, "enable_shrink"),  # needs low_latency_mode
+    ({"enable_shrink": True, "low_latency_mode": True}, ValueError, "group"),  # accepted
 ])
 def test_buffer_constructor_checks(torch_and_buffer, kwargs, error, match):
     _, Buffer = torch_and_buffer

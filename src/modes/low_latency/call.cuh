@@ -17,20 +17,55 @@ __device__ __forceinline__ bool names_earlier_slot(long long e, int num_experts,
 
 struct CallStart {
   kernels::Epoch seq;
-  bool fault;  // known at the start: the block only poisons
+  bool fault;       // known at the start: the block only poisons
+  unsigned masked;  // bit r: rank r is masked for this call (shrink)
 };
+
+__device__ __forceinline__ bool is_masked(unsigned masked, int rank) { return (masked >> rank) & 1u; }
+
+enum PeerWait : int {
+  kPeerArrived = 0,
+  kPeerMasked = 1,  // shrink: the peer never answered; treat it as having sent nothing
+  kPeerFailed = 2,  // a fault (reported): the call is off
+};
+
+// A wait on `peer`. A peer that does not answer in time is masked from the next call on when
+// shrink is on, else it is a fault as everywhere else (this rank itself is never masked).
+template <class Args, class Done>
+__device__ __forceinline__ PeerWait wait_peer(const Args& a, int peer, int step, int channel, long long detail,
+                                              Done done) {
+  // Once one wait of this call gave up on the peer, the others stop at once instead of each
+  // sitting out its own timeout.
+  const int* pending = &a.self->pending_mask[peer];
+  const bool may_mask = a.shrink && peer != a.rank;
+  const kernels::WaitResult result =
+      kernels::wait_for([&] { return done() || (may_mask && kernels::ld_volatile(pending) != 0); }, a.err);
+  if (result == kernels::kArrived) return done() ? kPeerArrived : kPeerMasked;
+  if (result == kernels::kAborted) return kPeerFailed;
+  if (a.shrink && peer != a.rank) {
+    atomicExch(&a.self->pending_mask[peer], 1);
+    return kPeerMasked;
+  }
+  kernels::report_fault(a.err, kernels::kErrTimeout, peer, step, channel, detail);
+  return kPeerFailed;
+}
 
 // A send half numbers a new call (the device counter + 1); a hook's receive half runs the call its
 // send half numbered, which left the number in the call's state tensor. Thread 0 reads the number
-// and the fault word once for the block, so that every thread of a block takes the same branch.
-__device__ __forceinline__ CallStart start_call(int phase, const HeaderSection* self, const long long* state,
-                                                const kernels::ErrorSink& err) {
+// and the fault word (and, with shrink, the mask) once for the block, so that every thread of a
+// block takes the same branch.
+template <class Args>
+__device__ __forceinline__ CallStart start_call(const Args& a) {
   __shared__ CallStart start;
   if (threadIdx.x == 0) {
-    start.seq = (phase & kPhaseSend) ? kernels::ld_volatile(&self->seq) + 1
-                                     : static_cast<kernels::Epoch>(kernels::ld_volatile(
-                                           reinterpret_cast<const kernels::Epoch*>(state)));
-    start.fault = kernels::fault_word(err) != 0;
+    start.seq = (a.phase & kPhaseSend) ? kernels::ld_volatile(&a.self->seq) + 1
+                                       : static_cast<kernels::Epoch>(kernels::ld_volatile(
+                                             reinterpret_cast<const kernels::Epoch*>(a.state)));
+    start.fault = kernels::fault_word(a.err) != 0;
+    start.masked = 0;
+    if (a.shrink)
+      for (int r = 0; r < a.layout.num_ranks; ++r)
+        if (kernels::ld_volatile(&a.self->masked[r]) != 0) start.masked |= 1u << r;
   }
   __syncthreads();
   return start;
@@ -39,16 +74,18 @@ __device__ __forceinline__ CallStart start_call(int phase, const HeaderSection* 
 // Before a send writes into peers' regions: each peer has finished receiving the call two before
 // this one, the last that used this parity (contract.hpp). Returns false when a wait gave up.
 template <class Args>
-__device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch seq) {
+__device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch seq, unsigned masked) {
   __shared__ bool ok;
   if (threadIdx.x == 0) ok = true;
   __syncthreads();
   // Self too: with one rank, or rows routed to self, this rank's own receive is what must be done.
+  // A masked peer is not written to, so not waited for; one that never answers is masked (shrink).
   const int p = threadIdx.x;
-  if (p < a.layout.num_ranks) {
+  if (p < a.layout.num_ranks && !is_masked(masked, p)) {
     const kernels::Epoch* done = &a.self->recv_done[seq & 1][p];
-    if (!kernels::wait_until([&] { return kernels::epoch_reached(kernels::ld_acquire_sys(done), seq - 2); }, a.err, p,
-                             kStepGate, -1, static_cast<long long>(seq)))
+    if (wait_peer(a, p, kStepGate, -1, static_cast<long long>(seq), [&] {
+          return kernels::epoch_reached(kernels::ld_acquire_sys(done), seq - 2);
+        }) == kPeerFailed)
       ok = false;
   }
   __syncthreads();
@@ -61,14 +98,14 @@ __device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch se
 // peer that this rank is done reading this call's parity. send and recv take (seq, parity).
 template <class Args, class Send, class Recv>
 __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
-  const CallStart start = start_call(a.phase, a.self, a.state, a.err);
+  const CallStart start = start_call(a);
   const kernels::Epoch seq = start.seq;
   const int parity = static_cast<int>(seq & 1);
   if (start.fault) {
     if (a.phase & kPhaseRecv) kernels::poison_grid_share(a.poison);
   } else {
-    if ((a.phase & kPhaseSend) && wait_for_parity(a, seq)) send(seq, parity);
-    if (a.phase & kPhaseRecv) recv(seq, parity);
+    if ((a.phase & kPhaseSend) && wait_for_parity(a, seq, start.masked)) send(seq, parity, start.masked);
+    if (a.phase & kPhaseRecv) recv(seq, parity, start.masked);
   }
   if (kernels::finish_block(a.err, a.poison) && threadIdx.x == 0) {
     if (a.phase & kPhaseSend) {
@@ -77,7 +114,12 @@ __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
     }
     // Per parity, so receives of two outstanding calls may finish in either order.
     if (a.phase & kPhaseRecv)
-      for (int p = 0; p < a.layout.num_ranks; ++p) kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
+      for (int p = 0; p < a.layout.num_ranks; ++p)
+        if (!is_masked(start.masked, p)) kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
+    // Peers that timed out in this call are masked from the next one on (all blocks are done).
+    if (a.shrink)
+      for (int p = 0; p < a.layout.num_ranks; ++p)
+        if (atomicExch(&a.self->pending_mask[p], 0) != 0) a.self->masked[p] = 1;
   }
 }
 

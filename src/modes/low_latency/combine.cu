@@ -34,7 +34,7 @@ constexpr int kWarps = kThreads / 32;
 __device__ __forceinline__ int block_begin(long long range) { return static_cast<int>(range >> 32); }
 __device__ __forceinline__ int block_count(long long range) { return static_cast<int>(range & 0xffffffffLL); }
 
-__device__ void send_half(const CombineArgs& a, Epoch seq, int parity) {
+__device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned masked) {
   const Layout& L = a.layout;
   const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, E_local = L.num_local_experts;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -56,6 +56,7 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity) {
     const int row = idx - prefix[le];
     int s = 0;
     while (s + 1 < R && row >= block_begin(a.layout_range[le * R + s + 1])) ++s;
+    if (is_masked(masked, s)) continue;  // shrink: the token's rank is gone
     const int token = a.src_info[static_cast<int64_t>(le) * RM + row];
     const int expert = a.rank * E_local + le;
     char* dst = window::peer_address_in(a.regions, s, L.combine_slot(parity, expert, token));
@@ -69,7 +70,7 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity) {
     }
   }
   for (int pair = global_warp; pair < E_local * R; pair += num_warps) {
-    if (lane != 0) continue;
+    if (lane != 0 || is_masked(masked, pair % R)) continue;
     const int le = pair / R, s = pair % R;
     const int want = block_count(a.layout_range[pair]);
     int* done = &a.self->combine_done[pair];
@@ -91,7 +92,7 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
   }
 }
 
-__device__ void recv_half(const CombineArgs& a, Epoch seq, int parity) {
+__device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned masked) {
   const Layout& L = a.layout;
   const int K = a.num_topk, H = L.hidden;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -118,11 +119,16 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity) {
         const int expert = static_cast<int>(e), source = expert / L.num_local_experts;
         const int* word = reinterpret_cast<const int*>(own + L.combine_signal(parity, expert));
         const uint64_t start = global_timer_ns();
-        ok = wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); }, a.err,
-                        source, kStepCombineRecv, expert, static_cast<long long>(seq));
+        // Shrink: an expert on a masked rank, or on one that never answers, drops out of the sum.
+        const PeerWait got = is_masked(masked, source)
+                                 ? kPeerMasked
+                                 : wait_peer(a, source, kStepCombineRecv, expert, static_cast<long long>(seq), [&] {
+                                     return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq);
+                                   });
+        ok = got != kPeerFailed;
         if (a.wait_recv_cost_stats != nullptr)
           atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[source]), global_timer_ns() - start);
-        row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
+        if (got == kPeerArrived) row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
       }
       rows[warp][lane] = row;
       weights[warp][lane] = row != nullptr ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
@@ -150,8 +156,8 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity) {
 }
 
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  run_call(a, [&](Epoch seq, int parity) { send_half(a, seq, parity); },
-           [&](Epoch seq, int parity) { recv_half(a, seq, parity); });
+  run_call(a, [&](Epoch seq, int parity, unsigned masked) { send_half(a, seq, parity, masked); },
+           [&](Epoch seq, int parity, unsigned masked) { recv_half(a, seq, parity, masked); });
 }
 
 const KernelRegistration registration(reinterpret_cast<const void*>(&combine_kernel), "low-latency combine", kThreads,

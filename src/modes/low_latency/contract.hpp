@@ -35,8 +35,14 @@ enum Phase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
 // before it (recv_done), since both use one parity of the peer's region. Any order of plain and
 // hook calls stays consistent with up to two calls outstanding; a third waits, and with nobody
 // receiving meanwhile times out naming kStepGate.
+// Shrink (enable_shrink): a peer that stops answering is masked instead of failing the call.
+// `masked` is this rank's view, read by every block at a call's start and changed only between
+// calls (by the host's mask calls, or by the last block of a call, from `pending_mask`, which a
+// wait that timed out on a peer sets), so all blocks of a call agree on whom to skip.
 struct alignas(128) HeaderSection {
   Epoch seq;                   // the last call's sequence number
+  int masked[kMaxNvlRanks];        // [rank]: non-zero = masked (skipped, not waited for)
+  int pending_mask[kMaxNvlRanks];  // [rank]: timed out during the running call
   Epoch recv_done[2][kMaxNvlRanks];  // [parity][src]: the last call of that parity whose receive half
                                       // src finished (src writes it; self included)
   int dispatch_slots[kMaxExperts];  // rows this rank has claimed per expert in the current dispatch
@@ -60,6 +66,7 @@ struct DispatchArgs {
   Layout layout;
   int phase;
   int rank;
+  bool shrink;               // enable_shrink: mask a peer that times out instead of failing
   char* regions[kMaxNvlRanks];  // every rank's low-latency region, in this process
   HeaderSection* self;
   HeaderSection* peers[kMaxNvlRanks];  // every rank's section (self included), in this process
@@ -81,6 +88,7 @@ struct CombineArgs {
   Layout layout;
   int phase;
   int rank;
+  bool shrink;
   char* regions[kMaxNvlRanks];
   HeaderSection* self;
   HeaderSection* peers[kMaxNvlRanks];
@@ -88,6 +96,10 @@ struct CombineArgs {
   kernels::PoisonList poison;
 };
 void launch_combine(const CombineArgs& args, int blocks, cudaStream_t stream);
+
+// The host's mask calls (low_latency_update/query/clean_mask_buffer), ordered on the comm stream.
+enum MaskOp : int { kMaskSet = 0, kMaskQuery = 1, kMaskClean = 2 };
+void launch_mask(MaskOp op, HeaderSection* self, int rank, int value, int* out, int num_ranks, cudaStream_t stream);
 
 inline constexpr int kThreads = 512;
 int dispatch_blocks_per_sm();

@@ -12,7 +12,7 @@
 //     writes the peer's count signal for (expert, this rank), tagged with the call's sequence
 //     number, with release semantics, and resets the counters for the next call.
 //   Receive half. Blocks take local experts; thread s waits (bounded) for source s's signal of this
-//     call, the block lays the sources' blocks out back to back (layout_range, recv_count), and
+//     call (with shrink, a masked source is skipped and one that never answers is masked), the block lays the sources' blocks out back to back (layout_range, recv_count), and
 //     warps copy each row, its source token (src_info) and its scales (column-major; packed UE8M0
 //     bytes with use_ue8m0) out of the receive area.
 //   The call's number is the device counter + 1 (contract.hpp), read by every block; the last block
@@ -79,7 +79,8 @@ __device__ __forceinline__ float quantize_8(const int4& v, bool round_scale, uin
 
 // One warp sends token t to each of its top-k experts.
 template <bool kFp8>
-__device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dsts)[kMaxTopK], int* experts) {
+__device__ void send_token(const DispatchArgs& a, int t, int parity, unsigned masked, char* (&dsts)[kMaxTopK],
+                           int* experts) {
   const Layout& L = a.layout;
   const int lane = lane_id(), K = a.num_topk, H = L.hidden;
   const long long e = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
@@ -90,7 +91,8 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dst
     const long long where = static_cast<long long>(t) * kernels::kMaxTopK + lane;
     if (e < -1 || e >= L.num_experts) report_local(a.err, kErrLowLatencyBadExpertId, 0, where);
     if (duplicate) report_local(a.err, kErrLowLatencyDuplicateExpert, 0, where);
-    if (e >= 0 && e < L.num_experts && !duplicate) {
+    // An expert on a masked rank (shrink) gets nothing: it is gone.
+    if (e >= 0 && e < L.num_experts && !duplicate && !is_masked(masked, static_cast<int>(e) / L.num_local_experts)) {
       expert = static_cast<int>(e);
       const int r = expert / L.num_local_experts, le = expert % L.num_local_experts;
       const int slot = atomicAdd(&a.self->dispatch_slots[expert], 1);
@@ -144,7 +146,7 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, char* (&dst
 }
 
 template <bool kFp8>
-__device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* expected) {
+__device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, unsigned masked, int* expected) {
   const Layout& L = a.layout;
   const int warp = threadIdx.x / 32, lane = lane_id();
   const int E = L.num_experts, K = a.num_topk;
@@ -154,7 +156,7 @@ __device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* exp
   // (send_token skips them, and the count must be the rows written).
   for (int i = threadIdx.x; i < a.num_tokens * K; i += blockDim.x) {
     const long long e = a.topk_idx[i];
-    if (e < 0 || e >= E) continue;
+    if (e < 0 || e >= E || is_masked(masked, static_cast<int>(e) / L.num_local_experts)) continue;
     bool repeat = false;
     for (int k = i - i % K; k < i; ++k) repeat |= a.topk_idx[k] == e;
     if (!repeat) atomicAdd(&expected[e], 1);
@@ -163,10 +165,11 @@ __device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* exp
   __shared__ char* dsts[kWarps][kMaxTopK];
   __shared__ int experts[kWarps][kMaxTopK];
   const int global_warp = blockIdx.x * kWarps + warp, num_warps = gridDim.x * kWarps;
-  for (int t = global_warp; t < a.num_tokens; t += num_warps) send_token<kFp8>(a, t, parity, dsts[warp], experts[warp]);
+  for (int t = global_warp; t < a.num_tokens; t += num_warps)
+    send_token<kFp8>(a, t, parity, masked, dsts[warp], experts[warp]);
   // Signal each expert once all of this rank's rows to it are written.
   for (int e = global_warp; e < E; e += num_warps) {
-    if (lane != 0) continue;
+    if (lane != 0 || is_masked(masked, e / L.num_local_experts)) continue;
     const int want = expected[e];  // rows counted done, dropped ones included
     int* done = &a.self->dispatch_done[e];
     if (!wait_until([&] { return ld_acquire_sys(done) >= want; }, a.err, a.err.rank, kStepLocal, e, want)) continue;
@@ -179,7 +182,7 @@ __device__ void send_half(const DispatchArgs& a, Epoch seq, int parity, int* exp
 }
 
 template <bool kFp8>
-__device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity) {
+__device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity, unsigned masked) {
   const Layout& L = a.layout;
   const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, S = L.num_scales;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -193,11 +196,15 @@ __device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity) {
       const int s = threadIdx.x;
       const int* word = reinterpret_cast<const int*>(own + L.count_signal(parity, le, s));
       const uint64_t start = global_timer_ns();
-      if (!wait_until([&] { return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq); }, a.err, s,
-                      kStepDispatchRecv, le, static_cast<long long>(seq)))
-        failed = true;
-      counts[s] = signal_value(static_cast<uint32_t>(ld_volatile(word)));
-      if (!failed && (counts[s] < 0 || counts[s] > L.max_tokens)) {
+      // A masked source (shrink) sends nothing and is not waited for; one that never answers is
+      // masked now and counts as empty.
+      const PeerWait got = is_masked(masked, s) ? kPeerMasked
+                                                : wait_peer(a, s, kStepDispatchRecv, le, static_cast<long long>(seq), [&] {
+                                                    return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq);
+                                                  });
+      if (got == kPeerFailed) failed = true;
+      counts[s] = got == kPeerArrived ? signal_value(static_cast<uint32_t>(ld_volatile(word))) : 0;
+      if (got == kPeerArrived && (counts[s] < 0 || counts[s] > L.max_tokens)) {
         // Not a count any sender writes: a word left by another layout (contract.hpp).
         report_fault(a.err, kErrBadSignal, s, kStepDispatchRecv, le, counts[s]);
         failed = true;
@@ -256,8 +263,8 @@ __device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity) {
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
   __shared__ int expected[kMaxExperts];
-  run_call(a, [&](Epoch seq, int parity) { send_half<kFp8>(a, seq, parity, expected); },
-           [&](Epoch seq, int parity) { recv_half<kFp8>(a, seq, parity); });
+  run_call(a, [&](Epoch seq, int parity, unsigned masked) { send_half<kFp8>(a, seq, parity, masked, expected); },
+           [&](Epoch seq, int parity, unsigned masked) { recv_half<kFp8>(a, seq, parity, masked); });
 }
 
 const KernelRegistration registrations[] = {

@@ -124,6 +124,7 @@ void fill_call(Args& a, const Context& ctx, const Layout& L, LowLatencyPhase pha
   }
   a.self = &ctx.header()->low_latency;
   a.err = ctx.error_sink();
+  a.shrink = ctx.enable_shrink;
 }
 
 }  // namespace
@@ -243,6 +244,22 @@ void clean(Context& ctx, int max_tokens, int hidden, int num_experts) {
   ctx.barrier(kernels::kBarrierUser);
   MOELINK_CUDA_CHECK(cudaMemsetAsync(ctx.low_latency_base(), 0, 2 * L.signal_bytes, ctx.comm_stream));
   ctx.barrier(kernels::kBarrierUser);
+}
+
+EventHandle mask_call(Context& ctx, int op, int rank, int value, const TensorRef* out, const StreamOrder& order) {
+  static const char* const names[] = {"low_latency_update_mask_buffer", "low_latency_query_mask_buffer",
+                                      "low_latency_clean_mask_buffer"};
+  const char* name = names[op];
+  ctx.require_usable(name);
+  if (!ctx.enable_shrink) raise(ErrorKind::kState, name, ": the Buffer was not built with enable_shrink=True");
+  const int R = ctx.topo.num_ranks;
+  if (op == kMaskSet && (rank < 0 || rank >= R))
+    raise(ErrorKind::kValue, "rank_to_mask: expected 0..", R - 1, ", got ", rank);
+  if (op == kMaskQuery) expect(*out, {R}, DType::kInt32, ctx.device, "mask_status");
+  ctx.begin_op(order);
+  launch_mask(static_cast<MaskOp>(op), &ctx.header()->low_latency, rank, value,
+              out != nullptr ? static_cast<int*>(out->data) : nullptr, R, ctx.comm_stream);
+  return ctx.end_op(order);
 }
 
 void* combine_buffer(const Context& ctx, int max_tokens, int hidden, int num_experts, int which) {

@@ -15,6 +15,8 @@ EventHandle combine(runtime::Context& ctx, const LowLatencyCombineInputs& in, co
                     LowLatencyPhase phase, const StreamOrder& order);
 // Zeroes this rank's signal words of the layout, between two barriers (Buffer::clean_low_latency_buffer).
 void clean(runtime::Context& ctx, int max_tokens, int hidden, int num_experts);
+// Shrink's mask calls (Buffer::low_latency_update_mask and the others).
+EventHandle mask_call(runtime::Context& ctx, int op, int rank, int value, const TensorRef* out, const StreamOrder& order);
 // The zero-copy combine input area `which` (0 or 1) of this rank's low-latency region.
 void* combine_buffer(const runtime::Context& ctx, int max_tokens, int hidden, int num_experts, int which);
 

@@ -1,0 +1,138 @@
+"""Shrink (Buffer(..., enable_shrink=True)): the mask calls, a rank masked by hand that never takes part,
+and a rank that stops after one round, which the survivors mask when it does not answer; in both the
+survivors' dispatch and combine equal the reference over the live ranks (tokens from a masked rank
+absent, top-k slots on its experts dropped). Without shrink the same loss is a TimeoutError naming the
+rank. Ranks are processes on one GPU under MPS; a lost rank exits between kernels (a process killed
+inside a kernel that writes its peers faults every MPS client, docs/TESTING.md).
+
+These kernels had not run on a GPU when this file was written (see CHANGELOG).
+"""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import torch.distributed as dist  # noqa: E402
+
+import moelink  # noqa: E402
+
+import common  # noqa: E402
+import launcher  # noqa: E402
+from test_low_latency import CASES, ENV, check_combine, check_dispatch, combine_input, make_round  # noqa: E402
+
+CASE = CASES[1]  # bf16, M 128, 17 tokens, H 7168, top-8 of 256
+
+
+def make_buffer(num_ranks, case, enable_shrink=True):
+    hint = moelink.Buffer.get_low_latency_rdma_size_hint(case.max_tokens, case.hidden, num_ranks, case.num_experts)
+    return moelink.Buffer(common.world_group(), num_nvl_bytes=0, num_rdma_bytes=hint, low_latency_mode=True,
+                          num_qps_per_rank=case.num_experts // num_ranks, explicitly_destroy=True,
+                          enable_shrink=enable_shrink)
+
+
+def without(routing, masked, case, num_ranks):
+    """The routing as the survivors' calls see it: a masked rank's tokens gone, slots on its experts -1."""
+    experts_per_rank = case.num_experts // num_ranks
+    result = []
+    for s, topk in enumerate(routing):
+        topk = topk.copy()
+        if s in masked:
+            topk[:] = -1
+        for r in masked:
+            topk[(topk >= r * experts_per_rank) & (topk < (r + 1) * experts_per_rank)] = -1
+        result.append(topk)
+    return result
+
+
+def mask_of(buf, num_ranks):
+    status = torch.full((num_ranks,), -1, dtype=torch.int32, device="cuda")
+    buf.low_latency_query_mask_buffer(status)
+    return status.cpu().tolist()
+
+
+def survivor_round(buf, case, seed, rank, num_ranks, masked, what):
+    routing, inputs = make_round(case, seed, num_ranks)
+    idx = torch.from_numpy(routing[rank]).cuda()
+    out = buf.low_latency_dispatch(inputs[rank].x, idx, case.max_tokens, case.num_experts, use_fp8=False)
+    live = without(routing, masked, case, num_ranks)
+    check_dispatch(out, case, live, inputs, rank, num_ranks, f"{what} dispatch")
+    y = combine_input(case, out, inputs, rank, num_ranks)
+    combined = buf.low_latency_combine(y, idx, inputs[rank].topk_weights, out[2])[0]
+    check_combine(combined, case, live, inputs, rank, f"{what} combine")
+
+
+def _mask_api(rank, num_ranks, seed):
+    case = CASE.resolved(num_ranks)
+    buf = make_buffer(num_ranks, case)
+    assert mask_of(buf, num_ranks) == [0] * num_ranks
+    buf.low_latency_update_mask_buffer(1, True)
+    assert mask_of(buf, num_ranks) == [0, 1] + [0] * (num_ranks - 2)
+    buf.low_latency_update_mask_buffer(1, False)
+    buf.low_latency_update_mask_buffer(0, True)
+    assert mask_of(buf, num_ranks) == [1] + [0] * (num_ranks - 1)
+    buf.low_latency_clean_mask_buffer()
+    assert mask_of(buf, num_ranks) == [0] * num_ranks
+    with pytest.raises(ValueError, match="rank_to_mask"):
+        buf.low_latency_update_mask_buffer(num_ranks, True)
+    buf.destroy()
+
+
+def test_mask_calls():
+    launcher.run_ranks(2, _mask_api, 71000, timeout_s=120, env=ENV)
+
+
+def _masked_by_hand(rank, num_ranks, seed):
+    case = CASE.resolved(num_ranks)
+    buf = make_buffer(num_ranks, case)
+    gone = num_ranks - 1
+    if rank != gone:
+        buf.low_latency_update_mask_buffer(gone, True)
+        for i in range(3):
+            survivor_round(buf, case, seed + i, rank, num_ranks, {gone}, f"rank {rank} round {i}")
+        assert mask_of(buf, num_ranks)[gone] == 1
+        common.log(rank, f"[R={num_ranks}] rank {gone} masked by hand: 3 rounds exact over the others")
+    dist.barrier()  # the masked rank sits the calls out, then everyone destroys together
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", (3, 4))
+def test_masked_rank_sits_out(num_ranks):
+    launcher.run_ranks(num_ranks, _masked_by_hand, 72000 + num_ranks, timeout_s=300, env=ENV)
+
+
+def _stops_after_one_round(rank, num_ranks, seed, enable_shrink):
+    case = CASE.resolved(num_ranks)
+    buf = make_buffer(num_ranks, case, enable_shrink=enable_shrink)
+    gone = num_ranks - 1
+    survivor_round(buf, case, seed, rank, num_ranks, set(), f"rank {rank} first round")
+    if rank == gone:
+        torch.cuda.synchronize()  # leave between kernels, not inside one
+        os._exit(0)
+    if enable_shrink:
+        survivor_round(buf, case, seed + 1, rank, num_ranks, {gone}, f"rank {rank} after rank {gone} left")
+        survivor_round(buf, case, seed + 2, rank, num_ranks, {gone}, f"rank {rank} second round without it")
+        assert mask_of(buf, num_ranks) == [1 if r == gone else 0 for r in range(num_ranks)]
+        common.log(rank, f"[R={num_ranks}] rank {gone} left and was masked; survivors exact")
+    else:
+        routing, inputs = make_round(case, seed + 1, num_ranks)
+        idx = torch.from_numpy(routing[rank]).cuda()
+        out = buf.low_latency_dispatch(inputs[rank].x, idx, case.max_tokens, case.num_experts, use_fp8=False)
+        torch.cuda.synchronize()  # the dispatch gives up on the lost rank after MOELINK_TIMEOUT_S
+        assert torch.isnan(out[0].float()).all(), "a dispatch that lost a peer must leave poisoned outputs"
+        with pytest.raises(TimeoutError, match=f"rank {gone}"):
+            buf.low_latency_dispatch(inputs[rank].x, idx, case.max_tokens, case.num_experts, use_fp8=False)
+    common.quiet_destroy(buf)
+
+
+@pytest.mark.parametrize("num_ranks", (2, 3))
+def test_a_rank_that_stops_is_masked(num_ranks):
+    launcher.run_ranks(num_ranks, _stops_after_one_round, 73000 + num_ranks, True, timeout_s=300,
+                       env={**ENV, "MOELINK_TIMEOUT_S": "5"}, expect_exit={num_ranks - 1: 0})
+
+
+def test_without_shrink_a_rank_that_stops_is_a_timeout():
+    launcher.run_ranks(2, _stops_after_one_round, 74000, False, timeout_s=300, env={**ENV, "MOELINK_TIMEOUT_S": "5"},
+                       expect_exit={1: 0})
