@@ -119,6 +119,7 @@ struct LowLatencyCombineInputs {
   int num_max_dispatch_tokens_per_rank = 0;
   int num_experts = 0;
   TensorRef combine_wait_recv_cost_stats;  // in/out: [R] int64, += ns waited for each source
+  TensorRef dispatch_state;  // in, optional: the dispatch's state tensor (with shrink, the ranks it skipped)
 };
 
 struct LowLatencyCombineOutputs {

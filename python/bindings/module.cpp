@@ -443,7 +443,7 @@ void bind_buffer(nb::module_& m) {
           "low_latency_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle src_info,
              nb::handle layout_range, int num_max_dispatch_tokens_per_rank, int num_experts, nb::handle wait_stats,
-             nb::handle combined_x, nb::handle state, int phase, nb::handle order) {
+             nb::handle combined_x, nb::handle state, int phase, nb::handle order, nb::handle dispatch_state) {
             moelink::LowLatencyCombineInputs in;
             in.x = to_tensor_ref(x, "x");
             in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
@@ -453,6 +453,7 @@ void bind_buffer(nb::module_& m) {
             in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
             in.num_experts = num_experts;
             in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
+            in.dispatch_state = to_tensor_ref(dispatch_state, "handle state");
             moelink::LowLatencyCombineOutputs out;
             out.combined_x = to_tensor_ref(combined_x, "out");
             out.state = to_tensor_ref(state, "state");
@@ -462,7 +463,7 @@ void bind_buffer(nb::module_& m) {
           },
           "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "src_info"_a.none(), "layout_range"_a.none(),
           "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a, "combine_wait_recv_cost_stats"_a.none(),
-          "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a)
+          "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a, "dispatch_state"_a.none() = nb::none())
       .def("clean_low_latency_buffer", &Buffer::clean_low_latency_buffer, "num_max_dispatch_tokens_per_rank"_a,
            "hidden"_a, "num_experts"_a, Release())
       .def(

@@ -46,7 +46,10 @@ def _column_major(rows: int, columns: int, num_local_experts: int, dtype: torch.
 
 class LowLatencyHandle(tuple):
     """deep_ep V1's handle (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
-    num_experts); a plain tuple to anyone who unpacks it."""
+    num_experts); a plain tuple to anyone who unpacks it. ``state`` keeps the dispatch's state tensor,
+    from which (with enable_shrink) the combine learns which ranks the dispatch skipped."""
+
+    state: Optional[torch.Tensor] = None
 
 
 def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
@@ -105,6 +108,7 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
     else:
         hook = _no_hook
     handle = LowLatencyHandle((src_info, layout_range, m, hidden, num_experts))
+    handle.state = state
     return ((recv_x, scales) if use_fp8 else recv_x, recv_count, handle,
             EventOverlap(event, extra_tensors=keep if async_finish else None), hook)
 
@@ -148,17 +152,18 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
     state = torch.zeros((2,), dtype=torch.int64, device=buf._device)
     refs = (_ref(x, "x"), _ref(topk_idx, "topk_idx"), _ref(topk_weights, "topk_weights"), _ref(src_info),
             _ref(layout_range), m, num_experts, _ref(combine_wait_recv_cost_stats), _ref(out, "out"), _ref(state))
+    dispatch_state = getattr(handle, "state", None)
     event = buf.runtime.low_latency_combine(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
-                                            _order(buf, async_finish))
+                                            _order(buf, async_finish), _ref(dispatch_state))
     warn_local_errors(buf)
     buf._low_latency_combines += 1
-    keep = (x, topk_idx, topk_weights, src_info, layout_range, combine_wait_recv_cost_stats, out, state)
+    keep = (x, topk_idx, topk_weights, src_info, layout_range, combine_wait_recv_cost_stats, out, state, dispatch_state)
     if return_recv_hook:
         keep_alive = list(keep)
 
         def hook() -> None:
             buf._check_usable("the low-latency combine hook")
-            buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False))
+            buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False), _ref(dispatch_state))
             warn_local_errors(buf)
             del keep_alive[:]
     else:

@@ -49,6 +49,7 @@ enum ErrorCode : int {
   kErrLowLatencyBadExpertId = 22,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
   kErrLowLatencyTooManyRows = 23,  // more than M rows for one expert: detail = the expert
   kErrLowLatencyDuplicateExpert = 24,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
+  kErrLowLatencyMaskedPeer = 25,  // shrink: detail = the peer that did not answer in time and is now masked
 };
 
 MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted || code == kErrBadSignal; }

@@ -361,6 +361,10 @@ void Context::collect_local_errors() {
                     "slot ", slot, " and in an earlier slot; slot ", slot, " was skipped",
                     local->channel == 0 ? "" : " and the token's combined row is poisoned");
       break;
+    case kernels::kErrLowLatencyMaskedPeer:
+      message = str("moelink: rank ", topo.rank, ": rank ", detail, " did not answer a low-latency call within ", timeout_s,
+                    " s and is masked now (enable_shrink): the calls go on without it");
+      break;
     case kernels::kErrLowLatencyTooManyRows:
       message = str("moelink: topk_idx: a low_latency_dispatch on rank ", topo.rank, " sent more than "
                     "num_max_dispatch_tokens_per_rank rows to expert ", detail, "; the extra rows were dropped");

@@ -43,7 +43,8 @@ __device__ __forceinline__ PeerWait wait_peer(const Args& a, int peer, int step,
   if (result == kernels::kArrived) return done() ? kPeerArrived : kPeerMasked;
   if (result == kernels::kAborted) return kPeerFailed;
   if (a.shrink && peer != a.rank) {
-    atomicExch(&a.self->pending_mask[peer], 1);
+    if (atomicExch(&a.self->pending_mask[peer], 1) == 0)
+      kernels::report_local(a.err, kernels::kErrLowLatencyMaskedPeer, 0, peer);  // the host warns
     return kPeerMasked;
   }
   kernels::report_fault(a.err, kernels::kErrTimeout, peer, step, channel, detail);
@@ -54,18 +55,34 @@ __device__ __forceinline__ PeerWait wait_peer(const Args& a, int peer, int step,
 // send half numbered, which left the number in the call's state tensor. Thread 0 reads the number
 // and the fault word (and, with shrink, the mask) once for the block, so that every thread of a
 // block takes the same branch.
+// Extra ranks a call must treat as masked: for a combine, those its dispatch masked (their rows never
+// came, so nothing may be signalled to them as sent).
+__device__ __forceinline__ unsigned extra_masked(const DispatchArgs&) { return 0; }
+__device__ __forceinline__ unsigned extra_masked(const CombineArgs& a) {
+  return a.dispatch_state != nullptr ? static_cast<unsigned>(kernels::ld_volatile(
+                                           reinterpret_cast<const unsigned long long*>(a.dispatch_state) + 1))
+                                     : 0u;
+}
+
 template <class Args>
 __device__ __forceinline__ CallStart start_call(const Args& a) {
   __shared__ CallStart start;
   if (threadIdx.x == 0) {
-    start.seq = (a.phase & kPhaseSend) ? kernels::ld_volatile(&a.self->seq) + 1
-                                       : static_cast<kernels::Epoch>(kernels::ld_volatile(
-                                             reinterpret_cast<const kernels::Epoch*>(a.state)));
+    const bool send = (a.phase & kPhaseSend) != 0;
+    const auto* state = reinterpret_cast<const unsigned long long*>(a.state);
+    start.seq = send ? kernels::ld_volatile(&a.self->seq) + 1 : kernels::ld_volatile(state);
     start.fault = kernels::fault_word(a.err) != 0;
     start.masked = 0;
-    if (a.shrink)
+    if (a.shrink && send) {
+      // Ranks masked here, ranks that masked this one, and (combine) those its dispatch skipped.
+      // Never this rank itself.
       for (int r = 0; r < a.layout.num_ranks; ++r)
-        if (kernels::ld_volatile(&a.self->masked[r]) != 0) start.masked |= 1u << r;
+        if (kernels::ld_volatile(&a.self->masked[r]) != 0 || kernels::ld_volatile(&a.self->masked_by[r]) != 0)
+          start.masked |= 1u << r;
+      start.masked = (start.masked | extra_masked(a)) & ~(1u << a.rank);
+    } else if (a.shrink) {
+      start.masked = static_cast<unsigned>(kernels::ld_volatile(state + 1));  // the hook: what its send used
+    }
   }
   __syncthreads();
   return start;
@@ -80,12 +97,13 @@ __device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch se
   __syncthreads();
   // Self too: with one rank, or rows routed to self, this rank's own receive is what must be done.
   // A masked peer is not written to, so not waited for; one that never answers is masked (shrink).
+  // A gate that times out is a fault even with shrink: it means too many calls outstanding (or a
+  // peer lost between a send and its hook), and writing into that peer could overwrite what it reads.
   const int p = threadIdx.x;
   if (p < a.layout.num_ranks && !is_masked(masked, p)) {
     const kernels::Epoch* done = &a.self->recv_done[seq & 1][p];
-    if (wait_peer(a, p, kStepGate, -1, static_cast<long long>(seq), [&] {
-          return kernels::epoch_reached(kernels::ld_acquire_sys(done), seq - 2);
-        }) == kPeerFailed)
+    if (!kernels::wait_until([&] { return kernels::epoch_reached(kernels::ld_acquire_sys(done), seq - 2); }, a.err, p,
+                             kStepGate, -1, static_cast<long long>(seq)))
       ok = false;
   }
   __syncthreads();
@@ -111,15 +129,23 @@ __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
     if (a.phase & kPhaseSend) {
       a.self->seq = seq;
       a.state[0] = static_cast<long long>(seq);
+      a.state[1] = static_cast<long long>(start.masked);
     }
-    // Per parity, so receives of two outstanding calls may finish in either order.
-    if (a.phase & kPhaseRecv)
-      for (int p = 0; p < a.layout.num_ranks; ++p)
-        if (!is_masked(start.masked, p)) kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
-    // Peers that timed out in this call are masked from the next one on (all blocks are done).
+    // Peers that timed out in this call are masked from the next one on (all blocks are done), and
+    // told so: a slow peer that is still alive then stops writing into this rank too.
+    unsigned lost = 0;
     if (a.shrink)
       for (int p = 0; p < a.layout.num_ranks; ++p)
-        if (atomicExch(&a.self->pending_mask[p], 0) != 0) a.self->masked[p] = 1;
+        if (atomicExch(&a.self->pending_mask[p], 0) != 0) {
+          lost |= 1u << p;
+          a.self->masked[p] = 1;
+          kernels::st_release_sys(&a.peers[p]->masked_by[a.rank], 1);
+        }
+    // Per parity, so receives of two outstanding calls may finish in either order. Not to a peer
+    // given up on: it must not be let into this rank's region again.
+    if (a.phase & kPhaseRecv)
+      for (int p = 0; p < a.layout.num_ranks; ++p)
+        if (!is_masked(start.masked | lost, p)) kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
   }
 }
 

@@ -43,6 +43,8 @@ struct alignas(128) HeaderSection {
   Epoch seq;                   // the last call's sequence number
   int masked[kMaxNvlRanks];        // [rank]: non-zero = masked (skipped, not waited for)
   int pending_mask[kMaxNvlRanks];  // [rank]: timed out during the running call
+  int masked_by[kMaxNvlRanks];     // [rank]: that rank masked this one (it writes here), so this one
+                                   // stops writing into it too from its next call on
   Epoch recv_done[2][kMaxNvlRanks];  // [parity][src]: the last call of that parity whose receive half
                                       // src finished (src writes it; self included)
   int dispatch_slots[kMaxExperts];  // rows this rank has claimed per expert in the current dispatch
@@ -62,7 +64,7 @@ struct DispatchArgs {
   long long* layout_range;   // [E_local, R]
   int* cumulative_recv_stats;      // [E_local] or nullptr
   long long* wait_recv_cost_stats;  // [R] or nullptr
-  long long* state;          // [2]: the call's sequence number (written by the send half)
+  long long* state;          // [2]: the call's sequence number and the mask it used (written by the send half)
   Layout layout;
   int phase;
   int rank;
@@ -81,6 +83,7 @@ struct CombineArgs {
   const long long* layout_range;
   const int64_t* topk_idx;   // [T, K]
   const float* topk_weights; // [T, K]
+  const long long* dispatch_state;  // the dispatch's state tensor: [1] is the mask its call used, or nullptr
   int num_tokens, num_topk;
   void* combined_x;          // [T, H] bf16
   long long* wait_recv_cost_stats;  // [R] or nullptr

@@ -212,6 +212,7 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   expect(in.topk_weights, {T, K}, DType::kFloat32, ctx.device, "topk_weights");
   expect(in.src_info, {E_local, RM}, DType::kInt32, ctx.device, "handle src_info");
   expect(in.layout_range, {E_local, R}, DType::kInt64, ctx.device, "handle layout_range");
+  if (in.dispatch_state.defined()) expect(in.dispatch_state, {2}, DType::kInt64, ctx.device, "handle state");
   expect(out.combined_x, {T, H}, DType::kBFloat16, ctx.device, "out");
   expect(out.state, {2}, DType::kInt64, ctx.device, "state");
   if (in.combine_wait_recv_cost_stats.defined())
@@ -225,6 +226,7 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   a.layout_range = static_cast<const long long*>(in.layout_range.data);
   a.topk_idx = static_cast<const int64_t*>(in.topk_idx.data);
   a.topk_weights = static_cast<const float*>(in.topk_weights.data);
+  a.dispatch_state = static_cast<const long long*>(in.dispatch_state.data);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.combined_x = out.combined_x.data;
@@ -255,6 +257,8 @@ EventHandle mask_call(Context& ctx, int op, int rank, int value, const TensorRef
   const int R = ctx.topo.num_ranks;
   if (op == kMaskSet && (rank < 0 || rank >= R))
     raise(ErrorKind::kValue, "rank_to_mask: expected 0..", R - 1, ", got ", rank);
+  if (op == kMaskSet && rank == ctx.topo.rank)
+    raise(ErrorKind::kValue, "rank_to_mask: rank ", rank, " cannot mask itself");
   if (op == kMaskQuery) expect(*out, {R}, DType::kInt32, ctx.device, "mask_status");
   ctx.begin_op(order);
   launch_mask(static_cast<MaskOp>(op), &ctx.header()->low_latency, rank, value,

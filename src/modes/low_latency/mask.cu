@@ -16,10 +16,11 @@ __global__ void mask_kernel(MaskOp op, HeaderSection* self, int rank, int value,
     case kMaskSet:
       if (r == rank) self->masked[r] = value != 0;
       break;
-    case kMaskQuery: out[r] = self->masked[r] != 0; break;
+    case kMaskQuery: out[r] = self->masked[r] != 0 || self->masked_by[r] != 0; break;
     case kMaskClean:
       self->masked[r] = 0;
       self->pending_mask[r] = 0;
+      self->masked_by[r] = 0;
       break;
   }
 }
