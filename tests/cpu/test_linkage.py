@@ -120,22 +120,26 @@ def test_without_nvshmem_installed(build_dir, tmp_path):
     if compiler is None:
         pytest.skip("no C compiler to build a stand-in plugin")
     package = _copy_package(build_dir, tmp_path)
-    # A plugin that needs libnvshmem_host.so.3 like the real one, built against a stand-in that is
-    # then deleted: the loader finds the plugin but not NVSHMEM, as on a machine without it.
+    # A plugin that needs a library the loader cannot find, built against a stand-in that is then
+    # deleted: the loader finds the plugin but not its NVSHMEM, as on a machine without it. The
+    # stand-in's name is one no machine has; a real libnvshmem_host.so.3 on the system path (CI
+    # machines may have one) would otherwise be found and the stand-in plugin loaded.
+    missing = "libmoelink_test_no_such_nvshmem.so.3"
     stand_in = tmp_path / "stand-in"
     stand_in.mkdir()
     source = tmp_path / "empty.c"
     source.write_text("int moelink_stand_in;\n")
-    for args in (["-o", str(stand_in / "libnvshmem_host.so.3"), "-Wl,-soname,libnvshmem_host.so.3"],
+    for args in (["-o", str(stand_in / missing), f"-Wl,-soname,{missing}"],
                  ["-o", str(package / "moelink" / "libmoelink_nvshmem.so"), f"-L{stand_in}",
-                  "-Wl,--no-as-needed", "-l:libnvshmem_host.so.3"]):
+                  "-Wl,--no-as-needed", f"-l:{missing}"]):
         result = subprocess.run([compiler, "-shared", "-fPIC", str(source), *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
     shutil.rmtree(stand_in)
     result = _run_python(package, REQUIRE)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert out.startswith("refused:") and "libnvshmem_host.so.3" in out and "pip install nvidia-nvshmem-cu13" in out, out
+    assert out.startswith("refused:") and missing in out, out
+    assert "libnvshmem_host.so.3" in out and "pip install nvidia-nvshmem-cu13" in out, out
 
 
 def test_without_the_plugin(build_dir, tmp_path):
