@@ -276,7 +276,7 @@ void* Buffer::low_latency_combine_buffer(int num_max_dispatch_tokens_per_rank, i
   return low_latency::combine_buffer(*ctx_, num_max_dispatch_tokens_per_rank, hidden, num_experts, which);
 }
 
-int Buffer::max_num_sms() const { return intranode::max_num_sms(*ctx_); }
+int Buffer::max_num_sms(int ranks_per_gpu) const { return intranode::max_num_sms(*ctx_, ranks_per_gpu); }
 
 EventHandle Buffer::get_dispatch_layout(const TensorRef& topk_idx, int num_experts, const LayoutOutputs& out,
                                         const StreamOrder& order) {

@@ -137,7 +137,9 @@ class Buffer {
 
   // The largest num_sms at which the normal-mode kernels of every rank sharing this GPU can be
   // resident at once (they wait for each other, so they must be); num_sms above it is refused.
-  int max_num_sms() const;
+  // ranks_per_gpu > 0: for that many ranks on this GPU instead of this Buffer's own peers (internode
+  // mode, whose inner Buffers each see only some of them).
+  int max_num_sms(int ranks_per_gpu = 0) const;
 
   // Raises the error a kernel recorded: a lost peer (TimeoutError; the Buffer is broken and every
   // later call raises it again) or a data error every rank of an operation found (ValueError, once).

@@ -246,7 +246,7 @@ void bind_buffer(nb::module_& m) {
             self.arena_record_stream(reinterpret_cast<const void*>(data), reinterpret_cast<cudaStream_t>(stream));
           },
           "data"_a, "stream"_a)
-      .def("max_num_sms", &Buffer::max_num_sms)
+      .def("max_num_sms", &Buffer::max_num_sms, "ranks_per_gpu"_a = 0)
       .def_prop_ro("uses_nvshmem", &Buffer::uses_nvshmem)
       .def("abstain", &Buffer::abstain)
 

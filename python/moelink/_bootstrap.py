@@ -16,8 +16,31 @@ def arena_bytes(num_arena_bytes: Optional[int]) -> int:
     return _check_int(num_arena_bytes, "num_arena_bytes", 0)
 
 
-def _rank_and_all_gather(group: Optional["dist.ProcessGroup"], comm: Optional[Any]
-                         ) -> Tuple[int, int, Callable[[Any], List[Any]]]:
+class SubGroup:
+    """Some ranks of a Buffer's group, as the group of an inner Buffer (internode mode builds one per
+    node and one per lane). Its all-gather is the parent's: every rank of the parent must make it at
+    the same time (each building its own subgroup's Buffer), and keeps its members' entries."""
+
+    def __init__(self, parent_all_gather: Callable[[Any], List[Any]], members: List[int], me: int) -> None:
+        self._parent_all_gather = parent_all_gather
+        self.members = list(members)
+        self._index = self.members.index(me)
+
+    def rank(self) -> int:
+        return self._index
+
+    def size(self) -> int:
+        return len(self.members)
+
+    def all_gather(self, obj: Any) -> List[Any]:
+        everything = self._parent_all_gather(obj)
+        return [everything[m] for m in self.members]
+
+
+def rank_and_all_gather(group: Any, comm: Optional[Any]) -> Tuple[int, int, Callable[[Any], List[Any]]]:
+    """(rank, num_ranks, all_gather) of a ProcessGroup, an mpi4py communicator or a SubGroup."""
+    if isinstance(group, SubGroup):
+        return group.rank(), group.size(), group.all_gather
     if group is not None:
         rank, num_ranks = group.rank(), group.size()
 
@@ -33,15 +56,17 @@ def _rank_and_all_gather(group: Optional["dist.ProcessGroup"], comm: Optional[An
 
 def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl_bytes: int, num_rdma_bytes: int,
               low_latency_mode: bool, explicitly_destroy: bool, num_qps_per_rank: int, num_arena_bytes: int,
-              enable_shrink: bool = False) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
+              enable_shrink: bool = False, num_nvl_ranks: Optional[int] = None
+              ) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
     """(runtime, topology, rank, num_ranks) of this rank, connected to its peers: a collective over
     ``group`` or ``comm`` (exactly one must be given). The other arguments are checked already; the
     runtime lives on the current CUDA device."""
     if (group is None) == (comm is None):
         raise ValueError("Buffer needs exactly one of group (a torch.distributed ProcessGroup) or comm "
                          "(an mpi4py communicator)")
-    rank, num_ranks, all_gather = _rank_and_all_gather(group, comm)
-    num_nvl_ranks = _knobs.nvl_ranks(num_ranks)
+    rank, num_ranks, all_gather = rank_and_all_gather(group, comm)
+    if num_nvl_ranks is None:
+        num_nvl_ranks = _knobs.nvl_ranks(num_ranks)
     device = torch.cuda.current_device()
 
     # A rank that fails alone must not leave its peers blocked in the next collective, so every

@@ -1,20 +1,216 @@
-"""Internode normal mode (NVLink within a node, RDMA between nodes): not implemented yet.
+"""Internode normal mode (experimental): dispatch and combine across nodes, as two exchanges that the
+intranode mode already does right.
 
-Buffer.dispatch and Buffer.combine come here when the ranks span more than one node, so these are
-where the implementation goes; until then they only say so.
+A group of N nodes x L GPUs (global rank n * L + l) gets two inner Buffers on every rank:
+
+- the *lane* Buffer over the N ranks of lane l (rank l of every node): the node-to-node leg. A token
+  crosses it once per destination node, to the rank of its own lane there (the forwarder), with its
+  top-k ids and weights. In this version the leg runs over CUDA IPC, so every rank must be on one
+  host (nodes emulated on one machine, the way the test suite runs them); the NVSHMEM leg between
+  real nodes is not implemented yet and Buffer construction says so.
+- the *node* Buffer over the L ranks of node n: the forwarder sends each token it received on to the
+  ranks of its node that hold one of its experts, and combine sums a node's rows at the forwarder,
+  so one partial row per (token, node) crosses back.
+
+dispatch: lane exchange of x (by the node mask of is_token_in_rank) and of a row of top-k ids and
+weights (a cached exchange with the same handle), the node's layout of the forwarded tokens (its
+experts renumbered from 0), the node exchange with top-k, and one more cached node exchange of each
+row's source (global rank, token). Received rows are then sorted by source global rank, then source
+token, as intranode orders them. combine undoes the sort, sums each node's rows at its forwarders
+(node combine), and sums the nodes' partial rows at the token's rank (lane combine, which adds the
+bias). Everything runs on a stream of this module, after the caller's stream or previous_event; the
+caller's stream waits unless async_finish. The handle is a 6-tuple like intranode's, with the
+received rows' source tokens at [3] and is_token_in_rank at [4]; the rest is opaque.
+
+Rows cross HBM one more time than a fused pipeline would (the forwarder's received rows, and the
+sort); the point of this version is the semantics, checked against the reference on the CPU with
+the inner Buffers modelled (tests/cpu/test_internode_composition.py) and on one GPU
+(tests/gpu/test_internode.py). With num_worst_tokens the forwarder's receive holds L x
+num_worst_tokens rows: its worst case, every row of the node coming through one lane. An argument
+that this module's own checks refuse raises on that rank only, before any exchange; its peers
+then time out in theirs.
 """
 
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 import torch
 
+from . import _bootstrap, _knobs, _moelink
+from ._checks import _check_int, _check_tensor, _split_x
 from ._moelink import Config
 from .event import EventOverlap
 
 if TYPE_CHECKING:
     from .buffer import Buffer
 
-_INTERNODE_NOT_IMPLEMENTED = "internode normal mode is not implemented yet in moelink"
+_NOT_ENABLED = ("internode normal mode is experimental in moelink (not yet validated on a GPU): set "
+                "MOELINK_EXPERIMENTAL_INTERNODE=1 before building the Buffer to use it")
+_META_WIDTH = 16  # bytes of the (source rank, source token) row of the last node exchange
+
+
+class InternodeHandle(tuple):
+    """(per-source-rank row prefix [R] int32, lane handle, node handle, recv_src_idx [N] int32,
+    is_token_in_rank [T, R] bool, sort [N] int64); a plain tuple to anyone who unpacks it."""
+
+    hidden: int = 0
+
+
+class Stages:
+    """The two inner Buffers of an internode Buffer and what routing between them needs."""
+
+    def __init__(self, buf: "Buffer", node: "Buffer", lane: "Buffer", ranks_per_gpu: int) -> None:
+        topology = buf._topology
+        self.ranks_per_gpu = ranks_per_gpu
+        self.num_nodes, self.per_node = topology.num_rdma_ranks, topology.num_nvl_ranks
+        self.node_index, self.lane_index = topology.rdma_rank, topology.nvl_rank
+        self.node, self.lane = node, lane
+        self.stream = torch.cuda.Stream(device=buf._device)
+
+    def destroy(self) -> None:
+        first = None
+        for inner in (self.lane, self.node):
+            try:
+                inner.destroy()
+            except Exception as error:  # noqa: BLE001 - the others are still destroyed, then it is raised
+                first = first or error
+        if first is not None:
+            raise first
+
+
+def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_rdma_bytes: int) -> Optional[Stages]:
+    """The inner Buffers of an internode Buffer (collective over its group), or None without
+    MOELINK_EXPERIMENTAL_INTERNODE=1 (then dispatch and combine say how to enable them)."""
+    from .buffer import Buffer  # noqa: PLC0415 - buffer imports this module
+
+    if not _knobs.experimental_internode():
+        return None
+    rank, num_ranks, all_gather = _bootstrap.rank_and_all_gather(group, comm)
+    topology = buf._topology
+    per_node, num_nodes = topology.num_nvl_ranks, topology.num_rdma_ranks
+    # Every rank decides the same from the same gathered facts, so all raise together or none.
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    facts = all_gather((socket.gethostname(), str(props.uuid)))
+    hosts = [host for host, _ in facts]
+    ranks_per_gpu = sum(1 for _, uuid in facts if uuid == str(props.uuid))
+    if len(set(hosts)) > 1:
+        raise NotImplementedError("moelink internode mode runs its node-to-node leg over CUDA IPC for now, so every "
+                                  "rank must be on one host (emulated nodes); the NVSHMEM leg between hosts is not "
+                                  f"implemented yet (ranks are on {len(set(hosts))} hosts)")
+    if num_nodes > 8:
+        raise NotImplementedError(f"moelink internode mode reaches at most 8 nodes, got {num_nodes}")
+    if num_rdma_bytes <= 0:
+        raise ValueError("num_rdma_bytes: internode mode needs a node-to-node buffer; size it with "
+                         "Config.get_rdma_buffer_size_hint")
+    node_members = [topology.rdma_rank * per_node + j for j in range(per_node)]
+    lane_members = [m * per_node + topology.nvl_rank for m in range(num_nodes)]
+    common = dict(num_rdma_bytes=0, explicitly_destroy=buf.explicitly_destroy, num_arena_bytes=0)
+    node = Buffer(_bootstrap.SubGroup(all_gather, node_members, rank), num_nvl_bytes, **common)
+    lane = Buffer(_bootstrap.SubGroup(all_gather, lane_members, rank), num_rdma_bytes, **common)
+    return Stages(buf, node, lane, ranks_per_gpu)
+
+
+def _stages(buf: "Buffer", op: str) -> Stages:
+    buf._check_usable(op)
+    if buf._internode is None:
+        raise NotImplementedError(_NOT_ENABLED)
+    return buf._internode
+
+
+def _configs(buf: "Buffer", config: Optional[Config], which: str) -> Tuple[Config, Config]:
+    """(node config, lane config): the node exchange uses the NVLink fields, the lane exchange the
+    RDMA fields, both with one num_sms that every rank of the GPU can hold at once: both exchanges
+    run on all ranks together, so every rank sharing the GPU counts, not only an inner Buffer's."""
+    fit = buf.runtime.max_num_sms(buf._internode.ranks_per_gpu)
+    if config is None:
+        make = _moelink.default_dispatch_config if which == "dispatch" else _moelink.default_combine_config
+        config = make(buf.group_size, min(type(buf).num_sms, fit))
+    elif config.num_sms > fit:
+        raise ValueError(f"num_sms: num_sms = {config.num_sms} is too many: {buf._internode.ranks_per_gpu} ranks share "
+                         f"this GPU and every rank's blocks must be resident at once; use num_sms <= {fit}")
+    node = Config(config.num_sms, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens)
+    lane = Config(config.num_sms, config.num_max_rdma_chunked_send_tokens, config.num_max_rdma_chunked_recv_tokens)
+    return node, lane
+
+
+class _OnStream:
+    """Runs an internode operation on the module's stream, ordered after previous_event or the caller's
+    stream; the caller's stream waits at the end unless async_finish."""
+
+    def __init__(self, stages: Stages, previous_event: Optional[EventOverlap], async_finish: bool) -> None:
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+        self.stream = stages.stream
+        self.caller = torch.cuda.current_stream()
+        self.previous_event, self.async_finish = previous_event, bool(async_finish)
+
+    def __enter__(self) -> "_OnStream":
+        if self.previous_event is not None and self.previous_event.event is not None:
+            self.previous_event.event.stream_wait(self.stream.cuda_stream)
+        else:
+            self.stream.wait_stream(self.caller)
+        self._context = torch.cuda.stream(self.stream)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._context.__exit__(*exc)
+
+    def finish(self, inputs: List[Any], outputs: List[Any]) -> EventOverlap:
+        """Tensors cross streams: inputs were made on the caller's, outputs on this one."""
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(self.stream)
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(self.caller)
+        event = _moelink.EventHandle(self.stream.cuda_stream)
+        if not self.async_finish:
+            event.stream_wait(self.caller.cuda_stream)
+        return EventOverlap(event, extra_tensors=tuple(t for t in inputs + outputs if isinstance(t, torch.Tensor)))
+
+
+def _row_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor's rows as uint8 [rows, columns * element size] (also for zero rows)."""
+    width = t.size(1) * t.element_size()
+    if t.numel() == 0:  # an empty tensor counts as contiguous with any strides, and view() refuses those
+        return torch.empty((t.size(0), width), dtype=torch.uint8, device=t.device)
+    return t.contiguous().view(torch.uint8).view(t.size(0), width)
+
+
+def _as_rows(t: torch.Tensor, width_bytes: int) -> torch.Tensor:
+    """t's bytes per row, padded to width_bytes, as a bf16 [rows, width_bytes / 2] tensor (the exchanges
+    move rows of 16-byte multiples bit for bit)."""
+    flat = _row_bytes(t)
+    raw = torch.zeros((t.size(0), width_bytes), dtype=torch.uint8, device=t.device)
+    raw[:, :flat.size(1)] = flat
+    return raw.view(torch.bfloat16)
+
+
+def _from_rows(rows: torch.Tensor, dtype: torch.dtype, columns: int, offset_bytes: int = 0) -> torch.Tensor:
+    """The `columns` values of `dtype` at byte offset_bytes of every row of a bf16 rows tensor."""
+    raw = _row_bytes(rows)
+    size = torch.empty((), dtype=dtype).element_size() * columns
+    return raw[:, offset_bytes:offset_bytes + size].contiguous().view(dtype).view(rows.size(0), columns)
+
+
+def _meta_width(num_topk: int) -> int:
+    return max(16, (12 * num_topk + 15) // 16 * 16)
+
+
+def _gather_rows(t: Any, order: torch.Tensor) -> Any:
+    """t's rows in `order`, keeping a column-major layout column-major (fp8 scales)."""
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(_gather_rows(part, order) for part in t)
+    if t.dtype == torch.float8_e4m3fn:  # moved as bytes: index kernels need not support fp8
+        return _gather_rows(t.view(torch.uint8), order).view(torch.float8_e4m3fn)
+    if t.dim() == 2 and t.stride(0) == 1 and t.size(1) > 1:
+        return t.t().index_select(1, order).t()
+    return t.index_select(0, order)
 
 
 def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[tuple],
@@ -23,10 +219,125 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
              topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor], expert_alignment: int,
              num_worst_tokens: int, config: Optional[Config], previous_event: Optional[EventOverlap],
              async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
-    raise NotImplementedError(_INTERNODE_NOT_IMPLEMENTED)
+    stages = _stages(buf, "internode_dispatch")
+    node_config, lane_config = _configs(buf, config, "dispatch")
+    x_data, x_scales = _split_x(x)
+    if handle is not None:
+        return _cached_dispatch(buf, stages, x, handle, node_config, lane_config, previous_event, async_finish)
+    if topk_idx is None:
+        raise NotImplementedError("internode dispatch without topk_idx (routing by is_token_in_rank alone) is not "
+                                  "implemented yet")
+    for name, t in (("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert),
+                    ("topk_idx", topk_idx)):
+        _check_tensor(t, name)
+    _check_tensor(topk_weights, "topk_weights", optional=True)
+    expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
+    num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
+    N, L = stages.num_nodes, stages.per_node
+    if topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx: expected [num_tokens, num_topk], got {list(topk_idx.shape)}")
+    T, num_topk = topk_idx.shape
+    num_experts = num_tokens_per_expert.size(0)
+    if num_experts % buf.group_size:
+        raise ValueError(f"num_experts: {num_experts} experts do not split over {buf.group_size} ranks")
+    if tuple(is_token_in_rank.shape) != (T, buf.group_size):
+        raise ValueError(f"is_token_in_rank: expected [{T}, {buf.group_size}], got {list(is_token_in_rank.shape)}")
+    experts_per_node = num_experts // N
+    with_weights = topk_weights is not None
+    with _OnStream(stages, previous_event, async_finish) as on:
+        # The lane exchange: each token once to every node that needs it, with its top-k row.
+        in_node = is_token_in_rank.view(T, N, L).any(dim=2)
+        per_node = in_node.sum(dim=0, dtype=torch.int32)
+        lane_worst = L * num_worst_tokens  # a forwarder passes on at most its node's rows
+        a_x, _, _, _, a_handle, _ = stages.lane.dispatch(
+            x, num_tokens_per_rank=per_node, is_token_in_rank=in_node, num_tokens_per_expert=per_node,
+            num_worst_tokens=lane_worst, config=lane_config)
+        meta_width = _meta_width(num_topk)
+        weights = topk_weights.float() if with_weights else torch.zeros(topk_idx.shape, device=topk_idx.device)
+        meta = torch.cat([_row_bytes(topk_idx.to(torch.int64)), _row_bytes(weights)], dim=1)
+        a_meta = stages.lane.dispatch(_as_rows(meta, meta_width), handle=a_handle, config=lane_config)[0]
+        a_topk = _from_rows(a_meta, torch.int64, num_topk)
+        a_weights = _from_rows(a_meta, torch.float32, num_topk, offset_bytes=8 * num_topk)
+        a_valid = a_handle[3] >= 0  # rows past the real ones (num_worst_tokens) hold nothing
+        # The node exchange: this node's experts, renumbered from 0, to the ranks holding them.
+        first = stages.node_index * experts_per_node
+        here = (a_topk >= first) & (a_topk < first + experts_per_node) & a_valid.unsqueeze(1)
+        b_topk = torch.where(here, a_topk - first, torch.full_like(a_topk, -1))
+        b_weights = torch.where(here, a_weights, torch.zeros_like(a_weights))
+        b_per_rank, _, b_per_expert, b_in_rank, _ = stages.node.get_dispatch_layout(b_topk, experts_per_node)
+        b_x, b_topk_out, b_weights_out, per_expert_list, b_handle, _ = stages.node.dispatch(
+            a_x, num_tokens_per_rank=b_per_rank, is_token_in_rank=b_in_rank, num_tokens_per_expert=b_per_expert,
+            topk_idx=b_topk, topk_weights=b_weights, expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens, config=node_config)
+        # Each row's source, to put the rows in global order: (global rank, token) of the lane rows.
+        prefix = a_handle[0][:, stages.node_index].to(torch.int64)  # rows from lane sources 0..s
+        rows = torch.arange(a_valid.size(0), device=prefix.device)
+        source_node = torch.searchsorted(prefix, rows, right=True)
+        source = torch.stack([(source_node * L + stages.lane_index).to(torch.int32), a_handle[3].to(torch.int32)], 1)
+        b_source = _from_rows(stages.node.dispatch(_as_rows(source, _META_WIDTH), handle=b_handle,
+                                                   config=node_config)[0], torch.int32, 2)
+        b_valid = b_handle[3] >= 0
+        last = torch.full(b_valid.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=b_valid.device)
+        key = torch.where(b_valid, b_source[:, 0].to(torch.int64) * (1 << 32) + b_source[:, 1].to(torch.int64), last)
+        order = torch.sort(key, stable=True).indices
+        recv_x = _gather_rows(b_x, order)
+        recv_topk_idx = b_topk_out.index_select(0, order)
+        recv_topk_weights = b_weights_out.index_select(0, order) if with_weights else None
+        recv_src_idx = torch.where(b_valid, b_source[:, 1], torch.full_like(b_source[:, 1], -1)).index_select(0, order)
+        source_rank = torch.where(b_valid, b_source[:, 0].to(torch.int64), torch.zeros_like(key))
+        counts = torch.zeros(buf.group_size, dtype=torch.int64, device=key.device)
+        counts.scatter_add_(0, source_rank, b_valid.to(torch.int64))
+        rank_prefix = counts.cumsum(0).to(torch.int32)
+        out_handle = InternodeHandle((rank_prefix, a_handle, b_handle, recv_src_idx.to(torch.int32), is_token_in_rank,
+                                      order))
+        out_handle.hidden = getattr(b_handle, "hidden", 0)
+        outputs = [*(recv_x if isinstance(recv_x, tuple) else (recv_x,)), recv_topk_idx, recv_topk_weights,
+                   rank_prefix, recv_src_idx, order]
+        event = on.finish([x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert], outputs)
+    return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, out_handle, event
+
+
+def _unpack(handle: Any) -> InternodeHandle:
+    if not isinstance(handle, InternodeHandle):
+        raise ValueError("handle must be the handle an internode dispatch returned, got "
+                         f"{type(handle).__name__}")
+    return handle
+
+
+def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, node_config: Config, lane_config: Config,
+                     previous_event: Optional[EventOverlap], async_finish: bool) -> tuple:
+    handle = _unpack(handle)
+    _, a_handle, b_handle, _, _, order = handle
+    x_data, x_scales = _split_x(x)
+    with _OnStream(stages, previous_event, async_finish) as on:
+        a_x = stages.lane.dispatch(x, handle=a_handle, config=lane_config)[0]
+        b_x = stages.node.dispatch(a_x, handle=b_handle, config=node_config)[0]
+        recv_x = _gather_rows(b_x, order)
+        event = on.finish([x_data, x_scales], list(recv_x) if isinstance(recv_x, tuple) else [recv_x])
+    return recv_x, None, None, None, handle, event
 
 
 def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor],
             bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None], config: Optional[Config],
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
-    raise NotImplementedError(_INTERNODE_NOT_IMPLEMENTED)
+    stages = _stages(buf, "internode_combine")
+    node_config, lane_config = _configs(buf, config, "combine")
+    handle = _unpack(handle)
+    _, a_handle, b_handle, _, _, order = handle
+    _check_tensor(x, "x")
+    if x.dim() != 2 or x.size(0) != order.size(0):
+        raise ValueError(f"x: expected [{order.size(0)}, hidden] (the rows the dispatch returned), got {list(x.shape)}")
+    with _OnStream(stages, previous_event, async_finish) as on:
+        # Back to the node exchange's row order, then each node's rows summed at its forwarders, then
+        # the nodes' partial rows summed at the token's rank.
+        b_x = torch.empty_like(x).index_copy_(0, order, x)
+        b_weights = None
+        if topk_weights is not None:
+            _check_tensor(topk_weights, "topk_weights")
+            b_weights = torch.empty_like(topk_weights, dtype=torch.float32).index_copy_(0, order, topk_weights.float())
+        a_x, a_weights, _ = stages.node.combine(b_x, b_handle, topk_weights=b_weights, config=node_config)
+        combined_x, combined_weights, _ = stages.lane.combine(a_x, a_handle, topk_weights=a_weights, bias=bias,
+                                                              config=lane_config)
+        biases = bias if isinstance(bias, tuple) else (bias,)
+        event = on.finish([x, topk_weights, *biases], [combined_x, combined_weights])
+    return combined_x, combined_weights, event

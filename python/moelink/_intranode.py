@@ -86,14 +86,15 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
              ) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor],
                         Optional[torch.Tensor], Optional[List[int]], DispatchHandle, EventOverlap]:
     buf._check_usable("dispatch")
+    if buf._topology.num_rdma_ranks > 1:
+        # Internode mode runs on Buffers of its own; this one's kernels take no part (nor abstain).
+        return buf.internode_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                      num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                      num_worst_tokens, None if config is None else _check_config(config),
+                                      previous_event, async_finish, allocate_on_comm_stream)
     with _abstaining(buf):
         x, x_scales = _split_x(x)
         config = default_config(buf, "dispatch") if config is None else _check_config(config)
-        if buf._topology.num_rdma_ranks > 1:
-            return buf.internode_dispatch(x if x_scales is None else (x, x_scales), handle, num_tokens_per_rank,
-                                          num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                                          topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
-                                          previous_event, async_finish, allocate_on_comm_stream)
         expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
         num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
         for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
@@ -193,14 +194,14 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool
             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
     buf._check_usable("combine")
+    if buf._topology.num_rdma_ranks > 1:
+        return buf.internode_combine(x, handle, topk_weights, bias, None if config is None else _check_config(config),
+                                     previous_event, async_finish, allocate_on_comm_stream)
     with _abstaining(buf):
         _check_tensor(x, "x")
         _check_tensor(topk_weights, "topk_weights", optional=True)
         bias_0, bias_1 = _split_bias(bias)
         config = default_config(buf, "combine") if config is None else _check_config(config)
-        if buf._topology.num_rdma_ranks > 1:
-            return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                         allocate_on_comm_stream)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, \
             handle_hidden = _unpack_handle(handle, config, "combine")
         hidden = _hidden(x, "x")

@@ -29,6 +29,16 @@ def experimental_low_latency() -> bool:
     return value == "1"
 
 
+def experimental_internode() -> bool:
+    """``MOELINK_EXPERIMENTAL_INTERNODE`` (0/1, default 0): run internode normal mode (python/moelink/
+    _internode.py), not validated on a GPU yet; without it internode dispatch and combine raise
+    NotImplementedError."""
+    value = os.environ.get("MOELINK_EXPERIMENTAL_INTERNODE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOELINK_EXPERIMENTAL_INTERNODE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def nvl_ranks(num_ranks: int) -> int:
     """``MOELINK_NVL_RANKS``: GPUs per node; default ``min(num_ranks, 8)`` (deep_ep fixes it at 8,
     which splits jobs on nodes of fewer GPUs wrongly)."""

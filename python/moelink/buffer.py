@@ -8,7 +8,7 @@ tensor correct.
 This module is the API, signatures and documentation; the work is done in the private modules, so
 each can be read (and changed) alone: _bootstrap (construction), _intranode (layout, dispatch,
 combine), _arena (the receive arena), _streams (stream ordering), _checks (argument checks),
-_low_latency (low-latency mode, experimental) and _internode (not implemented yet).
+_low_latency (low-latency mode, experimental) and _internode (internode mode, experimental).
 """
 
 import math
@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import _arena, _bootstrap, _internode, _intranode, _low_latency, _moelink
+from . import _arena, _bootstrap, _internode, _intranode, _knobs, _low_latency, _moelink
 from ._checks import _check_bool, _check_int, _ref  # noqa: F401 - _ref: tests import it from here
 from ._intranode import DispatchHandle
 from ._moelink import Config
@@ -28,8 +28,8 @@ class Buffer:
     """The communication buffer of one rank for MoE dispatch and combine (deep_ep V1 API).
 
     Intranode normal mode (all ranks in one NVLink domain) is implemented; intranode low-latency mode
-    is experimental (MOELINK_EXPERIMENTAL_LOW_LATENCY=1); internode modes raise NotImplementedError
-    (see docs/COMPATIBILITY.md).
+    (MOELINK_EXPERIMENTAL_LOW_LATENCY=1) and internode normal mode over emulated nodes on one host
+    (MOELINK_EXPERIMENTAL_INTERNODE=1) are experimental (see docs/COMPATIBILITY.md).
 
     Attributes:
         num_sms: SMs the normal-mode kernels use (class attribute, default 20; see set_num_sms).
@@ -53,7 +53,9 @@ class Buffer:
                 ``comm`` is given.
             num_nvl_bytes: int, bytes of the NVLink buffer shared with the node's peers; size it with
                 ``Config.get_nvl_buffer_size_hint`` of the dispatch and combine configs.
-            num_rdma_bytes: int, bytes of the NVSHMEM (RDMA) buffer; 0 for intranode use.
+            num_rdma_bytes: int, bytes of the node-to-node buffer when the ranks span nodes (size it
+                with ``Config.get_rdma_buffer_size_hint``), or of the low-latency region; 0 for
+                intranode use.
             low_latency_mode: bool; the low-latency operations need it. Within one NVLink domain the
                 RDMA buffer is IPC-shared memory and NVSHMEM is not used (until validated on a GPU,
                 the operations need MOELINK_EXPERIMENTAL_LOW_LATENCY=1).
@@ -89,9 +91,18 @@ class Buffer:
         enable_shrink = _check_bool(enable_shrink, "enable_shrink")
         if enable_shrink and not low_latency_mode:
             raise ValueError("enable_shrink: masking lost ranks is a low-latency feature; it needs low_latency_mode=True")
+        if (group is None) == (comm is None):
+            raise ValueError("Buffer needs exactly one of group (a torch.distributed ProcessGroup) or comm "
+                             "(an mpi4py communicator)")
+        _, group_size, _ = _bootstrap.rank_and_all_gather(group, comm)
+        # An inner Buffer of internode mode is one NVLink domain, whatever MOELINK_NVL_RANKS says.
+        nvl_ranks = group_size if isinstance(group, _bootstrap.SubGroup) else _knobs.nvl_ranks(group_size)
+        # Internode normal mode runs on Buffers of its own (_internode.py), which take the buffer
+        # sizes: this one does layout only and needs neither buffer.
+        internode = group_size > nvl_ranks and not low_latency_mode
         runtime, topology, rank, num_ranks = _bootstrap.bootstrap(
-            group, comm, num_nvl_bytes, num_rdma_bytes, low_latency_mode, explicitly_destroy, num_qps_per_rank,
-            num_arena_bytes, enable_shrink)
+            group, comm, 0 if internode else num_nvl_bytes, 0 if internode else num_rdma_bytes, low_latency_mode,
+            explicitly_destroy, num_qps_per_rank, num_arena_bytes, enable_shrink, nvl_ranks)
         self.enable_shrink = enable_shrink
 
         self.rank = rank
@@ -112,6 +123,8 @@ class Buffer:
         self._topology = topology
         self._comm_stream = torch.cuda.ExternalStream(runtime.comm_stream(),
                                                       device=torch.device("cuda", runtime.device_id))
+        self._internode = (_internode.build_stages(self, group, comm, num_nvl_bytes, num_rdma_bytes)
+                           if internode else None)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -119,6 +132,8 @@ class Buffer:
         """Waits until no peer still uses the buffers (collective), then frees them. Any later use of
         this Buffer raises RuntimeError. Idempotent."""
         try:
+            if self._internode is not None:
+                self._internode.destroy()
             self.runtime.destroy()
         finally:
             # The runtime frees everything even when its closing barrier fails.
@@ -192,6 +207,11 @@ class Buffer:
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
         offset = _check_int(offset, "offset", 0)
         use_rdma_buffer = _check_bool(use_rdma_buffer, "use_rdma_buffer")
+        if self._topology.num_rdma_ranks > 1 and not self.low_latency_mode:
+            # Internode: the buffers are the inner Buffers' (the lane's is the node-to-node one).
+            stages = _internode._stages(self, "get_local_buffer_tensor")
+            inner = stages.lane if use_rdma_buffer else stages.node
+            return inner.get_local_buffer_tensor(dtype, size, offset, False)
         name = "num_rdma_bytes" if use_rdma_buffer else "num_nvl_bytes"
         total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if total == 0:
@@ -344,7 +364,7 @@ class Buffer:
         return _intranode.combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish,
                                   allocate_on_comm_stream)
 
-    # ---- internode normal mode (not implemented yet) -----------------------------------------------
+    # ---- internode normal mode (experimental: MOELINK_EXPERIMENTAL_INTERNODE=1) -------------------
 
     def internode_dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                            handle: Optional[tuple] = None, num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -355,7 +375,7 @@ class Buffer:
                            expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                            allocate_on_comm_stream: bool = False) -> tuple:
-        """Dispatch across nodes (NVLink within a node, RDMA between nodes); same arguments as dispatch."""
+        """Dispatch across nodes (python/moelink/_internode.py); same arguments and results as dispatch."""
         return _internode.dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                                    num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
                                    config, previous_event, async_finish, allocate_on_comm_stream)

@@ -3,6 +3,7 @@
 #include "common/header.hpp"
 #include "modes/intranode/ring_layout.hpp"
 #include "runtime/errors.hpp"
+#include "runtime/knobs.hpp"
 
 namespace moelink {
 
@@ -42,9 +43,17 @@ void check_hint_args(int64_t hidden_bytes, int num_ranks, int max_ranks) {
 }
 }  // namespace
 
+static int ranks_per_node(int num_ranks) {
+  const int knob = knobs::nvl_ranks_per_node();
+  const int per_node = knob > 0 ? knob : kMaxNvlRanks;
+  return num_ranks < per_node ? num_ranks : per_node;
+}
+
 int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
   validate();
-  check_hint_args(hidden_bytes, num_ranks, kMaxNvlRanks);
+  check_hint_args(hidden_bytes, num_ranks, 1 << 20);
+  // Across nodes the NVLink rings connect the GPUs of one node (MOELINK_NVL_RANKS, else 8).
+  num_ranks = ranks_per_node(num_ranks);
   // Dispatch rings carry the most per row (scales, ids, weights); combine rows of the same hidden
   // size carry less, so the dispatch layout at the largest top-k bounds both directions.
   const auto layout = intranode::RingLayout::make(num_ranks, num_channels(), num_max_nvl_chunked_recv_tokens,
@@ -55,12 +64,20 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) co
 int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
   validate();
   check_hint_args(hidden_bytes, num_ranks, 1 << 20);
-  // Internode normal mode is not implemented yet; this bounds a send and a receive ring per
-  // (channel, node) with the same per-row budget as the NVLink rings.
-  const int64_t num_nodes = (num_ranks + kMaxNvlRanks - 1) / kMaxNvlRanks;
+  // Internode mode's node-to-node leg (python/moelink/_internode.py) is an exchange among the
+  // same-index GPUs of every node, with rings of num_max_rdma_chunked_recv_tokens slots per
+  // channel; its rows carry x (and its scales), or the top-k ids and weights.
+  const int per_node = ranks_per_node(num_ranks);
+  const int num_nodes = (num_ranks + per_node - 1) / per_node;
   if (num_nodes <= 1) return 0;
-  const int64_t row = hidden_bytes + hidden_bytes / 128 * 4 + 4 + 8LL * kernels::kMaxTopK;
-  return kernels::align_up(2LL * num_channels() * num_nodes * num_max_rdma_chunked_recv_tokens * row, 128);
+  if (num_nodes > kMaxNvlRanks)
+    detail::raise(ErrorKind::kValue, "num_ranks: internode mode reaches at most ", kMaxNvlRanks, " nodes, got ",
+                  num_nodes);
+  const int64_t meta_bytes = kernels::align_up(12LL * kernels::kMaxTopK, 16);
+  const int64_t row_bytes = hidden_bytes > meta_bytes ? hidden_bytes : meta_bytes;
+  const auto layout = intranode::RingLayout::make(num_nodes, num_channels(), num_max_rdma_chunked_recv_tokens, row_bytes,
+                                                static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK);
+  return layout.total_bytes();
 }
 
 Config default_dispatch_config(int num_ranks, int num_sms) {

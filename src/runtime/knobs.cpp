@@ -62,6 +62,16 @@ unsigned long long debug_epoch_start() {
   return start;
 }
 
+int nvl_ranks_per_node() {
+  const char* value = value_of("MOELINK_NVL_RANKS");
+  if (value == nullptr) return 0;
+  char* end = nullptr;
+  const long ranks = std::strtol(value, &end, 10);
+  if (end == value || *end != '\0' || ranks < 1 || ranks > 8)
+    detail::raise(ErrorKind::kValue, "MOELINK_NVL_RANKS: expected 1..8 GPUs per node, got '", value, "'");
+  return static_cast<int>(ranks);
+}
+
 void log_once() {
   if (!debug()) return;
   static std::once_flag once;

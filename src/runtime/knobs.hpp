@@ -23,6 +23,10 @@ bool debug();
 // sequence numbers start, the same on every rank; tests start them next to the wrap point.
 unsigned long long debug_epoch_start();
 
+// MOELINK_NVL_RANKS (1..8): GPUs per node, read where no Buffer says so (the static size hints);
+// 0 when unset (the Python side then uses min(ranks, 8), and the hints deep_ep's 8).
+int nvl_ranks_per_node();
+
 // Prints every knob's value to stderr once per process when debug() is on.
 void log_once();
 

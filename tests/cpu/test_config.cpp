@@ -109,8 +109,18 @@ MOELINK_TEST(config_nvl_size_hint_rejects_bad_arguments) {
   EXPECT_THROW_KIND(config.get_nvl_buffer_size_hint(8, 8), ErrorKind::kValue, "hidden_bytes");
   EXPECT_THROW_KIND(config.get_nvl_buffer_size_hint(14336, 0), ErrorKind::kValue, "num_ranks");
   EXPECT_THROW_KIND(config.get_nvl_buffer_size_hint(14336, -1), ErrorKind::kValue, "num_ranks");
-  EXPECT_THROW_KIND(config.get_nvl_buffer_size_hint(14336, 9), ErrorKind::kValue, "num_ranks");
-  EXPECT_THROW_KIND(config.get_nvl_buffer_size_hint(14336, 16), ErrorKind::kValue, "num_ranks");
+}
+
+MOELINK_TEST(config_hints_across_nodes) {
+  // Across nodes the NVLink rings connect one node's GPUs (8 unless MOELINK_NVL_RANKS says so, as in
+  // deep_ep), and the node-to-node rings one GPU of each node.
+  const Config config(20, 6, 256, 6, 256);
+  EXPECT_EQ(config.get_nvl_buffer_size_hint(14336, 16), config.get_nvl_buffer_size_hint(14336, 8));
+  EXPECT_EQ(config.get_rdma_buffer_size_hint(14336, 8), 0);  // one node
+  const int64_t two_nodes = config.get_rdma_buffer_size_hint(14336, 16);
+  EXPECT_GT(two_nodes, 0);
+  EXPECT_LT(two_nodes, config.get_rdma_buffer_size_hint(14336, 32));
+  EXPECT_THROW_KIND(config.get_rdma_buffer_size_hint(14336, 8 * 9), ErrorKind::kValue, "nodes");
 }
 
 MOELINK_TEST(config_presets_validate_and_keep_num_sms) {

@@ -68,6 +68,33 @@ class Case:
                 + (" " + " ".join(extras) if extras else ""))
 
 
+# A covering subset, not the cross product: every T, H, K, E, dtype, alignment and option appears,
+# and the big T=4096 / H=7168 shape runs for bf16 and fp8 at every rank count.
+# Shared by test_intranode.py and test_internode.py.
+COVERING_CASES = [
+    Case("empty", 0, 2048, 8, 64),
+    Case("one-token", 1, 2048, 1, 0),
+    Case("odd-hidden", 127, 2056, 4, 64, drop_prob=0.2),
+    Case("fp8-align", 127, 2048, 8, 256, fp8=True, alignment=128),
+    Case("fp8-colmajor", 127, 4096, 4, 64, fp8=True, scales_col_major=True),
+    Case("fp8-ue8m0", 127, 7168, 8, 256, fp8=True, ue8m0=True),
+    Case("fp8-ue8m0-colmajor-worst", 200, 2048, 4, 64, fp8=True, scales_col_major=True, ue8m0=True, worst=True),
+    Case("big", 4096, 7168, 8, 256),
+    Case("big-fp8", 4096, 7168, 8, 256, fp8=True),
+    Case("silent-empty", 512, 4096, 8, 256, silent="empty"),
+    Case("silent-minus-one", 512, 2048, 4, 64, silent="minus_one"),
+    Case("deaf", 512, 4096, 4, 64, deaf=True),
+    Case("nowhere-bias-pair", 300, 2048, 8, 256, nowhere_prob=0.1, num_bias=2),
+    Case("bias-align", 256, 7168, 8, 64, num_bias=1, alignment=128),
+    Case("worst", 256, 2048, 8, 256, worst=True),
+    Case("worst-fp8-colmajor", 200, 4096, 4, 64, fp8=True, scales_col_major=True, worst=True),
+    Case("async", 1024, 2048, 8, 256, use_async=True),
+    Case("async-fp8-worst", 128, 7168, 8, 64, fp8=True, use_async=True, worst=True, num_bias=1),
+    Case("expert-per-rank", 127, 4096, 8, 0, fp8=True, nowhere_prob=0.05),
+    Case("no-weights", 64, 2048, 4, 64, with_weights=False, alignment=4),
+]
+
+
 def make_routing_all(case: Case, seed: int, num_ranks: int) -> list[np.ndarray]:
     deaf_rank = num_ranks - 1 if case.deaf else None
     routing = [ref.make_routing(seed, s, case.tokens_of(s, num_ranks), case.num_topk, case.num_experts, num_ranks,
@@ -208,7 +235,9 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
 
     *layout, _ = buf.get_dispatch_layout(topk_idx, num_experts)
     expected_layout = ref.reference_layout(topk_idx, num_experts, num_ranks)
-    common.check_layout(layout, expected_layout, what)
+    topology = buf._topology
+    common.check_layout(layout, expected_layout, what,
+                        num_nvl_ranks=topology.num_nvl_ranks if topology.num_rdma_ranks > 1 else None)
     num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = layout
 
     want = ref.reference_dispatch(routing, [inp.dispatch_x(case.fp8) for inp in inputs],

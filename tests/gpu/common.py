@@ -131,10 +131,17 @@ def assert_values_equal(got, want, what: str) -> None:
         raise AssertionError(f"{what}: {_first_bad_rows(got != want)}")
 
 
-def check_layout(got, want, what: str) -> None:
-    """got: get_dispatch_layout's tuple (event dropped); want: reference_layout's."""
+def check_layout(got, want, what: str, num_nvl_ranks: int | None = None) -> None:
+    """got: get_dispatch_layout's tuple (event dropped); want: reference_layout's. num_nvl_ranks: GPUs
+    per node when the ranks span nodes (then num_tokens_per_rdma_rank counts the tokens each node
+    gets), else None (then it must be None)."""
     num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank = got
-    assert num_tokens_per_rdma_rank is None, f"{what}: num_tokens_per_rdma_rank must be None intranode"
+    if num_nvl_ranks is None:
+        assert num_tokens_per_rdma_rank is None, f"{what}: num_tokens_per_rdma_rank must be None intranode"
+    else:
+        in_node = want[3].view(want[3].size(0), -1, num_nvl_ranks).any(dim=2)
+        assert_values_equal(num_tokens_per_rdma_rank, in_node.sum(dim=0, dtype=torch.int32),
+                            f"{what}: num_tokens_per_rdma_rank")
     assert_values_equal(num_tokens_per_rank, want[0], f"{what}: num_tokens_per_rank")
     assert_values_equal(num_tokens_per_expert, want[2], f"{what}: num_tokens_per_expert")
     assert_values_equal(is_token_in_rank, want[3], f"{what}: is_token_in_rank")

@@ -9,36 +9,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import common  # noqa: E402
 import launcher  # noqa: E402
-from checks import Case, run_case  # noqa: E402
+from checks import COVERING_CASES, Case, run_case  # noqa: E402
 
 from reference import moe_reference as ref  # noqa: E402
 
 HIDDEN_SIZES = (2048, 2056, 4096, 7168)
 
-# A covering subset, not the cross product: every T, H, K, E, dtype, alignment and option appears,
-# and the big T=4096 / H=7168 shape runs for bf16 and fp8 at every rank count.
-CASES = [
-    Case("empty", 0, 2048, 8, 64),
-    Case("one-token", 1, 2048, 1, 0),
-    Case("odd-hidden", 127, 2056, 4, 64, drop_prob=0.2),
-    Case("fp8-align", 127, 2048, 8, 256, fp8=True, alignment=128),
-    Case("fp8-colmajor", 127, 4096, 4, 64, fp8=True, scales_col_major=True),
-    Case("fp8-ue8m0", 127, 7168, 8, 256, fp8=True, ue8m0=True),
-    Case("fp8-ue8m0-colmajor-worst", 200, 2048, 4, 64, fp8=True, scales_col_major=True, ue8m0=True, worst=True),
-    Case("big", 4096, 7168, 8, 256),
-    Case("big-fp8", 4096, 7168, 8, 256, fp8=True),
-    Case("silent-empty", 512, 4096, 8, 256, silent="empty"),
-    Case("silent-minus-one", 512, 2048, 4, 64, silent="minus_one"),
-    Case("deaf", 512, 4096, 4, 64, deaf=True),
-    Case("nowhere-bias-pair", 300, 2048, 8, 256, nowhere_prob=0.1, num_bias=2),
-    Case("bias-align", 256, 7168, 8, 64, num_bias=1, alignment=128),
-    Case("worst", 256, 2048, 8, 256, worst=True),
-    Case("worst-fp8-colmajor", 200, 4096, 4, 64, fp8=True, scales_col_major=True, worst=True),
-    Case("async", 1024, 2048, 8, 256, use_async=True),
-    Case("async-fp8-worst", 128, 7168, 8, 64, fp8=True, use_async=True, worst=True, num_bias=1),
-    Case("expert-per-rank", 127, 4096, 8, 0, fp8=True, nowhere_prob=0.05),
-    Case("no-weights", 64, 2048, 4, 64, with_weights=False, alignment=4),
-]
+CASES = COVERING_CASES
 
 # MOELINK_TEST_CASES=small: the cases without the big shapes, plus a small async one, for runs where
 # every kernel is much slower (scripts/sanitize.sh). Every option still appears.

@@ -211,7 +211,11 @@ int blocks_per_sm() {
 
 }  // namespace
 
-int max_num_sms(const Context& ctx) { return ctx.max_num_sms(blocks_per_sm()); }
+int max_num_sms(const Context& ctx, int ranks_per_gpu) {
+  if (ranks_per_gpu <= 0) return ctx.max_num_sms(blocks_per_sm());
+  const int fit = ctx.sm_count * blocks_per_sm() / ranks_per_gpu;
+  return fit - fit % 2;
+}
 
 DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                     const StreamOrder& order) {

@@ -14,7 +14,9 @@ DispatchPlan notify(runtime::Context& ctx, const DispatchInputs& in, const Dispa
 EventHandle dispatch(runtime::Context& ctx, const DispatchInputs& in, const DispatchHandle& handle,
                      const DispatchOutputs& out, const Config& config, const StreamOrder& order, bool cached);
 // The largest num_sms at which every rank sharing this GPU runs these kernels at once.
-int max_num_sms(const runtime::Context& ctx);
+// The largest num_sms whose blocks fit on this GPU at once with ranks_per_gpu ranks on it (0: this
+// Buffer's own count of ranks sharing its GPU).
+int max_num_sms(const runtime::Context& ctx, int ranks_per_gpu = 0);
 
 EventHandle combine(runtime::Context& ctx, const CombineInputs& in, const DispatchHandle& handle,
                     const CombineOutputs& out, const Config& config, const StreamOrder& order);

@@ -1,0 +1,334 @@
+"""Internode mode's composition (python/moelink/_internode.py) on the CPU: every rank a thread, and
+its two inner Buffers replaced by a model of intranode dispatch / combine written from the reference
+(tests/reference/moe_reference.py). What runs is _internode's own code: the lane exchange by node
+mask, the top-k rows packed as bytes, experts renumbered per node, each row's source worked out from
+the lane handle, the sort into global order and its undoing in combine, the two-stage sum.
+
+The GPU suite (tests/gpu/test_internode.py) runs the same composition on the real kernels; this one
+needs no GPU, so CI checks the composition's semantics against the reference on every change. The
+model is adversarial where intranode leaves things unspecified: padding rows (num_worst_tokens) hold
+NaN and -1 sources, and is_token_in_rank is the only routing it trusts.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+moelink = pytest.importorskip("moelink")
+
+from moelink import _internode  # noqa: E402
+from reference import moe_reference as ref  # noqa: E402
+
+TIMEOUT_S = 60
+
+
+class Board:
+    """An all-gather among the threads of one inner group (a barrier on each side of the exchange)."""
+
+    def __init__(self, size: int) -> None:
+        self.slots = [None] * size
+        self.barrier = threading.Barrier(size, timeout=TIMEOUT_S)
+
+    def all_gather(self, index: int, obj):
+        self.slots[index] = obj
+        self.barrier.wait()
+        everything = list(self.slots)
+        self.barrier.wait()
+        return everything
+
+
+def _prefix_matrix(counts: np.ndarray) -> torch.Tensor:
+    """rank_prefix_matrix[s][d]: rows ranks 0..s send to d, as intranode's handle[0]."""
+    return torch.from_numpy(np.cumsum(counts, axis=0).astype(np.int32))
+
+
+class ModelBuffer:
+    """One rank of an intranode group, as far as _internode uses it, from the reference semantics."""
+
+    def __init__(self, board: Board, index: int, size: int) -> None:
+        self.board, self.index, self.size = board, index, size
+
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, num_experts, self.size)
+        return per_rank, None, per_expert, in_rank, None
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                 topk_idx=None, topk_weights=None, expert_alignment=1, num_worst_tokens=0, config=None):
+        assert isinstance(config, moelink.Config)
+        if handle is not None:
+            assert is_token_in_rank is None and topk_idx is None
+            is_token_in_rank = handle[4]
+        data, scales = (x if isinstance(x, tuple) else (x, None))
+        sent = self.board.all_gather(self.index, (data, scales, is_token_in_rank, topk_idx, topk_weights,
+                                                  None if num_tokens_per_expert is None else num_tokens_per_expert.numel()))
+        me = self.index
+        counts = np.array([[int(s[2][:, d].sum()) for d in range(self.size)] for s in sent], dtype=np.int64)
+        rows = [torch.nonzero(s[2][:, me]).flatten() for s in sent]
+        n = int(sum(r.numel() for r in rows))
+        # A cached dispatch returns as many rows as the dispatch that made the handle.
+        num_rows = handle[3].numel() if handle is not None else num_worst_tokens or n
+        assert num_rows >= n, "num_worst_tokens overflow"
+
+        def gather(column, fill):
+            parts = [sent[s][column][rows[s]] for s in range(self.size)]
+            like = sent[0][column]
+            as_bytes = like.dtype == torch.float8_e4m3fn
+            got = torch.cat([p.view(torch.uint8) if as_bytes else p for p in parts])
+            pad = torch.full((num_rows - n, *got.shape[1:]), fill, dtype=got.dtype)
+            out = torch.cat([got, pad])
+            return out.view(torch.float8_e4m3fn) if as_bytes else out
+
+        recv_data = gather(0, 0xFF if data.dtype == torch.float8_e4m3fn else float("nan"))
+        recv_x = recv_data
+        if scales is not None:
+            recv_scales = gather(1, -1 if scales.dtype == torch.int32 else float("nan"))
+            if scales.stride(0) == 1 and scales.size(1) > 1:  # intranode keeps column-major scales so
+                recv_scales = recv_scales.t().contiguous().t()
+            recv_x = (recv_data, recv_scales)
+        src_idx = torch.cat([r.to(torch.int32) for r in rows]
+                            + [torch.full((num_rows - n,), -1, dtype=torch.int32)])
+        if handle is not None:
+            assert src_idx.equal(handle[3])
+            return recv_x, None, None, None, handle, None
+        recv_topk = recv_weights = None
+        per_expert_list = []
+        if topk_idx is not None:
+            num_experts = sent[0][5]
+            per = num_experts // self.size
+            first = me * per
+            ids = gather(3, -1)
+            mine = (ids >= first) & (ids < first + per)
+            recv_topk = torch.where(mine, ids - first, torch.full_like(ids, -1))
+            if topk_weights is not None:
+                recv_weights = torch.where(mine, gather(4, float("nan")).float(), torch.zeros(ids.shape))
+            counts_per_expert = torch.bincount(recv_topk[recv_topk >= 0], minlength=per)
+            if not num_worst_tokens:
+                per_expert_list = [ref.align_up(int(c), expert_alignment) for c in counts_per_expert]
+        out_handle = (_prefix_matrix(counts), None, None, src_idx, is_token_in_rank, None)
+        return recv_x, recv_topk, recv_weights, per_expert_list, out_handle, None
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None):
+        assert isinstance(config, moelink.Config) and x.dtype == torch.bfloat16
+        assert x.size(0) == handle[3].size(0), "combine x rows != the dispatch's received rows"
+        sent = self.board.all_gather(self.index, (x, handle[0], handle[3], topk_weights))
+        in_rank = handle[4]
+        me = self.index
+        acc = torch.zeros(in_rank.size(0), x.size(1), dtype=torch.float32)
+        weights = None if topk_weights is None else torch.zeros(in_rank.size(0), topk_weights.size(1))
+        for d, (rows_d, prefix_d, src_d, weights_d) in enumerate(sent):
+            begin = 0 if me == 0 else int(prefix_d[me - 1][d])
+            end = int(prefix_d[me][d])
+            tokens = src_d[begin:end].long()
+            assert bool(in_rank[tokens, d].all())
+            acc.index_add_(0, tokens, rows_d[begin:end].float())
+            if weights is not None:
+                weights.index_add_(0, tokens, weights_d[begin:end].float())
+        for b in (() if bias is None else bias if isinstance(bias, tuple) else (bias,)):
+            acc += b.float()
+        return acc.to(torch.bfloat16), weights, None
+
+
+class NoStream:
+    def __init__(self, *args) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def finish(self, inputs, outputs):
+        return None
+
+
+class Outer:
+    """The outer Buffer of a rank, as far as _internode uses it."""
+
+    num_sms = 20  # a class attribute, as Buffer.num_sms
+
+    def __init__(self, topology, group_size: int, stages) -> None:
+        self._topology, self.group_size, self._internode = topology, group_size, stages
+        self.runtime = SimpleNamespace(max_num_sms=lambda ranks_per_gpu: 132)
+
+    def _check_usable(self, op: str) -> None:
+        pass
+
+
+class Group:
+    """The threads of one emulated cluster and their inner groups' boards."""
+
+    def __init__(self, num_nodes: int, per_node: int) -> None:
+        self.num_nodes, self.per_node = num_nodes, per_node
+        self.node_boards = [Board(per_node) for _ in range(num_nodes)]
+        self.lane_boards = [Board(num_nodes) for _ in range(per_node)]
+
+    def outer(self, rank: int):
+        n, l = divmod(rank, self.per_node)
+        stages = object.__new__(_internode.Stages)
+        stages.ranks_per_gpu, stages.num_nodes, stages.per_node = 1, self.num_nodes, self.per_node
+        stages.node_index, stages.lane_index = n, l
+        stages.node = ModelBuffer(self.node_boards[n], l, self.per_node)
+        stages.lane = ModelBuffer(self.lane_boards[l], n, self.num_nodes)
+        topology = SimpleNamespace(num_rdma_ranks=self.num_nodes, num_nvl_ranks=self.per_node, rdma_rank=n,
+                                   nvl_rank=l)
+        return Outer(topology, self.num_nodes * self.per_node, stages)
+
+
+@pytest.fixture(autouse=True)
+def _no_streams(monkeypatch):
+    monkeypatch.setattr(_internode, "_OnStream", NoStream)
+
+
+def run_ranks(num_nodes, per_node, body):
+    group = Group(num_nodes, per_node)
+    errors = {}
+
+    def run(rank):
+        try:
+            body(rank, group.outer(rank))
+        except BaseException as error:  # noqa: BLE001 - reported below; peers are released
+            errors[rank] = error
+            for board in group.node_boards + group.lane_boards:
+                board.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(num_nodes * per_node)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S * 4)
+    real = {r: e for r, e in errors.items() if not isinstance(e, threading.BrokenBarrierError)}
+    if real:
+        rank = min(real)
+        raise AssertionError(f"rank {rank}: {real[rank]!r}") from real[rank]
+    assert not errors, errors
+
+
+CASES = [  # (name, T, H, K, E, fp8, col_major, drop, nowhere, worst, alignment, num_bias, silent, deaf)
+    ("empty", 0, 256, 8, 64, False, False, 0.1, 0.0, False, 1, 0, False, False),
+    ("one-token", 1, 256, 1, 0, False, False, 0.0, 0.0, False, 1, 1, False, False),
+    ("bf16", 97, 256, 8, 64, False, False, 0.2, 0.0, False, 1, 0, False, False),
+    ("fp8-align", 97, 256, 8, 192, True, False, 0.1, 0.0, False, 128, 0, False, False),
+    ("fp8-colmajor", 97, 512, 4, 64, True, True, 0.1, 0.0, False, 1, 2, False, False),
+    ("silent-deaf", 64, 256, 4, 64, False, False, 0.1, 0.1, False, 1, 1, True, True),
+    ("worst", 64, 256, 8, 96, False, False, 0.1, 0.1, True, 1, 0, False, False),
+    ("worst-fp8", 64, 256, 8, 64, True, True, 0.1, 0.0, True, 1, 1, False, False),
+    ("no-weights", 64, 256, 4, 64, False, False, 0.1, 0.0, False, 4, 1, False, False),
+    ("tight-worst", 64, 256, 2, 0, False, False, 0.0, 0.0, True, 1, 0, False, False),
+]
+
+
+def _funnel(buf, T, E):
+    """Routing that funnels through lane 0: only lane-0 ranks have tokens, each routed (K=1, and the
+    second slot -1) to one rank of the next node, round robin. Every rank then receives about T / L
+    rows while a forwarder receives T: a num_worst_tokens that is exact for the ranks is too small
+    for the node-to-node leg, which must size its own receive."""
+    N, L, R = buf._internode.num_nodes, buf._internode.per_node, buf.group_size
+    per = E // R
+    routing = []
+    for s in range(R):
+        node, lane = divmod(s, L)
+        if lane != 0:
+            routing.append(np.full((T, 2), -1, dtype=np.int64))
+            continue
+        dest = ((node + 1) % N) * L + np.arange(T) % L
+        routing.append(np.stack([dest * per + np.arange(T) % per, np.full(T, -1)], axis=1).astype(np.int64))
+    return routing
+
+
+def _case(rank, buf, case, seed):
+    name, T, H, K, E, fp8, col_major, drop, nowhere, worst, alignment, num_bias, silent, deaf = case
+    R = buf.group_size
+    E = E or R
+    deaf_rank = R - 1 if deaf else None
+    K = min(K, E - (E // R if deaf else 0))
+    tokens = [0 if silent and s == R // 2 else T for s in range(R)]
+    routing = [ref.make_routing(seed, s, tokens[s], K, E, R, drop, nowhere, deaf_rank) for s in range(R)]
+    if name == "tight-worst":
+        routing = _funnel(buf, T, E)
+    inputs = [ref.make_inputs(seed, s, tokens[s], H, K, fp8=fp8, scales_col_major=col_major) for s in range(R)]
+    mine = inputs[rank]
+    topk_idx = torch.from_numpy(routing[rank])
+    per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, E, R)
+    num_worst = R * T if worst else 0
+    if name == "tight-worst":
+        num_worst = max(ref.dispatch_plan_np(routing, d, E, R).num_recv_tokens for d in range(R))
+    with_weights = name != "no-weights"
+    weights = mine.topk_weights if with_weights else None
+    out = _internode.dispatch(buf, mine.dispatch_x(fp8), None, per_rank, None, in_rank, per_expert, topk_idx,
+                              weights, alignment, num_worst, None, None, False, False)
+    recv_x, recv_topk, recv_weights, per_expert_list, handle, _ = out
+    want = ref.reference_dispatch(routing, [inp.dispatch_x(fp8) for inp in inputs],
+                                  [inp.topk_weights for inp in inputs] if with_weights else None, rank, E, R,
+                                  alignment)
+    n = want.num_recv_tokens
+    rows = num_worst or n
+    what = f"{name} rank {rank}/{R}"
+    if fp8:
+        assert recv_x[0].shape == (rows, H) and recv_x[0][:n].view(torch.uint8).equal(want.recv_x[0].view(torch.uint8)), what
+        assert recv_x[1][:n].equal(want.recv_x[1]), what
+        if col_major:
+            assert recv_x[1].t().is_contiguous(), f"{what}: column-major scales came back {recv_x[1].stride()}"
+    else:
+        assert recv_x.shape == (rows, H) and recv_x[:n].view(torch.int16).equal(want.recv_x.view(torch.int16)), what
+    assert recv_topk.shape == (rows, K) and recv_topk[:n].equal(want.recv_topk_idx), what
+    assert bool((recv_topk[n:] == -1).all()), what
+    if with_weights:
+        assert recv_weights[:n].equal(want.recv_topk_weights), what
+    else:
+        assert recv_weights is None, what
+    assert list(per_expert_list) == ([] if worst else want.num_recv_tokens_per_expert_list), what
+    assert handle[3].shape == (rows,) and handle[3][:n].equal(want.recv_src_idx), what
+    assert bool((handle[3][n:] == -1).all()), what
+    assert handle[4] is in_rank
+    assert int(handle[0][-1]) == n and handle[0].shape == (R,), what
+
+    fresh = [ref.make_inputs(seed, s, tokens[s], H, K, fp8=fp8, scales_col_major=col_major, salt=1) for s in range(R)]
+    cached = _internode.dispatch(buf, fresh[rank].dispatch_x(fp8), handle, None, None, None, None, None, None, 1, 0,
+                                 None, None, False, False)
+    want_cached = ref.reference_dispatch(routing, [inp.dispatch_x(fp8) for inp in fresh], None, rank, E, R, alignment)
+    got = cached[0][0] if fp8 else cached[0]
+    want_rows = want_cached.recv_x[0] if fp8 else want_cached.recv_x
+    assert got[:n].view(torch.uint8).equal(want_rows.view(torch.uint8)), f"{what} (cached)"
+    assert cached[1] is None and cached[2] is None and cached[3] is None
+
+    scale = 0.5 + 0.125 * rank
+    y = torch.randn(rows, H).to(torch.bfloat16)  # padding rows: values combine must ignore
+    y[:n] = (ref.gather_rows([inp.x for inp in inputs], want.plan).float() * scale).to(torch.bfloat16)
+    bias = ref.make_bias(seed, rank, tokens[rank], H, num_bias)
+    combined_x, combined_weights, _ = _internode.combine(buf, y, handle, recv_weights, bias, None, None, False, False)
+    want_x, want_weights = ref.reference_combine(
+        in_rank, lambda d, t: (mine.x[t].float() * (0.5 + 0.125 * d)).to(torch.bfloat16), H, topk_idx,
+        weights, E, bias)
+    # Two bf16 roundings (at the forwarder, then at the token's rank), as deep_ep's internode combine.
+    if want_x.numel():
+        torch.testing.assert_close(combined_x.float(), want_x.float(), rtol=2e-2,
+                                   atol=2e-2 * want_x.float().abs().max().item())
+    if with_weights:
+        torch.testing.assert_close(combined_weights, want_weights, rtol=0, atol=0)
+    else:
+        assert combined_weights is None, what
+
+
+@pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (2, 4), (4, 2), (3, 2)])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_composition_matches_the_reference(num_nodes, per_node, case):
+    num_experts = case[4] or num_nodes * per_node
+    if num_experts % (num_nodes * per_node):
+        pytest.skip(f"{num_experts} experts do not split over {num_nodes * per_node} ranks")
+    seed = 9100 + 10 * num_nodes + per_node + CASES.index(case)
+    run_ranks(num_nodes, per_node, lambda rank, buf: _case(rank, buf, case, seed))
+
+
+def test_a_wrong_handle_is_refused():
+    def body(rank, buf):
+        with pytest.raises(ValueError, match="handle"):
+            _internode.combine(buf, torch.zeros(1, 256, dtype=torch.bfloat16), (None,) * 6, None, None, None, None,
+                               False, False)
+
+    run_ranks(2, 2, body)

@@ -1,0 +1,113 @@
+"""Internode normal mode (python/moelink/_internode.py) on nodes emulated on one host: 2 nodes x 2 GPUs,
+2 x 4 and 4 x 2, ranks as processes (on one GPU under MPS), MOELINK_NVL_RANKS setting the GPUs per
+node. The same cases as intranode (checks.run_case: layout incl. num_tokens_per_rdma_rank, uncached
+and cached dispatch, combine with biases, fp8 with row- and column-major scales, alignment,
+num_worst_tokens, async with previous_event, silent and deaf ranks), against the same reference,
+with tiny rings so that every leg wraps around; then 50 back-to-back rounds. The composition itself
+is also checked on the CPU (tests/cpu/test_internode_composition.py).
+
+Written in a session without a GPU: not yet run (needs MOELINK_EXPERIMENTAL_INTERNODE=1, which the
+launcher sets here).
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import moelink  # noqa: E402
+
+import checks  # noqa: E402
+import common  # noqa: E402
+import launcher  # noqa: E402
+from checks import Case  # noqa: E402
+
+LAYOUTS = [(2, 2), (2, 4), (4, 2)]  # (nodes, GPUs per node)
+
+# The intranode suite's covering cases; with tiny rings, the ones up to 512 tokens.
+CASES = checks.COVERING_CASES
+
+# Small rings: the node-to-node leg 2 x its chunk, the node leg 2 x its chunk, so every ring wraps.
+TINY = dict(num_sms=8, num_max_nvl_chunked_send_tokens=4, num_max_nvl_chunked_recv_tokens=8,
+            num_max_rdma_chunked_send_tokens=4, num_max_rdma_chunked_recv_tokens=8)
+
+
+def env(nodes, per_node):
+    return {"MOELINK_EXPERIMENTAL_INTERNODE": "1", "MOELINK_NVL_RANKS": str(per_node)}
+
+
+def make_buffer(num_ranks, config, hidden_sizes):
+    nvl = max(config.get_nvl_buffer_size_hint(2 * h, num_ranks) for h in hidden_sizes)
+    rdma = max(config.get_rdma_buffer_size_hint(2 * h, num_ranks) for h in hidden_sizes)
+    return moelink.Buffer(common.world_group(), num_nvl_bytes=nvl, num_rdma_bytes=rdma, explicitly_destroy=True)
+
+
+def _cases(rank, num_ranks, seed, tiny):
+    config = moelink.Config(**TINY) if tiny else moelink.Config(8, 8, 128, 8, 128)
+    buf = make_buffer(num_ranks, config, {c.hidden for c in CASES})
+    assert buf._topology.num_rdma_ranks > 1, "the layout must span nodes"
+    for i, case in enumerate(CASES):
+        resolved = case.resolved(num_ranks)
+        if resolved is None or (tiny and case.num_tokens > 512):
+            continue
+        common.log(rank, f"[R={num_ranks}] " + checks.run_case(buf, rank, num_ranks, resolved, seed + i, config,
+                                                                 config))
+    buf.destroy()
+
+
+@pytest.mark.parametrize("nodes, per_node", LAYOUTS)
+@pytest.mark.parametrize("tiny", [False, True], ids=["rings", "tiny-rings"])
+def test_internode_cases(nodes, per_node, tiny):
+    num_ranks = nodes * per_node
+    launcher.run_ranks(num_ranks, _cases, 81000 + 10 * num_ranks + tiny, tiny, timeout_s=600, env=env(nodes, per_node))
+
+
+def _back_to_back(rank, num_ranks, seed):
+    config = moelink.Config(8, 8, 128, 8, 128)
+    buf = make_buffer(num_ranks, config, (2048,))
+    for i in range(50):
+        case = Case(f"round {i}", 256, 2048, 8, 64, fp8=i % 3 == 1, drop_prob=0.05 * (i % 4)).resolved(num_ranks)
+        checks.run_case(buf, rank, num_ranks, case, seed + i, config, config)
+    common.log(rank, f"[R={num_ranks}] 50 internode rounds exact")
+    buf.destroy()
+
+
+def test_internode_back_to_back():
+    launcher.run_ranks(4, _back_to_back, 82000, timeout_s=600, env=env(2, 2))
+
+
+def test_default_configs_fit_every_rank_of_the_gpu():
+    """Both legs run on all ranks at once: the default num_sms fits all of them (8 ranks here)."""
+    launcher.run_ranks(8, _defaults, 83000, timeout_s=300, env=env(2, 4))
+
+
+def _defaults(rank, num_ranks, seed):
+    case = Case("defaults", 128, 2048, 8, 64).resolved(num_ranks)
+    config = moelink.Buffer.get_dispatch_config(num_ranks)
+    buf = make_buffer(num_ranks, config, (2048,))
+    routing = checks.make_routing_all(case, seed, num_ranks)
+    inputs = checks.make_inputs_all(case, seed, num_ranks)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    *layout, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    out = buf.dispatch(inputs[rank].x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                       is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=topk_idx,
+                       topk_weights=inputs[rank].topk_weights)
+    buf.combine(out[0], out[4])
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="num_sms"):
+        buf.dispatch(inputs[rank].x, handle=out[4], config=moelink.Config(64, 8, 128))
+    buf.destroy()
+
+
+def test_without_the_knob_internode_says_how_to_enable_it():
+    launcher.run_ranks(4, _not_enabled, 84000, timeout_s=120, env={"MOELINK_NVL_RANKS": "2"})
+
+
+def _not_enabled(rank, num_ranks, seed):
+    buf = moelink.Buffer(common.world_group(), num_nvl_bytes=1 << 24, num_rdma_bytes=1 << 24, explicitly_destroy=True)
+    x = torch.zeros((4, 2048), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(NotImplementedError, match="MOELINK_EXPERIMENTAL_INTERNODE"):
+        buf.dispatch(x, handle=None, num_tokens_per_rank=torch.zeros(num_ranks, dtype=torch.int32, device="cuda"),
+                     is_token_in_rank=torch.zeros((4, num_ranks), dtype=torch.bool, device="cuda"),
+                     num_tokens_per_expert=torch.zeros(num_ranks, dtype=torch.int32, device="cuda"))
+    buf.destroy()
