@@ -133,7 +133,11 @@ class Buffer {
   // arguments were rejected (the operations do this themselves when their checks fail; a caller
   // whose own checks fail before it reaches the Buffer calls it). It takes part in the operation's
   // opening with that verdict, so every peer skips the operation and raises instead of waiting.
-  void abstain();
+  // waits_on_host: whether that operation waits on the host (uncached dispatch without
+  // num_worst_tokens), where the peers raise at the call; where it does not, they raise at their
+  // next call, and so does this rank (it records the error too), so that no rank's next collective
+  // waits for peers that are raising.
+  void abstain(bool waits_on_host);
 
   // The largest num_sms at which the normal-mode kernels of every rank sharing this GPU can be
   // resident at once (they wait for each other, so they must be); num_sms above it is refused.

@@ -33,15 +33,22 @@ class DispatchHandle(tuple):
 
 
 @contextlib.contextmanager
-def _abstaining(buf: "Buffer") -> Iterator[None]:
+def _abstaining(buf: "Buffer", waits_on_host: bool) -> Iterator[None]:
     """Argument checks of a collective operation: when they reject the arguments on this rank, it
     still opens the operation with that verdict, so its peers skip it and raise instead of waiting
-    for it. (The runtime does the same for the checks it makes itself.)"""
+    for it. (The runtime does the same for the checks it makes itself.) waits_on_host: whether the
+    operation waits on the host (Buffer::abstain in include/moelink/buffer.hpp)."""
     try:
         yield
     except (TypeError, ValueError):
-        buf.runtime.abstain()
+        buf.runtime.abstain(waits_on_host)
         raise
+
+
+def _waits_on_host(handle: Any, num_worst_tokens: Any) -> bool:
+    """Whether a dispatch with these arguments waits on the host for its counts (as its peers
+    decide it from the same values)."""
+    return handle is None and not (isinstance(num_worst_tokens, int) and num_worst_tokens > 0)
 
 
 def default_config(buf: "Buffer", which: str) -> Config:
@@ -90,9 +97,9 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         # Internode mode runs on Buffers of its own; this one's kernels take no part (nor abstain).
         return buf.internode_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                                       num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                                      num_worst_tokens, None if config is None else _check_config(config),
-                                      previous_event, async_finish, allocate_on_comm_stream)
-    with _abstaining(buf):
+                                      num_worst_tokens, config, previous_event, async_finish,
+                                      allocate_on_comm_stream)
+    with _abstaining(buf, _waits_on_host(handle, num_worst_tokens)):
         x, x_scales = _split_x(x)
         config = default_config(buf, "dispatch") if config is None else _check_config(config)
         expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
@@ -173,7 +180,7 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
                      allocate_on_comm_stream: Any) -> tuple:
     rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, _ = \
         parts
-    with _abstaining(buf):
+    with _abstaining(buf, False):
         streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     num_recv_tokens = recv_src_idx.numel()
     with streams.allocating():
@@ -195,9 +202,9 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
     buf._check_usable("combine")
     if buf._topology.num_rdma_ranks > 1:
-        return buf.internode_combine(x, handle, topk_weights, bias, None if config is None else _check_config(config),
-                                     previous_event, async_finish, allocate_on_comm_stream)
-    with _abstaining(buf):
+        return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                     allocate_on_comm_stream)
+    with _abstaining(buf, False):
         _check_tensor(x, "x")
         _check_tensor(topk_weights, "topk_weights", optional=True)
         bias_0, bias_1 = _split_bias(bias)

@@ -108,6 +108,11 @@ struct Opening {
   const long long* handle_info;     // the handle's [dispatch id, status], or nullptr
   const int* rank_prefix_matrix;    // combine: the handle's matrix, to check the input's rows
   int input_rows;                   // combine: rows of x
+  // Set where the operation does not wait on the host (cached dispatch, combine, dispatch with
+  // num_worst_tokens): its peers learn of a rejection only at their next call, so a rank that
+  // rejected its own arguments records the error as well and raises it at its next call too; the
+  // ranks then stay in step (if it did not, its next collective would wait for peers that raised).
+  int record_own_rejection;
 };
 
 // The gate an operation's opening kernel leaves for the kernels after it.

@@ -62,13 +62,19 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
     return kGateSkip;
   }
   int decision = kGateGo;
+  // When every rank rejected its arguments, each has raised its own error and none waits for news.
+  bool someone_ok = false;
+  for (int p = 0; p < num_ranks; ++p) {
+    const Digest d = p == rank ? mine : received_digest(self, epoch, p);
+    someone_ok = someone_ok || static_cast<int>(d.w[kDigestVerdict] & 0xff) == kVerdictOk;
+  }
   for (int p = 0; p < num_ranks && decision == kGateGo; ++p) {
     const Digest d = p == rank ? mine : received_digest(self, epoch, p);
     const int v = static_cast<int>(d.w[kDigestVerdict] & 0xff);
     if (v != kVerdictOk) {
-      // A rank that rejected its own arguments has raised that error already (often every rank
-      // rejects the same arguments): it records nothing more.
-      if (verdict != kVerdictRejected)
+      // A rank that rejected its own arguments has raised that error already: it records it (for
+      // its next call) only where its peers, which go on, raise at their next call.
+      if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_ok))
         report_data(err, verdict_error(v), p, -1, static_cast<long long>(d.w[kDigestVerdict] >> 8));
       decision = kGateSkip;
     }

@@ -388,11 +388,12 @@ void Context::launch_opening(const kernels::Opening& opening) {
   kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), comm_stream);
 }
 
-void Context::abstain() noexcept {
+void Context::abstain(bool record_own_rejection) noexcept {
   if (!available || destroyed || !broken.empty()) return;
   try {
     kernels::Opening opening{};
     opening.digest.w[kernels::kDigestVerdict] = kernels::kVerdictRejected;
+    opening.record_own_rejection = record_own_rejection ? 1 : 0;
     launch_opening(opening);
   } catch (const Error&) {
     // The caller is raising its own error already; its peers then time out instead.

@@ -102,7 +102,7 @@ class Context {
   void launch_opening(const kernels::Opening& opening);
   // This rank's own checks rejected its arguments: it still takes part in the opening, with that
   // verdict, so its peers skip the operation instead of waiting for it. Never throws.
-  void abstain() noexcept;
+  void abstain(bool record_own_rejection) noexcept;
   // Launches the device barrier over the NVLink peers on the comm stream.
   void launch_barrier(int tag, double timeout = -1);
   // The barrier, then a host wait for it; raises what it found.

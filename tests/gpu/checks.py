@@ -44,6 +44,7 @@ class Case:
     num_bias: int = 0
     with_weights: bool = True
     ue8m0: bool = False         # fp8 scales as packed UE8M0 int32
+    with_topk: bool = True      # False: dispatch routed by is_token_in_rank alone (no topk_idx / weights)
 
     def resolved(self, num_ranks: int) -> "Case | None":
         """The case for num_ranks (E filled in, K capped by the choosable experts), or None if E
@@ -63,7 +64,8 @@ class Case:
         extras = [flag for flag, on in (("async", self.use_async), ("worst", self.worst), ("deaf", self.deaf),
                                         (f"silent={self.silent}", self.silent), (f"bias{self.num_bias}", self.num_bias),
                                         (f"align{self.alignment}", self.alignment > 1),
-                                        ("no-weights", not self.with_weights)) if on]
+                                        ("no-weights", not self.with_weights),
+                                        ("no-topk", not self.with_topk)) if on]
         return (f"{self.name}: T={self.num_tokens} H={self.hidden} K={self.num_topk} E={self.num_experts} {kind}"
                 + (" " + " ".join(extras) if extras else ""))
 
@@ -92,6 +94,8 @@ COVERING_CASES = [
     Case("async-fp8-worst", 128, 7168, 8, 64, fp8=True, use_async=True, worst=True, num_bias=1),
     Case("expert-per-rank", 127, 4096, 8, 0, fp8=True, nowhere_prob=0.05),
     Case("no-weights", 64, 2048, 4, 64, with_weights=False, alignment=4),
+    Case("no-topk", 200, 2048, 8, 256, with_topk=False, with_weights=False, alignment=4, drop_prob=0.2),
+    Case("no-topk-fp8-worst", 128, 4096, 4, 64, fp8=True, with_topk=False, with_weights=False, worst=True),
 ]
 
 
@@ -174,10 +178,13 @@ def check_dispatch(out, want: ref.DispatchReference, num_worst: int, case: Case,
     n = want.num_recv_tokens
     num_rows = num_worst or n
     check_recv_x(recv_x, want, num_rows, case, what)
-    assert tuple(recv_topk_idx.shape) == (num_rows, case.num_topk), \
-        f"{what}: recv_topk_idx shape {tuple(recv_topk_idx.shape)}"
-    common.assert_values_equal(recv_topk_idx[:n], want.recv_topk_idx, f"{what}: recv_topk_idx")
-    assert bool((recv_topk_idx[n:] == -1).all()), f"{what}: recv_topk_idx rows >= {n} must be -1"
+    if not case.with_topk:
+        assert recv_topk_idx is None, f"{what}: recv_topk_idx of a dispatch without topk_idx must be None"
+    else:
+        assert tuple(recv_topk_idx.shape) == (num_rows, case.num_topk), \
+            f"{what}: recv_topk_idx shape {tuple(recv_topk_idx.shape)}"
+        common.assert_values_equal(recv_topk_idx[:n], want.recv_topk_idx, f"{what}: recv_topk_idx")
+        assert bool((recv_topk_idx[n:] == -1).all()), f"{what}: recv_topk_idx rows >= {n} must be -1"
     if case.with_weights:
         assert tuple(recv_topk_weights.shape) == (num_rows, case.num_topk), \
             f"{what}: recv_topk_weights shape {tuple(recv_topk_weights.shape)}"
@@ -250,8 +257,10 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
         x = written_late(x)
         previous_event = buf.capture()
     poison_arena(buf)
+    # Without top-k the rows are routed by is_token_in_rank alone (deep_ep's first test case).
     out = buf.dispatch(x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
-                       num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+                       num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx if case.with_topk else None,
+                       topk_weights=topk_weights,
                        expert_alignment=case.alignment, num_worst_tokens=num_worst, config=config,
                        previous_event=previous_event, async_finish=case.use_async)
     if case.use_async:

@@ -160,12 +160,17 @@ def step_handle_combine(ctx: Ctx) -> faults.Raised:
 
 def _rejected(ctx: Ctx, call, kind, words, host_wait, next_call, outputs, step) -> faults.Raised:
     """The odd rank raises kind naming `words` at once; the others learn it is out and raise
-    ValueError naming it (at the call when they wait on the host, else at the call or the next)."""
+    ValueError naming it (at the call when they wait on the host, else at the call or the next).
+    Where they raise at the next call, so does the odd rank (Buffer::abstain): every rank's next
+    call raises, so none waits in a collective for peers that are raising."""
     if ctx.odd:
         start = time.perf_counter()
         raised = expect_error(kind, words, call, host_wait=True, what=ctx.what(f"{step}, own arguments"))
         elapsed = time.perf_counter() - start
         assert elapsed < IMMEDIATE_S, f"{ctx.what(step)}: rejecting its own arguments took {elapsed:.1f} s"
+        if not host_wait:
+            faults.expect_raises(ValueError, [f"rank {ODD_RANK}"], next_call,
+                                 ctx.what(f"{step}, own arguments: the next call"))
         return raised
     return expect_error(ValueError, [f"rank {ODD_RANK}"], call, host_wait=host_wait, in_call_ok=True,
                         next_call=next_call, outputs=outputs, what=ctx.what(f"{step}, rank {ODD_RANK} rejected"))
@@ -195,6 +200,18 @@ def step_rejected_type(ctx: Ctx) -> faults.Raised:
     x = r.x.float() if ctx.odd else r.x
     return _rejected(ctx, lambda: ctx.buf.dispatch(x, handle=out[4], config=ctx.config), TypeError, ["x"], False,
                      ctx.layout_call(r), cached_outputs, "cached dispatch with a float32 x")
+
+
+def step_rejected_then_collective(ctx: Ctx) -> faults.Raised:
+    """As step_rejected_type, but the next call is the combine, a collective: it must raise on every
+    rank at once (before, the odd rank opened it and waited for peers that raised at its entry)."""
+    r = ctx.routed()
+    out, want = faults.checked_dispatch(ctx.buf, r, ctx.config, what=ctx.what("dispatch"))
+    x = r.x.float() if ctx.odd else r.x
+    y = r.combine_input(want, want.num_recv_tokens)
+    return _rejected(ctx, lambda: ctx.buf.dispatch(x, handle=out[4], config=ctx.config), TypeError, ["x"], False,
+                     lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
+                     cached_outputs, "cached dispatch with a float32 x, then combine")
 
 
 # ---- C: one rank's data is wrong -------------------------------------------------------------------------
@@ -266,7 +283,7 @@ def step_failed_handle(ctx: Ctx) -> faults.Raised:
 
 STEPS = (step_operation, step_config_num_sms, step_config_chunk, step_combine_config, step_hidden, step_dtype,
          step_topk, step_num_experts, step_handle_cached, step_handle_combine, step_rejected_dispatch,
-         step_rejected_combine, step_rejected_type, step_bad_expert_high, step_bad_expert_low,
+         step_rejected_combine, step_rejected_type, step_rejected_then_collective, step_bad_expert_high, step_bad_expert_low,
          step_worst_one_rank, step_failed_handle)
 
 

@@ -63,12 +63,13 @@ void expect_scales_layout(const TensorRef& t, const char* arg) {
 
 // The checks of an operation's arguments. When they reject them this rank still opens the
 // operation, with that verdict, so that its peers skip it instead of waiting for it to time out.
+// waits_on_host: whether the operation raises its peers' errors at the call (see Opening).
 template <class Checks>
-auto checked(Context& ctx, Checks&& checks) {
+auto checked(Context& ctx, bool waits_on_host, Checks&& checks) {
   try {
     return checks();
   } catch (const Error& e) {
-    if (e.kind() == ErrorKind::kValue || e.kind() == ErrorKind::kType) ctx.abstain();
+    if (e.kind() == ErrorKind::kValue || e.kind() == ErrorKind::kType) ctx.abstain(!waits_on_host);
     throw;
   }
 }
@@ -221,7 +222,7 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
                     const StreamOrder& order) {
   ctx.require_usable("dispatch");
   ctx.check_device_errors();
-  const DispatchShape s = checked(ctx, [&] {
+  const DispatchShape s = checked(ctx, in.num_worst_tokens <= 0, [&] {
     DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
     expect(h.info, {2}, DType::kInt64, ctx.device, "handle[5] (the handle's dispatch id and status)");
     ctx.begin_op(order);
@@ -292,7 +293,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   // opens here.
   if (cached) ctx.check_device_errors();
   const auto checks = [&] { return validate_dispatch(ctx, in, h, config, cached, false, "dispatch"); };
-  const DispatchShape s = cached ? checked(ctx, checks) : checks();
+  const DispatchShape s = cached ? checked(ctx, false, checks) : checks();
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");
   check::dim(out.recv_x, 2, "recv_x");
@@ -302,7 +303,8 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
   } else {
     expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
-    expect(out.recv_topk_idx, {N, s.num_topk}, DType::kInt64, ctx.device, "recv_topk_idx");
+    // A dispatch without topk_idx (routed by is_token_in_rank alone) has no recv_topk_idx.
+    if (s.num_topk > 0) expect(out.recv_topk_idx, {N, s.num_topk}, DType::kInt64, ctx.device, "recv_topk_idx");
     if (in.topk_weights.data) expect(out.recv_topk_weights, {N, s.num_topk}, DType::kFloat32, ctx.device, "recv_topk_weights");
   }
   if (s.fp8) {
@@ -310,7 +312,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     expect(out.recv_x_scales, {N, s.num_scales}, s.scales_dtype, ctx.device, "recv_x_scales", false);
     expect_scales_layout(out.recv_x_scales, "recv_x_scales");
   }
-  const long long* info = cached ? checked(ctx, [&] { return handle_info(h, ctx.device); }) : nullptr;
+  const long long* info = cached ? checked(ctx, false, [&] { return handle_info(h, ctx.device); }) : nullptr;
 
   ctx.begin_op(order);
   // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
@@ -376,7 +378,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   const int C = config.num_channels();
   int64_t H = 0, N = 0, T = 0;
   int K = 0;
-  const long long* info = checked(ctx, [&] {
+  const long long* info = checked(ctx, false, [&] {
   config.validate();
   ctx.require_coresident(config.num_sms, blocks_per_sm(), "config");
   check::defined(in.x, "x");
