@@ -26,9 +26,9 @@ Rows cross HBM one more time than a fused pipeline would (the forwarder's receiv
 sort); the point of this version is the semantics, checked against the reference on the CPU with
 the inner Buffers modelled (tests/cpu/test_internode_composition.py) and on one GPU
 (tests/gpu/test_internode.py). With num_worst_tokens the forwarder's receive holds L x
-num_worst_tokens rows: its worst case, every row of the node coming through one lane. An argument
-that this module's own checks refuse raises on that rank only, before any exchange; its peers
-then time out in theirs.
+num_worst_tokens rows: its worst case, every row of the node coming through one lane. A rank whose
+own checks fail, or whose inner exchange fails, abstains from the exchanges still to come (_Steps),
+so the error reaches every rank instead of leaving them waiting.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 import torch
 
 from . import _bootstrap, _knobs, _moelink
-from ._checks import _check_int, _check_tensor, _split_x
+from ._checks import _check_config, _check_int, _check_tensor, _split_x
+from ._intranode import _waits_on_host
 from ._moelink import Config
 from .event import EventOverlap
 
@@ -67,6 +68,8 @@ class Stages:
         self.num_nodes, self.per_node = topology.num_rdma_ranks, topology.num_nvl_ranks
         self.node_index, self.lane_index = topology.rdma_rank, topology.nvl_rank
         self.node, self.lane = node, lane
+        self.node_members = [self.node_index * self.per_node + j for j in range(self.per_node)]
+        self.lane_members = [m * self.per_node + self.lane_index for m in range(self.num_nodes)]
         self.stream = torch.cuda.Stream(device=buf._device)
 
     def destroy(self) -> None:
@@ -92,24 +95,55 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
     per_node, num_nodes = topology.num_nvl_ranks, topology.num_rdma_ranks
     # Every rank decides the same from the same gathered facts, so all raise together or none.
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    facts = all_gather((socket.gethostname(), str(props.uuid)))
-    hosts = [host for host, _ in facts]
-    ranks_per_gpu = sum(1 for _, uuid in facts if uuid == str(props.uuid))
+    facts = all_gather((socket.gethostname(), str(props.uuid), num_rdma_bytes))
+    hosts = [host for host, _, _ in facts]
+    ranks_per_gpu = sum(1 for _, uuid, _ in facts if uuid == str(props.uuid))
     if len(set(hosts)) > 1:
         raise NotImplementedError("moelink internode mode runs its node-to-node leg over CUDA IPC for now, so every "
                                   "rank must be on one host (emulated nodes); the NVSHMEM leg between hosts is not "
                                   f"implemented yet (ranks are on {len(set(hosts))} hosts)")
     if num_nodes > 8:
         raise NotImplementedError(f"moelink internode mode reaches at most 8 nodes, got {num_nodes}")
-    if num_rdma_bytes <= 0:
-        raise ValueError("num_rdma_bytes: internode mode needs a node-to-node buffer; size it with "
-                         "Config.get_rdma_buffer_size_hint")
+    short = [r for r, (_, _, nbytes) in enumerate(facts) if not isinstance(nbytes, int) or nbytes <= 0]
+    if short:
+        raise ValueError(f"num_rdma_bytes: internode mode needs a node-to-node buffer (rank {short[0]} passed "
+                         f"{facts[short[0]][2]}); size it with Config.get_rdma_buffer_size_hint")
     node_members = [topology.rdma_rank * per_node + j for j in range(per_node)]
     lane_members = [m * per_node + topology.nvl_rank for m in range(num_nodes)]
     common = dict(num_rdma_bytes=0, explicitly_destroy=buf.explicitly_destroy, num_arena_bytes=0)
-    node = Buffer(_bootstrap.SubGroup(all_gather, node_members, rank), num_nvl_bytes, **common)
-    lane = Buffer(_bootstrap.SubGroup(all_gather, lane_members, rank), num_rdma_bytes, **common)
-    return Stages(buf, node, lane, ranks_per_gpu)
+    built: List["Buffer"] = []
+    try:
+        for name, members, nbytes in (("node", node_members, num_nvl_bytes), ("lane", lane_members, num_rdma_bytes)):
+            built.append(_together(all_gather, name, lambda m=members, b=nbytes: Buffer(
+                _bootstrap.SubGroup(all_gather, m, rank), b, **common)))
+    except BaseException:
+        # Every rank is here together (_together): each frees what its groups built.
+        for inner in reversed(built):
+            try:
+                inner.destroy()
+            except Exception:  # noqa: BLE001 - the construction error is the one to report
+                pass
+        raise
+    return Stages(buf, built[0], built[1], ranks_per_gpu)
+
+
+def _together(all_gather: Any, name: str, build: Any) -> Any:
+    """build() on every rank, then one parent all-gather of how it went, so that a failure in one
+    inner group raises on every rank (the other groups' ranks would otherwise go on to the next
+    inner Buffer's all-gather and wait there for ranks that are raising)."""
+    try:
+        result, error = build(), None
+    except Exception as caught:  # noqa: BLE001 - reported to every rank, then re-raised here
+        result, error = None, caught
+    verdicts = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+    if failed:
+        result.destroy()
+        r, message = failed[0]
+        raise RuntimeError(f"moelink internode Buffer: rank {r} could not build its {name} Buffer ({message})")
+    return result
 
 
 def _stages(buf: "Buffer", op: str) -> Stages:
@@ -124,6 +158,8 @@ def _configs(buf: "Buffer", config: Optional[Config], which: str) -> Tuple[Confi
     RDMA fields, both with one num_sms that every rank of the GPU can hold at once: both exchanges
     run on all ranks together, so every rank sharing the GPU counts, not only an inner Buffer's."""
     fit = buf.runtime.max_num_sms(buf._internode.ranks_per_gpu)
+    if config is not None:
+        config = _check_config(config)
     if config is None:
         make = _moelink.default_dispatch_config if which == "dispatch" else _moelink.default_combine_config
         config = make(buf.group_size, min(type(buf).num_sms, fit))
@@ -213,6 +249,65 @@ def _gather_rows(t: Any, order: torch.Tensor) -> Any:
     return t.index_select(0, order)
 
 
+class _Steps:
+    """The inner exchanges of one internode operation, in their order. When one of them fails on
+    this rank, or this rank's own checks fail before the first, the rank abstains from the rest: each
+    inner group then skips its exchange with an error on every member instead of waiting for this
+    rank, so one rank's error reaches every rank of the Buffer (through the groups it shares with
+    each) and none waits out a timeout. Errors raised here name the inner group's ranks; the message
+    says which global ranks those are. legs: (inner Buffer, whether that exchange waits on the host)
+    in order (Buffer.abstain in include/moelink/buffer.hpp)."""
+
+    def __init__(self, stages: Stages, op: str, legs: Tuple[Tuple[str, bool], ...]) -> None:
+        self.stages, self.op, self.legs, self.done = stages, op, legs, 0
+
+    def run(self, call: Any) -> Any:
+        leg = self.legs[self.done][0]
+        try:
+            result = call()
+        except Exception as error:  # noqa: BLE001 - re-raised, after abstaining from the rest
+            self.done += 1
+            self.abandon()
+            raise _in_leg(error, self.op, leg, getattr(self.stages, f"{leg}_members")) from error
+        self.done += 1
+        return result
+
+    def abandon(self) -> None:
+        for leg, waits_on_host in self.legs[self.done:]:
+            inner = getattr(self.stages, leg)
+            if not inner._destroyed:
+                inner.runtime.abstain(waits_on_host)
+        self.done = len(self.legs)
+
+    def guard(self) -> "_Guard":
+        return _Guard(self)
+
+
+class _Guard:
+    """Code of this rank between the exchanges (its own argument checks, its local work): if it
+    fails, the rank abstains from the exchanges still to come."""
+
+    def __init__(self, steps: _Steps) -> None:
+        self.steps = steps
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
+        if error is not None:
+            self.steps.abandon()
+        return False
+
+
+def _in_leg(error: BaseException, op: str, leg: str, members: List[int]) -> BaseException:
+    where = "node-to-node exchange (lane)" if leg == "lane" else "in-node exchange"
+    note = f" [internode {op}, {where}: its ranks 0..{len(members) - 1} are global ranks {members}]"
+    try:
+        return type(error)(f"{error}{note}")
+    except Exception:  # noqa: BLE001 - an exception type that takes other arguments keeps its own message
+        return error
+
+
 def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[tuple],
              num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_rdma_rank: Optional[torch.Tensor],
              is_token_in_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
@@ -220,42 +315,51 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
              num_worst_tokens: int, config: Optional[Config], previous_event: Optional[EventOverlap],
              async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
     stages = _stages(buf, "internode_dispatch")
-    node_config, lane_config = _configs(buf, config, "dispatch")
-    x_data, x_scales = _split_x(x)
     if handle is not None:
-        return _cached_dispatch(buf, stages, x, handle, node_config, lane_config, previous_event, async_finish)
-    if topk_idx is None:
-        raise NotImplementedError("internode dispatch without topk_idx (routing by is_token_in_rank alone) is not "
-                                  "implemented yet")
-    for name, t in (("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert),
-                    ("topk_idx", topk_idx)):
-        _check_tensor(t, name)
-    _check_tensor(topk_weights, "topk_weights", optional=True)
-    expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
-    num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
+        return _cached_dispatch(buf, stages, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                                topk_idx, topk_weights, config, previous_event, async_finish, allocate_on_comm_stream)
+    waits = _waits_on_host(None, num_worst_tokens)  # as the inner dispatches decide it
+    steps = _Steps(stages, "dispatch", (("lane", waits), ("lane", False), ("node", waits), ("node", False)))
+    with steps.guard():
+        node_config, lane_config = _configs(buf, config, "dispatch")
+        _check_streams(previous_event, async_finish, allocate_on_comm_stream)
+        x_data, x_scales = _split_x(x)
+        if topk_idx is None:
+            raise NotImplementedError("internode dispatch without topk_idx (routing by is_token_in_rank alone) is "
+                                      "not implemented yet")
+        for name, t in (("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert),
+                        ("topk_idx", topk_idx)):
+            _check_tensor(t, name)
+        _check_tensor(topk_weights, "topk_weights", optional=True)
+        expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
+        num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
+        if topk_idx.dim() != 2:
+            raise ValueError(f"topk_idx: expected [num_tokens, num_topk], got {list(topk_idx.shape)}")
+        T, num_topk = topk_idx.shape
+        num_experts = num_tokens_per_expert.numel()
+        if num_experts % buf.group_size:
+            raise ValueError(f"num_tokens_per_expert: {num_experts} experts do not split over {buf.group_size} ranks")
+        if tuple(is_token_in_rank.shape) != (T, buf.group_size) or is_token_in_rank.dtype != torch.bool:
+            raise ValueError(f"is_token_in_rank: expected bool [{T}, {buf.group_size}], got "
+                             f"{is_token_in_rank.dtype} {list(is_token_in_rank.shape)}")
+        if topk_weights is not None and tuple(topk_weights.shape) != (T, num_topk):
+            raise ValueError(f"topk_weights: expected [{T}, {num_topk}] like topk_idx, got {list(topk_weights.shape)}")
     N, L = stages.num_nodes, stages.per_node
-    if topk_idx.dim() != 2:
-        raise ValueError(f"topk_idx: expected [num_tokens, num_topk], got {list(topk_idx.shape)}")
-    T, num_topk = topk_idx.shape
-    num_experts = num_tokens_per_expert.size(0)
-    if num_experts % buf.group_size:
-        raise ValueError(f"num_experts: {num_experts} experts do not split over {buf.group_size} ranks")
-    if tuple(is_token_in_rank.shape) != (T, buf.group_size):
-        raise ValueError(f"is_token_in_rank: expected [{T}, {buf.group_size}], got {list(is_token_in_rank.shape)}")
     experts_per_node = num_experts // N
     with_weights = topk_weights is not None
-    with _OnStream(stages, previous_event, async_finish) as on:
+    with steps.guard(), _OnStream(stages, previous_event, async_finish) as on:
         # The lane exchange: each token once to every node that needs it, with its top-k row.
         in_node = is_token_in_rank.view(T, N, L).any(dim=2)
         per_node = in_node.sum(dim=0, dtype=torch.int32)
         lane_worst = L * num_worst_tokens  # a forwarder passes on at most its node's rows
-        a_x, _, _, _, a_handle, _ = stages.lane.dispatch(
+        a_x, _, _, _, a_handle, _ = steps.run(lambda: stages.lane.dispatch(
             x, num_tokens_per_rank=per_node, is_token_in_rank=in_node, num_tokens_per_expert=per_node,
-            num_worst_tokens=lane_worst, config=lane_config)
+            num_worst_tokens=lane_worst, config=lane_config))
         meta_width = _meta_width(num_topk)
         weights = topk_weights.float() if with_weights else torch.zeros(topk_idx.shape, device=topk_idx.device)
         meta = torch.cat([_row_bytes(topk_idx.to(torch.int64)), _row_bytes(weights)], dim=1)
-        a_meta = stages.lane.dispatch(_as_rows(meta, meta_width), handle=a_handle, config=lane_config)[0]
+        a_meta = steps.run(lambda: stages.lane.dispatch(_as_rows(meta, meta_width), handle=a_handle,
+                                                        config=lane_config))[0]
         a_topk = _from_rows(a_meta, torch.int64, num_topk)
         a_weights = _from_rows(a_meta, torch.float32, num_topk, offset_bytes=8 * num_topk)
         a_valid = a_handle[3] >= 0  # rows past the real ones (num_worst_tokens) hold nothing
@@ -265,22 +369,22 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         b_topk = torch.where(here, a_topk - first, torch.full_like(a_topk, -1))
         b_weights = torch.where(here, a_weights, torch.zeros_like(a_weights))
         b_per_rank, _, b_per_expert, b_in_rank, _ = stages.node.get_dispatch_layout(b_topk, experts_per_node)
-        b_x, b_topk_out, b_weights_out, per_expert_list, b_handle, _ = stages.node.dispatch(
+        b_x, b_topk_out, b_weights_out, per_expert_list, b_handle, _ = steps.run(lambda: stages.node.dispatch(
             a_x, num_tokens_per_rank=b_per_rank, is_token_in_rank=b_in_rank, num_tokens_per_expert=b_per_expert,
             topk_idx=b_topk, topk_weights=b_weights, expert_alignment=expert_alignment,
-            num_worst_tokens=num_worst_tokens, config=node_config)
+            num_worst_tokens=num_worst_tokens, config=node_config))
         # Each row's source, to put the rows in global order: (global rank, token) of the lane rows.
         prefix = a_handle[0][:, stages.node_index].to(torch.int64)  # rows from lane sources 0..s
         rows = torch.arange(a_valid.size(0), device=prefix.device)
         source_node = torch.searchsorted(prefix, rows, right=True)
         source = torch.stack([(source_node * L + stages.lane_index).to(torch.int32), a_handle[3].to(torch.int32)], 1)
-        b_source = _from_rows(stages.node.dispatch(_as_rows(source, _META_WIDTH), handle=b_handle,
-                                                   config=node_config)[0], torch.int32, 2)
+        b_source = _from_rows(steps.run(lambda: stages.node.dispatch(_as_rows(source, _META_WIDTH), handle=b_handle,
+                                                                     config=node_config))[0], torch.int32, 2)
         b_valid = b_handle[3] >= 0
         last = torch.full(b_valid.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=b_valid.device)
         key = torch.where(b_valid, b_source[:, 0].to(torch.int64) * (1 << 32) + b_source[:, 1].to(torch.int64), last)
         order = torch.sort(key, stable=True).indices
-        recv_x = _gather_rows(b_x, order)
+        recv_x = _scales_like(_gather_rows(b_x, order), x_scales)
         recv_topk_idx = b_topk_out.index_select(0, order)
         recv_topk_weights = b_weights_out.index_select(0, order) if with_weights else None
         recv_src_idx = torch.where(b_valid, b_source[:, 1], torch.full_like(b_source[:, 1], -1)).index_select(0, order)
@@ -298,21 +402,56 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
 
 
 def _unpack(handle: Any) -> InternodeHandle:
-    if not isinstance(handle, InternodeHandle):
-        raise ValueError("handle must be the handle an internode dispatch returned, got "
-                         f"{type(handle).__name__}")
-    return handle
+    """The handle an internode dispatch returned, also when rebuilt as a plain tuple."""
+    if isinstance(handle, InternodeHandle):
+        return handle
+    if isinstance(handle, (tuple, list)) and len(handle) == 6 and isinstance(handle[1], tuple) \
+            and isinstance(handle[2], tuple) and isinstance(handle[5], torch.Tensor):
+        return InternodeHandle(tuple(handle))
+    raise ValueError("handle must be the handle an internode dispatch returned, got "
+                     f"{type(handle).__name__}")
 
 
-def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, node_config: Config, lane_config: Config,
-                     previous_event: Optional[EventOverlap], async_finish: bool) -> tuple:
-    handle = _unpack(handle)
-    _, a_handle, b_handle, _, _, order = handle
-    x_data, x_scales = _split_x(x)
-    with _OnStream(stages, previous_event, async_finish) as on:
-        a_x = stages.lane.dispatch(x, handle=a_handle, config=lane_config)[0]
-        b_x = stages.node.dispatch(a_x, handle=b_handle, config=node_config)[0]
-        recv_x = _gather_rows(b_x, order)
+def _scales_like(recv_x: Any, x_scales: Optional[torch.Tensor]) -> Any:
+    """recv_x with its scales in the caller's layout: column-major in, column-major out (as
+    intranode decides it: a scales tensor whose stride(1) is not 1). The inner legs decide it from
+    their own inputs, which a forwarder that received 0 or 1 rows cannot tell apart."""
+    if x_scales is None or not isinstance(recv_x, tuple):
+        return recv_x
+    data, scales = recv_x
+    col_major = x_scales.dim() == 2 and x_scales.stride(1) != 1
+    if col_major and scales.size(0) > 1 and scales.stride(1) == 1:
+        scales = scales.t().contiguous().t()
+    return data, scales
+
+
+def _check_streams(previous_event: Any, async_finish: Any, allocate_on_comm_stream: Any) -> None:
+    """allocate_on_comm_stream's rule, as intranode's (outputs are made on this module's stream)."""
+    if allocate_on_comm_stream and not (previous_event is not None and async_finish):
+        raise ValueError("allocate_on_comm_stream: requires previous_event and async_finish")
+
+
+def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, num_tokens_per_rank: Any,
+                     is_token_in_rank: Any, num_tokens_per_expert: Any, topk_idx: Any, topk_weights: Any,
+                     config: Optional[Config], previous_event: Optional[EventOverlap], async_finish: bool,
+                     allocate_on_comm_stream: bool) -> tuple:
+    steps = _Steps(stages, "cached dispatch", (("lane", False), ("node", False)))
+    with steps.guard():
+        node_config, lane_config = _configs(buf, config, "dispatch")
+        _check_streams(previous_event, async_finish, allocate_on_comm_stream)
+        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx),
+                            ("topk_weights", topk_weights)):
+            if value is not None:
+                raise ValueError(f"dispatch with a handle (cached mode) repeats the handle's routing; {name} must be "
+                                 "None")
+        handle = _unpack(handle)
+        _, a_handle, b_handle, _, _, order = handle
+        x_data, x_scales = _split_x(x)
+    with steps.guard(), _OnStream(stages, previous_event, async_finish) as on:
+        a_x = steps.run(lambda: stages.lane.dispatch(x, handle=a_handle, config=lane_config))[0]
+        b_x = steps.run(lambda: stages.node.dispatch(a_x, handle=b_handle, config=node_config))[0]
+        recv_x = _scales_like(_gather_rows(b_x, order), x_scales)
         event = on.finish([x_data, x_scales], list(recv_x) if isinstance(recv_x, tuple) else [recv_x])
     return recv_x, None, None, None, handle, event
 
@@ -321,23 +460,31 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
             bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None], config: Optional[Config],
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
     stages = _stages(buf, "internode_combine")
-    node_config, lane_config = _configs(buf, config, "combine")
-    handle = _unpack(handle)
-    _, a_handle, b_handle, _, _, order = handle
-    _check_tensor(x, "x")
-    if x.dim() != 2 or x.size(0) != order.size(0):
-        raise ValueError(f"x: expected [{order.size(0)}, hidden] (the rows the dispatch returned), got {list(x.shape)}")
-    with _OnStream(stages, previous_event, async_finish) as on:
+    steps = _Steps(stages, "combine", (("node", False), ("lane", False)))
+    with steps.guard():
+        node_config, lane_config = _configs(buf, config, "combine")
+        _check_streams(previous_event, async_finish, allocate_on_comm_stream)
+        handle = _unpack(handle)
+        _, a_handle, b_handle, _, _, order = handle
+        _check_tensor(x, "x")
+        if x.dim() != 2 or x.size(0) != order.size(0):
+            raise ValueError(f"x: expected [{order.size(0)}, hidden] (the rows the dispatch returned), got "
+                             f"{list(x.shape)}")
+        _check_tensor(topk_weights, "topk_weights", optional=True)
+        if topk_weights is not None and (topk_weights.dim() != 2 or topk_weights.size(0) != order.size(0)):
+            raise ValueError(f"topk_weights: expected [{order.size(0)}, num_topk] (the dispatch's recv_topk_weights), "
+                             f"got {list(topk_weights.shape)}")
+    with steps.guard(), _OnStream(stages, previous_event, async_finish) as on:
         # Back to the node exchange's row order, then each node's rows summed at its forwarders, then
         # the nodes' partial rows summed at the token's rank.
         b_x = torch.empty_like(x).index_copy_(0, order, x)
         b_weights = None
         if topk_weights is not None:
-            _check_tensor(topk_weights, "topk_weights")
             b_weights = torch.empty_like(topk_weights, dtype=torch.float32).index_copy_(0, order, topk_weights.float())
-        a_x, a_weights, _ = stages.node.combine(b_x, b_handle, topk_weights=b_weights, config=node_config)
-        combined_x, combined_weights, _ = stages.lane.combine(a_x, a_handle, topk_weights=a_weights, bias=bias,
-                                                              config=lane_config)
+        a_x, a_weights, _ = steps.run(lambda: stages.node.combine(b_x, b_handle, topk_weights=b_weights,
+                                                                  config=node_config))
+        combined_x, combined_weights, _ = steps.run(lambda: stages.lane.combine(
+            a_x, a_handle, topk_weights=a_weights, bias=bias, config=lane_config))
         biases = bias if isinstance(bias, tuple) else (bias,)
         event = on.finish([x, topk_weights, *biases], [combined_x, combined_weights])
     return combined_x, combined_weights, event

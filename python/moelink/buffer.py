@@ -123,8 +123,18 @@ class Buffer:
         self._topology = topology
         self._comm_stream = torch.cuda.ExternalStream(runtime.comm_stream(),
                                                       device=torch.device("cuda", runtime.device_id))
-        self._internode = (_internode.build_stages(self, group, comm, num_nvl_bytes, num_rdma_bytes)
-                           if internode else None)
+        self._internode = None
+        if internode:
+            try:
+                self._internode = _internode.build_stages(self, group, comm, num_nvl_bytes, num_rdma_bytes)
+            except BaseException:
+                # build_stages raises on every rank together, so every rank frees the outer runtime.
+                self._destroyed = True
+                try:
+                    runtime.destroy()
+                except Exception:  # noqa: BLE001 - the construction error is the one to report
+                    pass
+                raise
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -132,9 +142,12 @@ class Buffer:
         """Waits until no peer still uses the buffers (collective), then frees them. Any later use of
         this Buffer raises RuntimeError. Idempotent."""
         try:
-            if self._internode is not None:
-                self._internode.destroy()
-            self.runtime.destroy()
+            try:
+                if self._internode is not None:
+                    self._internode.destroy()
+            finally:
+                # Every rank joins the outer destroy barrier, whatever the inner ones did.
+                self.runtime.destroy()
         finally:
             # The runtime frees everything even when its closing barrier fails.
             self._destroyed = True
@@ -187,6 +200,8 @@ class Buffer:
     def get_comm_stream(self) -> torch.Stream:
         """The stream the communication kernels run on (a torch.cuda.ExternalStream)."""
         self._check_usable("get_comm_stream")
+        if self._internode is not None:
+            return self._internode.stream  # internode operations run on a stream of their own
         return self._comm_stream
 
     def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[Union[torch.Size, Sequence[int]]] = None,

@@ -24,7 +24,7 @@ moelink = pytest.importorskip("moelink")
 from moelink import _internode  # noqa: E402
 from reference import moe_reference as ref  # noqa: E402
 
-TIMEOUT_S = 60
+TIMEOUT_S = 20  # a board barrier that waits this long means a rank did not come: the test fails
 
 
 class Board:
@@ -48,10 +48,22 @@ def _prefix_matrix(counts: np.ndarray) -> torch.Tensor:
 
 
 class ModelBuffer:
-    """One rank of an intranode group, as far as _internode uses it, from the reference semantics."""
+    """One rank of an intranode group, as far as _internode uses it, from the reference semantics.
+    Its exchanges open as the runtime's do: every member states its verdict, and when one abstained
+    (its own checks failed) the others raise naming it instead of running the exchange."""
+
+    _destroyed = False
 
     def __init__(self, board: Board, index: int, size: int) -> None:
         self.board, self.index, self.size = board, index, size
+        self.runtime = SimpleNamespace(abstain=lambda waits_on_host: self._open(None, ok=False))
+
+    def _open(self, payload, ok=True):
+        everything = self.board.all_gather(self.index, (ok, payload))
+        rejected = [i for i, (fine, _) in enumerate(everything) if not fine]
+        if ok and rejected:
+            raise ValueError(f"moelink: rank {rejected[0]} rejected its own arguments for this operation")
+        return [payload for _, payload in everything]
 
     def get_dispatch_layout(self, topk_idx, num_experts):
         per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, num_experts, self.size)
@@ -64,8 +76,14 @@ class ModelBuffer:
             assert is_token_in_rank is None and topk_idx is None
             is_token_in_rank = handle[4]
         data, scales = (x if isinstance(x, tuple) else (x, None))
-        sent = self.board.all_gather(self.index, (data, scales, is_token_in_rank, topk_idx, topk_weights,
-                                                  None if num_tokens_per_expert is None else num_tokens_per_expert.numel()))
+        # What intranode's host checks refuse (src/modes/intranode/host.cpp validate_dispatch).
+        assert data.dim() == 2 and data.is_contiguous(), "x must be a contiguous 2-D tensor"
+        assert data.size(1) * data.element_size() % 16 == 0, "x rows must be a multiple of 16 bytes"
+        assert data.dtype in (torch.bfloat16, torch.float8_e4m3fn), data.dtype
+        assert (scales is not None) == (data.dtype == torch.float8_e4m3fn)
+        assert is_token_in_rank.dtype == torch.bool and tuple(is_token_in_rank.shape) == (data.size(0), self.size)
+        sent = self._open((data, scales, is_token_in_rank, topk_idx, topk_weights,
+                           None if num_tokens_per_expert is None else num_tokens_per_expert.numel()))
         me = self.index
         counts = np.array([[int(s[2][:, d].sum()) for d in range(self.size)] for s in sent], dtype=np.int64)
         rows = [torch.nonzero(s[2][:, me]).flatten() for s in sent]
@@ -115,7 +133,7 @@ class ModelBuffer:
     def combine(self, x, handle, topk_weights=None, bias=None, config=None):
         assert isinstance(config, moelink.Config) and x.dtype == torch.bfloat16
         assert x.size(0) == handle[3].size(0), "combine x rows != the dispatch's received rows"
-        sent = self.board.all_gather(self.index, (x, handle[0], handle[3], topk_weights))
+        sent = self._open((x, handle[0], handle[3], topk_weights))
         in_rank = handle[4]
         me = self.index
         acc = torch.zeros(in_rank.size(0), x.size(1), dtype=torch.float32)
@@ -173,6 +191,8 @@ class Group:
         stages = object.__new__(_internode.Stages)
         stages.ranks_per_gpu, stages.num_nodes, stages.per_node = 1, self.num_nodes, self.per_node
         stages.node_index, stages.lane_index = n, l
+        stages.node_members = [n * self.per_node + j for j in range(self.per_node)]
+        stages.lane_members = [m * self.per_node + l for m in range(self.num_nodes)]
         stages.node = ModelBuffer(self.node_boards[n], l, self.per_node)
         stages.lane = ModelBuffer(self.lane_boards[l], n, self.num_nodes)
         topology = SimpleNamespace(num_rdma_ranks=self.num_nodes, num_nvl_ranks=self.per_node, rdma_rank=n,
@@ -332,3 +352,41 @@ def test_a_wrong_handle_is_refused():
                                False, False)
 
     run_ranks(2, 2, body)
+
+
+
+@pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (2, 4), (4, 2)])
+@pytest.mark.parametrize("op", ["dispatch", "cached", "combine"])
+def test_one_ranks_bad_argument_stops_every_rank(num_nodes, per_node, op):
+    """One rank's own checks refuse its arguments: it raises that error, every other rank raises a
+    ValueError that says which global ranks its message names, and none waits (a wait would break
+    the boards' barriers and fail the test)."""
+    bad = num_nodes * per_node - 2  # neither lane 0 nor node 0: the error must cross both kinds of group
+    seen = {}
+
+    def body(rank, buf):
+        R = buf.group_size
+        topk_idx = torch.from_numpy(ref.make_routing(5, rank, 32, 4, 2 * R, R, 0.1))
+        inputs = ref.make_inputs(5, rank, 32, 256, 4)
+        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
+        mine = rank == bad
+        try:
+            weights = inputs.topk_weights[:, :2] if mine and op == "dispatch" else inputs.topk_weights
+            out = _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx, weights, 1,
+                                      0, None, None, False, False)
+            if op == "cached":  # the bad rank repeats routing that a cached dispatch must not get
+                _internode.dispatch(buf, inputs.x, out[4], None, None, in_rank if mine else None, None, None, None,
+                                    1, 0, None, None, False, False)
+            elif op == "combine":  # the bad rank's input has a row too many
+                y = torch.zeros(out[0].size(0) + int(mine), 256, dtype=torch.bfloat16)
+                _internode.combine(buf, y, out[4], out[2], None, None, None, False, False)
+        except ValueError as error:
+            seen[rank] = str(error)
+        else:
+            seen[rank] = None
+
+    run_ranks(num_nodes, per_node, body)
+    assert sorted(seen) == list(range(num_nodes * per_node)), seen
+    assert all(message is not None for message in seen.values()), seen
+    assert "global ranks" not in seen[bad], seen[bad]  # its own error, as its checks raised it
+    assert all("global ranks" in message for rank, message in seen.items() if rank != bad), seen

@@ -139,7 +139,8 @@ def check_layout(got, want, what: str, num_nvl_ranks: int | None = None) -> None
     if num_nvl_ranks is None:
         assert num_tokens_per_rdma_rank is None, f"{what}: num_tokens_per_rdma_rank must be None intranode"
     else:
-        in_node = want[3].view(want[3].size(0), -1, num_nvl_ranks).any(dim=2)
+        # Sizes spelled out: view() cannot infer a -1 dimension of an empty tensor (T = 0).
+        in_node = want[3].view(want[3].size(0), want[3].size(1) // num_nvl_ranks, num_nvl_ranks).any(dim=2)
         assert_values_equal(num_tokens_per_rdma_rank, in_node.sum(dim=0, dtype=torch.int32),
                             f"{what}: num_tokens_per_rdma_rank")
     assert_values_equal(num_tokens_per_rank, want[0], f"{what}: num_tokens_per_rank")

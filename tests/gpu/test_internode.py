@@ -24,8 +24,9 @@ from checks import Case  # noqa: E402
 
 LAYOUTS = [(2, 2), (2, 4), (4, 2)]  # (nodes, GPUs per node)
 
-# The intranode suite's covering cases; with tiny rings, the ones up to 512 tokens.
-CASES = checks.COVERING_CASES
+# The intranode suite's covering cases that route by top-k (dispatch without topk_idx is not
+# implemented internode); with tiny rings, the ones up to 512 tokens.
+CASES = [case for case in checks.COVERING_CASES if case.with_topk]
 
 # Small rings: the node-to-node leg 2 x its chunk, the node leg 2 x its chunk, so every ring wraps.
 TINY = dict(num_sms=8, num_max_nvl_chunked_send_tokens=4, num_max_nvl_chunked_recv_tokens=8,
@@ -85,6 +86,8 @@ def _defaults(rank, num_ranks, seed):
     case = Case("defaults", 128, 2048, 8, 64).resolved(num_ranks)
     config = moelink.Buffer.get_dispatch_config(num_ranks)
     buf = make_buffer(num_ranks, config, (2048,))
+    # config=None: each leg's default, checked against the reference like any case.
+    common.log(rank, checks.run_case(buf, rank, num_ranks, case, seed, None, None))
     routing = checks.make_routing_all(case, seed, num_ranks)
     inputs = checks.make_inputs_all(case, seed, num_ranks)
     topk_idx = torch.from_numpy(routing[rank]).cuda()
@@ -92,15 +95,18 @@ def _defaults(rank, num_ranks, seed):
     out = buf.dispatch(inputs[rank].x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
                        is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=topk_idx,
                        topk_weights=inputs[rank].topk_weights)
-    buf.combine(out[0], out[4])
     torch.cuda.synchronize()
+    # Every rank refuses the same too-large num_sms, so none waits for the others.
     with pytest.raises(ValueError, match="num_sms"):
         buf.dispatch(inputs[rank].x, handle=out[4], config=moelink.Config(64, 8, 128))
+    buf.combine(out[0], out[4])
+    torch.cuda.synchronize()
     buf.destroy()
 
 
 def test_without_the_knob_internode_says_how_to_enable_it():
-    launcher.run_ranks(4, _not_enabled, 84000, timeout_s=120, env={"MOELINK_NVL_RANKS": "2"})
+    launcher.run_ranks(4, _not_enabled, 84000, timeout_s=120,
+                       env={"MOELINK_NVL_RANKS": "2", "MOELINK_EXPERIMENTAL_INTERNODE": "0"})
 
 
 def _not_enabled(rank, num_ranks, seed):
