@@ -12,10 +12,10 @@ A group of N nodes x L GPUs (global rank n * L + l) gets two inner Buffers on ev
   ranks of its node that hold one of its experts, and combine sums a node's rows at the forwarder,
   so one partial row per (token, node) crosses back.
 
-dispatch: lane exchange of x (by the node mask of is_token_in_rank) and of a row of top-k ids and
-weights (a cached exchange with the same handle), the node's layout of the forwarded tokens (its
-experts renumbered from 0), the node exchange with top-k, and one more cached node exchange of each
-row's source (global rank, token). Received rows are then sorted by source global rank, then source
+dispatch: lane exchange of x with its top-k (by the node mask of is_token_in_rank; over the lane
+the experts split by node, so a forwarder receives its node's experts renumbered from 0), the
+node's layout of the forwarded tokens, the node exchange with top-k, and one cached node exchange
+of each row's source (global rank, token). Received rows are then sorted by source global rank, then source
 token, as intranode orders them. combine undoes the sort, sums each node's rows at its forwarders
 (node combine), and sums the nodes' partial rows at the token's rank (lane combine, which adds the
 bias). Everything runs on a stream of this module, after the caller's stream or previous_event; the
@@ -232,10 +232,6 @@ def _from_rows(rows: torch.Tensor, dtype: torch.dtype, columns: int, offset_byte
     return raw[:, offset_bytes:offset_bytes + size].contiguous().view(dtype).view(rows.size(0), columns)
 
 
-def _meta_width(num_topk: int) -> int:
-    return max(16, (12 * num_topk + 15) // 16 * 16)
-
-
 def _gather_rows(t: Any, order: torch.Tensor) -> Any:
     """t's rows in `order`, keeping a column-major layout column-major (fp8 scales)."""
     if t is None:
@@ -319,7 +315,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         return _cached_dispatch(buf, stages, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                 topk_idx, topk_weights, config, previous_event, async_finish, allocate_on_comm_stream)
     waits = _waits_on_host(None, num_worst_tokens)  # as the inner dispatches decide it
-    steps = _Steps(stages, "dispatch", (("lane", waits), ("lane", False), ("node", waits), ("node", False)))
+    steps = _Steps(stages, "dispatch", (("lane", waits), ("node", waits), ("node", False)))
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
         _check_streams(previous_event, async_finish, allocate_on_comm_stream)
@@ -348,26 +344,21 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     experts_per_node = num_experts // N
     with_weights = topk_weights is not None
     with steps.guard(), _OnStream(stages, previous_event, async_finish) as on:
-        # The lane exchange: each token once to every node that needs it, with its top-k row.
+        # The lane exchange: each token once to every node that needs it, with its top-k row. Over the
+        # lane the E experts split by node (lane rank n holds node n's), so the forwarder receives
+        # its node's experts renumbered from 0 (-1 for the others) and their weights, and the lane's
+        # notify checks every id as intranode does (one outside [-1, E) raises on every rank).
         in_node = is_token_in_rank.view(T, N, L).any(dim=2)
         per_node = in_node.sum(dim=0, dtype=torch.int32)
         lane_worst = L * num_worst_tokens  # a forwarder passes on at most its node's rows
-        a_x, _, _, _, a_handle, _ = steps.run(lambda: stages.lane.dispatch(
-            x, num_tokens_per_rank=per_node, is_token_in_rank=in_node, num_tokens_per_expert=per_node,
-            num_worst_tokens=lane_worst, config=lane_config))
-        meta_width = _meta_width(num_topk)
-        weights = topk_weights.float() if with_weights else torch.zeros(topk_idx.shape, device=topk_idx.device)
-        meta = torch.cat([_row_bytes(topk_idx.to(torch.int64)), _row_bytes(weights)], dim=1)
-        a_meta = steps.run(lambda: stages.lane.dispatch(_as_rows(meta, meta_width), handle=a_handle,
-                                                        config=lane_config))[0]
-        a_topk = _from_rows(a_meta, torch.int64, num_topk)
-        a_weights = _from_rows(a_meta, torch.float32, num_topk, offset_bytes=8 * num_topk)
+        a_x, a_topk, a_weights, _, a_handle, _ = steps.run(lambda: stages.lane.dispatch(
+            x, num_tokens_per_rank=per_node, is_token_in_rank=in_node, num_tokens_per_expert=num_tokens_per_expert,
+            topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=lane_worst, config=lane_config))
         a_valid = a_handle[3] >= 0  # rows past the real ones (num_worst_tokens) hold nothing
-        # The node exchange: this node's experts, renumbered from 0, to the ranks holding them.
-        first = stages.node_index * experts_per_node
-        here = (a_topk >= first) & (a_topk < first + experts_per_node) & a_valid.unsqueeze(1)
-        b_topk = torch.where(here, a_topk - first, torch.full_like(a_topk, -1))
-        b_weights = torch.where(here, a_weights, torch.zeros_like(a_weights))
+        # The node exchange: the ranks of the node holding one of the row's experts.
+        here = (a_topk >= 0) & a_valid.unsqueeze(1)
+        b_topk = torch.where(here, a_topk, torch.full_like(a_topk, -1))
+        b_weights = torch.where(here, a_weights, torch.zeros_like(a_weights)) if with_weights else None
         b_per_rank, _, b_per_expert, b_in_rank, _ = stages.node.get_dispatch_layout(b_topk, experts_per_node)
         b_x, b_topk_out, b_weights_out, per_expert_list, b_handle, _ = steps.run(lambda: stages.node.dispatch(
             a_x, num_tokens_per_rank=b_per_rank, is_token_in_rank=b_in_rank, num_tokens_per_expert=b_per_expert,

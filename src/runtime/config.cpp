@@ -64,19 +64,18 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) co
 int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
   validate();
   check_hint_args(hidden_bytes, num_ranks, 1 << 20);
-  // Internode mode's node-to-node leg (python/moelink/_internode.py) is an exchange among the
-  // same-index GPUs of every node, with rings of num_max_rdma_chunked_recv_tokens slots per
-  // channel; its rows carry x (and its scales), or the top-k ids and weights.
+  // Internode mode's node-to-node leg (python/moelink/_internode.py) is an intranode exchange among
+  // the same-index GPUs of every node, with rings of num_max_rdma_chunked_recv_tokens slots per
+  // channel, whose rows carry x, its scales and the top-k ids and weights: the NVLink hint of
+  // that exchange, exactly.
   const int per_node = ranks_per_node(num_ranks);
   const int num_nodes = (num_ranks + per_node - 1) / per_node;
   if (num_nodes <= 1) return 0;
   if (num_nodes > kMaxNvlRanks)
     detail::raise(ErrorKind::kValue, "num_ranks: internode mode reaches at most ", kMaxNvlRanks, " nodes, got ",
                   num_nodes);
-  const int64_t meta_bytes = kernels::align_up(12LL * kernels::kMaxTopK, 16);
-  const int64_t row_bytes = hidden_bytes > meta_bytes ? hidden_bytes : meta_bytes;
-  const auto layout = intranode::RingLayout::make(num_nodes, num_channels(), num_max_rdma_chunked_recv_tokens, row_bytes,
-                                                static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK);
+  const auto layout = intranode::RingLayout::make(num_nodes, num_channels(), num_max_rdma_chunked_recv_tokens,
+                                                hidden_bytes, static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK);
   return layout.total_bytes();
 }
 

@@ -120,6 +120,8 @@ MOELINK_TEST(config_hints_across_nodes) {
   const int64_t two_nodes = config.get_rdma_buffer_size_hint(14336, 16);
   EXPECT_GT(two_nodes, 0);
   EXPECT_LT(two_nodes, config.get_rdma_buffer_size_hint(14336, 32));
+  // The node-to-node leg is an intranode exchange over the nodes, driven by the RDMA fields.
+  EXPECT_EQ(two_nodes, Config(20, 6, 256).get_nvl_buffer_size_hint(14336, 2));
   EXPECT_THROW_KIND(config.get_rdma_buffer_size_hint(14336, 8 * 9), ErrorKind::kValue, "nodes");
 }
 

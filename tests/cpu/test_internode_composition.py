@@ -85,6 +85,12 @@ class ModelBuffer:
         sent = self._open((data, scales, is_token_in_rank, topk_idx, topk_weights,
                            None if num_tokens_per_expert is None else num_tokens_per_expert.numel()))
         me = self.index
+        if handle is None and topk_idx is not None:  # notify's check of every rank's ids
+            for s, (_, _, _, ids, _, num_experts) in enumerate(sent):
+                bad = torch.nonzero((ids < -1) | (ids >= num_experts))
+                if bad.numel():
+                    raise ValueError(f"moelink: topk_idx: rank {s} token {int(bad[0][0])} slot {int(bad[0][1])} holds "
+                                     "an expert id outside [-1, num_experts)")
         counts = np.array([[int(s[2][:, d].sum()) for d in range(self.size)] for s in sent], dtype=np.int64)
         rows = [torch.nonzero(s[2][:, me]).flatten() for s in sent]
         n = int(sum(r.numel() for r in rows))
@@ -390,3 +396,33 @@ def test_one_ranks_bad_argument_stops_every_rank(num_nodes, per_node, op):
     assert all(message is not None for message in seen.values()), seen
     assert "global ranks" not in seen[bad], seen[bad]  # its own error, as its checks raised it
     assert all("global ranks" in message for rank, message in seen.items() if rank != bad), seen
+
+
+@pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (4, 2)])
+def test_a_bad_expert_id_raises_on_every_rank(num_nodes, per_node):
+    """An id outside [-1, E) on one rank: the lane's notify names it on that rank's lane, and the
+    other ranks raise through the exchanges they share (intranode raises on every rank too)."""
+    bad = num_nodes * per_node - 1
+    seen = {}
+
+    def body(rank, buf):
+        R = buf.group_size
+        E = 2 * R
+        topk_idx = torch.from_numpy(ref.make_routing(6, rank, 16, 2, E, R))
+        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, E, R)
+        if rank == bad:
+            topk_idx = topk_idx.clone()
+            topk_idx[3, 1] = E
+        inputs = ref.make_inputs(6, rank, 16, 256, 2)
+        try:
+            _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx,
+                                inputs.topk_weights, 1, 0, None, None, False, False)
+        except ValueError as error:
+            seen[rank] = str(error)
+        else:
+            seen[rank] = None
+
+    run_ranks(num_nodes, per_node, body)
+    assert all(seen.get(r) for r in range(num_nodes * per_node)), seen
+    lane = [r for r in seen if r % per_node == bad % per_node]
+    assert all("topk_idx" in seen[r] and "token 3 slot 1" in seen[r] for r in lane), seen

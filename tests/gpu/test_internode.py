@@ -117,3 +117,37 @@ def _not_enabled(rank, num_ranks, seed):
                      is_token_in_rank=torch.zeros((4, num_ranks), dtype=torch.bool, device="cuda"),
                      num_tokens_per_expert=torch.zeros(num_ranks, dtype=torch.int32, device="cuda"))
     buf.destroy()
+
+
+def test_a_bad_expert_id_raises_on_every_rank():
+    """An id outside [-1, E) on one rank: every rank's dispatch raises ValueError at the call (the
+    lane's notify names it on that rank's lane; the others hear through the node exchange), within
+    seconds, and the Buffer stays usable: a full round after it is exact."""
+    launcher.run_ranks(4, _bad_expert_id, 85000, timeout_s=180, env={**env(2, 2), "MOELINK_TIMEOUT_S": "20"})
+
+
+def _bad_expert_id(rank, num_ranks, seed):
+    import time
+
+    config = moelink.Config(8, 8, 128, 8, 128)
+    buf = make_buffer(num_ranks, config, (2048,))
+    case = Case("bad-id", 64, 2048, 4, 64).resolved(num_ranks)
+    routing = checks.make_routing_all(case, seed, num_ranks)
+    inputs = checks.make_inputs_all(case, seed, num_ranks)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    *layout, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    if rank == num_ranks - 1:
+        topk_idx = topk_idx.clone()
+        topk_idx[3, 1] = case.num_experts
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as raised:
+        buf.dispatch(inputs[rank].x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                     num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=inputs[rank].topk_weights,
+                     config=config)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"rank {rank}: the bad id took {elapsed:.1f} s to raise"
+    if rank % 2 == 1:  # the bad rank's lane
+        assert "topk_idx" in str(raised.value), str(raised.value)
+    common.log(rank, f"bad id: {raised.value}")
+    common.log(rank, checks.run_case(buf, rank, num_ranks, case, seed + 1, config, config))
+    buf.destroy()
