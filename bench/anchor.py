@@ -21,9 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "MOELINK_BENCH_ANCHOR"
+# DeepEP 1.2.1 has no __version__; its dist-info (kept by pip install --target) has the version.
 PROBE = """
-import json, deep_ep
-print(json.dumps({"file": getattr(deep_ep, "__file__", None), "version": getattr(deep_ep, "__version__", None),
+import importlib.metadata, json, deep_ep
+version = getattr(deep_ep, "__version__", None)
+if version is None:
+    try:
+        version = importlib.metadata.version("deep_ep")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+print(json.dumps({"file": getattr(deep_ep, "__file__", None), "version": version,
                   "shim": bool(getattr(deep_ep, "__moelink_shim__", False))}))
 """
 

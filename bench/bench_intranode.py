@@ -211,14 +211,23 @@ def bench_cell_job(rank, num_ranks, params: dict) -> dict:
 
 
 def verify(rank, num_ranks, seed=77) -> None:
-    """Dispatch (uncached + cached) and combine against the reference at the bench's shape. The last
-    rank takes its rows through the rings, the others straight into arena outputs."""
+    """Dispatch (uncached + cached) and combine against the reference at the bench's shape: first
+    as the benchmark times it (default configs, no arena on any rank), then with explicit configs
+    where the last rank takes its rows through the rings and the others straight into arena outputs."""
+    import moelink  # noqa: PLC0415
+
+    defaults = (moelink.Buffer.get_dispatch_config(num_ranks), moelink.Buffer.get_combine_config(num_ranks))
+    buf = common.make_buffer(num_ranks, defaults, (7168,))
+    for i, case in enumerate(VERIFY_CASES):
+        common.log(rank, f"verify [R={num_ranks}, defaults] " + run_case(buf, rank, num_ranks, case.resolved(num_ranks),
+                                                                          seed + i, None, None))
+    buf.destroy()
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     buf = common.make_buffer(num_ranks, (config, combine_config), (7168,),
                              num_arena_bytes=0 if rank == num_ranks - 1 else arena_bytes(num_ranks, 512, 7168))
     for i, case in enumerate(VERIFY_CASES):
         common.log(rank, f"verify [R={num_ranks}] " + run_case(buf, rank, num_ranks, case.resolved(num_ranks),
-                                                                seed + i, config, combine_config))
+                                                                seed + 10 + i, config, combine_config))
     buf.destroy()
 
 

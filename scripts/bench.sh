@@ -12,7 +12,7 @@ done
 "$PYTHON" bench/run_all.py --dry-run "$@" >/dev/null || exit $?
 if ! PYTHON="$PYTHON" bash scripts/has_gpu.sh; then
   echo "moelink: no CUDA GPU found; the main job (verify + benchmark dispatch/combine) needs a Hopper GPU" >&2
-  exit 1
+  exit 3  # bench/run_all.py's no-GPU code (1 means verify failed)
 fi
 
 bash scripts/deps.sh

@@ -265,3 +265,18 @@ def test_low_latency_floor(repo_root):
         assert module.floor_us("dispatch_send_hook", 1000, 7168, 4000.0) is None
     finally:
         sys.modules.pop("bench_ll", None)
+
+
+def test_a_failing_rank_of_a_function_reference_is_a_rank_failure(repo_root, monkeypatch):
+    """The bench names its rank jobs by (module, qualname, path) so that its parent never imports
+    torch; when one fails the launcher must raise RankFailure (which the bench reports in its
+    table), not crash on the reference. json.dumps fails as a rank job on any machine: without a
+    GPU at the device pick, with one at the call."""
+    pytest.importorskip("torch")
+    import json
+
+    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
+    import launcher
+
+    with pytest.raises(launcher.RankFailure, match="dumps on 2 ranks"):
+        launcher.run_ranks(2, ("json", "dumps", json.__file__), timeout_s=60)

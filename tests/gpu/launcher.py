@@ -233,5 +233,6 @@ def run_ranks(num_ranks: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, e
                 why = f"after rank {order[0]} failed" if order else f"at the {timeout_s:.0f} s timeout"
                 lines.append(f"--- rank {r} was still running {why} (killed)")
         head = f"rank {order[0]} failed first" if order else f"timed out after {timeout_s:.0f} s"
-        raise RankFailure(f"{fn.__name__} on {num_ranks} ranks: {head}\n" + "\n".join(lines))
+        # fn may be a (module, qualname, path) reference (the bench passes those): name it by its ref.
+        raise RankFailure(f"{fn_ref[1]} on {num_ranks} ranks: {head}\n" + "\n".join(lines))
     return [values.get(r) for r in range(num_ranks)]

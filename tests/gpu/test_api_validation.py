@@ -345,13 +345,36 @@ def test_dispatch_scales_columns_mismatch(buffer, num_scales, column_major):
         buffer.dispatch((x_fp8, scales), topk_idx=topk_idx, **layout_kwargs(buffer, topk_idx))
 
 
-@pytest.mark.parametrize("missing", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx"])
+@pytest.mark.parametrize("missing", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert"])
 def test_dispatch_missing_layout(buffer, missing):
     x, topk_idx, _ = make_inputs()
     kwargs = dict(layout_kwargs(buffer, topk_idx), topk_idx=topk_idx)
     kwargs[missing] = None
     with pytest.raises(ValueError, match=missing):
         buffer.dispatch(x, **kwargs)
+
+
+def test_dispatch_weights_without_topk_idx(buffer):
+    x, topk_idx, topk_weights = make_inputs()
+    with pytest.raises(ValueError, match="topk_weights"):
+        buffer.dispatch(x, topk_weights=topk_weights, **layout_kwargs(buffer, topk_idx))
+
+
+def test_dispatch_without_topk_routes_by_is_token_in_rank(buffer):
+    """deep_ep V1's first test case: layout tensors only. One rank receives every routed token
+    (rows in token order), no top-k outputs, the per-expert list from num_tokens_per_expert."""
+    x, topk_idx, _ = make_inputs()
+    kwargs = layout_kwargs(buffer, topk_idx)
+    recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, _ = buffer.dispatch(x, **kwargs)
+    routed = torch.nonzero(kwargs["is_token_in_rank"][:, 0]).flatten()
+    assert recv_topk_idx is None and recv_topk_weights is None
+    assert torch.equal(recv_x.view(torch.int16), x[routed].view(torch.int16))
+    assert per_expert == kwargs["num_tokens_per_expert"].tolist()
+    assert torch.equal(handle[3].long(), routed)
+    combined, weights, _ = buffer.combine(recv_x, handle)
+    assert weights is None
+    # One rank: each routed row comes back from one source, a sum of one term, so exactly.
+    assert torch.equal(combined[routed].view(torch.int16), x[routed].view(torch.int16))
 
 
 def test_dispatch_topk_weights_shape_mismatch(buffer):
