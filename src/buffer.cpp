@@ -237,6 +237,8 @@ void Buffer::check_device_errors() const {
 
 std::vector<std::string> Buffer::take_local_errors() { return ctx_->take_local_errors(); }
 
+void Buffer::raise_pending_errors() const { ctx_->check_device_errors(); }
+
 void Buffer::abstain(bool waits_on_host) { ctx_->abstain(!waits_on_host); }
 
 int64_t Buffer::low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,

@@ -289,6 +289,7 @@ void bind_buffer(nb::module_& m) {
           "barrier", [](Buffer& self, const std::string& step) { self.barrier(step.c_str()); }, "step"_a,
           Release())
       .def("check_device_errors", &Buffer::check_device_errors)
+      .def("raise_pending_errors", &Buffer::raise_pending_errors)
       .def("take_local_errors", &Buffer::take_local_errors)
 
       // ---- operations ----

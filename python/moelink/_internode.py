@@ -150,7 +150,18 @@ def _stages(buf: "Buffer", op: str) -> Stages:
     buf._check_usable(op)
     if buf._internode is None:
         raise NotImplementedError(_NOT_ENABLED)
-    return buf._internode
+    stages = buf._internode
+    # Errors an earlier operation left pending on either inner Buffer, raised (and cleared) here
+    # before any exchange, so that no leg raises at its entry halfway through this operation.
+    first = None
+    for inner in (stages.lane, stages.node):
+        try:
+            inner.runtime.raise_pending_errors()
+        except Exception as error:  # noqa: BLE001 - the first is raised once both are cleared
+            first = first or error
+    if first is not None:
+        raise first
+    return stages
 
 
 def _configs(buf: "Buffer", config: Optional[Config], which: str) -> Tuple[Config, Config]:
@@ -249,8 +260,10 @@ class _Steps:
     """The inner exchanges of one internode operation, in their order. When one of them fails on
     this rank, or this rank's own checks fail before the first, the rank abstains from the rest: each
     inner group then skips its exchange with an error on every member instead of waiting for this
-    rank, so one rank's error reaches every rank of the Buffer (through the groups it shares with
-    each) and none waits out a timeout. Errors raised here name the inner group's ranks; the message
+    rank. Where the exchanges wait on the host, the members that learn of it at the call abstain in
+    turn, so the error reaches every rank of the Buffer and none waits out a timeout; where they do
+    not, the members learn of it at their next call and ranks further away not at all
+    (docs/COMPATIBILITY.md). Errors raised here name the inner group's ranks; the message
     says which global ranks those are. legs: (inner Buffer, whether that exchange waits on the host)
     in order (Buffer.abstain in include/moelink/buffer.hpp)."""
 

@@ -2,6 +2,7 @@
 and combine. Each takes the Buffer it runs on; Buffer keeps the documented signatures."""
 
 import contextlib
+import operator
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -46,9 +47,16 @@ def _abstaining(buf: "Buffer", waits_on_host: bool) -> Iterator[None]:
 
 
 def _waits_on_host(handle: Any, num_worst_tokens: Any) -> bool:
-    """Whether a dispatch with these arguments waits on the host for its counts (as its peers
-    decide it from the same values)."""
-    return handle is None and not (isinstance(num_worst_tokens, int) and num_worst_tokens > 0)
+    """Whether a dispatch with these arguments waits on the host for its counts, read as
+    _check_int reads num_worst_tokens (its peers decide it from the same values)."""
+    if handle is not None:
+        return False
+    if isinstance(num_worst_tokens, bool):
+        return True
+    try:
+        return operator.index(num_worst_tokens) <= 0
+    except TypeError:
+        return True
 
 
 def default_config(buf: "Buffer", which: str) -> Config:
@@ -99,6 +107,9 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
                                       num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                                       num_worst_tokens, config, previous_event, async_finish,
                                       allocate_on_comm_stream)
+    # A pending error first, as the runtime raises it on entry: a rank must not abstain from an
+    # operation its peers do not open because they are raising that error.
+    buf.runtime.raise_pending_errors()
     with _abstaining(buf, _waits_on_host(handle, num_worst_tokens)):
         x, x_scales = _split_x(x)
         config = default_config(buf, "dispatch") if config is None else _check_config(config)
@@ -204,6 +215,7 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
     if buf._topology.num_rdma_ranks > 1:
         return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
                                      allocate_on_comm_stream)
+    buf.runtime.raise_pending_errors()
     with _abstaining(buf, False):
         _check_tensor(x, "x")
         _check_tensor(topk_weights, "topk_weights", optional=True)

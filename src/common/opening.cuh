@@ -44,13 +44,13 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
       detail = needed;
     }
   }
+  // A bad id layout saw is reported by the first operation this rank opens with an Ok verdict; a
+  // rejecting rank leaves it for the next one (were every rank rejecting, none would report it).
   const long long pending = self->pending_bad_expert;
-  if (pending != 0) {
+  if (pending != 0 && verdict == kVerdictOk) {
     self->pending_bad_expert = 0;
-    if (verdict == kVerdictOk) {
-      verdict = kVerdictBadExpertId;
-      detail = pending - 1;
-    }
+    verdict = kVerdictBadExpertId;
+    detail = pending - 1;
   }
   mine.w[kDigestVerdict] = static_cast<unsigned long long>(verdict) | (static_cast<unsigned long long>(detail) << 8);
 
@@ -62,11 +62,12 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
     return kGateSkip;
   }
   int decision = kGateGo;
-  // When every rank rejected its arguments, each has raised its own error and none waits for news.
-  bool someone_ok = false;
+  // When every rank rejected its arguments, each has raised its own error and none waits for news;
+  // any other verdict (Ok, or one found on the device) leaves a rank that goes on and records.
+  bool someone_goes_on = false;
   for (int p = 0; p < num_ranks; ++p) {
     const Digest d = p == rank ? mine : received_digest(self, epoch, p);
-    someone_ok = someone_ok || static_cast<int>(d.w[kDigestVerdict] & 0xff) == kVerdictOk;
+    someone_goes_on = someone_goes_on || static_cast<int>(d.w[kDigestVerdict] & 0xff) != kVerdictRejected;
   }
   for (int p = 0; p < num_ranks && decision == kGateGo; ++p) {
     const Digest d = p == rank ? mine : received_digest(self, epoch, p);
@@ -74,7 +75,7 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
     if (v != kVerdictOk) {
       // A rank that rejected its own arguments has raised that error already: it records it (for
       // its next call) only where its peers, which go on, raise at their next call.
-      if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_ok))
+      if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_goes_on))
         report_data(err, verdict_error(v), p, -1, static_cast<long long>(d.w[kDigestVerdict] >> 8));
       decision = kGateSkip;
     }

@@ -169,6 +169,9 @@ def _rejected(ctx: Ctx, call, kind, words, host_wait, next_call, outputs, step) 
         elapsed = time.perf_counter() - start
         assert elapsed < IMMEDIATE_S, f"{ctx.what(step)}: rejecting its own arguments took {elapsed:.1f} s"
         if not host_wait:
+            # The record lands when the last peer has opened: wait for the device, as the peers'
+            # expect_error does before their next call.
+            torch.cuda.synchronize()
             faults.expect_raises(ValueError, [f"rank {ODD_RANK}"], next_call,
                                  ctx.what(f"{step}, own arguments: the next call"))
         return raised
@@ -261,9 +264,9 @@ def step_worst_one_rank(ctx: Ctx) -> faults.Raised:
 
 # ---- D: a failed dispatch's handle -------------------------------------------------------------------------
 
-def step_failed_handle(ctx: Ctx) -> faults.Raised:
-    """Every rank's num_worst_tokens is too small; the combine of that handle returns poison (it
-    never reads past its x) and the call after it names the handle."""
+def _overflowed_dispatch(ctx: Ctx):
+    """A dispatch whose num_worst_tokens is too small on every rank, its error raised at the next
+    call: (routed, its outputs, num_worst_tokens)."""
     r = ctx.routed()
     counts = r.recv_counts()
     num_worst = min(counts) - 1
@@ -273,7 +276,13 @@ def step_failed_handle(ctx: Ctx) -> faults.Raised:
         r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=num_worst, config=ctx.config),
         host_wait=False, next_call=ctx.layout_call(r), outputs=dispatch_outputs,
         what=ctx.what(f"num_worst_tokens={num_worst} below every rank's rows {counts}"))
-    out = raised.result
+    return r, raised.result, num_worst
+
+
+def step_failed_handle(ctx: Ctx) -> faults.Raised:
+    """Every rank's num_worst_tokens is too small; the combine of that handle returns poison (it
+    never reads past its x) and the call after it names the handle."""
+    r, out, num_worst = _overflowed_dispatch(ctx)
     y = torch.randn(num_worst, r.case.hidden, device="cuda").to(torch.bfloat16)
     return expect_error(ValueError, ["handle"],
                         lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
@@ -281,9 +290,22 @@ def step_failed_handle(ctx: Ctx) -> faults.Raised:
                         what=ctx.what("combine with the failed dispatch's handle"))
 
 
+def step_rejected_among_failed_handles(ctx: Ctx) -> faults.Raised:
+    """Every rank's dispatch overflows num_worst_tokens (its handle is failed), then the odd rank's
+    combine input is refused on the host while the others' handles fail on the device: nobody's
+    verdict is Ok, yet the others go on, so the odd rank must record the error too and every rank's
+    next call raise (before, it recorded nothing and its next collective waited for the others)."""
+    r, out, num_worst = _overflowed_dispatch(ctx)
+    y = torch.randn(num_worst - (1 if ctx.odd else 0), r.case.hidden, device="cuda").to(torch.bfloat16)
+    return _rejected(ctx, lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
+                     ValueError, ["x"], False, ctx.layout_call(r), combine_outputs,
+                     "combine with a wrong-shaped x where every handle is failed")
+
+
 STEPS = (step_operation, step_config_num_sms, step_config_chunk, step_combine_config, step_hidden, step_dtype,
          step_topk, step_num_experts, step_handle_cached, step_handle_combine, step_rejected_dispatch,
-         step_rejected_combine, step_rejected_type, step_rejected_then_collective, step_bad_expert_high, step_bad_expert_low,
+         step_rejected_combine, step_rejected_type, step_rejected_then_collective,
+         step_rejected_among_failed_handles, step_bad_expert_high, step_bad_expert_low,
          step_worst_one_rank, step_failed_handle)
 
 
