@@ -175,7 +175,7 @@ def _low_latency(rank, num_ranks, seed):
         one_round(buf, case, seed + 100 + i, rank, num_ranks, hook=True, zero_copy=True, use_out=True,
                   what=f"{what} (hook, zero-copy, out=)")
         common.log(rank, f"[R={num_ranks}] {case.name}: plain and hook/zero-copy/out= rounds exact")
-    # Three dispatches in a row (both parities, and the first reused), then their combines.
+    # Three dispatches in a row (both parities, and the first reused); the third is checked.
     case = cases[1]
     buf.clean_low_latency_buffer(case.max_tokens, case.hidden, case.num_experts)  # another expert count
     rounds = []

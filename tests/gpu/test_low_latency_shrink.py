@@ -2,13 +2,13 @@
 and a rank that stops after one round, which the survivors mask when it does not answer; in both the
 survivors' dispatch and combine equal the reference over the live ranks (tokens from a masked rank
 absent, top-k slots on its experts dropped). Without shrink the same loss is a TimeoutError naming the
-rank. Ranks are processes on one GPU under MPS; a lost rank exits between kernels (a process killed
-inside a kernel that writes its peers faults every MPS client, docs/TESTING.md).
+rank. Ranks are processes on one GPU under MPS; the rank that stops stays alive without taking part
+until the survivors are done (their next call still writes into its region, and writes into an
+exited process's IPC memory are undefined; under MPS a fault faults every client, docs/TESTING.md).
 
 These kernels had not run on a GPU when this file was written (see CHANGELOG).
 """
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -114,8 +114,13 @@ def _stops_after_one_round(rank, num_ranks, seed, enable_shrink):
     gone = num_ranks - 1
     survivor_round(buf, case, seed, rank, num_ranks, set(), f"rank {rank} first round")
     if rank == gone:
-        torch.cuda.synchronize()  # leave between kernels, not inside one
-        os._exit(0)
+        # It stops answering but stays alive until the others are done: their first call after it
+        # still writes rows into its region, and writes into the IPC memory of a process that has
+        # exited are undefined (under MPS a fault there would take every client down).
+        torch.cuda.synchronize()
+        dist.barrier()
+        common.quiet_destroy(buf)
+        return
     if enable_shrink:
         with pytest.warns(RuntimeWarning, match=f"rank {gone} did not answer"):
             survivor_round(buf, case, seed + 1, rank, num_ranks, {gone}, f"rank {rank} after rank {gone} left")
@@ -130,15 +135,15 @@ def _stops_after_one_round(rank, num_ranks, seed, enable_shrink):
         assert torch.isnan(out[0].float()).all(), "a dispatch that lost a peer must leave poisoned outputs"
         with pytest.raises(TimeoutError, match=f"rank {gone}"):
             buf.low_latency_dispatch(inputs[rank].x, idx, case.max_tokens, case.num_experts, use_fp8=False)
+    dist.barrier()  # the silent rank leaves with the others
     common.quiet_destroy(buf)
 
 
 @pytest.mark.parametrize("num_ranks", (2, 3))
 def test_a_rank_that_stops_is_masked(num_ranks):
     launcher.run_ranks(num_ranks, _stops_after_one_round, 73000 + num_ranks, True, timeout_s=300,
-                       env={**ENV, "MOELINK_TIMEOUT_S": "5"}, expect_exit={num_ranks - 1: 0})
+                       env={**ENV, "MOELINK_TIMEOUT_S": "5"})
 
 
 def test_without_shrink_a_rank_that_stops_is_a_timeout():
-    launcher.run_ranks(2, _stops_after_one_round, 74000, False, timeout_s=300, env={**ENV, "MOELINK_TIMEOUT_S": "5"},
-                       expect_exit={1: 0})
+    launcher.run_ranks(2, _stops_after_one_round, 74000, False, timeout_s=300, env={**ENV, "MOELINK_TIMEOUT_S": "5"})

@@ -45,5 +45,6 @@ def test_nvshmem_smoke(num_pes: int) -> None:
     report = f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     assert result.returncode == 0, report
     assert f"nvshmem_smoke {num_pes} PEs: PASS" in result.stdout, report
-    # Every PE ran the device half too; on one host NVSHMEM maps its peers, so both paths ran.
-    assert result.stdout.count("device self-test ok (store to a mapped peer") == num_pes, report
+    # Every PE ran the device half too. Whether NVSHMEM maps peers that share a GPU under MPS (then the
+    # store path runs as well as the put path) is NVSHMEM's choice; the log says which ran.
+    assert result.stdout.count("device self-test ok") == num_pes, report

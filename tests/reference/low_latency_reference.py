@@ -67,8 +67,9 @@ class LowLatencyPlan:
 
 
 def low_latency_plan_np(topk_idx_per_rank: Sequence, d: int, num_experts: int, num_ranks: int) -> LowLatencyPlan:
-    """Every (s, t, e) with e on rank d: e's local index le = e - d * E_local; a token that lists the
-    same expert twice is sent twice (deep_ep sends per slot)."""
+    """Every (s, t, e) with e on rank d: e's local index le = e - d * E_local. Routing is expected to
+    name distinct experts per token: moelink sends a repeated expert once and reports the repeat
+    (a local error), where this plan would count it twice; no test routes a token to one expert twice."""
     if len(topk_idx_per_rank) != num_ranks:
         raise ValueError(f"need the routing of all {num_ranks} ranks, got {len(topk_idx_per_rank)}")
     experts_per = experts_per_rank(num_experts, num_ranks)

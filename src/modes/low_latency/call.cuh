@@ -71,7 +71,11 @@ __device__ __forceinline__ CallStart start_call(const Args& a) {
     const bool send = (a.phase & kPhaseSend) != 0;
     const auto* state = reinterpret_cast<const unsigned long long*>(a.state);
     start.seq = send ? kernels::ld_volatile(&a.self->seq) + 1 : kernels::ld_volatile(state);
-    start.fault = kernels::fault_word(a.err) != 0;
+    const int word = kernels::fault_word(a.err);
+    start.fault = word != 0;
+    // A call that starts after a peer's fault records it as its own reason (claim-guarded, so once
+    // per rank), as openings and barriers do: its host then raises instead of returning poison.
+    if (word != 0) kernels::report_aborted(a.err, word);
     start.masked = 0;
     if (a.shrink && send) {
       // Ranks masked here, ranks that masked this one, and (combine) those its dispatch skipped.
