@@ -25,8 +25,9 @@ received rows' source tokens at [3] and is_token_in_rank at [4]; the rest is opa
 Rows cross HBM one more time than a fused pipeline would (the forwarder's received rows, and the
 sort); the point of this version is the semantics, checked against the reference on the CPU with
 the inner Buffers modelled (tests/cpu/test_internode_composition.py) and on one GPU
-(tests/gpu/test_internode.py). With num_worst_tokens the forwarder's receive holds L x
-num_worst_tokens rows: its worst case, every row of the node coming through one lane. A rank whose
+(tests/gpu/test_internode.py). The lane leg waits on the host for its counts even with
+num_worst_tokens (see dispatch). is_token_in_rank must be the one get_dispatch_layout returned for
+topk_idx: between nodes rows follow it, within a node they follow topk_idx. A rank whose
 own checks fail, or whose inner exchange fails, abstains from the exchanges still to come (_Steps),
 so the error reaches every rank instead of leaving them waiting.
 """
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 _NOT_ENABLED = ("internode normal mode is experimental in moelink (not yet validated on a GPU): set "
                 "MOELINK_EXPERIMENTAL_INTERNODE=1 before building the Buffer to use it")
 _META_WIDTH = 16  # bytes of the (source rank, source token) row of the last node exchange
+_MAX_EXPERTS_PER_NODE = 1024  # the lane exchange holds a node's experts per rank (kMaxLocalExperts)
 
 
 class InternodeHandle(tuple):
@@ -146,11 +148,13 @@ def _together(all_gather: Any, name: str, build: Any) -> Any:
     return result
 
 
-def _stages(buf: "Buffer", op: str) -> Stages:
+def _stages(buf: "Buffer", op: str, raise_pending: bool = True) -> Stages:
     buf._check_usable(op)
     if buf._internode is None:
         raise NotImplementedError(_NOT_ENABLED)
     stages = buf._internode
+    if not raise_pending:  # a local getter: pending errors are for the next collective
+        return stages
     # Errors an earlier operation left pending on either inner Buffer, raised (and cleared) here
     # before any exchange, so that no leg raises at its entry halfway through this operation.
     first = None
@@ -327,8 +331,9 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     if handle is not None:
         return _cached_dispatch(buf, stages, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                 topk_idx, topk_weights, config, previous_event, async_finish, allocate_on_comm_stream)
-    waits = _waits_on_host(None, num_worst_tokens)  # as the inner dispatches decide it
-    steps = _Steps(stages, "dispatch", (("lane", waits), ("node", waits), ("node", False)))
+    waits = _waits_on_host(None, num_worst_tokens)  # as the node dispatch decides it
+    # The lane leg always waits on the host (see below).
+    steps = _Steps(stages, "dispatch", (("lane", True), ("node", waits), ("node", False)))
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
         _check_streams(previous_event, async_finish, allocate_on_comm_stream)
@@ -348,6 +353,9 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         num_experts = num_tokens_per_expert.numel()
         if num_experts % buf.group_size:
             raise ValueError(f"num_tokens_per_expert: {num_experts} experts do not split over {buf.group_size} ranks")
+        if num_experts // stages.num_nodes > _MAX_EXPERTS_PER_NODE:
+            raise ValueError(f"num_tokens_per_expert: {num_experts} experts over {stages.num_nodes} nodes is more than "
+                             f"{_MAX_EXPERTS_PER_NODE} per node, the most internode mode routes")
         if tuple(is_token_in_rank.shape) != (T, buf.group_size) or is_token_in_rank.dtype != torch.bool:
             raise ValueError(f"is_token_in_rank: expected bool [{T}, {buf.group_size}], got "
                              f"{is_token_in_rank.dtype} {list(is_token_in_rank.shape)}")
@@ -361,12 +369,16 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         # lane the E experts split by node (lane rank n holds node n's), so the forwarder receives
         # its node's experts renumbered from 0 (-1 for the others) and their weights, and the lane's
         # notify checks every id as intranode does (one outside [-1, E) raises on every rank).
-        in_node = is_token_in_rank.view(T, N, L).any(dim=2)
+        # The lane leg waits on the host for its counts even with num_worst_tokens: an error it finds
+        # then raises on its ranks at the call, and they abstain from the node legs, so every rank
+        # hears of it (without the wait the other lanes' ranks would get rows silently missing,
+        # then wait at the next call); and the forwarder's receive is exact, where its worst case is
+        # GPUs-per-node x num_worst_tokens rows. The cost: one host wait, so not graph-safe yet.
+        in_node = is_token_in_rank.reshape(T, N, L).any(dim=2)
         per_node = in_node.sum(dim=0, dtype=torch.int32)
-        lane_worst = L * num_worst_tokens  # a forwarder passes on at most its node's rows
         a_x, a_topk, a_weights, _, a_handle, _ = steps.run(lambda: stages.lane.dispatch(
             x, num_tokens_per_rank=per_node, is_token_in_rank=in_node, num_tokens_per_expert=num_tokens_per_expert,
-            topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=lane_worst, config=lane_config))
+            topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=0, config=lane_config))
         a_valid = a_handle[3] >= 0  # rows past the real ones (num_worst_tokens) hold nothing
         # The node exchange: the ranks of the node holding one of the row's experts.
         here = (a_topk >= 0) & a_valid.unsqueeze(1)

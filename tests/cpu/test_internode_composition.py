@@ -254,7 +254,7 @@ def _funnel(buf, T, E):
     """Routing that funnels through lane 0: only lane-0 ranks have tokens, each routed (K=1, and the
     second slot -1) to one rank of the next node, round robin. Every rank then receives about T / L
     rows while a forwarder receives T: a num_worst_tokens that is exact for the ranks is too small
-    for the node-to-node leg, which must size its own receive."""
+    for the node-to-node leg, which sizes its own receive (it waits on the host for its counts)."""
     N, L, R = buf._internode.num_nodes, buf._internode.per_node, buf.group_size
     per = E // R
     routing = []

@@ -150,4 +150,22 @@ def _bad_expert_id(rank, num_ranks, seed):
         assert "topk_idx" in str(raised.value), str(raised.value)
     common.log(rank, f"bad id: {raised.value}")
     common.log(rank, checks.run_case(buf, rank, num_ranks, case, seed + 1, config, config))
+
+    # With num_worst_tokens: the lane leg still waits on the host, so the bad rank's lane raises at
+    # the call; the other ranks' node legs do not wait, so they return and raise at their next call.
+    kwargs = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                  topk_weights=inputs[rank].topk_weights, num_worst_tokens=num_ranks * case.num_tokens, config=config)
+    out = None
+    try:
+        out = buf.dispatch(inputs[rank].x, topk_idx=topk_idx, **kwargs)
+    except ValueError as error:
+        assert rank % 2 == 1, f"rank {rank}: only the bad rank's lane raises at the call: {error}"
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError):  # every rank's next internode call raises, before any exchange
+        if out is not None:
+            buf.combine(out[0], out[4], config=config)
+        else:
+            buf.dispatch(inputs[rank].x, topk_idx=torch.from_numpy(routing[rank]).cuda(), **kwargs)
+    assert rank % 2 == 1 or out is not None
+    common.log(rank, checks.run_case(buf, rank, num_ranks, case, seed + 2, config, config))
     buf.destroy()
