@@ -237,7 +237,7 @@ void Buffer::check_device_errors() const {
 
 std::vector<std::string> Buffer::take_local_errors() { return ctx_->take_local_errors(); }
 
-void Buffer::raise_pending_errors() { ctx_->check_device_errors_at_entry(); }
+void Buffer::raise_pending_errors() const { ctx_->check_device_errors(); }
 
 void Buffer::abstain(bool waits_on_host) { ctx_->abstain(!waits_on_host); }
 

@@ -149,11 +149,10 @@ class Buffer {
   // later call raises it again) or a data error every rank of an operation found (ValueError, once).
   // Every operation calls it on entry.
   void check_device_errors() const;
-  // check_device_errors() without the low-latency local errors, as every normal-mode collective
-  // raises it on entry, before any check of its own arguments: a data error raised here also
-  // abstains from the operation being entered (a peer whose host has not seen the record yet opens
-  // it and skips instead of waiting for this rank). Call it only where that collective follows.
-  void raise_pending_errors();
+  // check_device_errors() without the low-latency local errors: what every normal-mode operation
+  // raises on entry, before any check of its own arguments (a rank that raised a pending error must
+  // not abstain from the operation instead: its peers raise the same error and open nothing).
+  void raise_pending_errors() const;
   // Bad input this rank alone saw in a low-latency call, which went on (its peers with it): expert
   // ids outside [-1, num_experts) or named twice in a token. The rows they spoilt are poisoned; each
   // operation collects these, and this hands them out (the Python package warns with them).

@@ -148,13 +148,24 @@ def _together(all_gather: Any, name: str, build: Any) -> Any:
     return result
 
 
-def _stages(buf: "Buffer", op: str) -> Stages:
-    """The inner Buffers (operations raise pending errors through _Steps.raise_pending, which knows
-    their legs)."""
+def _stages(buf: "Buffer", op: str, raise_pending: bool = True) -> Stages:
     buf._check_usable(op)
     if buf._internode is None:
         raise NotImplementedError(_NOT_ENABLED)
-    return buf._internode
+    stages = buf._internode
+    if not raise_pending:  # a local getter: pending errors are for the next collective
+        return stages
+    # Errors an earlier operation left pending on either inner Buffer, raised (and cleared) here
+    # before any exchange, so that no leg raises at its entry halfway through this operation.
+    first = None
+    for inner in (stages.lane, stages.node):
+        try:
+            inner.runtime.raise_pending_errors()
+        except Exception as error:  # noqa: BLE001 - the first is raised once both are cleared
+            first = first or error
+    if first is not None:
+        raise first
+    return stages
 
 
 def _configs(buf: "Buffer", config: Optional[Config], which: str) -> Tuple[Config, Config]:
@@ -274,30 +285,6 @@ class _Steps:
         self.done += 1
         return result
 
-    def raise_pending(self) -> None:
-        """Errors an earlier operation left pending on either inner Buffer, raised before any
-        exchange. An inner Buffer that raises one abstains from its first leg of this operation
-        (raise_pending_errors does; a peer whose host has not seen the record yet skips it); this
-        rank then abstains from every other leg too, so that no peer waits for it."""
-        first, raised = None, set()
-        for leg in dict.fromkeys(name for name, _ in self.legs):
-            try:
-                getattr(self.stages, leg).runtime.raise_pending_errors()
-            except Exception as error:  # noqa: BLE001 - raised once every leg is taken care of
-                first = first or error
-                raised.add(leg)
-        if first is None:
-            return
-        for leg, waits_on_host in self.legs:
-            if leg in raised:
-                raised.discard(leg)  # its first leg: abstained from already
-                continue
-            inner = getattr(self.stages, leg)
-            if not inner._destroyed:
-                inner.runtime.abstain(waits_on_host)
-        self.done = len(self.legs)
-        raise first
-
     def abandon(self) -> None:
         for leg, waits_on_host in self.legs[self.done:]:
             inner = getattr(self.stages, leg)
@@ -347,7 +334,6 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     waits = _waits_on_host(None, num_worst_tokens)  # as the node dispatch decides it
     # The lane leg always waits on the host (see below).
     steps = _Steps(stages, "dispatch", (("lane", True), ("node", waits), ("node", False)))
-    steps.raise_pending()
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
         _check_streams(previous_event, async_finish, allocate_on_comm_stream)
@@ -466,7 +452,6 @@ def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, num_tok
                      config: Optional[Config], previous_event: Optional[EventOverlap], async_finish: bool,
                      allocate_on_comm_stream: bool) -> tuple:
     steps = _Steps(stages, "cached dispatch", (("lane", False), ("node", False)))
-    steps.raise_pending()
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
         _check_streams(previous_event, async_finish, allocate_on_comm_stream)
@@ -492,7 +477,6 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
     stages = _stages(buf, "internode_combine")
     steps = _Steps(stages, "combine", (("node", False), ("lane", False)))
-    steps.raise_pending()
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "combine")
         _check_streams(previous_event, async_finish, allocate_on_comm_stream)

@@ -224,7 +224,7 @@ class Buffer:
         use_rdma_buffer = _check_bool(use_rdma_buffer, "use_rdma_buffer")
         if self._topology.num_rdma_ranks > 1 and not self.low_latency_mode:
             # Internode: the buffers are the inner Buffers' (the lane's is the node-to-node one).
-            stages = _internode._stages(self, "get_local_buffer_tensor")
+            stages = _internode._stages(self, "get_local_buffer_tensor", raise_pending=False)
             inner = stages.lane if use_rdma_buffer else stages.node
             return inner.get_local_buffer_tensor(dtype, size, offset, False)
         name = "num_rdma_bytes" if use_rdma_buffer else "num_nvl_bytes"

@@ -400,15 +400,6 @@ void Context::abstain(bool record_own_rejection) noexcept {
   }
 }
 
-void Context::check_device_errors_at_entry() {
-  try {
-    check_device_errors();
-  } catch (const Error& e) {
-    if (e.kind() == ErrorKind::kValue) abstain(false);
-    throw;
-  }
-}
-
 void Context::launch_barrier(int tag, double timeout) {
   kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), comm_stream);
 }

@@ -85,11 +85,6 @@ class Context {
   // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
   // data error every rank of the operation found (ValueError, raised once).
   void check_device_errors();
-  // check_device_errors() at the entry of a collective operation: a data error raised here also
-  // abstains from the operation (without recording), because a peer whose host has not seen the
-  // same record yet opens it and would wait for this rank; its opening skips instead, and its own
-  // record slot, already holding the error, keeps it for its host to raise.
-  void check_device_errors_at_entry();
   // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
   void collect_local_errors();
