@@ -38,7 +38,11 @@ class SubGroup:
 
 
 def rank_and_all_gather(group: Any, comm: Optional[Any]) -> Tuple[int, int, Callable[[Any], List[Any]]]:
-    """(rank, num_ranks, all_gather) of a ProcessGroup, an mpi4py communicator or a SubGroup."""
+    """(rank, num_ranks, all_gather) of a ProcessGroup, an mpi4py communicator or a SubGroup
+    (exactly one of group and comm)."""
+    if (group is None) == (comm is None):
+        raise ValueError("Buffer needs exactly one of group (a torch.distributed ProcessGroup) or comm "
+                         "(an mpi4py communicator)")
     if isinstance(group, SubGroup):
         return group.rank(), group.size(), group.all_gather
     if group is not None:
@@ -56,17 +60,11 @@ def rank_and_all_gather(group: Any, comm: Optional[Any]) -> Tuple[int, int, Call
 
 def bootstrap(group: Optional["dist.ProcessGroup"], comm: Optional[Any], num_nvl_bytes: int, num_rdma_bytes: int,
               low_latency_mode: bool, explicitly_destroy: bool, num_qps_per_rank: int, num_arena_bytes: int,
-              enable_shrink: bool = False, num_nvl_ranks: Optional[int] = None
-              ) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
+              enable_shrink: bool, num_nvl_ranks: int) -> Tuple["_moelink.Buffer", "_moelink.Topology", int, int]:
     """(runtime, topology, rank, num_ranks) of this rank, connected to its peers: a collective over
     ``group`` or ``comm`` (exactly one must be given). The other arguments are checked already; the
     runtime lives on the current CUDA device."""
-    if (group is None) == (comm is None):
-        raise ValueError("Buffer needs exactly one of group (a torch.distributed ProcessGroup) or comm "
-                         "(an mpi4py communicator)")
     rank, num_ranks, all_gather = rank_and_all_gather(group, comm)
-    if num_nvl_ranks is None:
-        num_nvl_ranks = _knobs.nvl_ranks(num_ranks)
     device = torch.cuda.current_device()
 
     # A rank that fails alone must not leave its peers blocked in the next collective, so every

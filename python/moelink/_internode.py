@@ -34,8 +34,9 @@ so the error reaches every rank instead of leaving them waiting.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -61,6 +62,14 @@ class InternodeHandle(tuple):
     hidden: int = 0
 
 
+def _members(topology: Any) -> Tuple[List[int], List[int]]:
+    """The global ranks of this rank's node and of its lane (rank n * L + l is GPU l of node n)."""
+    per_node, num_nodes = topology.num_nvl_ranks, topology.num_rdma_ranks
+    node = [topology.rdma_rank * per_node + j for j in range(per_node)]
+    lane = [m * per_node + topology.nvl_rank for m in range(num_nodes)]
+    return node, lane
+
+
 class Stages:
     """The two inner Buffers of an internode Buffer and what routing between them needs."""
 
@@ -70,8 +79,7 @@ class Stages:
         self.num_nodes, self.per_node = topology.num_rdma_ranks, topology.num_nvl_ranks
         self.node_index, self.lane_index = topology.rdma_rank, topology.nvl_rank
         self.node, self.lane = node, lane
-        self.node_members = [self.node_index * self.per_node + j for j in range(self.per_node)]
-        self.lane_members = [m * self.per_node + self.lane_index for m in range(self.num_nodes)]
+        self.node_members, self.lane_members = _members(topology)
         self.stream = torch.cuda.Stream(device=buf._device)
 
     def destroy(self) -> None:
@@ -94,7 +102,7 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
         return None
     rank, num_ranks, all_gather = _bootstrap.rank_and_all_gather(group, comm)
     topology = buf._topology
-    per_node, num_nodes = topology.num_nvl_ranks, topology.num_rdma_ranks
+    num_nodes = topology.num_rdma_ranks
     # Every rank decides the same from the same gathered facts, so all raise together or none.
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     facts = all_gather((socket.gethostname(), str(props.uuid), num_rdma_bytes))
@@ -110,8 +118,7 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
     if short:
         raise ValueError(f"num_rdma_bytes: internode mode needs a node-to-node buffer (rank {short[0]} passed "
                          f"{facts[short[0]][2]}); size it with Config.get_rdma_buffer_size_hint")
-    node_members = [topology.rdma_rank * per_node + j for j in range(per_node)]
-    lane_members = [m * per_node + topology.nvl_rank for m in range(num_nodes)]
+    node_members, lane_members = _members(topology)
     common = dict(num_rdma_bytes=0, explicitly_destroy=buf.explicitly_destroy, num_arena_bytes=0)
     built: List["Buffer"] = []
     try:
@@ -292,24 +299,15 @@ class _Steps:
                 inner.runtime.abstain(waits_on_host)
         self.done = len(self.legs)
 
-    def guard(self) -> "_Guard":
-        return _Guard(self)
-
-
-class _Guard:
-    """Code of this rank between the exchanges (its own argument checks, its local work): if it
-    fails, the rank abstains from the exchanges still to come."""
-
-    def __init__(self, steps: _Steps) -> None:
-        self.steps = steps
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
-        if error is not None:
-            self.steps.abandon()
-        return False
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Code of this rank between the exchanges (its own argument checks, its local work): if it
+        fails, the rank abstains from the exchanges still to come."""
+        try:
+            yield
+        except BaseException:
+            self.abandon()
+            raise
 
 
 def _in_leg(error: BaseException, op: str, leg: str, members: List[int]) -> BaseException:

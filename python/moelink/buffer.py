@@ -91,9 +91,6 @@ class Buffer:
         enable_shrink = _check_bool(enable_shrink, "enable_shrink")
         if enable_shrink and not low_latency_mode:
             raise ValueError("enable_shrink: masking lost ranks is a low-latency feature; it needs low_latency_mode=True")
-        if (group is None) == (comm is None):
-            raise ValueError("Buffer needs exactly one of group (a torch.distributed ProcessGroup) or comm "
-                             "(an mpi4py communicator)")
         _, group_size, _ = _bootstrap.rank_and_all_gather(group, comm)
         # An inner Buffer of internode mode is one NVLink domain, whatever MOELINK_NVL_RANKS says.
         nvl_ranks = group_size if isinstance(group, _bootstrap.SubGroup) else _knobs.nvl_ranks(group_size)
