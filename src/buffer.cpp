@@ -237,7 +237,9 @@ void Buffer::check_device_errors() const {
 
 std::vector<std::string> Buffer::take_local_errors() { return ctx_->take_local_errors(); }
 
-void Buffer::raise_pending_errors() const { ctx_->check_device_errors(); }
+void Buffer::raise_pending_errors() const { ctx_->check_device_errors(true); }
+
+void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 
 void Buffer::abstain(bool waits_on_host) { ctx_->abstain(!waits_on_host); }
 

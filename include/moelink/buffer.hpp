@@ -153,6 +153,10 @@ class Buffer {
   // raises on entry, before any check of its own arguments (a rank that raised a pending error must
   // not abstain from the operation instead: its peers raise the same error and open nothing).
   void raise_pending_errors() const;
+  // While set, raise_pending_errors and the entry of every normal-mode operation hold data errors
+  // back (faults still raise); internode mode sets it on its inner Buffers for the legs of one
+  // operation (runtime/context.hpp says why).
+  void defer_data_errors(bool defer);
   // Bad input this rank alone saw in a low-latency call, which went on (its peers with it): expert
   // ids outside [-1, num_experts) or named twice in a token. The rows they spoilt are poisoned; each
   // operation collects these, and this hands them out (the Python package warns with them).

@@ -290,6 +290,7 @@ void bind_buffer(nb::module_& m) {
           Release())
       .def("check_device_errors", &Buffer::check_device_errors)
       .def("raise_pending_errors", &Buffer::raise_pending_errors)
+      .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
       .def("take_local_errors", &Buffer::take_local_errors)
 
       // ---- operations ----

@@ -163,13 +163,17 @@ def _stages(buf: "Buffer", op: str, raise_pending: bool = True) -> Stages:
     if not raise_pending:  # a local getter: pending errors are for the next collective
         return stages
     # Errors an earlier operation left pending on either inner Buffer, raised (and cleared) here
-    # before any exchange, so that no leg raises at its entry halfway through this operation.
+    # before any exchange; from here on the legs' entries hold data errors back, so that no leg
+    # raises at its entry halfway through this operation (runtime/context.hpp says why).
     first = None
     for inner in (stages.lane, stages.node):
         try:
+            inner.runtime.defer_data_errors(False)
             inner.runtime.raise_pending_errors()
         except Exception as error:  # noqa: BLE001 - the first is raised once both are cleared
             first = first or error
+        finally:
+            inner.runtime.defer_data_errors(True)
     if first is not None:
         raise first
     return stages

@@ -221,7 +221,7 @@ void Context::require_usable(const char* op) const {
   if (!broken.empty()) throw Error(broken_kind, broken);
 }
 
-void Context::check_device_errors() {
+void Context::check_device_errors(bool on_entry) {
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
@@ -259,6 +259,7 @@ void Context::check_device_errors() {
     }
     throw Error(broken_kind, broken);
   }
+  if (on_entry && defer_data_errors) return;
   volatile kernels::ErrorRecord* data = &mailbox->data;
   const int code = data->code;
   if (code == kernels::kErrNone) return;

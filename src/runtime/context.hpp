@@ -84,7 +84,15 @@ class Context {
   void require_usable(const char* op) const;
   // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
   // data error every rank of the operation found (ValueError, raised once).
-  void check_device_errors();
+  // on_entry: the check an operation makes before it opens anything, which defer_data_errors
+  // limits to faults (the checks after a host wait raise what this operation found).
+  void check_device_errors(bool on_entry = false);
+  // While set, an operation's entry check leaves a data error recorded for later. Internode mode
+  // sets it on its inner Buffers for the legs of one operation: a rank whose host saw an earlier
+  // leg's error at a later leg's entry would open nothing there, while peers whose hosts had not
+  // seen it yet open that leg and wait for it. So every member opens (or abstains from) every leg,
+  // and the error is raised at the next operation's entry.
+  bool defer_data_errors = false;
   // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
   void collect_local_errors();

@@ -221,7 +221,7 @@ int max_num_sms(const Context& ctx, int ranks_per_gpu) {
 DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                     const StreamOrder& order) {
   ctx.require_usable("dispatch");
-  ctx.check_device_errors();
+  ctx.check_device_errors(true);
   const DispatchShape s = checked(ctx, in.num_worst_tokens <= 0, [&] {
     DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
     expect(h.info, {2}, DType::kInt64, ctx.device, "handle[5] (the handle's dispatch id and status)");
@@ -291,7 +291,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   ctx.require_usable("dispatch");
   // An uncached dispatch was opened by its notify (which raised what it found); a cached one
   // opens here.
-  if (cached) ctx.check_device_errors();
+  if (cached) ctx.check_device_errors(true);
   const auto checks = [&] { return validate_dispatch(ctx, in, h, config, cached, false, "dispatch"); };
   const DispatchShape s = cached ? checked(ctx, false, checks) : checks();
   const int R = ctx.topo.num_ranks;
@@ -371,7 +371,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
 EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle& h, const CombineOutputs& out,
                     const Config& config, const StreamOrder& order) {
   ctx.require_usable("combine");
-  ctx.check_device_errors();
+  ctx.check_device_errors(true);
   if (!ctx.topo.is_intranode())
     raise(ErrorKind::kState, "combine: internode normal mode is not implemented yet");
   const int R = ctx.topo.num_ranks;

@@ -25,7 +25,7 @@ void check_shape(const TensorRef& t, std::initializer_list<int64_t> shape, DType
 EventHandle get_dispatch_layout(Context& ctx, const TensorRef& topk_idx, int num_experts, const LayoutOutputs& out,
                                 const StreamOrder& order) {
   ctx.require_usable("get_dispatch_layout");
-  ctx.check_device_errors();
+  ctx.check_device_errors(true);
   const int R = ctx.topo.num_ranks;
   check::defined(topk_idx, "topk_idx");
   check::dtype(topk_idx, DType::kInt64, "topk_idx");
