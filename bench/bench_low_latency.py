@@ -1,7 +1,7 @@
 """Low-latency dispatch / combine latency on this GPU, beside the HBM floor for the same bytes.
 
     bash scripts/with_mps.sh python3 bench/bench_low_latency.py [--ranks 2,4,8] [--tokens 128]
-        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10]
+        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10] [--reps 10]
 
 Each (ranks, experts) runs R ranks as processes (several per GPU under MPS) with
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, checks one round against the GPU suite's reference checks, then
@@ -15,7 +15,9 @@ Floor: the time the same bytes take at this GPU's copy rate (1 GiB device-to-dev
 counted), every routed row read once and written once, summed over the ranks sharing a GPU:
 dispatch bf16 2 x rows x 2H, fp8 2 x rows x (H + 4H/128), combine 2 x rows x 2H, with rows = the
 (token, expert) pairs of all ranks on the GPU. DeepEP V1's low-latency mode cannot run without an
-RDMA NIC (it forces IBGDA), so there is no anchor here. Raw JSON goes to $OUT/bench_low_latency.json
+RDMA NIC (it forces IBGDA), so there is no anchor here. A second line per run splits the call's
+time: the caller's host time in it, the per-call time of --reps eager calls queued back to back, and
+of a captured call replayed --reps times (the GPU alone; the hook op has no graph figure). Raw JSON goes to $OUT/bench_low_latency.json
 when OUT is set. Exit status: 0 ok, 1 a check failed, 2 a run failed, 3 no GPU.
 """
 
@@ -40,6 +42,9 @@ from run_all import EXIT_NO_GPU, EXIT_RUN, EXIT_VERIFY, Progress, gpu_problem, i
 
 ENV = {"MOELINK_EXPERIMENTAL_LOW_LATENCY": "1"}
 OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_send_hook")
+# call: one call after a barrier, events around it (the headline); host: the caller's time in the
+# call; back_to_back: eager calls queued in a row; graph: a captured call replayed in a row.
+MEASURES = ("call", "host", "back_to_back", "graph")
 
 
 def _latency_us(op, iters: int, warmup: int, after=None) -> list[float]:
@@ -62,6 +67,65 @@ def _latency_us(op, iters: int, warmup: int, after=None) -> list[float]:
         samples.append(start.elapsed_time(end) * 1e3)
         if after:
             after(out)
+    return samples
+
+
+def _host_us(op, iters: int, after=None) -> list[float]:
+    """The caller's thread time in one call (it returns before the GPU is done): what no graph saves
+    an eager caller."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        out = op()
+        samples.append((time.perf_counter() - start) * 1e6)
+        if after:
+            after(out)
+    return samples
+
+
+def _repeated_us(run_once, iters: int, reps: int) -> list[float]:
+    """Per call, over `reps` calls queued back to back between two events: the skew between ranks'
+    starts (one barrier, processes under MPS) is spread over the reps instead of counting in full."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run_once()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / reps)
+    return samples
+
+
+def _graph_us(op, iters: int, reps: int, after=None) -> list[float]:
+    """As _repeated_us, with the call captured once in a CUDA graph and replayed: the GPU's time per
+    call with no host work, as a server that replays decode graphs sees it. A hook call's graph
+    holds the send and the hook."""
+    import torch  # noqa: PLC0415
+
+    def once():
+        out = op()
+        if after:
+            after(out)
+
+    once()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        once()
+    samples = _repeated_us(graph.replay, iters, reps)
+    del graph
     return samples
 
 
@@ -98,16 +162,33 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
                                                                 return_recv_hook=True),
                                lambda result: result[4]()),
     }
-    mine = {name: _latency_us(op, params["iters"], params["warmup"], after) for name, (op, after) in ops.items()}
+    reps = params.get("reps", 10)
+    mine = {}
+    for name, (op, after) in ops.items():
+        def once(op=op, after=after):
+            out = op()
+            if after:
+                after(out)
+        mine[name] = {"call": _latency_us(op, params["iters"], params["warmup"], after),
+                      "host": _host_us(op, params["iters"], after),
+                      "back_to_back": _repeated_us(once, params["iters"], reps)}
+        if name != "dispatch_send_hook":  # a hook's graph would time send and receive together
+            mine[name]["graph"] = _graph_us(op, params["iters"], reps, after)
     routed = int((topk_idx >= 0).sum().item())
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, {"samples": mine, "routed": routed})
     buf.destroy()
     summary = {"ranks": num_ranks, **{k: params[k] for k in ("tokens", "hidden", "topk", "experts", "iters")},
-               "routed_rows": sum(g["routed"] for g in gathered), "ops": {}}
+               "reps": reps, "routed_rows": sum(g["routed"] for g in gathered), "ops": {}}
     for name in OPS:
-        worst = [max(g["samples"][name][i] for g in gathered) for i in range(params["iters"])]
-        summary["ops"][name] = {"median_us": statistics.median(worst), "min_us": min(worst)}
+        entry = {}
+        for how in MEASURES:
+            if how not in mine[name]:
+                continue
+            worst = [max(g["samples"][name][how][i] for g in gathered) for i in range(params["iters"])]
+            entry[how] = {"median_us": statistics.median(worst), "min_us": min(worst)}
+        entry["median_us"] = entry["call"]["median_us"]
+        summary["ops"][name] = entry
     return summary
 
 
@@ -127,6 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", type=int_list, default=[256, 288])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=10, help="calls in a row for the back-to-back and graph figures")
     args = parser.parse_args(argv)
     for ranks in args.ranks:
         for experts in args.experts:
@@ -145,7 +227,7 @@ def main(argv=None) -> int:
     for ranks in args.ranks:
         for experts in args.experts:
             params = {"tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "experts": experts,
-                      "iters": args.iters, "warmup": args.warmup, "seed": 7}
+                      "iters": args.iters, "warmup": args.warmup, "reps": args.reps, "seed": 7}
             try:
                 with Progress(f"{ranks} ranks, {experts} experts"):
                     result = launcher.run_ranks(ranks, ("bench_low_latency", "bench_ll", str(Path(__file__).resolve())), params,
@@ -158,14 +240,17 @@ def main(argv=None) -> int:
                 continue
             gpus = max(1, info.get("gpu_count", 1))
             on_gpu = result["routed_rows"] * min(ranks, -(-ranks // gpus)) // ranks
-            cells = []
+            cells, others = [], []
             for name in OPS:
                 op = result["ops"][name]
                 op["floor_us"] = floor_us(name, on_gpu, args.hidden, info["copy_gbps"])
                 floor = f"{op['floor_us']:.1f}" if op["floor_us"] else "-"
                 cells.append(f"{op['median_us']:>9.1f} ({floor:>6})")
+                others.append(" / ".join(f"{op[how]['median_us']:.1f}" if how in op else "-" for how in MEASURES[1:]))
             print(f"  {ranks:>5} {experts:>7} {args.tokens:>6} {args.hidden:>6} {args.topk:>4} | "
                   + " | ".join(cells) + " |", flush=True)
+            print(f"  {'host / back-to-back / graph':>38} | " + " | ".join(f"{o:>18}" for o in others) + " |",
+                  flush=True)
             report["runs"].append(result)
     out = os.environ.get("OUT")
     if out:

@@ -8,9 +8,10 @@
 //     written to slot [expert][token] of s's receive area, then counted done per (le, s). The warp
 //     that signals (le, s) waits until its rows are done (this rank's own writes), then writes s's
 //     signal for the expert, tagged with the call's number, with release semantics.
-//   Receive half (the tokens' side). Warps take this rank's tokens; lane k waits (bounded) for the
-//     signal of slot k's expert, then the warp sums the K rows in float32, weighted, and writes one
-//     bf16 row. A slot with no expert (-1) adds nothing.
+//   Receive half (the tokens' side). Warps take this rank's tokens (a slice of a token's row each
+//     when there are warps to spare); lane k waits (bounded) for the signal of slot k's expert,
+//     then the warp sums the K rows in float32, weighted, and writes one bf16 row (slice). A slot
+//     with no expert (-1) adds nothing.
 //   Numbering, parities and poisoning as in dispatch.cu.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -30,6 +31,9 @@ using namespace kernels;
 namespace {
 
 constexpr int kWarps = kThreads / 32;
+constexpr int kSendUnroll = 8;  // loads in flight per lane when a row goes back
+constexpr int kMaxWarpsPerToken = 4;  // warps that share one token's sum, each a slice of its row
+constexpr int kLoadGroup = 8;  // top-k rows' words loaded together in a sum
 
 __device__ __forceinline__ int block_begin(long long range) { return static_cast<int>(range >> 32); }
 __device__ __forceinline__ int block_count(long long range) { return static_cast<int>(range & 0xffffffffLL); }
@@ -39,29 +43,45 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
   const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, E_local = L.num_local_experts;
   const int warp = threadIdx.x / 32, lane = lane_id();
   const int global_warp = blockIdx.x * kWarps + warp, num_warps = gridDim.x * kWarps;
-  // Rows of local expert le are [0, total[le]); prefix[le] numbers them across experts.
+  // Rows of local expert le are [0, total[le]); prefix[le] numbers them across experts. The
+  // handle's ranges are read once, in parallel (one thread per expert), into shared memory: a
+  // serial walk over E_local x R ranges from global memory cost more than the rows' copies.
   __shared__ int prefix[kMaxExperts + 1];
-  if (threadIdx.x == 0) {
-    int acc = 0;
-    for (int le = 0; le < E_local; ++le) {
-      prefix[le] = acc;
-      for (int s = 0; s < R; ++s) acc += block_count(a.layout_range[le * R + s]);
+  __shared__ int begin_of[kMaxExperts];  // [le * R + s]: where source s's rows of le start
+  for (int le = threadIdx.x; le < E_local; le += blockDim.x) {
+    int total = 0;
+    for (int s = 0; s < R; ++s) {
+      const long long range = a.layout_range[le * R + s];
+      begin_of[le * R + s] = block_begin(range);
+      total += block_count(range);
     }
-    prefix[E_local] = acc;
+    prefix[le + 1] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    prefix[0] = 0;
+    for (int le = 0; le < E_local; ++le) prefix[le + 1] += prefix[le];
   }
   __syncthreads();
   for (int idx = global_warp; idx < prefix[E_local]; idx += num_warps) {
-    int le = 0;
-    while (idx >= prefix[le + 1]) ++le;
+    int lo = 0, hi = E_local - 1;  // the expert whose rows hold idx: prefix[lo] <= idx < prefix[lo + 1]
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (prefix[mid] <= idx) lo = mid; else hi = mid - 1;
+    }
+    const int le = lo;
     const int row = idx - prefix[le];
     int s = 0;
-    while (s + 1 < R && row >= block_begin(a.layout_range[le * R + s + 1])) ++s;
+    while (s + 1 < R && row >= begin_of[le * R + s + 1]) ++s;
     if (is_masked(masked, s)) continue;  // shrink: the token's rank is gone
     const int token = a.src_info[static_cast<int64_t>(le) * RM + row];
     const int expert = a.rank * E_local + le;
     char* dst = window::peer_address_in(a.regions, s, L.combine_slot(parity, expert, token));
     const int4* src = static_cast<const int4*>(a.x) + (static_cast<int64_t>(le) * RM + row) * (H / 8);
-    for (int i = lane; i < H / 8; i += 32) reinterpret_cast<int4*>(dst)[i] = ld_nc_stream(src + i);
+    // A row is short for one warp: several loads per lane in flight, not one at a time.
+    warp_copy_rounds<kSendUnroll>(
+        H / 8, [&](int i) { return ld_nc_stream(src + i); },
+        [&](int i, const int4& v) { reinterpret_cast<int4*>(dst)[i] = v; });
     // The warp barrier orders every lane's writes before lane 0's fence (see dispatch.cu).
     __syncwarp();
     if (lane == 0) {
@@ -100,7 +120,16 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
   __shared__ const int4* rows[kWarps][kMaxTopK];
   __shared__ float weights[kWarps][kMaxTopK];
   char* own = a.regions[a.rank];
-  for (int t = global_warp; t < a.num_tokens; t += num_warps) {
+  // With warps to spare (decode batches are small), a token's row is split over up to
+  // kMaxWarpsPerToken warps, each summing a slice: a warp's K loads per word are in flight
+  // together, but its words follow one another, so fewer words per warp is less time. Each warp
+  // waits for the token's signals itself; only slice 0 reports and counts wait time. Not with
+  // shrink: warps of one token must agree on which experts a late peer's masking dropped.
+  const int parts = a.shrink ? 1 : max(1, min(kMaxWarpsPerToken, num_warps / max(1, a.num_tokens)));
+  const int words = H / 8, slice = (words + parts - 1) / parts;
+  for (int task = global_warp; task < a.num_tokens * parts; task += num_warps) {
+    const int t = task / parts, part = task % parts;
+    const int word_begin = part * slice, word_end = min(words, word_begin + slice);
     bool ok = true, bad = false;
     const long long e = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
     const bool duplicate = names_earlier_slot(e, L.num_experts, lane);
@@ -108,11 +137,11 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
       const int4* row = nullptr;
       const long long where = static_cast<long long>(t) * kernels::kMaxTopK + lane;
       if (e < -1 || e >= L.num_experts) {
-        report_local(a.err, kErrLowLatencyBadExpertId, 1, where);
+        if (part == 0) report_local(a.err, kErrLowLatencyBadExpertId, 1, where);
         bad = true;
       }
       if (duplicate) {
-        report_local(a.err, kErrLowLatencyDuplicateExpert, 1, where);
+        if (part == 0) report_local(a.err, kErrLowLatencyDuplicateExpert, 1, where);
         bad = true;
       }
       if (e >= 0 && e < L.num_experts && !duplicate) {
@@ -126,7 +155,7 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
                                      return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq);
                                    });
         ok = got != kPeerFailed;
-        if (a.wait_recv_cost_stats != nullptr)
+        if (a.wait_recv_cost_stats != nullptr && part == 0)
           atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[source]), global_timer_ns() - start);
         if (got == kPeerArrived) row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
       }
@@ -137,14 +166,27 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
     if (!__all_sync(0xffffffffu, ok)) return;
     int4* out = static_cast<int4*>(a.combined_x) + static_cast<int64_t>(t) * (H / 8);
     if (__any_sync(0xffffffffu, bad)) {
-      for (int i = lane; i < H / 8; i += 32) out[i] = make_int4(-1, -1, -1, -1);  // 0xFF bytes: NaN
+      for (int i = word_begin + lane; i < word_end; i += 32) out[i] = make_int4(-1, -1, -1, -1);  // 0xFF bytes: NaN
       __syncwarp();
       continue;
     }
-    for (int i = lane; i < H / 8; i += 32) {
+    for (int i = word_begin + lane; i < word_end; i += 32) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int k = 0; k < K; ++k)
-        if (rows[warp][k] != nullptr) accumulate_bf16x8(acc, ld_cg(rows[warp][k] + i), weights[warp][k]);
+      // The K rows' words are loaded before any is summed (in slot order, as before: the sum's
+      // rounding does not change), kLoadGroup at a time.
+#pragma unroll
+      for (int k0 = 0; k0 < kMaxTopK; k0 += kLoadGroup) {
+        if (k0 >= K) break;
+        int4 v[kLoadGroup];
+#pragma unroll
+        for (int u = 0; u < kLoadGroup; ++u) {
+          const int4* r = k0 + u < K ? rows[warp][k0 + u] : nullptr;
+          if (r != nullptr) v[u] = ld_cg(r + i);
+        }
+#pragma unroll
+        for (int u = 0; u < kLoadGroup; ++u)
+          if (k0 + u < K && rows[warp][k0 + u] != nullptr) accumulate_bf16x8(acc, v[u], weights[warp][k0 + u]);
+      }
       int4 packed;
       __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll

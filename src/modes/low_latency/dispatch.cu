@@ -11,10 +11,12 @@
 //     that signals an expert waits until all its rows are done (this rank's own writes only), then
 //     writes the peer's count signal for (expert, this rank), tagged with the call's sequence
 //     number, with release semantics, and resets the counters for the next call.
-//   Receive half. Blocks take local experts; thread s waits (bounded) for source s's signal of this
-//     call (with shrink, a masked source is skipped and one that never answers is masked), the block lays the sources' blocks out back to back (layout_range, recv_count), and
-//     warps copy each row, its source token (src_info) and its scales (column-major; packed UE8M0
-//     bytes with use_ue8m0) out of the receive area.
+//   Receive half. Blocks take local experts, several at a time; one thread per (expert, source)
+//     waits (bounded) for that source's signal of this call (with shrink, a masked source is
+//     skipped and one that never answers is masked), the block lays each expert's sources' blocks
+//     out back to back (layout_range, recv_count), and its warps copy the rows, their source tokens
+//     (src_info) and scales (column-major; packed UE8M0 bytes with use_ue8m0) out of the receive
+//     area.
 //   The call's number is the device counter + 1 (contract.hpp), read by every block; the last block
 //   stores it back and into the state tensor. Outputs are poisoned when a fault is known or a
 //   block gives up.
@@ -37,6 +39,10 @@ using namespace kernels;
 namespace {
 
 constexpr int kWarps = kThreads / 32;
+constexpr int kSendUnroll = 8;  // loads in flight per lane in a bf16 send
+constexpr int kFp8SendUnroll = 4;  // in an fp8 send (each load is quantized in registers)
+constexpr int kRecvUnroll = 8;  // in a receive
+constexpr int kRecvBatch = 16;  // local experts a block lays out at once, before it copies their rows
 
 __device__ __forceinline__ float block_scale(float amax, bool round_scale) {
   // Times the reciprocal, as the reference and deep_ep compute it (a division differs in the last bit).
@@ -110,27 +116,38 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, unsigned ma
   }
   __syncwarp();
   const int4* row = static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * (H / 8);
+  // A row is short for one warp: the latency of each load, not bandwidth, bounds it, so every lane
+  // keeps several loads in flight before it stores to the K destinations.
   if constexpr (!kFp8) {
-    for (int i = lane; i < H / 8; i += 32) {
-      const int4 v = ld_nc_stream(row + i);
-      for (int k = 0; k < K; ++k)
-        if (dsts[k] != nullptr) reinterpret_cast<int4*>(dsts[k] + 16)[i] = v;
-    }
+    warp_copy_rounds<kSendUnroll>(
+        H / 8, [&](int i) { return ld_nc_stream(row + i); },
+        [&](int i, const int4& v) {
+          for (int k = 0; k < K; ++k)
+            if (dsts[k] != nullptr) reinterpret_cast<int4*>(dsts[k] + 16)[i] = v;
+        });
   } else {
-    // Two 128-value blocks per warp step: lanes 0-15 take block b, lanes 16-31 block b + 1. Every
-    // lane runs every step (the amax shuffles need the whole warp); a missing odd block is zeros.
+    // Two 128-value blocks per warp step: lanes 0-15 take block b, lanes 16-31 block b + 1, and
+    // kFp8SendUnroll steps' loads go out first. Every lane runs every step (the amax shuffles need the
+    // whole warp); a missing block is zeros and stored nowhere.
     const int half = lane / 16, sub = lane % 16;
-    for (int b0 = 0; b0 < L.num_scales; b0 += 2) {
-      const int b = b0 + half;
-      const bool valid = b < L.num_scales;
-      const int4 v = valid ? ld_nc_stream(row + b * 16 + sub) : make_int4(0, 0, 0, 0);
-      uint2 q;
-      const float scale = quantize_8(v, a.round_scale, &q);
-      if (!valid) continue;
-      for (int k = 0; k < K; ++k) {
-        if (dsts[k] == nullptr) continue;
-        reinterpret_cast<uint2*>(dsts[k] + 16 + b * kScaleBlock)[sub] = q;
-        if (sub == 0) reinterpret_cast<float*>(dsts[k] + 16 + H)[b] = scale;
+    for (int b0 = 0; b0 < L.num_scales; b0 += 2 * kFp8SendUnroll) {
+      int4 v[kFp8SendUnroll];
+#pragma unroll
+      for (int u = 0; u < kFp8SendUnroll; ++u) {
+        const int b = b0 + 2 * u + half;
+        v[u] = b < L.num_scales ? ld_nc_stream(row + b * 16 + sub) : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kFp8SendUnroll; ++u) {
+        const int b = b0 + 2 * u + half;
+        uint2 q;
+        const float scale = quantize_8(v[u], a.round_scale, &q);
+        if (b >= L.num_scales) continue;
+        for (int k = 0; k < K; ++k) {
+          if (dsts[k] == nullptr) continue;
+          reinterpret_cast<uint2*>(dsts[k] + 16 + b * kScaleBlock)[sub] = q;
+          if (sub == 0) reinterpret_cast<float*>(dsts[k] + 16 + H)[b] = scale;
+        }
       }
     }
   }
@@ -186,14 +203,22 @@ __device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity, unsigned
   const Layout& L = a.layout;
   const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, S = L.num_scales;
   const int warp = threadIdx.x / 32, lane = lane_id();
-  __shared__ int counts[kMaxNvlRanks], begins[kMaxNvlRanks + 1];
+  // A block takes its local experts (le = block, block + grid, ...) kRecvBatch at a time: first
+  // every (expert, source) signal of the batch, one thread each, then all its warps copy the
+  // batch's rows. One expert at a time would leave most warps idle (an expert gets few rows) and
+  // put each expert's signal wait and layout in series with the copies.
+  __shared__ int counts[kRecvBatch][kMaxNvlRanks], begins[kRecvBatch][kMaxNvlRanks + 1];
+  __shared__ int first_row[kRecvBatch + 1];
   __shared__ bool failed;
   char* own = a.regions[a.rank];
-  for (int le = blockIdx.x; le < L.num_local_experts; le += gridDim.x) {
+  const int mine = blockIdx.x < L.num_local_experts ? (L.num_local_experts - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  for (int batch = 0; batch < mine; batch += kRecvBatch) {
+    const int n = min(kRecvBatch, mine - batch);
+    const auto expert_of = [&](int i) { return blockIdx.x + (batch + i) * gridDim.x; };
     if (threadIdx.x == 0) failed = false;
     __syncthreads();
-    if (threadIdx.x < R) {
-      const int s = threadIdx.x;
+    for (int p = threadIdx.x; p < n * R; p += blockDim.x) {
+      const int i = p / R, s = p % R, le = expert_of(i);
       const int* word = reinterpret_cast<const int*>(own + L.count_signal(parity, le, s));
       const uint64_t start = global_timer_ns();
       // A masked source (shrink) sends nothing and is not waited for; one that never answers is
@@ -203,42 +228,51 @@ __device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity, unsigned
                                                     return signal_is_for(static_cast<uint32_t>(ld_acquire_sys(word)), seq);
                                                   });
       if (got == kPeerFailed) failed = true;
-      counts[s] = got == kPeerArrived ? signal_value(static_cast<uint32_t>(ld_volatile(word))) : 0;
-      if (got == kPeerArrived && (counts[s] < 0 || counts[s] > L.max_tokens)) {
+      int count = got == kPeerArrived ? signal_value(static_cast<uint32_t>(ld_volatile(word))) : 0;
+      if (got == kPeerArrived && (count < 0 || count > L.max_tokens)) {
         // Not a count any sender writes: a word left by another layout (contract.hpp).
-        report_fault(a.err, kErrBadSignal, s, kStepDispatchRecv, le, counts[s]);
+        report_fault(a.err, kErrBadSignal, s, kStepDispatchRecv, le, count);
         failed = true;
+        count = 0;
       }
+      counts[i][s] = count;
       if (a.wait_recv_cost_stats != nullptr)
         atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[s]), global_timer_ns() - start);
     }
     __syncthreads();
     if (failed) return;
-    if (threadIdx.x == 0) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const int le = expert_of(i);
       int acc = 0;
       for (int s = 0; s < R; ++s) {
-        begins[s] = acc;
-        a.layout_range[le * R + s] = (static_cast<long long>(acc) << 32) | counts[s];
-        acc += counts[s];
+        begins[i][s] = acc;
+        a.layout_range[le * R + s] = (static_cast<long long>(acc) << 32) | counts[i][s];
+        acc += counts[i][s];
       }
-      begins[R] = acc;
+      begins[i][R] = acc;
       a.recv_count[le] = acc;
       if (a.cumulative_recv_stats != nullptr) atomicAdd(&a.cumulative_recv_stats[le], acc);
     }
     __syncthreads();
-    for (int row = warp; row < begins[R]; row += kWarps) {
+    if (threadIdx.x == 0) {
+      first_row[0] = 0;
+      for (int i = 0; i < n; ++i) first_row[i + 1] = first_row[i] + begins[i][R];
+    }
+    __syncthreads();
+    for (int flat = warp; flat < first_row[n]; flat += kWarps) {
+      int i = 0;
+      while (flat >= first_row[i + 1]) ++i;
+      const int le = expert_of(i), row = flat - first_row[i];
       int s = 0;
-      while (row >= begins[s + 1]) ++s;
-      const char* msg = own + L.dispatch_slot(parity, le, s, row - begins[s]);
+      while (row >= begins[i][s + 1]) ++s;
+      const char* msg = own + L.dispatch_slot(parity, le, s, row - begins[i][s]);
       const int64_t out_row = static_cast<int64_t>(le) * RM + row;
       if (lane == 0) a.src_info[out_row] = ld_cg(reinterpret_cast<const int4*>(msg)).x;
       const int4* payload = reinterpret_cast<const int4*>(msg + 16);
-      if constexpr (!kFp8) {
-        int4* out = static_cast<int4*>(a.recv_x) + out_row * (H / 8);
-        for (int i = lane; i < H / 8; i += 32) out[i] = ld_cg(payload + i);
-      } else {
-        int4* out = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + out_row * H);
-        for (int i = lane; i < H / 16; i += 32) out[i] = ld_cg(payload + i);
+      int4* out = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + out_row * (kFp8 ? H : 2 * H));
+      warp_copy_rounds<kRecvUnroll>(
+          kFp8 ? H / 16 : H / 8, [&](int j) { return ld_cg(payload + j); }, [&](int j, const int4& v) { out[j] = v; });
+      if constexpr (kFp8) {
         const float* scales = reinterpret_cast<const float*>(msg + 16 + H);
         // Column-major in the last two dims: scale g of row r at [le][g][r].
         if (!a.ue8m0) {
