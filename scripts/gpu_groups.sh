@@ -5,7 +5,8 @@
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
 # Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink frameworks internode internode8 peerloss
-#         peerlossall soak sanitize benchsmoke benchll bench.
+#         peerlossall soak sanitize benchsmoke anchorsuite benchll bench. anchorsuite: DeepEP's own
+#         intranode test against moelink (tests/gpu/anchor_suite.py; needs .anchors/deepep_tests).
 # Env: SOAK_ARGS, BENCH_ARGS, BENCH_LL_ARGS, MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
@@ -60,6 +61,7 @@ for g in $TEST_GROUPS; do
     soak) group soak 300 python3 bench/soak.py ${SOAK_ARGS:-} ;;
     sanitize) group sanitize 300 OUT="$OUT/logs" bash scripts/sanitize.sh ;;
     benchsmoke) group benchsmoke 150 $P tests/gpu/test_bench_smoke.py ;;
+    anchorsuite) group anchorsuite 400 python3 tests/gpu/anchor_suite.py ;;
     benchll) group benchll 300 python3 bench/bench_low_latency.py ${BENCH_LL_ARGS:-} ;;
     bench) group bench 300 python3 bench/run_all.py ${BENCH_ARGS:-} ;;
     *) echo "$g: unknown group" | tee -a "$summary" ;;
