@@ -334,24 +334,33 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         return _cached_dispatch(buf, stages, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                 topk_idx, topk_weights, config, previous_event, async_finish, allocate_on_comm_stream)
     waits = _waits_on_host(None, num_worst_tokens)  # as the node dispatch decides it
-    # The lane leg always waits on the host (see below).
-    steps = _Steps(stages, "dispatch", (("lane", True), ("node", waits), ("node", False)))
+    by_topk = topk_idx is not None
+    # The lane leg always waits on the host (see below). Without top-k a second lane leg carries
+    # each token's is_token_in_rank row, from which the forwarder routes it within its node.
+    legs = (("lane", True), ("node", waits), ("node", False)) if by_topk else \
+        (("lane", True), ("lane", False), ("node", waits), ("node", False))
+    steps = _Steps(stages, "dispatch", legs)
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
         _check_streams(previous_event, async_finish, allocate_on_comm_stream)
         x_data, x_scales = _split_x(x)
-        if topk_idx is None:
-            raise NotImplementedError("internode dispatch without topk_idx (routing by is_token_in_rank alone) is "
-                                      "not implemented yet")
-        for name, t in (("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert),
-                        ("topk_idx", topk_idx)):
+        for name, t in (("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert)):
             _check_tensor(t, name)
+        _check_tensor(topk_idx, "topk_idx", optional=True)
         _check_tensor(topk_weights, "topk_weights", optional=True)
         expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
         num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
-        if topk_idx.dim() != 2:
-            raise ValueError(f"topk_idx: expected [num_tokens, num_topk], got {list(topk_idx.shape)}")
-        T, num_topk = topk_idx.shape
+        if by_topk:
+            if topk_idx.dim() != 2:
+                raise ValueError(f"topk_idx: expected [num_tokens, num_topk], got {list(topk_idx.shape)}")
+            T, num_topk = topk_idx.shape
+        else:
+            if topk_weights is not None:
+                raise ValueError("topk_weights: given without topk_idx (a dispatch routed by is_token_in_rank alone "
+                                 "carries no weights)")
+            if x_data.dim() != 2:
+                raise ValueError(f"x: expected [num_tokens, hidden], got {list(x_data.shape)}")
+            T = x_data.size(0)
         num_experts = num_tokens_per_expert.numel()
         if num_experts % buf.group_size:
             raise ValueError(f"num_tokens_per_expert: {num_experts} experts do not split over {buf.group_size} ranks")
@@ -361,16 +370,17 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         if tuple(is_token_in_rank.shape) != (T, buf.group_size) or is_token_in_rank.dtype != torch.bool:
             raise ValueError(f"is_token_in_rank: expected bool [{T}, {buf.group_size}], got "
                              f"{is_token_in_rank.dtype} {list(is_token_in_rank.shape)}")
-        if topk_weights is not None and tuple(topk_weights.shape) != (T, num_topk):
+        if by_topk and topk_weights is not None and tuple(topk_weights.shape) != (T, num_topk):
             raise ValueError(f"topk_weights: expected [{T}, {num_topk}] like topk_idx, got {list(topk_weights.shape)}")
     N, L = stages.num_nodes, stages.per_node
     experts_per_node = num_experts // N
     with_weights = topk_weights is not None
     with steps.guard(), _OnStream(stages, previous_event, async_finish) as on:
-        # The lane exchange: each token once to every node that needs it, with its top-k row. Over the
-        # lane the E experts split by node (lane rank n holds node n's), so the forwarder receives
+        # The lane exchange: each token once to every node that needs it. Over the lane the E
+        # experts split by node (lane rank n holds node n's), so with top-k the forwarder receives
         # its node's experts renumbered from 0 (-1 for the others) and their weights, and the lane's
-        # notify checks every id as intranode does (one outside [-1, E) raises on every rank).
+        # notify checks every id as intranode does (one outside [-1, E) raises on every rank);
+        # without, the lane's count list is each node expert's total over the lane's sources.
         # The lane leg waits on the host for its counts even with num_worst_tokens: an error it finds
         # then raises on its ranks at the call, and they abstain from the node legs, so every rank
         # hears of it (without the wait the other lanes' ranks would get rows silently missing,
@@ -378,15 +388,28 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         # GPUs-per-node x num_worst_tokens rows. The cost: one host wait, so not graph-safe yet.
         in_node = is_token_in_rank.reshape(T, N, L).any(dim=2)
         per_node = in_node.sum(dim=0, dtype=torch.int32)
-        a_x, a_topk, a_weights, _, a_handle, _ = steps.run(lambda: stages.lane.dispatch(
+        a_x, a_topk, a_weights, a_list, a_handle, _ = steps.run(lambda: stages.lane.dispatch(
             x, num_tokens_per_rank=per_node, is_token_in_rank=in_node, num_tokens_per_expert=num_tokens_per_expert,
             topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=0, config=lane_config))
         a_valid = a_handle[3] >= 0  # rows past the real ones (num_worst_tokens) hold nothing
-        # The node exchange: the ranks of the node holding one of the row's experts.
-        here = (a_topk >= 0) & a_valid.unsqueeze(1)
-        b_topk = torch.where(here, a_topk, torch.full_like(a_topk, -1))
-        b_weights = torch.where(here, a_weights, torch.zeros_like(a_weights)) if with_weights else None
-        b_per_rank, _, b_per_expert, b_in_rank, _ = stages.node.get_dispatch_layout(b_topk, experts_per_node)
+        here = slice(stages.node_index * L, (stages.node_index + 1) * L)
+        if by_topk:
+            # The node exchange: the ranks of the node holding one of the row's experts.
+            here_k = (a_topk >= 0) & a_valid.unsqueeze(1)
+            b_topk = torch.where(here_k, a_topk, torch.full_like(a_topk, -1))
+            b_weights = torch.where(here_k, a_weights, torch.zeros_like(a_weights)) if with_weights else None
+            b_per_rank, _, b_per_expert, b_in_rank, _ = stages.node.get_dispatch_layout(b_topk, experts_per_node)
+        else:
+            # The node exchange: the ranks of this node the token's is_token_in_rank row names, and the
+            # node's experts' totals (each rank's count list then sums every source's counts).
+            width = -(-buf.group_size // 16) * 16
+            a_mask = _from_rows(steps.run(lambda: stages.lane.dispatch(_as_rows(is_token_in_rank, width),
+                                                                       handle=a_handle, config=lane_config))[0],
+                                torch.bool, buf.group_size)
+            b_in_rank = (a_mask[:, here] & a_valid.unsqueeze(1)).contiguous()
+            b_per_rank = b_in_rank.sum(dim=0, dtype=torch.int32)
+            b_per_expert = torch.tensor(a_list, dtype=torch.int32, device=b_in_rank.device)
+            b_topk = b_weights = None
         b_x, b_topk_out, b_weights_out, per_expert_list, b_handle, _ = steps.run(lambda: stages.node.dispatch(
             a_x, num_tokens_per_rank=b_per_rank, is_token_in_rank=b_in_rank, num_tokens_per_expert=b_per_expert,
             topk_idx=b_topk, topk_weights=b_weights, expert_alignment=expert_alignment,
@@ -403,8 +426,8 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         key = torch.where(b_valid, b_source[:, 0].to(torch.int64) * (1 << 32) + b_source[:, 1].to(torch.int64), last)
         order = torch.sort(key, stable=True).indices
         recv_x = _scales_like(_gather_rows(b_x, order), x_scales)
-        recv_topk_idx = b_topk_out.index_select(0, order)
-        recv_topk_weights = b_weights_out.index_select(0, order) if with_weights else None
+        recv_topk_idx = b_topk_out.index_select(0, order) if by_topk else None
+        recv_topk_weights = b_weights_out.index_select(0, order) if by_topk and with_weights else None
         recv_src_idx = torch.where(b_valid, b_source[:, 1], torch.full_like(b_source[:, 1], -1)).index_select(0, order)
         source_rank = torch.where(b_valid, b_source[:, 0].to(torch.int64), torch.zeros_like(key))
         counts = torch.zeros(buf.group_size, dtype=torch.int64, device=key.device)

@@ -83,12 +83,11 @@ class ModelBuffer:
         assert data.dtype in (torch.bfloat16, torch.float8_e4m3fn), data.dtype
         assert (scales is not None) == (data.dtype == torch.float8_e4m3fn)
         assert is_token_in_rank.dtype == torch.bool and tuple(is_token_in_rank.shape) == (data.size(0), self.size)
-        sent = self._open((data, scales, is_token_in_rank, topk_idx, topk_weights,
-                           None if num_tokens_per_expert is None else num_tokens_per_expert.numel()))
+        sent = self._open((data, scales, is_token_in_rank, topk_idx, topk_weights, num_tokens_per_expert))
         me = self.index
         if handle is None and topk_idx is not None:  # notify's check of every rank's ids
-            for s, (_, _, _, ids, _, num_experts) in enumerate(sent):
-                bad = torch.nonzero((ids < -1) | (ids >= num_experts))
+            for s, (_, _, _, ids, _, per_expert) in enumerate(sent):
+                bad = torch.nonzero((ids < -1) | (ids >= per_expert.numel()))
                 if bad.numel():
                     raise ValueError(f"moelink: topk_idx: rank {s} token {int(bad[0][0])} slot {int(bad[0][1])} holds "
                                      "an expert id outside [-1, num_experts)")
@@ -122,8 +121,14 @@ class ModelBuffer:
             return recv_x, None, None, None, handle, None
         recv_topk = recv_weights = None
         per_expert_list = []
+        if topk_idx is None and not num_worst_tokens:
+            # Routed by is_token_in_rank alone: the counts list is every source's num_tokens_per_expert
+            # for this rank's experts, summed (intranode's notify).
+            per = sent[0][5].numel() // self.size
+            totals = sum(s[5][me * per:(me + 1) * per].to(torch.int64) for s in sent)
+            per_expert_list = [ref.align_up(int(c), expert_alignment) for c in totals]
         if topk_idx is not None:
-            num_experts = sent[0][5]
+            num_experts = sent[0][5].numel()
             per = num_experts // self.size
             first = me * per
             ids = gather(3, -1)
@@ -268,7 +273,7 @@ def _funnel(buf, T, E):
     return routing
 
 
-def _case(rank, buf, case, seed):
+def _case(rank, buf, case, seed, by_topk=True):
     name, T, H, K, E, fp8, col_major, drop, nowhere, worst, alignment, num_bias, silent, deaf = case
     R = buf.group_size
     E = E or R
@@ -285,10 +290,10 @@ def _case(rank, buf, case, seed):
     num_worst = R * T if worst else 0
     if name == "tight-worst":
         num_worst = max(ref.dispatch_plan_np(routing, d, E, R).num_recv_tokens for d in range(R))
-    with_weights = name != "no-weights"
+    with_weights = name != "no-weights" and by_topk
     weights = mine.topk_weights if with_weights else None
-    out = _internode.dispatch(buf, mine.dispatch_x(fp8), None, per_rank, None, in_rank, per_expert, topk_idx,
-                              weights, alignment, num_worst, None, None, False, False)
+    out = _internode.dispatch(buf, mine.dispatch_x(fp8), None, per_rank, None, in_rank, per_expert,
+                              topk_idx if by_topk else None, weights, alignment, num_worst, None, None, False, False)
     recv_x, recv_topk, recv_weights, per_expert_list, handle, _ = out
     want = ref.reference_dispatch(routing, [inp.dispatch_x(fp8) for inp in inputs],
                                   [inp.topk_weights for inp in inputs] if with_weights else None, rank, E, R,
@@ -303,8 +308,11 @@ def _case(rank, buf, case, seed):
             assert recv_x[1].t().is_contiguous(), f"{what}: column-major scales came back {recv_x[1].stride()}"
     else:
         assert recv_x.shape == (rows, H) and recv_x[:n].view(torch.int16).equal(want.recv_x.view(torch.int16)), what
-    assert recv_topk.shape == (rows, K) and recv_topk[:n].equal(want.recv_topk_idx), what
-    assert bool((recv_topk[n:] == -1).all()), what
+    if by_topk:
+        assert recv_topk.shape == (rows, K) and recv_topk[:n].equal(want.recv_topk_idx), what
+        assert bool((recv_topk[n:] == -1).all()), what
+    else:
+        assert recv_topk is None, what
     if with_weights:
         assert recv_weights[:n].equal(want.recv_topk_weights), what
     else:
@@ -350,6 +358,39 @@ def test_composition_matches_the_reference(num_nodes, per_node, case):
         pytest.skip(f"{num_experts} experts do not split over {num_nodes * per_node} ranks")
     seed = 9100 + 10 * num_nodes + per_node + CASES.index(case)
     run_ranks(num_nodes, per_node, lambda rank, buf: _case(rank, buf, case, seed))
+
+
+@pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (2, 4), (3, 2)])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("empty", "bf16", "fp8-align", "fp8-colmajor",
+                                                               "silent-deaf", "worst")], ids=lambda c: c[0])
+def test_routing_by_is_token_in_rank_alone_matches_the_reference(num_nodes, per_node, case):
+    """deep_ep's dispatch without topk_idx: the same rows as with it (is_token_in_rank made from the
+    same routing), no ids or weights back, the counts list from num_tokens_per_expert; cached
+    dispatch and combine through its handle."""
+    num_experts = case[4] or num_nodes * per_node
+    if num_experts % (num_nodes * per_node):
+        pytest.skip(f"{num_experts} experts do not split over {num_nodes * per_node} ranks")
+    seed = 9300 + 10 * num_nodes + per_node + CASES.index(case)
+    run_ranks(num_nodes, per_node, lambda rank, buf: _case(rank, buf, case, seed, by_topk=False))
+
+
+def test_topk_weights_without_topk_idx_are_refused():
+    seen = {}
+
+    def body(rank, buf):
+        R = buf.group_size
+        topk_idx = torch.from_numpy(ref.make_routing(8, rank, 16, 2, 2 * R, R))
+        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
+        inputs = ref.make_inputs(8, rank, 16, 256, 2)
+        try:
+            _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, None,
+                                inputs.topk_weights if rank == 1 else None, 1, 0, None, None, False, False)
+        except ValueError as error:
+            seen[rank] = str(error)
+
+    run_ranks(2, 2, body)
+    assert sorted(seen) == [0, 1, 2, 3], seen
+    assert "topk_weights" in seen[1], seen[1]
 
 
 def test_a_wrong_handle_is_refused():

@@ -24,9 +24,9 @@ from checks import Case  # noqa: E402
 
 LAYOUTS = [(2, 2), (2, 4), (4, 2)]  # (nodes, GPUs per node)
 
-# The intranode suite's covering cases that route by top-k (dispatch without topk_idx is not
-# implemented internode); with tiny rings, the ones up to 512 tokens.
-CASES = [case for case in checks.COVERING_CASES if case.with_topk]
+# The intranode suite's covering cases, those routed by is_token_in_rank alone (no topk_idx)
+# included; with tiny rings, the ones up to 512 tokens.
+CASES = list(checks.COVERING_CASES)
 
 # Small rings: the node-to-node leg 2 x its chunk, the node leg 2 x its chunk, so every ring wraps.
 TINY = dict(num_sms=8, num_max_nvl_chunked_send_tokens=4, num_max_nvl_chunked_recv_tokens=8,
