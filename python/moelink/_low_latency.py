@@ -2,8 +2,8 @@
 weighted combine, each one launch with no host wait (or a send and a receive hook), CUDA-graph safe.
 
 Within one NVLink domain the RDMA buffer (``num_rdma_bytes``) is carved from the IPC-shared memory
-and NVSHMEM is not used. The kernels have not run on a GPU yet, so the operations stay off unless
-MOELINK_EXPERIMENTAL_LOW_LATENCY=1 (docs/KNOBS.md); the size hint always works.
+and NVSHMEM is not used. MOELINK_EXPERIMENTAL_LOW_LATENCY=0 switches the operations off
+(docs/KNOBS.md); the size hint always works.
 """
 
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
@@ -18,7 +18,7 @@ from .event import EventOverlap
 if TYPE_CHECKING:
     from .buffer import Buffer
 
-_NOT_VALIDATED = ("low-latency mode has not run on a GPU yet; set MOELINK_EXPERIMENTAL_LOW_LATENCY=1 to try it")
+_NOT_VALIDATED = ("low-latency mode is switched off (MOELINK_EXPERIMENTAL_LOW_LATENCY=0); unset it or set it to 1")
 _PHASE_BOTH, _PHASE_SEND, _PHASE_RECEIVE = 0, 1, 2
 FP8_BLOCK = 128
 UE8M0_PER_INT = 4

@@ -27,9 +27,9 @@ from .event import EventOverlap
 class Buffer:
     """The communication buffer of one rank for MoE dispatch and combine (deep_ep V1 API).
 
-    Intranode normal mode (all ranks in one NVLink domain) is implemented; intranode low-latency mode
-    (MOELINK_EXPERIMENTAL_LOW_LATENCY=1) and internode normal mode over emulated nodes on one host
-    (MOELINK_EXPERIMENTAL_INTERNODE=1) are experimental (see docs/COMPATIBILITY.md).
+    Intranode normal mode and intranode low-latency mode (all ranks in one NVLink domain) are
+    implemented; internode normal mode over emulated nodes on one host
+    (MOELINK_EXPERIMENTAL_INTERNODE=1) is experimental (see docs/COMPATIBILITY.md).
 
     Attributes:
         num_sms: SMs the normal-mode kernels use (class attribute, default 20; see set_num_sms).
@@ -57,8 +57,8 @@ class Buffer:
                 with ``Config.get_rdma_buffer_size_hint``), or of the low-latency region; 0 for
                 intranode use.
             low_latency_mode: bool; the low-latency operations need it. Within one NVLink domain the
-                RDMA buffer is IPC-shared memory and NVSHMEM is not used (until validated on a GPU,
-                the operations need MOELINK_EXPERIMENTAL_LOW_LATENCY=1).
+                RDMA buffer is IPC-shared memory and NVSHMEM is not used
+                (MOELINK_EXPERIMENTAL_LOW_LATENCY=0 switches the operations off).
             num_qps_per_rank: int >= 1, RDMA queue pairs per peer.
             allow_nvlink_for_low_latency_mode: bool, accepted for compatibility.
             allow_mnnvl: bool, accepted; no effect while every peer is in one NVLink domain.

@@ -222,13 +222,14 @@ def test_comm_stream(buffer):
     assert stream.cuda_stream == buffer.runtime.comm_stream()
 
 
-def test_not_implemented(buffer, dispatched):
+def test_not_implemented(buffer, dispatched, monkeypatch):
     x, topk_idx, _, (recv_x, _, _, _, handle, _) = dispatched
     with pytest.raises(NotImplementedError, match="internode"):
         buffer.internode_dispatch(x, handle=handle)
     with pytest.raises(NotImplementedError, match="internode"):
         buffer.internode_combine(recv_x, handle)
-    # Until its kernels have run on a GPU, low-latency mode needs MOELINK_EXPERIMENTAL_LOW_LATENCY=1.
+    # MOELINK_EXPERIMENTAL_LOW_LATENCY=0 switches low-latency mode off, before any argument check.
+    monkeypatch.setenv("MOELINK_EXPERIMENTAL_LOW_LATENCY", "0")
     for call in (lambda: buffer.low_latency_dispatch(x, topk_idx, 128, NUM_EXPERTS),
                  lambda: buffer.low_latency_combine(x, topk_idx, None, None),
                  lambda: buffer.get_next_low_latency_combine_buffer(None),
