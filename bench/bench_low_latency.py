@@ -47,27 +47,35 @@ OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_send_hook")
 MEASURES = ("call", "host", "back_to_back", "graph")
 
 
-def _latency_us(op, iters: int, warmup: int, after=None) -> list[float]:
+def _event_us(iters: int, reps: int, timed, after=None) -> list[float]:
+    """Per call, over `reps` calls of timed() queued back to back between two events, after all
+    ranks met at a barrier; after(result) runs untimed. With reps > 1 the skew between ranks'
+    starts (processes under MPS) is spread over the reps instead of counting in full."""
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    for _ in range(warmup):
-        out = op()
-        if after:
-            after(out)
     samples = []
     for _ in range(iters):
         torch.cuda.synchronize()
         dist.barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = op()
+        for _ in range(reps):
+            out = timed()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
+        samples.append(start.elapsed_time(end) * 1e3 / reps)
         if after:
             after(out)
     return samples
+
+
+def _latency_us(op, iters: int, warmup: int, after=None) -> list[float]:
+    for _ in range(warmup):
+        out = op()
+        if after:
+            after(out)
+    return _event_us(iters, 1, op, after)
 
 
 def _host_us(op, iters: int, after=None) -> list[float]:
@@ -88,28 +96,8 @@ def _host_us(op, iters: int, after=None) -> list[float]:
     return samples
 
 
-def _repeated_us(run_once, iters: int, reps: int) -> list[float]:
-    """Per call, over `reps` calls queued back to back between two events: the skew between ranks'
-    starts (one barrier, processes under MPS) is spread over the reps instead of counting in full."""
-    import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
-
-    samples = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            run_once()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / reps)
-    return samples
-
-
 def _graph_us(op, iters: int, reps: int, after=None) -> list[float]:
-    """As _repeated_us, with the call captured once in a CUDA graph and replayed: the GPU's time per
+    """As back_to_back, with the call captured once in a CUDA graph and replayed: the GPU's time per
     call with no host work, as a server that replays decode graphs sees it. A hook call's graph
     holds the send and the hook."""
     import torch  # noqa: PLC0415
@@ -124,7 +112,7 @@ def _graph_us(op, iters: int, reps: int, after=None) -> list[float]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         once()
-    samples = _repeated_us(graph.replay, iters, reps)
+    samples = _event_us(iters, reps, graph.replay)
     del graph
     return samples
 
@@ -171,7 +159,7 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
                 after(out)
         mine[name] = {"call": _latency_us(op, params["iters"], params["warmup"], after),
                       "host": _host_us(op, params["iters"], after),
-                      "back_to_back": _repeated_us(once, params["iters"], reps)}
+                      "back_to_back": _event_us(params["iters"], reps, once)}
         if name != "dispatch_send_hook":  # a hook's graph would time send and receive together
             mine[name]["graph"] = _graph_us(op, params["iters"], reps, after)
     routed = int((topk_idx >= 0).sum().item())
