@@ -120,6 +120,10 @@ struct LowLatencyCombineInputs {
   int num_experts = 0;
   TensorRef combine_wait_recv_cost_stats;  // in/out: [R] int64, += ns waited for each source
   TensorRef dispatch_state;  // in, optional: the dispatch's state tensor (with shrink, the ranks it skipped)
+  // Rows travel in moelink's LogFMT (10-bit log codes per 128-value group, bf16 where a group holds
+  // a NaN or an infinity; format and error bound in tests/reference/logfmt_reference.py): 168 of
+  // 256 bytes per group. A hook's receive must be given the same value as its send.
+  bool use_logfmt = false;
 };
 
 struct LowLatencyCombineOutputs {

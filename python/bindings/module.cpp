@@ -445,8 +445,10 @@ void bind_buffer(nb::module_& m) {
           "low_latency_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle src_info,
              nb::handle layout_range, int num_max_dispatch_tokens_per_rank, int num_experts, nb::handle wait_stats,
-             nb::handle combined_x, nb::handle state, int phase, nb::handle order, nb::handle dispatch_state) {
+             nb::handle combined_x, nb::handle state, int phase, nb::handle order, nb::handle dispatch_state,
+             bool use_logfmt) {
             moelink::LowLatencyCombineInputs in;
+            in.use_logfmt = use_logfmt;
             in.x = to_tensor_ref(x, "x");
             in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
             in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
@@ -465,7 +467,8 @@ void bind_buffer(nb::module_& m) {
           },
           "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "src_info"_a.none(), "layout_range"_a.none(),
           "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a, "combine_wait_recv_cost_stats"_a.none(),
-          "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a, "dispatch_state"_a.none() = nb::none())
+          "combined_x"_a.none(), "state"_a.none(), "phase"_a, "order"_a, "dispatch_state"_a.none() = nb::none(),
+          "use_logfmt"_a = false)
       .def("clean_low_latency_buffer", &Buffer::clean_low_latency_buffer, "num_max_dispatch_tokens_per_rank"_a,
            "hidden"_a, "num_experts"_a, Release())
       .def(

@@ -137,8 +137,10 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
         _check_tensor(value, name)
     _check_tensor(out, "out", optional=True)
     _check_tensor(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", optional=True)
-    if _check_bool(use_logfmt, "use_logfmt"):
-        raise NotImplementedError("use_logfmt=True (LogFMT combine) is not implemented yet in moelink")
+    use_logfmt = _check_bool(use_logfmt, "use_logfmt")
+    if use_logfmt and not _knobs.experimental_logfmt():
+        raise NotImplementedError("use_logfmt=True: moelink's LogFMT combine has not run on a GPU yet; set "
+                                  "MOELINK_EXPERIMENTAL_LOGFMT=1 to try it")
     _check_bool(zero_copy, "zero_copy")  # x is read where it is, in the zero-copy buffer or not
     async_finish = _check_bool(async_finish, "async_finish")
     return_recv_hook = _check_bool(return_recv_hook, "return_recv_hook")
@@ -154,7 +156,7 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
             _ref(layout_range), m, num_experts, _ref(combine_wait_recv_cost_stats), _ref(out, "out"), _ref(state))
     dispatch_state = getattr(handle, "state", None)
     event = buf.runtime.low_latency_combine(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
-                                            _order(buf, async_finish), _ref(dispatch_state))
+                                            _order(buf, async_finish), _ref(dispatch_state), use_logfmt)
     warn_local_errors(buf)
     buf._low_latency_combines += 1
     keep = (x, topk_idx, topk_weights, src_info, layout_range, combine_wait_recv_cost_stats, out, state, dispatch_state)
@@ -163,7 +165,7 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
 
         def hook() -> None:
             buf._check_usable("the low-latency combine hook")
-            buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False), _ref(dispatch_state))
+            buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False), _ref(dispatch_state), use_logfmt)
             warn_local_errors(buf)
             del keep_alive[:]
     else:

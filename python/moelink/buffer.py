@@ -451,7 +451,10 @@ class Buffer:
             x: bf16 [E_local, R * M, H]: the experts' outputs, in the dispatch's layout.
             topk_idx, topk_weights: the dispatch's [num_tokens, num_topk] (int64, float32).
             handle: the dispatch's handle.
-            use_logfmt: not implemented yet (NotImplementedError).
+            use_logfmt: bool; rows travel in moelink's LogFMT (10-bit log codes per 128 values, bf16 for
+                groups with a NaN or an infinity): per value within 0.83% + 2**-12 x its group's
+                largest magnitude, 168 of 256 bytes per group (tests/reference/logfmt_reference.py).
+                Needs MOELINK_EXPERIMENTAL_LOGFMT=1 until its kernel has passed the GPU suite.
             zero_copy: x was written into get_next_low_latency_combine_buffer(handle) (it is read in
                 place either way).
             async_finish / return_recv_hook: as in low_latency_dispatch.

@@ -22,6 +22,7 @@
 #include "common/waits.cuh"
 #include "modes/low_latency/call.cuh"
 #include "modes/low_latency/contract.hpp"
+#include "modes/low_latency/logfmt.cuh"
 #include "window/device.cuh"
 
 namespace moelink::low_latency {
@@ -34,10 +35,12 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kSendUnroll = 8;  // loads in flight per lane when a row goes back
 constexpr int kMaxWarpsPerToken = 4;  // warps that share one token's sum, each a slice of its row
 constexpr int kLoadGroup = 8;  // top-k rows' words loaded together in a sum
+constexpr int kLogFmtUnroll = 4;  // LogFMT send: group steps whose loads go out together
 
 __device__ __forceinline__ int block_begin(long long range) { return static_cast<int>(range >> 32); }
 __device__ __forceinline__ int block_count(long long range) { return static_cast<int>(range & 0xffffffffLL); }
 
+template <bool kLogFmt>
 __device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned masked) {
   const Layout& L = a.layout;
   const int R = L.num_ranks, RM = R * L.max_tokens, H = L.hidden, E_local = L.num_local_experts;
@@ -78,10 +81,29 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
     const int expert = a.rank * E_local + le;
     char* dst = window::peer_address_in(a.regions, s, L.combine_slot(parity, expert, token));
     const int4* src = static_cast<const int4*>(a.x) + (static_cast<int64_t>(le) * RM + row) * (H / 8);
-    // A row is short for one warp: several loads per lane in flight, not one at a time.
-    warp_copy_rounds<kSendUnroll>(
-        H / 8, [&](int i) { return ld_nc_stream(src + i); },
-        [&](int i, const int4& v) { reinterpret_cast<int4*>(dst)[i] = v; });
+    if constexpr (!kLogFmt) {
+      // A row is short for one warp: several loads per lane in flight, not one at a time.
+      warp_copy_rounds<kSendUnroll>(
+          H / 8, [&](int i) { return ld_nc_stream(src + i); },
+          [&](int i, const int4& v) { reinterpret_cast<int4*>(dst)[i] = v; });
+    } else {
+      // Two groups per warp step (lanes 0-15 group g, lanes 16-31 group g + 1), kLogFmtUnroll steps'
+      // loads first; every lane runs every step (the encoder's reductions are shuffles).
+      const int half = lane / 16, sub = lane % 16, S = L.num_scales;
+      for (int g0 = 0; g0 < S; g0 += 2 * kLogFmtUnroll) {
+        int4 v[kLogFmtUnroll];
+#pragma unroll
+        for (int u = 0; u < kLogFmtUnroll; ++u) {
+          const int g = g0 + 2 * u + half;
+          v[u] = g < S ? ld_nc_stream(src + g * 16 + sub) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kLogFmtUnroll; ++u) {
+          const int g = g0 + 2 * u + half;
+          logfmt::encode(v[u], sub, g < S, dst + static_cast<int64_t>(g) * logfmt::kGroupBytes);
+        }
+      }
+    }
     // The warp barrier orders every lane's writes before lane 0's fence (see dispatch.cu).
     __syncwarp();
     if (lane == 0) {
@@ -112,6 +134,7 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
   }
 }
 
+template <bool kLogFmt>
 __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned masked) {
   const Layout& L = a.layout;
   const int K = a.num_topk, H = L.hidden;
@@ -177,15 +200,35 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
 #pragma unroll
       for (int k0 = 0; k0 < kMaxTopK; k0 += kLoadGroup) {
         if (k0 >= K) break;
-        int4 v[kLoadGroup];
+        if constexpr (!kLogFmt) {
+          int4 v[kLoadGroup];
 #pragma unroll
-        for (int u = 0; u < kLoadGroup; ++u) {
-          const int4* r = k0 + u < K ? rows[warp][k0 + u] : nullptr;
-          if (r != nullptr) v[u] = ld_cg(r + i);
+          for (int u = 0; u < kLoadGroup; ++u) {
+            const int4* r = k0 + u < K ? rows[warp][k0 + u] : nullptr;
+            if (r != nullptr) v[u] = ld_cg(r + i);
+          }
+#pragma unroll
+          for (int u = 0; u < kLoadGroup; ++u)
+            if (k0 + u < K && rows[warp][k0 + u] != nullptr) accumulate_bf16x8(acc, v[u], weights[warp][k0 + u]);
+        } else {
+          // Word i is lane (i % 16)'s word of group i / 16 (the encoder's lanes).
+          const int64_t group_offset = static_cast<int64_t>(i / 16) * logfmt::kGroupBytes;
+          logfmt::Word w[kLoadGroup];
+#pragma unroll
+          for (int u = 0; u < kLoadGroup; ++u) {
+            const int4* r = k0 + u < K ? rows[warp][k0 + u] : nullptr;
+            if (r != nullptr) w[u] = logfmt::load(reinterpret_cast<const char*>(r) + group_offset, i % 16);
+          }
+#pragma unroll
+          for (int u = 0; u < kLoadGroup; ++u) {
+            if (k0 + u >= K || rows[warp][k0 + u] == nullptr) continue;
+            float f[8];
+            logfmt::decode(w[u], reinterpret_cast<const char*>(rows[warp][k0 + u]) + group_offset, i % 16, f);
+            const float weight = weights[warp][k0 + u];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] += weight * f[j];
+          }
         }
-#pragma unroll
-        for (int u = 0; u < kLoadGroup; ++u)
-          if (k0 + u < K && rows[warp][k0 + u] != nullptr) accumulate_bf16x8(acc, v[u], weights[warp][k0 + u]);
       }
       int4 packed;
       __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
@@ -197,22 +240,34 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
   }
 }
 
+template <bool kLogFmt>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  run_call(a, [&](Epoch seq, int parity, unsigned masked) { send_half(a, seq, parity, masked); },
-           [&](Epoch seq, int parity, unsigned masked) { recv_half(a, seq, parity, masked); });
+  run_call(a, [&](Epoch seq, int parity, unsigned masked) { send_half<kLogFmt>(a, seq, parity, masked); },
+           [&](Epoch seq, int parity, unsigned masked) { recv_half<kLogFmt>(a, seq, parity, masked); });
 }
 
-const KernelRegistration registration(reinterpret_cast<const void*>(&combine_kernel), "low-latency combine", kThreads,
-                                      0);
+const KernelRegistration registrations[] = {
+    {reinterpret_cast<const void*>(&combine_kernel<false>), "low-latency combine", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<true>), "low-latency combine", kThreads, 0},
+};
 
 }  // namespace
 
 int combine_blocks_per_sm() {
-  return max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel), kThreads, 0);
+  // Asked once per process (every device here is a Hopper of one kind): a combine is a decode-step
+  // call, and two occupancy queries per call are host time it does not need.
+  static const int blocks =
+      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<false>), kThreads, 0),
+               max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<true>), kThreads, 0));
+  return blocks;
 }
 
 void launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream) {
-  launch("low-latency combine", &combine_kernel, LaunchShape{blocks, kThreads, 0}, stream, a);
+  const LaunchShape shape{blocks, kThreads, 0};
+  if (a.logfmt)
+    launch("low-latency combine", &combine_kernel<true>, shape, stream, a);
+  else
+    launch("low-latency combine", &combine_kernel<false>, shape, stream, a);
 }
 
 }  // namespace moelink::low_latency

@@ -85,6 +85,7 @@ struct CombineArgs {
   const float* topk_weights; // [T, K]
   const long long* dispatch_state;  // the dispatch's state tensor: [1] is the mask its call used, or nullptr
   int num_tokens, num_topk;
+  bool logfmt;               // use_logfmt: rows travel in LogFMT (logfmt.cuh)
   void* combined_x;          // [T, H] bf16
   long long* wait_recv_cost_stats;  // [R] or nullptr
   long long* state;          // [2]

@@ -309,8 +309,10 @@ const KernelRegistration registrations[] = {
 }  // namespace
 
 int dispatch_blocks_per_sm() {
-  return std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<false>), kThreads, 0),
-                  max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<true>), kThreads, 0));
+  static const int blocks =  // once per process, as combine_blocks_per_sm
+      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<false>), kThreads, 0),
+               max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<true>), kThreads, 0));
+  return blocks;
 }
 
 void launch_dispatch(const DispatchArgs& a, int blocks, cudaStream_t stream) {

@@ -229,6 +229,7 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   a.dispatch_state = static_cast<const long long*>(in.dispatch_state.data);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
+  a.logfmt = in.use_logfmt;
   a.combined_x = out.combined_x.data;
   a.wait_recv_cost_stats = static_cast<long long*>(in.combine_wait_recv_cost_stats.data);
   a.state = static_cast<long long*>(out.state.data);
