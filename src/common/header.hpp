@@ -50,6 +50,7 @@ enum ErrorCode : int {
   kErrLowLatencyTooManyRows = 23,  // more than M rows for one expert: detail = the expert
   kErrLowLatencyDuplicateExpert = 24,  // channel: 0 dispatch, 1 combine; detail: token * kMaxTopK + slot
   kErrLowLatencyMaskedPeer = 25,  // shrink: detail = the peer that did not answer in time and is now masked
+  kErrLowLatencyFormatMismatch = 26,  // combine: an expert's rows came in the other format; detail = the expert
 };
 
 MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted || code == kErrBadSignal; }
@@ -160,6 +161,7 @@ struct ErrorSink {
   CommonHeader* peers[kMaxNvlRanks];
   int rank, num_ranks;
   uint64_t timeout_ns;
+  unsigned backoff_ns;  // MOELINK_SPIN_BACKOFF_NS: sleep between polls after 64 spins; 0 = spin
 };
 
 // Outputs a failed or skipped operation fills with 0xFF bytes: NaN for bf16, fp8 and float32, -1

@@ -66,6 +66,7 @@ __device__ __forceinline__ WaitResult wait_for(Done done, const ErrorSink& err) 
   const uint64_t start = global_timer_ns();
   for (uint32_t spins = 1;; ++spins) {
     if (done()) return kArrived;
+    if (err.backoff_ns != 0 && spins > 64) __nanosleep(err.backoff_ns);
     if ((spins & 15) == 0) {
       const int word = fault_word(err);
       if (word != 0) {

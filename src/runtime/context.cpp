@@ -93,6 +93,7 @@ Context::Context(const BufferOptions& o) {
     raise(ErrorKind::kValue, "enable_shrink: masking lost ranks is a low-latency feature; it needs low_latency_mode=True");
   explicitly_destroy = o.explicitly_destroy;
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
+  spin_backoff_ns = knobs::spin_backoff_ns();
   const unsigned long long epoch_start = knobs::debug_epoch_start();
   low_latency_bytes = low_latency_mode && topo.is_intranode() ? num_rdma_bytes : 0;
   uses_nvshmem = num_rdma_bytes > 0 && low_latency_bytes == 0;
@@ -211,6 +212,7 @@ kernels::ErrorSink Context::error_sink(double timeout) const {
   sink.rank = topo.nvl_rank;
   sink.num_ranks = topo.num_nvl_ranks;
   sink.timeout_ns = static_cast<uint64_t>((timeout > 0 ? timeout : timeout_s) * 1e9);
+  sink.backoff_ns = spin_backoff_ns;
   return sink;
 }
 
@@ -365,6 +367,11 @@ void Context::collect_local_errors() {
     case kernels::kErrLowLatencyMaskedPeer:
       message = str("moelink: rank ", topo.rank, ": rank ", detail, " did not answer a low-latency call within ", timeout_s,
                     " s and is masked now (enable_shrink): the calls go on without it");
+      break;
+    case kernels::kErrLowLatencyFormatMismatch:
+      message = str("moelink: use_logfmt: the low_latency_combine on rank ", topo.rank, " received expert ", detail,
+                    "'s rows in the other format (every rank, and a hook's receive, must pass the same use_logfmt); "
+                    "the combined rows of the tokens that needed them are poisoned");
       break;
     case kernels::kErrLowLatencyTooManyRows:
       message = str("moelink: topk_idx: a low_latency_dispatch on rank ", topo.rank, " sent more than "

@@ -41,6 +41,7 @@ class Context {
   bool enable_shrink = false;
   bool explicitly_destroy = false;
   double timeout_s = 100.0;
+  unsigned spin_backoff_ns = 0;  // knobs::spin_backoff_ns(), for every wait's ErrorSink
   bool available = false;
   bool destroyed = false;
   cudaStream_t comm_stream = nullptr;

@@ -72,14 +72,24 @@ int nvl_ranks_per_node() {
   return static_cast<int>(ranks);
 }
 
+unsigned spin_backoff_ns() {
+  const char* value = value_of("MOELINK_SPIN_BACKOFF_NS");
+  if (value == nullptr) return 0;
+  char* end = nullptr;
+  const long ns = std::strtol(value, &end, 10);
+  if (end == value || *end != '\0' || ns < 0 || ns > 10000)
+    detail::raise(ErrorKind::kValue, "MOELINK_SPIN_BACKOFF_NS: expected 0..10000 ns, got '", value, "'");
+  return static_cast<unsigned>(ns);
+}
+
 void log_once() {
   if (!debug()) return;
   static std::once_flag once;
   std::call_once(once, [] {
     std::fprintf(stderr,
                  "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d "
-                 "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_DEBUG=1\n",
-                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start());
+                 "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_DEBUG=1\n",
+                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start(), spin_backoff_ns());
   });
 }
 

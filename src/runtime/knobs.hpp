@@ -27,6 +27,11 @@ unsigned long long debug_epoch_start();
 // 0 when unset (the Python side then uses min(ranks, 8), and the hints deep_ep's 8).
 int nvl_ranks_per_node();
 
+// MOELINK_SPIN_BACKOFF_NS (0..10000, default 0): a device wait that has spun 64 times sleeps this
+// many ns (__nanosleep) between its further polls. 0 keeps the tight spin. For measuring whether
+// spinning warps slow the working ones on their SMs (bench/NOTES.md); read on every Buffer.
+unsigned spin_backoff_ns();
+
 // Prints every knob's value to stderr once per process when debug() is on.
 void log_once();
 

@@ -94,6 +94,18 @@ MOELINK_TEST(knobs_read_timeout_and_reject_malformed_values) {
   EXPECT_EQ(moelink::knobs::timeout_seconds(), 100.0);
 }
 
+MOELINK_TEST(knobs_read_the_spin_backoff_and_reject_malformed_values) {
+  unsetenv("MOELINK_SPIN_BACKOFF_NS");
+  EXPECT_EQ(moelink::knobs::spin_backoff_ns(), 0u);
+  setenv("MOELINK_SPIN_BACKOFF_NS", "250", 1);
+  EXPECT_EQ(moelink::knobs::spin_backoff_ns(), 250u);
+  for (const char* bad : {"-1", "10001", "fast", "25ns"}) {
+    setenv("MOELINK_SPIN_BACKOFF_NS", bad, 1);
+    EXPECT_THROW_KIND(moelink::knobs::spin_backoff_ns(), ErrorKind::kValue, "MOELINK_SPIN_BACKOFF_NS");
+  }
+  unsetenv("MOELINK_SPIN_BACKOFF_NS");
+}
+
 MOELINK_TEST(knobs_parse_the_epoch_start_as_unsigned_64_bit) {
   setenv("MOELINK_DEBUG_EPOCH_START", "18446744073709551516", 1);
   EXPECT_EQ(moelink::knobs::debug_epoch_start(), 18446744073709551516ull);

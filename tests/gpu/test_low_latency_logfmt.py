@@ -9,7 +9,8 @@ one (both groups travel as bf16; NaN and infinity must come back as such). Each 
 lie within sum_k |w_k| * (REL_BOUND * |y_k| + 2**-12 * amax(group of y_k)) of the exact sum, plus
 the bf16 rounding of the result. With one expert per token (and an odd number of groups per row)
 the result must equal the reference's own decoding, up to one value in a thousand (float32 log2 /
-exp2 last bits). Hook mode and zero-copy input as well; a bf16 round on the Buffer after them.
+exp2 last bits). Hook mode and zero-copy input as well; a bf16 round on the Buffer after them. Ranks
+that disagree on use_logfmt get NaN rows for the tokens that needed the other format, and an error.
 
 Written in a session without GPU time left: not yet run. MOELINK_EXPERIMENTAL_LOGFMT=1 (set here)
 lets use_logfmt=True through until it has.
@@ -171,4 +172,40 @@ def _switch_off(rank, num_ranks):
     out = buf.low_latency_dispatch(inputs[rank].x, topk_idx, case.max_tokens, case.num_experts, use_fp8=False)
     with pytest.raises(NotImplementedError, match="MOELINK_EXPERIMENTAL_LOGFMT"):
         buf.low_latency_combine(out[0], topk_idx, inputs[rank].topk_weights, out[2], use_logfmt=True)
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_ranks_that_disagree_on_use_logfmt_get_poisoned_rows_and_an_error(num_ranks):
+    launcher.run_ranks(num_ranks, _disagree, 65000 * num_ranks, timeout_s=200, env=ENV)
+
+
+def _disagree(rank, num_ranks, seed):
+    """Rank 0 combines with use_logfmt=True, the others without: each token that needs an expert of
+    a rank in the other format comes back NaN, the others as usual, every rank hears why (at the
+    call or from check_device_errors), and the Buffer stays usable."""
+    import warnings  # noqa: PLC0415
+
+    case = CASES[1].resolved(num_ranks)
+    buf = make_ll_buffer(num_ranks, [case])
+    routing, inputs = make_round(case, seed, num_ranks)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    out = buf.low_latency_dispatch(inputs[rank].x, topk_idx, case.max_tokens, case.num_experts, use_fp8=False)
+    y = combine_input(out, inputs, rank, num_ranks, seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        combined = buf.low_latency_combine(y, topk_idx, inputs[rank].topk_weights, out[2], use_logfmt=rank == 0)[0]
+        torch.cuda.synchronize()
+    messages = [str(w.message) for w in caught]
+    try:
+        buf.runtime.check_device_errors()
+    except ValueError as error:
+        messages.append(str(error))
+    e_local = case.num_experts // num_ranks
+    other = (topk_idx >= 0) & (((topk_idx // e_local) == 0) != (rank == 0))
+    spoilt = other.any(dim=1)
+    assert any("use_logfmt" in m for m in messages) == bool(spoilt.any()), f"rank {rank}: {messages}"
+    assert bool(combined[spoilt].isnan().all()), f"rank {rank}: a token that needed the other format is not poisoned"
+    assert bool(torch.isfinite(combined[~spoilt][:, :INF_GROUP * lf.GROUP]).all()), f"rank {rank}: a good token poisoned"
+    one_round(buf, CASES[1].resolved(num_ranks), seed + 1, rank, num_ranks, what=f"rank {rank} after the disagreement")
     buf.destroy()

@@ -21,7 +21,9 @@ The bound (per value v of a finite group, amax its group's largest magnitude):
 and fallback groups are bf16-exact but for value 0's last mantissa bit: one bf16 step of that value
 (a relative error of at most 2 ** -7 for a normal value, which the bound covers; a subnormal value 0
 of a group that also holds a NaN or an infinity may lose its last bit outright). Every rank must
-pass the same use_logfmt, and a hook's receive the same as its send: nothing checks that yet. REL_BOUND is 2 ** (FLUSH_OCTAVES / 1020) - 1 with a margin for the
+pass the same use_logfmt, and a hook's receive the same as its send: each expert's combine signal
+says the format of its rows, and a receiver that expects the other one poisons the tokens that
+needed them and reports it (a local error). REL_BOUND is 2 ** (FLUSH_OCTAVES / 1020) - 1 with a margin for the
 float32 log2 / exp2 of the kernel.
 """
 

@@ -36,6 +36,8 @@ constexpr int kSendUnroll = 8;  // loads in flight per lane when a row goes back
 constexpr int kMaxWarpsPerToken = 4;  // warps that share one token's sum, each a slice of its row
 constexpr int kLoadGroup = 8;  // top-k rows' words loaded together in a sum
 constexpr int kLogFmtUnroll = 4;  // LogFMT send: group steps whose loads go out together
+// What an expert's combine signal carries: the format its rows are in.
+constexpr int kFormatBf16 = 0, kFormatLogFmt = 1;
 
 __device__ __forceinline__ int block_begin(long long range) { return static_cast<int>(range >> 32); }
 __device__ __forceinline__ int block_count(long long range) { return static_cast<int>(range & 0xffffffffLL); }
@@ -120,7 +122,7 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
     *done = 0;
     window::signal(reinterpret_cast<int*>(window::peer_address_in(a.regions, s,
                                                                   L.combine_signal(parity, a.rank * E_local + le))),
-                   static_cast<int>(signal_word(seq, 0)));
+                   static_cast<int>(signal_word(seq, kLogFmt ? kFormatLogFmt : kFormatBf16)));
   }
 }
 
@@ -180,7 +182,15 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
         ok = got != kPeerFailed;
         if (a.wait_recv_cost_stats != nullptr && part == 0)
           atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[source]), global_timer_ns() - start);
-        if (got == kPeerArrived) row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
+        // The signal says which format the rows came in: ranks (or a hook's send and receive) that
+        // disagree on use_logfmt would otherwise decode one format as the other.
+        if (got == kPeerArrived &&
+            signal_value(static_cast<uint32_t>(ld_volatile(word))) != (kLogFmt ? kFormatLogFmt : kFormatBf16)) {
+          if (part == 0) report_local(a.err, kErrLowLatencyFormatMismatch, 1, expert);
+          bad = true;
+        } else if (got == kPeerArrived) {
+          row = reinterpret_cast<const int4*>(own + L.combine_slot(parity, expert, t));
+        }
       }
       rows[warp][lane] = row;
       weights[warp][lane] = row != nullptr ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
