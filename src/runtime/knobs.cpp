@@ -24,6 +24,17 @@ bool flag(const char* name, bool fallback) {
   return text == "1";
 }
 
+// An integer knob in [lo, hi], or `fallback` when unset; `expected` words the range for the error.
+long integer(const char* name, long lo, long hi, long fallback, const char* expected) {
+  const char* value = value_of(name);
+  if (value == nullptr) return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(value, &end, 10);
+  if (end == value || *end != '\0' || n < lo || n > hi)
+    detail::raise(ErrorKind::kValue, name, ": expected ", expected, ", got '", value, "'");
+  return n;
+}
+
 }  // namespace
 
 double timeout_seconds() {
@@ -63,23 +74,11 @@ unsigned long long debug_epoch_start() {
 }
 
 int nvl_ranks_per_node() {
-  const char* value = value_of("MOELINK_NVL_RANKS");
-  if (value == nullptr) return 0;
-  char* end = nullptr;
-  const long ranks = std::strtol(value, &end, 10);
-  if (end == value || *end != '\0' || ranks < 1 || ranks > 8)
-    detail::raise(ErrorKind::kValue, "MOELINK_NVL_RANKS: expected 1..8 GPUs per node, got '", value, "'");
-  return static_cast<int>(ranks);
+  return static_cast<int>(integer("MOELINK_NVL_RANKS", 1, 8, 0, "1..8 GPUs per node"));
 }
 
 unsigned spin_backoff_ns() {
-  const char* value = value_of("MOELINK_SPIN_BACKOFF_NS");
-  if (value == nullptr) return 0;
-  char* end = nullptr;
-  const long ns = std::strtol(value, &end, 10);
-  if (end == value || *end != '\0' || ns < 0 || ns > 10000)
-    detail::raise(ErrorKind::kValue, "MOELINK_SPIN_BACKOFF_NS: expected 0..10000 ns, got '", value, "'");
-  return static_cast<unsigned>(ns);
+  return static_cast<unsigned>(integer("MOELINK_SPIN_BACKOFF_NS", 0, 10000, 0, "0..10000 ns"));
 }
 
 void log_once() {
