@@ -49,6 +49,7 @@ OP_TITLES = {
     "dispatch_bf16_cached": "dispatch bf16 cached", "dispatch_fp8_cached": "dispatch fp8 cached",
     "combine": "combine of recv_x", "combine_torch_input": "combine, torch-allocated input",
     "dispatch_bf16_held": "dispatch bf16 uncached, outputs held", "layout": "get_dispatch_layout",
+    "layout_host": "get_dispatch_layout, host time of the call",
 }
 DEFAULT_CELLS = "4x24,4x8,8x16"
 MAX_RANKS = 8  # one NVLink domain: the intranode mode this job measures
