@@ -6,8 +6,9 @@ num_worst_tokens, async with previous_event, silent and deaf ranks), against the
 with tiny rings so that every leg wraps around; then 50 back-to-back rounds. The composition itself
 is also checked on the CPU (tests/cpu/test_internode_composition.py).
 
-Written in a session without a GPU: not yet run (needs MOELINK_EXPERIMENTAL_INTERNODE=1, which the
-launcher sets here).
+Passed on one H200 with the ranks under MPS (2026-12-01), before the cases routed by
+is_token_in_rank alone were added. Needs MOELINK_EXPERIMENTAL_INTERNODE=1, which the launcher sets
+here.
 """
 
 import pytest

@@ -6,8 +6,8 @@ work between send and receive, zero-copy combine input, `out=`, three dispatches
 replays, low-latency calls mixed with normal-mode ones on one Buffer, two overlapped micro-batches in
 hook mode with skewed ranks, and a third outstanding call timing out naming the limit.
 
-These kernels had not run on a GPU when this file was written (see CHANGELOG): the operations need
-MOELINK_EXPERIMENTAL_LOW_LATENCY=1, which the launcher sets here.
+Passed on one H200 with the ranks under MPS (2026-12-01). The launcher sets
+MOELINK_EXPERIMENTAL_LOW_LATENCY=1 (the default now) so a caller's 0 cannot switch the mode off here.
 """
 
 import re

@@ -6,7 +6,7 @@ rank. Ranks are processes on one GPU under MPS; the rank that stops stays alive 
 until the survivors are done (their next call still writes into its region, and writes into an
 exited process's IPC memory are undefined; under MPS a fault faults every client, docs/TESTING.md).
 
-These kernels had not run on a GPU when this file was written (see CHANGELOG).
+Passed on one H200 with the ranks under MPS (2026-12-01).
 """
 
 from dataclasses import replace
