@@ -80,7 +80,9 @@ def load_impl(impl: str, anchor_path: str | None):
     return moelink
 
 
-def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True) -> float:
+def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True, host: bool = False) -> float:
+    """Median µs of op: CUDA events around it on the caller's stream, or (host) the caller's thread
+    time in the call, which returns before the GPU is done."""
     for _ in range(warmup):
         op()
     samples = []
@@ -89,27 +91,17 @@ def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True) -> float:
         torch.cuda.synchronize()
         if barrier:
             dist.barrier()
+        if host:
+            start = time.perf_counter()
+            op()
+            samples.append((time.perf_counter() - start) * 1e6)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         op()
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
-
-
-def _host_us(op, flush, iters: int, warmup: int) -> float:
-    """As _time_us, timing the caller's thread instead of the GPU."""
-    for _ in range(warmup):
-        op()
-    samples = []
-    for _ in range(iters):
-        flush.zero_()
-        torch.cuda.synchronize()
-        dist.barrier()
-        start = time.perf_counter()
-        op()
-        samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples)
 
 
@@ -195,8 +187,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
             if not everyone_ok(name):
                 break
         try:
-            timer = _host_us if name == "layout_host" else _time_us
-            mine[name] = (timer(op, flush, iters, warmup), nbytes)
+            mine[name] = (_time_us(op, flush, iters, warmup, host=name == "layout_host"), nbytes)
         except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
             errors[name] = traceback.format_exc(limit=3)
         if not everyone_ok(name):
