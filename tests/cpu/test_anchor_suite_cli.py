@@ -20,3 +20,8 @@ def test_a_missing_suite_is_unavailable_and_named(repo_root, tmp_path):
     result = _run(repo_root, "--suite", str(tmp_path))
     assert result.returncode == 3, (result.stdout, result.stderr)
     assert "test_intranode.py" in result.stderr and "utils.py" not in result.stderr.split("lacks", 1)[1]
+
+
+def test_an_unknown_impl_is_refused_before_anything_runs(repo_root, tmp_path):
+    result = _run(repo_root, "--impl", "moelink,nccl", "--suite", str(tmp_path))
+    assert result.returncode == 2 and "--impl" in result.stderr, (result.stdout, result.stderr)
