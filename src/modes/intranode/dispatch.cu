@@ -74,6 +74,8 @@ __device__ __forceinline__ T* at_offset(void* base, long long offset) {
 // channel any more, so both blocks of the channel send, each half of its tokens (`part`).
 enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
 
+constexpr int kHoistedScales = 4;  // scales a lane keeps in registers: up to 128 per token (H <= 16384)
+
 __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
@@ -211,35 +213,54 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
             }
         }
       }
-      // Metadata: final outputs for direct destinations, ring fields for the others.
+      // Metadata: final outputs for direct destinations, ring fields for the others. The token's
+      // ids, weights and scales are read once, before the destinations: read per destination they
+      // cost one memory round trip each, which fp8's short rows feel most (scales read from a
+      // column-major tensor are a sector apiece).
+      const int64_t id = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+      const float weight = lane < K && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+      const bool hoisted = S <= 32 * kHoistedScales;
+      float scale[kHoistedScales];
+#pragma unroll
+      for (int u = 0; u < kHoistedScales; ++u) {
+        const int i = lane + 32 * u;
+        scale[u] = hoisted && i < S ? a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale] : 0.f;
+      }
       for (int d = 0; d < R; ++d) {
         const int pos = position[warp][d];
         if (pos < 0) continue;
+        float* scales_out;
+        int64_t scales_stride;
         if (direct[d]) {
           const DirectOut& o = outs[d];
           const int64_t row = o.first_row + pos;
           if (row >= o.num_rows) continue;
           if (lane == 0 && o.src_idx) o.src_idx[row] = t;
           if (lane < K) {
-            const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + lane];
-            const bool mine = e >= o.expert_begin && e < o.expert_begin + a.num_local_experts;
-            if (o.topk_idx) o.topk_idx[row * K + lane] = mine ? e - o.expert_begin : -1;
-            if (o.topk_weights)
-              o.topk_weights[row * K + lane] = mine && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+            const bool mine = id >= o.expert_begin && id < o.expert_begin + a.num_local_experts;
+            if (o.topk_idx) o.topk_idx[row * K + lane] = mine ? id - o.expert_begin : -1;
+            if (o.topk_weights) o.topk_weights[row * K + lane] = mine ? weight : 0.f;
           }
-          for (int i = lane; i < S; i += 32)
-            o.scales[row * o.scales_stride_token + i * o.scales_stride_scale] =
-                a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+          scales_out = o.scales + row * o.scales_stride_token;
+          scales_stride = o.scales_stride_scale;
         } else {
           char* ring = L.ring(a.peers.data[d], channel, rank);
           const int slot = pos % L.slots;
           if (lane == 0) *L.slot_src_idx(ring, slot) = t;
           if (lane < K) {
-            L.slot_topk_idx(ring, slot)[lane] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * K + lane]);
-            L.slot_weights(ring, slot)[lane] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
+            L.slot_topk_idx(ring, slot)[lane] = static_cast<int>(id);
+            L.slot_weights(ring, slot)[lane] = weight;
           }
+          scales_out = L.slot_scales(ring, slot);
+          scales_stride = 1;
+        }
+        if (hoisted) {
+#pragma unroll
+          for (int u = 0; u < kHoistedScales; ++u)
+            if (lane + 32 * u < S) scales_out[(lane + 32 * u) * scales_stride] = scale[u];
+        } else {
           for (int i = lane; i < S; i += 32)
-            L.slot_scales(ring, slot)[i] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+            scales_out[i * scales_stride] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
         }
       }
     }
