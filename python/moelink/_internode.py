@@ -402,9 +402,10 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         else:
             # The node exchange: the ranks of this node the token's is_token_in_rank row names, and the
             # node's experts' totals (each rank's count list then sums every source's counts).
-            width = -(-buf.group_size // 16) * 16
-            a_mask = _from_rows(steps.run(lambda: stages.lane.dispatch(_as_rows(is_token_in_rank, width),
-                                                                       handle=a_handle, config=lane_config))[0],
+            # Built before the leg opens: a failure here must abstain from it, not count as having run it.
+            mask_rows = _as_rows(is_token_in_rank, -(-buf.group_size // 16) * 16)
+            a_mask = _from_rows(steps.run(lambda: stages.lane.dispatch(mask_rows, handle=a_handle,
+                                                                       config=lane_config))[0],
                                 torch.bool, buf.group_size)
             b_in_rank = (a_mask[:, here] & a_valid.unsqueeze(1)).contiguous()
             b_per_rank = b_in_rank.sum(dim=0, dtype=torch.int32)
@@ -419,7 +420,8 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         rows = torch.arange(a_valid.size(0), device=prefix.device)
         source_node = torch.searchsorted(prefix, rows, right=True)
         source = torch.stack([(source_node * L + stages.lane_index).to(torch.int32), a_handle[3].to(torch.int32)], 1)
-        b_source = _from_rows(steps.run(lambda: stages.node.dispatch(_as_rows(source, _META_WIDTH), handle=b_handle,
+        source_rows = _as_rows(source, _META_WIDTH)
+        b_source = _from_rows(steps.run(lambda: stages.node.dispatch(source_rows, handle=b_handle,
                                                                      config=node_config))[0], torch.int32, 2)
         b_valid = b_handle[3] >= 0
         last = torch.full(b_valid.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=b_valid.device)

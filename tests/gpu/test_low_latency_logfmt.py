@@ -32,7 +32,7 @@ ENV = {"MOELINK_EXPERIMENTAL_LOW_LATENCY": "1", "MOELINK_EXPERIMENTAL_LOGFMT": "
 # The third case has one expert per token, so each combined value is one decoded value times its
 # weight and can be held against the reference's own decoding; its 17 groups per row (odd) leave
 # half a warp without a group in the encoder's last step.
-CASES = [LLCase("logfmt", 128, 0, 7168, 8, 256), LLCase("logfmt-small", 16, 5, 2048, 9, 0, drop_prob=0.2),
+CASES = [LLCase("logfmt", 128, 0, 7168, 8, 256), LLCase("logfmt-small", 16, 5, 2048, 9, 48, drop_prob=0.2),
          LLCase("logfmt-one-expert", 64, 0, 2176, 1, 0, drop_prob=0.0)]
 INF_EXPERT, INF_GROUP = 3, 2
 # Groups of every expert that the format treats specially (the first two within every case's hidden
