@@ -74,7 +74,8 @@ __device__ __forceinline__ T* at_offset(void* base, long long offset) {
 // channel any more, so both blocks of the channel send, each half of its tokens (`part`).
 enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
 
-constexpr int kHoistedScales = 4;  // scales a lane keeps in registers: up to 128 per token (H <= 16384)
+// Scale words a lane keeps in registers: up to 128 per token (H <= 16384 float32, 65536 UE8M0).
+constexpr int kHoistedScales = 4;
 
 __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part) {
   const RingLayout& L = a.layout;
