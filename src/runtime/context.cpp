@@ -303,7 +303,7 @@ void Context::check_device_errors(bool on_entry) {
   }
   // Data errors leave the protocol intact: clear the record so the Buffer stays usable.
   data->code = kernels::kErrNone;
-  cudaMemsetAsync(&header()->common.data_claim, 0, sizeof(int), comm_stream);
+  release_claim(&header()->common.data_claim);
   throw Error(ErrorKind::kValue, message);
 }
 
@@ -325,7 +325,34 @@ void Context::fail_host_wait(const std::string& message, int step) {
   throw Error(ErrorKind::kTimeout, message);
 }
 
+namespace {
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+}
+}  // namespace
+
+void Context::release_claim(int* claim) {
+  if (capturing(comm_stream)) {
+    for (int*& slot : deferred_claims)
+      if (slot == nullptr || slot == claim) {
+        slot = claim;
+        return;
+      }
+  }
+  cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
+}
+
+void Context::release_deferred_claims() {
+  if (deferred_claims[0] == nullptr || capturing(comm_stream)) return;
+  for (int*& slot : deferred_claims) {
+    if (slot != nullptr) cudaMemsetAsync(slot, 0, sizeof(int), comm_stream);
+    slot = nullptr;
+  }
+}
+
 void Context::begin_op(const StreamOrder& order) {
+  release_deferred_claims();
   if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
     raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
   if (order.previous_event) {
@@ -381,7 +408,7 @@ void Context::collect_local_errors() {
   }
   // Only the first local error since the last read is kept; the next one may be recorded now.
   local->code = kernels::kErrNone;
-  cudaMemsetAsync(&header()->common.local_claim, 0, sizeof(int), comm_stream);
+  release_claim(&header()->common.local_claim);
   local_errors.push_back(std::move(message));
 }
 

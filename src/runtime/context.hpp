@@ -97,6 +97,14 @@ class Context {
   // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
   void collect_local_errors();
+  // Gives an error record's claim back (the word a kernel takes before it fills the record) once
+  // the host has read the record. On the comm stream, in order with the kernels; while that stream
+  // is being captured into a CUDA graph the memset would run at each replay and not now, leaving
+  // the claim taken so that no later error could be recorded: then it waits for the next operation
+  // that is not captured (begin_op).
+  void release_claim(int* claim);
+  void release_deferred_claims();
+  int* deferred_claims[2] = {nullptr, nullptr};
   std::vector<std::string> take_local_errors();
   std::vector<std::string> local_errors;
   // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers

@@ -344,6 +344,59 @@ def _bad_expert_ids(rank, num_ranks, seed):
     buf.destroy()
 
 
+def test_an_error_collected_while_capturing_leaves_later_errors_reported():
+    """A local error of an eager call that the first call inside a CUDA graph capture collects: the
+    record's claim must be given back outside the graph (a memset captured instead would leave it
+    taken until a replay ran it), so a bad id of the next eager call is reported again."""
+    launcher.run_ranks(2, _error_across_capture, 68500, timeout_s=120, env=ENV)
+
+
+def _error_across_capture(rank, num_ranks, seed):
+    import warnings
+
+    case = LLCase("small", 16, 8, 2048, 4, 4 * num_ranks).resolved(num_ranks)
+    buf = make_ll_buffer(num_ranks, [case])
+    routing, inputs = make_round(case, seed, num_ranks)
+    x, topk_idx = inputs[rank].x, torch.from_numpy(routing[rank]).cuda()
+    M, E = case.max_tokens, case.num_experts
+    bad = topk_idx.clone()
+    if rank == 0:
+        bad[3, 1] = E + 7
+
+    def reports(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+            torch.cuda.synchronize()
+            try:
+                buf.runtime.check_device_errors()
+            except ValueError as error:
+                return [str(w.message) for w in caught] + [str(error)]
+        return [str(w.message) for w in caught]
+
+    buf.low_latency_dispatch(x, bad, M, E, use_fp8=False)  # the kernel records; nobody has read it yet
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.cuda.graph(graph):  # its first call collects the eager call's error
+            buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)
+    seen = [str(w.message) for w in caught]
+    if rank == 0:
+        assert any("token 3 slot 1" in m for m in seen), f"the first captured call did not report it: {seen}"
+    # An eager call with a bad id again: its error must be recorded (the claim was given back).
+    again = reports(lambda: buf.low_latency_dispatch(x, bad, M, E, use_fp8=False))
+    if rank == 0:
+        assert any("token 3 slot 1" in m for m in again), f"the second bad id went unreported: {again}"
+    else:
+        assert not again, again
+    graph.replay()
+    torch.cuda.synchronize()
+    del graph
+    one_round(buf, case, seed + 1, rank, num_ranks, what="after the capture")
+    buf.destroy()
+
+
 def _double_batch(rank, num_ranks, seed):
     """Two micro-batches overlapped as inference servers do: send 0, send 1, hook 0, hook 1, for the
     dispatch and then the combine, with ranks skewed by a GPU sleep before their hooks."""
