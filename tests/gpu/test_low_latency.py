@@ -296,18 +296,26 @@ def test_bad_expert_ids():
     launcher.run_ranks(2, _bad_expert_ids, 68100, timeout_s=120, env=ENV)
 
 
-def _bad_expert_ids(rank, num_ranks, seed):
-    import warnings
-
+def _small_with_bad_ids(rank, num_ranks, seed, twice=True):
+    """A small round, and rank 0's routing spoilt: token 3 slot 1 outside [-1, E), and (twice) token
+    5 naming expert 0 in slots 0 and 2. One rank's input only: its peers never hear of it."""
     case = LLCase("small", 16, 8, 2048, 4, 4 * num_ranks).resolved(num_ranks)
     buf = make_ll_buffer(num_ranks, [case])
     routing, inputs = make_round(case, seed, num_ranks)
-    x, topk_idx = inputs[rank].x, torch.from_numpy(routing[rank]).cuda()
-    M, E = case.max_tokens, case.num_experts
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
     bad = topk_idx.clone()
-    if rank == 0:  # one rank's input only: its peers never hear of it
-        bad[3, 1] = E + 7
-        bad[5, 0] = bad[5, 2] = 0  # expert 0 twice
+    if rank == 0:
+        bad[3, 1] = case.num_experts + 7
+        if twice:
+            bad[5, 0] = bad[5, 2] = 0
+    return case, buf, routing, inputs, topk_idx, bad
+
+
+def _bad_expert_ids(rank, num_ranks, seed):
+    import warnings
+
+    case, buf, routing, inputs, topk_idx, bad = _small_with_bad_ids(rank, num_ranks, seed)
+    x, M, E = inputs[rank].x, case.max_tokens, case.num_experts
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = buf.low_latency_dispatch(x, bad, M, E, use_fp8=False)
@@ -354,14 +362,8 @@ def test_an_error_collected_while_capturing_leaves_later_errors_reported():
 def _error_across_capture(rank, num_ranks, seed):
     import warnings
 
-    case = LLCase("small", 16, 8, 2048, 4, 4 * num_ranks).resolved(num_ranks)
-    buf = make_ll_buffer(num_ranks, [case])
-    routing, inputs = make_round(case, seed, num_ranks)
-    x, topk_idx = inputs[rank].x, torch.from_numpy(routing[rank]).cuda()
-    M, E = case.max_tokens, case.num_experts
-    bad = topk_idx.clone()
-    if rank == 0:
-        bad[3, 1] = E + 7
+    case, buf, routing, inputs, topk_idx, bad = _small_with_bad_ids(rank, num_ranks, seed, twice=False)
+    x, M, E = inputs[rank].x, case.max_tokens, case.num_experts
 
     def reports(call):
         with warnings.catch_warnings(record=True) as caught:
