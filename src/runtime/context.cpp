@@ -333,14 +333,15 @@ bool capturing(cudaStream_t stream) {
 }  // namespace
 
 void Context::release_claim(int* claim) {
-  if (capturing(comm_stream)) {
-    for (int*& slot : deferred_claims)
-      if (slot == nullptr || slot == claim) {
-        slot = claim;
-        return;
-      }
-  }
+  // Captured, the memset gives the claim back at each replay (a Buffer may be used by replays
+  // alone); and, deferred, once outside the capture for the eager calls after it.
   cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
+  if (!capturing(comm_stream)) return;
+  for (int*& slot : deferred_claims)
+    if (slot == nullptr || slot == claim) {
+      slot = claim;
+      return;
+    }
 }
 
 void Context::release_deferred_claims() {
@@ -413,6 +414,7 @@ void Context::collect_local_errors() {
 }
 
 std::vector<std::string> Context::take_local_errors() {
+  release_deferred_claims();
   collect_local_errors();
   std::vector<std::string> taken;
   taken.swap(local_errors);

@@ -98,10 +98,10 @@ class Context {
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
   void collect_local_errors();
   // Gives an error record's claim back (the word a kernel takes before it fills the record) once
-  // the host has read the record. On the comm stream, in order with the kernels; while that stream
-  // is being captured into a CUDA graph the memset would run at each replay and not now, leaving
-  // the claim taken so that no later error could be recorded: then it waits for the next operation
-  // that is not captured (begin_op).
+  // the host has read the record: a memset on the comm stream, in order with the kernels. While
+  // that stream is being captured into a CUDA graph the memset runs at each replay and not now, so
+  // it is also issued again at the next call that is not captured (begin_op, take_local_errors);
+  // without that the claim stays taken and eager calls after the capture record no error.
   void release_claim(int* claim);
   void release_deferred_claims();
   int* deferred_claims[2] = {nullptr, nullptr};

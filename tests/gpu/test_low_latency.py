@@ -354,8 +354,8 @@ def _bad_expert_ids(rank, num_ranks, seed):
 
 def test_an_error_collected_while_capturing_leaves_later_errors_reported():
     """A local error of an eager call that the first call inside a CUDA graph capture collects: the
-    record's claim must be given back outside the graph (a memset captured instead would leave it
-    taken until a replay ran it), so a bad id of the next eager call is reported again."""
+    record's claim must be given back outside the graph too (the memset the capture takes runs only
+    at replays), so a bad id of the next eager call is reported again; a replay after it is fine."""
     launcher.run_ranks(2, _error_across_capture, 68500, timeout_s=120, env=ENV)
 
 
@@ -376,7 +376,13 @@ def _error_across_capture(rank, num_ranks, seed):
                 return [str(w.message) for w in caught] + [str(error)]
         return [str(w.message) for w in caught]
 
-    buf.low_latency_dispatch(x, bad, M, E, use_fp8=False)  # the kernel records; nobody has read it yet
+    # The kernel records; nobody has read it yet: the sleep holds the kernel back until the call (and
+    # its end, which collects what is recorded) has returned.
+    with warnings.catch_warnings(record=True) as early:
+        warnings.simplefilter("always")
+        torch.cuda._sleep(int(2e6))
+        buf.low_latency_dispatch(x, bad, M, E, use_fp8=False)
+    assert not early, [str(w.message) for w in early]
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with warnings.catch_warnings(record=True) as caught:
