@@ -125,20 +125,21 @@ __device__ __forceinline__ void group_barrier(int id, int num_threads) {
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 
-// Copies `num_int4` 16-byte words with the whole warp, several loads in flight per lane before the
-// first store. Load and store policies are template functors so the same loop serves every path.
+// Copies `num_int4` 16-byte words with the whole warp, kUnroll loads in flight per lane before
+// their stores, the last round predicated: a short row is a few rounds, so a tail done one word at
+// a time would cost as much as the rounds before it. Load and store policies are template
+// functors so the same loop serves every path.
 template <int kUnroll, typename Load, typename Store>
 __device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) {
-  const int lane = lane_id();
-  int i = lane;
-  for (; i + (kUnroll - 1) * 32 < num_int4; i += kUnroll * 32) {
+  for (int base = lane_id(); base < num_int4; base += 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = load(i + u * 32);
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + 32 * u < num_int4) v[u] = load(base + 32 * u);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) store(i + u * 32, v[u]);
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + 32 * u < num_int4) store(base + 32 * u, v[u]);
   }
-  for (; i < num_int4; i += 32) store(i, load(i));
 }
 
 // For e in [0, count), store(e, load(e)) across a group, with kUnroll loads in flight per thread

@@ -15,23 +15,6 @@ __device__ __forceinline__ bool names_earlier_slot(long long e, int num_experts,
   return valid && (same & ((1u << lane) - 1)) != 0;
 }
 
-// store(i, load(i)) for i in [0, n) with one warp, kUnroll loads per lane in flight before their
-// stores, the last round predicated: a decode row is a few rounds, so a tail done one word at a
-// time would cost as much as the rounds before it.
-template <int kUnroll, typename Load, typename Store>
-__device__ __forceinline__ void warp_copy_rounds(int n, Load load, Store store) {
-  const int lane = kernels::lane_id();
-  for (int base = lane; base < n; base += 32 * kUnroll) {
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + 32 * u < n) v[u] = load(base + 32 * u);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + 32 * u < n) store(base + 32 * u, v[u]);
-  }
-}
-
 struct CallStart {
   kernels::Epoch seq;
   bool fault;       // known at the start: the block only poisons

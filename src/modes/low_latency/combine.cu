@@ -85,7 +85,7 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
     const int4* src = static_cast<const int4*>(a.x) + (static_cast<int64_t>(le) * RM + row) * (H / 8);
     if constexpr (!kLogFmt) {
       // A row is short for one warp: several loads per lane in flight, not one at a time.
-      warp_copy_rounds<kSendUnroll>(
+      warp_copy<kSendUnroll>(
           H / 8, [&](int i) { return ld_nc_stream(src + i); },
           [&](int i, const int4& v) { reinterpret_cast<int4*>(dst)[i] = v; });
     } else {
@@ -127,13 +127,10 @@ __device__ void send_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
 }
 
 __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v, float w) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+  float f[8];
+  logfmt::unpack_bf16x8(v, f);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += w * f.x;
-    acc[2 * i + 1] += w * f.y;
-  }
+  for (int i = 0; i < 8; ++i) acc[i] += w * f[i];
 }
 
 template <bool kLogFmt>

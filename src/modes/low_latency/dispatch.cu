@@ -119,7 +119,7 @@ __device__ void send_token(const DispatchArgs& a, int t, int parity, unsigned ma
   // A row is short for one warp: the latency of each load, not bandwidth, bounds it, so every lane
   // keeps several loads in flight before it stores to the K destinations.
   if constexpr (!kFp8) {
-    warp_copy_rounds<kSendUnroll>(
+    warp_copy<kSendUnroll>(
         H / 8, [&](int i) { return ld_nc_stream(row + i); },
         [&](int i, const int4& v) {
           for (int k = 0; k < K; ++k)
@@ -270,7 +270,7 @@ __device__ void recv_half(const DispatchArgs& a, Epoch seq, int parity, unsigned
       if (lane == 0) a.src_info[out_row] = ld_cg(reinterpret_cast<const int4*>(msg)).x;
       const int4* payload = reinterpret_cast<const int4*>(msg + 16);
       int4* out = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + out_row * (kFp8 ? H : 2 * H));
-      warp_copy_rounds<kRecvUnroll>(
+      warp_copy<kRecvUnroll>(
           kFp8 ? H / 16 : H / 8, [&](int j) { return ld_cg(payload + j); }, [&](int j, const int4& v) { out[j] = v; });
       if constexpr (kFp8) {
         const float* scales = reinterpret_cast<const float*>(msg + 16 + H);
