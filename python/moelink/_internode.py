@@ -41,16 +41,19 @@ from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple, Union
 import torch
 
 from . import _bootstrap, _knobs, _moelink
-from ._checks import _check_config, _check_int, _check_tensor, _split_x
+from ._checks import _check_config, _check_int, _check_tensor, _split_bias, _split_x, _tensors
 from ._intranode import _waits_on_host
+from ._streams import check_order
 from ._moelink import Config
 from .event import EventOverlap
 
 if TYPE_CHECKING:
     from .buffer import Buffer
 
-_NOT_ENABLED = ("internode normal mode is experimental in moelink (not yet validated on a GPU): set "
+_NOT_ENABLED = ("internode normal mode is experimental in moelink (nodes emulated on one host): set "
                 "MOELINK_EXPERIMENTAL_INTERNODE=1 before building the Buffer to use it")
+_NOT_WITH_LOW_LATENCY = ("normal-mode dispatch and combine across nodes on a low_latency_mode Buffer are not "
+                         "implemented: build a Buffer without low_latency_mode for them")
 _META_WIDTH = 16  # bytes of the (source rank, source token) row of the last node exchange
 _MAX_EXPERTS_PER_NODE = 1024  # the lane exchange holds a node's experts per rank (kMaxLocalExperts)
 
@@ -58,8 +61,6 @@ _MAX_EXPERTS_PER_NODE = 1024  # the lane exchange holds a node's experts per ran
 class InternodeHandle(tuple):
     """(per-source-rank row prefix [R] int32, lane handle, node handle, recv_src_idx [N] int32,
     is_token_in_rank [T, R] bool, sort [N] int64); a plain tuple to anyone who unpacks it."""
-
-    hidden: int = 0
 
 
 def _members(topology: Any) -> Tuple[List[int], List[int]]:
@@ -158,7 +159,7 @@ def _together(all_gather: Any, name: str, build: Any) -> Any:
 def _stages(buf: "Buffer", op: str, raise_pending: bool = True) -> Stages:
     buf._check_usable(op)
     if buf._internode is None:
-        raise NotImplementedError(_NOT_ENABLED)
+        raise NotImplementedError(_NOT_WITH_LOW_LATENCY if buf.low_latency_mode else _NOT_ENABLED)
     stages = buf._internode
     if not raise_pending:  # a local getter: pending errors are for the next collective
         return stages
@@ -202,11 +203,10 @@ class _OnStream:
     stream; the caller's stream waits at the end unless async_finish."""
 
     def __init__(self, stages: Stages, previous_event: Optional[EventOverlap], async_finish: bool) -> None:
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+        # previous_event and async_finish were checked with the operation's arguments (check_order).
         self.stream = stages.stream
         self.caller = torch.cuda.current_stream()
-        self.previous_event, self.async_finish = previous_event, bool(async_finish)
+        self.previous_event, self.async_finish = previous_event, async_finish
 
     def __enter__(self) -> "_OnStream":
         if self.previous_event is not None and self.previous_event.event is not None:
@@ -221,17 +221,18 @@ class _OnStream:
         self._context.__exit__(*exc)
 
     def finish(self, inputs: List[Any], outputs: List[Any]) -> EventOverlap:
-        """Tensors cross streams: inputs were made on the caller's, outputs on this one."""
-        for t in inputs:
-            if isinstance(t, torch.Tensor):
+        """Tensors cross streams: inputs were made on the caller's (which, unless async_finish,
+        waits for this one before it can reuse them), outputs on this one."""
+        inputs, outputs = _tensors(*inputs), _tensors(*outputs)
+        if self.async_finish:
+            for t in inputs:
                 t.record_stream(self.stream)
         for t in outputs:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(self.caller)
+            t.record_stream(self.caller)
         event = _moelink.EventHandle(self.stream.cuda_stream)
         if not self.async_finish:
             event.stream_wait(self.caller.cuda_stream)
-        return EventOverlap(event, extra_tensors=tuple(t for t in inputs + outputs if isinstance(t, torch.Tensor)))
+        return EventOverlap(event, extra_tensors=tuple(inputs + outputs))
 
 
 def _row_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -342,7 +343,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     steps = _Steps(stages, "dispatch", legs)
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
-        _check_streams(previous_event, async_finish, allocate_on_comm_stream)
+        async_finish = check_order(previous_event, async_finish, allocate_on_comm_stream)[0]
         x_data, x_scales = _split_x(x)
         for name, t in (("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert)):
             _check_tensor(t, name)
@@ -425,19 +426,19 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
                                                                      config=node_config))[0], torch.int32, 2)
         b_valid = b_handle[3] >= 0
         last = torch.full(b_valid.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=b_valid.device)
-        key = torch.where(b_valid, b_source[:, 0].to(torch.int64) * (1 << 32) + b_source[:, 1].to(torch.int64), last)
+        source_rank = b_source[:, 0].to(torch.int64)
+        key = torch.where(b_valid, source_rank * (1 << 32) + b_source[:, 1].to(torch.int64), last)
         order = torch.sort(key, stable=True).indices
         recv_x = _scales_like(_gather_rows(b_x, order), x_scales)
         recv_topk_idx = b_topk_out.index_select(0, order) if by_topk else None
         recv_topk_weights = b_weights_out.index_select(0, order) if by_topk and with_weights else None
         recv_src_idx = torch.where(b_valid, b_source[:, 1], torch.full_like(b_source[:, 1], -1)).index_select(0, order)
-        source_rank = torch.where(b_valid, b_source[:, 0].to(torch.int64), torch.zeros_like(key))
+        source_rank = torch.where(b_valid, source_rank, torch.zeros_like(key))
         counts = torch.zeros(buf.group_size, dtype=torch.int64, device=key.device)
         counts.scatter_add_(0, source_rank, b_valid.to(torch.int64))
         rank_prefix = counts.cumsum(0).to(torch.int32)
-        out_handle = InternodeHandle((rank_prefix, a_handle, b_handle, recv_src_idx.to(torch.int32), is_token_in_rank,
+        out_handle = InternodeHandle((rank_prefix, a_handle, b_handle, recv_src_idx, is_token_in_rank,
                                       order))
-        out_handle.hidden = getattr(b_handle, "hidden", 0)
         outputs = [*(recv_x if isinstance(recv_x, tuple) else (recv_x,)), recv_topk_idx, recv_topk_weights,
                    rank_prefix, recv_src_idx, order]
         event = on.finish([x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert], outputs)
@@ -468,12 +469,6 @@ def _scales_like(recv_x: Any, x_scales: Optional[torch.Tensor]) -> Any:
     return data, scales
 
 
-def _check_streams(previous_event: Any, async_finish: Any, allocate_on_comm_stream: Any) -> None:
-    """allocate_on_comm_stream's rule, as intranode's (outputs are made on this module's stream)."""
-    if allocate_on_comm_stream and not (previous_event is not None and async_finish):
-        raise ValueError("allocate_on_comm_stream: requires previous_event and async_finish")
-
-
 def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, num_tokens_per_rank: Any,
                      is_token_in_rank: Any, num_tokens_per_expert: Any, topk_idx: Any, topk_weights: Any,
                      config: Optional[Config], previous_event: Optional[EventOverlap], async_finish: bool,
@@ -481,7 +476,7 @@ def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, num_tok
     steps = _Steps(stages, "cached dispatch", (("lane", False), ("node", False)))
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
-        _check_streams(previous_event, async_finish, allocate_on_comm_stream)
+        async_finish = check_order(previous_event, async_finish, allocate_on_comm_stream)[0]
         for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                             ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx),
                             ("topk_weights", topk_weights)):
@@ -506,7 +501,7 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
     steps = _Steps(stages, "combine", (("node", False), ("lane", False)))
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "combine")
-        _check_streams(previous_event, async_finish, allocate_on_comm_stream)
+        async_finish = check_order(previous_event, async_finish, allocate_on_comm_stream)[0]
         handle = _unpack(handle)
         _, a_handle, b_handle, _, _, order = handle
         _check_tensor(x, "x")
@@ -517,6 +512,7 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
         if topk_weights is not None and (topk_weights.dim() != 2 or topk_weights.size(0) != order.size(0)):
             raise ValueError(f"topk_weights: expected [{order.size(0)}, num_topk] (the dispatch's recv_topk_weights), "
                              f"got {list(topk_weights.shape)}")
+        biases = [b for b in _split_bias(bias) if b is not None]
     with steps.guard(), _OnStream(stages, previous_event, async_finish) as on:
         # Back to the node exchange's row order, then each node's rows summed at its forwarders, then
         # the nodes' partial rows summed at the token's rank.
@@ -528,6 +524,5 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
                                                                   config=node_config))
         combined_x, combined_weights, _ = steps.run(lambda: stages.lane.combine(
             a_x, a_handle, topk_weights=a_weights, bias=bias, config=lane_config))
-        biases = bias if isinstance(bias, tuple) else (bias,)
         event = on.finish([x, topk_weights, *biases], [combined_x, combined_weights])
     return combined_x, combined_weights, event

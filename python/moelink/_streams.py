@@ -2,7 +2,7 @@
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,19 @@ def warn_local_errors(buf: "Buffer") -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def check_order(previous_event: Any, async_finish: Any, allocate_on_comm_stream: Any) -> Tuple[bool, bool]:
+    """(async_finish, allocate_on_comm_stream) as bools, after the rules every operation shares."""
+    if previous_event is not None and not isinstance(previous_event, EventOverlap):
+        raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+    async_finish = _check_bool(async_finish, "async_finish")
+    allocate_on_comm_stream = _check_bool(allocate_on_comm_stream, "allocate_on_comm_stream")
+    if allocate_on_comm_stream and (previous_event is None or not async_finish):
+        raise ValueError("allocate_on_comm_stream=True requires previous_event (an EventOverlap) and "
+                         "async_finish=True: outputs allocated on the comm stream are only safe when the "
+                         "comm stream is ordered after previous_event and the caller waits on the result")
+    return async_finish, allocate_on_comm_stream
+
+
 class _OpStreams:
     """How one operation orders itself against the caller's stream (the same for every operation).
 
@@ -33,14 +46,8 @@ class _OpStreams:
 
     def __init__(self, buffer: "Buffer", previous_event: Any, async_finish: Any,
                  allocate_on_comm_stream: Any) -> None:
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
-        self.async_finish = _check_bool(async_finish, "async_finish")
-        self.allocate_on_comm_stream = _check_bool(allocate_on_comm_stream, "allocate_on_comm_stream")
-        if self.allocate_on_comm_stream and (previous_event is None or not self.async_finish):
-            raise ValueError("allocate_on_comm_stream=True requires previous_event (an EventOverlap) and "
-                             "async_finish=True: outputs allocated on the comm stream are only safe when the "
-                             "comm stream is ordered after previous_event and the caller waits on the result")
+        self.async_finish, self.allocate_on_comm_stream = check_order(previous_event, async_finish,
+                                                                      allocate_on_comm_stream)
         self.buffer = buffer
         self.compute_stream = torch.cuda.current_stream(buffer._device)
         self.comm_stream = buffer._comm_stream
