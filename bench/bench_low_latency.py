@@ -96,16 +96,11 @@ def _host_us(op, iters: int, after=None) -> list[float]:
     return samples
 
 
-def _graph_us(op, iters: int, reps: int, after=None) -> list[float]:
-    """As back_to_back, with the call captured once in a CUDA graph and replayed: the GPU's time per
-    call with no host work, as a server that replays decode graphs sees it. A hook call's graph
-    holds the send and the hook."""
+def _graph_us(once, iters: int, reps: int) -> list[float]:
+    """As back_to_back, with once() (a call and what follows it) captured in a CUDA graph and
+    replayed: the GPU's time per call with no host work, as a server that replays decode graphs
+    sees it."""
     import torch  # noqa: PLC0415
-
-    def once():
-        out = op()
-        if after:
-            after(out)
 
     once()
     torch.cuda.synchronize()
@@ -161,7 +156,7 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
                       "host": _host_us(op, params["iters"], after),
                       "back_to_back": _event_us(params["iters"], reps, once)}
         if name != "dispatch_send_hook":  # a hook's graph would time send and receive together
-            mine[name]["graph"] = _graph_us(op, params["iters"], reps, after)
+            mine[name]["graph"] = _graph_us(once, params["iters"], reps)
     routed = int((topk_idx >= 0).sum().item())
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, {"samples": mine, "routed": routed})
