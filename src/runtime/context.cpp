@@ -335,8 +335,11 @@ bool capturing(cudaStream_t stream) {
 void Context::release_claim(int* claim) {
   // Captured, the memset gives the claim back at each replay (a Buffer may be used by replays
   // alone); and, deferred, once outside the capture for the eager calls after it.
-  cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
-  if (!capturing(comm_stream)) return;
+  if (!capturing(comm_stream)) {
+    cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
+    return;
+  }
+  if (op_stream != nullptr && capturing(op_stream)) cudaMemsetAsync(claim, 0, sizeof(int), op_stream);
   for (int*& slot : deferred_claims)
     if (slot == nullptr || slot == claim) {
       slot = claim;
@@ -353,6 +356,7 @@ void Context::release_deferred_claims() {
 }
 
 void Context::begin_op(const StreamOrder& order) {
+  op_stream = order.compute_stream;
   release_deferred_claims();
   if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
     raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");

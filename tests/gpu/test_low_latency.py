@@ -22,6 +22,7 @@ import moelink  # noqa: E402
 
 import checks  # noqa: E402
 import common  # noqa: E402
+import faults  # noqa: E402
 import launcher  # noqa: E402
 from checks import Case  # noqa: E402
 
@@ -377,10 +378,15 @@ def _error_across_capture(rank, num_ranks, seed):
         return [str(w.message) for w in caught]
 
     # The kernel records; nobody has read it yet: the sleep holds the kernel back until the call (and
-    # its end, which collects what is recorded) has returned.
+    # its end, which collects what is recorded) has returned. A call that allocates fresh memory
+    # may wait for the GPU (cudaMalloc can synchronise), so a good call first fills the allocator's
+    # cache, and the sleep is measured, not a guessed cycle count.
+    buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)
+    torch.cuda.synchronize()
+    faults.cycles_per_second()
     with warnings.catch_warnings(record=True) as early:
         warnings.simplefilter("always")
-        torch.cuda._sleep(int(2e6))
+        faults.gpu_sleep(0.2)
         buf.low_latency_dispatch(x, bad, M, E, use_fp8=False)
     assert not early, [str(w.message) for w in early]
     torch.cuda.synchronize()
