@@ -40,6 +40,17 @@ group() {
   timeout -k 5 "$limit" env "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'passed|failed|error' "$OUT/logs/$name.log" | tail -1)" | tee -a "$summary"
+  [ "$rc" != 0 ] && settle
+}
+# Ranks killed after a failure can leave the MPS server refusing new clients ("CUDA-capable device
+# busy") for a while; the next group would fail on that alone. Wait until a context opens again.
+settle() {
+  local i
+  for i in $(seq 30); do
+    python3 -c "import torch; torch.zeros(1, device='cuda')" > /dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "device still refusing new CUDA contexts 30 s after a failed group" | tee -a "$summary"
 }
 P="python3 -m pytest -q -p no:cacheprovider -x"
 for g in $TEST_GROUPS; do
