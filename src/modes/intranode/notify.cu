@@ -81,15 +81,37 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
     first_bad = ~0ull;
     gate = open_operation(a.peers, rank, R, a.opening, a.err, &epoch);
   }
-  // Count my tokens per (destination, channel): one warp per pair, lanes stride the tokens.
-  for (int pair = warp; pair < R * C; pair += num_warps) {
-    const int d = pair / C, c = pair % C;
-    const ChannelRange range = channel_range(a.num_tokens, C, c);
-    int n = 0;
-    for (int t = range.begin + lane; t < range.end; t += 32) n += a.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+  // Count my tokens per (destination, channel) while thread 0 waits in the opening: warps 1.. take
+  // a token per lane, kCountUnroll tokens in flight each (all R flags of a token in one round trip),
+  // and fold a warp's tokens per (destination, channel) with ballots. One warp per pair reading a
+  // byte per load was tens of dependent round trips; the host waits for all of them.
+  if (warp > 0) {
+    const int counters = num_warps - 1, T = a.num_tokens;
+    for (int i = threadIdx.x - 32; i < R * C; i += blockDim.x - 32) counts[i] = 0;
+    group_barrier(1, blockDim.x - 32);
+    const int per_channel = (T + C - 1) / C;  // channel_range's split: token t is in channel t / per_channel
+    constexpr int kCountUnroll = 4;
+    const int stride = counters * 32;
+    for (int first = (warp - 1) * 32; first < T; first += stride * kCountUnroll) {
+      unsigned flags[kCountUnroll];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(0xffffffffu, n, off);
-    if (lane == 0) counts[pair] = n;
+      for (int u = 0; u < kCountUnroll; ++u) {
+        const int t = first + u * stride + lane;
+        flags[u] = valid_token_flags(a.is_token_in_rank, t, t < T, R);
+      }
+#pragma unroll
+      for (int u = 0; u < kCountUnroll; ++u) {
+        if (first + u * stride >= T) break;  // warp-uniform
+        const int c = min(first + u * stride + lane, T - 1) / per_channel;  // lanes past T carry no flags
+        const unsigned same = __match_any_sync(0xffffffffu, c);
+        const bool leader = __ffs(same) - 1 == lane;
+        for (int d = 0; d < R; ++d) {
+          const unsigned routed = __ballot_sync(0xffffffffu, (flags[u] >> d) & 1u);
+          const int n = __popc(routed & same);
+          if (leader && n) atomicAdd(&counts[d * C + c], n);
+        }
+      }
+    }
   }
   // The scan overlaps the opening barrier; the block's first bad id is folded in after it.
   const unsigned long long my_bad = a.topk_idx != nullptr ? first_bad_expert(a) : ~0ull;
