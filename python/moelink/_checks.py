@@ -45,13 +45,24 @@ def _check_config(config: Any) -> Config:
     return config
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def _ref(tensor: Optional[torch.Tensor], name: str = "tensor") -> Optional[tuple]:
-    """The TRef tuple the extension takes: (data_ptr, dtype name, shape, strides, device ordinal)."""
+    """The TRef tuple the extension takes: (data_ptr, dtype name, shape, strides, device ordinal).
+
+    An uncached dispatch makes some 20 of these between its notify and its kernel, where the GPU
+    waits for the host: so no string formatting, no device object, no copies (torch.Size is a tuple,
+    get_device() is -1 off the GPU)."""
     if tensor is None:
         return None
-    _check_tensor(tensor, name)
-    return (tensor.data_ptr(), str(tensor.dtype)[len("torch."):], tuple(tensor.shape), tuple(tensor.stride()),
-            tensor.device.index if tensor.is_cuda else -1)
+    if not isinstance(tensor, torch.Tensor):
+        _check_tensor(tensor, name)
+    dtype = tensor.dtype
+    dtype_name = _DTYPE_NAMES.get(dtype)
+    if dtype_name is None:
+        dtype_name = _DTYPE_NAMES[dtype] = str(dtype)[len("torch."):]
+    return (tensor.data_ptr(), dtype_name, tensor.shape, tensor.stride(), tensor.get_device())
 
 
 def _split_x(x: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

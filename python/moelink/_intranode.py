@@ -158,12 +158,16 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         info = torch.empty((2,), dtype=torch.int64, device=device)
+    # The refs the dispatch kernel's launch needs too are made once, before the notify: after it the
+    # GPU idles until the launch.
+    refs_in = (_ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"),
+               _ref(topk_weights, "topk_weights"), _ref(is_token_in_rank, "is_token_in_rank"))
+    refs_handle = (_ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix))
+    ref_info = _ref(info)
     num_recv_tokens, num_recv_tokens_per_expert_list = buf.runtime.intranode_notify(
-        _ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"), _ref(topk_weights, "topk_weights"),
-        _ref(is_token_in_rank, "is_token_in_rank"), _ref(num_tokens_per_rank, "num_tokens_per_rank"),
+        *refs_in, _ref(num_tokens_per_rank, "num_tokens_per_rank"),
         _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
-        _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(info), config,
-        streams.order)
+        *refs_handle, ref_info, config, streams.order)
 
     num_topk = topk_idx.size(1) if topk_idx is not None else 0
     with streams.allocating():
@@ -171,10 +175,8 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
             buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
             stream=streams.allocation_stream())
     event = buf.runtime.intranode_dispatch(
-        _ref(x), _ref(x_scales), _ref(topk_idx), _ref(topk_weights), _ref(is_token_in_rank), num_experts,
-        expert_alignment, num_worst_tokens, _ref(rank_prefix_matrix), _ref(channel_prefix_matrix),
-        _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(info), _ref(recv_x), _ref(recv_x_scales),
-        _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
+        *refs_in, num_experts, expert_alignment, num_worst_tokens, *refs_handle, _ref(recv_src_idx), ref_info,
+        _ref(recv_x), _ref(recv_x_scales), _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)

@@ -35,6 +35,18 @@ def check_order(previous_event: Any, async_finish: Any, allocate_on_comm_stream:
     return async_finish, allocate_on_comm_stream
 
 
+def _current_raw_stream(device: int) -> int:
+    """The current stream's handle on CUDA device `device`. torch.cuda.current_stream builds a Stream
+    object per call (a few microseconds of the host path every operation pays); the raw handle is
+    all the runtime takes."""
+    if _get_raw_stream is not None:
+        return _get_raw_stream(device)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+_get_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 class _OpStreams:
     """How one operation orders itself against the caller's stream (the same for every operation).
 
@@ -49,11 +61,18 @@ class _OpStreams:
         self.async_finish, self.allocate_on_comm_stream = check_order(previous_event, async_finish,
                                                                       allocate_on_comm_stream)
         self.buffer = buffer
-        self.compute_stream = torch.cuda.current_stream(buffer._device)
         self.comm_stream = buffer._comm_stream
-        self.order = (self.compute_stream.cuda_stream,
+        self._compute_stream = None
+        self.order = (_current_raw_stream(buffer._device),
                       previous_event.event if previous_event is not None else None,
                       self.async_finish, self.allocate_on_comm_stream)
+
+    @property
+    def compute_stream(self) -> torch.cuda.Stream:
+        """The caller's stream as a torch object, made only when record_stream needs one."""
+        if self._compute_stream is None:
+            self._compute_stream = torch.cuda.current_stream(self.buffer._device)
+        return self._compute_stream
 
     def allocating(self) -> Any:
         """The stream context output tensors are allocated under."""
