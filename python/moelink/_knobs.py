@@ -30,15 +30,6 @@ def experimental_low_latency() -> bool:
     return value == "1"
 
 
-def experimental_logfmt() -> bool:
-    """``MOELINK_EXPERIMENTAL_LOGFMT`` (0/1, default 0): let low_latency_combine take use_logfmt=True,
-    whose kernel code has not run on a GPU yet; without it that call raises NotImplementedError."""
-    value = os.environ.get("MOELINK_EXPERIMENTAL_LOGFMT", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"MOELINK_EXPERIMENTAL_LOGFMT must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
 def experimental_internode() -> bool:
     """``MOELINK_EXPERIMENTAL_INTERNODE`` (0/1, default 0): run internode normal mode (python/moelink/
     _internode.py) over nodes emulated on one host (its GPU suite passed there; the NVSHMEM leg

@@ -138,9 +138,6 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
     _check_tensor(out, "out", optional=True)
     _check_tensor(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", optional=True)
     use_logfmt = _check_bool(use_logfmt, "use_logfmt")
-    if use_logfmt and not _knobs.experimental_logfmt():
-        raise NotImplementedError("use_logfmt=True: moelink's LogFMT combine has not run on a GPU yet; set "
-                                  "MOELINK_EXPERIMENTAL_LOGFMT=1 to try it")
     _check_bool(zero_copy, "zero_copy")  # x is read where it is, in the zero-copy buffer or not
     async_finish = _check_bool(async_finish, "async_finish")
     return_recv_hook = _check_bool(return_recv_hook, "return_recv_hook")

@@ -454,7 +454,6 @@ class Buffer:
             use_logfmt: bool; rows travel in moelink's LogFMT (10-bit log codes per 128 values, bf16 for
                 groups with a NaN or an infinity): per value within 0.83% + 2**-12 x its group's
                 largest magnitude, 168 of 256 bytes per group (tests/reference/logfmt_reference.py).
-                Needs MOELINK_EXPERIMENTAL_LOGFMT=1 until its kernel has passed the GPU suite.
             zero_copy: x was written into get_next_low_latency_combine_buffer(handle) (it is read in
                 place either way).
             async_finish / return_recv_hook: as in low_latency_dispatch.
