@@ -5,9 +5,10 @@
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
 # Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink logfmt frameworks internode internode8 peerloss
-#         peerlossall soak sanitize benchsmoke anchorsuite benchll bench. anchorsuite: DeepEP's own
-#         intranode test against moelink (tests/gpu/anchor_suite.py; needs .anchors/deepep_tests).
-# Env: SOAK_ARGS, BENCH_ARGS, BENCH_LL_ARGS, MOELINK_SANITIZE_TOOLS.
+#         peerlossall soak sanitize benchsmoke anchorsuite benchll bench probehost variants. anchorsuite:
+#         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
+#         .anchors/deepep_tests). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
+# Env: SOAK_ARGS, BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, VARIANTS, VARIANT_BENCH_ARGS, MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to a directory for the logs}"
@@ -75,6 +76,8 @@ for g in $TEST_GROUPS; do
     benchsmoke) group benchsmoke 150 $P tests/gpu/test_bench_smoke.py ;;
     anchorsuite) group anchorsuite 400 python3 tests/gpu/anchor_suite.py ;;
     benchll) group benchll 300 python3 bench/bench_low_latency.py ${BENCH_LL_ARGS:-} ;;
+    probehost) group probehost 150 python3 bench/probe_host.py ${PROBE_ARGS:-} ;;
+    variants) group variants 540 bash scripts/bench_variants.sh --bench "${VARIANT_BENCH_ARGS:---cells 4x24,4x8}" ${VARIANTS:-base} ;;
     bench) group bench 300 python3 bench/run_all.py ${BENCH_ARGS:-} ;;
     *) echo "$g: unknown group" | tee -a "$summary" ;;
   esac

@@ -42,6 +42,19 @@ def test_bench_sh_help_needs_no_gpu_or_build(repo_root):
     assert "--tokens" in result.stdout
 
 
+def test_probe_host_help_needs_no_gpu(repo_root):
+    result = subprocess.run([sys.executable, str(repo_root / "bench" / "probe_host.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--ranks" in result.stdout and "--profile" in result.stdout
+
+
+def test_bench_variants_needs_variants(repo_root, tmp_path):
+    result = subprocess.run(["bash", str(repo_root / "scripts" / "bench_variants.sh")], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
 def test_defaults_are_the_readme_cells(run_all):
     args = run_all.parse_args([])
     assert args.cells == [(4, 24), (4, 8), (8, 16)]

@@ -1,0 +1,144 @@
+"""Where the host time of get_dispatch_layout and of an uncached dispatch goes, moelink beside DeepEP.
+
+    bash scripts/with_mps.sh python3 bench/probe_host.py [--ranks 4] [--sms 24] [--calls 100]
+        [--anchor auto|none|PATH] [--profile]
+
+An uncached dispatch waits on the host for its notify's counts, then allocates its outputs and
+launches its kernel while the GPU idles: its host time is GPU time in every timed figure. Per rank,
+after a device synchronize before each call (so the GPU is idle when it starts), this prints the
+median / min / mean host time of each call, and for moelink the share of each runtime method (timed
+through a wrapper of Buffer.runtime) and the notify's GPU time (events on the comm stream around
+it); the rest is Python. --profile adds a cProfile of rank 0's calls. Shape: 4096 tokens x 7168,
+fp8 with row-major scales, top-8 of 256, the bench's num_nvl_bytes (bench/bench_intranode.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _path in (BENCH_DIR, REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import launcher  # noqa: E402 - imports no torch
+
+
+def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms: int, calls: int,
+          profile: bool) -> str:
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    import bench_intranode as bi
+    from reference import moe_reference as ref
+
+    mod = bi.load_impl(impl, anchor_path)
+    mod.Buffer.set_num_sms(num_sms)
+    buf = bi._make_buffer(mod, impl, num_ranks, 4096, 7168)
+    topk_idx = torch.from_numpy(ref.make_routing(0, rank, 4096, 8, 256, num_ranks)).cuda()
+    inputs = ref.make_inputs(0, rank, 4096, 7168, 8, fp8=True, device="cuda")
+    layout = buf.get_dispatch_layout(topk_idx, 256)
+    kwargs = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
+                  num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=inputs.topk_weights)
+    spent: dict[str, float] = {}
+
+    class Timed:
+        """Buffer.runtime, with each method call's host time added to spent[name]."""
+
+        def __init__(self, real):
+            self._real = real
+
+        def __getattr__(self, attr):
+            method = getattr(self._real, attr)
+            if not callable(method):
+                return method
+
+            def timed(*args, **kw):
+                on_gpu = attr == "intranode_notify"
+                if on_gpu:
+                    before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    before.record(buf._comm_stream)
+                start = time.perf_counter()
+                try:
+                    return method(*args, **kw)
+                finally:
+                    spent[attr] = spent.get(attr, 0.0) + time.perf_counter() - start
+                    if on_gpu:
+                        after.record(buf._comm_stream)
+                        after.synchronize()
+                        spent["notify on the GPU"] = spent.get("notify on the GPU", 0.0) + before.elapsed_time(after) / 1e3
+            return timed
+
+    if impl == "moelink":
+        buf.runtime = Timed(buf.runtime)
+    lines = []
+    ops = (("get_dispatch_layout", lambda: buf.get_dispatch_layout(topk_idx, 256)),
+           ("dispatch fp8 uncached", lambda: buf.dispatch((inputs.x_fp8, inputs.x_scales), **kwargs)))
+    for name, op in ops:
+        for _ in range(10):
+            op()
+        torch.cuda.synchronize()
+        dist.barrier()
+        spent.clear()
+        times = []
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - start)
+        times.sort()
+        parts = "".join(f"; {k} {1e6 * v / calls:.1f}" for k, v in sorted(spent.items()))
+        lines.append(f"{impl} rank {rank} {name}: host median {1e6 * times[len(times) // 2]:.1f} µs, "
+                     f"min {1e6 * times[0]:.1f}, mean {1e6 * sum(times) / calls:.1f}{parts}")
+        dist.barrier()
+        if profile:  # every rank makes the calls (they are collective); rank 0's are profiled
+            profiler = cProfile.Profile() if rank == 0 and impl == "moelink" else None
+            if profiler:
+                profiler.enable()
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                op()
+            if profiler:
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
+                lines.append(text.getvalue())
+            torch.cuda.synchronize()
+        spent.clear()
+    dist.barrier()
+    if hasattr(buf, "destroy"):
+        buf.destroy()
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--sms", type=int, default=24)
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--anchor", default="auto", help="DeepEP: auto (.anchors/), none, or a wheel / directory")
+    parser.add_argument("--profile", action="store_true", help="add a cProfile of rank 0's moelink calls")
+    args = parser.parse_args(argv)
+    import anchor  # noqa: PLC0415
+
+    found = anchor.resolve(args.anchor, REPO_ROOT)
+    print(f"anchor: {found.describe()}")
+    impls = ["moelink"] + (["deep_ep"] if found.available else [])
+    for impl in impls:
+        results = launcher.run_ranks(args.ranks, ("probe_host", "probe", str(Path(__file__).resolve())), impl,
+                                     found.path, args.sms, args.calls, args.profile, timeout_s=300)
+        for text in results:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

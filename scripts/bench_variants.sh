@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Source variants side by side in one GPU call: each variant is a patch applied to a copy of this
+# tree ("base" is the tree as it is), built on its own and timed by bench/run_all.py, DeepEP in the
+# same run when present. Figures of fresh machines differ by up to 30% (bench/NOTES.md), so a
+# kernel change is judged only against the base timed in the same call, never against a table.
+#   OUT=/tmp/out bash scripts/bench_variants.sh [--bench "ARGS"] base PATCH...
+# Writes $OUT/variants/NAME/{build.log,bench.log,bench_intranode.md} and prints one line per
+# variant and op (µs, ratio to DeepEP). A patch is made with `git diff > .scratch/NAME.patch`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to a directory for the logs}"
+BENCH_ARGS="--cells 4x24,4x8"
+if [ "${1:-}" = --bench ]; then
+  BENCH_ARGS=$2
+  shift 2
+fi
+[ $# -gt 0 ] || { echo "usage: $0 [--bench ARGS] base|PATCH..." >&2; exit 2; }
+export MOELINK_SKIP_DEPS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+root=$PWD
+work=${TMPDIR:-/tmp}/moelink-variants
+status=0
+for variant in "$@"; do
+  name=$(basename "$variant" .patch)
+  log="$OUT/variants/$name"
+  mkdir -p "$log"
+  tree="$work/$name"
+  rm -rf "$tree" && mkdir -p "$tree"
+  # The tree without build outputs; the anchors and scratch patches come along (the bench looks
+  # for DeepEP in .anchors/).
+  tar -C "$root" --exclude='./build' --exclude='./build-*' --exclude='./.git' -cf - . | tar -C "$tree" -xf -
+  if [ "$variant" != base ] && ! patch -d "$tree" -p1 -s < "$variant" > "$log/patch.log" 2>&1; then
+    echo "$name: PATCH FAILED ($(head -1 "$log/patch.log"))"; status=1; continue
+  fi
+  if ! (cd "$tree" && MOELINK_BUILD_DIR=build bash scripts/build.sh > "$log/build.log" 2>&1); then
+    echo "$name: BUILD FAILED (see $log/build.log)"; tail -20 "$log/build.log"; status=1; continue
+  fi
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  (cd "$tree" && OUT="$log" MOELINK_BUILD_DIR=build PYTHONPATH="$tree/build/python:$tree/tests" \
+     bash scripts/with_mps.sh python3 bench/run_all.py $BENCH_ARGS > "$log/bench.log" 2>&1) || status=1
+  if [ -f "$log/bench_intranode.md" ]; then
+    # cell | op | moelink µs | DeepEP µs | ratio
+    grep -E '^\| [0-9]+x[0-9]+ ' "$log/bench_intranode.md" |
+      awk -F'|' -v n="$name" '{printf "%-12s %-6s %-50s %9s µs  DeepEP %9s  ratio %s\n", n, $2, $7, $8, $10, $12}'
+  else
+    echo "$name: no results (see $log/bench.log)"; tail -5 "$log/bench.log"
+  fi
+done
+exit $status
