@@ -8,7 +8,11 @@ launches its kernel while the GPU idles: its host time is GPU time in every time
 after a device synchronize before each call (so the GPU is idle when it starts), this prints the
 median / min / mean host time of each call, and for moelink the share of each runtime method (timed
 through a wrapper of Buffer.runtime) and the notify's GPU time (events on the comm stream around
-it); the rest is Python. --profile adds a cProfile of rank 0's calls. Shape: 4096 tokens x 7168,
+it; with the GPU idle before the call this spans the host's work before the launch too); the rest
+is Python. --profile adds a cProfile of rank 0's calls; --trace a torch.profiler (CUPTI) table of
+rank 0's kernels and runtime calls, and its chrome trace in $OUT (rank 0 is slowed by it, so it
+reaches each barrier last and its kernels show their own time, not a wait for a later peer).
+Shape: 4096 tokens x 7168,
 fp8 with row-major scales, top-8 of 256, the bench's num_nvl_bytes (bench/bench_intranode.py).
 """
 
@@ -28,9 +32,10 @@ import launcher  # noqa: E402 - imports no torch
 
 
 def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms: int, calls: int,
-          profile: bool) -> str:
+          profile: bool, trace: bool) -> str:
     import cProfile
     import io
+    import os
     import pstats
     import time
 
@@ -112,11 +117,38 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
                 lines.append(text.getvalue())
             torch.cuda.synchronize()
+        if trace:
+            table = _trace(rank, impl, name, op, os.environ.get("OUT"))
+            if table:
+                lines.append(table)
         spent.clear()
     dist.barrier()
     if hasattr(buf, "destroy"):
         buf.destroy()
     return "\n".join(lines)
+
+
+def _trace(rank: int, impl: str, name: str, op, out_dir: str | None, calls: int = 20) -> str:
+    """Rank 0's kernels and CUDA runtime calls over `calls` calls of op, as torch.profiler sees them;
+    the other ranks make the same calls unprofiled."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if rank != 0:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            op()
+        torch.cuda.synchronize()
+        return ""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            op()
+        torch.cuda.synchronize()
+    if out_dir:
+        prof.export_chrome_trace(str(Path(out_dir) / f"probe_trace_{impl}_{name.replace(' ', '_')}.json"))
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+    return f"{impl} rank 0 {name}: torch.profiler over {calls} calls\n{table}"
 
 
 def main(argv=None) -> int:
@@ -126,6 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--anchor", default="auto", help="DeepEP: auto (.anchors/), none, or a wheel / directory")
     parser.add_argument("--profile", action="store_true", help="add a cProfile of rank 0's moelink calls")
+    parser.add_argument("--trace", action="store_true", help="add torch.profiler tables of rank 0's kernels")
     args = parser.parse_args(argv)
     import anchor  # noqa: PLC0415
 
@@ -134,7 +167,7 @@ def main(argv=None) -> int:
     impls = ["moelink"] + (["deep_ep"] if found.available else [])
     for impl in impls:
         results = launcher.run_ranks(args.ranks, ("probe_host", "probe", str(Path(__file__).resolve())), impl,
-                                     found.path, args.sms, args.calls, args.profile, timeout_s=300)
+                                     found.path, args.sms, args.calls, args.profile, args.trace, timeout_s=300)
         for text in results:
             print(text)
     return 0
