@@ -224,6 +224,7 @@ void Context::require_usable(const char* op) const {
 }
 
 void Context::check_device_errors(bool on_entry) {
+  if (on_entry) op_open = false;  // an operation that raised midway never reached end_op
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
@@ -335,11 +336,9 @@ bool capturing(cudaStream_t stream) {
 void Context::release_claim(int* claim) {
   // Captured, the memset gives the claim back at each replay (a Buffer may be used by replays
   // alone); and, deferred, once outside the capture for the eager calls after it.
-  if (!capturing(comm_stream)) {
-    cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
-    return;
-  }
-  if (op_stream != nullptr && capturing(op_stream)) cudaMemsetAsync(claim, 0, sizeof(int), op_stream);
+  const bool captured = capturing(comm_stream);
+  if (!captured || op_open) cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
+  if (!captured) return;
   for (int*& slot : deferred_claims)
     if (slot == nullptr || slot == claim) {
       slot = claim;
@@ -356,10 +355,10 @@ void Context::release_deferred_claims() {
 }
 
 void Context::begin_op(const StreamOrder& order) {
-  op_stream = order.compute_stream;
   release_deferred_claims();
   if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
     raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
+  op_open = true;
   if (order.previous_event) {
     MOELINK_CUDA_CHECK(cudaStreamWaitEvent(comm_stream, order.previous_event->get(), 0));
   } else {
@@ -369,9 +368,12 @@ void Context::begin_op(const StreamOrder& order) {
 }
 
 EventHandle Context::end_op(const StreamOrder& order) {
+  // Collected before the event, so that a claim given back here is ordered after the kernel and
+  // covered by what the caller joins, captured or not (async_finish included).
+  collect_local_errors();
+  op_open = false;
   EventHandle done(comm_stream);
   if (!order.async_finish) done.stream_wait(order.compute_stream);
-  collect_local_errors();
   return done;
 }
 

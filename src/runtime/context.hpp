@@ -102,13 +102,13 @@ class Context {
   // that stream is being captured into a CUDA graph the memset runs at each replay and not now, so
   // it is also issued again at the next call that is not captured (begin_op, take_local_errors);
   // without that the claim stays taken and eager calls after the capture record no error.
-  // Captured, the memset goes on the operation's caller stream (op_stream), the capture's own: on
-  // the comm stream after the operation's join it would be work the capture never joins, and
-  // ending the capture would fail.
+  // Captured, the memset is queued only inside an operation (begin_op .. end_op's event), where the
+  // event the caller joins covers it and it stays after the kernel; anywhere else it would be work
+  // the capture never joins (ending the capture fails), so there it is deferred only.
   void release_claim(int* claim);
   void release_deferred_claims();
   int* deferred_claims[2] = {nullptr, nullptr};
-  cudaStream_t op_stream = nullptr;  // the caller stream of the last begin_op
+  bool op_open = false;  // between begin_op and end_op's event
   std::vector<std::string> take_local_errors();
   std::vector<std::string> local_errors;
   // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers
