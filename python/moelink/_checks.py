@@ -52,8 +52,8 @@ def _ref(tensor: Optional[torch.Tensor], name: str = "tensor") -> Optional[tuple
     """The TRef tuple the extension takes: (data_ptr, dtype name, shape, strides, device ordinal).
 
     An uncached dispatch makes some 20 of these between its notify and its kernel, where the GPU
-    waits for the host: so no string formatting, no device object, no copies (torch.Size is a tuple,
-    get_device() is -1 off the GPU)."""
+    waits for the host: so no string formatting, no device object, no copies (torch.Size is a
+    tuple)."""
     if tensor is None:
         return None
     if not isinstance(tensor, torch.Tensor):
@@ -62,7 +62,7 @@ def _ref(tensor: Optional[torch.Tensor], name: str = "tensor") -> Optional[tuple
     dtype_name = _DTYPE_NAMES.get(dtype)
     if dtype_name is None:
         dtype_name = _DTYPE_NAMES[dtype] = str(dtype)[len("torch."):]
-    return (tensor.data_ptr(), dtype_name, tensor.shape, tensor.stride(), tensor.get_device())
+    return (tensor.data_ptr(), dtype_name, tensor.shape, tensor.stride(), tensor.get_device() if tensor.is_cuda else -1)
 
 
 def _split_x(x: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -82,7 +82,7 @@ class _OpStreams:
 
     def allocation_stream(self) -> int:
         """The CUDA stream handle outputs are allocated on (what ``allocating`` makes current)."""
-        return (self.comm_stream if self.allocate_on_comm_stream else self.compute_stream).cuda_stream
+        return self.comm_stream.cuda_stream if self.allocate_on_comm_stream else self.order[0]
 
     def finish(self, event: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
         inputs, outputs = _tensors(*inputs), _tensors(*outputs)
