@@ -7,9 +7,8 @@ An uncached dispatch waits on the host for its notify's counts, then allocates i
 launches its kernel while the GPU idles: its host time is GPU time in every timed figure. Per rank,
 after a device synchronize before each call (so the GPU is idle when it starts), this prints the
 median / min / mean host time of each call, and for moelink the share of each runtime method (timed
-through a wrapper of Buffer.runtime) and the notify's GPU time (events on the comm stream around
-it; with the GPU idle before the call this spans the host's work before the launch too); the rest
-is Python. --profile adds a cProfile of rank 0's calls; --trace a torch.profiler (CUPTI) table of
+through a wrapper of Buffer.runtime; intranode_notify includes its wait for the notify kernel); the
+rest is Python. --profile adds a cProfile of rank 0's calls; --trace a torch.profiler (CUPTI) table of
 rank 0's kernels and runtime calls, and its chrome trace in $OUT (rank 0 is slowed by it, so it
 reaches each barrier last and its kernels show their own time, not a wait for a later peer).
 Shape: 4096 tokens x 7168,
@@ -67,19 +66,11 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
                 return method
 
             def timed(*args, **kw):
-                on_gpu = attr == "intranode_notify"
-                if on_gpu:
-                    before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    before.record(buf._comm_stream)
                 start = time.perf_counter()
                 try:
                     return method(*args, **kw)
                 finally:
                     spent[attr] = spent.get(attr, 0.0) + time.perf_counter() - start
-                    if on_gpu:
-                        after.record(buf._comm_stream)
-                        after.synchronize()
-                        spent["notify on the GPU"] = spent.get("notify on the GPU", 0.0) + before.elapsed_time(after) / 1e3
             return timed
 
     if impl == "moelink":

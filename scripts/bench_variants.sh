@@ -9,8 +9,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to a directory for the logs}"
+OUT=$(realpath "$OUT")  # the runs cd into their trees
 BENCH_ARGS="--cells 4x24,4x8"
 if [ "${1:-}" = --bench ]; then
+  [ $# -ge 2 ] || { echo "$0: --bench needs the arguments for bench/run_all.py" >&2; exit 2; }
   BENCH_ARGS=$2
   shift 2
 fi
@@ -28,7 +30,10 @@ for variant in "$@"; do
   # The tree without build outputs; the anchors and scratch patches come along (the bench looks
   # for DeepEP in .anchors/).
   tar -C "$root" --exclude='./build' --exclude='./build-*' --exclude='./.git' -cf - . | tar -C "$tree" -xf -
-  if [ "$variant" != base ] && ! patch -d "$tree" -p1 -s < "$variant" > "$log/patch.log" 2>&1; then
+  variant=$(realpath "$variant" 2>/dev/null || echo "$variant")
+  [ "$name" = base ] && variant=base
+  if [ "$variant" != base ] && ! (cd "$tree" && { command -v patch > /dev/null && patch -p1 -s < "$variant" ||
+                                                git apply "$variant"; }) > "$log/patch.log" 2>&1; then
     echo "$name: PATCH FAILED ($(head -1 "$log/patch.log"))"; status=1; continue
   fi
   if ! (cd "$tree" && MOELINK_BUILD_DIR=build bash scripts/build.sh > "$log/build.log" 2>&1); then

@@ -41,17 +41,18 @@ group() {
   timeout -k 5 "$limit" env "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'passed|failed|error' "$OUT/logs/$name.log" | tail -1)" | tee -a "$summary"
-  [ "$rc" != 0 ] && settle
+  if [ "$rc" != 0 ]; then settle; fi
 }
 # Ranks killed after a failure can leave the MPS server refusing new clients ("CUDA-capable device
-# busy") for a while; the next group would fail on that alone. Wait until a context opens again.
+# busy") for a while; the next group would fail on that alone. Wait (at most 60 s, each try bounded:
+# a server may hang a client instead of refusing it) until a context opens again.
 settle() {
-  local i
-  for i in $(seq 30); do
-    python3 -c "import torch; torch.zeros(1, device='cuda')" > /dev/null 2>&1 && return 0
+  local deadline=$(( $(date +%s) + 60 ))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    timeout -k 2 15 python3 -c "import torch; torch.zeros(1, device='cuda')" > /dev/null 2>&1 && return 0
     sleep 1
   done
-  echo "device still refusing new CUDA contexts 30 s after a failed group" | tee -a "$summary"
+  echo "device still refusing new CUDA contexts 60 s after a failed group" | tee -a "$summary"
 }
 P="python3 -m pytest -q -p no:cacheprovider -x"
 for g in $TEST_GROUPS; do
