@@ -22,6 +22,7 @@
 #include "moelink/event.hpp"
 #include "moelink/tensor.hpp"
 #include "moelink/topology.hpp"
+#include "common/header.hpp"       // kMaxLocalExperts: one definition for C++ and Python
 #include "runtime/memory_map.hpp"  // kArenaAlignment: one definition for C++ and Python
 #include "window/nvshmem.hpp"  // nvshmem_compiled(): a build property, not public API
 
@@ -509,6 +510,9 @@ NB_MODULE(_moelink, m) {
   m.def("is_sm90_compiled", &is_sm90_compiled);
   // Every arena range starts at a multiple of this; the Python layer lays tensors out in blocks by it.
   m.attr("ARENA_ALIGNMENT") = moelink::runtime::kArenaAlignment;
+  // The most experts one rank's exchanges route; internode checks its per-node experts against it
+  // before any leg, so every rank raises it with its own message instead of a leg's.
+  m.attr("MAX_LOCAL_EXPERTS") = moelink::kernels::kMaxLocalExperts;
   m.def("nvshmem_compiled", &moelink::window::nvshmem_compiled);
   m.def("nvshmem_require", &moelink::window::nvshmem_require,
         "Loads the NVSHMEM transport plugin, or raises RuntimeError saying what to install.");

@@ -55,7 +55,8 @@ _NOT_ENABLED = ("internode normal mode is experimental in moelink (nodes emulate
 _NOT_WITH_LOW_LATENCY = ("normal-mode dispatch and combine across nodes on a low_latency_mode Buffer are not "
                          "implemented: build a Buffer without low_latency_mode for them")
 _META_WIDTH = 16  # bytes of the (source rank, source token) row of the last node exchange
-_MAX_EXPERTS_PER_NODE = 1024  # the lane exchange holds a node's experts per rank (kMaxLocalExperts)
+# The lane exchange holds a node's experts per rank: the runtime's limit on one rank's experts.
+_MAX_EXPERTS_PER_NODE: int = getattr(_moelink, "MAX_LOCAL_EXPERTS", 1024)
 
 
 class InternodeHandle(tuple):

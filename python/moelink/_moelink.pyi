@@ -193,6 +193,8 @@ def is_sm90_compiled() -> bool: ...
 
 ARENA_ALIGNMENT: int = 512
 
+MAX_LOCAL_EXPERTS: int = 1024
+
 def nvshmem_compiled() -> bool: ...
 
 def nvshmem_require() -> None:
