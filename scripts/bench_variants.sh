@@ -3,20 +3,25 @@
 # tree ("base" is the tree as it is), built on its own and timed by bench/run_all.py, DeepEP in the
 # same run when present. Figures of fresh machines differ by up to 30% (bench/NOTES.md), so a
 # kernel change is judged only against the base timed in the same call, never against a table.
-#   OUT=/tmp/out bash scripts/bench_variants.sh [--bench "ARGS"] base PATCH...
+#   OUT=/tmp/out bash scripts/bench_variants.sh [--bench "ARGS" | --run "CMD"] base PATCH...
 # Writes $OUT/variants/NAME/{build.log,bench.log,bench_intranode.md} and prints one line per
-# variant and op (µs, ratio to DeepEP). A patch is made with `git diff > .scratch/NAME.patch`.
+# variant and op (µs, ratio to DeepEP). --run times something else in each tree instead (e.g.
+# "python3 bench/bench_low_latency.py --ranks 8"), printing its log's last lines. A patch is made
+# with `git diff -- FILES > .scratch/NAME.patch`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to a directory for the logs}"
 OUT=$(realpath "$OUT")  # the runs cd into their trees
 BENCH_ARGS="--cells 4x24,4x8"
-if [ "${1:-}" = --bench ]; then
-  [ $# -ge 2 ] || { echo "$0: --bench needs the arguments for bench/run_all.py" >&2; exit 2; }
-  BENCH_ARGS=$2
-  shift 2
-fi
-[ $# -gt 0 ] || { echo "usage: $0 [--bench ARGS] base|PATCH..." >&2; exit 2; }
+RUN=""
+case "${1:-}" in
+  --bench | --run)
+    [ $# -ge 2 ] || { echo "$0: $1 needs a value" >&2; exit 2; }
+    if [ "$1" = --bench ]; then BENCH_ARGS=$2; else RUN=$2; fi
+    shift 2 ;;
+esac
+[ -n "$RUN" ] || RUN="python3 bench/run_all.py $BENCH_ARGS"
+[ $# -gt 0 ] || { echo "usage: $0 [--bench ARGS | --run CMD] base|PATCH..." >&2; exit 2; }
 export MOELINK_SKIP_DEPS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 root=$PWD
 work=${TMPDIR:-/tmp}/moelink-variants
@@ -39,15 +44,15 @@ for variant in "$@"; do
   if ! (cd "$tree" && MOELINK_BUILD_DIR=build bash scripts/build.sh > "$log/build.log" 2>&1); then
     echo "$name: BUILD FAILED (see $log/build.log)"; tail -20 "$log/build.log"; status=1; continue
   fi
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  # shellcheck disable=SC2086  # RUN is a command line
   (cd "$tree" && OUT="$log" MOELINK_BUILD_DIR=build PYTHONPATH="$tree/build/python:$tree/tests" \
-     bash scripts/with_mps.sh python3 bench/run_all.py $BENCH_ARGS > "$log/bench.log" 2>&1) || status=1
-  if [ -f "$log/bench_intranode.md" ]; then
+     bash scripts/with_mps.sh $RUN > "$log/bench.log" 2>&1) || status=1
+  if [ ! -f "$log/bench_intranode.md" ]; then
+    echo "$name: $RUN"; tail -25 "$log/bench.log" | sed "s/^/$name: /"
+  else
     # cell | op | moelink µs | DeepEP µs | ratio
     grep -E '^\| [0-9]+x[0-9]+ ' "$log/bench_intranode.md" |
       awk -F'|' -v n="$name" '{printf "%-12s %-6s %-50s %9s µs  DeepEP %9s  ratio %s\n", n, $2, $7, $8, $10, $12}'
-  else
-    echo "$name: no results (see $log/bench.log)"; tail -5 "$log/bench.log"
   fi
 done
 exit $status

@@ -8,7 +8,8 @@
 #         peerlossall soak sanitize benchsmoke anchorsuite benchll bench probehost variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
-# Env: SOAK_ARGS, BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, VARIANTS, VARIANT_BENCH_ARGS, MOELINK_SANITIZE_TOOLS.
+# Env: SOAK_ARGS, BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
+#      MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to a directory for the logs}"
@@ -78,7 +79,12 @@ for g in $TEST_GROUPS; do
     anchorsuite) group anchorsuite 400 python3 tests/gpu/anchor_suite.py ;;
     benchll) group benchll 300 python3 bench/bench_low_latency.py ${BENCH_LL_ARGS:-} ;;
     probehost) group probehost 150 python3 bench/probe_host.py ${PROBE_ARGS:-} ;;
-    variants) group variants 540 bash scripts/bench_variants.sh --bench "${VARIANT_BENCH_ARGS:---cells 4x24,4x8}" ${VARIANTS:-base} ;;
+    variants)
+      if [ -n "${VARIANT_RUN:-}" ]; then
+        group variants 540 bash scripts/bench_variants.sh --run "$VARIANT_RUN" ${VARIANTS:-base}
+      else
+        group variants 540 bash scripts/bench_variants.sh --bench "${VARIANT_BENCH_ARGS:---cells 4x24,4x8}" ${VARIANTS:-base}
+      fi ;;
     bench) group bench 300 python3 bench/run_all.py ${BENCH_ARGS:-} ;;
     *) echo "$g: unknown group" | tee -a "$summary" ;;
   esac
