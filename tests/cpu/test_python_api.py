@@ -268,3 +268,22 @@ def test_buffer_signature_matches_deep_ep(torch_and_buffer):
     combine = inspect.signature(Buffer.combine).parameters
     assert list(combine)[1:] == ["x", "handle", "topk_weights", "bias", "config", "previous_event",
                                  "async_finish", "allocate_on_comm_stream"]
+
+
+def test_tensor_refs_are_what_the_extension_reads(torch_and_buffer):
+    """_ref was trimmed for the host path: it must still give the data pointer, the dtype's name,
+    the shape and strides as tuples (torch.Size is one), -1 as the device of a tensor not on CUDA,
+    None for None, and a TypeError naming the argument for anything else."""
+    torch, _ = torch_and_buffer
+    from moelink._checks import _ref
+
+    x = torch.empty((6, 8), dtype=torch.bfloat16)[:, ::2]  # a strided view keeps its strides
+    ref = _ref(x, "x")
+    assert ref == (x.data_ptr(), "bfloat16", (6, 4), (8, 2), -1)
+    assert isinstance(ref[2], tuple) and isinstance(ref[3], tuple)
+    for dtype, name in ((torch.float8_e4m3fn, "float8_e4m3fn"), (torch.int64, "int64"), (torch.bool, "bool")):
+        assert _ref(torch.empty(3, dtype=dtype))[1] == name
+        assert _ref(torch.empty(3, dtype=dtype))[1] == name  # and again, from the cache
+    assert _ref(None) is None
+    with pytest.raises(TypeError, match="topk_idx"):
+        _ref([1, 2], "topk_idx")
