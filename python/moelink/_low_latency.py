@@ -12,7 +12,7 @@ import torch
 
 from . import _knobs, _moelink
 from ._checks import _check_bool, _check_int, _check_tensor, _ref
-from ._streams import warn_local_errors
+from ._streams import _current_raw_stream, warn_local_errors
 from .event import EventOverlap
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def _require_enabled() -> None:
 
 
 def _order(buf: "Buffer", async_finish: bool) -> tuple:
-    return (torch.cuda.current_stream(buf._device).cuda_stream, None, async_finish, False)
+    return (_current_raw_stream(buf._device), None, async_finish, False)
 
 
 def _column_major(rows: int, columns: int, num_local_experts: int, dtype: torch.dtype, device) -> torch.Tensor:
