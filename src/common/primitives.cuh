@@ -125,23 +125,6 @@ __device__ __forceinline__ void group_barrier(int id, int num_threads) {
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 
-// Copies `num_int4` 16-byte words with the whole warp, kUnroll loads in flight per lane before
-// their stores, the last round predicated: a short row is a few rounds, so a tail done one word at
-// a time would cost as much as the rounds before it. Load and store policies are template
-// functors so the same loop serves every path.
-template <int kUnroll, typename Load, typename Store>
-__device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) {
-  for (int base = lane_id(); base < num_int4; base += 32 * kUnroll) {
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + 32 * u < num_int4) v[u] = load(base + 32 * u);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + 32 * u < num_int4) store(base + 32 * u, v[u]);
-  }
-}
-
 // For e in [0, count), store(e, load(e)) across a group, with kUnroll loads in flight per thread
 // before their stores: per-row metadata (ids, weights, scales) would otherwise cost one memory
 // round trip per element.
@@ -156,6 +139,15 @@ __device__ __forceinline__ void group_transfer(int count, int thread, int num_th
     for (int u = 0; u < kUnroll; ++u)
       if (base + u * num_threads < count) store(base + u * num_threads, v[u]);
   }
+}
+
+// Copies `num_int4` 16-byte words with the whole warp, kUnroll loads in flight per lane before
+// their stores, the last round predicated: a short row is a few rounds, so a tail done one word at
+// a time would cost as much as the rounds before it. Load and store policies are template
+// functors so the same loop serves every path.
+template <int kUnroll, typename Load, typename Store>
+__device__ __forceinline__ void warp_copy(int num_int4, Load load, Store store) {
+  group_transfer<kUnroll>(num_int4, lane_id(), 32, load, store);
 }
 
 // Bit d set when token t is routed to rank d. All R loads are issued before any is used, so a
