@@ -8,6 +8,7 @@
 #include "modes/intranode/ring_layout.hpp"
 #include "moelink/config.hpp"
 
+using moelink::intranode::channel_of;
 using moelink::intranode::channel_range;
 using moelink::intranode::ChannelRange;
 using moelink::intranode::RingLayout;
@@ -25,6 +26,7 @@ MOELINK_TEST(channel_ranges_partition_the_tokens_in_order) {
         for (int t = r.begin; t < r.end; ++t) {
           EXPECT_EQ(owner[t], -1);
           owner[t] = c;
+          EXPECT_EQ(channel_of(tokens, channels, t), c);  // notify counts a token where dispatch sends it
         }
       }
       EXPECT_EQ(previous_end, tokens);  // every token belongs to exactly one channel

@@ -89,7 +89,6 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
     const int counters = num_warps - 1, T = a.num_tokens;
     for (int i = threadIdx.x - 32; i < R * C; i += blockDim.x - 32) counts[i] = 0;
     group_barrier(1, blockDim.x - 32);
-    const int per_channel = (T + C - 1) / C;  // channel_range's split: token t is in channel t / per_channel
     constexpr int kCountUnroll = 4;
     const int stride = counters * 32;
     for (int first = (warp - 1) * 32; first < T; first += stride * kCountUnroll) {
@@ -102,7 +101,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
 #pragma unroll
       for (int u = 0; u < kCountUnroll; ++u) {
         if (first + u * stride >= T) break;  // warp-uniform
-        const int c = min(first + u * stride + lane, T - 1) / per_channel;  // lanes past T carry no flags
+        const int c = channel_of(T, C, min(first + u * stride + lane, T - 1));  // lanes past T carry no flags
         const unsigned same = __match_any_sync(0xffffffffu, c);
         const bool leader = __ffs(same) - 1 == lane;
         for (int d = 0; d < R; ++d) {

@@ -86,13 +86,20 @@ struct RingLayout {
 struct ChannelRange {
   int begin, end;
 };
+MOELINK_HOST_DEVICE int tokens_per_channel(int num_tokens, int num_channels) {
+  return (num_tokens + num_channels - 1) / num_channels;
+}
 MOELINK_HOST_DEVICE ChannelRange channel_range(int num_tokens, int num_channels, int channel) {
-  const int per = (num_tokens + num_channels - 1) / num_channels;
+  const int per = tokens_per_channel(num_tokens, num_channels);
   int b = channel * per;
   b = b < num_tokens ? b : num_tokens;
   int e = b + per;
   e = e < num_tokens ? e : num_tokens;
   return {b, e};
+}
+// The channel that carries token t (0 <= t < num_tokens): the one whose channel_range holds it.
+MOELINK_HOST_DEVICE int channel_of(int num_tokens, int num_channels, int t) {
+  return t / tokens_per_channel(num_tokens, num_channels);
 }
 
 }  // namespace moelink::intranode
