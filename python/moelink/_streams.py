@@ -90,9 +90,10 @@ class _OpStreams:
             # record_stream cannot see arena tensors (they are not the caching allocator's): tell the
             # arena instead, so that a range is reused only after both streams are done with it.
             runtime = self.buffer.runtime
+            compute, comm = self.order[0], self.comm_stream.cuda_stream
             for t in inputs + outputs:
-                runtime.arena_record_stream(t.data_ptr(), self.compute_stream.cuda_stream)
-                runtime.arena_record_stream(t.data_ptr(), self.comm_stream.cuda_stream)
+                runtime.arena_record_stream(t.data_ptr(), compute)
+                runtime.arena_record_stream(t.data_ptr(), comm)
         if self.async_finish:
             for t in inputs:
                 t.record_stream(self.comm_stream)
