@@ -224,7 +224,6 @@ void Context::require_usable(const char* op) const {
 }
 
 void Context::check_device_errors(bool on_entry) {
-  if (on_entry) op_open = false;  // an operation that raised midway never reached end_op
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
@@ -333,11 +332,11 @@ bool capturing(cudaStream_t stream) {
 }
 }  // namespace
 
-void Context::release_claim(int* claim) {
-  // Captured, the memset gives the claim back at each replay (a Buffer may be used by replays
-  // alone); and, deferred, once outside the capture for the eager calls after it.
+void Context::release_claim(int* claim, bool in_op) {
+  // Captured inside an operation, the memset gives the claim back at each replay (a Buffer may be
+  // used by replays alone); and, deferred, once outside the capture for the eager calls after it.
   const bool captured = capturing(comm_stream);
-  if (!captured || op_open) cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
+  if (!captured || in_op) cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
   if (!captured) return;
   for (int*& slot : deferred_claims)
     if (slot == nullptr || slot == claim) {
@@ -358,7 +357,6 @@ void Context::begin_op(const StreamOrder& order) {
   release_deferred_claims();
   if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
     raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
-  op_open = true;
   if (order.previous_event) {
     MOELINK_CUDA_CHECK(cudaStreamWaitEvent(comm_stream, order.previous_event->get(), 0));
   } else {
@@ -370,14 +368,13 @@ void Context::begin_op(const StreamOrder& order) {
 EventHandle Context::end_op(const StreamOrder& order) {
   // Collected before the event, so that a claim given back here is ordered after the kernel and
   // covered by what the caller joins, captured or not (async_finish included).
-  collect_local_errors();
-  op_open = false;
+  collect_local_errors(true);
   EventHandle done(comm_stream);
   if (!order.async_finish) done.stream_wait(order.compute_stream);
   return done;
 }
 
-void Context::collect_local_errors() {
+void Context::collect_local_errors(bool in_op) {
   if (mailbox == nullptr) return;
   volatile kernels::ErrorRecord* local = &mailbox->local;
   const int code = local->code;
@@ -415,7 +412,7 @@ void Context::collect_local_errors() {
   }
   // Only the first local error since the last read is kept; the next one may be recorded now.
   local->code = kernels::kErrNone;
-  release_claim(&header()->common.local_claim);
+  release_claim(&header()->common.local_claim, in_op);
   local_errors.push_back(std::move(message));
 }
 

@@ -96,19 +96,18 @@ class Context {
   bool defer_data_errors = false;
   // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
-  void collect_local_errors();
+  void collect_local_errors(bool in_op = false);
   // Gives an error record's claim back (the word a kernel takes before it fills the record) once
   // the host has read the record: a memset on the comm stream, in order with the kernels. While
   // that stream is being captured into a CUDA graph the memset runs at each replay and not now, so
   // it is also issued again at the next call that is not captured (begin_op, take_local_errors);
   // without that the claim stays taken and eager calls after the capture record no error.
-  // Captured, the memset is queued only inside an operation (begin_op .. end_op's event), where the
-  // event the caller joins covers it and it stays after the kernel; anywhere else it would be work
-  // the capture never joins (ending the capture fails), so there it is deferred only.
-  void release_claim(int* claim);
+  // Captured, the memset is queued only from end_op (in_op), before the event the caller joins, so
+  // it stays after the kernel; anywhere else it would be work the capture never joins (ending the
+  // capture fails), so there it is deferred only.
+  void release_claim(int* claim, bool in_op = false);
   void release_deferred_claims();
   int* deferred_claims[2] = {nullptr, nullptr};
-  bool op_open = false;  // between begin_op and end_op's event
   std::vector<std::string> take_local_errors();
   std::vector<std::string> local_errors;
   // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers
