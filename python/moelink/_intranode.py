@@ -1,15 +1,14 @@
 """Intranode normal mode (all ranks in one NVLink domain): the bodies of Buffer's layout, dispatch
 and combine. Each takes the Buffer it runs on; Buffer keeps the documented signatures."""
 
-import contextlib
 import operator
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _moelink
 from ._arena import alloc_dispatch_outputs
-from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _ref, _split_bias, _split_x
+from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _own_ref, _ref, _split_bias, _split_x
 from ._moelink import Config
 from ._streams import _OpStreams
 from .event import EventOverlap
@@ -33,19 +32,6 @@ class DispatchHandle(tuple):
         return handle
 
 
-@contextlib.contextmanager
-def _abstaining(buf: "Buffer", waits_on_host: bool) -> Iterator[None]:
-    """Argument checks of a collective operation: when they reject the arguments on this rank, it
-    still opens the operation with that verdict, so its peers skip it and raise instead of waiting
-    for it. (The runtime does the same for the checks it makes itself.) waits_on_host: whether the
-    operation waits on the host (Buffer::abstain in include/moelink/buffer.hpp)."""
-    try:
-        yield
-    except (TypeError, ValueError):
-        buf.runtime.abstain(waits_on_host)
-        raise
-
-
 def _waits_on_host(handle: Any, num_worst_tokens: Any) -> bool:
     """Whether a dispatch with these arguments waits on the host for its counts, read as
     _check_int reads num_worst_tokens (its peers decide it from the same values)."""
@@ -61,9 +47,16 @@ def _waits_on_host(handle: Any, num_worst_tokens: Any) -> bool:
 
 def default_config(buf: "Buffer", which: str) -> Config:
     """The preset for this many ranks at Buffer.num_sms SMs, lowered to what lets every rank
-    sharing this GPU be resident at once (the ranks wait for each other, so they must be)."""
-    preset = getattr(_moelink, f"default_{which}_config")
-    return preset(buf.group_size, max(2, min(type(buf).num_sms, buf.runtime.max_num_sms())))
+    sharing this GPU be resident at once (the ranks wait for each other, so they must be). Kept per
+    Buffer and num_sms: an operation that makes it afresh pays two extension calls on the host path
+    the GPU waits for. Only the runtime ever sees it, so sharing one object is safe."""
+    num_sms = type(buf).num_sms
+    cache = buf.__dict__.setdefault("_default_configs", {})
+    config = cache.get((which, num_sms))
+    if config is None:
+        preset = getattr(_moelink, f"default_{which}_config")
+        config = cache[(which, num_sms)] = preset(buf.group_size, max(2, min(num_sms, buf.runtime.max_num_sms())))
+    return config
 
 
 def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
@@ -88,6 +81,8 @@ def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
                                             _ref(num_tokens_per_rank), _ref(num_tokens_per_rdma_rank),
                                             _ref(num_tokens_per_expert), _ref(is_token_in_rank), streams.order)
     outputs = (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)
+    if not streams.keeps_tensors():
+        return (*outputs, streams.finish_joined(event))
     return (*outputs, streams.finish(event, [topk_idx], outputs))
 
 
@@ -109,43 +104,49 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
                                       allocate_on_comm_stream)
     # A pending error first, as the runtime raises it on entry: a rank must not abstain from an
     # operation its peers do not open because they are raising that error.
-    buf.runtime.raise_pending_errors()
-    with _abstaining(buf, _waits_on_host(handle, num_worst_tokens)):
+    runtime = buf.runtime
+    runtime.raise_pending_errors()
+    # When the checks reject the arguments on this rank, it still opens the operation with that
+    # verdict (abstain), so its peers skip it and raise instead of waiting for it; the runtime does
+    # the same for its own checks. They are inline, not in a context manager or a helper per
+    # argument: up to the kernel's launch this is host time the GPU waits for (an uncached dispatch
+    # blocks on its counts), and those calls were half of it.
+    try:
         x, x_scales = _split_x(x)
         config = default_config(buf, "dispatch") if config is None else _check_config(config)
         expert_alignment = _check_int(expert_alignment, "expert_alignment", 1)
         num_worst_tokens = _check_int(num_worst_tokens, "num_worst_tokens", 0)
-        for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                            ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
-                            ("is_token_in_rank", is_token_in_rank),
-                            ("num_tokens_per_expert", num_tokens_per_expert),
-                            ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-            _check_tensor(value, name, optional=True)
-        hidden = _hidden(x, "x")
-        if x_scales is not None:
+        routing = (num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                   topk_weights)
+        for name, value in zip(_ROUTING_ARGS, routing):
+            if value is not None and not isinstance(value, torch.Tensor):
+                _check_tensor(value, name, optional=True)
+        if x.dim() != 2:
+            _check_dim(x, "x", 2)
+        hidden = x.size(1)
+        if x_scales is not None and x_scales.dim() != 2:
             _check_dim(x_scales, "x_scales", 2)
 
         if handle is not None:
-            for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                                ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
-                                ("is_token_in_rank", is_token_in_rank),
-                                ("num_tokens_per_expert", num_tokens_per_expert),
-                                ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            for name, value in zip(_ROUTING_ARGS, routing):
                 if value is not None:
                     raise ValueError(f"dispatch with a handle (cached mode) repeats the handle's routing; "
                                      f"{name} must be None")
             parts = _unpack_handle(handle, config, "dispatch")
         else:
             # Without top-k, rows are routed by is_token_in_rank alone (deep_ep V1 allows it).
-            for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                                ("num_tokens_per_expert", num_tokens_per_expert)):
-                if value is None:
-                    raise ValueError(f"dispatch without a handle needs {name} (see get_dispatch_layout)")
+            if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+                name = ("num_tokens_per_rank" if num_tokens_per_rank is None else
+                        "is_token_in_rank" if is_token_in_rank is None else "num_tokens_per_expert")
+                raise ValueError(f"dispatch without a handle needs {name} (see get_dispatch_layout)")
             if topk_weights is not None and topk_idx is None:
                 raise ValueError("dispatch: topk_weights given without topk_idx")
-            if topk_idx is not None:
+            if topk_idx is not None and topk_idx.dim() != 2:
                 _check_dim(topk_idx, "topk_idx", 2)
             streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    except (TypeError, ValueError):
+        runtime.abstain(_waits_on_host(handle, num_worst_tokens))
+        raise
     if handle is not None:
         return _cached_dispatch(buf, x, x_scales, hidden, parts, handle, config, previous_event, async_finish,
                                 allocate_on_comm_stream)
@@ -159,12 +160,13 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         info = torch.empty((2,), dtype=torch.int64, device=device)
     # The refs the dispatch kernel's launch needs too are made once, before the notify: after it the
-    # GPU idles until the launch.
+    # GPU idles until the launch. Tensors made here get theirs from what is known of them.
     refs_in = (_ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"),
                _ref(topk_weights, "topk_weights"), _ref(is_token_in_rank, "is_token_in_rank"))
-    refs_handle = (_ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix))
-    ref_info = _ref(info)
-    num_recv_tokens, num_recv_tokens_per_expert_list = buf.runtime.intranode_notify(
+    refs_handle = (_own_ref(rank_prefix_matrix, "int32", device), _own_ref(channel_prefix_matrix, "int32", device),
+                   _own_ref(recv_channel_prefix_matrix, "int32", device))
+    ref_info = _own_ref(info, "int64", device)
+    num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify(
         *refs_in, _ref(num_tokens_per_rank, "num_tokens_per_rank"),
         _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
         *refs_handle, ref_info, config, streams.order)
@@ -174,18 +176,25 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
             buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
             stream=streams.allocation_stream())
-    event = buf.runtime.intranode_dispatch(
+    event = runtime.intranode_dispatch(
         *refs_in, num_experts, expert_alignment, num_worst_tokens, *refs_handle, _ref(recv_src_idx), ref_info,
         _ref(recv_x), _ref(recv_x_scales), _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)
-    inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
-    outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
-               recv_x_scales, recv_topk_idx, recv_topk_weights)
-    event_overlap = streams.finish(event, inputs, outputs)
+    if streams.keeps_tensors():
+        inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
+        outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
+                   recv_x_scales, recv_topk_idx, recv_topk_weights)
+        event_overlap = streams.finish(event, inputs, outputs)
+    else:
+        event_overlap = streams.finish_joined(event)
     return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, recv_topk_idx, recv_topk_weights,
-            list(num_recv_tokens_per_expert_list), handle, event_overlap)
+            num_recv_tokens_per_expert_list, handle, event_overlap)
+
+
+_ROUTING_ARGS = ("num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
+                 "topk_idx", "topk_weights")
 
 
 def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
@@ -193,8 +202,11 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
                      allocate_on_comm_stream: Any) -> tuple:
     rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, _ = \
         parts
-    with _abstaining(buf, False):
+    try:
         streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    except (TypeError, ValueError):
+        buf.runtime.abstain(False)
+        raise
     num_recv_tokens = recv_src_idx.numel()
     with streams.allocating():
         recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens,
@@ -203,9 +215,12 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
         _ref(x), _ref(x_scales), None, None, _ref(is_token_in_rank), 0, 1, 0, _ref(rank_prefix_matrix),
         _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(info),
         _ref(recv_x), _ref(recv_x_scales), None, None, config, streams.order, True)
-    inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-              is_token_in_rank, info)
-    event_overlap = streams.finish(event, inputs, (recv_x, recv_x_scales))
+    if streams.keeps_tensors():
+        inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                  is_token_in_rank, info)
+        event_overlap = streams.finish(event, inputs, (recv_x, recv_x_scales))
+    else:
+        event_overlap = streams.finish_joined(event)
     return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, handle, event_overlap)
 
 
@@ -217,28 +232,39 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
     if buf._topology.num_rdma_ranks > 1:
         return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
                                      allocate_on_comm_stream)
-    buf.runtime.raise_pending_errors()
-    with _abstaining(buf, False):
-        _check_tensor(x, "x")
-        _check_tensor(topk_weights, "topk_weights", optional=True)
+    runtime = buf.runtime
+    runtime.raise_pending_errors()
+    try:  # inline, as in dispatch: the host path is part of every timed combine
+        if not isinstance(x, torch.Tensor):
+            _check_tensor(x, "x")
+        if topk_weights is not None and not isinstance(topk_weights, torch.Tensor):
+            _check_tensor(topk_weights, "topk_weights", optional=True)
         bias_0, bias_1 = _split_bias(bias)
         config = default_config(buf, "combine") if config is None else _check_config(config)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, \
             handle_hidden = _unpack_handle(handle, config, "combine")
-        hidden = _hidden(x, "x")
+        if x.dim() != 2:
+            _check_dim(x, "x", 2)
+        hidden = x.size(1)
         num_tokens = is_token_in_rank.size(0)
-        if topk_weights is not None:
+        if topk_weights is not None and topk_weights.dim() != 2:
             _check_dim(topk_weights, "topk_weights", 2)
         streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
+    except (TypeError, ValueError):
+        runtime.abstain(False)
+        raise
+    device = buf._device
     with streams.allocating():
-        combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=buf._device)
+        combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=device)
         combined_topk_weights = (torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32,
-                                             device=buf._device) if topk_weights is not None else None)
-    event = buf.runtime.intranode_combine(
+                                             device=device) if topk_weights is not None else None)
+    event = runtime.intranode_combine(
         _ref(x, "x"), _ref(topk_weights, "topk_weights"), _ref(bias_0, "bias"), _ref(bias_1, "bias"),
         _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix),
         _ref(recv_src_idx), _ref(is_token_in_rank), _ref(info), handle_hidden, _ref(combined_x),
         _ref(combined_topk_weights), config, streams.order)
+    if not streams.keeps_tensors():
+        return combined_x, combined_topk_weights, streams.finish_joined(event)
     inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
               recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info)
     return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
@@ -251,6 +277,11 @@ def _hidden(x: torch.Tensor, name: str) -> int:
 
 def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[Any, ...]:
     """The handle's five matrices, its info tensor and the dispatch's hidden size (0 if unknown)."""
+    if type(handle) is DispatchHandle:
+        # Made by dispatch and immutable: its entries are the tensors checked below, of those ranks.
+        num_channels = config.num_sms // 2
+        if handle[1].size(1) == num_channels and handle[2].size(1) == num_channels:
+            return (*handle, handle.hidden)
     if not isinstance(handle, (tuple, list)):
         raise ValueError(f"handle must be the 6-tuple returned by dispatch, got {type(handle).__name__}")
     if len(handle) != 6:

@@ -58,8 +58,11 @@ class _OpStreams:
 
     def __init__(self, buffer: "Buffer", previous_event: Any, async_finish: Any,
                  allocate_on_comm_stream: Any) -> None:
-        self.async_finish, self.allocate_on_comm_stream = check_order(previous_event, async_finish,
-                                                                      allocate_on_comm_stream)
+        if previous_event is None and async_finish is False and allocate_on_comm_stream is False:
+            self.async_finish = self.allocate_on_comm_stream = False  # the defaults, which pass every rule
+        else:
+            self.async_finish, self.allocate_on_comm_stream = check_order(previous_event, async_finish,
+                                                                          allocate_on_comm_stream)
         self.buffer = buffer
         self.comm_stream = buffer._comm_stream
         self._compute_stream = None
@@ -83,6 +86,18 @@ class _OpStreams:
     def allocation_stream(self) -> int:
         """The CUDA stream handle outputs are allocated on (what ``allocating`` makes current)."""
         return self.comm_stream.cuda_stream if self.allocate_on_comm_stream else self.order[0]
+
+    def keeps_tensors(self) -> bool:
+        """Whether finish needs the operation's tensors: with async_finish, a comm-stream
+        allocation or a receive arena. Otherwise the caller's stream waits for the operation before
+        anything it queues next, so the caching allocator's stream order alone keeps them safe, and
+        finish_joined, which skips collecting them, is enough."""
+        return self.async_finish or self.allocate_on_comm_stream or bool(self.buffer.num_arena_bytes)
+
+    def finish_joined(self, event: Any) -> EventOverlap:
+        """finish for an operation for which keeps_tensors() is False."""
+        warn_local_errors(self.buffer)
+        return EventOverlap(event)
 
     def finish(self, event: Any, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
         inputs, outputs = _tensors(*inputs), _tensors(*outputs)
