@@ -31,12 +31,4 @@ __device__ __forceinline__ Epoch barrier_one_thread(const PeerTable& peers, int 
   return epoch;
 }
 
-// The digest `src` sent for the barrier of `epoch`, read after that barrier completed.
-__device__ __forceinline__ Digest received_digest(const CommonHeader* self, Epoch epoch, int src) {
-  Digest d;
-  const volatile unsigned long long* slot = self->digest[epoch & 1][src].w;
-  for (int w = 0; w < kDigestWords; ++w) d.w[w] = slot[w];
-  return d;
-}
-
 }  // namespace moelink::kernels
