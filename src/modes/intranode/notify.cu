@@ -68,7 +68,10 @@ __device__ unsigned long long first_bad_expert(const NotifyArgs& a) {
   return bad;
 }
 
-__global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
+// (kNotifyThreads, 2) caps it at 64 registers, its footprint before the opening read every digest
+// at once: ranks sharing a GPU under MPS need an SM with room for this one block while their peers'
+// kernels hold the rest.
+__global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a) {
   const int R = a.num_ranks, C = a.num_channels, rank = a.err.rank;
   const int warp = threadIdx.x / 32, lane = lane_id(), num_warps = blockDim.x / 32;
   __shared__ int counts[kMaxNvlRanks * kMaxChannels];
@@ -162,32 +165,53 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
   }
   __syncthreads();
 
+  // The inbox is read once, a word per thread, into shared memory (counts, free since the
+  // barrier, takes the channel counts); the scans below read that. A thread walking the inbox
+  // itself made a dependent round trip per entry: a dozen or more, on the path the host waits on.
   const HeaderSection* self = a.sections[rank];
+  __shared__ int rank_counts[kMaxNvlRanks * kMaxNvlRanks];  // [src][destination]
+  __shared__ int worst_of[kMaxNvlRanks];
+  __shared__ long long bad_of[kMaxNvlRanks];
+  for (int i = threadIdx.x; i < R * R; i += blockDim.x) rank_counts[i] = ld_volatile(&self->inbox_rank_counts[i / R][i % R]);
+  for (int i = threadIdx.x; i < R * C; i += blockDim.x) counts[i] = ld_volatile(&self->inbox_channel_counts[i / C][i % C]);
+  if (threadIdx.x < R) {
+    worst_of[threadIdx.x] = ld_volatile(&self->inbox_worst_tokens[threadIdx.x]);
+    bad_of[threadIdx.x] = static_cast<long long>(
+        ld_volatile(reinterpret_cast<const unsigned long long*>(&self->inbox_bad_expert[threadIdx.x])));
+  }
+  for (int j = threadIdx.x; j < a.num_local_experts; j += blockDim.x) {
+    int from[kMaxNvlRanks];
+#pragma unroll
+    for (int s = 0; s < kMaxNvlRanks; ++s) from[s] = s < R ? ld_volatile(&self->inbox_expert_counts[s][j]) : 0;
+    int n = 0;
+#pragma unroll
+    for (int s = 0; s < kMaxNvlRanks; ++s) n += from[s];
+    const int align = a.expert_alignment;
+    a.mailbox->num_recv_tokens_per_expert[j] = (n + align - 1) / align * align;
+  }
+  __syncthreads();
   if (threadIdx.x == 0 && gate == kGateGo) {
     // The same scan on every rank, so the same rank is named everywhere.
     for (int s = 0; s < R && gate == kGateGo; ++s) {
-      const long long bad = *reinterpret_cast<const volatile long long*>(&self->inbox_bad_expert[s]);
-      if (bad != 0) {
-        report_data(a.err, kErrBadExpertId, s, -1, bad - 1);
+      if (bad_of[s] != 0) {
+        report_data(a.err, kErrBadExpertId, s, -1, bad_of[s] - 1);
         gate = kGateSkip;
       }
     }
     for (int d = 0; d < R && gate == kGateGo; ++d) {
-      const int worst = ld_volatile(&self->inbox_worst_tokens[d]);
       int received = 0;
-      for (int s = 0; s < R; ++s) received += ld_volatile(&self->inbox_rank_counts[s][d]);
-      if (worst > 0 && received > worst) {
+      for (int s = 0; s < R; ++s) received += rank_counts[s * R + d];
+      if (worst_of[d] > 0 && received > worst_of[d]) {
         report_data(a.err, kErrWorstTokensOverflow, d, -1, received);
         gate = kGateSkip;
       }
     }
   }
-  __syncthreads();
   if (threadIdx.x < R) {
     const int d = threadIdx.x;
     int acc = 0;
     for (int s = 0; s < R; ++s) {
-      acc += ld_volatile(&self->inbox_rank_counts[s][d]);
+      acc += rank_counts[s * R + d];
       a.rank_prefix_matrix[s * R + d] = acc;
     }
     if (d == rank) a.mailbox->num_recv_tokens = acc;
@@ -197,14 +221,8 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_kernel(NotifyArgs a) {
     int acc = 0;
     for (int c = 0; c < C; ++c) {
       a.recv_channel_prefix_matrix[s * C + c] = acc;
-      acc += ld_volatile(&self->inbox_channel_counts[s][c]);
+      acc += counts[s * C + c];
     }
-  }
-  for (int j = threadIdx.x; j < a.num_local_experts; j += blockDim.x) {
-    int n = 0;
-    for (int s = 0; s < R; ++s) n += ld_volatile(&self->inbox_expert_counts[s][j]);
-    const int align = a.expert_alignment;
-    a.mailbox->num_recv_tokens_per_expert[j] = (n + align - 1) / align * align;
   }
   __threadfence_system();
   __syncthreads();
