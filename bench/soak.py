@@ -1,7 +1,7 @@
 """Soak: many rounds of dispatch + combine with fresh routing every round, each verified against
 tests/reference, and device memory watched for growth.
 
-    bash scripts/with_mps.sh python3 bench/soak.py [--rounds 10000] [--ranks 4] [--hidden 2048]
+    bash scripts/with_mps.sh python3 bench/soak.py [--rounds 10000] [--ranks 4] [--hidden 2048] [--first-round 0]
 
 Every round each rank draws its own T in [0, 4096] (0 included) and its routing (tests/reference
 make_routing: -1 slots, tokens routed nowhere); the round's options are drawn from the round's seed,
@@ -15,7 +15,7 @@ exception ends it.
 
 Every --mem-every rounds all ranks sample torch.cuda.memory_allocated() and the device's free memory
 (after gc, synchronize, empty_cache); growth of either beyond 64 MiB after the first sample fails.
-Last line: "soak: R ranks, N rounds, M mismatches, X rounds/s, memory growth Y MiB". Exit status 0
+Last line: "soak: R ranks, N rounds (from round F), M mismatches, X rounds/s, memory growth Y MiB". Exit status 0
 when M == 0 and memory did not grow, 1 otherwise.
 """
 
@@ -151,17 +151,19 @@ def _soak(rank, num_ranks, opts):
     buf = common.make_buffer(num_ranks, (config, combine_config), (opts["hidden"],), num_arena_bytes=arena)
     mismatches, report, samples = 0, [], []
     start = time.perf_counter()
-    for i in range(opts["rounds"]):
+    first = opts["first_round"]
+    for i in range(first, first + opts["rounds"]):
         if not _one_round(buf, rank, num_ranks, i, opts, config, combine_config, report):
             mismatches += 1
             if mismatches <= MAX_REPORTED:
                 print(f"soak: rank {rank} round {i} MISMATCH:\n  " + "\n  ".join(report), flush=True)
             report.clear()
-        if (i + 1) % opts["mem_every"] == 0:
+        done = i + 1 - first
+        if done % opts["mem_every"] == 0:
             free = common.settled_free_memory()
-            samples.append((i + 1, torch.cuda.memory_allocated(), free))
-            common.log(rank, f"soak: {i + 1} rounds, {mismatches} mismatches on rank 0, "
-                             f"{(i + 1) / (time.perf_counter() - start):.1f} rounds/s, "
+            samples.append((done, torch.cuda.memory_allocated(), free))
+            common.log(rank, f"soak: {done} rounds (to round {i}), {mismatches} mismatches on rank 0, "
+                             f"{done / (time.perf_counter() - start):.1f} rounds/s, "
                              f"allocated {samples[-1][1] / common.MIB:.1f} MiB, "
                              f"device free {free / common.MIB:.0f} MiB")
     seconds = time.perf_counter() - start
@@ -184,19 +186,23 @@ def main(argv=None) -> int:
     parser.add_argument("--arena-mib", type=int, default=256, help="receive arena of the even ranks (0: none)")
     parser.add_argument("--mem-every", type=int, default=1000, help="rounds between memory samples")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--first-round", type=int, default=0,
+                        help="the first round's index: a round's routing and options depend only on the seed and "
+                             "its index, so runs of --rounds N from 0, N, 2N, ... make up one longer soak")
     parser.add_argument("--timeout-s", type=float, default=None, help="default: 300 s + 0.5 s per round")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.mem_every < 1 or args.hidden % 128:
-        parser.error("--rounds and --mem-every must be >= 1 and --hidden a multiple of 128")
+    if args.rounds < 1 or args.mem_every < 1 or args.first_round < 0 or args.hidden % 128:
+        parser.error("--rounds and --mem-every must be >= 1, --first-round >= 0 and --hidden a multiple of 128")
     opts = dict(rounds=args.rounds, hidden=args.hidden, topk=args.topk, experts=args.experts,
-                max_tokens=args.max_tokens, arena_mib=args.arena_mib, mem_every=args.mem_every, seed=args.seed)
+                max_tokens=args.max_tokens, arena_mib=args.arena_mib, mem_every=args.mem_every, seed=args.seed,
+                first_round=args.first_round)
     timeout_s = args.timeout_s if args.timeout_s is not None else 300 + 0.5 * args.rounds
     results = launcher.run_ranks(args.ranks, _soak, opts, timeout_s=timeout_s)
     mismatches = sum(r["mismatches"] for r in results)
     rate = args.rounds / max(r["seconds"] for r in results)
     growth_mib = max(r["growth"] for r in results) / (1 << 20)
-    print(f"soak: {args.ranks} ranks, {args.rounds} rounds, {mismatches} mismatches, {rate:.1f} rounds/s, "
-          f"memory growth {growth_mib:.1f} MiB", flush=True)
+    print(f"soak: {args.ranks} ranks, {args.rounds} rounds (from round {args.first_round}), {mismatches} mismatches, "
+          f"{rate:.1f} rounds/s, memory growth {growth_mib:.1f} MiB", flush=True)
     if len(results[0]["samples"]) < 2:
         print(f"soak: fewer than two memory samples (every {args.mem_every} rounds): growth not measured", flush=True)
     return 0 if mismatches == 0 and growth_mib <= GROWTH_LIMIT_MIB else 1
