@@ -25,6 +25,10 @@ class DispatchHandle(tuple):
     ``hidden`` is the dispatch's hidden size (0 when the handle was rebuilt as a plain tuple)."""
 
     hidden: int
+    # Set by dispatch on the handles it returns: their entries are known to be the tensors
+    # _unpack_handle checks, so it skips those checks. A handle built any other way (the class can
+    # be imported) is checked in full.
+    _from_dispatch: bool = False
 
     def __new__(cls, items: Sequence[Any], hidden: int) -> "DispatchHandle":
         handle = super().__new__(cls, items)
@@ -182,6 +186,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)
+    handle._from_dispatch = True
     if streams.keeps_tensors():
         inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
         outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
@@ -270,15 +275,10 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
     return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
 
 
-def _hidden(x: torch.Tensor, name: str) -> int:
-    _check_dim(x, name, 2)
-    return x.size(1)
-
-
 def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[Any, ...]:
     """The handle's five matrices, its info tensor and the dispatch's hidden size (0 if unknown)."""
-    if type(handle) is DispatchHandle:
-        # Made by dispatch and immutable: its entries are the tensors checked below, of those ranks.
+    if type(handle) is DispatchHandle and handle._from_dispatch:
+        # Made by dispatch, and a tuple: its entries are the tensors checked below, of those ranks.
         num_channels = config.num_sms // 2
         if handle[1].size(1) == num_channels and handle[2].size(1) == num_channels:
             return (*handle, handle.hidden)
