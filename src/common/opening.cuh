@@ -61,60 +61,46 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
     *gate = kGateSkip;
     return kGateSkip;
   }
-  // Every digest is read once, before any decision, and folded into what the decisions need
-  // without branching, so that the loads of all ranks can be in flight together: read where each
-  // loop below needed it, behind a branch on the previous one, they were some 8 dependent round
-  // trips per rank (tens of microseconds at 8 ranks) on the path every operation's host waits on.
-  unsigned long long verdict_of[kMaxNvlRanks];  // each rank's verdict word
-  unsigned long long differing[kMaxNvlRanks];   // its first compared word unlike mine
-  int differs_at[kMaxNvlRanks];                 // that word's index, kDigestCompared if none
+  // Every digest is read once and folded as it arrives, with selects rather than branches, so that
+  // the loads of all ranks are in flight together; the decisions below then read the fold. Read
+  // where each decision loop needed it, behind a branch on the previous one, the digests cost some
+  // 8 dependent round trips per rank (tens of microseconds at 8 ranks) on the path every
+  // operation's host waits on.
+  bool someone_goes_on = false;  // a rank whose verdict is not "rejected"
+  int objector = -1;             // the first rank whose verdict is not Ok, and that verdict word
+  unsigned long long objection = 0;
+  int first_word = kDigestCompared, differ = -1;  // the first compared word some rank differs on,
+  unsigned long long differing = 0;               // the first such rank and its value
 #pragma unroll
   for (int p = 0; p < kMaxNvlRanks; ++p) {
-    verdict_of[p] = mine.w[kDigestVerdict];
-    differing[p] = 0;
-    differs_at[p] = kDigestCompared;
-    if (p >= num_ranks || p == rank) continue;
+    if (p >= num_ranks) continue;
     const volatile unsigned long long* slot = self->digest[epoch & 1][p].w;
-    verdict_of[p] = slot[kDigestVerdict];
+    const unsigned long long v = p == rank ? mine.w[kDigestVerdict] : slot[kDigestVerdict];
+    someone_goes_on |= static_cast<int>(v & 0xff) != kVerdictRejected;
+    const bool objects = static_cast<int>(v & 0xff) != kVerdictOk && objector < 0;
+    objection = objects ? v : objection;
+    objector = objects ? p : objector;
+    if (p == rank) continue;
 #pragma unroll
-    for (int w = kDigestCompared - 1; w >= 0; --w) {
+    for (int w = 0; w < kDigestCompared; ++w) {
       const unsigned long long value = slot[w];
-      const bool first = value != mine.w[w];  // walking down, the last one set is the first
-      differing[p] = first ? value : differing[p];
-      differs_at[p] = first ? w : differs_at[p];
+      const bool first = value != mine.w[w] && w < first_word;  // a lower rank keeps a tie
+      differing = first ? value : differing;
+      differ = first ? p : differ;
+      first_word = first ? w : first_word;
     }
   }
   int decision = kGateGo;
-  // When every rank rejected its arguments, each has raised its own error and none waits for news;
-  // any other verdict (Ok, or one found on the device) leaves a rank that goes on and records.
-  bool someone_goes_on = false;
-#pragma unroll
-  for (int p = 0; p < kMaxNvlRanks; ++p)
-    if (p < num_ranks) someone_goes_on |= static_cast<int>(verdict_of[p] & 0xff) != kVerdictRejected;
-#pragma unroll
-  for (int p = 0; p < kMaxNvlRanks; ++p) {
-    if (p >= num_ranks || decision != kGateGo) continue;
-    const int v = static_cast<int>(verdict_of[p] & 0xff);
-    if (v != kVerdictOk) {
-      // A rank that rejected its own arguments has raised that error already: it records it (for
-      // its next call) only where its peers, which go on, raise at their next call.
-      if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_goes_on))
-        report_data(err, verdict_error(v), p, -1, static_cast<long long>(verdict_of[p] >> 8));
-      decision = kGateSkip;
-    }
-  }
-  // The first word on which some rank differs, and the first such rank: what the loops over words
-  // and then ranks found before.
-  int first_word = kDigestCompared, at = -1;
-#pragma unroll
-  for (int p = 0; p < kMaxNvlRanks; ++p) {
-    if (p < num_ranks && differs_at[p] < first_word) {
-      first_word = differs_at[p];
-      at = p;
-    }
-  }
-  if (decision == kGateGo && at >= 0) {
-    report_data(err, kErrDisagree, at, first_word, static_cast<long long>(differing[at]));
+  if (objector >= 0) {
+    // A rank that rejected its own arguments has raised that error already: it records it (for its
+    // next call) only where its peers, which go on, raise at their next call. When every rank
+    // rejected, each has raised its own error and none waits for news.
+    if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_goes_on))
+      report_data(err, verdict_error(static_cast<int>(objection & 0xff)), objector, -1,
+                  static_cast<long long>(objection >> 8));
+    decision = kGateSkip;
+  } else if (differ >= 0) {
+    report_data(err, kErrDisagree, differ, first_word, static_cast<long long>(differing));
     decision = kGateSkip;
   }
   *gate = decision;
