@@ -287,3 +287,69 @@ def test_tensor_refs_are_what_the_extension_reads(torch_and_buffer):
     assert _ref(None) is None
     with pytest.raises(TypeError, match="topk_idx"):
         _ref([1, 2], "topk_idx")
+
+
+class _FakeRuntime:
+    """What _intranode's argument checks and default configs ask of a Buffer's runtime."""
+
+    def __init__(self, max_num_sms):
+        self.max_sms, self.abstained, self.config_calls = max_num_sms, [], 0
+
+    def max_num_sms(self):
+        self.config_calls += 1
+        return self.max_sms
+
+    def abstain(self, waits_on_host):
+        self.abstained.append(waits_on_host)
+
+    def raise_pending_errors(self):
+        pass
+
+
+def _fake_buffer(max_num_sms=40, group_size=4):
+    class Topology:
+        num_rdma_ranks = 1
+
+    class FakeBuffer:
+        num_sms = 24
+
+        def _check_usable(self, op):
+            pass
+
+    buf = FakeBuffer()
+    buf.group_size, buf.runtime, buf._topology = group_size, _FakeRuntime(max_num_sms), Topology()
+    return buf
+
+
+def test_default_configs_are_kept_per_num_sms_and_follow_it():
+    """The operations keep their default configs per Buffer: a repeated call must not ask the
+    runtime again, a changed num_sms must give that num_sms' preset, and the preset is lowered to
+    what fits the GPU's share (max_num_sms)."""
+    from moelink._intranode import default_config
+
+    buf = _fake_buffer(max_num_sms=40)
+    first = default_config(buf, "dispatch")
+    assert first.num_sms == 24
+    assert default_config(buf, "dispatch") is first and buf.runtime.config_calls == 1
+    assert default_config(buf, "combine").num_sms == 24 and buf.runtime.config_calls == 2
+    type(buf).num_sms = 16
+    assert default_config(buf, "dispatch").num_sms == 16
+    type(buf).num_sms = 64
+    assert default_config(buf, "dispatch").num_sms == 40  # lowered to what fits
+    assert _fake_buffer(max_num_sms=40).__dict__.get("_default_configs") is None  # per Buffer
+
+
+def test_a_hand_built_dispatch_handle_is_checked_in_full(torch_and_buffer):
+    """Only handles that dispatch returned skip the handle checks; a DispatchHandle built by hand
+    with a bad entry is refused with the checks' error, and the rank abstains so its peers do not
+    wait for it."""
+    torch, _ = torch_and_buffer
+    from moelink._intranode import DispatchHandle, combine
+
+    buf = _fake_buffer()
+    m = torch.zeros((4, 12), dtype=torch.int32)
+    handle = DispatchHandle((torch.zeros((4, 4), dtype=torch.int32), m, m, None,
+                             torch.zeros((8, 4), dtype=torch.bool), torch.zeros(2, dtype=torch.int64)), 64)
+    with pytest.raises(TypeError, match=r"handle\[3\] \(recv_src_idx\)"):
+        combine(buf, torch.zeros((0, 64), dtype=torch.bfloat16), handle, None, None, None, None, False, False)
+    assert buf.runtime.abstained == [False]
