@@ -85,17 +85,14 @@ def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True, host: boo
     time in the call, which returns before the GPU is done."""
     for _ in range(warmup):
         op()
+    if host:
+        return statistics.median(host_samples_us(op, iters, flush, barrier))
     samples = []
     for _ in range(iters):
         flush.zero_()
         torch.cuda.synchronize()
         if barrier:
             dist.barrier()
-        if host:
-            start = time.perf_counter()
-            op()
-            samples.append((time.perf_counter() - start) * 1e6)
-            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         op()
@@ -103,6 +100,26 @@ def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True, host: boo
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3)
     return statistics.median(samples)
+
+
+def host_samples_us(op, iters: int, flush=None, barrier: bool = True, after=None) -> list[float]:
+    """The caller's thread time in each of `iters` calls of op (it returns before the GPU is done),
+    each made with the GPU idle: `flush` zeroed (evicting L2) when given, the device synchronized,
+    all ranks at a barrier when `barrier`. `after` gets each call's result, outside the timed
+    region. The one host-timing loop of the benchmarks (bench_low_latency, probe_host)."""
+    samples = []
+    for _ in range(iters):
+        if flush is not None:
+            flush.zero_()
+        torch.cuda.synchronize()
+        if barrier:
+            dist.barrier()
+        start = time.perf_counter()
+        out = op()
+        samples.append((time.perf_counter() - start) * 1e6)
+        if after is not None:
+            after(out)
+    return samples
 
 
 def _make_buffer(mod, impl: str, num_ranks: int, num_tokens: int, hidden: int):

@@ -78,24 +78,6 @@ def _latency_us(op, iters: int, warmup: int, after=None) -> list[float]:
     return _event_us(iters, 1, op, after)
 
 
-def _host_us(op, iters: int, after=None) -> list[float]:
-    """The caller's thread time in one call (it returns before the GPU is done): what no graph saves
-    an eager caller."""
-    import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
-
-    samples = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        dist.barrier()
-        start = time.perf_counter()
-        out = op()
-        samples.append((time.perf_counter() - start) * 1e6)
-        if after:
-            after(out)
-    return samples
-
-
 def _graph_us(once, iters: int, reps: int) -> list[float]:
     """As back_to_back, with once() (a call and what follows it) captured in a CUDA graph and
     replayed: the GPU's time per call with no host work, as a server that replays decode graphs
@@ -118,6 +100,7 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
 
     import common  # noqa: PLC0415
     import moelink  # noqa: PLC0415
+    from bench_intranode import host_samples_us  # noqa: PLC0415
     from test_low_latency import LLCase, check_combine, check_dispatch, combine_input, make_round  # noqa: PLC0415
 
     case = LLCase("bench", params["tokens"], params["tokens"], params["hidden"], params["topk"], params["experts"],
@@ -153,7 +136,7 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
             if after:
                 after(out)
         mine[name] = {"call": _latency_us(op, params["iters"], params["warmup"], after),
-                      "host": _host_us(op, params["iters"], after),
+                      "host": host_samples_us(op, params["iters"], after=after),
                       "back_to_back": _event_us(params["iters"], reps, once)}
         if name != "dispatch_send_hook":  # a hook's graph would time send and receive together
             mine[name]["graph"] = _graph_us(once, params["iters"], reps)

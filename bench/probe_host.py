@@ -84,16 +84,10 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
         torch.cuda.synchronize()
         dist.barrier()
         spent.clear()
-        times = []
-        for _ in range(calls):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - start)
-        times.sort()
+        times = sorted(bi.host_samples_us(op, calls, barrier=False))
         parts = "".join(f"; {k} {1e6 * v / calls:.1f}" for k, v in sorted(spent.items()))
-        lines.append(f"{impl} rank {rank} {name}: host median {1e6 * times[len(times) // 2]:.1f} µs, "
-                     f"min {1e6 * times[0]:.1f}, mean {1e6 * sum(times) / calls:.1f}{parts}")
+        lines.append(f"{impl} rank {rank} {name}: host median {times[len(times) // 2]:.1f} µs, "
+                     f"min {times[0]:.1f}, mean {sum(times) / calls:.1f}{parts}")
         dist.barrier()
         if profile:  # every rank makes the calls (they are collective); rank 0's are profiled
             profiler = cProfile.Profile() if rank == 0 and impl == "moelink" else None
