@@ -56,7 +56,7 @@ _NOT_WITH_LOW_LATENCY = ("normal-mode dispatch and combine across nodes on a low
                          "implemented: build a Buffer without low_latency_mode for them")
 _META_WIDTH = 16  # bytes of the (source rank, source token) row of the last node exchange
 # The lane exchange holds a node's experts per rank: the runtime's limit on one rank's experts.
-_MAX_EXPERTS_PER_NODE: int = getattr(_moelink, "MAX_LOCAL_EXPERTS", 1024)
+_MAX_EXPERTS_PER_NODE: int = _moelink.MAX_LOCAL_EXPERTS
 
 
 class InternodeHandle(tuple):
