@@ -29,6 +29,7 @@ class DispatchHandle(tuple):
     # _unpack_handle checks, so it skips those checks. A handle built any other way (the class can
     # be imported) is checked in full.
     _from_dispatch: bool = False
+    _refs: tuple = ()  # with it, its entries' refs, made once by dispatch for the calls that reuse it
 
     def __new__(cls, items: Sequence[Any], hidden: int) -> "DispatchHandle":
         handle = super().__new__(cls, items)
@@ -180,13 +181,15 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
             buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
             stream=streams.allocation_stream())
+    ref_src_idx = _own_ref(recv_src_idx, "int32", device)
     event = runtime.intranode_dispatch(
-        *refs_in, num_experts, expert_alignment, num_worst_tokens, *refs_handle, _ref(recv_src_idx), ref_info,
+        *refs_in, num_experts, expert_alignment, num_worst_tokens, *refs_handle, ref_src_idx, ref_info,
         _ref(recv_x), _ref(recv_x_scales), _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)
     handle._from_dispatch = True
+    handle._refs = (*refs_handle, ref_src_idx, refs_in[4], ref_info)
     if streams.keeps_tensors():
         inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
         outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
@@ -216,10 +219,12 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
     with streams.allocating():
         recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens,
                                                        stream=streams.allocation_stream())[:2]
+    ref_rank_prefix, ref_channel_prefix, ref_recv_channel_prefix, ref_src_idx, ref_in_rank, ref_info = \
+        _handle_refs(handle, parts)
     event = buf.runtime.intranode_dispatch(
-        _ref(x), _ref(x_scales), None, None, _ref(is_token_in_rank), 0, 1, 0, _ref(rank_prefix_matrix),
-        _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix), _ref(recv_src_idx), _ref(info),
-        _ref(recv_x), _ref(recv_x_scales), None, None, config, streams.order, True)
+        _ref(x), _ref(x_scales), None, None, ref_in_rank, 0, 1, 0, ref_rank_prefix, ref_channel_prefix,
+        ref_recv_channel_prefix, ref_src_idx, ref_info, _ref(recv_x), _ref(recv_x_scales), None, None, config,
+        streams.order, True)
     if streams.keeps_tensors():
         inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                   is_token_in_rank, info)
@@ -265,14 +270,22 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
                                              device=device) if topk_weights is not None else None)
     event = runtime.intranode_combine(
         _ref(x, "x"), _ref(topk_weights, "topk_weights"), _ref(bias_0, "bias"), _ref(bias_1, "bias"),
-        _ref(rank_prefix_matrix), _ref(channel_prefix_matrix), _ref(recv_channel_prefix_matrix),
-        _ref(recv_src_idx), _ref(is_token_in_rank), _ref(info), handle_hidden, _ref(combined_x),
-        _ref(combined_topk_weights), config, streams.order)
+        *_handle_refs(handle, (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                               is_token_in_rank, info)),
+        handle_hidden, _ref(combined_x), _ref(combined_topk_weights), config, streams.order)
     if not streams.keeps_tensors():
         return combined_x, combined_topk_weights, streams.finish_joined(event)
     inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
               recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info)
     return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
+
+
+def _handle_refs(handle: Any, parts: Sequence[Any]) -> Tuple[Any, ...]:
+    """The refs of the handle's six entries (parts, as _unpack_handle gave them): those dispatch made
+    with the handle when it made it, else made now."""
+    if type(handle) is DispatchHandle and handle._from_dispatch:
+        return handle._refs
+    return tuple(_ref(t) for t in parts[:6])
 
 
 def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[Any, ...]:
