@@ -82,9 +82,11 @@ def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
                                     if num_rdma_ranks > 1 else None)
         num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=buf._device)
         is_token_in_rank = torch.empty((num_tokens, buf.group_size), dtype=torch.bool, device=buf._device)
-    event = buf.runtime.get_dispatch_layout(_ref(topk_idx, "topk_idx"), num_experts,
-                                            _ref(num_tokens_per_rank), _ref(num_tokens_per_rdma_rank),
-                                            _ref(num_tokens_per_expert), _ref(is_token_in_rank), streams.order)
+    device = buf._device
+    event = buf.runtime.get_dispatch_layout(
+        _ref(topk_idx, "topk_idx"), num_experts, _own_ref(num_tokens_per_rank, "int32", device),
+        _own_ref(num_tokens_per_rdma_rank, "int32", device) if num_tokens_per_rdma_rank is not None else None,
+        _own_ref(num_tokens_per_expert, "int32", device), _own_ref(is_token_in_rank, "bool", device), streams.order)
     outputs = (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)
     if not streams.keeps_tensors():
         return (*outputs, streams.finish_joined(event))
