@@ -63,6 +63,12 @@ __device__ __forceinline__ int4 ld_cg(const int4* ptr) {
                : "l"(ptr));
   return v;
 }
+__device__ __forceinline__ int ld_cg(const int* ptr) {
+  int v;
+  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+__device__ __forceinline__ float ld_cg(const float* ptr) { return __int_as_float(ld_cg(reinterpret_cast<const int*>(ptr))); }
 
 __device__ __forceinline__ void st_na(int4* ptr, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y),

@@ -54,12 +54,6 @@ __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
   return out;
 }
 
-__device__ __forceinline__ int ld_cg_int(const int* p) {
-  int v;
-  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-
 __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
@@ -235,7 +229,7 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
           float w = 0.f;
 #pragma unroll
           for (int d = 0; d < kRanks; ++d)
-            if (weights[d]) w += __int_as_float(ld_cg_int(reinterpret_cast<const int*>(weights[d] + lane)));
+            if (weights[d]) w += ld_cg(weights[d] + lane);
           a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
         }
         if (a.l2_discard) {

@@ -38,12 +38,6 @@ namespace {
 
 constexpr int kNumWarps = kThreads / 32;
 
-__device__ __forceinline__ int ld_cg_int(const int* p) {
-  int v;
-  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ float ld_cg_float(const float* p) { return __int_as_float(ld_cg_int(reinterpret_cast<const int*>(p))); }
 
 // Where a sender puts the rows (and their metadata) of one destination that takes them directly:
 // this rank's own outputs, or a peer's outputs in its receive arena.
@@ -363,14 +357,14 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
     const int first_row = row_base + consumed;
     if (a.write_src_idx)
       group_transfer<4>(
-          m, thread, group_threads, [&](int j) { return ld_cg_int(L.slot_src_idx(ring, (consumed + j) % L.slots)); },
+          m, thread, group_threads, [&](int j) { return ld_cg(L.slot_src_idx(ring, (consumed + j) % L.slots)); },
           [&](int j, int v) { a.recv_src_idx[first_row + j] = v; });
     group_transfer<4>(
         m * K, thread, group_threads,
         [&](int e) {
           const int j = e / K, slot = (consumed + j) % L.slots;
-          return make_int2(ld_cg_int(L.slot_topk_idx(ring, slot) + (e - j * K)),
-                           ld_cg_int(reinterpret_cast<const int*>(L.slot_weights(ring, slot) + (e - j * K))));
+          return make_int2(ld_cg(L.slot_topk_idx(ring, slot) + (e - j * K)),
+                           ld_cg(reinterpret_cast<const int*>(L.slot_weights(ring, slot) + (e - j * K))));
         },
         [&](int e, int2 v) {
           const bool mine = v.x >= expert_begin && v.x < expert_begin + a.num_local_experts;
@@ -382,7 +376,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
         m * S, thread, group_threads,
         [&](int e) {
           const int j = e / S;
-          return ld_cg_float(L.slot_scales(ring, (consumed + j) % L.slots) + (e - j * S));
+          return ld_cg(L.slot_scales(ring, (consumed + j) % L.slots) + (e - j * S));
         },
         [&](int e, float v) {
           const int j = e / S;
