@@ -21,6 +21,7 @@
 
 #include <algorithm>
 
+#include "common/bf16x8.cuh"
 #include "common/launch.cuh"
 #include "common/poison.cuh"
 #include "common/waits.cuh"
@@ -44,14 +45,6 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
     acc[2 * i] += f.x;
     acc[2 * i + 1] += f.y;
   }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  int4 out;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return out;
 }
 
 __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {

@@ -237,11 +237,7 @@ __device__ void recv_half(const CombineArgs& a, Epoch seq, int parity, unsigned 
           }
         }
       }
-      int4 packed;
-      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-      out[i] = packed;
+      out[i] = kernels::pack_bf16x8(acc);
     }
     __syncwarp();
   }

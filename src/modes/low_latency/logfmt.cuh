@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "common/bf16x8.cuh"
 #include "common/primitives.cuh"
 
 namespace moelink::low_latency::logfmt {
@@ -34,15 +35,7 @@ __device__ __forceinline__ int half_or(int v) {
   return v;
 }
 
-__device__ __forceinline__ void unpack_bf16x8(const int4& v, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __bfloat1622float2(h[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
+using kernels::unpack_bf16x8;
 
 // One group, by the 16 lanes of a half-warp: lane `sub` holds values 8 sub .. 8 sub + 7 as one int4
 // of bf16. Every lane of the warp must call it (the reductions are shuffles); only lanes with
