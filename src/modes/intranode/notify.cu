@@ -80,9 +80,14 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   __shared__ Epoch epoch;
   __shared__ unsigned long long first_bad;  // token * kMaxTopK + slot of the first bad id, or ~0
 
+  // Thread 0 keeps the verdict in a register and publishes it to the block once, here: a later
+  // write to `gate` raced the other threads' loads of it, which the compiler hoists out of
+  // `threadIdx.x == 0 && gate == ...` (compute-sanitizer racecheck, 2026-12-01).
+  int verdict = kGateGo;
   if (threadIdx.x == 0) {
     first_bad = ~0ull;
-    gate = open_operation(a.peers, rank, R, a.opening, a.err, &epoch);
+    verdict = open_operation(a.peers, rank, R, a.opening, a.err, &epoch);
+    gate = verdict;
   }
   // Count my tokens per (destination, channel) while thread 0 waits in the opening: warps 1.. take
   // a token per lane, kCountUnroll tokens in flight each (all R flags of a token in one round trip),
@@ -161,7 +166,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   if (threadIdx.x == 0) {
     bool ok;
     barrier_one_thread(a.peers, rank, R, kBarrierOp, a.err, nullptr, &ok);
-    if (!ok) gate = kGateSkip;
+    if (!ok) verdict = kGateSkip;
   }
   __syncthreads();
 
@@ -190,20 +195,20 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
     a.mailbox->num_recv_tokens_per_expert[j] = (n + align - 1) / align * align;
   }
   __syncthreads();
-  if (threadIdx.x == 0 && gate == kGateGo) {
+  if (threadIdx.x == 0 && verdict == kGateGo) {
     // The same scan on every rank, so the same rank is named everywhere.
-    for (int s = 0; s < R && gate == kGateGo; ++s) {
+    for (int s = 0; s < R && verdict == kGateGo; ++s) {
       if (bad_of[s] != 0) {
         report_data(a.err, kErrBadExpertId, s, -1, bad_of[s] - 1);
-        gate = kGateSkip;
+        verdict = kGateSkip;
       }
     }
-    for (int d = 0; d < R && gate == kGateGo; ++d) {
+    for (int d = 0; d < R && verdict == kGateGo; ++d) {
       int received = 0;
       for (int s = 0; s < R; ++s) received += rank_counts[s * R + d];
       if (worst_of[d] > 0 && received > worst_of[d]) {
         report_data(a.err, kErrWorstTokensOverflow, d, -1, received);
-        gate = kGateSkip;
+        verdict = kGateSkip;
       }
     }
   }
@@ -228,8 +233,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   __syncthreads();
   if (threadIdx.x == 0) {
     a.handle_info[0] = static_cast<long long>(epoch);
-    a.handle_info[1] = gate == kGateGo ? 0 : 1;
-    *reinterpret_cast<volatile int*>(&a.peers.header[rank]->gate) = gate;
+    a.handle_info[1] = verdict == kGateGo ? 0 : 1;
+    *reinterpret_cast<volatile int*>(&a.peers.header[rank]->gate) = verdict;
     __threadfence_system();
     *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;
   }
