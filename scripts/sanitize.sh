@@ -89,7 +89,7 @@ for tool in $TOOLS; do
     [ "$log" = "$LOG_DIR/$tool.pytest.log" ] && continue
     processes=$((processes + 1))
     n=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$log" | awk '{s += $3} END {print s + 0}')
-    r=$(grep -Eo 'RACECHECK SUMMARY: .*\(([0-9]+) errors' "$log" | grep -Eo '\(([0-9]+) errors' | tr -dc '0-9\n' |
+    r=$(grep -Eo 'RACECHECK SUMMARY: .*\(([0-9]+) errors?' "$log" | grep -Eo '\(([0-9]+) errors?' | tr -dc '0-9\n' |
         awk '{s += $1} END {print s + 0}')
     errors=$((errors + n + r))
     if [ "$n" -gt 0 ] || [ "$r" -gt 0 ]; then
