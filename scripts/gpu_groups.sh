@@ -8,7 +8,7 @@
 #         peerlossall soak sanitize benchsmoke anchorsuite benchll bench probehost variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
-# Env: SOAK_ARGS, BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
+# Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
 #      MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
@@ -73,8 +73,8 @@ for g in $TEST_GROUPS; do
     internode8) group internode8 300 $P tests/gpu/test_internode.py -k "2-4 or 4-2 or default_configs" ;;
     peerloss) group peerloss 240 $P tests/gpu/test_peer_loss.py ;;
     peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;
-    soak) group soak 300 python3 bench/soak.py ${SOAK_ARGS:-} ;;
-    sanitize) group sanitize 300 OUT="$OUT/logs" bash scripts/sanitize.sh ;;
+    soak) group soak "${SOAK_LIMIT_S:-300}" python3 bench/soak.py ${SOAK_ARGS:-} ;;
+    sanitize) group sanitize "${SANITIZE_LIMIT_S:-300}" OUT="$OUT/logs" bash scripts/sanitize.sh ;;
     benchsmoke) group benchsmoke 150 $P tests/gpu/test_bench_smoke.py ;;
     anchorsuite) group anchorsuite 400 python3 tests/gpu/anchor_suite.py ;;
     benchll) group benchll 300 python3 bench/bench_low_latency.py ${BENCH_LL_ARGS:-} ;;
