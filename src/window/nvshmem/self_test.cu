@@ -55,19 +55,22 @@ __global__ void __launch_bounds__(kThreads) ring(unsigned* inbox, unsigned* outb
       nvshmemx_putmem_signal_block(dest, outbox, kWords * sizeof(unsigned), signal + round, 1, NVSHMEM_SIGNAL_SET,
                                    next);
     }
+    // Thread 0 keeps the outcome in a register until the barrier: the compiler hoists a shared load
+    // in `threadIdx.x == 0 && arrived` into every thread, which races thread 0's store (racecheck).
     __shared__ bool arrived;
     if (threadIdx.x == 0) {
       const unsigned long long start = now_ns();
-      arrived = true;
+      bool got = true;
       while (nvshmem_signal_fetch(signal + round) != 1)
         if (now_ns() - start > kWaitNs) {
-          arrived = false;
+          got = false;
           break;
         }
+      // The spin bounded the wait; the API's wait adds what a proxy transport needs for the data to
+      // be visible once the signal is (it returns at once here).
+      if (got) nvshmem_signal_wait_until(signal + round, NVSHMEM_CMP_EQ, 1);
+      arrived = got;
     }
-    // The spin bounded the wait; the API's wait adds what a proxy transport needs for the data to be
-    // visible once the signal is (it returns at once here).
-    if (threadIdx.x == 0 && arrived) nvshmem_signal_wait_until(signal + round, NVSHMEM_CMP_EQ, 1);
     __syncthreads();
     if (!arrived) {
       if (threadIdx.x == 0) *result = -1;
