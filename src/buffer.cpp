@@ -243,6 +243,8 @@ void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 
 void Buffer::abstain(bool waits_on_host) { ctx_->abstain(!waits_on_host); }
 
+void Buffer::debug_halt_next_sends() { ctx_->halt_next_sends = true; }
+
 int64_t Buffer::low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
                                            int num_experts) {
   return low_latency::rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);

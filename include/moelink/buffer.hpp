@@ -166,6 +166,12 @@ class Buffer {
   // Device barrier across the NVLink peers (the same one destroy() uses). Blocks the host.
   void barrier(const char* step);
 
+  // Test hook: the senders of the next intranode dispatch or combine kernel stop after their first
+  // batch of rows, which lands in the peers' memory with nothing telling them: what the peers see
+  // of a rank that dies mid-kernel. On one GPU shared under MPS a process killed mid-kernel faults
+  // every client, so tests halt it this way and kill it once its kernel is over.
+  void debug_halt_next_sends();
+
  private:
   // Everything the operations share lives in the runtime context; the modes are free functions
   // over it, so the Buffer is lifecycle plus forwards.

@@ -293,6 +293,7 @@ void bind_buffer(nb::module_& m) {
       .def("raise_pending_errors", &Buffer::raise_pending_errors)
       .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
       .def("take_local_errors", &Buffer::take_local_errors)
+      .def("debug_halt_next_sends", &Buffer::debug_halt_next_sends)
 
       // ---- operations ----
       .def(

@@ -59,6 +59,7 @@ class Context {
   bool nvshmem_joined = false;
   std::vector<uint8_t> unique_id;
   int notify_seq = 0;  // numbers host waits on the mailbox only; operations are numbered on the device
+  bool halt_next_sends = false;  // test hook (Buffer::debug_halt_next_sends), taken by the next data kernel
   std::string broken;  // non-empty once a peer was lost: the protocol state can't be trusted
   ErrorKind broken_kind = ErrorKind::kTimeout;  // what raising `broken` throws
 

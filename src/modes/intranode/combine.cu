@@ -47,6 +47,8 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
   }
 }
 
+// kHalt: the test hook's variant (Buffer::debug_halt_next_sends), instantiated apart as in dispatch.
+template <bool kHalt>
 __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
@@ -92,6 +94,7 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
         n * K, thread, group_threads, [&](int e) { return a.topk_weights[static_cast<int64_t>(row_base + sent) * K + e]; },
         [&](int e, float v) { L.slot_weights(ring, (sent + e / K) % L.slots)[e % K] = v; });
     group_barrier(1 + group, group_threads);
+    if (kHalt) return;  // a rank dying mid-kernel: the chunk landed, its tail never moves
     sent += n;
     if (gw == 0 && lane == 0) window::signal(tail_remote, sent);
   }
@@ -260,21 +263,21 @@ __device__ void publish_source(const CombineArgs& a, Epoch seq) {
   window::signal(&s->seq, seq);
 }
 
-template <int kRanks>
+template <int kRanks, bool kHalt>
 __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a, seq);
   if (blockIdx.x % 2 == 0)
-    send_channel(a, seq, channel);
+    send_channel<kHalt>(a, seq, channel);
   else
     recv_channel<kRanks>(a, seq, channel);
 }
 
 // Numbered by the opening barrier's epoch; skipped (outputs poisoned) as in dispatch.
-template <int kRanks>
+template <int kRanks, bool kHalt = false>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
   if (operation_may_run(a.err))
-    combine_channel<kRanks>(a, ld_volatile(&a.err.self->epoch));
+    combine_channel<kRanks, kHalt>(a, ld_volatile(&a.err.self->epoch));
   else
     poison_grid_share(a.poison);
   finish_block(a.err, a.poison);
@@ -284,6 +287,10 @@ const KernelRegistration registrations[] = {
     {reinterpret_cast<const void*>(&combine_kernel<2>), "intranode combine", kThreads, 0},
     {reinterpret_cast<const void*>(&combine_kernel<4>), "intranode combine", kThreads, 0},
     {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), "intranode combine", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<2, true>), "intranode combine (halting test hook)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<4, true>), "intranode combine (halting test hook)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, true>), "intranode combine (halting test hook)",
+     kThreads, 0},
 };
 
 }  // namespace
@@ -296,12 +303,21 @@ int combine_blocks_per_sm() {
 
 void launch_combine(const CombineArgs& a, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  if (a.layout.num_ranks <= 2)
+  const int R = a.layout.num_ranks;
+  if (a.halt_sends) {
+    if (R <= 2)
+      launch("intranode combine", &combine_kernel<2, true>, shape, stream, a);
+    else if (R <= 4)
+      launch("intranode combine", &combine_kernel<4, true>, shape, stream, a);
+    else
+      launch("intranode combine", &combine_kernel<kMaxNvlRanks, true>, shape, stream, a);
+  } else if (R <= 2) {
     launch("intranode combine", &combine_kernel<2>, shape, stream, a);
-  else if (a.layout.num_ranks <= 4)
+  } else if (R <= 4) {
     launch("intranode combine", &combine_kernel<4>, shape, stream, a);
-  else
+  } else {
     launch("intranode combine", &combine_kernel<kMaxNvlRanks>, shape, stream, a);
+  }
 }
 
 }  // namespace moelink::intranode

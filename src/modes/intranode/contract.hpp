@@ -133,6 +133,7 @@ struct DispatchArgs {
   HeaderSection* sections[kMaxNvlRanks];
   kernels::ErrorSink err;
   kernels::PoisonList poison;  // every output
+  bool halt_sends;  // test hook (Buffer::debug_halt_next_sends): launch the kernel whose senders stop early
 };
 void launch_dispatch(const DispatchArgs& args, cudaStream_t stream);
 
@@ -160,6 +161,7 @@ struct CombineArgs {
   HeaderSection* sections[kMaxNvlRanks];
   kernels::ErrorSink err;
   kernels::PoisonList poison;  // every output
+  bool halt_sends;  // test hook (Buffer::debug_halt_next_sends): launch the kernel whose senders stop early
 };
 void launch_combine(const CombineArgs& args, cudaStream_t stream);
 

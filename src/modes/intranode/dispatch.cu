@@ -71,6 +71,9 @@ enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the 
 // Scale words a lane keeps in registers: up to 128 per token (H <= 16384 float32, 65536 UE8M0).
 constexpr int kHoistedScales = 4;
 
+// kHalt: the test hook's variant (Buffer::debug_halt_next_sends), its own instantiation so that
+// the kernel every caller runs is compiled as if the hook did not exist.
+template <bool kHalt>
 __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
@@ -260,6 +263,8 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       }
     }
     __syncthreads();
+    // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so.
+    if (kHalt) return kSent;
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
       sent[d] += batch_count[d];
@@ -396,37 +401,45 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
   if (total > 0 && gw == 0 && lane == 0) st_volatile(tail_local, 0);
 }
 
+template <bool kHalt>
 __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
   if (blockIdx.x % 2 == 0)
-    send_channel(a, seq, channel, 0);
-  else if (send_channel(a, seq, channel, 1) != kFailed)
+    send_channel<kHalt>(a, seq, channel, 0);
+  else if (send_channel<kHalt>(a, seq, channel, 1) != kFailed)
     recv_channel(a, seq, channel);
 }
 
 // The operation's number is its last barrier's epoch (notify's, or the cached dispatch's
 // opening), the same on every rank and advanced by the device, so a replayed graph never reuses
 // one. A skipped operation touches no peer memory and poisons its outputs.
+template <bool kHalt>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
   if (operation_may_run(a.err))
-    dispatch_channel(a, ld_volatile(&a.err.self->epoch));
+    dispatch_channel<kHalt>(a, ld_volatile(&a.err.self->epoch));
   else
     poison_grid_share(a.poison);
   finish_block(a.err, a.poison);
 }
 
-const KernelRegistration registration(reinterpret_cast<const void*>(&dispatch_kernel), "intranode dispatch", kThreads,
-                                      0);
+const KernelRegistration registrations[] = {
+    {reinterpret_cast<const void*>(&dispatch_kernel<false>), "intranode dispatch", kThreads, 0},
+    {reinterpret_cast<const void*>(&dispatch_kernel<true>), "intranode dispatch (halting test hook)", kThreads, 0},
+};
 
 }  // namespace
 
 int dispatch_blocks_per_sm() {
-  return max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel), kThreads, 0);
+  return max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<false>), kThreads, 0);
 }
 
 void launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
-  launch("intranode dispatch", &dispatch_kernel, LaunchShape{a.layout.num_channels * 2, kThreads, 0}, stream, a);
+  const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
+  if (a.halt_sends)
+    launch("intranode dispatch", &dispatch_kernel<true>, shape, stream, a);
+  else
+    launch("intranode dispatch", &dispatch_kernel<false>, shape, stream, a);
 }
 
 }  // namespace moelink::intranode

@@ -364,6 +364,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                           {&out.recv_topk_idx, cached ? 0 : N * s.num_topk * 8},
                           {&out.recv_topk_weights, cached ? 0 : N * s.num_topk * 4},
                           {&h.recv_src_idx, cached ? 0 : N * 4}});
+  a.halt_sends = std::exchange(ctx.halt_next_sends, false);
   launch_dispatch(a, ctx.comm_stream);
   return ctx.end_op(order);
 }
@@ -457,6 +458,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
   a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
+  a.halt_sends = std::exchange(ctx.halt_next_sends, false);
   launch_combine(a, ctx.comm_stream);
   return ctx.end_op(order);
 }
