@@ -4,7 +4,7 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink logfmt frameworks internode internode8 peerloss
+# Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink logfmt frameworks internode internode8 peerloss peerlossmid
 #         peerlossall soak sanitize benchsmoke anchorsuite benchll bench probehost variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
@@ -72,6 +72,7 @@ for g in $TEST_GROUPS; do
     internode) group internode 300 $P tests/gpu/test_internode.py -k "2-2 or back_to_back or knob or bad_expert_id" ;;
     internode8) group internode8 300 $P tests/gpu/test_internode.py -k "2-4 or 4-2 or default_configs" ;;
     peerloss) group peerloss 240 $P tests/gpu/test_peer_loss.py ;;
+    peerlossmid) group peerlossmid 150 $P tests/gpu/test_peer_loss.py -k during ;;
     peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;
     soak) group soak "${SOAK_LIMIT_S:-300}" python3 bench/soak.py ${SOAK_ARGS:-} ;;
     sanitize) group sanitize "${SANITIZE_LIMIT_S:-300}" OUT="$OUT/logs" bash scripts/sanitize.sh ;;
