@@ -167,9 +167,14 @@ class Buffer {
   void barrier(const char* step);
 
   // Test hook: the senders of the next intranode dispatch or combine kernel stop after their first
-  // batch of rows, which lands in the peers' memory with nothing telling them: what the peers see
-  // of a rank that dies mid-kernel. On one GPU shared under MPS a process killed mid-kernel faults
-  // every client, so tests halt it this way and kill it once its kernel is over.
+  // batch of rows, which lands in the peers' rings (or, with a receive arena, their outputs) with no
+  // counter or done flag telling them: what the peers see of a rank that dies mid-kernel. On one
+  // GPU shared under MPS a process killed mid-kernel faults every client, so tests halt it this way
+  // and kill it once its kernel is over. Taken by the next intranode dispatch or combine call
+  // (cached dispatch included), even one that raises before launching; nothing else consumes it
+  // (low-latency calls, an internode Buffer's own runtime). A pull combine (input in the receive
+  // arena) has no senders to halt: its peers read the rows in place and finish. Captured into a
+  // graph, the halting kernel is what every replay runs.
   void debug_halt_next_sends();
 
  private:

@@ -288,6 +288,8 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
 
 EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const DispatchOutputs& out,
                      const Config& config, const StreamOrder& order, bool cached) {
+  // Taken first, so that a call raising before its launch does not leave it for a later one.
+  const bool halt_sends = std::exchange(ctx.halt_next_sends, false);
   ctx.require_usable("dispatch");
   // An uncached dispatch was opened by its notify (which raised what it found); a cached one
   // opens here.
@@ -364,13 +366,14 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                           {&out.recv_topk_idx, cached ? 0 : N * s.num_topk * 8},
                           {&out.recv_topk_weights, cached ? 0 : N * s.num_topk * 4},
                           {&h.recv_src_idx, cached ? 0 : N * 4}});
-  a.halt_sends = std::exchange(ctx.halt_next_sends, false);
+  a.halt_sends = halt_sends;
   launch_dispatch(a, ctx.comm_stream);
   return ctx.end_op(order);
 }
 
 EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle& h, const CombineOutputs& out,
                     const Config& config, const StreamOrder& order) {
+  const bool halt_sends = std::exchange(ctx.halt_next_sends, false);  // first, as in dispatch
   ctx.require_usable("combine");
   ctx.check_device_errors(true);
   if (!ctx.topo.is_intranode())
@@ -458,7 +461,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
   a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
-  a.halt_sends = std::exchange(ctx.halt_next_sends, false);
+  a.halt_sends = halt_sends;
   launch_combine(a, ctx.comm_stream);
   return ctx.end_op(order);
 }
