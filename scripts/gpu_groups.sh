@@ -71,7 +71,7 @@ for g in $TEST_GROUPS; do
     frameworks) group frameworks 200 $P tests/gpu/test_frameworks.py ;;
     internode) group internode 300 $P tests/gpu/test_internode.py -k "2-2 or back_to_back or knob or bad_expert_id" ;;
     internode8) group internode8 300 $P tests/gpu/test_internode.py -k "2-4 or 4-2 or default_configs" ;;
-    peerloss) group peerloss 240 $P tests/gpu/test_peer_loss.py ;;
+    peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py ;;
     peerlossmid) group peerlossmid 150 $P tests/gpu/test_peer_loss.py -k during ;;
     peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;
     soak) group soak "${SOAK_LIMIT_S:-300}" python3 bench/soak.py ${SOAK_ARGS:-} ;;

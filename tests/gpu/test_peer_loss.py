@@ -3,14 +3,14 @@
 Peer loss: the last rank SIGKILLs itself at one of the points of a round, with MOELINK_TIMEOUT_S=5:
 before its dispatch; after its dispatch's notify (every count exchanged) and before its dispatch
 kernel ("notified"); between a finished dispatch and its combine; and in the middle of its dispatch
-or its combine kernel. Where ranks have GPUs of their own it dies right after launching that
-kernel. On one GPU shared under MPS a process killed while its kernel writes a peer's memory faults
-every client's context (seen with a two-process probe: the exporter then fails even on its own
-buffers), which no runtime can survive, so there its kernel dies as its peers would see it: the
-senders stop after their first batch of rows (Buffer.debug_halt_next_sends), which lands in the
-peers' rings with no counter telling them, and the process is killed once that kernel is over.
-Every survivor must raise TimeoutError naming the lost rank and
-the step within timeout + 5 s: at the call, or (for an operation that does not wait on the host)
+or its combine kernel. For those two its kernel dies as its peers see a death: the senders stop
+after their first batch of rows (`buf.runtime.debug_halt_next_sends()`), which lands in the peers'
+rings with no counter telling them, and the process is killed once that kernel is over. A kill
+right after the launch would land while the victim still waits for its peers in the notify or the
+opening, not mid-kernel; and on one GPU shared under MPS a process killed while its kernel writes a
+peer's memory faults every client's context (seen with a two-process probe: the exporter then
+fails even on its own buffers), which no runtime can survive. Every survivor must raise
+TimeoutError naming the lost rank and the step within timeout + 5 s: at the call, or (for an operation that does not wait on the host)
 through all-poisoned outputs and the next call. After that the Buffer is broken: every call raises
 the same TimeoutError at once. destroy() comes back within timeout + 5 s and the survivors exit 0.
 
@@ -39,10 +39,10 @@ STALL_TIMEOUT_S = 2.0     # MOELINK_TIMEOUT_S of the notify-stall run
 SLACK_S = 5.0             # the contract's allowance on top of the timeout
 STALL_S = 15.0            # how long the notify-stall run keeps its notify from starting
 LATER_CALL_S = 2.0        # a broken Buffer refuses at once
-VICTIM_HEAD_START_S = 0.5  # survivors' kernels of a "during" phase start this much after the kill
+VICTIM_HEAD_START_S = 0.5  # survivors' kernels of a "during" phase start this much after the victim's
 CASE = Case("peer-loss", 256, 2048, 8, 64)
 PHASES = ("before-dispatch", "notified", "during-dispatch", "after-dispatch", "during-combine")
-MID_KERNEL = ("during-dispatch", "during-combine")  # halted instead of killed where ranks share a GPU
+MID_KERNEL = ("during-dispatch", "during-combine")  # the victim's senders halt, then it is killed
 
 
 class _DiesBeforeDispatchKernel:
@@ -100,8 +100,7 @@ def _peer_loss(rank, num_ranks, seed, phase):
     dist.barrier()  # the last collective: after it the victim may be gone
     start = time.perf_counter()
     if rank == victim:
-        halted = phase in MID_KERNEL and torch.cuda.device_count() < num_ranks
-        if halted:
+        if phase in MID_KERNEL:
             buf.runtime.debug_halt_next_sends()
         if phase == "during-dispatch":
             dispatch(num_worst)  # returns without waiting on the host
@@ -110,15 +109,15 @@ def _peer_loss(rank, num_ranks, seed, phase):
         elif phase == "notified":
             buf.runtime = _DiesBeforeDispatchKernel(buf.runtime)
             dispatch()  # its notify completes with the peers; it dies where the data kernel would launch
-        if halted:
+        if phase in MID_KERNEL:
             # Its receivers take the survivors' rows, so the kernel ends; its first batch went out
             # and nothing more will (the survivors' receivers time out on it).
             torch.cuda.synchronize()
         faults.die()
 
     if phase.startswith("during"):
-        # The survivors' kernels start behind this sleep, so the victim's just-launched operation can
-        # never complete with them: it dies in the middle of it.
+        # The survivors' kernels start behind this sleep, so the victim's halted kernel is running
+        # (its senders done with their first batch) when theirs start.
         faults.gpu_sleep(VICTIM_HEAD_START_S)
     if phase == "before-dispatch":
         call, host_wait, outputs = dispatch, True, None
