@@ -129,6 +129,10 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
     // The handle of a skipped dispatch can never be used: its info says so and its matrices are -1.
     for (int i = threadIdx.x; i < R * R; i += blockDim.x) a.rank_prefix_matrix[i] = -1;
     for (int i = threadIdx.x; i < R * C; i += blockDim.x) a.channel_prefix_matrix[i] = a.recv_channel_prefix_matrix[i] = -1;
+    // Every thread's -1 lands before the host hears of the skip: it raises then, and the handle's
+    // tensors may go back to the allocator while stores to them are still in flight.
+    __threadfence_system();
+    __syncthreads();
     if (threadIdx.x == 0) {
       a.handle_info[0] = static_cast<long long>(epoch);
       a.handle_info[1] = 1;
