@@ -301,23 +301,28 @@ int combine_blocks_per_sm() {
                    max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), kThreads, 0)});
 }
 
+namespace {
+
+// The receivers' rank count is a template bound: the smallest instantiation that holds R.
+template <bool kHalt>
+void launch_combine_for_ranks(const CombineArgs& a, const LaunchShape& shape, cudaStream_t stream) {
+  const int R = a.layout.num_ranks;
+  if (R <= 2)
+    launch("intranode combine", &combine_kernel<2, kHalt>, shape, stream, a);
+  else if (R <= 4)
+    launch("intranode combine", &combine_kernel<4, kHalt>, shape, stream, a);
+  else
+    launch("intranode combine", &combine_kernel<kMaxNvlRanks, kHalt>, shape, stream, a);
+}
+
+}  // namespace
+
 void launch_combine(const CombineArgs& a, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  const int R = a.layout.num_ranks;
-  if (a.halt_sends) {
-    if (R <= 2)
-      launch("intranode combine", &combine_kernel<2, true>, shape, stream, a);
-    else if (R <= 4)
-      launch("intranode combine", &combine_kernel<4, true>, shape, stream, a);
-    else
-      launch("intranode combine", &combine_kernel<kMaxNvlRanks, true>, shape, stream, a);
-  } else if (R <= 2) {
-    launch("intranode combine", &combine_kernel<2>, shape, stream, a);
-  } else if (R <= 4) {
-    launch("intranode combine", &combine_kernel<4>, shape, stream, a);
-  } else {
-    launch("intranode combine", &combine_kernel<kMaxNvlRanks>, shape, stream, a);
-  }
+  if (a.halt_sends)
+    launch_combine_for_ranks<true>(a, shape, stream);
+  else
+    launch_combine_for_ranks<false>(a, shape, stream);
 }
 
 }  // namespace moelink::intranode
