@@ -237,7 +237,9 @@ void Buffer::check_device_errors() const {
 
 std::vector<std::string> Buffer::take_local_errors() { return ctx_->take_local_errors(); }
 
-void Buffer::raise_pending_errors() const { ctx_->check_device_errors(true); }
+void Buffer::check_faults() const { ctx_->check_faults(); }
+
+void Buffer::raise_pending_errors() const { ctx_->raise_at_end(); }
 
 void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 

@@ -93,6 +93,8 @@ class Buffer {
   // ---- operations ----
   // Every operation runs on the comm stream after `order` (previous_event or the compute stream),
   // and returns the event recorded at its end; without async_finish the compute stream waits on it.
+  // A collective one raises, after its last launch, a data error its host sees recorded then
+  // (raise_pending_errors); get_dispatch_layout raises it on entry.
   EventHandle get_dispatch_layout(const TensorRef& topk_idx, int num_experts, const LayoutOutputs& out,
                                   const StreamOrder& order);
 
@@ -134,9 +136,9 @@ class Buffer {
   // whose own checks fail before it reaches the Buffer calls it). It takes part in the operation's
   // opening with that verdict, so every peer skips the operation and raises instead of waiting.
   // waits_on_host: whether that operation waits on the host (uncached dispatch without
-  // num_worst_tokens), where the peers raise at the call; where it does not, they raise at their
-  // next call, and so does this rank (it records the error too), so that no rank's next collective
-  // waits for peers that are raising.
+  // num_worst_tokens), where the peers raise at the call; where it does not, they raise at the end
+  // of that call or of a later one, and so does this rank (it records the error too), so that
+  // every rank of the operation raises the same error.
   void abstain(bool waits_on_host);
 
   // The largest num_sms at which the normal-mode kernels of every rank sharing this GPU can be
@@ -147,15 +149,24 @@ class Buffer {
 
   // Raises the error a kernel recorded: a lost peer (TimeoutError; the Buffer is broken and every
   // later call raises it again) or a data error every rank of an operation found (ValueError, once).
-  // Every operation calls it on entry.
   void check_device_errors() const;
-  // check_device_errors() without the low-latency local errors: what every normal-mode operation
-  // raises on entry, before any check of its own arguments (a rank that raised a pending error must
-  // not abstain from the operation instead: its peers raise the same error and open nothing).
+  // A lost peer only: what every collective operation checks on entry, before any check of its
+  // own arguments. A data error is not raised there: the host sees the device's record
+  // asynchronously, so a rank raising it on entry would open nothing while its peers, whose hosts
+  // had not seen it yet, open the operation and wait for it.
+  void check_faults() const;
+  // What every collective operation does after its last launch: raises the data error recorded
+  // now (this operation's or an earlier one's), once the comm stream has drained (bounded by the
+  // timeout; a refused stream query counts as not drained), so that no tensor its kernels still
+  // write is freed by the exception. Nothing while
+  // defer_data_errors is set or the comm stream is being captured: the error then stays recorded
+  // for a later call's end. get_dispatch_layout, which opens nothing, raises it on entry instead.
   void raise_pending_errors() const;
-  // While set, raise_pending_errors and the entry of every normal-mode operation hold data errors
-  // back (faults still raise); internode mode sets it on its inner Buffers for the legs of one
-  // operation (runtime/context.hpp says why).
+  // While set, the end of every dispatch and combine and the entry of get_dispatch_layout hold
+  // data errors back (not barrier, destroy or clean_low_latency_buffer: once joined, they raise
+  // what they find) (faults still raise, and so does what a host wait found); internode mode
+  // sets it on its inner Buffers and calls raise_pending_errors at the end of its own operation
+  // (runtime/context.hpp says why).
   void defer_data_errors(bool defer);
   // Bad input this rank alone saw in a low-latency call, which went on (its peers with it): expert
   // ids outside [-1, num_experts) or named twice in a token. The rows they spoilt are poisoned; each

@@ -290,7 +290,9 @@ void bind_buffer(nb::module_& m) {
           "barrier", [](Buffer& self, const std::string& step) { self.barrier(step.c_str()); }, "step"_a,
           Release())
       .def("check_device_errors", &Buffer::check_device_errors)
-      .def("raise_pending_errors", &Buffer::raise_pending_errors)
+      .def("check_faults", &Buffer::check_faults)
+      // It drains the comm stream first (up to timeout + 2 s) when a record is pending.
+      .def("raise_pending_errors", &Buffer::raise_pending_errors, Release())
       .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
       .def("take_local_errors", &Buffer::take_local_errors)
       .def("debug_halt_next_sends", &Buffer::debug_halt_next_sends)

@@ -83,6 +83,9 @@ class Stages:
         self.node, self.lane = node, lane
         self.node_members, self.lane_members = _members(topology)
         self.stream = torch.cuda.Stream(device=buf._device)
+        # Data errors of the legs are raised at the end of the internode operation (_raise_pending).
+        for inner in (node, lane):
+            inner.runtime.defer_data_errors(True)
 
     def destroy(self) -> None:
         first = None
@@ -157,28 +160,39 @@ def _together(all_gather: Any, name: str, build: Any) -> Any:
     return result
 
 
-def _stages(buf: "Buffer", op: str, raise_pending: bool = True) -> Stages:
+def _stages(buf: "Buffer", op: str, collective: bool = True) -> Stages:
     buf._check_usable(op)
     if buf._internode is None:
         raise NotImplementedError(_NOT_WITH_LOW_LATENCY if buf.low_latency_mode else _NOT_ENABLED)
     stages = buf._internode
-    if not raise_pending:  # a local getter: pending errors are for the next collective
+    if not collective:  # a local getter
         return stages
-    # Errors an earlier operation left pending on either inner Buffer, raised (and cleared) here
-    # before any exchange; from here on the legs' entries hold data errors back, so that no leg
-    # raises at its entry halfway through this operation (runtime/context.hpp says why).
-    first = None
+    # A lost peer on either inner Buffer raises before any exchange. Data errors do not: the inner
+    # Buffers hold them back through every leg, and the operation raises them at its end
+    # (_raise_pending). A rank that raised one on entry, or at a leg's end, would open no further
+    # leg while its peers, whose hosts had not seen the record yet, open the next one and wait for
+    # it (runtime/context.hpp says more).
     for inner in (stages.lane, stages.node):
+        inner.runtime.check_faults()
+    return stages
+
+
+def _raise_pending(stages: Stages, op: str) -> None:
+    """The end of an internode operation, after its last leg: the data error either inner Buffer
+    held back (this operation's or an earlier one's) is raised, once that Buffer's comm stream has
+    drained. Both are cleared before the first is raised."""
+    first = None
+    for leg in ("lane", "node"):
+        inner = getattr(stages, leg)
         try:
             inner.runtime.defer_data_errors(False)
             inner.runtime.raise_pending_errors()
         except Exception as error:  # noqa: BLE001 - the first is raised once both are cleared
-            first = first or error
+            first = first or (_in_leg(error, op, leg, getattr(stages, f"{leg}_members")), error)
         finally:
             inner.runtime.defer_data_errors(True)
     if first is not None:
-        raise first
-    return stages
+        raise first[0] from first[1]
 
 
 def _configs(buf: "Buffer", config: Optional[Config], which: str) -> Tuple[Config, Config]:
@@ -279,10 +293,10 @@ class _Steps:
     inner group then skips its exchange with an error on every member instead of waiting for this
     rank. Where the exchanges wait on the host, the members that learn of it at the call abstain in
     turn, so the error reaches every rank of the Buffer and none waits out a timeout; where they do
-    not, the members learn of it at their next call and ranks further away not at all
-    (docs/COMPATIBILITY.md). Errors raised here name the inner group's ranks; the message
-    says which global ranks those are. legs: (inner Buffer, whether that exchange waits on the host)
-    in order (Buffer.abstain in include/moelink/buffer.hpp)."""
+    not, the members raise it at the end of this operation or of a later one (_raise_pending) and
+    ranks further away not at all (docs/COMPATIBILITY.md). Errors raised here name the inner
+    group's ranks; the message says which global ranks those are. legs: (inner Buffer, whether that
+    exchange waits on the host) in order (Buffer.abstain in include/moelink/buffer.hpp)."""
 
     def __init__(self, stages: Stages, op: str, legs: Tuple[Tuple[str, bool], ...]) -> None:
         self.stages, self.op, self.legs, self.done = stages, op, legs, 0
@@ -385,8 +399,8 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         # without, the lane's count list is each node expert's total over the lane's sources.
         # The lane leg waits on the host for its counts even with num_worst_tokens: an error it finds
         # then raises on its ranks at the call, and they abstain from the node legs, so every rank
-        # hears of it (without the wait the other lanes' ranks would get rows silently missing,
-        # then wait at the next call); and the forwarder's receive is exact, where its worst case is
+        # hears of it (without the wait the other lanes' ranks would get rows silently missing and
+        # never hear why); and the forwarder's receive is exact, where its worst case is
         # GPUs-per-node x num_worst_tokens rows. The cost: one host wait, so not graph-safe yet.
         in_node = is_token_in_rank.reshape(T, N, L).any(dim=2)
         per_node = in_node.sum(dim=0, dtype=torch.int32)
@@ -443,6 +457,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         outputs = [*(recv_x if isinstance(recv_x, tuple) else (recv_x,)), recv_topk_idx, recv_topk_weights,
                    rank_prefix, recv_src_idx, order]
         event = on.finish([x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert], outputs)
+        _raise_pending(stages, "dispatch")
     return recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, out_handle, event
 
 
@@ -492,6 +507,7 @@ def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, num_tok
         b_x = steps.run(lambda: stages.node.dispatch(a_x, handle=b_handle, config=node_config))[0]
         recv_x = _scales_like(_gather_rows(b_x, order), x_scales)
         event = on.finish([x_data, x_scales], list(recv_x) if isinstance(recv_x, tuple) else [recv_x])
+        _raise_pending(stages, "cached dispatch")
     return recv_x, None, None, None, handle, event
 
 
@@ -526,4 +542,5 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
         combined_x, combined_weights, _ = steps.run(lambda: stages.lane.combine(
             a_x, a_handle, topk_weights=a_weights, bias=bias, config=lane_config))
         event = on.finish([x, topk_weights, *biases], [combined_x, combined_weights])
+        _raise_pending(stages, "combine")
     return combined_x, combined_weights, event

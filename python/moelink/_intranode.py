@@ -109,10 +109,12 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
                                       num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                                       num_worst_tokens, config, previous_event, async_finish,
                                       allocate_on_comm_stream)
-    # A pending error first, as the runtime raises it on entry: a rank must not abstain from an
-    # operation its peers do not open because they are raising that error.
+    # A lost peer first, as the runtime raises it on entry: a broken Buffer says so before any
+    # check of this call's arguments. A pending data error is raised by the runtime at the end of
+    # the call, after its launches, not here: a rank whose host has seen the record would open
+    # nothing while its peers, whose hosts had not, open the operation and wait for it.
     runtime = buf.runtime
-    runtime.raise_pending_errors()
+    runtime.check_faults()
     # When the checks reject the arguments on this rank, it still opens the operation with that
     # verdict (abstain), so its peers skip it and raise instead of waiting for it; the runtime does
     # the same for its own checks. They are inline, not in a context manager or a helper per
@@ -245,7 +247,7 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
         return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
                                      allocate_on_comm_stream)
     runtime = buf.runtime
-    runtime.raise_pending_errors()
+    runtime.check_faults()  # as in dispatch: pending data errors are raised at the call's end
     try:  # inline, as in dispatch: the host path is part of every timed combine
         if not isinstance(x, torch.Tensor):
             _check_tensor(x, "x")

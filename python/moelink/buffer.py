@@ -221,7 +221,7 @@ class Buffer:
         use_rdma_buffer = _check_bool(use_rdma_buffer, "use_rdma_buffer")
         if self._topology.num_rdma_ranks > 1 and not self.low_latency_mode:
             # Internode: the buffers are the inner Buffers' (the lane's is the node-to-node one).
-            stages = _internode._stages(self, "get_local_buffer_tensor", raise_pending=False)
+            stages = _internode._stages(self, "get_local_buffer_tensor", collective=False)
             inner = stages.lane if use_rdma_buffer else stages.node
             return inner.get_local_buffer_tensor(dtype, size, offset, False)
         name = "num_rdma_bytes" if use_rdma_buffer else "num_nvl_bytes"
@@ -328,8 +328,13 @@ class Buffer:
         Every rank must make the same call: ranks that disagree on the operation, config, hidden
         size, dtype, top-k, num_experts or handle, and bad input on any one rank (an expert id outside
         [-1, num_experts), more rows than num_worst_tokens), make every rank raise ValueError. A call
-        that does not wait on the host (num_worst_tokens > 0) raises at the next call instead, and
-        its outputs are poisoned (NaN, -1). A lost peer raises TimeoutError the same way.
+        that does not wait on the host (num_worst_tokens > 0) returns outputs that are poisoned
+        (NaN, -1), and the error comes out at the end of the first call whose host has seen it
+        then (a collective raises it after its launches, so every rank still ran that call): this
+        call or a later one. A lost peer raises TimeoutError at the next call. Ranks may raise at
+        different calls, so after a ValueError a rank must keep making the same collective calls
+        as its peers (or every rank tears down together): one that skips a call leaves its peers
+        waiting for it (docs/COMPATIBILITY.md).
 
         Returns:
             recv_x: like x, with num_recv_tokens rows: the rows from all ranks, ordered by source rank,

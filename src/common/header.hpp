@@ -110,9 +110,9 @@ struct Opening {
   const int* rank_prefix_matrix;    // combine: the handle's matrix, to check the input's rows
   int input_rows;                   // combine: rows of x
   // Set where the operation does not wait on the host (cached dispatch, combine, dispatch with
-  // num_worst_tokens): its peers learn of a rejection only at their next call, so a rank that
-  // rejected its own arguments records the error as well and raises it at its next call too; the
-  // ranks then stay in step (if it did not, its next collective would wait for peers that raised).
+  // num_worst_tokens): its peers raise a rejection at the end of that call or a later one, so a
+  // rank that rejected its own arguments records the error as well and raises it at a later call
+  // too; every rank of the operation then raises the peers' error once.
   int record_own_rejection;
 };
 

@@ -92,8 +92,8 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
   }
   int decision = kGateGo;
   if (objector >= 0) {
-    // A rank that rejected its own arguments has raised that error already: it records it (for its
-    // next call) only where its peers, which go on, raise at their next call. When every rank
+    // A rank that rejected its own arguments has raised that error already: it records it (for a
+    // later call) only where its peers, which go on, raise it at a later call too. When every rank
     // rejected, each has raised its own error and none waits for news.
     if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_goes_on))
       report_data(err, verdict_error(static_cast<int>(objection & 0xff)), objector, -1,

@@ -10,6 +10,7 @@
 #include "common/opening.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/knobs.hpp"
+#include "runtime/pending_errors.hpp"
 #include "runtime/stream_pool.hpp"
 #include "runtime/wait_steps.hpp"
 #include "window/nvshmem.hpp"
@@ -158,14 +159,18 @@ Context::Context(const BufferOptions& o) {
 
 Context::~Context() { release(); }
 
-bool Context::drain(double seconds) {
+bool Context::drain(double seconds, bool strict) {
   if (comm_stream == nullptr) return true;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   for (;;) {
     const cudaError_t status = cudaStreamQuery(comm_stream);
+    if (status == cudaSuccess) return true;
     if (status != cudaErrorNotReady) {
-      cudaGetLastError();  // an unloading runtime at exit counts as drained
-      return true;
+      cudaGetLastError();
+      // An unloading runtime at exit has nothing left to run. Any other refusal (a query made while
+      // a capture elsewhere in the process forbids it) says nothing about the kernels, so a strict
+      // caller must not free their outputs on it.
+      return !strict || status == cudaErrorCudartUnloading;
     }
     if (std::chrono::steady_clock::now() > deadline) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -223,7 +228,7 @@ void Context::require_usable(const char* op) const {
   if (!broken.empty()) throw Error(broken_kind, broken);
 }
 
-void Context::check_device_errors(bool on_entry) {
+void Context::check_faults() {
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
@@ -261,7 +266,20 @@ void Context::check_device_errors(bool on_entry) {
     }
     throw Error(broken_kind, broken);
   }
-  if (on_entry && defer_data_errors) return;
+}
+
+namespace {
+bool recorded(const volatile kernels::ErrorRecord& record) { return record.code != kernels::kErrNone; }
+}  // namespace
+
+bool Context::fault_recorded() const { return mailbox != nullptr && recorded(mailbox->fault); }
+
+bool Context::data_error_recorded() const { return mailbox != nullptr && recorded(mailbox->data); }
+
+void Context::raise_data_error() {
+  if (mailbox == nullptr) return;
+  const int rank = topo.rank;
+  const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
   volatile kernels::ErrorRecord* data = &mailbox->data;
   const int code = data->code;
   if (code == kernels::kErrNone) return;
@@ -307,6 +325,14 @@ void Context::check_device_errors(bool on_entry) {
   throw Error(ErrorKind::kValue, message);
 }
 
+void Context::check_device_errors() {
+  check_faults();
+  raise_data_error();
+}
+
+void Context::check_on_entry(bool opens_collective) { runtime::check_on_entry(*this, opens_collective); }
+
+
 void Context::fail_host_wait(const std::string& message, int step) {
   broken = message;
   // The kernels queued behind the wait, and the peers, must stop too: raise this rank's fault word
@@ -331,6 +357,18 @@ bool capturing(cudaStream_t stream) {
   return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
 }
 }  // namespace
+
+bool Context::comm_stream_capturing() const { return capturing(comm_stream); }
+
+void Context::raise_at_end(cudaStream_t compute_stream) {
+  // Every call ends here, and nearly always with nothing recorded: a host-mapped read answers that
+  // without the CUDA calls below.
+  if (defer_data_errors || !data_error_recorded()) return;
+  // The caller's stream may be captured while the comm stream is not (previous_event recorded
+  // before the capture); a query of any stream could then end the capture too.
+  if (compute_stream != nullptr && capturing(compute_stream)) return;
+  runtime::raise_at_end(*this, host_wait_limit_s());
+}
 
 void Context::release_claim(int* claim, bool in_op) {
   // Captured inside an operation, the memset gives the claim back at each replay (a Buffer may be
@@ -444,10 +482,11 @@ void Context::launch_barrier(int tag, double timeout) {
   kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), comm_stream);
 }
 
-void Context::barrier(int tag, double timeout) {
+void Context::barrier(int tag, double timeout, bool raise_data_errors) {
   launch_barrier(tag, timeout);
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream));
-  check_device_errors();
+  check_faults();
+  if (raise_data_errors) raise_data_error();
 }
 
 int Context::max_num_sms(int blocks_per_sm) const {

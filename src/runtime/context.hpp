@@ -77,8 +77,10 @@ class Context {
   // stream goes back to a pool instead of being destroyed: the caching allocator may still hold
   // tensors recorded on it, and freeing one records an event on the stream.
   void release();
-  // Waits until the comm stream has drained, at most `seconds`; false when it has not.
-  bool drain(double seconds);
+  // Waits until the comm stream has drained, at most `seconds`; false when it has not. Lenient
+  // (destroy) takes a refused query as drained, since tearing down must go on; strict (the end of
+  // a call, which frees outputs on the raise) takes it as not drained, and the error stays recorded.
+  bool drain(double seconds, bool strict = false);
 
   // ---- steps every operation takes ----
   kernels::ErrorSink error_sink(double timeout = -1) const;
@@ -86,14 +88,28 @@ class Context {
   void require_usable(const char* op) const;
   // Raises the error a kernel recorded: a fault (sticky, TimeoutError; the Buffer is broken), or a
   // data error every rank of the operation found (ValueError, raised once).
-  // on_entry: the check an operation makes before it opens anything, which defer_data_errors
-  // limits to faults (the checks after a host wait raise what this operation found).
-  void check_device_errors(bool on_entry = false);
-  // While set, an operation's entry check leaves a data error recorded for later. Internode mode
-  // sets it on its inner Buffers for the legs of one operation: a rank whose host saw an earlier
-  // leg's error at a later leg's entry would open nothing there, while peers whose hosts had not
-  // seen it yet open that leg and wait for it. So every member opens (or abstains from) every leg,
-  // and the error is raised at the next operation's entry.
+  void check_device_errors();
+  // Its two halves, apart because a collective raises them at different points: a fault (once seen
+  // it breaks the Buffer), and a data error (its record cleared, so it is raised once).
+  void check_faults();
+  void raise_data_error();
+  bool fault_recorded() const;
+  bool data_error_recorded() const;
+  bool comm_stream_capturing() const;
+  // Where an operation raises a data error (runtime/pending_errors.hpp says why): a collective
+  // checks only faults on entry (check_on_entry(true)) and raises a data error after its last
+  // launch (raise_at_end); get_dispatch_layout, which opens nothing, raises it on entry
+  // (check_on_entry(false)). The checks after a host wait raise what that operation found.
+  void check_on_entry(bool opens_collective);
+  void raise_at_end(cudaStream_t compute_stream = nullptr);
+  // How long the host waits for the comm stream before it gives up: the kernels bound their own
+  // waits by the timeout, and the margin covers a kernel that never started.
+  double host_wait_limit_s() const { return timeout_s + 2.0; }
+  // While set, data errors stay recorded at the end of each collective call and at the entry of
+  // get_dispatch_layout. Internode mode sets it on its inner Buffers and raises their errors at
+  // the end of its own operation: were a leg to raise at its end, the rank would go no further in
+  // the operation while its peers, whose hosts had not seen the error yet, open the next leg and
+  // wait for it. So every member opens (or abstains from) every leg.
   bool defer_data_errors = false;
   // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
@@ -126,8 +142,9 @@ class Context {
   void abstain(bool record_own_rejection) noexcept;
   // Launches the device barrier over the NVLink peers on the comm stream.
   void launch_barrier(int tag, double timeout = -1);
-  // The barrier, then a host wait for it; raises what it found.
-  void barrier(int tag, double timeout = -1);
+  // The barrier, then a host wait for it; raises what it found. raise_data_errors = false where
+  // the call goes on to another collective step (a data error is then raised at its end).
+  void barrier(int tag, double timeout = -1, bool raise_data_errors = true);
 
   // ---- co-residency ----
   // Every rank's kernel spins until its peers' kernels run, so when ranks share a GPU all their

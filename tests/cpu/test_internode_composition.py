@@ -50,16 +50,41 @@ def _prefix_matrix(counts: np.ndarray) -> torch.Tensor:
 class ModelBuffer:
     """One rank of an intranode group, as far as _internode uses it, from the reference semantics.
     Its exchanges open as the runtime's do: every member states its verdict, and when one abstained
-    (its own checks failed) the others raise naming it instead of running the exchange."""
+    (its own checks failed) the others raise naming it instead of running the exchange; and like the
+    runtime's, its dispatch and combine raise a data error recorded here at their end unless it is
+    deferred."""
 
     _destroyed = False
 
     def __init__(self, board: Board, index: int, size: int) -> None:
         self.board, self.index, self.size = board, index, size
+        # A data error an earlier operation left recorded here (the runtime raises it at the end of
+        # a call unless deferred, as internode mode defers it through its legs), and what happened.
+        self.pending, self.deferred, self.log = None, False, []
         self.runtime = SimpleNamespace(abstain=lambda waits_on_host: self._open(None, ok=False),
-                                       raise_pending_errors=lambda: None, defer_data_errors=lambda defer: None)
+                                       check_faults=lambda: None, raise_pending_errors=self._raise_pending,
+                                       defer_data_errors=self._defer)
+
+    def _defer(self, defer: bool) -> None:
+        self.deferred = defer
+
+    def _raise_pending(self) -> None:
+        self.log.append("raise")
+        if self.pending is not None and not self.deferred:
+            message, self.pending = self.pending, None
+            raise ValueError(message)
+
+    def _end_of_call(self, outputs):
+        # What the runtime's raise_at_end does at the end of a leg: without the deferral a rank whose
+        # host saw the record would go no further in the operation, and its peers' next leg would
+        # break the boards' barriers.
+        if self.pending is not None and not self.deferred:
+            message, self.pending = self.pending, None
+            raise ValueError(message)
+        return outputs
 
     def _open(self, payload, ok=True):
+        self.log.append("open")
         everything = self.board.all_gather(self.index, (ok, payload))
         rejected = [i for i, (fine, _) in enumerate(everything) if not fine]
         if ok and rejected:
@@ -70,8 +95,11 @@ class ModelBuffer:
         per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, num_experts, self.size)
         return per_rank, None, per_expert, in_rank, None
 
-    def dispatch(self, x, handle=None, num_tokens_per_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
-                 topk_idx=None, topk_weights=None, expert_alignment=1, num_worst_tokens=0, config=None):
+    def dispatch(self, *args, **kwargs):
+        return self._end_of_call(self._dispatch(*args, **kwargs))
+
+    def _dispatch(self, x, handle=None, num_tokens_per_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                  topk_idx=None, topk_weights=None, expert_alignment=1, num_worst_tokens=0, config=None):
         assert isinstance(config, moelink.Config)
         if handle is not None:
             assert is_token_in_rank is None and topk_idx is None
@@ -142,7 +170,10 @@ class ModelBuffer:
         out_handle = (_prefix_matrix(counts), None, None, src_idx, is_token_in_rank, None)
         return recv_x, recv_topk, recv_weights, per_expert_list, out_handle, None
 
-    def combine(self, x, handle, topk_weights=None, bias=None, config=None):
+    def combine(self, *args, **kwargs):
+        return self._end_of_call(self._combine(*args, **kwargs))
+
+    def _combine(self, x, handle, topk_weights=None, bias=None, config=None):
         assert isinstance(config, moelink.Config) and x.dtype == torch.bfloat16
         assert x.size(0) == handle[3].size(0), "combine x rows != the dispatch's received rows"
         sent = self._open((x, handle[0], handle[3], topk_weights))
@@ -200,21 +231,20 @@ class Group:
 
     def outer(self, rank: int):
         n, l = divmod(rank, self.per_node)
-        stages = object.__new__(_internode.Stages)
-        stages.ranks_per_gpu, stages.num_nodes, stages.per_node = 1, self.num_nodes, self.per_node
-        stages.node_index, stages.lane_index = n, l
-        stages.node_members = [n * self.per_node + j for j in range(self.per_node)]
-        stages.lane_members = [m * self.per_node + l for m in range(self.num_nodes)]
-        stages.node = ModelBuffer(self.node_boards[n], l, self.per_node)
-        stages.lane = ModelBuffer(self.lane_boards[l], n, self.num_nodes)
         topology = SimpleNamespace(num_rdma_ranks=self.num_nodes, num_nvl_ranks=self.per_node, rdma_rank=n,
                                    nvl_rank=l)
+        # Through Stages' own constructor, so that what it sets up on the inner Buffers (the
+        # deferral of their data errors) is what the tests run with.
+        stages = _internode.Stages(SimpleNamespace(_topology=topology, _device=None),
+                                   ModelBuffer(self.node_boards[n], l, self.per_node),
+                                   ModelBuffer(self.lane_boards[l], n, self.num_nodes), ranks_per_gpu=1)
         return Outer(topology, self.num_nodes * self.per_node, stages)
 
 
 @pytest.fixture(autouse=True)
 def _no_streams(monkeypatch):
     monkeypatch.setattr(_internode, "_OnStream", NoStream)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)  # Stages makes one; NoStream ignores it
 
 
 def run_ranks(num_nodes, per_node, body):
@@ -468,3 +498,51 @@ def test_a_bad_expert_id_raises_on_every_rank(num_nodes, per_node):
     assert all(seen.get(r) for r in range(num_nodes * per_node)), seen
     lane = [r for r in seen if r % per_node == bad % per_node]
     assert all("topk_idx" in seen[r] and "token 3 slot 1" in seen[r] for r in lane), seen
+
+
+@pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (2, 4)])
+@pytest.mark.parametrize("op", ["dispatch", "cached", "combine"])
+def test_a_pending_error_is_raised_at_the_end_of_the_operation(num_nodes, per_node, op):
+    """A data error an earlier operation left recorded on one rank's node Buffer (its host saw the
+    record, its peers' hosts may not have): that rank still opens every leg its peers open (a leg
+    it skipped would break the boards' barriers and fail the test), and raises the error at the end
+    of the operation, once, naming the global ranks; its peers return."""
+    holder = num_nodes * per_node - 2
+    node_legs = {"dispatch": 2, "cached": 1, "combine": 1}[op]
+    seen = {}
+
+    def body(rank, buf):
+        R = buf.group_size
+        topk_idx = torch.from_numpy(ref.make_routing(7, rank, 16, 2, 2 * R, R))
+        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
+        inputs = ref.make_inputs(7, rank, 16, 256, 2)
+
+        def dispatch():
+            return _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx,
+                                       inputs.topk_weights, 1, 0, None, None, False, False)
+
+        out = dispatch() if op != "dispatch" else None
+        node = buf._internode.node
+        if rank == holder:
+            node.pending = "moelink: rank 0 rejected its own arguments for this operation"
+        node.log.clear()
+        calls = {
+            "dispatch": dispatch,
+            "cached": lambda: _internode.dispatch(buf, inputs.x, out and out[4], None, None, None, None, None, None, 1,
+                                                  0, None, None, False, False),
+            "combine": lambda: _internode.combine(buf, torch.zeros(out[0].size(0), 256, dtype=torch.bfloat16), out[4],
+                                                  out[2], None, None, None, False, False),
+        }
+        try:
+            calls[op]()
+        except ValueError as error:
+            seen[rank] = (str(error), list(node.log))
+        else:
+            seen[rank] = (None, list(node.log))
+        calls[op]()  # raised once: the next operation returns on every rank
+
+    run_ranks(num_nodes, per_node, body)
+    message, log = seen[holder]
+    assert message is not None and "rejected" in message and "global ranks" in message, seen[holder]
+    assert log == ["open"] * node_legs + ["raise"], log  # after every leg, not before
+    assert all(seen[r][0] is None for r in seen if r != holder), seen

@@ -302,7 +302,7 @@ class _FakeRuntime:
     def abstain(self, waits_on_host):
         self.abstained.append(waits_on_host)
 
-    def raise_pending_errors(self):
+    def check_faults(self):
         pass
 
 
@@ -353,3 +353,142 @@ def test_a_hand_built_dispatch_handle_is_checked_in_full(torch_and_buffer):
     with pytest.raises(TypeError, match=r"handle\[3\] \(recv_src_idx\)"):
         combine(buf, torch.zeros((0, 64), dtype=torch.bfloat16), handle, None, None, None, None, False, False)
     assert buf.runtime.abstained == [False]
+
+
+class _PendingErrorRuntime(_FakeRuntime):
+    """A runtime whose device has recorded a data error that its host sees: it raises a fault on
+    entry when it has one, and the data error only at the end of a collective's last launch (what
+    the C++ operations do; tests/cpu/test_pending_errors.cpp checks that they drain first)."""
+
+    def __init__(self, max_num_sms=40, fault=False):
+        super().__init__(max_num_sms)
+        self.pending = "moelink: num_worst_tokens: rank 1 would receive 9 rows, more than its num_worst_tokens"
+        self.fault, self.log = fault, []
+
+    def check_faults(self):
+        self.log.append("check_faults")
+        if self.fault:
+            raise TimeoutError("moelink: rank 0 timed out after 100 s in the barrier that opens an operation")
+
+    def raise_pending_errors(self):  # not the collectives' entry check any more
+        raise AssertionError("a collective must not raise a pending data error on entry")
+
+    def _end(self, op):
+        self.log.append(op)
+        if self.pending:
+            message, self.pending = self.pending, None
+            raise ValueError(message)
+        return None  # the event
+
+    def intranode_notify(self, *args):
+        self.log.append("notify")
+        return 2, [2, 0]
+
+    def intranode_dispatch(self, *args):
+        return self._end("dispatch (cached)" if args[-1] else "dispatch")
+
+    def intranode_combine(self, *args):
+        return self._end("combine")
+
+
+class _NoStreams:
+    """_OpStreams without CUDA: the order tuple the runtime gets, allocation on the current device."""
+
+    def __init__(self, buffer, previous_event, async_finish, allocate_on_comm_stream):
+        self.order = (0, None, False, False)
+
+    def allocating(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def allocation_stream(self):
+        return 0
+
+    def keeps_tensors(self):
+        return False
+
+    def finish_joined(self, event):
+        return event
+
+
+def _routed_call(torch):
+    """One rank's uncached dispatch arguments on the CPU: 2 ranks, 4 experts, 2 tokens of top-2."""
+    topk_idx = torch.tensor([[0, 2], [1, -1]], dtype=torch.int64)
+    return dict(x=torch.zeros((2, 64), dtype=torch.bfloat16),
+                num_tokens_per_rank=torch.tensor([2, 1], dtype=torch.int32), is_token_in_rank=torch.tensor([[True, True], [True, False]]),
+                num_tokens_per_expert=torch.tensor([1, 1, 1, 0], dtype=torch.int32), topk_idx=topk_idx,
+                topk_weights=torch.ones((2, 2), dtype=torch.float32))
+
+
+def _pending_buffer(monkeypatch, fault=False):
+    from moelink import _intranode
+
+    monkeypatch.setattr(_intranode, "_OpStreams", _NoStreams)
+    buf = _fake_buffer(group_size=2)
+    buf.runtime = _PendingErrorRuntime(fault=fault)
+    buf._device, buf.num_arena_bytes = "cpu", 0
+    buf.runtime.num_arena_bytes = 0
+    return buf
+
+
+def _dispatch(buf, handle=None, **kwargs):
+    from moelink._intranode import dispatch
+
+    args = dict(handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                num_tokens_per_expert=None, topk_idx=None, topk_weights=None)
+    args.update(kwargs, handle=handle)
+    x = args.pop("x")
+    return dispatch(buf, x, args["handle"], args["num_tokens_per_rank"], args["num_tokens_per_rdma_rank"],
+                    args["is_token_in_rank"], args["num_tokens_per_expert"], args["topk_idx"], args["topk_weights"], 1,
+                    0, None, None, False, False)
+
+
+def test_a_pending_error_is_raised_after_the_launch_of_a_dispatch(torch_and_buffer, monkeypatch):
+    """A data error an earlier call left recorded does not stop the dispatch from opening: the entry
+    checks faults only, the notify and the dispatch kernel are launched (so the peers, whose hosts
+    may not have seen the record yet, are not left waiting for this rank), and the error comes out
+    of the call after that, once. The rank does not abstain: it took part."""
+    torch, _ = torch_and_buffer
+    buf = _pending_buffer(monkeypatch)
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        _dispatch(buf, **_routed_call(torch))
+    assert buf.runtime.log == ["check_faults", "notify", "dispatch"]
+    assert buf.runtime.abstained == []
+    out = _dispatch(buf, **_routed_call(torch))  # raised once: the next call returns
+    assert buf.runtime.log[3:] == ["check_faults", "notify", "dispatch"]
+    assert out[0].shape == (2, 64)
+
+
+def test_a_pending_error_is_raised_after_the_launch_of_a_cached_dispatch_and_a_combine(torch_and_buffer, monkeypatch):
+    torch, _ = torch_and_buffer
+    from moelink._intranode import combine
+
+    buf = _pending_buffer(monkeypatch)
+    buf.runtime.pending, pending = None, buf.runtime.pending
+    handle = _dispatch(buf, **_routed_call(torch))[4]
+    x = torch.zeros((2, 64), dtype=torch.bfloat16)
+    buf.runtime.pending = pending
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        _dispatch(buf, handle=handle, x=x)
+    assert buf.runtime.log[3:] == ["check_faults", "dispatch (cached)"]
+    buf.runtime.pending = pending
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        combine(buf, x, handle, None, None, None, None, False, False)
+    assert buf.runtime.log[5:] == ["check_faults", "combine"]
+    assert buf.runtime.abstained == []
+
+
+def test_a_fault_still_raises_on_entry_before_anything_is_launched(torch_and_buffer, monkeypatch):
+    """A broken Buffer raises its TimeoutError first, before the call's own checks (so it neither
+    launches nor abstains), even with arguments those checks would reject."""
+    torch, _ = torch_and_buffer
+    from moelink._intranode import combine
+
+    buf = _pending_buffer(monkeypatch, fault=True)
+    with pytest.raises(TimeoutError, match="timed out"):
+        _dispatch(buf, **_routed_call(torch))
+    with pytest.raises(TimeoutError, match="timed out"):
+        combine(buf, "not a tensor", None, None, None, None, None, False, False)
+    assert buf.runtime.log == ["check_faults", "check_faults"]
+    assert buf.runtime.abstained == []

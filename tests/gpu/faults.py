@@ -7,7 +7,9 @@ semantics).
 The error contract these helpers encode (docs/TESTING.md lists it in full): an operation that
 waits on the host (uncached dispatch with num_worst_tokens == 0) raises at the call; one that does
 not (combine, cached dispatch, dispatch with num_worst_tokens > 0) returns outputs whose every byte
-is 0xFF, and the next call on the Buffer raises.
+is 0xFF, and the next call on the Buffer raises. A data error is raised at the end of the first
+call whose host sees its record (a collective raises it after its launches), so that may also be
+the failing call itself, whose outputs are then lost.
 """
 
 from __future__ import annotations
@@ -110,12 +112,15 @@ class Raised:
 
 def expect_error(kind: type, words: Sequence[str], call: Callable, *, what: str, host_wait: bool,
                  next_call: Optional[Callable] = None, outputs: Optional[Callable] = None,
-                 in_call_ok: bool = False) -> Raised:
+                 in_call_ok: bool = False, next_is_collective: bool = False) -> Raised:
     """One failing operation, checked against where the contract says its error surfaces.
 
     host_wait: the operation waits on the host, so call() itself must raise. Otherwise call() must
-    return (or may raise, with in_call_ok), every output named by outputs(result) must be poisoned
-    once the device is idle, and next_call() must raise."""
+    return (or may raise, with in_call_ok: a data error comes out at the end of the first call
+    whose host sees the record, which may be this one), every output named by outputs(result) must
+    be poisoned once the device is idle, and next_call() must raise. next_is_collective: next_call
+    opens a collective, which every rank must make whatever its call did; where call() raised, it
+    must then return (the error was raised once)."""
     try:
         result = call()
     except kind as error:
@@ -124,6 +129,13 @@ def expect_error(kind: type, words: Sequence[str], call: Callable, *, what: str,
                                  f"wait on the host: it must return poisoned outputs and the next call "
                                  f"raise") from error
         check_message(error, words, what)
+        if next_is_collective and next_call is not None:
+            torch.cuda.synchronize()
+            try:
+                next_call()
+            except Exception as again:  # noqa: BLE001 - reported as raised twice
+                raise AssertionError(f"{what}: the next call raised {type(again).__name__} ({again}) after the "
+                                     f"call had raised the error already") from again
         return Raised(error, "call")
     except Exception as error:  # noqa: BLE001 - reported as the wrong kind
         raise AssertionError(f"{what}: expected {kind.__name__}{_naming(words)}, got "

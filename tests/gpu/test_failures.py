@@ -2,7 +2,10 @@
 
 Every step provokes one error on one shared Buffer and checks, on every rank, that it surfaces where
 the contract says: at the call when the operation waits on the host (uncached dispatch without
-num_worst_tokens), else as poisoned outputs (every byte 0xFF) and a ValueError from the next call.
+num_worst_tokens), else as poisoned outputs (every byte 0xFF) and a ValueError from the next call,
+or from the end of the call itself where its host sees the record by then (a collective raises a
+data error after its launches, so the call ran on every rank and only its outputs are lost; a rank
+that raised there has no outputs, so the poison is checked only on the ranks whose call returned).
 The message names what differed ("operation", "config", "hidden", "dtype", "top-k", "num_experts",
 "handle") or the rank whose data or arguments were wrong. No step may wait for MOELINK_TIMEOUT_S
 (20 s): each must be over within LIMIT_S. After every step a full checked round (layout, dispatch,
@@ -34,6 +37,7 @@ BAD_RANK = 1        # C: the rank whose topk_idx or num_worst_tokens is wrong
 TIMEOUT_S = 20      # MOELINK_TIMEOUT_S of the run
 LIMIT_S = 10.0      # "within a few seconds": well before a timeout could be what ended the wait
 IMMEDIATE_S = 2.0   # a rank rejecting its own arguments raises at once
+HOLD_S = 0.5        # a GPU sleep that keeps a dispatch's record from the host until the call's end
 
 
 @dataclass
@@ -91,7 +95,7 @@ def step_operation(ctx: Ctx) -> faults.Raised:
     else:
         call, outputs = (lambda: ctx.buf.dispatch(r.x, handle=out[4], config=ctx.config)), cached_outputs
     return expect_error(ValueError, ["operation"], call, host_wait=False, next_call=ctx.layout_call(r),
-                        outputs=outputs, what=ctx.what("combine vs cached dispatch"))
+                        outputs=outputs, in_call_ok=True, what=ctx.what("combine vs cached dispatch"))
 
 
 def step_config_num_sms(ctx: Ctx) -> faults.Raised:
@@ -110,7 +114,7 @@ def step_combine_config(ctx: Ctx) -> faults.Raised:
     config = variant_configs(ctx.config, ctx.combine_config)[2] if ctx.odd else ctx.combine_config
     return expect_error(ValueError, ["config"],
                         lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=config),
-                        host_wait=False, next_call=ctx.layout_call(r), outputs=combine_outputs,
+                        host_wait=False, next_call=ctx.layout_call(r), outputs=combine_outputs, in_call_ok=True,
                         what=ctx.what("combine disagreeing on config"))
 
 
@@ -143,7 +147,7 @@ def _two_dispatches(ctx: Ctx):
 def step_handle_cached(ctx: Ctx) -> faults.Raised:
     r, out, _ = _two_dispatches(ctx)
     return expect_error(ValueError, ["handle"], lambda: ctx.buf.dispatch(r.x, handle=out[4], config=ctx.config),
-                        host_wait=False, next_call=ctx.layout_call(r), outputs=cached_outputs,
+                        host_wait=False, next_call=ctx.layout_call(r), outputs=cached_outputs, in_call_ok=True,
                         what=ctx.what("cached dispatch with handles of different dispatches"))
 
 
@@ -152,17 +156,77 @@ def step_handle_combine(ctx: Ctx) -> faults.Raised:
     y = r.combine_input(want, want.num_recv_tokens)
     return expect_error(ValueError, ["handle"],
                         lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
-                        host_wait=False, next_call=ctx.layout_call(r), outputs=combine_outputs,
+                        host_wait=False, next_call=ctx.layout_call(r), outputs=combine_outputs, in_call_ok=True,
                         what=ctx.what("combine with handles of different dispatches"))
+
+
+def step_seen_at_different_calls(ctx: Ctx) -> faults.Raised:
+    """The gap raising at a call's end closes: ranks' hosts see one data error at different calls.
+    BAD_RANK's combine disagrees on config and waits behind a GPU sleep, so the record lands on every
+    rank only HOLD_S later; the others wait for their device, so they see it at the next call, while
+    BAD_RANK's host is still ahead of its GPU and sees it a call or more later. Every rank then makes
+    the same two collectives (cached dispatch, combine) and, after its device is idle, a layout call.
+    Each rank must raise the ValueError exactly once and nobody a TimeoutError: a rank that raised on
+    entry would open nothing while BAD_RANK, which had not seen the record, waited in the cached
+    dispatch for it."""
+    r = ctx.routed()
+    out, want = faults.checked_dispatch(ctx.buf, r, ctx.config, what=ctx.what("dispatch"))
+    y = r.combine_input(want, want.num_recv_tokens)
+    bad = ctx.rank == BAD_RANK
+    first_config = variant_configs(ctx.config, ctx.combine_config)[2] if bad else ctx.combine_config
+    calls = (
+        ("combine disagreeing on config",
+         lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=first_config)),
+        ("cached dispatch", lambda: ctx.buf.dispatch(r.x, handle=out[4], config=ctx.config)),
+        ("combine", lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config)),
+        ("layout after the device is idle", ctx.layout_call(r)),
+    )
+    if bad:
+        faults.cycles_per_second()  # measured once, before the sleep (it synchronizes)
+    # The hosts start the calls together, so that the sleep, not a peer's late host, holds the record.
+    dist.barrier()
+    if bad:
+        faults.gpu_sleep(HOLD_S)
+    raised = []
+    for i, (name, call) in enumerate(calls):
+        if i == len(calls) - 1:
+            torch.cuda.synchronize()  # any record still pending is visible to the host now
+        what = ctx.what(f"{name} (call {i + 1} of {len(calls)})")
+        start = time.perf_counter()
+        try:
+            call()
+        except TimeoutError as error:
+            raise AssertionError(f"{what}: a rank waited for a peer that did not open the operation: "
+                                 f"{error}") from error
+        except ValueError as error:
+            faults.check_message(error, ["config"], what)
+            raised.append((i, name, error))
+        elapsed = time.perf_counter() - start
+        assert elapsed < LIMIT_S, f"{what} took {elapsed:.1f} s (MOELINK_TIMEOUT_S={TIMEOUT_S})"
+        if i == 0 and not bad:
+            torch.cuda.synchronize()  # the record lands here, once BAD_RANK's combine has opened
+    assert len(raised) == 1, (f"{ctx.what('config disagreement seen at different calls')}: the ValueError must "
+                              f"be raised exactly once; raised at {[(i + 1, n) for i, n, _ in raised]}")
+    where = [None] * ctx.num_ranks
+    dist.all_gather_object(where, raised[0][0])
+    peers = {w for rank, w in enumerate(where) if rank != BAD_RANK}
+    assert where[BAD_RANK] not in peers, (
+        f"{ctx.what('config disagreement seen at different calls')}: every rank raised at the same call "
+        f"({where}): the {HOLD_S} s GPU sleep before rank {BAD_RANK}'s combine did not keep the record from "
+        f"its host, so the step did not reproduce the gap")
+    i, name, error = raised[0]
+    return faults.Raised(error, name)
 
 
 # ---- B: one rank's arguments fail moelink's own checks ------------------------------------------------
 
-def _rejected(ctx: Ctx, call, kind, words, host_wait, next_call, outputs, step) -> faults.Raised:
+def _rejected(ctx: Ctx, call, kind, words, host_wait, next_call, outputs, step,
+              next_is_collective=False) -> faults.Raised:
     """The odd rank raises kind naming `words` at once; the others learn it is out and raise
-    ValueError naming it (at the call when they wait on the host, else at the call or the next).
-    Where they raise at the next call, so does the odd rank (Buffer::abstain): every rank's next
-    call raises, so none waits in a collective for peers that are raising."""
+    ValueError naming it (at the call when they wait on the host, else at the call's end or the
+    next call). Where they may raise at the next call, so does the odd rank (Buffer::abstain: it
+    records the error too), so that every rank raises the peers' error once; next_is_collective:
+    every rank makes the next call, which raises at its end where the error is still pending."""
     if ctx.odd:
         start = time.perf_counter()
         raised = expect_error(kind, words, call, host_wait=True, what=ctx.what(f"{step}, own arguments"))
@@ -176,7 +240,8 @@ def _rejected(ctx: Ctx, call, kind, words, host_wait, next_call, outputs, step) 
                                  ctx.what(f"{step}, own arguments: the next call"))
         return raised
     return expect_error(ValueError, [f"rank {ODD_RANK}"], call, host_wait=host_wait, in_call_ok=True,
-                        next_call=next_call, outputs=outputs, what=ctx.what(f"{step}, rank {ODD_RANK} rejected"))
+                        next_call=next_call, outputs=outputs, next_is_collective=next_is_collective,
+                        what=ctx.what(f"{step}, rank {ODD_RANK} rejected"))
 
 
 def step_rejected_dispatch(ctx: Ctx) -> faults.Raised:
@@ -206,15 +271,18 @@ def step_rejected_type(ctx: Ctx) -> faults.Raised:
 
 
 def step_rejected_then_collective(ctx: Ctx) -> faults.Raised:
-    """As step_rejected_type, but the next call is the combine, a collective: it must raise on every
-    rank at once (before, the odd rank opened it and waited for peers that raised at its entry)."""
+    """As step_rejected_type, but the next call is the combine, a collective, which every rank makes:
+    it runs on every rank and raises at its end where the error is still pending (the odd rank's
+    record, and a peer's whose host had not seen it at the cached dispatch's end); a peer that raised
+    it there gets the combine's outputs. Raised on entry instead, a rank would open nothing while its
+    peers wait in the combine for it."""
     r = ctx.routed()
     out, want = faults.checked_dispatch(ctx.buf, r, ctx.config, what=ctx.what("dispatch"))
     x = r.x.float() if ctx.odd else r.x
     y = r.combine_input(want, want.num_recv_tokens)
     return _rejected(ctx, lambda: ctx.buf.dispatch(x, handle=out[4], config=ctx.config), TypeError, ["x"], False,
                      lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
-                     cached_outputs, "cached dispatch with a float32 x, then combine")
+                     cached_outputs, "cached dispatch with a float32 x, then combine", next_is_collective=True)
 
 
 # ---- C: one rank's data is wrong -------------------------------------------------------------------------
@@ -258,7 +326,7 @@ def step_worst_one_rank(ctx: Ctx) -> faults.Raised:
     kwargs = r.layout(ctx.buf)
     return expect_error(ValueError, ["num_worst_tokens", f"rank {BAD_RANK}"], lambda: ctx.buf.dispatch(
         r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=num_worst, config=ctx.config),
-        host_wait=False, next_call=ctx.layout_call(r), outputs=dispatch_outputs,
+        host_wait=False, next_call=ctx.layout_call(r), outputs=dispatch_outputs, in_call_ok=True,
         what=ctx.what(f"num_worst_tokens={num_worst} (rank {BAD_RANK} receives {counts[BAD_RANK]})"))
 
 
@@ -266,27 +334,42 @@ def step_worst_one_rank(ctx: Ctx) -> faults.Raised:
 
 def _overflowed_dispatch(ctx: Ctx):
     """A dispatch whose num_worst_tokens is too small on every rank, its error raised at the next
-    call: (routed, its outputs, num_worst_tokens)."""
+    call: (routed, its outputs, num_worst_tokens). Every rank needs its failed handle back, so the
+    error must not come out at the dispatch's own end (where a collective raises what its host sees
+    by then): a GPU sleep holds the dispatch back on the device until the call has returned."""
     r = ctx.routed()
     counts = r.recv_counts()
     num_worst = min(counts) - 1
     assert num_worst >= 1, f"a rank receives only {min(counts)} rows; pick another seed"
     kwargs = r.layout(ctx.buf)
-    raised = expect_error(ValueError, ["num_worst_tokens"], lambda: ctx.buf.dispatch(
-        r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=num_worst, config=ctx.config),
-        host_wait=False, next_call=ctx.layout_call(r), outputs=dispatch_outputs,
-        what=ctx.what(f"num_worst_tokens={num_worst} below every rank's rows {counts}"))
+    what = ctx.what(f"num_worst_tokens={num_worst} below every rank's rows {counts}")
+    faults.cycles_per_second()  # measured once, before the sleep (it synchronizes)
+    faults.gpu_sleep(HOLD_S)
+    start = time.perf_counter()
+    try:
+        out = ctx.buf.dispatch(r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=num_worst,
+                               config=ctx.config)
+    except ValueError as error:
+        # Not a library fault: the hold is what failed, and the message must send the reader there.
+        elapsed = time.perf_counter() - start
+        raise AssertionError(f"{what}: the dispatch raised at its own end after {elapsed:.2f} s ({error}): the "
+                             f"{HOLD_S} s GPU sleep before it did not keep its record from the host until the call "
+                             f"returned" + (" (the call took longer than the sleep)" if elapsed >= HOLD_S else "")) \
+            from error
+    raised = expect_error(ValueError, ["num_worst_tokens"], lambda: out, host_wait=False,
+                          next_call=ctx.layout_call(r), outputs=dispatch_outputs, what=what)
     return r, raised.result, num_worst
 
 
 def step_failed_handle(ctx: Ctx) -> faults.Raised:
-    """Every rank's num_worst_tokens is too small; the combine of that handle returns poison (it
-    never reads past its x) and the call after it names the handle."""
+    """Every rank's num_worst_tokens is too small; the combine of that handle (it never reads past
+    its x) fails naming the handle, at its end or at the next call; its outputs are checked for
+    poison only on a rank where it returned (the combine has no GPU sleep before it)."""
     r, out, num_worst = _overflowed_dispatch(ctx)
     y = torch.randn(num_worst, r.case.hidden, device="cuda").to(torch.bfloat16)
     return expect_error(ValueError, ["handle"],
                         lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
-                        host_wait=False, next_call=ctx.layout_call(r), outputs=combine_outputs,
+                        host_wait=False, next_call=ctx.layout_call(r), outputs=combine_outputs, in_call_ok=True,
                         what=ctx.what("combine with the failed dispatch's handle"))
 
 
@@ -303,7 +386,8 @@ def step_rejected_among_failed_handles(ctx: Ctx) -> faults.Raised:
 
 
 STEPS = (step_operation, step_config_num_sms, step_config_chunk, step_combine_config, step_hidden, step_dtype,
-         step_topk, step_num_experts, step_handle_cached, step_handle_combine, step_rejected_dispatch,
+         step_topk, step_num_experts, step_handle_cached, step_handle_combine, step_seen_at_different_calls,
+         step_rejected_dispatch,
          step_rejected_combine, step_rejected_type, step_rejected_then_collective,
          step_rejected_among_failed_handles, step_bad_expert_high, step_bad_expert_low,
          step_worst_one_rank, step_failed_handle)

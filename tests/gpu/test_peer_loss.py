@@ -15,8 +15,10 @@ through all-poisoned outputs and the next call. After that the Buffer is broken:
 the same TimeoutError at once. destroy() comes back within timeout + 5 s and the survivors exit 0.
 
 Host-side timeout: a notify that cannot start (its previous_event waits for a 15 s GPU sleep) makes
-dispatch raise TimeoutError after MOELINK_TIMEOUT_S=2 and breaks the Buffer. A pending value error
-(num_worst_tokens too small) is raised first, and a peer lost meanwhile by the call after it.
+dispatch raise TimeoutError after MOELINK_TIMEOUT_S=2 and breaks the Buffer. A value error left
+pending (num_worst_tokens too small) does not hide a peer lost meanwhile: the next dispatch opens
+its collective as every call does (a pending data error is raised at a call's end, not its entry)
+and raises TimeoutError naming the lost rank.
 """
 
 import time
@@ -204,19 +206,29 @@ def _pending_error_then_loss(rank, num_ranks, seed):
     def dispatch(worst=0):
         return buf.dispatch(r.x, **kwargs, topk_weights=r.topk_weights, num_worst_tokens=worst, config=config)
 
-    dispatch(num_worst)  # every rank overflows; the error is pending
+    # Every rank overflows. The GPU sleep holds the dispatch back until the call has returned, so
+    # its error is still pending (unraised) when the peer dies.
+    faults.gpu_sleep(0.5)
+    pending = True
+    try:
+        dispatch(num_worst)
+    except ValueError:  # its end saw the record after all; the loss must still be raised
+        pending = False
     torch.cuda.synchronize()
     dist.barrier()  # every rank's overflowing dispatch is over
     if rank == victim:
         faults.die()
-    faults.expect_raises(ValueError, ["num_worst_tokens"], dispatch, f"{what}: the call after the overflow")
     start = time.perf_counter()
-    error = faults.expect_raises(TimeoutError, [f"rank {victim}"], dispatch, f"{what}: the call after that")
+    error = faults.expect_raises(TimeoutError, [f"rank {victim}"], dispatch, f"{what}: the call after the overflow")
     elapsed = time.perf_counter() - start
     assert elapsed <= PEER_TIMEOUT_S + SLACK_S, f"{what}: the TimeoutError took {elapsed:.1f} s"
+    # Broken now: every call raises the loss, the layout (which raised pending data errors) too.
+    faults.expect_raises(TimeoutError, [f"rank {victim}"],
+                         lambda: buf.get_dispatch_layout(r.topk_idx, case.num_experts),
+                         f"{what}: a call on the broken Buffer")
     destroyed = faults.bounded_destroy(buf, PEER_TIMEOUT_S + SLACK_S, what)
-    common.log(rank, f"[R={num_ranks}] pending ValueError raised, then TimeoutError after {elapsed:.1f} s: {error}; "
-                     f"{destroyed}")
+    common.log(rank, f"[R={num_ranks}] ValueError {'pending' if pending else 'raised at the call'}, TimeoutError "
+                     f"after {elapsed:.1f} s: {error}; {destroyed}")
 
 
 def test_pending_error_then_loss():

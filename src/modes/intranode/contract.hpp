@@ -74,6 +74,9 @@ struct alignas(128) HeaderSection {
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
 // mailbox's ready_seq equals the notify's sequence number.
 struct MailboxSection {
+  // 1 when every rank skips this dispatch: the host raises the notify's own error at the call then,
+  // and otherwise leaves a data error it sees for the end of the dispatch (an earlier one's).
+  int skipped;
   int num_recv_tokens;
   int num_recv_tokens_per_expert[kMaxLocalExperts];
 };

@@ -221,7 +221,7 @@ int max_num_sms(const Context& ctx, int ranks_per_gpu) {
 DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
                     const StreamOrder& order) {
   ctx.require_usable("dispatch");
-  ctx.check_device_errors(true);
+  ctx.check_on_entry(true);
   const DispatchShape s = checked(ctx, in.num_worst_tokens <= 0, [&] {
     DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
     expect(h.info, {2}, DType::kInt64, ctx.device, "handle[5] (the handle's dispatch id and status)");
@@ -264,22 +264,31 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   }
   // Poll the host-mapped mailbox rather than synchronising the stream: the host only waits for the
   // counts, never for unrelated work queued behind them. The device side bounds its own waits; the
-  // host adds a margin in case the kernel cannot even start.
+  // host adds a margin in case the kernel cannot even start, short enough that the caller hears of
+  // it well within timeout + 5 s.
   const auto start = std::chrono::steady_clock::now();
-  // The kernel bounds its own waits by the timeout; the host's margin covers a kernel that never
-  // started, short enough that the caller hears of it well within timeout + 5 s.
-  const auto limit = std::chrono::duration<double>(ctx.timeout_s + 2.0);
+  const auto limit = std::chrono::duration<double>(ctx.host_wait_limit_s());
   for (uint64_t spins = 0; *ready != a.seq; ++spins) {
-    ctx.check_device_errors();
+    // Faults only: a data error seen while waiting may be an earlier operation's, which is raised at
+    // the end of this dispatch, after its launch (runtime/pending_errors.hpp).
+    ctx.check_faults();
     if (spins > 1024) std::this_thread::yield();
     if ((spins & 1023) == 0 && std::chrono::steady_clock::now() - start > limit)
-      ctx.fail_host_wait(detail::str("moelink: rank ", ctx.topo.rank, " timed out after ", ctx.timeout_s + 2.0,
+      ctx.fail_host_wait(detail::str("moelink: rank ", ctx.topo.rank, " timed out after ", ctx.host_wait_limit_s(),
                                      " s waiting for dispatch notify to run on the GPU (is the comm stream blocked by "
                                      "previous_event?)"),
                          kStepNotify);
   }
   std::atomic_thread_fence(std::memory_order_acquire);
-  ctx.check_device_errors();
+  ctx.check_faults();
+  // Every rank reaches the same verdict, so every rank raises here and none launches the dispatch
+  // kernel. The record names this dispatch's error, or an earlier one whose record (its claim not
+  // given back yet) kept this one's out.
+  if (ctx.mailbox->intranode.skipped != 0) {
+    ctx.raise_data_error();
+    raise(ErrorKind::kValue, "rank ", ctx.topo.rank, ": every rank skipped this dispatch, but no error record was "
+          "left to say why; no rank ran it");
+  }
   plan.num_recv_tokens = ctx.mailbox->intranode.num_recv_tokens;
   plan.num_recv_tokens_per_expert.assign(ctx.mailbox->intranode.num_recv_tokens_per_expert,
                                          ctx.mailbox->intranode.num_recv_tokens_per_expert + s.num_experts / R);
@@ -293,7 +302,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   ctx.require_usable("dispatch");
   // An uncached dispatch was opened by its notify (which raised what it found); a cached one
   // opens here.
-  if (cached) ctx.check_device_errors(true);
+  if (cached) ctx.check_on_entry(true);
   const auto checks = [&] { return validate_dispatch(ctx, in, h, config, cached, false, "dispatch"); };
   const DispatchShape s = cached ? checked(ctx, false, checks) : checks();
   const int R = ctx.topo.num_ranks;
@@ -368,14 +377,16 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                           {&h.recv_src_idx, cached ? 0 : N * 4}});
   a.halt_sends = halt_sends;
   launch_dispatch(a, ctx.comm_stream);
-  return ctx.end_op(order);
+  EventHandle done = ctx.end_op(order);
+  ctx.raise_at_end(order.compute_stream);
+  return done;
 }
 
 EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle& h, const CombineOutputs& out,
                     const Config& config, const StreamOrder& order) {
   const bool halt_sends = std::exchange(ctx.halt_next_sends, false);  // first, as in dispatch
   ctx.require_usable("combine");
-  ctx.check_device_errors(true);
+  ctx.check_on_entry(true);
   if (!ctx.topo.is_intranode())
     raise(ErrorKind::kState, "combine: internode normal mode is not implemented yet");
   const int R = ctx.topo.num_ranks;
@@ -463,7 +474,9 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
   a.halt_sends = halt_sends;
   launch_combine(a, ctx.comm_stream);
-  return ctx.end_op(order);
+  EventHandle done = ctx.end_op(order);
+  ctx.raise_at_end(order.compute_stream);
+  return done;
 }
 
 }  // namespace moelink::intranode

@@ -16,7 +16,8 @@
 //      receive more rows than its num_worst_tokens) and skips with it. Otherwise:
 //      rank_prefix_matrix, recv_channel_prefix_matrix, per-expert counts. The handle's info gets
 //      the dispatch id (the opening epoch) and its status; the gate is left for the dispatch
-//      kernel; the mailbox gets the counts and ready_seq last. The host polls ready_seq.
+//      kernel; the mailbox gets the counts, whether every rank skips, and ready_seq last. The host
+//      polls ready_seq. A skipped notify (step 1) writes the status and ready_seq too.
 #include <cuda_runtime.h>
 
 #include "common/launch.cuh"
@@ -136,6 +137,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
     if (threadIdx.x == 0) {
       a.handle_info[0] = static_cast<long long>(epoch);
       a.handle_info[1] = 1;
+      a.mailbox->skipped = 1;
       __threadfence_system();
       *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;
     }
@@ -238,6 +240,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   if (threadIdx.x == 0) {
     a.handle_info[0] = static_cast<long long>(epoch);
     a.handle_info[1] = verdict == kGateGo ? 0 : 1;
+    a.mailbox->skipped = verdict == kGateGo ? 0 : 1;
     *reinterpret_cast<volatile int*>(&a.peers.header[rank]->gate) = verdict;
     __threadfence_system();
     *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;

@@ -81,7 +81,9 @@ Layout checked_layout(const Context& ctx, int max_tokens, int hidden, int num_ex
 // The checks every call starts with; the hidden size is x's last dim.
 Layout begin_call(Context& ctx, const TensorRef& x, int dims, int max_tokens, int num_experts, const char* op) {
   ctx.require_usable(op);
-  ctx.check_device_errors();
+  // Faults only: a data error (left by a normal-mode operation on this Buffer) is raised at the end
+  // of the call, after its launch, as the normal-mode collectives do (runtime/pending_errors.hpp).
+  ctx.check_on_entry(true);
   check::defined(x, "x");
   check::dtype(x, DType::kBFloat16, "x");
   check::dim(x, dims, "x");
@@ -198,7 +200,11 @@ EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const Low
                           {&out.src_info, E_local * RM * 4LL},
                           {&out.layout_range, E_local * R * 8LL}});
   launch_dispatch(a, blocks, ctx.comm_stream);
-  return ctx.end_op(order);
+  EventHandle done = ctx.end_op(order);
+  // After a send phase the caller still owes the receive phase, which keeps the ranks' calls in
+  // step: the receive's end raises.
+  if (phase != LowLatencyPhase::kSend) ctx.raise_at_end(order.compute_stream);
+  return done;
 }
 
 EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
@@ -236,15 +242,20 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   fill_call(a, ctx, L, phase);
   a.poison = poison_list({{&out.combined_x, T * H * 2}});
   launch_combine(a, blocks, ctx.comm_stream);
-  return ctx.end_op(order);
+  EventHandle done = ctx.end_op(order);
+  // After a send phase the caller still owes the receive phase, which keeps the ranks' calls in
+  // step: the receive's end raises.
+  if (phase != LowLatencyPhase::kSend) ctx.raise_at_end(order.compute_stream);
+  return done;
 }
 
 void clean(Context& ctx, int max_tokens, int hidden, int num_experts) {
   ctx.require_usable("clean_low_latency_buffer");
   const Layout L = checked_layout(ctx, max_tokens, hidden, num_experts, "clean_low_latency_buffer");
   // The first barrier: no peer still runs a call that writes into this region. The second: no peer
-  // starts one before the zeroing is done.
-  ctx.barrier(kernels::kBarrierUser);
+  // starts one before the zeroing is done. A data error is raised after the second, which every
+  // rank then has joined (runtime/pending_errors.hpp).
+  ctx.barrier(kernels::kBarrierUser, -1, false);
   MOELINK_CUDA_CHECK(cudaMemsetAsync(ctx.low_latency_base(), 0, 2 * L.signal_bytes, ctx.comm_stream));
   ctx.barrier(kernels::kBarrierUser);
 }
