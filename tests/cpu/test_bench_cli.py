@@ -57,7 +57,7 @@ def test_bench_variants_needs_variants(repo_root, tmp_path):
 
 def test_defaults_are_the_readme_cells(run_all):
     args = run_all.parse_args([])
-    assert args.cells == [(4, 24), (4, 8), (8, 16)]
+    assert args.cells == [(2, 24), (4, 24), (4, 8), (8, 16)]
     assert (args.tokens, args.hidden, args.topk, args.experts) == ([4096], [7168], 8, 256)
     assert (args.iters, args.warmup) == (30, 5)
 
