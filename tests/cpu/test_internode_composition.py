@@ -380,6 +380,15 @@ def _case(rank, buf, case, seed, by_topk=True):
         assert combined_weights is None, what
 
 
+def _small_round(seed, rank, R, tokens=16, topk=2, drop=0.0):
+    """One rank's routing over 2 experts per rank, its reference layout and its inputs (H 256), for
+    the error-path tests: (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
+    inputs)."""
+    topk_idx = torch.from_numpy(ref.make_routing(seed, rank, tokens, topk, 2 * R, R, drop))
+    per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
+    return topk_idx, per_rank, per_expert, in_rank, ref.make_inputs(seed, rank, tokens, 256, topk)
+
+
 @pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (2, 4), (4, 2), (3, 2)])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_composition_matches_the_reference(num_nodes, per_node, case):
@@ -409,9 +418,7 @@ def test_topk_weights_without_topk_idx_are_refused():
 
     def body(rank, buf):
         R = buf.group_size
-        topk_idx = torch.from_numpy(ref.make_routing(8, rank, 16, 2, 2 * R, R))
-        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
-        inputs = ref.make_inputs(8, rank, 16, 256, 2)
+        _, per_rank, per_expert, in_rank, inputs = _small_round(8, rank, R)
         try:
             _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, None,
                                 inputs.topk_weights if rank == 1 else None, 1, 0, None, None, False, False)
@@ -444,9 +451,7 @@ def test_one_ranks_bad_argument_stops_every_rank(num_nodes, per_node, op):
 
     def body(rank, buf):
         R = buf.group_size
-        topk_idx = torch.from_numpy(ref.make_routing(5, rank, 32, 4, 2 * R, R, 0.1))
-        inputs = ref.make_inputs(5, rank, 32, 256, 4)
-        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
+        topk_idx, per_rank, per_expert, in_rank, inputs = _small_round(5, rank, R, tokens=32, topk=4, drop=0.1)
         mine = rank == bad
         try:
             weights = inputs.topk_weights[:, :2] if mine and op == "dispatch" else inputs.topk_weights
@@ -480,12 +485,10 @@ def test_a_bad_expert_id_raises_on_every_rank(num_nodes, per_node):
     def body(rank, buf):
         R = buf.group_size
         E = 2 * R
-        topk_idx = torch.from_numpy(ref.make_routing(6, rank, 16, 2, E, R))
-        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, E, R)
+        topk_idx, per_rank, per_expert, in_rank, inputs = _small_round(6, rank, R)
         if rank == bad:
             topk_idx = topk_idx.clone()
             topk_idx[3, 1] = E
-        inputs = ref.make_inputs(6, rank, 16, 256, 2)
         try:
             _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx,
                                 inputs.topk_weights, 1, 0, None, None, False, False)
@@ -513,9 +516,7 @@ def test_a_pending_error_is_raised_at_the_end_of_the_operation(num_nodes, per_no
 
     def body(rank, buf):
         R = buf.group_size
-        topk_idx = torch.from_numpy(ref.make_routing(7, rank, 16, 2, 2 * R, R))
-        per_rank, _, per_expert, in_rank = ref.reference_layout(topk_idx, 2 * R, R)
-        inputs = ref.make_inputs(7, rank, 16, 256, 2)
+        topk_idx, per_rank, per_expert, in_rank, inputs = _small_round(7, rank, R)
 
         def dispatch():
             return _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx,
