@@ -243,7 +243,7 @@ void Buffer::raise_pending_errors() const { ctx_->raise_at_end(); }
 
 void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 
-void Buffer::abstain(bool waits_on_host) { ctx_->abstain(!waits_on_host); }
+void Buffer::abstain(bool /*waits_on_host*/) { ctx_->abstain(); }
 
 void Buffer::debug_halt_next_sends() { ctx_->halt_next_sends = true; }
 

@@ -135,11 +135,11 @@ class Buffer {
   // arguments were rejected (the operations do this themselves when their checks fail; a caller
   // whose own checks fail before it reaches the Buffer calls it). It takes part in the operation's
   // opening with that verdict, so every peer skips the operation and raises instead of waiting.
-  // waits_on_host: whether that operation waits on the host (uncached dispatch without
-  // num_worst_tokens), where the peers raise at the call; where it does not, they raise at the end
-  // of that call or of a later one, and so does this rank (it records the error too), so that
-  // every rank of the operation raises the same error.
-  void abstain(bool waits_on_host);
+  // This rank records nothing: it raises its own error, and the peers' record of it, raised at a
+  // later call's end, would cost that call's outputs. waits_on_host is ignored (it chose whether
+  // to record, which kept this rank in step while errors were raised on entry); kept, with a
+  // default, for callers that pass it.
+  void abstain(bool waits_on_host = false);
 
   // The largest num_sms at which the normal-mode kernels of every rank sharing this GPU can be
   // resident at once (they wait for each other, so they must be); num_sms above it is refused.

@@ -42,7 +42,6 @@ import torch
 
 from . import _bootstrap, _knobs, _moelink
 from ._checks import _check_config, _check_int, _check_tensor, _split_bias, _split_x, _tensors
-from ._intranode import _waits_on_host
 from ._streams import check_order
 from ._moelink import Config
 from .event import EventOverlap
@@ -295,14 +294,14 @@ class _Steps:
     turn, so the error reaches every rank of the Buffer and none waits out a timeout; where they do
     not, the members raise it at the end of this operation or of a later one (_raise_pending) and
     ranks further away not at all (docs/COMPATIBILITY.md). Errors raised here name the inner
-    group's ranks; the message says which global ranks those are. legs: (inner Buffer, whether that
-    exchange waits on the host) in order (Buffer.abstain in include/moelink/buffer.hpp)."""
+    group's ranks; the message says which global ranks those are. legs: the inner Buffer of each
+    exchange ("lane" or "node"), in order."""
 
-    def __init__(self, stages: Stages, op: str, legs: Tuple[Tuple[str, bool], ...]) -> None:
+    def __init__(self, stages: Stages, op: str, legs: Tuple[str, ...]) -> None:
         self.stages, self.op, self.legs, self.done = stages, op, legs, 0
 
     def run(self, call: Any) -> Any:
-        leg = self.legs[self.done][0]
+        leg = self.legs[self.done]
         try:
             result = call()
         except Exception as error:  # noqa: BLE001 - re-raised, after abstaining from the rest
@@ -313,10 +312,10 @@ class _Steps:
         return result
 
     def abandon(self) -> None:
-        for leg, waits_on_host in self.legs[self.done:]:
+        for leg in self.legs[self.done:]:
             inner = getattr(self.stages, leg)
             if not inner._destroyed:
-                inner.runtime.abstain(waits_on_host)
+                inner.runtime.abstain()
         self.done = len(self.legs)
 
     @contextlib.contextmanager
@@ -349,12 +348,10 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     if handle is not None:
         return _cached_dispatch(buf, stages, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                 topk_idx, topk_weights, config, previous_event, async_finish, allocate_on_comm_stream)
-    waits = _waits_on_host(None, num_worst_tokens)  # as the node dispatch decides it
     by_topk = topk_idx is not None
-    # The lane leg always waits on the host (see below). Without top-k a second lane leg carries
-    # each token's is_token_in_rank row, from which the forwarder routes it within its node.
-    legs = (("lane", True), ("node", waits), ("node", False)) if by_topk else \
-        (("lane", True), ("lane", False), ("node", waits), ("node", False))
+    # Without top-k a second lane leg carries each token's is_token_in_rank row, from which the
+    # forwarder routes it within its node.
+    legs = ("lane", "node", "node") if by_topk else ("lane", "lane", "node", "node")
     steps = _Steps(stages, "dispatch", legs)
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
@@ -489,7 +486,7 @@ def _cached_dispatch(buf: "Buffer", stages: Stages, x: Any, handle: Any, num_tok
                      is_token_in_rank: Any, num_tokens_per_expert: Any, topk_idx: Any, topk_weights: Any,
                      config: Optional[Config], previous_event: Optional[EventOverlap], async_finish: bool,
                      allocate_on_comm_stream: bool) -> tuple:
-    steps = _Steps(stages, "cached dispatch", (("lane", False), ("node", False)))
+    steps = _Steps(stages, "cached dispatch", ("lane", "node"))
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "dispatch")
         async_finish = check_order(previous_event, async_finish, allocate_on_comm_stream)[0]
@@ -515,7 +512,7 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: tuple, topk_weights: Optiona
             bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None], config: Optional[Config],
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
     stages = _stages(buf, "internode_combine")
-    steps = _Steps(stages, "combine", (("node", False), ("lane", False)))
+    steps = _Steps(stages, "combine", ("node", "lane"))
     with steps.guard():
         node_config, lane_config = _configs(buf, config, "combine")
         async_finish = check_order(previous_event, async_finish, allocate_on_comm_stream)[0]

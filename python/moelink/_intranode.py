@@ -1,7 +1,6 @@
 """Intranode normal mode (all ranks in one NVLink domain): the bodies of Buffer's layout, dispatch
 and combine. Each takes the Buffer it runs on; Buffer keeps the documented signatures."""
 
-import operator
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,19 +34,6 @@ class DispatchHandle(tuple):
         handle = super().__new__(cls, items)
         handle.hidden = hidden
         return handle
-
-
-def _waits_on_host(handle: Any, num_worst_tokens: Any) -> bool:
-    """Whether a dispatch with these arguments waits on the host for its counts, read as
-    _check_int reads num_worst_tokens (its peers decide it from the same values)."""
-    if handle is not None:
-        return False
-    if isinstance(num_worst_tokens, bool):
-        return True
-    try:
-        return operator.index(num_worst_tokens) <= 0
-    except TypeError:
-        return True
 
 
 def default_config(buf: "Buffer", which: str) -> Config:
@@ -154,7 +140,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
                 _check_dim(topk_idx, "topk_idx", 2)
             streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     except (TypeError, ValueError):
-        runtime.abstain(_waits_on_host(handle, num_worst_tokens))
+        runtime.abstain()
         raise
     if handle is not None:
         return _cached_dispatch(buf, x, x_scales, hidden, parts, handle, config, previous_event, async_finish,
@@ -217,7 +203,7 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
     try:
         streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     except (TypeError, ValueError):
-        buf.runtime.abstain(False)
+        buf.runtime.abstain()
         raise
     num_recv_tokens = recv_src_idx.numel()
     with streams.allocating():
@@ -265,7 +251,7 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
             _check_dim(topk_weights, "topk_weights", 2)
         streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
     except (TypeError, ValueError):
-        runtime.abstain(False)
+        runtime.abstain()
         raise
     device = buf._device
     with streams.allocating():

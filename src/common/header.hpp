@@ -109,11 +109,6 @@ struct Opening {
   const long long* handle_info;     // the handle's [dispatch id, status], or nullptr
   const int* rank_prefix_matrix;    // combine: the handle's matrix, to check the input's rows
   int input_rows;                   // combine: rows of x
-  // Set where the operation does not wait on the host (cached dispatch, combine, dispatch with
-  // num_worst_tokens): its peers raise a rejection at the end of that call or a later one, so a
-  // rank that rejected its own arguments records the error as well and raises it at a later call
-  // too; every rank of the operation then raises the peers' error once.
-  int record_own_rejection;
 };
 
 // The gate an operation's opening kernel leaves for the kernels after it.
@@ -129,6 +124,10 @@ struct alignas(128) CommonHeader {
   int fault;
   int gate;                            // Gate of the current operation, written by its opening kernel
   int fault_claim, data_claim, local_claim;  // one writer per error record
+  // Data errors that found data_claim taken (an earlier error not raised yet): counted here, the
+  // running total copied to the host-mapped ErrorSink::data_lost. Never reset (runtime/
+  // pending_errors.hpp says why the host keeps the total it has raised instead).
+  unsigned data_lost;
   unsigned exit_count;                 // blocks of the running kernel that have finished
   int op_failed;                       // a block of the running kernel gave up
   long long pending_bad_expert;        // layout: token * kMaxTopK + slot + 1 of a bad id, folded into the next operation
@@ -157,6 +156,7 @@ struct ErrorSink {
   ErrorRecord* fault;  // host-mapped
   ErrorRecord* data;   // host-mapped
   ErrorRecord* local;  // host-mapped
+  unsigned* data_lost;  // host-mapped: CommonHeader::data_lost as of the last data error it counted
   CommonHeader* self;
   CommonHeader* peers[kMaxNvlRanks];
   int rank, num_ranks;

@@ -66,8 +66,7 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
   // where each decision loop needed it, behind a branch on the previous one, the digests cost some
   // 8 dependent round trips per rank (tens of microseconds at 8 ranks) on the path every
   // operation's host waits on.
-  bool someone_goes_on = false;  // a rank whose verdict is not "rejected"
-  int objector = -1;             // the first rank whose verdict is not Ok, and that verdict word
+  int objector = -1;  // the first rank whose verdict is not Ok, and that verdict word
   unsigned long long objection = 0;
   int first_word = kDigestCompared, differ = -1;  // the first compared word some rank differs on,
   unsigned long long differing = 0;               // the first such rank and its value
@@ -76,7 +75,6 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
     if (p >= num_ranks) continue;
     const volatile unsigned long long* slot = self->digest[epoch & 1][p].w;
     const unsigned long long v = p == rank ? mine.w[kDigestVerdict] : slot[kDigestVerdict];
-    someone_goes_on |= static_cast<int>(v & 0xff) != kVerdictRejected;
     const bool objects = static_cast<int>(v & 0xff) != kVerdictOk && objector < 0;
     objection = objects ? v : objection;
     objector = objects ? p : objector;
@@ -92,10 +90,11 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
   }
   int decision = kGateGo;
   if (objector >= 0) {
-    // A rank that rejected its own arguments has raised that error already: it records it (for a
-    // later call) only where its peers, which go on, raise it at a later call too. When every rank
-    // rejected, each has raised its own error and none waits for news.
-    if (verdict != kVerdictRejected || (o.record_own_rejection != 0 && someone_goes_on))
+    // A rank that rejected its own arguments has raised that error already and records nothing:
+    // recorded, it would raise again at the end of a later call and lose that call's outputs. Its
+    // peers raise at a later call than it did, but every rank opens every operation whatever it
+    // has raised (a collective raises at its end), so none is left waiting for the others.
+    if (verdict != kVerdictRejected)
       report_data(err, verdict_error(static_cast<int>(objection & 0xff)), objector, -1,
                   static_cast<long long>(objection >> 8));
     decision = kGateSkip;

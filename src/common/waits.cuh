@@ -39,8 +39,21 @@ __device__ __forceinline__ void report_fault(const ErrorSink& err, int code, int
   __threadfence_system();
 }
 
+// One call per failed operation (its opening's or its notify's thread 0). The record holds one
+// error until the host raises it, which may be a later call's end; an error that finds it taken is
+// only counted, so that the host can say how many more it did not hear of.
 __device__ __forceinline__ void report_data(const ErrorSink& err, int code, int peer, int channel, long long detail) {
-  if (atomicCAS(&err.self->data_claim, 0, 1) == 0) fill_record(err.data, code, err, peer, -1, channel, detail, -1);
+  if (atomicCAS(&err.self->data_claim, 0, 1) == 0) {
+    fill_record(err.data, code, err, peer, -1, channel, detail, -1);
+    return;
+  }
+  // NOTES: counted in device memory, where the atomic is one (on mapped host memory it needs native
+  // host atomics over the link), and the total copied out for the host. One thread per operation,
+  // operations in stream order: a later total never lands before an earlier one (and the host
+  // ignores a total below the one it has raised, should they ever race).
+  const unsigned total = atomicAdd(&err.self->data_lost, 1u) + 1u;
+  *reinterpret_cast<volatile unsigned*>(err.data_lost) = total;
+  __threadfence_system();
 }
 
 // A local error (header.hpp): the first one since the host last read the local record is kept.

@@ -212,6 +212,7 @@ kernels::ErrorSink Context::error_sink(double timeout) const {
   sink.fault = &mailbox_dev->fault;
   sink.data = &mailbox_dev->data;
   sink.local = &mailbox_dev->local;
+  sink.data_lost = &mailbox_dev->data_lost;
   sink.self = &header()->common;
   for (int p = 0; p < topo.num_nvl_ranks; ++p) sink.peers[p] = peers.header[p];
   sink.rank = topo.nvl_rank;
@@ -276,13 +277,13 @@ bool Context::fault_recorded() const { return mailbox != nullptr && recorded(mai
 
 bool Context::data_error_recorded() const { return mailbox != nullptr && recorded(mailbox->data); }
 
-void Context::raise_data_error() {
-  if (mailbox == nullptr) return;
+void Context::raise_data_error() { raise_recorded_data_error(*this); }
+
+std::string Context::describe_data_error() const {
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
-  volatile kernels::ErrorRecord* data = &mailbox->data;
+  const volatile kernels::ErrorRecord* data = &mailbox->data;
   const int code = data->code;
-  if (code == kernels::kErrNone) return;
   std::atomic_thread_fence(std::memory_order_acquire);
   const int peer = global(data->peer);
   const long long detail = data->detail;
@@ -319,10 +320,16 @@ void Context::raise_data_error() {
       break;
     default: message = str("moelink: rank ", rank, ": device error code ", code);
   }
+  return message;
+}
+
+unsigned Context::data_lost_total() const { return *static_cast<const volatile unsigned*>(&mailbox->data_lost); }
+
+void Context::clear_data_error() {
   // Data errors leave the protocol intact: clear the record so the Buffer stays usable.
+  volatile kernels::ErrorRecord* data = &mailbox->data;
   data->code = kernels::kErrNone;
   release_claim(&header()->common.data_claim);
-  throw Error(ErrorKind::kValue, message);
 }
 
 void Context::check_device_errors() {
@@ -466,12 +473,11 @@ void Context::launch_opening(const kernels::Opening& opening) {
   kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), comm_stream);
 }
 
-void Context::abstain(bool record_own_rejection) noexcept {
+void Context::abstain() noexcept {
   if (!available || destroyed || !broken.empty()) return;
   try {
     kernels::Opening opening{};
     opening.digest.w[kernels::kDigestVerdict] = kernels::kVerdictRejected;
-    opening.record_own_rejection = record_own_rejection ? 1 : 0;
     launch_opening(opening);
   } catch (const Error&) {
     // The caller is raising its own error already; its peers then time out instead.

@@ -15,6 +15,7 @@
 #include "moelink/error.hpp"
 #include "runtime/arena.hpp"
 #include "runtime/memory_map.hpp"
+#include "runtime/pending_errors.hpp"
 #include "window/window.hpp"
 
 namespace moelink::runtime {
@@ -90,11 +91,16 @@ class Context {
   // data error every rank of the operation found (ValueError, raised once).
   void check_device_errors();
   // Its two halves, apart because a collective raises them at different points: a fault (once seen
-  // it breaks the Buffer), and a data error (its record cleared, so it is raised once).
+  // it breaks the Buffer), and a data error (its record cleared, so it is raised once; the steps
+  // are raise_recorded_data_error's, in runtime/pending_errors.hpp).
   void check_faults();
   void raise_data_error();
   bool fault_recorded() const;
   bool data_error_recorded() const;
+  std::string describe_data_error() const;  // the recorded data error's message
+  unsigned data_lost_total() const;         // the device's count of data errors not recorded
+  void clear_data_error();                  // the record, and its claim given back
+  LostDataErrors lost_data_errors;
   bool comm_stream_capturing() const;
   // Where an operation raises a data error (runtime/pending_errors.hpp says why): a collective
   // checks only faults on entry (check_on_entry(true)) and raises a data error after its last
@@ -139,7 +145,7 @@ class Context {
   void launch_opening(const kernels::Opening& opening);
   // This rank's own checks rejected its arguments: it still takes part in the opening, with that
   // verdict, so its peers skip the operation instead of waiting for it. Never throws.
-  void abstain(bool record_own_rejection) noexcept;
+  void abstain() noexcept;
   // Launches the device barrier over the NVLink peers on the comm stream.
   void launch_barrier(int tag, double timeout = -1);
   // The barrier, then a host wait for it; raises what it found. raise_data_errors = false where

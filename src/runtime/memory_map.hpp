@@ -27,6 +27,7 @@ struct HostMailbox {
   int ready_seq;  // = the notify's sequence number once the mode sections below are valid
   kernels::ErrorRecord fault;  // a lost peer: sticky
   kernels::ErrorRecord data;   // bad input every rank of an operation agreed on: cleared once raised
+  unsigned data_lost;          // data errors not recorded because `data` was taken (header.hpp)
   kernels::ErrorRecord local;  // bad input this rank alone saw (header.hpp): cleared once read
   intranode::MailboxSection intranode;
 };

@@ -61,7 +61,8 @@ class ModelBuffer:
         # A data error an earlier operation left recorded here (the runtime raises it at the end of
         # a call unless deferred, as internode mode defers it through its legs), and what happened.
         self.pending, self.deferred, self.log = None, False, []
-        self.runtime = SimpleNamespace(abstain=lambda waits_on_host: self._open(None, ok=False),
+        # abstain takes no argument: the rank that abstains records nothing (Buffer::abstain).
+        self.runtime = SimpleNamespace(abstain=lambda: self._open(None, ok=False),
                                        check_faults=lambda: None, raise_pending_errors=self._raise_pending,
                                        defer_data_errors=self._defer)
 
@@ -445,7 +446,8 @@ def test_a_wrong_handle_is_refused():
 def test_one_ranks_bad_argument_stops_every_rank(num_nodes, per_node, op):
     """One rank's own checks refuse its arguments: it raises that error, every other rank raises a
     ValueError that says which global ranks its message names, and none waits (a wait would break
-    the boards' barriers and fail the test)."""
+    the boards' barriers and fail the test). Then every rank's next operation returns, the bad
+    rank's included: it raised its own error and has nothing more to raise."""
     bad = num_nodes * per_node - 2  # neither lane 0 nor node 0: the error must cross both kinds of group
     seen = {}
 
@@ -467,9 +469,14 @@ def test_one_ranks_bad_argument_stops_every_rank(num_nodes, per_node, op):
             seen[rank] = str(error)
         else:
             seen[rank] = None
+        _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx, inputs.topk_weights,
+                            1, 0, None, None, False, False)
+        returned.add(rank)
 
+    returned = set()
     run_ranks(num_nodes, per_node, body)
     assert sorted(seen) == list(range(num_nodes * per_node)), seen
+    assert returned == set(seen), returned
     assert all(message is not None for message in seen.values()), seen
     assert "global ranks" not in seen[bad], seen[bad]  # its own error, as its checks raised it
     assert all("global ranks" in message for rank, message in seen.items() if rank != bad), seen

@@ -218,26 +218,88 @@ def step_seen_at_different_calls(ctx: Ctx) -> faults.Raised:
     return faults.Raised(error, name)
 
 
+def step_second_error_while_pending(ctx: Ctx) -> faults.Raised:
+    """A rank's record holds one data error until its host raises it; a second one found meanwhile
+    is not recorded but counted, and the first error says so when it is raised. A GPU sleep on
+    every rank keeps both records from the hosts until both operations are made: a combine that
+    disagrees on config (the odd rank's ring slots), then one that disagrees on the operation (the
+    odd rank combines while the others make a cached dispatch). Both return poisoned outputs; once
+    the device is idle the next call raises the config error, once, with "and 1 later operation"
+    (or the second call raises it at its end, which drains first); the call after that returns."""
+    r = ctx.routed()
+    out, want = faults.checked_dispatch(ctx.buf, r, ctx.config, what=ctx.what("dispatch"))
+    y = r.combine_input(want, want.num_recv_tokens)
+    first_config = variant_configs(ctx.config, ctx.combine_config)[2] if ctx.odd else ctx.combine_config
+    calls = [("combine disagreeing on config",
+              lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=first_config), combine_outputs)]
+    if ctx.odd:
+        calls.append(("combine while the others make a cached dispatch",
+                      lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
+                      combine_outputs))
+    else:
+        calls.append(("cached dispatch while the odd rank combines",
+                      lambda: ctx.buf.dispatch(r.x, handle=out[4], config=ctx.config), cached_outputs))
+    faults.cycles_per_second()  # measured once, before the sleep (it synchronizes)
+    dist.barrier()
+    faults.gpu_sleep(HOLD_S)
+    start = time.perf_counter()
+    returned, raised = [], None
+    for i, (name, call, outputs) in enumerate(calls):
+        what = ctx.what(f"{name} (call {i + 1} of 2, behind a {HOLD_S} s GPU sleep)")
+        try:
+            returned.append((what, call(), outputs))
+        except ValueError as error:
+            if i == 0:
+                # Not a library fault: the hold failed, and the second error was then recorded.
+                elapsed = time.perf_counter() - start
+                raise AssertionError(f"{what}: raised at its own end after {elapsed:.2f} s ({error}): the {HOLD_S} "
+                                     f"s GPU sleep did not keep the record from the host until the second operation "
+                                     f"was made") from error
+            raised = faults.Raised(error, "call")
+    torch.cuda.synchronize()
+    for what, result, outputs in returned:
+        faults.assert_poisoned(outputs(result), f"{what}: the outputs")
+    if raised is None:
+        raised = faults.Raised(faults.expect_raises(ValueError, [], ctx.layout_call(r),
+                                                    ctx.what("the call after both failed operations")), "next call")
+    what = ctx.what(f"the error raised at the {raised.where} after two failed operations")
+    faults.check_message(raised.error, ["disagree on the config", "and 1 later operation on this rank failed too"],
+                         what)
+    assert "disagree on the operation" not in str(raised.error), f"{what}: names the second error: {raised.error}"
+    try:
+        ctx.layout_call(r)()
+    except Exception as error:  # noqa: BLE001 - reported as raised twice
+        raise AssertionError(f"{ctx.what('the call after the raise')}: raised {type(error).__name__} ({error}); the "
+                             f"count was raised with the first error and the second was never recorded") from error
+    return raised
+
+
 # ---- B: one rank's arguments fail moelink's own checks ------------------------------------------------
 
 def _rejected(ctx: Ctx, call, kind, words, host_wait, next_call, outputs, step,
               next_is_collective=False) -> faults.Raised:
     """The odd rank raises kind naming `words` at once; the others learn it is out and raise
     ValueError naming it (at the call when they wait on the host, else at the call's end or the
-    next call). Where they may raise at the next call, so does the odd rank (Buffer::abstain: it
-    records the error too), so that every rank raises the peers' error once; next_is_collective:
-    every rank makes the next call, which raises at its end where the error is still pending."""
+    next call). The odd rank records nothing (Buffer::abstain), so where the others may raise at
+    the next call, its own next call returns: it raised its error once, at the call.
+    next_is_collective: every rank makes the next call, which raises at its end where the error is
+    still pending."""
     if ctx.odd:
         start = time.perf_counter()
         raised = expect_error(kind, words, call, host_wait=True, what=ctx.what(f"{step}, own arguments"))
         elapsed = time.perf_counter() - start
         assert elapsed < IMMEDIATE_S, f"{ctx.what(step)}: rejecting its own arguments took {elapsed:.1f} s"
         if not host_wait:
-            # The record lands when the last peer has opened: wait for the device, as the peers'
-            # expect_error does before their next call.
+            # The peers' record lands when the last of them has opened: with the device idle, a
+            # record of this rank's own would be visible here too, and the next call would raise it.
             torch.cuda.synchronize()
-            faults.expect_raises(ValueError, [f"rank {ODD_RANK}"], next_call,
-                                 ctx.what(f"{step}, own arguments: the next call"))
+            what = ctx.what(f"{step}, own arguments: the next call")
+            try:
+                next_call()
+            except Exception as error:  # noqa: BLE001 - reported as raised twice
+                raise AssertionError(f"{what} raised {type(error).__name__} ({error}) after the rank had raised "
+                                     f"its own error at the call: a rank that rejected its own arguments must "
+                                     f"record nothing") from error
         return raised
     return expect_error(ValueError, [f"rank {ODD_RANK}"], call, host_wait=host_wait, in_call_ok=True,
                         next_call=next_call, outputs=outputs, next_is_collective=next_is_collective,
@@ -376,8 +438,8 @@ def step_failed_handle(ctx: Ctx) -> faults.Raised:
 def step_rejected_among_failed_handles(ctx: Ctx) -> faults.Raised:
     """Every rank's dispatch overflows num_worst_tokens (its handle is failed), then the odd rank's
     combine input is refused on the host while the others' handles fail on the device: nobody's
-    verdict is Ok, yet the others go on, so the odd rank must record the error too and every rank's
-    next call raise (before, it recorded nothing and its next collective waited for the others)."""
+    verdict is Ok, and the others raise the odd rank's rejection (it is the lowest rank that
+    objects) at the combine's end or the next call, while the odd rank's next call returns."""
     r, out, num_worst = _overflowed_dispatch(ctx)
     y = torch.randn(num_worst - (1 if ctx.odd else 0), r.case.hidden, device="cuda").to(torch.bfloat16)
     return _rejected(ctx, lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
@@ -387,7 +449,7 @@ def step_rejected_among_failed_handles(ctx: Ctx) -> faults.Raised:
 
 STEPS = (step_operation, step_config_num_sms, step_config_chunk, step_combine_config, step_hidden, step_dtype,
          step_topk, step_num_experts, step_handle_cached, step_handle_combine, step_seen_at_different_calls,
-         step_rejected_dispatch,
+         step_second_error_while_pending, step_rejected_dispatch,
          step_rejected_combine, step_rejected_type, step_rejected_then_collective,
          step_rejected_among_failed_handles, step_bad_expert_high, step_bad_expert_low,
          step_worst_one_rank, step_failed_handle)

@@ -63,13 +63,12 @@ void expect_scales_layout(const TensorRef& t, const char* arg) {
 
 // The checks of an operation's arguments. When they reject them this rank still opens the
 // operation, with that verdict, so that its peers skip it instead of waiting for it to time out.
-// waits_on_host: whether the operation raises its peers' errors at the call (see Opening).
 template <class Checks>
-auto checked(Context& ctx, bool waits_on_host, Checks&& checks) {
+auto checked(Context& ctx, Checks&& checks) {
   try {
     return checks();
   } catch (const Error& e) {
-    if (e.kind() == ErrorKind::kValue || e.kind() == ErrorKind::kType) ctx.abstain(!waits_on_host);
+    if (e.kind() == ErrorKind::kValue || e.kind() == ErrorKind::kType) ctx.abstain();
     throw;
   }
 }
@@ -222,7 +221,7 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
                     const StreamOrder& order) {
   ctx.require_usable("dispatch");
   ctx.check_on_entry(true);
-  const DispatchShape s = checked(ctx, in.num_worst_tokens <= 0, [&] {
+  const DispatchShape s = checked(ctx, [&] {
     DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
     expect(h.info, {2}, DType::kInt64, ctx.device, "handle[5] (the handle's dispatch id and status)");
     ctx.begin_op(order);
@@ -283,7 +282,7 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   ctx.check_faults();
   // Every rank reaches the same verdict, so every rank raises here and none launches the dispatch
   // kernel. The record names this dispatch's error, or an earlier one whose record (its claim not
-  // given back yet) kept this one's out.
+  // given back yet) kept this one's out; the message then counts this one among those not recorded.
   if (ctx.mailbox->intranode.skipped != 0) {
     ctx.raise_data_error();
     raise(ErrorKind::kValue, "rank ", ctx.topo.rank, ": every rank skipped this dispatch, but no error record was "
@@ -304,7 +303,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   // opens here.
   if (cached) ctx.check_on_entry(true);
   const auto checks = [&] { return validate_dispatch(ctx, in, h, config, cached, false, "dispatch"); };
-  const DispatchShape s = cached ? checked(ctx, false, checks) : checks();
+  const DispatchShape s = cached ? checked(ctx, checks) : checks();
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");
   check::dim(out.recv_x, 2, "recv_x");
@@ -323,7 +322,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     expect(out.recv_x_scales, {N, s.num_scales}, s.scales_dtype, ctx.device, "recv_x_scales", false);
     expect_scales_layout(out.recv_x_scales, "recv_x_scales");
   }
-  const long long* info = cached ? checked(ctx, false, [&] { return handle_info(h, ctx.device); }) : nullptr;
+  const long long* info = cached ? checked(ctx, [&] { return handle_info(h, ctx.device); }) : nullptr;
 
   ctx.begin_op(order);
   // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
@@ -393,7 +392,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   const int C = config.num_channels();
   int64_t H = 0, N = 0, T = 0;
   int K = 0;
-  const long long* info = checked(ctx, false, [&] {
+  const long long* info = checked(ctx, [&] {
   config.validate();
   ctx.require_coresident(config.num_sms, blocks_per_sm(), "config");
   check::defined(in.x, "x");
