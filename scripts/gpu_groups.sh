@@ -4,7 +4,7 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink logfmt frameworks internode internode8 peerloss peerlossmid
+# Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 peerloss peerlossmid
 #         peerlossall soak sanitize benchsmoke anchorsuite benchll bench probehost variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
@@ -67,6 +67,7 @@ for g in $TEST_GROUPS; do
     graphs) group graphs 200 $P tests/gpu/test_graphs.py ;;
     lowlatency) group lowlatency 400 $P tests/gpu/test_low_latency.py ;;
     llshrink) group llshrink 240 $P tests/gpu/test_low_latency_shrink.py ;;
+    llnvshmem) group llnvshmem 400 $P tests/gpu/test_low_latency_nvshmem.py tests/gpu/test_nvshmem.py ;;
     logfmt) group logfmt 200 $P tests/gpu/test_low_latency_logfmt.py ;;
     frameworks) group frameworks 200 $P tests/gpu/test_frameworks.py ;;
     internode) group internode 300 $P tests/gpu/test_internode.py -k "2-2 or back_to_back or knob or bad_expert_id" ;;

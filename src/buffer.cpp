@@ -130,6 +130,7 @@ std::vector<uint8_t> Buffer::local_ipc_handle() const {
 }
 
 bool Buffer::uses_nvshmem() const { return ctx_->uses_nvshmem; }
+bool Buffer::low_latency_puts() const { return ctx_->low_latency_puts; }
 
 std::vector<uint8_t> Buffer::local_nvshmem_unique_id() const {
   if (!ctx_->uses_nvshmem)
@@ -172,8 +173,10 @@ void Buffer::sync(const std::vector<int>& device_ids, const std::vector<std::vec
   for (int p = 0; p < c.topo.num_nvl_ranks; ++p) {
     c.peers.header[p] = static_cast<kernels::CommonHeader*>(c.nvl_window.member(p));
     c.peers.data[p] = static_cast<char*>(c.nvl_window.member(p)) + runtime::kNvlHeaderBytes;
-    if (c.low_latency_bytes > 0)
+    if (c.ipc_low_latency_bytes() > 0) {
       c.low_latency_regions[p] = static_cast<char*>(c.peers.data[p]) + runtime::low_latency_offset(c.num_nvl_bytes);
+      c.low_latency_headers[p] = &static_cast<runtime::NvlHeader*>(c.nvl_window.member(p))->low_latency;
+    }
   }
   MOELINK_CUDA_CHECK(cudaMemcpy(c.header()->common.peer_data, c.peers.data, sizeof(c.peers.data),
                                 cudaMemcpyHostToDevice));
@@ -186,7 +189,10 @@ void Buffer::sync(const std::vector<int>& device_ids, const std::vector<std::vec
     if (root_unique_id.empty()) raise(ErrorKind::kValue, "root_unique_id: required when num_rdma_bytes > 0");
     window::nvshmem_join(pe, num_pes, root_unique_id);
     c.nvshmem_joined = true;
-    c.rdma = window::nvshmem_alloc(c.num_rdma_bytes);
+    if (c.low_latency_symmetric)
+      c.open_symmetric_low_latency();
+    else
+      c.rdma = window::nvshmem_alloc(c.num_rdma_bytes);
     window::nvshmem_barrier_all();
   }
   c.available = true;

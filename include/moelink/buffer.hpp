@@ -81,6 +81,10 @@ class Buffer {
   // Whether sync() needs the NVSHMEM root's unique id: num_rdma_bytes > 0, except for a low-latency
   // Buffer whose ranks all share one NVLink domain (its RDMA buffer is IPC memory then).
   bool uses_nvshmem() const;
+  // After sync(): whether the low-latency kernels reach some rank by NVSHMEM puts (the plugin's
+  // put-path build runs), i.e. the region is symmetric and some rank is not mapped (or
+  // MOELINK_DEBUG_LL_FORCE_PUT). For tests and diagnostics.
+  bool low_latency_puts() const;
   // The NVSHMEM unique id; only meaningful on the rank whose rdma_rank == 0 and when RDMA is used.
   std::vector<uint8_t> local_nvshmem_unique_id() const;
   // device_ids / ipc_handles: one entry per global rank. root_unique_id: empty when no RDMA.

@@ -249,6 +249,7 @@ void bind_buffer(nb::module_& m) {
           "data"_a, "stream"_a)
       .def("max_num_sms", &Buffer::max_num_sms, "ranks_per_gpu"_a = 0)
       .def_prop_ro("uses_nvshmem", &Buffer::uses_nvshmem)
+      .def_prop_ro("low_latency_puts", &Buffer::low_latency_puts)
       .def("abstain", &Buffer::abstain, "waits_on_host"_a = false)
 
       // ---- bootstrap ----

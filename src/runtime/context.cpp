@@ -96,8 +96,17 @@ Context::Context(const BufferOptions& o) {
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
   spin_backoff_ns = knobs::spin_backoff_ns();
   const unsigned long long epoch_start = knobs::debug_epoch_start();
-  low_latency_bytes = low_latency_mode && topo.is_intranode() ? num_rdma_bytes : 0;
-  uses_nvshmem = num_rdma_bytes > 0 && low_latency_bytes == 0;
+  // The kernels' per-rank tables and 32-bit mask words hold kMaxNvlRanks ranks: beyond that the
+  // Buffer is built as before (no region) and the low-latency calls raise (checked_layout).
+  low_latency_bytes = low_latency_mode && o.num_ranks <= kMaxNvlRanks ? num_rdma_bytes : 0;
+  const knobs::LowLatencyTransport transport = knobs::low_latency_transport();
+  if (low_latency_bytes > 0 && transport == knobs::LowLatencyTransport::kIpc && !topo.is_intranode())
+    raise(ErrorKind::kValue, "MOELINK_LL_TRANSPORT=ipc: the ranks span ", topo.num_rdma_ranks, " NVLink domains (",
+          topo.num_nvl_ranks, " ranks each), which CUDA IPC cannot reach; unset it (nvshmem is the default there)");
+  low_latency_symmetric =
+      low_latency_bytes > 0 && (transport == knobs::LowLatencyTransport::kNvshmem || !topo.is_intranode());
+  low_latency_force_put = low_latency_symmetric && knobs::debug_low_latency_force_put();
+  uses_nvshmem = num_rdma_bytes > 0 && (!low_latency_mode || low_latency_symmetric);
   // Before anything is allocated: a missing NVSHMEM is a setup error the user fixes by installing it.
   if (uses_nvshmem) window::nvshmem_require();
 
@@ -116,10 +125,11 @@ Context::Context(const BufferOptions& o) {
   // The header (barrier signals, peer table, notify inbox) always exists so barriers work even
   // for a Buffer with no NVLink data region.
   // The low-latency region is zeroed too: its signal words must start out matching no call.
-  const int64_t bytes = low_latency_bytes > 0
-                            ? kNvlHeaderBytes + low_latency_offset(num_nvl_bytes) + kernels::align_up(low_latency_bytes, 128)
+  const int64_t ipc_ll_bytes = ipc_low_latency_bytes();
+  const int64_t bytes = ipc_ll_bytes > 0
+                            ? kNvlHeaderBytes + low_latency_offset(num_nvl_bytes) + kernels::align_up(ipc_ll_bytes, 128)
                             : kNvlHeaderBytes + kernels::align_up(num_nvl_bytes, 128);
-  const int64_t arena_at = kNvlHeaderBytes + arena_offset(num_nvl_bytes, low_latency_bytes);
+  const int64_t arena_at = kNvlHeaderBytes + arena_offset(num_nvl_bytes, ipc_ll_bytes);
   void* memory = nullptr;
   MOELINK_CUDA_CHECK(cudaMalloc(&memory, o.num_arena_bytes > 0 ? arena_at + o.num_arena_bytes : bytes));
   nvl_memory = std::shared_ptr<void>(memory, [](void* p) { cudaFree(p); });
@@ -182,6 +192,13 @@ void Context::release() {
   nvl_window.close();
   if (nvshmem_joined) {
     try {
+      // destroy() has drained the comm stream; the barrier keeps any peer's puts from landing in an
+      // allocation this rank has freed. Not when broken: a lost peer would never arrive.
+      if (low_latency_allocation != nullptr) {
+        if (broken.empty()) window::nvshmem_barrier_all();
+        window::nvshmem_release(low_latency_allocation);
+        low_latency_allocation = nullptr;
+      }
       window::nvshmem_release(rdma);
       window::nvshmem_leave();
     } catch (const Error&) {
@@ -200,6 +217,34 @@ void Context::release() {
   comm_stream = nullptr;
   destroyed = true;
   available = false;
+}
+
+void Context::open_symmetric_low_latency() {
+  const int R = topo.num_ranks;
+  const int64_t bytes = low_latency::kSymmetricHeaderBytes + kernels::align_up(low_latency_bytes, 128);
+  low_latency_allocation = window::nvshmem_alloc(bytes);  // zeroed: no signal word matches a call yet
+  auto* head = static_cast<low_latency::SymmetricHeader*>(low_latency_allocation);
+  const unsigned long long epoch_start = knobs::debug_epoch_start();
+  if (epoch_start != 0) {
+    // As the NVLink header's section (the constructor): every rank's numbers start at one value.
+    auto image = std::make_unique<low_latency::HeaderSection>();
+    std::memset(static_cast<void*>(image.get()), 0, sizeof(low_latency::HeaderSection));
+    image->seq = epoch_start;
+    for (auto& parity : image->recv_done)
+      for (auto& v : parity) v = epoch_start;
+    MOELINK_CUDA_CHECK(cudaMemcpy(&head->header, image.get(), sizeof(low_latency::HeaderSection),
+                                  cudaMemcpyHostToDevice));
+  }
+  // Ranks are the PEs of the low-latency job, in order (buffer.cpp's sync joins it so).
+  for (int p = 0; p < R; ++p) {
+    low_latency_pes[p] = p;
+    void* mapped = p == topo.rank ? low_latency_allocation
+                   : low_latency_force_put ? nullptr
+                                           : window::nvshmem_peer_pointer(low_latency_allocation, p);
+    low_latency_headers[p] = mapped != nullptr ? &static_cast<low_latency::SymmetricHeader*>(mapped)->header : nullptr;
+    low_latency_regions[p] = mapped != nullptr ? static_cast<char*>(mapped) + low_latency::kSymmetricHeaderBytes : nullptr;
+    low_latency_puts |= mapped == nullptr;
+  }
 }
 
 int64_t Context::offset_in_arena(const TensorRef& ref, int64_t bytes) const {

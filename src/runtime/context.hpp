@@ -34,9 +34,14 @@ class Context {
   int ranks_per_gpu = 1;  // NVLink peers (this rank included) on this very GPU, from sync()
   int64_t num_nvl_bytes = 0;
   int64_t num_rdma_bytes = 0;
-  // With low_latency_mode and every rank in this NVLink domain the RDMA buffer is carved from the
-  // IPC-shared allocation (peers reach it by stores) and NVSHMEM is not used at all.
+  // With low_latency_mode the RDMA buffer is the low-latency region. With every rank in this NVLink
+  // domain (and MOELINK_LL_TRANSPORT not nvshmem) it is carved from the IPC-shared allocation (peers
+  // reach it by stores) and NVSHMEM is not used at all; otherwise (low_latency_symmetric) it is one
+  // symmetric NVSHMEM allocation made at sync(): SymmetricHeader (the mode's header section and the
+  // put path's counters), then the region (modes/low_latency/contract.hpp).
   int64_t low_latency_bytes = 0;
+  bool low_latency_symmetric = false;
+  bool low_latency_force_put = false;  // MOELINK_DEBUG_LL_FORCE_PUT: no other rank mapped
   bool uses_nvshmem = false;
   bool low_latency_mode = false;
   bool enable_shrink = false;
@@ -52,7 +57,13 @@ class Context {
   std::shared_ptr<detail::RecvArena> arena;  // null when num_arena_bytes == 0
   window::Window nvl_window;                 // the node's NVLink buffers, ours included
   kernels::PeerTable peers{};
-  char* low_latency_regions[kMaxNvlRanks] = {};  // every NVLink peer's low-latency region, in this process
+  char* low_latency_regions[kMaxNvlRanks] = {};  // every rank's low-latency region, in this process
+                                                 // (null: a rank the put path reaches)
+  low_latency::HeaderSection* low_latency_headers[kMaxNvlRanks] = {};  // their header sections, likewise
+  int low_latency_pes[kMaxNvlRanks] = {};  // [rank]: its NVSHMEM PE (symmetric region only)
+  void* low_latency_allocation = nullptr;  // the symmetric allocation, when low_latency_symmetric
+  bool low_latency_puts = false;  // some rank has no mapped region: the plugin's put-path kernels run
+  long long low_latency_combines = 0;  // low-latency combines launched with a send half (staging areas)
   HostMailbox* mailbox = nullptr;      // host view
   HostMailbox* mailbox_dev = nullptr;  // device alias
   cudaEvent_t order_event = nullptr;   // reused to order the comm stream after the compute stream
@@ -67,8 +78,21 @@ class Context {
   NvlHeader* header() const { return reinterpret_cast<NvlHeader*>(nvl_base); }
   void* data() const { return nvl_base + kNvlHeaderBytes; }
   char* low_latency_base() const {
-    return low_latency_bytes > 0 ? static_cast<char*>(data()) + low_latency_offset(num_nvl_bytes) : nullptr;
+    if (low_latency_bytes == 0) return nullptr;
+    if (low_latency_symmetric)
+      return low_latency_allocation != nullptr
+                 ? static_cast<char*>(low_latency_allocation) + low_latency::kSymmetricHeaderBytes
+                 : nullptr;
+    return static_cast<char*>(data()) + low_latency_offset(num_nvl_bytes);
   }
+  // This rank's low-latency header section: in the NVLink header, or at the symmetric allocation's head.
+  low_latency::HeaderSection* low_latency_header() const {
+    return low_latency_symmetric ? low_latency_headers[topo.rank] : &header()->low_latency;
+  }
+  // The low-latency bytes carved from the IPC allocation (none when the region is symmetric).
+  int64_t ipc_low_latency_bytes() const { return low_latency_symmetric ? 0 : low_latency_bytes; }
+  // At sync(), after the NVSHMEM join: the symmetric region, its peers' addresses and their PEs.
+  void open_symmetric_low_latency();
   NvlHeader* peer_header(int nvl_rank) const { return reinterpret_cast<NvlHeader*>(peers.header[nvl_rank]); }
   // Where `bytes` at `ref` sit relative to our data region, as peers address them; -1 unless they
   // lie wholly in our receive arena (only there may peers read or write a caller's tensor).

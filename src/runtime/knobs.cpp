@@ -35,6 +35,14 @@ long integer(const char* name, long lo, long hi, long fallback, const char* expe
   return n;
 }
 
+const char* transport_name(LowLatencyTransport transport) {
+  switch (transport) {
+    case LowLatencyTransport::kIpc: return "ipc";
+    case LowLatencyTransport::kNvshmem: return "nvshmem";
+    default: return "auto";
+  }
+}
+
 }  // namespace
 
 double timeout_seconds() {
@@ -81,14 +89,27 @@ unsigned spin_backoff_ns() {
   return static_cast<unsigned>(integer("MOELINK_SPIN_BACKOFF_NS", 0, 10000, 0, "0..10000 ns"));
 }
 
+LowLatencyTransport low_latency_transport() {
+  const char* value = value_of("MOELINK_LL_TRANSPORT");
+  if (value == nullptr) return LowLatencyTransport::kAuto;
+  const std::string text(value);
+  if (text == "ipc") return LowLatencyTransport::kIpc;
+  if (text == "nvshmem") return LowLatencyTransport::kNvshmem;
+  detail::raise(ErrorKind::kValue, "MOELINK_LL_TRANSPORT: expected ipc or nvshmem, got '", text, "'");
+}
+
+bool debug_low_latency_force_put() { return flag("MOELINK_DEBUG_LL_FORCE_PUT", false); }
+
 void log_once() {
   if (!debug()) return;
   static std::once_flag once;
   std::call_once(once, [] {
     std::fprintf(stderr,
                  "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d "
-                 "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_DEBUG=1\n",
-                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start(), spin_backoff_ns());
+                 "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
+                 "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_DEBUG=1\n",
+                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
+                 transport_name(low_latency_transport()), debug_low_latency_force_put() ? 1 : 0);
   });
 }
 

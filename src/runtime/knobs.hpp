@@ -32,6 +32,17 @@ int nvl_ranks_per_node();
 // spinning warps slow the working ones on their SMs (bench/NOTES.md); read on every Buffer.
 unsigned spin_backoff_ns();
 
+// MOELINK_LL_TRANSPORT (ipc | nvshmem; default ipc when every rank is in one NVLink domain, else
+// nvshmem): where the low-latency region lives. ipc carves it from the NVLink buffer (peers reached
+// by stores, no NVSHMEM); nvshmem makes it one symmetric NVSHMEM allocation (peers NVSHMEM maps get
+// stores, the others put-with-signal). Read on every Buffer.
+enum class LowLatencyTransport { kAuto, kIpc, kNvshmem };
+LowLatencyTransport low_latency_transport();
+
+// MOELINK_DEBUG_LL_FORCE_PUT (0/1, default 0): with the nvshmem transport, treat every other rank as
+// one NVSHMEM cannot map, so the put path runs (and is tested) on one GPU. Read on every Buffer.
+bool debug_low_latency_force_put();
+
 // Prints every knob's value to stderr once per process when debug() is on.
 void log_once();
 

@@ -3,7 +3,9 @@
 //
 //   NVLink buffer (one cudaMalloc, shared with the node's peers by CUDA IPC):
 //     [ NvlHeader, padded to kNvlHeaderBytes ][ num_nvl_bytes of data (rings) ]
-//     [ low-latency region: num_rdma_bytes, when every rank is in this NVLink domain ][ receive arena ]
+//     [ low-latency region: num_rdma_bytes, with the ipc transport (knobs.hpp) ][ receive arena ]
+//   Symmetric NVSHMEM allocation (the nvshmem transport, made at sync()):
+//     [ low_latency::SymmetricHeader, padded to kSymmetricHeaderBytes ][ low-latency region ]
 //   Host mailbox (pinned, mapped into the device): written by kernels, polled by the host.
 //
 // A mode's kernels get pointers to their own section only; the runtime is the one place that

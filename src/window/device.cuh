@@ -2,8 +2,9 @@
 // The device vocabulary over a window (window.hpp): a peer's address, rows put into it, a counter
 // signalled after the rows, and a bounded wait on a local counter. Over CUDA IPC these are plain
 // stores through mapped pointers and release/acquire at system scope (a peer may be another
-// process on this GPU under MPS, or another GPU across NVLink). Kernels written in these terms are
-// what the NVSHMEM put-with-signal path will implement for peers that cannot be mapped.
+// process on this GPU under MPS, or another GPU across NVLink). A kernel written once over a window
+// takes its policy as a template argument: Stores here (libmoelink), or window/nvshmem/device.cuh's
+// Puts (the NVSHMEM plugin), which adds put-with-signal for peers that cannot be mapped.
 #include <cstdint>
 
 #include "common/header.hpp"
@@ -11,6 +12,11 @@
 #include "common/waits.cuh"
 
 namespace moelink::window {
+
+// Every peer is reached by stores: the put path's branches are compiled out.
+struct Stores {
+  static constexpr bool kPuts = false;
+};
 
 // Peer p's region at `offset`, or nullptr when p is not reachable by stores.
 __device__ __forceinline__ char* peer_address(const kernels::PeerTable& peers, int p, int64_t offset) {

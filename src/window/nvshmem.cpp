@@ -88,6 +88,14 @@ void* nvshmem_alloc(int64_t bytes) { return ops().alloc(bytes); }
 void nvshmem_release(void* ptr) { ops().release(ptr); }
 void nvshmem_barrier_all() { ops().barrier_all(); }
 void nvshmem_leave() { ops().leave(); }
+void* nvshmem_peer_pointer(void* symmetric, int pe) { return ops().peer_pointer(symmetric, pe); }
+void nvshmem_low_latency_dispatch(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream) {
+  ops().low_latency_dispatch(args, blocks, stream);
+}
+void nvshmem_low_latency_combine(const low_latency::CombineArgs& args, int blocks, cudaStream_t stream) {
+  ops().low_latency_combine(args, blocks, stream);
+}
+int nvshmem_low_latency_blocks_per_sm() { return ops().low_latency_blocks_per_sm(); }
 bool nvshmem_self_test() {
   bool mapped = false;
   const std::string error = ops().self_test(&mapped);

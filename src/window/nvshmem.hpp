@@ -3,8 +3,15 @@
 // built when the build finds NVSHMEM and opened on first use (nvshmem.cpp); without it, or when it
 // cannot be loaded (NVSHMEM not installed), every call except compiled() throws kState saying what
 // to install.
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <vector>
+
+namespace moelink::low_latency {
+struct DispatchArgs;
+struct CombineArgs;
+}  // namespace moelink::low_latency
 
 namespace moelink::window {
 
@@ -21,5 +28,11 @@ void nvshmem_leave();                // collective finalize
 // Collective, after join: the device API end to end (nvshmem/self_test.cu); throws kCuda with the
 // reason when it fails. Returns whether the store path to a mapped peer ran too.
 bool nvshmem_self_test();
+// After join: `symmetric` in PE pe's copy, mapped here, or nullptr where NVSHMEM cannot map it.
+void* nvshmem_peer_pointer(void* symmetric, int pe);
+// The low-latency kernels built for the put path (the plugin's; modes/low_latency/contract.hpp).
+void nvshmem_low_latency_dispatch(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream);
+void nvshmem_low_latency_combine(const low_latency::CombineArgs& args, int blocks, cudaStream_t stream);
+int nvshmem_low_latency_blocks_per_sm();
 
 }  // namespace moelink::window

@@ -1,9 +1,11 @@
 // The low-latency region's layout: both parities, every slot and signal inside its area and 16-byte
 // aligned, signals placed by the expert count alone, and the hint equal to deep_ep V1's formula
 // (which tests/cpu/test_low_latency_reference.py checks) and never below what the layout needs.
+#include <cstddef>
 #include <cstdint>
 
 #include "harness.hpp"
+#include "modes/low_latency/contract.hpp"
 #include "modes/low_latency/layout.hpp"
 
 using moelink::low_latency::Layout;
@@ -66,4 +68,40 @@ MOELINK_TEST(low_latency_signal_words_name_their_call) {
     }
   }
   EXPECT_FALSE(signal_is_for(0u, 65536ull));  // a zeroed word matches no call, not even tag 0
+}
+
+// The symmetric allocation's head (the put path): NVSHMEM's 64-bit signal words must be 8-byte
+// aligned, and the region after the head page-aligned as the IPC carve is.
+MOELINK_TEST(low_latency_symmetric_head_aligns_the_put_counters) {
+  using moelink::low_latency::PutSection;
+  using moelink::low_latency::SymmetricHeader;
+  using moelink::low_latency::kSymmetricHeaderBytes;
+  const int64_t put = static_cast<int64_t>(offsetof(SymmetricHeader, put));
+  EXPECT_EQ(put % 128, 0);
+  EXPECT_GE(put, static_cast<int64_t>(sizeof(moelink::low_latency::HeaderSection)));
+  for (int64_t field : {static_cast<int64_t>(offsetof(PutSection, dispatch_rows)),
+                        static_cast<int64_t>(offsetof(PutSection, combine_rows)),
+                        static_cast<int64_t>(offsetof(PutSection, dispatch_target)),
+                        static_cast<int64_t>(offsetof(PutSection, combine_target)),
+                        static_cast<int64_t>(offsetof(PutSection, dispatch_sent)),
+                        static_cast<int64_t>(offsetof(PutSection, combine_sent))})
+    EXPECT_EQ((put + field) % 8, 0);
+  EXPECT_EQ(static_cast<int64_t>(sizeof(PutSection::dispatch_rows[0][0])), 8);
+  // Every (local expert, source) pair of the largest layout has its counter.
+  EXPECT_GE(static_cast<int64_t>(sizeof(PutSection::dispatch_rows[0]) / 8), int64_t{moelink::low_latency::kMaxExperts});
+  EXPECT_EQ(kSymmetricHeaderBytes % 4096, 0);
+  EXPECT_GE(kSymmetricHeaderBytes, static_cast<int64_t>(sizeof(SymmetricHeader)));
+}
+
+// The put path's target words: the sender's running row total, tagged with the call's number, so a
+// word left by another call never reads as this call's total, and a zeroed word matches no call.
+MOELINK_TEST(low_latency_put_target_words) {
+  using namespace moelink::low_latency;
+  const unsigned long long w = put_target(70000ull, 123456789ull);
+  EXPECT_TRUE(put_target_is_for(w, 70000ull));
+  EXPECT_FALSE(put_target_is_for(w, 70001ull));
+  EXPECT_FALSE(put_target_is_for(w, 70002ull));  // the same parity two calls later
+  EXPECT_EQ(put_target_total(w), 123456789ull);
+  EXPECT_EQ(put_target_total(put_target(5ull, (1ull << 48) + 7)), 7ull);
+  for (unsigned long long seq : {0ull, 1ull, 32768ull, 65536ull}) EXPECT_FALSE(put_target_is_for(0ull, seq));
 }

@@ -94,6 +94,26 @@ MOELINK_TEST(knobs_read_timeout_and_reject_malformed_values) {
   EXPECT_EQ(moelink::knobs::timeout_seconds(), 100.0);
 }
 
+MOELINK_TEST(knobs_read_the_low_latency_transport_and_the_forced_put_path) {
+  using moelink::knobs::LowLatencyTransport;
+  unsetenv("MOELINK_LL_TRANSPORT");
+  EXPECT_TRUE(moelink::knobs::low_latency_transport() == LowLatencyTransport::kAuto);
+  setenv("MOELINK_LL_TRANSPORT", "ipc", 1);
+  EXPECT_TRUE(moelink::knobs::low_latency_transport() == LowLatencyTransport::kIpc);
+  setenv("MOELINK_LL_TRANSPORT", "nvshmem", 1);
+  EXPECT_TRUE(moelink::knobs::low_latency_transport() == LowLatencyTransport::kNvshmem);
+  setenv("MOELINK_LL_TRANSPORT", "rdma", 1);
+  EXPECT_THROW_KIND(moelink::knobs::low_latency_transport(), ErrorKind::kValue, "MOELINK_LL_TRANSPORT");
+  unsetenv("MOELINK_LL_TRANSPORT");
+  unsetenv("MOELINK_DEBUG_LL_FORCE_PUT");
+  EXPECT_FALSE(moelink::knobs::debug_low_latency_force_put());
+  setenv("MOELINK_DEBUG_LL_FORCE_PUT", "1", 1);
+  EXPECT_TRUE(moelink::knobs::debug_low_latency_force_put());
+  setenv("MOELINK_DEBUG_LL_FORCE_PUT", "yes", 1);
+  EXPECT_THROW_KIND(moelink::knobs::debug_low_latency_force_put(), ErrorKind::kValue, "MOELINK_DEBUG_LL_FORCE_PUT");
+  unsetenv("MOELINK_DEBUG_LL_FORCE_PUT");
+}
+
 MOELINK_TEST(knobs_read_the_spin_backoff_and_reject_malformed_values) {
   unsetenv("MOELINK_SPIN_BACKOFF_NS");
   EXPECT_EQ(moelink::knobs::spin_backoff_ns(), 0u);

@@ -118,7 +118,9 @@ __device__ __forceinline__ bool wait_for_parity(const Args& a, kernels::Epoch se
 // outputs), end the block (common/poison.cuh). The last block of a send half publishes the
 // number (every block has read the old one by then); the last block of a receive half tells every
 // peer that this rank is done reading this call's parity. send and recv take (seq, parity).
-template <class Args, class Send, class Recv>
+// W is the window policy (window/device.cuh): a peer with no mapped section gets its state words by
+// puts, each after a fence for this rank's own reads before it.
+template <class W, class Args, class Send, class Recv>
 __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
   const CallStart start = start_call(a);
   const kernels::Epoch seq = start.seq;
@@ -143,13 +145,36 @@ __device__ __forceinline__ void run_call(Args& a, Send send, Recv recv) {
         if (atomicExch(&a.self->pending_mask[p], 0) != 0) {
           lost |= 1u << p;
           a.self->masked[p] = 1;
+          if constexpr (W::kPuts) {
+            if (a.peers[p] == nullptr) {
+              __threadfence_system();
+              W::put_int(&a.self->masked_by[a.rank], 1, a.put.pe[p]);
+              continue;
+            }
+          }
           kernels::st_release_sys(&a.peers[p]->masked_by[a.rank], 1);
         }
     // Per parity, so receives of two outstanding calls may finish in either order. Not to a peer
     // given up on: it must not be let into this rank's region again.
     if (a.phase & kPhaseRecv)
       for (int p = 0; p < a.layout.num_ranks; ++p)
-        if (!is_masked(start.masked | lost, p)) kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
+        if (!is_masked(start.masked | lost, p)) {
+          if constexpr (W::kPuts) {
+            if (a.peers[p] == nullptr) {
+              // The fence orders this rank's reads of the receive area (every block's, made before
+              // finish_block) before the peer may write it again.
+              __threadfence_system();
+              W::put_epoch(&a.self->recv_done[seq & 1][a.rank], seq, a.put.pe[p]);
+              continue;
+            }
+          }
+          kernels::st_release_sys(&a.peers[p]->recv_done[seq & 1][a.rank], seq);
+        }
+    // The state words just put (recv_done, masked_by) complete before the kernel ends: NVSHMEM
+    // promises delivery only at a quiet, and a peer's gate waits on recv_done.
+    if constexpr (W::kPuts) {
+      if (a.put.any) W::quiet();
+    }
   }
 }
 

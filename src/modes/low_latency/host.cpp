@@ -10,6 +10,7 @@
 #include "runtime/context.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/wait_steps.hpp"
+#include "window/nvshmem.hpp"
 
 namespace moelink::low_latency {
 
@@ -56,9 +57,9 @@ Layout checked_layout(const Context& ctx, int max_tokens, int hidden, int num_ex
   if (ctx.low_latency_bytes == 0) {
     if (!ctx.low_latency_mode)
       raise(ErrorKind::kState, op, ": the Buffer was not built with low_latency_mode=True");
-    if (!ctx.topo.is_intranode())
-      raise(ErrorKind::kState, op, ": low-latency mode across nodes (over NVSHMEM) is not implemented yet; every "
-            "rank must be in one NVLink domain (", R, " ranks, ", ctx.topo.num_nvl_ranks, " per node)");
+    if (R > kMaxNvlRanks)
+      raise(ErrorKind::kState, op, ": low-latency mode supports up to ", kMaxNvlRanks, " ranks so far (its kernels' "
+            "per-rank tables), got ", R);
     raise(ErrorKind::kValue, "num_rdma_bytes: a low-latency Buffer needs num_rdma_bytes > 0 (size it with "
           "Buffer.get_low_latency_rdma_size_hint)");
   }
@@ -114,19 +115,28 @@ int phase_bits(LowLatencyPhase phase) {
   }
 }
 
-// The arguments both kernels take from the context.
+// The arguments both kernels take from the context. Ranks are global (one NVLink domain, or the
+// PEs of the symmetric region, in order); a rank with no mapped region is reached by puts.
 template <class Args>
 void fill_call(Args& a, const Context& ctx, const Layout& L, LowLatencyPhase phase) {
   a.layout = L;
   a.phase = phase_bits(phase);
-  a.rank = ctx.topo.nvl_rank;
-  for (int p = 0; p < ctx.topo.num_nvl_ranks; ++p) {
+  a.rank = ctx.topo.rank;
+  for (int p = 0; p < ctx.topo.num_ranks; ++p) {
     a.regions[p] = ctx.low_latency_regions[p];
-    a.peers[p] = &ctx.peer_header(p)->low_latency;
+    a.peers[p] = ctx.low_latency_headers[p];
+    a.put.pe[p] = ctx.low_latency_pes[p];
   }
-  a.self = &ctx.header()->low_latency;
+  a.self = ctx.low_latency_header();
+  a.put.state = ctx.low_latency_symmetric ? &static_cast<SymmetricHeader*>(ctx.low_latency_allocation)->put : nullptr;
+  a.put.any = ctx.low_latency_puts;
   a.err = ctx.error_sink();
   a.shrink = ctx.enable_shrink;
+}
+
+// The store-only kernels of libmoelink unless some rank is reached by puts (then the plugin's).
+int blocks_per_sm(const Context& ctx, int (*stores)()) {
+  return ctx.low_latency_puts ? window::nvshmem_low_latency_blocks_per_sm() : stores();
 }
 
 }  // namespace
@@ -174,7 +184,7 @@ EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const Low
            "cumulative_local_expert_recv_stats");
   if (in.dispatch_wait_recv_cost_stats.defined())
     expect(in.dispatch_wait_recv_cost_stats, {R}, DType::kInt64, ctx.device, "dispatch_wait_recv_cost_stats");
-  const int blocks = launch_blocks(ctx, dispatch_blocks_per_sm());
+  const int blocks = launch_blocks(ctx, blocks_per_sm(ctx, dispatch_blocks_per_sm));
 
   ctx.begin_op(order);
   DispatchArgs a{};
@@ -194,12 +204,19 @@ EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const Low
   a.wait_recv_cost_stats = static_cast<long long*>(in.dispatch_wait_recv_cost_stats.data);
   a.state = static_cast<long long*>(out.state.data);
   fill_call(a, ctx, L, phase);
+  // The put path stages in the send area that is not the next combine's zero-copy buffer, which
+  // the user may be filling while this dispatch runs (two micro-batches: dispatch A, fill A's
+  // buffer, dispatch B, combine A).
+  a.put.staging_area = static_cast<int>((ctx.low_latency_combines + 1) & 1);
   a.poison = poison_list({{&out.recv_x, E_local * RM * H * (in.use_fp8 ? 1 : 2)},
                           {&out.recv_x_scales, scale_bytes},
                           {&out.recv_count, E_local * 4LL},
                           {&out.src_info, E_local * RM * 4LL},
                           {&out.layout_range, E_local * R * 8LL}});
-  launch_dispatch(a, blocks, ctx.comm_stream);
+  if (ctx.low_latency_puts)
+    window::nvshmem_low_latency_dispatch(a, blocks, ctx.comm_stream);
+  else
+    launch_dispatch(a, blocks, ctx.comm_stream);
   EventHandle done = ctx.end_op(order);
   // After a send phase the caller still owes the receive phase, which keeps the ranks' calls in
   // step: the receive's end raises.
@@ -223,7 +240,19 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   expect(out.state, {2}, DType::kInt64, ctx.device, "state");
   if (in.combine_wait_recv_cost_stats.defined())
     expect(in.combine_wait_recv_cost_stats, {R}, DType::kInt64, ctx.device, "combine_wait_recv_cost_stats");
-  const int blocks = launch_blocks(ctx, combine_blocks_per_sm());
+  // Zero-copy: x is the send area of either parity (get_next_low_latency_combine_buffer). The put
+  // path then puts its rows from where they are; otherwise it stages them in this call's send area.
+  const char* x_begin = static_cast<const char*>(in.x.data);
+  const int64_t x_bytes = E_local * RM * H * 2;
+  bool x_in_send_area = false;
+  for (int which = 0; which < 2; ++which) {
+    const char* area = ctx.low_latency_base() + L.send(which);
+    x_in_send_area |= x_begin >= area && x_begin + x_bytes <= area + L.send_bytes;
+  }
+  if (ctx.low_latency_puts && x_in_send_area && in.use_logfmt)
+    raise(ErrorKind::kValue, "use_logfmt: a zero-copy LogFMT combine is not supported where ranks are reached by "
+          "NVSHMEM puts yet (its rows would be encoded in place, in x); pass x outside the low-latency buffer");
+  const int blocks = launch_blocks(ctx, blocks_per_sm(ctx, combine_blocks_per_sm));
 
   ctx.begin_op(order);
   CombineArgs a{};
@@ -240,8 +269,15 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   a.wait_recv_cost_stats = static_cast<long long*>(in.combine_wait_recv_cost_stats.data);
   a.state = static_cast<long long*>(out.state.data);
   fill_call(a, ctx, L, phase);
+  a.put.x_in_send_area = x_in_send_area;
+  // A combine stages in its own zero-copy area (combine_buffer), never the next combine's.
+  a.put.staging_area = static_cast<int>(ctx.low_latency_combines & 1);
   a.poison = poison_list({{&out.combined_x, T * H * 2}});
-  launch_combine(a, blocks, ctx.comm_stream);
+  if (ctx.low_latency_puts)
+    window::nvshmem_low_latency_combine(a, blocks, ctx.comm_stream);
+  else
+    launch_combine(a, blocks, ctx.comm_stream);
+  if (phase != LowLatencyPhase::kReceive) ++ctx.low_latency_combines;
   EventHandle done = ctx.end_op(order);
   // After a send phase the caller still owes the receive phase, which keeps the ranks' calls in
   // step: the receive's end raises.
@@ -255,9 +291,26 @@ void clean(Context& ctx, int max_tokens, int hidden, int num_experts) {
   // The first barrier: no peer still runs a call that writes into this region. The second: no peer
   // starts one before the zeroing is done. A data error is raised after the second, which every
   // rank then has joined (runtime/pending_errors.hpp).
+  // Across nodes the device barrier reaches this node only; NVSHMEM's host barrier the rest.
+  const bool other_nodes = ctx.low_latency_symmetric && !ctx.topo.is_intranode();
   ctx.barrier(kernels::kBarrierUser, -1, false);
+  // NVSHMEM's host barrier is not ordered on the comm stream: drain it first, so that this rank's
+  // earlier kernels (and their puts, quieted in them) are done before any rank zeroes.
+  if (other_nodes) {
+    MOELINK_CUDA_CHECK(cudaStreamSynchronize(ctx.comm_stream));
+    window::nvshmem_barrier_all();
+  }
   MOELINK_CUDA_CHECK(cudaMemsetAsync(ctx.low_latency_base(), 0, 2 * L.signal_bytes, ctx.comm_stream));
+  // The put path's row counters (written by peers) and running totals (this rank's own, as a
+  // sender) start again together on every rank, between the two barriers.
+  if (ctx.low_latency_symmetric)
+    MOELINK_CUDA_CHECK(cudaMemsetAsync(&static_cast<SymmetricHeader*>(ctx.low_latency_allocation)->put, 0,
+                                       sizeof(PutSection), ctx.comm_stream));
   ctx.barrier(kernels::kBarrierUser);
+  if (other_nodes) {
+    MOELINK_CUDA_CHECK(cudaStreamSynchronize(ctx.comm_stream));  // the zeroing, before any rank goes on
+    window::nvshmem_barrier_all();
+  }
 }
 
 EventHandle mask_call(Context& ctx, int op, int rank, int value, const TensorRef* out, const StreamOrder& order) {
@@ -273,14 +326,18 @@ EventHandle mask_call(Context& ctx, int op, int rank, int value, const TensorRef
     raise(ErrorKind::kValue, "rank_to_mask: rank ", rank, " cannot mask itself");
   if (op == kMaskQuery) expect(*out, {R}, DType::kInt32, ctx.device, "mask_status");
   ctx.begin_op(order);
-  launch_mask(static_cast<MaskOp>(op), &ctx.header()->low_latency, rank, value,
+  launch_mask(static_cast<MaskOp>(op), ctx.low_latency_header(), rank, value,
               out != nullptr ? static_cast<int*>(out->data) : nullptr, R, ctx.comm_stream);
   return ctx.end_op(order);
 }
 
 void* combine_buffer(const Context& ctx, int max_tokens, int hidden, int num_experts, int which) {
   const Layout L = checked_layout(ctx, max_tokens, hidden, num_experts, "get_next_low_latency_combine_buffer");
-  return ctx.low_latency_base() + L.send(which & 1);
+  // With the symmetric region the staging areas of the put path follow the combines this rank has
+  // launched (host.cpp's count, which also counts a combine that raised at its end); the IPC path
+  // keeps the caller's count.
+  const int area = ctx.low_latency_symmetric ? static_cast<int>(ctx.low_latency_combines & 1) : (which & 1);
+  return ctx.low_latency_base() + L.send(area);
 }
 
 }  // namespace moelink::low_latency

@@ -3,13 +3,17 @@
 // NVSHMEM lives in that plugin, not in libmoelink, so that moelink loads (and runs intranode)
 // where NVSHMEM is not installed; the core opens the plugin the first time the RDMA buffer is used.
 // Both sides are built together, so the table may use C++ types; kAbi catches a stale plugin.
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "modes/low_latency/contract.hpp"
+
 namespace moelink::window::nvshmem_plugin {
 
-inline constexpr int kAbi = 2;
+inline constexpr int kAbi = 3;
 inline constexpr const char* kLibrary = "libmoelink_nvshmem.so";
 inline constexpr const char* kEntry = "moelink_nvshmem_ops";
 
@@ -25,6 +29,14 @@ struct Ops {
   // put-with-signal through the device API. Returns "" on success; *mapped says whether the next PE
   // was mapped (so the store path ran too).
   std::string (*self_test)(bool* mapped);
+  // Host nvshmem_ptr: `symmetric` (this PE's address) in PE pe's copy, mapped into this process, or
+  // null where NVSHMEM cannot map that PE.
+  void* (*peer_pointer)(void* symmetric, int pe);
+  // The low-latency kernels built with puts (window/nvshmem/low_latency_*.cu), launched as
+  // libmoelink launches its own, and the blocks of the fewest-fitting of them one SM holds.
+  void (*low_latency_dispatch)(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream);
+  void (*low_latency_combine)(const low_latency::CombineArgs& args, int blocks, cudaStream_t stream);
+  int (*low_latency_blocks_per_sm)();
 };
 
 std::string self_test(bool* mapped);  // self_test.cu

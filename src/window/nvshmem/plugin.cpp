@@ -1,7 +1,8 @@
 // NVSHMEM symmetric heap for the RDMA buffer (contract in window/nvshmem.hpp): the body of
 // libmoelink_nvshmem.so, which the core opens on first use (window/nvshmem.cpp, nvshmem/ops.hpp).
 //
-// The plugin's kernels call NVSHMEM device functions (self_test.cu), so it is built with
+// The plugin's kernels call NVSHMEM device functions (self_test.cu, and the low-latency kernels'
+// put-path build, low_latency_*.cu), so it is built with
 // separable compilation against libnvshmem_device.a, and initialisation must go through
 // nvshmemi_init_thread from that library (it also fills the device state of this module). The
 // header-inline nvshmemx_init_attr wraps the same call but exit()s the process on failure; calling
@@ -18,6 +19,7 @@
 // cannot use.
 #include <nvshmem_host.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 
@@ -211,7 +213,29 @@ std::string checked_self_test(bool* mapped) {
   return self_test(mapped);
 }
 
-const Ops ops{kAbi, unique_id, join, alloc, release, barrier_all, leave, checked_self_test};
+void* peer_pointer(void* symmetric, int pe) {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "nvshmem_ptr");
+  return ::nvshmem_ptr(symmetric, pe);
+}
+
+int low_latency_blocks_per_sm() {
+  return std::min(low_latency::dispatch_blocks_per_sm_puts(), low_latency::combine_blocks_per_sm_puts());
+}
+
+const Ops ops{kAbi,
+              unique_id,
+              join,
+              alloc,
+              release,
+              barrier_all,
+              leave,
+              checked_self_test,
+              peer_pointer,
+              low_latency::launch_dispatch_puts,
+              low_latency::launch_combine_puts,
+              low_latency_blocks_per_sm};
 
 }  // namespace
 
