@@ -171,7 +171,12 @@ void* alloc(int64_t bytes) {
   }
   // calloc, not malloc: the contract promises zeroed memory, and NVSHMEM clears it before the
   // collective returns, so no PE can read a peer's stale bytes.
-  void* ptr = ::nvshmem_calloc(static_cast<size_t>(bytes), 1);
+  // NOTES: one element of `bytes`, not `bytes` elements of one: NVSHMEM 3.4's growable (CUDA VMM)
+  // heap maps new memory for a calloc that does not fit by the element size alone, rounded up to
+  // one step of its granularity (NVSHMEM_CUMEM_GRANULARITY), so a larger calloc(bytes, 1) comes
+  // back null whatever NVSHMEM_SYMMETRIC_SIZE says (that heap does not read it; 3.7 maps
+  // count x size).
+  void* ptr = ::nvshmem_calloc(1, static_cast<size_t>(bytes));
   if (ptr == nullptr) {
     fail("nvshmem_calloc(" + std::to_string(bytes) + " bytes)",
          "a null pointer (symmetric heap exhausted? raise NVSHMEM_SYMMETRIC_SIZE)", where(state));

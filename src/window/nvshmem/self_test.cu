@@ -104,7 +104,7 @@ std::string self_test(bool* mapped) {
     flags[0] = flags[1] = 0;
   }
   const size_t bytes = sizeof(unsigned) * 3 * kWords + 2 * sizeof(uint64_t);
-  auto* base = static_cast<char*>(nvshmem_calloc(bytes, 1));
+  auto* base = static_cast<char*>(nvshmem_calloc(1, bytes));  // one element: see plugin.cpp's alloc
   if (base == nullptr && error.empty()) error = "nvshmem self-test: nvshmem_calloc failed";
   nvshmem_barrier_all();  // every PE's inbox is zeroed before anyone sends
   if (error.empty()) {
