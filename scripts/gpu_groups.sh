@@ -4,7 +4,7 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 peerloss peerlossmid
+# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 peerloss peerlossmid
 #         peerlossall soak sanitize benchsmoke anchorsuite benchll bench probehost variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
@@ -60,8 +60,9 @@ for g in $TEST_GROUPS; do
   case $g in
     api) group api 120 $P tests/gpu/test_api_validation.py tests/gpu/test_layout.py tests/gpu/test_cpp_api.py tests/gpu/test_nvshmem.py ;;
     lifecycle) group lifecycle 150 $P tests/gpu/test_lifecycle.py ;;
-    intranode24) group intranode24 200 MOELINK_TEST_RANKS=2,4 $P tests/gpu/test_intranode.py ;;
-    intranode8) group intranode8 200 MOELINK_TEST_RANKS=8 $P tests/gpu/test_intranode.py ;;
+    intranode24) group intranode24 200 MOELINK_TEST_RANKS=2,4 $P tests/gpu/test_intranode.py -k "not peer_segments" ;;
+    intranode8) group intranode8 200 MOELINK_TEST_RANKS=8 $P tests/gpu/test_intranode.py -k "not peer_segments" ;;
+    segments) group segments 240 $P tests/gpu/test_intranode.py -k peer_segments ;;
     failures) group failures 150 $P tests/gpu/test_failures.py ;;
     v2) group v2 240 $P tests/gpu/test_runtime_v2.py ;;
     graphs) group graphs 200 $P tests/gpu/test_graphs.py ;;

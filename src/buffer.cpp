@@ -131,6 +131,15 @@ std::vector<uint8_t> Buffer::local_ipc_handle() const {
 
 bool Buffer::uses_nvshmem() const { return ctx_->uses_nvshmem; }
 bool Buffer::low_latency_puts() const { return ctx_->low_latency_puts; }
+bool Buffer::last_dispatch_direct() const {
+  return ctx_->mailbox != nullptr && static_cast<volatile int&>(ctx_->mailbox->intranode.last_direct) != 0;
+}
+int Buffer::peer_segments_mapped() const {
+  int n = 0;
+  if (ctx_->peer_segments)
+    for (int p = 0; p < ctx_->topo.num_nvl_ranks; ++p) n += ctx_->peer_segments->mapped(p);
+  return n;
+}
 
 std::vector<uint8_t> Buffer::local_nvshmem_unique_id() const {
   if (!ctx_->uses_nvshmem)

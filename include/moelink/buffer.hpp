@@ -85,6 +85,11 @@ class Buffer {
   // put-path build runs), i.e. the region is symmetric and some rank is not mapped (or
   // MOELINK_DEBUG_LL_FORCE_PUT). For tests and diagnostics.
   bool low_latency_puts() const;
+  // After an intranode dispatch has run: whether peers wrote its rows straight into this rank's
+  // outputs (its receive arena, or its caching-allocator segments they had mapped), and how many
+  // peer segments this rank holds mapped now (MOELINK_PEER_SEGMENTS). For tests and diagnostics.
+  bool last_dispatch_direct() const;
+  int peer_segments_mapped() const;
   // The NVSHMEM unique id; only meaningful on the rank whose rdma_rank == 0 and when RDMA is used.
   std::vector<uint8_t> local_nvshmem_unique_id() const;
   // device_ids / ipc_handles: one entry per global rank. root_unique_id: empty when no RDMA.

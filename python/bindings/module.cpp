@@ -250,6 +250,8 @@ void bind_buffer(nb::module_& m) {
       .def("max_num_sms", &Buffer::max_num_sms, "ranks_per_gpu"_a = 0)
       .def_prop_ro("uses_nvshmem", &Buffer::uses_nvshmem)
       .def_prop_ro("low_latency_puts", &Buffer::low_latency_puts)
+      .def_prop_ro("last_dispatch_direct", &Buffer::last_dispatch_direct)
+      .def_prop_ro("peer_segments_mapped", &Buffer::peer_segments_mapped)
       .def("abstain", &Buffer::abstain, "waits_on_host"_a = false)
 
       // ---- bootstrap ----

@@ -55,7 +55,8 @@ def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[to
     the top-k ones None, and recv_src_idx is None unless with_src_idx (an uncached dispatch).
 
     They come from the receive arena when it has room, so peers write rows straight into them;
-    else from the caching allocator, and the rows come through the rings."""
+    else from the caching allocator, whose segments peers map once they have seen them named
+    twice (MOELINK_PEER_SEGMENTS), and until then the rows come through the rings."""
     n, device = num_recv_tokens, buf._device
     num_scales = x_scales.size(1) if x_scales is not None else 0
     # Keep the caller's scale layout (column-major is what fp8 GEMMs read).

@@ -70,8 +70,9 @@ class Buffer:
             num_arena_bytes: int or None (moelink only): bytes of receive arena, shared with the
                 peers like the NVLink buffer. Dispatch outputs are allocated there while it has
                 room, and peers then write rows straight into them: about half the memory traffic of
-                staging them in the rings. When it is full, outputs come from the caching allocator
-                and rows go through the rings (same results, slower). None reads
+                staging them in the rings. When it is full, outputs come from the caching allocator,
+                whose segments peers map after seeing them twice and then write into the same way
+                (MOELINK_PEER_SEGMENTS; until then rows go through the rings). None reads
                 ``MOELINK_ARENA_BYTES`` (default 0: no arena). Size it for the dispatch outputs
                 alive at once, e.g. a few times ``num_recv_tokens * hidden * 2`` bytes.
 

@@ -36,6 +36,7 @@ enum ErrorCode : int {
   kErrTimeout = 1,  // peer: the rank that never arrived
   kErrAborted = 2,  // a peer gave up first: peer = the rank it lost, detail = the rank that reported it
   kErrBadSignal = 3,  // a low-latency signal word no sender writes: peer = its source; detail: the value
+  kErrSegmentMissing = 4,  // a receiver named an output segment this rank had not mapped: peer = the receiver
   // data errors (the data record; every rank of the operation reports the same one)
   kErrWorstTokensOverflow = 16,  // peer: the rank that receives more rows; detail: how many
   kErrBadExpertId = 17,          // peer: the rank whose topk_idx holds it; detail: token * kMaxTopK + slot
@@ -53,7 +54,7 @@ enum ErrorCode : int {
   kErrLowLatencyFormatMismatch = 26,  // combine: an expert's rows came in the other format; detail = the expert
 };
 
-MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted || code == kErrBadSignal; }
+MOELINK_HOST_DEVICE bool is_fault(int code) { return code == kErrTimeout || code == kErrAborted || code == kErrBadSignal || code == kErrSegmentMissing; }
 
 // Wait steps are numbered per mode (runtime/wait_steps.hpp holds the table that names them):
 // common 0..15, layout 16..31, intranode 32..63, then the modes to come.

@@ -95,6 +95,7 @@ Context::Context(const BufferOptions& o) {
   explicitly_destroy = o.explicitly_destroy;
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
   spin_backoff_ns = knobs::spin_backoff_ns();
+  peer_segments_enabled = knobs::peer_segments();
   const unsigned long long epoch_start = knobs::debug_epoch_start();
   // The kernels' per-rank tables and 32-bit mask words hold kMaxNvlRanks ranks: beyond that the
   // Buffer is built as before (no region) and the low-latency calls raise (checked_layout).
@@ -151,6 +152,7 @@ Context::Context(const BufferOptions& o) {
         for (auto& s : channel) s = epoch_start;
     for (auto& channel : image->intranode.pull_done)
       for (auto& s : channel) s = epoch_start;
+    for (auto& opened : image->intranode.segments_opened) opened.seq = epoch_start;
     image->low_latency.seq = epoch_start;
     for (auto& parity : image->low_latency.recv_done)
       for (auto& s : parity) s = epoch_start;
@@ -189,6 +191,8 @@ bool Context::drain(double seconds, bool strict) {
 
 void Context::release() {
   if (destroyed) return;
+  // Its mappings of peers' segments go first: closing one waits for the comm stream.
+  peer_segments.reset();
   nvl_window.close();
   if (nvshmem_joined) {
     try {
@@ -289,6 +293,11 @@ void Context::check_faults() {
                      ", not a count any sender writes: words left by a layout with another expert count (call "
                      "clean_low_latency_buffer after changing num_experts); this Buffer is unusable now: destroy it "
                      "and create a new one");
+      } else if (fault->code == kernels::kErrSegmentMissing) {
+        broken_kind = ErrorKind::kState;
+        broken = str("moelink: rank ", rank, ": rank ", lost, " named an output segment for direct dispatch that rank ", rank,
+                     " had not mapped (an internal error: please report it; MOELINK_PEER_SEGMENTS=0 avoids the path); "
+                     "this Buffer is unusable now: destroy it and create a new one");
       } else if (fault->code == kernels::kErrTimeout) {
         broken = str("moelink: rank ", rank, " timed out after ", timeout_s, " s ");
         if (fault->step == kernels::kStepBarrier)

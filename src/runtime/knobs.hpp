@@ -43,6 +43,12 @@ LowLatencyTransport low_latency_transport();
 // one NVSHMEM cannot map, so the put path runs (and is tested) on one GPU. Read on every Buffer.
 bool debug_low_latency_force_put();
 
+// MOELINK_PEER_SEGMENTS (0/1, default 1): peers write dispatch rows straight into outputs that are
+// ordinary cudaMalloc'd (caching-allocator) tensors, by mapping their segments with legacy CUDA IPC
+// (window/peer_segments.hpp); 0 sends every row through the rings unless it is in the receive arena.
+// Ranks may differ: a rank that does not take part makes its peers use the rings. Read on every Buffer.
+bool peer_segments();
+
 // Prints every knob's value to stderr once per process when debug() is on.
 void log_once();
 

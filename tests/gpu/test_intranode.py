@@ -41,6 +41,8 @@ def arena_bytes(mode: str, rank: int, num_ranks: int) -> int:
 
 
 def _intranode(rank, num_ranks, seed, mode):
+    # "rings": no arena and no peer segments, so every row takes the rings.
+    os.environ["MOELINK_PEER_SEGMENTS"] = "0" if mode == "rings" else "1"
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     buf = common.make_buffer(num_ranks, (config, combine_config), HIDDEN_SIZES,
                              num_arena_bytes=arena_bytes(mode, rank, num_ranks))
@@ -88,7 +90,8 @@ def _worst_tokens_too_small(rank, num_ranks, seed, config):
 def _back_to_back(rank, num_ranks, seed, rounds):
     """Rounds with no host barrier between them, routing and options changing every round, so
     leftovers of one round (counters, ring positions, flags) would corrupt the next. Even ranks
-    take rows directly into arena outputs, odd ranks through the rings."""
+    take rows directly into arena outputs, odd ranks through the rings (no peer segments)."""
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1" if rank % 2 == 0 else "0"
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     buf = common.make_buffer(num_ranks, (config, combine_config), (2048,),
                              num_arena_bytes=64 * common.MIB if rank % 2 == 0 else 0)
@@ -144,3 +147,57 @@ def test_arena_lifetime(num_ranks):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)
+
+
+def _peer_segments(rank, num_ranks, seed):
+    """Direct dispatch into ordinary torch outputs (window/peer_segments.hpp). The same shapes round
+    after round: from the third round on, rows come directly (each sender maps a segment the
+    second time it is named), with exact outputs every round. Then segments
+    that change under it (junk allocations and empty_cache between rounds), fp8 and cached
+    dispatches among them, still exact. Then one rank that does not take part
+    (MOELINK_PEER_SEGMENTS=0): nobody's rows come directly, and all stay exact."""
+    import gc
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
+    direct_rounds = []
+    for i in range(8):
+        case = Case(f"steady {i}", 512, 4096, 8, 64, fp8=i >= 4).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
+        direct_rounds.append(buf.runtime.last_dispatch_direct)
+    common.log(rank, f"[R={num_ranks}] steady rounds direct: {direct_rounds}, "
+                     f"{buf.runtime.peer_segments_mapped} peer segments mapped")
+    assert buf.runtime.peer_segments_mapped > 0, f"rank {rank}: no peer segment was mapped in 8 steady rounds"
+    # The caching allocator is free to move an output to another segment now and then; most
+    # steady rounds must still be direct.
+    assert sum(direct_rounds[2:]) >= 3, f"rank {rank}: rows did not come directly in steady rounds: {direct_rounds}"
+    junk = []
+    for i in range(12):
+        # New segments under the outputs: free what the caching allocator holds, take some of it.
+        junk.append(torch.empty(int(1 + (seed + i) % 7) * 3 * common.MIB, dtype=torch.uint8, device="cuda"))
+        if i % 3 == 2:
+            junk.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        case = Case(f"churn {i}", 256 + 64 * (i % 3), 4096, 8, 64, fp8=i % 2 == 1, drop_prob=0.05 * (i % 3),
+                    worst=i % 4 == 3).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + 100 + i, config, combine_config)
+    common.log(rank, f"[R={num_ranks}] churn rounds exact, {buf.runtime.peer_segments_mapped} peer segments mapped")
+    buf.destroy()
+    del junk
+
+    os.environ["MOELINK_PEER_SEGMENTS"] = "0" if rank == num_ranks - 1 else "1"
+    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
+    for i in range(4):
+        case = Case(f"one rank out {i}", 512, 4096, 8, 64).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + 200 + i, config, combine_config)
+        assert not buf.runtime.last_dispatch_direct, \
+            f"rank {rank}: rows came directly although rank {num_ranks - 1} maps no peer segment"
+    buf.destroy()
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    common.log(rank, f"[R={num_ranks}] peer segments: steady direct, churn exact, a rank out falls back: ok")
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_peer_segments(num_ranks):
+    launcher.run_ranks(num_ranks, _peer_segments, 9000 * num_ranks, timeout_s=240)

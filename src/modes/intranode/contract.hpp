@@ -5,6 +5,7 @@
 // device pointers (host-mapped memory through its device alias).
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/header.hpp"
@@ -31,12 +32,57 @@ enum WaitStep : int {
 // (-1 = that output is not written), so senders write rows straight into its outputs. `direct` = 0
 // means "use the rings": this rank's outputs are not in its arena. Valid once `seq` equals the
 // dispatch's sequence number (its opening epoch, the same on every rank).
+//
+// An output may instead lie in a segment of the caching allocator (any cudaMalloc'd memory) that
+// the receiver exported by legacy CUDA IPC: its offset is then from that segment's base and
+// `key[field]` names the segment (its driver buffer id, unique in the receiving process for its
+// lifetime; 0 = the arena). A sender maps such segments once and keeps them (runtime/peer_segments.hpp);
+// the receiver takes rows directly only when every sender has said, in this very dispatch, that it
+// has all of them mapped (SegmentsOpened), so the choice is made on the device and agreed by all.
+enum TargetField : int { kFieldX, kFieldScales, kFieldTopkIdx, kFieldTopkWeights, kFieldSrcIdx, kNumTargetFields };
+inline constexpr int kSegmentSlots = 8;  // segments of one peer a sender keeps mapped at once
+
 struct DirectTarget {
   long long x, scales, topk_idx, topk_weights, src_idx;
   long long scales_stride_token, scales_stride_scale;  // in floats
+  unsigned long long key[kNumTargetFields];  // 0: the field's offset is from the data region
   int num_rows;  // rows the outputs hold; rows past it are dropped (num_worst_tokens overflow)
-  int direct;
+  int direct;    // host side: the receiver's wish; in the header: the agreed choice
   Epoch seq;     // written last, with release semantics
+};
+
+// The IPC handle of a segment a DirectTarget names, published with it so that a sender that has not
+// mapped the segment yet can hand it to its host (SegmentNews) and map it before a later dispatch.
+struct SegmentOffer {
+  unsigned long long key;
+  alignas(16) cudaIpcMemHandle_t handle;  // copied in 16-byte words
+};
+
+// Written by each sender into every receiver's header at the start of each dispatch: the keys of that
+// receiver's segments the sender has mapped for this dispatch (its kernel arguments' table).
+struct SegmentsOpened {
+  unsigned long long key[kSegmentSlots];
+  Epoch seq;  // written last, with release semantics
+};
+
+// A sender's table of peers' mapped segments, as its kernel gets it: [peer][slot], key 0 = empty.
+struct SegmentTable {
+  unsigned long long key[kMaxNvlRanks][kSegmentSlots];
+  char* base[kMaxNvlRanks][kSegmentSlots];
+};
+
+// What a sender's kernel tells its host about each receiver's published segments, in the host
+// mailbox: every key the receiver named (so the host knows which mappings are still in use) and the
+// handles of those it has not mapped. A seqlock: the kernel sets `busy`, writes the entries, then
+// `seq`, then clears `busy` (system fences between); the host takes the entries only when it read
+// `busy` clear and the same `seq` before and after them (a cached dispatch's host may read while
+// the previous kernel writes).
+struct SegmentNews {
+  unsigned long long key[kNumTargetFields];
+  int unmapped[kNumTargetFields];
+  alignas(16) cudaIpcMemHandle_t handle[kNumTargetFields];  // written in 16-byte words
+  volatile Epoch seq;
+  volatile int busy;
 };
 
 // Published by every rank at the start of each combine: where its input rows are, as offsets from
@@ -69,6 +115,9 @@ struct alignas(128) HeaderSection {
   // sequence number of the last combine whose reads of them that owner has finished.
   CombineSource combine_source;
   Epoch pull_done[kMaxChannels][kMaxNvlRanks];
+  // Segment targets: the handles of the segments direct_target names, and per sender what it has mapped.
+  SegmentOffer segment_offers[kNumTargetFields];
+  SegmentsOpened segments_opened[kMaxNvlRanks];  // [sender]
 };
 
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
@@ -79,6 +128,11 @@ struct MailboxSection {
   int skipped;
   int num_recv_tokens;
   int num_recv_tokens_per_expert[kMaxLocalExperts];
+  // Written by the dispatch kernel: per receiver, its published segments (SegmentNews), and this
+  // rank's own agreed choice (1 = its rows came directly) with the dispatch's sequence number.
+  SegmentNews segment_news[kMaxNvlRanks];
+  int last_direct;
+  volatile Epoch last_direct_seq;
 };
 
 // Notify opens the dispatch itself: its first barrier carries the digest (common/opening.cuh).
@@ -131,6 +185,9 @@ struct DispatchArgs {
   // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
   // rows come through the rings). Its seq is filled on the device.
   DirectTarget target;
+  SegmentOffer offers[kNumTargetFields];  // the handles of target.key's segments
+  SegmentTable segments;                  // peers' segments this rank has mapped
+  MailboxSection* mailbox;                // host-mapped: segment news, the agreed choice
   int rank;
   kernels::PeerTable peers;
   HeaderSection* sections[kMaxNvlRanks];
@@ -139,6 +196,10 @@ struct DispatchArgs {
   bool halt_sends;  // test hook (Buffer::debug_halt_next_sends): launch the kernel whose senders stop early
 };
 void launch_dispatch(const DispatchArgs& args, cudaStream_t stream);
+static_assert(offsetof(SegmentOffer, handle) % 16 == 0 && offsetof(SegmentNews, handle) % 16 == 0 &&
+              offsetof(HeaderSection, segment_offers) % 16 == 0 && offsetof(MailboxSection, segment_news) % 16 == 0,
+              "the kernels copy IPC handles in 16-byte words");
+static_assert(sizeof(DispatchArgs) <= 4096, "kernel parameters past 4 KB need CUDA 12.1 and a matching driver");
 
 struct CombineArgs {
   const void* x;  // [N, H] bf16

@@ -11,8 +11,8 @@
 //   Receiver, warp group per source s: waits (acquire) until tail[c][s] moves, copies what landed
 //     to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows are ordered by source
 //     rank then source token, and releases head[c][me] in s's buffer.
-//   Direct destinations (outputs in their receive arena) get rows written straight into their
-//   outputs instead; see publish_target and the done flags.
+//   Direct destinations (outputs in their receive arena, or in segments every sender has mapped)
+//   get rows written straight into their outputs instead; see publish_target and the done flags.
 //   Counters reset themselves: the receiver writes head = 0 instead of the final count (the sender
 //   never waits after its last chunk) and zeroes its own tail after the last chunk. The barrier
 //   that opens every operation guarantees nobody touches a ring before its owner reset it.
@@ -55,7 +55,40 @@ struct DirectOut {
 
 template <typename T>
 __device__ __forceinline__ T* at_offset(void* base, long long offset) {
-  return offset < 0 ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+  return offset < 0 || base == nullptr ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+}
+
+// Where this rank has receiver d's segment `key` mapped; null when it has not.
+__device__ __forceinline__ char* mapped_segment(const SegmentTable& table, int d, unsigned long long key) {
+  for (int i = 0; i < kSegmentSlots; ++i)
+    if (table.key[d][i] == key) return table.base[d][i];
+  return nullptr;
+}
+
+// What receiver d's target names, for this rank's host (MailboxSection::segment_news): its keys,
+// and the handles of those this rank has not mapped. One thread per d.
+__device__ void tell_host_segments(const DispatchArgs& a, int d, const volatile DirectTarget* t, Epoch seq) {
+  SegmentNews* news = &a.mailbox->segment_news[d];
+  news->busy = 1;
+  __threadfence_system();
+  for (int f = 0; f < kNumTargetFields; ++f) {
+    const unsigned long long key = t->key[f];
+    const bool unmapped = key != 0 && mapped_segment(a.segments, d, key) == nullptr;
+    news->key[f] = key;
+    news->unmapped[f] = unmapped;
+    if (unmapped) {
+      const volatile int4* from = reinterpret_cast<const volatile int4*>(&a.sections[d]->segment_offers[f].handle);
+      int4* to = reinterpret_cast<int4*>(&news->handle[f]);
+      for (int i = 0; i < static_cast<int>(sizeof(cudaIpcMemHandle_t) / 16); ++i) {
+        const int4 v = make_int4(from[i].x, from[i].y, from[i].z, from[i].w);
+        to[i] = v;
+      }
+    }
+  }
+  __threadfence_system();
+  news->seq = seq;
+  __threadfence_system();
+  news->busy = 0;
 }
 
 // Token-major sender: warp w of a batch owns token t = batch + w, reads its row from x once, and
@@ -74,7 +107,7 @@ constexpr int kHoistedScales = 4;
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), its own instantiation so that
 // the kernel every caller runs is compiled as if the hook did not exist.
 template <bool kHalt>
-__device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part) {
+__device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part, bool* self_direct) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -98,6 +131,13 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     DirectOut o{};
     bool is_direct = d == rank;
     if (d == rank) {
+      // This rank's own rows always go straight into its outputs; whether its peers' do was
+      // agreed in publish_target.
+      const volatile DirectTarget* t = &a.sections[d]->direct_target;
+      if (!window::wait(&a.sections[d]->direct_target.seq, seq, a.err, d, kStepDispatchTarget, channel))
+        failed = true;
+      else
+        *self_direct = t->direct != 0;
       o.x = static_cast<int4*>(a.recv_x);
       o.scales = a.recv_x_scales;
       o.scales_stride_token = a.recv_scales_stride_token;
@@ -113,17 +153,32 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       const volatile DirectTarget* t = target;
       if (!window::wait(&target->seq, seq, a.err, d, kStepDispatchTarget, channel)) {
         failed = true;
-      } else if (t->direct) {
-        is_direct = true;
-        void* base = a.peers.data[d];
-        o.x = at_offset<int4>(base, t->x);
-        o.scales = at_offset<float>(base, t->scales);
-        o.scales_stride_token = t->scales_stride_token;
-        o.scales_stride_scale = t->scales_stride_scale;
-        o.topk_idx = at_offset<int64_t>(base, t->topk_idx);
-        o.topk_weights = at_offset<float>(base, t->topk_weights);
-        o.src_idx = at_offset<int>(base, t->src_idx);
-        o.num_rows = t->num_rows;
+      } else {
+        if (t->direct) {
+          is_direct = true;
+          // Each output's base: the receiver's data region (its arena), or one of its segments.
+          char* base[kNumTargetFields];
+          bool missing = false;
+          for (int f = 0; f < kNumTargetFields; ++f) {
+            const unsigned long long key = t->key[f];
+            base[f] = key == 0 ? static_cast<char*>(a.peers.data[d]) : mapped_segment(a.segments, d, key);
+            missing |= base[f] == nullptr;
+          }
+          if (missing) {
+            // The receiver saw this rank's SegmentsOpened name every key; a miss means the two
+            // disagree, and writing anywhere would be worse than stopping.
+            report_fault(a.err, kErrSegmentMissing, d, kStepDispatchTarget, channel, 0);
+            failed = true;
+          }
+          o.x = at_offset<int4>(base[kFieldX], t->x);
+          o.scales = at_offset<float>(base[kFieldScales], t->scales);
+          o.scales_stride_token = t->scales_stride_token;
+          o.scales_stride_scale = t->scales_stride_scale;
+          o.topk_idx = at_offset<int64_t>(base[kFieldTopkIdx], t->topk_idx);
+          o.topk_weights = at_offset<float>(base[kFieldTopkWeights], t->topk_weights);
+          o.src_idx = at_offset<int>(base[kFieldSrcIdx], t->src_idx);
+          o.num_rows = t->num_rows;
+        }
       }
     }
     // Rows from ranks before me, then my rows in earlier channels.
@@ -134,7 +189,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   }
   __syncthreads();
   if (failed) return kFailed;
-  bool split = a.target.direct;
+  bool split = *self_direct;
   for (int d = 0; d < R; ++d) split &= direct[d];
   if (part == 1 && !split) return kNotNeeded;
   if (split) {
@@ -279,13 +334,46 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
       window::signal(&a.sections[threadIdx.x]->direct_done[p][channel][rank], seq);
   }
+  // Last, off the rows' path: what each receiver's target named, for this rank's host. The target
+  // stays as published until every rank has passed the next operation's opening.
+  if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != rank)
+    tell_host_segments(a, threadIdx.x, &a.sections[threadIdx.x]->direct_target, seq);
   return kSent;
 }
 
-// Tells the senders where this rank's outputs are (or that it takes rows through the rings).
+// Tells the senders where this rank's outputs are (or that it takes rows through the rings). When
+// they lie in segments, rows come directly only if every sender has all of them mapped in this
+// dispatch; the others learn of the segments (their handles are published either way).
 __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   DirectTarget* t = &a.sections[a.rank]->direct_target;
+  HeaderSection* self = a.sections[a.rank];
   const DirectTarget& mine = a.target;
+  bool direct = mine.direct != 0, named = false;
+  for (int f = 0; f < kNumTargetFields; ++f) {
+    named |= mine.key[f] != 0;
+    if (mine.key[f] != 0) {
+      self->segment_offers[f].key = mine.key[f];
+      self->segment_offers[f].handle = a.offers[f].handle;
+    }
+  }
+  if (named && direct) {
+    for (int s = 0; s < a.layout.num_ranks; ++s) {
+      if (s == a.rank) continue;
+      const SegmentsOpened* opened = &self->segments_opened[s];
+      if (!window::wait(&opened->seq, seq, a.err, s, kStepDispatchTarget, -1)) {
+        direct = false;  // the fault is recorded; the senders stop at their own waits
+        break;
+      }
+      const volatile unsigned long long* keys = opened->key;
+      for (int f = 0; f < kNumTargetFields; ++f) {
+        if (mine.key[f] == 0) continue;
+        bool found = false;
+        for (int i = 0; i < kSegmentSlots; ++i) found |= keys[i] == mine.key[f];
+        direct &= found;
+      }
+    }
+  }
+  for (int f = 0; f < kNumTargetFields; ++f) t->key[f] = mine.key[f];
   t->x = mine.x;
   t->scales = mine.scales;
   t->scales_stride_token = mine.scales_stride_token;
@@ -294,11 +382,24 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   t->topk_weights = mine.topk_weights;
   t->src_idx = mine.src_idx;
   t->num_rows = mine.num_rows;
-  t->direct = mine.direct;
+  t->direct = direct;
   window::signal(&t->seq, seq);
+  // For the host, after the word every sender waits for.
+  a.mailbox->last_direct = direct;
+  __threadfence_system();
+  a.mailbox->last_direct_seq = seq;
 }
 
-__device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
+// Every receiver hears, at the start of each dispatch, which of its segments this rank has mapped.
+__device__ void publish_opened(const DispatchArgs& a, Epoch seq) {
+  const int d = threadIdx.x;
+  if (d >= a.layout.num_ranks || d == a.rank) return;
+  SegmentsOpened* opened = &a.sections[d]->segments_opened[a.rank];
+  for (int i = 0; i < kSegmentSlots; ++i) opened->key[i] = a.segments.key[d][i];
+  window::signal(&opened->seq, seq);
+}
+
+__device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool self_direct) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   const int warps_per_group = kNumWarps / max(R - 1, 1);
@@ -315,7 +416,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
       if (a.recv_topk_weights) a.recv_topk_weights[static_cast<int64_t>(row) * L.num_topk + k] = 0.f;
     }
   }
-  if (a.target.direct) {
+  if (self_direct) {
     // The senders write straight into my outputs; the kernel ends once every one of them has
     // finished this channel.
     const int s = threadIdx.x % kMaxNvlRanks, p = threadIdx.x / kMaxNvlRanks;
@@ -404,11 +505,13 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel) {
 template <bool kHalt>
 __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
+  if (blockIdx.x == 0) publish_opened(a, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
+  __shared__ bool self_direct;
   if (blockIdx.x % 2 == 0)
-    send_channel<kHalt>(a, seq, channel, 0);
-  else if (send_channel<kHalt>(a, seq, channel, 1) != kFailed)
-    recv_channel(a, seq, channel);
+    send_channel<kHalt>(a, seq, channel, 0, &self_direct);
+  else if (send_channel<kHalt>(a, seq, channel, 1, &self_direct) != kFailed)
+    recv_channel(a, seq, channel, self_direct);
 }
 
 // The operation's number is its last barrier's epoch (notify's, or the cached dispatch's

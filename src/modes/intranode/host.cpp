@@ -2,6 +2,7 @@
 // the host wait on the notify mailbox.
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <chrono>
 #include <thread>
 #include <utility>
@@ -169,29 +170,103 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   return s;
 }
 
-// Peers may write this dispatch's rows straight into our outputs only when every output the
-// kernel writes lives in our receive arena; otherwise the rows come through the rings.
-DirectTarget direct_target(const Context& ctx, const DispatchOutputs& out, const DispatchHandle& h, const DispatchShape& s,
-                           int64_t num_rows, bool cached) {
+// Peers may write this dispatch's rows straight into our outputs when every output the kernel
+// writes lives in our receive arena or in a segment we can export (the kernel then also needs every
+// sender to have that segment mapped); otherwise the rows come through the rings. A captured
+// dispatch names no segment: its replays would outlive the senders' mappings.
+DirectTarget direct_target(Context& ctx, const DispatchOutputs& out, const DispatchHandle& h, const DispatchShape& s,
+                           int64_t num_rows, bool cached, bool segments, SegmentOffer (&offers)[kNumTargetFields]) {
   DirectTarget t{};
   t.x = t.scales = t.topk_idx = t.topk_weights = t.src_idx = -1;
   t.num_rows = static_cast<int>(num_rows);
-  const auto offset = [&](const TensorRef& ref, int64_t bytes) { return ctx.offset_in_arena(ref, bytes); };
   if (num_rows == 0) return t;  // nothing to receive: the rings' bookkeeping is already trivial
-  bool direct = (t.x = offset(out.recv_x, num_rows * s.row_bytes)) >= 0;
+  bool direct = true;
+  const auto place = [&](TargetField f, const TensorRef& ref, int64_t bytes, long long& offset) {
+    offset = ctx.offset_in_arena(ref, bytes);
+    if (offset >= 0 || !segments) {
+      direct &= offset >= 0;
+      return;
+    }
+    const window::SegmentExports::Export e = ctx.segment_exports.find(ref.data, bytes, ctx.device);
+    direct &= e.key != 0;
+    if (e.key == 0) return;
+    offset = e.offset;
+    t.key[f] = e.key;
+    offers[f].key = e.key;
+    offers[f].handle = e.handle;
+  };
+  place(kFieldX, out.recv_x, num_rows * s.row_bytes, t.x);
   if (s.fp8) {
-    direct &= (t.scales = offset(out.recv_x_scales, num_rows * s.num_scales * 4)) >= 0;
+    place(kFieldScales, out.recv_x_scales, num_rows * s.num_scales * 4, t.scales);
     t.scales_stride_token = out.recv_x_scales.stride(0);
     t.scales_stride_scale = out.recv_x_scales.stride(1);
   }
   if (!cached) {
-    direct &= (t.src_idx = offset(h.recv_src_idx, num_rows * 4)) >= 0;
-    if (s.num_topk > 0) direct &= (t.topk_idx = offset(out.recv_topk_idx, num_rows * s.num_topk * 8)) >= 0;
-    if (out.recv_topk_weights.data)
-      direct &= (t.topk_weights = offset(out.recv_topk_weights, num_rows * s.num_topk * 4)) >= 0;
+    place(kFieldSrcIdx, h.recv_src_idx, num_rows * 4, t.src_idx);
+    if (s.num_topk > 0) place(kFieldTopkIdx, out.recv_topk_idx, num_rows * s.num_topk * 8, t.topk_idx);
+    if (out.recv_topk_weights.data) place(kFieldTopkWeights, out.recv_topk_weights, num_rows * s.num_topk * 4, t.topk_weights);
+  }
+  if (!direct) {
+    // The segments are still named (their handles published), so the senders map them for the
+    // next dispatch; but this one takes the rings.
+    t.x = t.scales = t.topk_idx = t.topk_weights = t.src_idx = -1;
   }
   t.direct = direct ? 1 : 0;
   return t;
+}
+
+// Whether this dispatch may name and use peer segments: not while either stream is being captured
+// (a replay would outlive the mappings, and the opens and drains it may do would end the capture).
+bool segments_allowed(const Context& ctx, const StreamOrder& order) {
+  if (!ctx.peer_segments_enabled || ctx.topo.num_nvl_ranks == 1 || ctx.comm_stream_capturing()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (order.compute_stream != nullptr && cudaStreamIsCapturing(order.compute_stream, &status) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return status == cudaStreamCaptureStatusNone;
+}
+
+// What the last dispatch kernels saw each peer name (MailboxSection::segment_news), into this rank's
+// table of mapped segments, before a dispatch passes that table to its kernel.
+void take_segment_news(Context& ctx) {
+  if (!ctx.peer_segments) {
+    window::SegmentMapper mapper{};
+    mapper.open = [](const cudaIpcMemHandle_t& handle, void*) -> void* {
+      void* mapped = nullptr;
+      if (cudaIpcOpenMemHandle(&mapped, handle, cudaIpcMemLazyEnablePeerAccess) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;
+      }
+      return mapped;
+    };
+    mapper.quiesce = [](void* c) { return static_cast<Context*>(c)->drain(static_cast<Context*>(c)->host_wait_limit_s(), true); };
+    mapper.close = [](void* mapped, void*) {
+      if (cudaIpcCloseMemHandle(mapped) != cudaSuccess) cudaGetLastError();
+    };
+    mapper.context = &ctx;
+    ctx.peer_segments = std::make_unique<window::PeerSegments>(mapper);
+  }
+  for (int d = 0; d < ctx.topo.num_nvl_ranks; ++d) {
+    if (d == ctx.topo.nvl_rank) continue;
+    SegmentNews* news = &ctx.mailbox->intranode.segment_news[d];
+    if (news->busy) continue;
+    const Epoch seq = news->seq;
+    if (seq == ctx.segment_news_seen[d]) continue;
+    std::atomic_thread_fence(std::memory_order_acquire);
+    unsigned long long keys[kNumTargetFields];
+    int unmapped[kNumTargetFields];
+    cudaIpcMemHandle_t handles[kNumTargetFields];
+    for (int f = 0; f < kNumTargetFields; ++f) {
+      keys[f] = reinterpret_cast<volatile unsigned long long*>(news->key)[f];
+      unmapped[f] = reinterpret_cast<volatile int*>(news->unmapped)[f];
+      std::memcpy(&handles[f], const_cast<const cudaIpcMemHandle_t*>(&news->handle[f]), sizeof(cudaIpcMemHandle_t));
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (news->busy || news->seq != seq) continue;  // rewritten meanwhile: the next dispatch takes it
+    ctx.segment_news_seen[d] = seq;
+    ctx.peer_segments->note(d, keys, unmapped, handles);
+  }
 }
 
 void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** sections) {
@@ -365,7 +440,11 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
-  a.target = direct_target(ctx, out, h, s, N, cached);
+  const bool segments = segments_allowed(ctx, order);
+  if (segments) take_segment_news(ctx);
+  a.target = direct_target(ctx, out, h, s, N, cached, segments, a.offers);
+  if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
+  a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();

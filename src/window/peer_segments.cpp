@@ -1,0 +1,164 @@
+#include "window/peer_segments.hpp"
+
+#include <cuda.h>
+
+#include <cstring>
+
+namespace moelink::window {
+
+namespace {
+
+using PointerGetAttributes = CUresult (*)(unsigned int, CUpointer_attribute*, void**, CUdeviceptr);
+
+// Through the runtime's entry point, so libmoelink needs no link to libcuda.
+PointerGetAttributes pointer_get_attributes() {
+  static const PointerGetAttributes fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t found = cudaGetDriverEntryPointByVersion("cuPointerGetAttributes", &f, 12000, cudaEnableDefault, &status);
+#else
+    const cudaError_t found = cudaGetDriverEntryPoint("cuPointerGetAttributes", &f, cudaEnableDefault, &status);
+#endif
+    if (found != cudaSuccess || status != cudaDriverEntryPointSuccess) f = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<PointerGetAttributes>(f);
+  }();
+  return fn;
+}
+
+bool same_handle(const cudaIpcMemHandle_t& a, const cudaIpcMemHandle_t& b) {
+  return std::memcmp(&a, &b, sizeof(a)) == 0;
+}
+
+}  // namespace
+
+Segment segment_of(const void* p, int64_t bytes, int device) {
+  Segment s;
+  const PointerGetAttributes get = pointer_get_attributes();
+  if (p == nullptr || bytes <= 0 || get == nullptr) return s;
+  unsigned int memory_type = 0;
+  unsigned long long buffer_id = 0;
+  int ordinal = -1;
+  int ipc_capable = 0;
+  CUdeviceptr start = 0;
+  size_t size = 0;
+  CUpointer_attribute attributes[] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_BUFFER_ID,
+                                      CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+                                      CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE};
+  void* data[] = {&memory_type, &buffer_id, &ordinal, &ipc_capable, &start, &size};
+  if (get(6, attributes, data, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS) return s;
+  if (memory_type != CU_MEMORYTYPE_DEVICE || ordinal != device || !ipc_capable || buffer_id == 0) return s;
+  const char* c = static_cast<const char*>(p);
+  char* base = reinterpret_cast<char*>(start);
+  if (c < base || c + bytes > base + size) return s;
+  s.key = buffer_id;
+  s.base = base;
+  s.size = static_cast<int64_t>(size);
+  return s;
+}
+
+SegmentExports::Export SegmentExports::find(const void* p, int64_t bytes, int device) {
+  Export e;
+  const Segment s = segment_of(p, bytes, device);
+  if (s.key == 0) return e;
+  auto it = entries_.find(s.key);
+  if (it == entries_.end()) {
+    Entry entry{};
+    entry.ok = cudaIpcGetMemHandle(&entry.handle, s.base) == cudaSuccess;
+    if (!entry.ok) cudaGetLastError();
+    if (entries_.size() >= kKept) {
+      entries_.erase(ages_.back());
+      ages_.pop_back();
+    }
+    ages_.push_front(s.key);
+    entry.age = ages_.begin();
+    it = entries_.emplace(s.key, entry).first;
+  } else {
+    ages_.splice(ages_.begin(), ages_, it->second.age);
+  }
+  if (!it->second.ok) return e;
+  e.key = s.key;
+  e.offset = static_cast<const char*>(p) - s.base;
+  e.handle = it->second.handle;
+  return e;
+}
+
+void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentFields],
+                        const int (&unmapped)[kSegmentFields], const cudaIpcMemHandle_t (&handles)[kSegmentFields]) {
+  if (peer < 0 || peer >= kSegmentPeers) return;
+  Peer& pe = peers_[peer];
+  const long long now = ++pe.notes;
+  for (int f = 0; f < kSegmentFields; ++f) {
+    const unsigned long long key = keys[f];
+    if (key == 0) continue;
+    bool held = false;
+    for (Slot& slot : pe.slots)
+      if (slot.key == key) {
+        slot.named_at = now;
+        held = true;
+      }
+    if (held || !unmapped[f] || pe.refused.count(key)) continue;
+    auto c = pe.candidates.find(key);
+    if (c == pe.candidates.end() || c->second.seen_at == now || !same_handle(c->second.handle, handles[f])) {
+      // A repeat within this note (two fields in one segment) is one sighting; a new handle
+      // starts over.
+      if (c == pe.candidates.end() || c->second.seen_at != now) pe.candidates[key] = {handles[f], now};
+      continue;
+    }
+    pe.candidates.erase(c);
+    void* base = mapper_.open(handles[f], mapper_.context);
+    ++opens_;
+    if (base == nullptr) {
+      pe.refused[key] = true;
+      continue;
+    }
+    // The slot of the mapping named longest ago (an empty slot is oldest of all).
+    Slot* victim = &pe.slots[0];
+    for (Slot& slot : pe.slots)
+      if (slot.key == 0 || (victim->key != 0 && slot.named_at < victim->named_at)) victim = &slot;
+    Quiesced quiesced = Quiesced::kNotYet;
+    close_slot(*victim, quiesced);
+    *victim = {key, static_cast<char*>(base), now};
+  }
+  // Sightings not repeated in time are forgotten.
+  for (auto c = pe.candidates.begin(); c != pe.candidates.end();)
+    c = now - c->second.seen_at >= kSecondSighting ? pe.candidates.erase(c) : std::next(c);
+  Quiesced quiesced = Quiesced::kNotYet;
+  for (Slot& slot : pe.slots)
+    if (slot.key != 0 && now - slot.named_at >= kStaleAfter) close_slot(slot, quiesced);
+}
+
+void PeerSegments::close_slot(Slot& slot, Quiesced& quiesced) {
+  if (slot.key == 0) return;
+  if (quiesced == Quiesced::kNotYet) quiesced = mapper_.quiesce(mapper_.context) ? Quiesced::kDone : Quiesced::kFailed;
+  if (quiesced == Quiesced::kDone) mapper_.close(slot.base, mapper_.context);
+  slot = {};
+}
+
+void PeerSegments::fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots],
+                        char* (&bases)[kSegmentPeers][kSegmentSlots]) const {
+  for (int p = 0; p < kSegmentPeers; ++p)
+    for (int i = 0; i < kSegmentSlots; ++i) {
+      keys[p][i] = peers_[p].slots[i].key;
+      bases[p][i] = peers_[p].slots[i].base;
+    }
+}
+
+void PeerSegments::close_all() {
+  Quiesced quiesced = Quiesced::kNotYet;
+  for (Peer& pe : peers_) {
+    for (Slot& slot : pe.slots) close_slot(slot, quiesced);
+    pe.candidates.clear();
+    pe.refused.clear();
+  }
+}
+
+int PeerSegments::mapped(int peer) const {
+  int n = 0;
+  if (peer < 0 || peer >= kSegmentPeers) return 0;
+  for (const Slot& slot : peers_[peer].slots) n += slot.key != 0;
+  return n;
+}
+
+}  // namespace moelink::window

@@ -1,0 +1,122 @@
+#pragma once
+// Peer segments: a peer writes a dispatch's rows straight into this rank's outputs although they
+// are ordinary caching-allocator tensors. Each output lies in a cudaMalloc'd segment, which legacy
+// CUDA IPC exports whole; the receiver names the segment by its driver buffer id (unique in its
+// process for the process's lifetime, so a segment freed and made again at the same address gets a
+// new one) and publishes its handle, and each sender maps it once and keeps the mapping while the
+// receiver goes on naming it. In steady state (the same shapes every step) the caching allocator
+// hands out the same segments, so nothing new is exported or opened.
+//
+// Costs and limits, from .scratch/probe_torch_ipc (one H200, under MPS): export ~11 us, open
+// 200-350 us, once per segment and peer. A mapping keeps the segment's memory alive after its owner
+// frees it (empty_cache), so a sender closes mappings a peer has stopped naming (kStaleAfter). Memory
+// that legacy IPC cannot export (expandable segments, VMM pools) gets key 0: those outputs take the
+// rings, as before.
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <cstdint>
+#include <list>
+#include <unordered_map>
+
+namespace moelink::window {
+
+inline constexpr int kSegmentPeers = 8;   // = kernels::kMaxNvlRanks
+inline constexpr int kSegmentSlots = 8;   // mappings of one peer kept at once
+inline constexpr int kSegmentFields = 5;  // outputs one dispatch names
+
+// The cudaMalloc'd allocation holding [p, p + bytes) on `device`: its buffer id and base, or
+// key 0 when there is none legacy IPC can export (another kind of memory, or the range spans two).
+struct Segment {
+  unsigned long long key = 0;
+  char* base = nullptr;
+  int64_t size = 0;
+};
+Segment segment_of(const void* p, int64_t bytes, int device);
+
+// Receiver side: the handles of this rank's segments, exported once each.
+class SegmentExports {
+ public:
+  struct Export {
+    unsigned long long key = 0;  // 0: not exportable, the output takes the rings
+    int64_t offset = -1;         // of p from the segment's base
+    cudaIpcMemHandle_t handle{};
+  };
+  Export find(const void* p, int64_t bytes, int device);
+
+ private:
+  struct Entry {
+    cudaIpcMemHandle_t handle;
+    bool ok;
+    std::list<unsigned long long>::iterator age;
+  };
+  static constexpr size_t kKept = 64;  // segments whose handles are remembered; the oldest is dropped
+  std::unordered_map<unsigned long long, Entry> entries_;
+  std::list<unsigned long long> ages_;  // most recently used first
+};
+
+// Sender side: the peers' segments this rank has mapped, fed by what its kernels saw the peers name
+// (MailboxSection::segment_news in intranode/contract.hpp). Opening and closing go through
+// `Mapper`, so the bookkeeping is tested without a GPU.
+struct SegmentMapper {
+  // Maps a peer's segment; nullptr when it cannot (the key is then not tried again).
+  void* (*open)(const cudaIpcMemHandle_t& handle, void* context);
+  // Called before any close of a mapping an earlier kernel may still use: waits for those kernels;
+  // false when they did not finish in time (the mapping is then dropped without a close: a leak,
+  // never an unmapping under a running kernel).
+  bool (*quiesce)(void* context);
+  void (*close)(void* mapped, void* context);
+  void* context;
+};
+
+class PeerSegments {
+ public:
+  // A mapping the peer has not named in this many of its dispatches is closed.
+  static constexpr int kStaleAfter = 64;
+  static constexpr int kSecondSighting = 4;
+
+  explicit PeerSegments(SegmentMapper mapper) : mapper_(mapper) {}
+  ~PeerSegments() { close_all(); }
+  PeerSegments(const PeerSegments&) = delete;
+  PeerSegments& operator=(const PeerSegments&) = delete;
+
+  // One dispatch of `peer` as this rank's kernel saw it: the key of each field (0 = not a
+  // segment) and, for keys it had not mapped, their handles. A key is mapped when it comes again,
+  // with the same handle, within kSecondSighting of the peer's dispatches (a cached dispatch names
+  // fewer fields than the uncached one before it): a segment named once (shapes that change every
+  // step) costs no open, and a handle read while the kernel was rewriting it is never opened.
+  void note(int peer, const unsigned long long (&keys)[kSegmentFields], const int (&unmapped)[kSegmentFields],
+            const cudaIpcMemHandle_t (&handles)[kSegmentFields]);
+  // The table a kernel gets: [peer][slot] key (0 = empty) and mapped base.
+  void fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots], char* (&bases)[kSegmentPeers][kSegmentSlots]) const;
+  void close_all();
+
+  int mapped(int peer) const;  // mappings held for `peer`
+  long long opens() const { return opens_; }
+
+ private:
+  struct Slot {
+    unsigned long long key = 0;
+    char* base = nullptr;
+    long long named_at = 0;  // the peer's note count when it last named this key
+  };
+  struct Peer {
+    std::array<Slot, kSegmentSlots> slots{};
+    long long notes = 0;
+    // Seen once, not mapped yet: key -> its handle and the note that saw it.
+    struct Candidate {
+      cudaIpcMemHandle_t handle;
+      long long seen_at;
+    };
+    std::unordered_map<unsigned long long, Candidate> candidates;
+    std::unordered_map<unsigned long long, bool> refused;  // keys whose open failed
+  };
+  enum class Quiesced { kNotYet, kDone, kFailed };
+  void close_slot(Slot& slot, Quiesced& quiesced);
+
+  SegmentMapper mapper_;
+  std::array<Peer, kSegmentPeers> peers_{};
+  long long opens_ = 0;
+};
+
+}  // namespace moelink::window

@@ -1,0 +1,186 @@
+// The sender's table of peers' mapped segments (src/window/peer_segments.hpp), over a fake mapper
+// that logs opens, waits and closes: a segment is mapped only when a peer names it again, with the
+// same handle, within kSecondSighting of its dispatches; a mapping the peer stops naming is closed after kStaleAfter of its
+// dispatches, and only after the earlier kernels were waited for; a full table evicts the mapping
+// named longest ago; a refused open is never retried; a failed wait drops mappings without closing
+// them; the table a kernel gets names exactly the mappings held.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "harness.hpp"
+#include "window/peer_segments.hpp"
+
+using moelink::window::kSegmentFields;
+using moelink::window::kSegmentPeers;
+using moelink::window::kSegmentSlots;
+using moelink::window::PeerSegments;
+using moelink::window::SegmentMapper;
+
+namespace {
+
+struct FakeDriver {
+  std::vector<std::string> log;
+  bool refuse = false, quiesce_ok = true;
+  long long next = 0x1000;
+};
+
+cudaIpcMemHandle_t handle_of(unsigned char tag) {
+  cudaIpcMemHandle_t h;
+  std::memset(&h, tag, sizeof(h));
+  return h;
+}
+
+SegmentMapper fake_mapper(FakeDriver& driver) {
+  SegmentMapper m{};
+  m.open = [](const cudaIpcMemHandle_t& h, void* c) -> void* {
+    auto* d = static_cast<FakeDriver*>(c);
+    d->log.push_back("open " + std::to_string(static_cast<unsigned char>(h.reserved[0])));
+    if (d->refuse) return nullptr;
+    d->next += 0x1000;
+    return reinterpret_cast<void*>(d->next);
+  };
+  m.quiesce = [](void* c) {
+    auto* d = static_cast<FakeDriver*>(c);
+    d->log.push_back("wait");
+    return d->quiesce_ok;
+  };
+  m.close = [](void* p, void* c) {
+    static_cast<FakeDriver*>(c)->log.push_back("close " + std::to_string(reinterpret_cast<long long>(p)));
+  };
+  m.context = &driver;
+  return m;
+}
+
+// One dispatch of `peer` naming `key` for recv_x (unmapped unless `mapped`) and nothing else.
+void name_one(PeerSegments& table, int peer, unsigned long long key, unsigned char tag, bool mapped = false) {
+  unsigned long long keys[kSegmentFields] = {key};
+  int unmapped[kSegmentFields] = {mapped ? 0 : 1};
+  cudaIpcMemHandle_t handles[kSegmentFields] = {handle_of(tag)};
+  table.note(peer, keys, unmapped, handles);
+}
+
+bool holds(const PeerSegments& table, int peer, unsigned long long key) {
+  unsigned long long keys[kSegmentPeers][kSegmentSlots];
+  char* bases[kSegmentPeers][kSegmentSlots];
+  table.fill(keys, bases);
+  for (int i = 0; i < kSegmentSlots; ++i)
+    if (keys[peer][i] == key) return bases[peer][i] != nullptr;
+  return false;
+}
+
+}  // namespace
+
+MOELINK_TEST(peer_segments_map_on_the_second_sighting) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  name_one(table, 1, 77, 7);
+  EXPECT_TRUE(driver.log.empty());
+  EXPECT_FALSE(holds(table, 1, 77));
+  name_one(table, 1, 77, 7);
+  ASSERT_EQ(driver.log.size(), 1u);
+  EXPECT_EQ(driver.log[0], std::string("open 7"));
+  EXPECT_TRUE(holds(table, 1, 77));
+  EXPECT_FALSE(holds(table, 2, 77));  // per peer
+  EXPECT_EQ(table.mapped(1), 1);
+  // Named again (mapped now, so the kernel says so): nothing new is opened.
+  name_one(table, 1, 77, 7, true);
+  EXPECT_EQ(driver.log.size(), 1u);
+}
+
+MOELINK_TEST(peer_segments_never_open_a_key_seen_once_or_with_two_handles) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  // Shapes that change every step: a new segment each dispatch, none opened.
+  for (unsigned long long key = 1; key <= 20; ++key) name_one(table, 3, key, 1);
+  EXPECT_TRUE(driver.log.empty());
+  // A handle that differs between two sightings (read while rewritten) is not trusted.
+  name_one(table, 3, 99, 4);
+  name_one(table, 3, 99, 5);
+  EXPECT_TRUE(driver.log.empty());
+  name_one(table, 3, 99, 5);
+  ASSERT_EQ(driver.log.size(), 1u);
+  EXPECT_EQ(driver.log[0], std::string("open 5"));
+  // Sightings further apart than kSecondSighting do not count; closer ones do (an uncached
+  // dispatch, then a cached one that names fewer fields, then the next uncached one).
+  name_one(table, 3, 500, 9);
+  for (int i = 0; i < PeerSegments::kSecondSighting; ++i) name_one(table, 3, 600 + i, 9);
+  name_one(table, 3, 500, 9);
+  EXPECT_EQ(driver.log.size(), 1u);
+  unsigned long long none[kSegmentFields] = {};
+  int zero[kSegmentFields] = {};
+  cudaIpcMemHandle_t handles[kSegmentFields] = {};
+  table.note(3, none, zero, handles);
+  name_one(table, 3, 500, 9);
+  EXPECT_EQ(driver.log.size(), 2u);
+}
+
+MOELINK_TEST(peer_segments_close_stale_mappings_after_waiting_for_the_kernels) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  name_one(table, 0, 5, 5);
+  name_one(table, 0, 5, 5);
+  ASSERT_TRUE(holds(table, 0, 5));
+  // The peer moves to another segment; the old mapping stays until it is stale.
+  for (int i = 0; i < PeerSegments::kStaleAfter - 1; ++i) name_one(table, 0, 6, 6, i >= 2);
+  EXPECT_TRUE(holds(table, 0, 5));
+  EXPECT_TRUE(holds(table, 0, 6));
+  name_one(table, 0, 6, 6, true);
+  EXPECT_FALSE(holds(table, 0, 5));
+  EXPECT_TRUE(holds(table, 0, 6));
+  ASSERT_EQ(driver.log.size(), 4u);
+  EXPECT_EQ(driver.log[2], std::string("wait"));
+  EXPECT_EQ(driver.log[3].rfind("close ", 0), 0u);
+}
+
+MOELINK_TEST(peer_segments_full_table_evicts_the_mapping_named_longest_ago) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  for (unsigned long long key = 1; key <= kSegmentSlots; ++key) {
+    name_one(table, 2, key, static_cast<unsigned char>(key));
+    name_one(table, 2, key, static_cast<unsigned char>(key));
+  }
+  EXPECT_EQ(table.mapped(2), kSegmentSlots);
+  name_one(table, 2, 1, 1, true);  // key 1 is fresh again; key 2 is now the oldest
+  name_one(table, 2, 100, 100);
+  name_one(table, 2, 100, 100);
+  EXPECT_EQ(table.mapped(2), kSegmentSlots);
+  EXPECT_TRUE(holds(table, 2, 100));
+  EXPECT_TRUE(holds(table, 2, 1));
+  EXPECT_FALSE(holds(table, 2, 2));
+}
+
+MOELINK_TEST(peer_segments_refused_open_is_not_retried_and_failed_wait_closes_nothing) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  driver.refuse = true;
+  name_one(table, 4, 8, 8);
+  name_one(table, 4, 8, 8);
+  EXPECT_EQ(driver.log.size(), 1u);
+  for (int i = 0; i < 4; ++i) name_one(table, 4, 8, 8);
+  EXPECT_EQ(driver.log.size(), 1u);
+  EXPECT_FALSE(holds(table, 4, 8));
+  driver.refuse = false;
+  name_one(table, 4, 9, 9);
+  name_one(table, 4, 9, 9);
+  ASSERT_TRUE(holds(table, 4, 9));
+  driver.log.clear();
+  driver.quiesce_ok = false;
+  table.close_all();
+  ASSERT_EQ(driver.log.size(), 1u);
+  EXPECT_EQ(driver.log[0], std::string("wait"));  // and no close under a kernel that may still run
+  EXPECT_EQ(table.mapped(4), 0);
+}
+
+MOELINK_TEST(peer_segments_two_fields_in_one_segment_count_once_per_dispatch) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  unsigned long long keys[kSegmentFields] = {0, 0, 42, 42, 42};
+  int unmapped[kSegmentFields] = {0, 0, 1, 1, 1};
+  cudaIpcMemHandle_t handles[kSegmentFields] = {handle_of(0), handle_of(0), handle_of(3), handle_of(3), handle_of(3)};
+  table.note(6, keys, unmapped, handles);
+  EXPECT_TRUE(driver.log.empty());  // one dispatch is one sighting, however many fields name it
+  table.note(6, keys, unmapped, handles);
+  EXPECT_EQ(driver.log.size(), 1u);
+  EXPECT_EQ(table.mapped(6), 1);
+}
