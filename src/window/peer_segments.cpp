@@ -106,6 +106,14 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
       if (c == pe.candidates.end() || c->second.seen_at != now) pe.candidates[key] = {handles[f], now};
       continue;
     }
+    // The slot of the mapping named longest ago (an empty slot is oldest of all). One named within
+    // kSecondSighting is still in use: with no other slot the key stays unmapped (its receiver takes
+    // the rings) rather than two keys evicting each other, a drain and an open every dispatch.
+    Slot* victim = nullptr;
+    for (Slot& slot : pe.slots)
+      if (slot.key == 0 || now - slot.named_at >= kSecondSighting)
+        if (victim == nullptr || slot.key == 0 || (victim->key != 0 && slot.named_at < victim->named_at)) victim = &slot;
+    if (victim == nullptr) continue;
     pe.candidates.erase(c);
     void* base = mapper_.open(handles[f], mapper_.context);
     ++opens_;
@@ -113,10 +121,6 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
       pe.refused[key] = true;
       continue;
     }
-    // The slot of the mapping named longest ago (an empty slot is oldest of all).
-    Slot* victim = &pe.slots[0];
-    for (Slot& slot : pe.slots)
-      if (slot.key == 0 || (victim->key != 0 && slot.named_at < victim->named_at)) victim = &slot;
     Quiesced quiesced = Quiesced::kNotYet;
     close_slot(*victim, quiesced);
     *victim = {key, static_cast<char*>(base), now};

@@ -184,3 +184,22 @@ MOELINK_TEST(peer_segments_two_fields_in_one_segment_count_once_per_dispatch) {
   EXPECT_EQ(driver.log.size(), 1u);
   EXPECT_EQ(table.mapped(6), 1);
 }
+
+MOELINK_TEST(peer_segments_keys_in_use_are_not_evicted_for_one_more) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  // Two micro-batches alternating, each naming five segments of its own: ten keys in use, eight
+  // slots. Eight get mapped; the other two stay unmapped instead of evicting each other every
+  // dispatch (each eviction a drain of the comm stream and an open).
+  cudaIpcMemHandle_t handles[kSegmentFields];
+  for (int f = 0; f < kSegmentFields; ++f) handles[f] = handle_of(static_cast<unsigned char>(f));
+  int unmapped[kSegmentFields] = {1, 1, 1, 1, 1};
+  for (int round = 0; round < 20; ++round) {
+    const unsigned long long base = round % 2 == 0 ? 10 : 20;
+    unsigned long long keys[kSegmentFields] = {base + 1, base + 2, base + 3, base + 4, base + 5};
+    table.note(5, keys, unmapped, handles);
+  }
+  EXPECT_EQ(table.mapped(5), kSegmentSlots);
+  EXPECT_EQ(table.opens(), static_cast<long long>(kSegmentSlots));
+  for (const std::string& entry : driver.log) EXPECT_EQ(entry.rfind("open ", 0), 0u);
+}
