@@ -161,10 +161,18 @@ def _peer_segments(rank, num_ranks, seed):
     os.environ["MOELINK_PEER_SEGMENTS"] = "1"
     buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
     direct_rounds = []
+    # Canaries: tensors of this rank's caching allocator beside the outputs (small ones share the
+    # outputs' small segments), which no peer may ever write.
+    canaries = [torch.full((n,), 0x5A, dtype=torch.uint8, device="cuda") for n in (4096, 65536, 3 * common.MIB)]
     for i in range(8):
         case = Case(f"steady {i}", 512, 4096, 8, 64, fp8=i >= 4).resolved(num_ranks)
         run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
         direct_rounds.append(buf.runtime.last_dispatch_direct)
+        canaries.append(torch.full((8192 * (i + 1),), 0x5A, dtype=torch.uint8, device="cuda"))
+    torch.cuda.synchronize()
+    for c in canaries:
+        assert bool((c == 0x5A).all()), f"rank {rank}: a peer wrote into a tensor that was no dispatch output"
+    del canaries
     common.log(rank, f"[R={num_ranks}] steady rounds direct: {direct_rounds}, "
                      f"{buf.runtime.peer_segments_mapped} peer segments mapped")
     assert buf.runtime.peer_segments_mapped > 0, f"rank {rank}: no peer segment was mapped in 8 steady rounds"
