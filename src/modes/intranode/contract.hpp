@@ -26,6 +26,7 @@ enum WaitStep : int {
   kStepDispatchTarget = 37,  // sender waiting for a receiver to say where its outputs are
   kStepCombineSource = 38,   // token owner waiting for a peer to say where its combine input is
   kStepCombinePull = 39,     // a rank waiting for token owners to finish reading its input
+  kStepDispatchOpened = 40,  // receiver waiting for a sender to say which of its segments it has mapped
 };
 
 // Published by a receiving rank at the start of each dispatch: byte offsets into its receive arena

@@ -360,7 +360,7 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
     for (int s = 0; s < a.layout.num_ranks; ++s) {
       if (s == a.rank) continue;
       const SegmentsOpened* opened = &self->segments_opened[s];
-      if (!window::wait(&opened->seq, seq, a.err, s, kStepDispatchTarget, -1)) {
+      if (!window::wait(&opened->seq, seq, a.err, s, kStepDispatchOpened, -1)) {
         direct = false;  // the fault is recorded; the senders stop at their own waits
         break;
       }

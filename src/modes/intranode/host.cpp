@@ -31,6 +31,7 @@ const runtime::WaitStepRegistration wait_steps{
     {kStepDispatchTarget, "dispatch (sender waiting for the output addresses of"},
     {kStepCombineSource, "combine (receiver waiting for the input address of"},
     {kStepCombinePull, "combine (waiting for the reads of its input by"},
+    {kStepDispatchOpened, "dispatch (receiver waiting for the mapped segments of"},
     {kStepCombineSend, "combine (sender waiting for ring space at"},
     {kStepCombineRecv, "combine (receiver waiting for rows from"},
 };
