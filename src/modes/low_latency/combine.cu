@@ -14,21 +14,10 @@ const KernelRegistration registrations[] = {
 
 }  // namespace
 
-int combine_blocks_per_sm() {
-  // Asked once per process (every device here is a Hopper of one kind): a combine is a decode-step
-  // call, and two occupancy queries per call are host time it does not need.
-  static const int blocks =
-      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<Window, false>), kThreads, 0),
-               max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<Window, true>), kThreads, 0));
-  return blocks;
-}
+int combine_blocks_per_sm() { return combine_blocks_per_sm_of<Window>(); }
 
 void launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream) {
-  const LaunchShape shape{blocks, kThreads, 0};
-  if (a.logfmt)
-    launch("low-latency combine", &combine_kernel<Window, true>, shape, stream, a);
-  else
-    launch("low-latency combine", &combine_kernel<Window, false>, shape, stream, a);
+  launch_combine_of<Window>(a, blocks, stream, "low-latency combine");
 }
 
 }  // namespace moelink::low_latency

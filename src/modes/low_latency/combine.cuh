@@ -306,6 +306,24 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
               [&](Epoch seq, int parity, unsigned masked) { recv_half<W, kLogFmt>(a, seq, parity, masked); });
 }
 
+// The two entry points of each build of these kernels, as dispatch.cuh's.
+template <class W>
+int combine_blocks_per_sm_of() {
+  static const int blocks =
+      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<W, false>), kThreads, 0),
+               max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<W, true>), kThreads, 0));
+  return blocks;
+}
+
+template <class W>
+void launch_combine_of(const CombineArgs& a, int blocks, cudaStream_t stream, const char* name) {
+  const LaunchShape shape{blocks, kThreads, 0};
+  if (a.logfmt)
+    launch(name, &combine_kernel<W, true>, shape, stream, a);
+  else
+    launch(name, &combine_kernel<W, false>, shape, stream, a);
+}
+
 }  // namespace
 
 }  // namespace moelink::low_latency

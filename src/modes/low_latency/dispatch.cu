@@ -15,19 +15,10 @@ const KernelRegistration registrations[] = {
 
 }  // namespace
 
-int dispatch_blocks_per_sm() {
-  static const int blocks =  // once per process, as combine_blocks_per_sm
-      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<Window, false>), kThreads, 0),
-               max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<Window, true>), kThreads, 0));
-  return blocks;
-}
+int dispatch_blocks_per_sm() { return dispatch_blocks_per_sm_of<Window>(); }
 
 void launch_dispatch(const DispatchArgs& a, int blocks, cudaStream_t stream) {
-  const LaunchShape shape{blocks, kThreads, 0};
-  if (a.fp8)
-    launch("low-latency dispatch", &dispatch_kernel<Window, true>, shape, stream, a);
-  else
-    launch("low-latency dispatch", &dispatch_kernel<Window, false>, shape, stream, a);
+  launch_dispatch_of<Window>(a, blocks, stream, "low-latency dispatch");
 }
 
 }  // namespace moelink::low_latency

@@ -387,6 +387,26 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
               [&](Epoch seq, int parity, unsigned masked) { recv_half<W, kFp8>(a, seq, parity, masked); });
 }
 
+// The two entry points of each build of these kernels (libmoelink's over stores, the NVSHMEM
+// plugin's over puts). Blocks per SM are asked once per process: a dispatch is a decode-step call,
+// and two occupancy queries per call are host time it does not need.
+template <class W>
+int dispatch_blocks_per_sm_of() {
+  static const int blocks =
+      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<W, false>), kThreads, 0),
+               max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<W, true>), kThreads, 0));
+  return blocks;
+}
+
+template <class W>
+void launch_dispatch_of(const DispatchArgs& a, int blocks, cudaStream_t stream, const char* name) {
+  const LaunchShape shape{blocks, kThreads, 0};
+  if (a.fp8)
+    launch(name, &dispatch_kernel<W, true>, shape, stream, a);
+  else
+    launch(name, &dispatch_kernel<W, false>, shape, stream, a);
+}
+
 }  // namespace
 
 }  // namespace moelink::low_latency

@@ -19,19 +19,10 @@ const KernelRegistration registrations[] = {
 
 }  // namespace
 
-int combine_blocks_per_sm_puts() {
-  static const int blocks =
-      std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<Window, false>), kThreads, 0),
-               max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<Window, true>), kThreads, 0));
-  return blocks;
-}
+int combine_blocks_per_sm_puts() { return combine_blocks_per_sm_of<Window>(); }
 
 void launch_combine_puts(const CombineArgs& a, int blocks, cudaStream_t stream) {
-  const LaunchShape shape{blocks, kThreads, 0};
-  if (a.logfmt)
-    launch("low-latency combine (puts)", &combine_kernel<Window, true>, shape, stream, a);
-  else
-    launch("low-latency combine (puts)", &combine_kernel<Window, false>, shape, stream, a);
+  launch_combine_of<Window>(a, blocks, stream, "low-latency combine (puts)");
 }
 
 }  // namespace moelink::low_latency
