@@ -420,6 +420,7 @@ bool capturing(cudaStream_t stream) {
 }  // namespace
 
 bool Context::comm_stream_capturing() const { return capturing(comm_stream); }
+bool Context::stream_capturing(cudaStream_t stream) { return stream != nullptr && capturing(stream); }
 
 void Context::raise_at_end(cudaStream_t compute_stream) {
   // Every call ends here, and nearly always with nothing recorded: a host-mapped read answers that

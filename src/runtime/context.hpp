@@ -133,6 +133,7 @@ class Context {
   void clear_data_error();                  // the record, and its claim given back
   LostDataErrors lost_data_errors;
   bool comm_stream_capturing() const;
+  static bool stream_capturing(cudaStream_t stream);  // false for the legacy stream (null)
   // Where an operation raises a data error (runtime/pending_errors.hpp says why): a collective
   // checks only faults on entry (check_on_entry(true)) and raises a data error after its last
   // launch (raise_at_end); get_dispatch_layout, which opens nothing, raises it on entry

@@ -35,7 +35,9 @@ void* ipc_open(const std::vector<uint8_t>& bytes, int peer) {
 }
 
 void ipc_close(void* mapped) {
-  if (mapped) cudaIpcCloseMemHandle(mapped);
+  // A failed close leaves nothing to undo, and a last error left behind would surface at the
+  // caller's next launch check as its own.
+  if (mapped && cudaIpcCloseMemHandle(mapped) != cudaSuccess) cudaGetLastError();
 }
 
 const Transport& cuda_ipc() {

@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include "window/cuda_ipc.hpp"
+
 namespace moelink::window {
 
 namespace {
@@ -56,6 +58,23 @@ Segment segment_of(const void* p, int64_t bytes, int device) {
   s.base = base;
   s.size = static_cast<int64_t>(size);
   return s;
+}
+
+SegmentMapper ipc_segment_mapper(bool (*quiesce)(void*), void* context) {
+  SegmentMapper mapper{};
+  // Not ipc_open: a segment that cannot be opened is not an error, only a key that takes the rings.
+  mapper.open = [](const cudaIpcMemHandle_t& handle, void*) -> void* {
+    void* mapped = nullptr;
+    if (cudaIpcOpenMemHandle(&mapped, handle, cudaIpcMemLazyEnablePeerAccess) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return mapped;
+  };
+  mapper.quiesce = quiesce;
+  mapper.close = [](void* mapped, void*) { ipc_close(mapped); };
+  mapper.context = context;
+  return mapper;
 }
 
 SegmentExports::Export SegmentExports::find(const void* p, int64_t bytes, int device) {

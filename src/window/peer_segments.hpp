@@ -69,6 +69,9 @@ struct SegmentMapper {
   void* context;
 };
 
+// The mapper over legacy CUDA IPC; `quiesce(context)` waits for the kernels that may use a mapping.
+SegmentMapper ipc_segment_mapper(bool (*quiesce)(void*), void* context);
+
 class PeerSegments {
  public:
   // A mapping the peer has not named in this many of its dispatches is closed.

@@ -219,34 +219,19 @@ DirectTarget direct_target(Context& ctx, const DispatchOutputs& out, const Dispa
 // Whether this dispatch may name and use peer segments: not while either stream is being captured
 // (a replay would outlive the mappings, and the opens and drains it may do would end the capture).
 bool segments_allowed(const Context& ctx, const StreamOrder& order) {
-  if (!ctx.peer_segments_enabled || ctx.topo.num_nvl_ranks == 1 || ctx.comm_stream_capturing()) return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (order.compute_stream != nullptr && cudaStreamIsCapturing(order.compute_stream, &status) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return status == cudaStreamCaptureStatusNone;
+  return ctx.peer_segments_enabled && ctx.topo.num_nvl_ranks > 1 && !ctx.comm_stream_capturing() &&
+         !Context::stream_capturing(order.compute_stream);
 }
 
 // What the last dispatch kernels saw each peer name (MailboxSection::segment_news), into this rank's
 // table of mapped segments, before a dispatch passes that table to its kernel.
 void take_segment_news(Context& ctx) {
   if (!ctx.peer_segments) {
-    window::SegmentMapper mapper{};
-    mapper.open = [](const cudaIpcMemHandle_t& handle, void*) -> void* {
-      void* mapped = nullptr;
-      if (cudaIpcOpenMemHandle(&mapped, handle, cudaIpcMemLazyEnablePeerAccess) != cudaSuccess) {
-        cudaGetLastError();
-        return nullptr;
-      }
-      return mapped;
+    const auto drained = [](void* c) {
+      auto* context = static_cast<Context*>(c);
+      return context->drain(context->host_wait_limit_s(), true);
     };
-    mapper.quiesce = [](void* c) { return static_cast<Context*>(c)->drain(static_cast<Context*>(c)->host_wait_limit_s(), true); };
-    mapper.close = [](void* mapped, void*) {
-      if (cudaIpcCloseMemHandle(mapped) != cudaSuccess) cudaGetLastError();
-    };
-    mapper.context = &ctx;
-    ctx.peer_segments = std::make_unique<window::PeerSegments>(mapper);
+    ctx.peer_segments = std::make_unique<window::PeerSegments>(window::ipc_segment_mapper(drained, &ctx));
   }
   for (int d = 0; d < ctx.topo.num_nvl_ranks; ++d) {
     if (d == ctx.topo.nvl_rank) continue;
