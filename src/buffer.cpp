@@ -134,6 +134,9 @@ bool Buffer::low_latency_puts() const { return ctx_->low_latency_puts; }
 bool Buffer::last_dispatch_direct() const {
   return ctx_->mailbox != nullptr && static_cast<volatile int&>(ctx_->mailbox->intranode.last_direct) != 0;
 }
+bool Buffer::last_combine_pulled() const {
+  return ctx_->mailbox != nullptr && static_cast<volatile int&>(ctx_->mailbox->intranode.last_pulled) != 0;
+}
 int Buffer::peer_segments_mapped() const {
   int n = 0;
   if (ctx_->peer_segments)

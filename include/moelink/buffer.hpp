@@ -89,6 +89,9 @@ class Buffer {
   // outputs (its receive arena, or its caching-allocator segments they had mapped), and how many
   // peer segments this rank holds mapped now (MOELINK_PEER_SEGMENTS). For tests and diagnostics.
   bool last_dispatch_direct() const;
+  // After an intranode combine has run: whether the token owners read this rank's input rows in
+  // place (its receive arena, or its caching-allocator segments they had mapped). For tests.
+  bool last_combine_pulled() const;
   int peer_segments_mapped() const;
   // The NVSHMEM unique id; only meaningful on the rank whose rdma_rank == 0 and when RDMA is used.
   std::vector<uint8_t> local_nvshmem_unique_id() const;

@@ -251,6 +251,7 @@ void bind_buffer(nb::module_& m) {
       .def_prop_ro("uses_nvshmem", &Buffer::uses_nvshmem)
       .def_prop_ro("low_latency_puts", &Buffer::low_latency_puts)
       .def_prop_ro("last_dispatch_direct", &Buffer::last_dispatch_direct)
+      .def_prop_ro("last_combine_pulled", &Buffer::last_combine_pulled)
       .def_prop_ro("peer_segments_mapped", &Buffer::peer_segments_mapped)
       .def("abstain", &Buffer::abstain, "waits_on_host"_a = false)
 

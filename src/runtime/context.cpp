@@ -295,7 +295,7 @@ void Context::check_faults() {
                      "and create a new one");
       } else if (fault->code == kernels::kErrSegmentMissing) {
         broken_kind = ErrorKind::kState;
-        broken = str("moelink: rank ", rank, ": rank ", lost, " named an output segment for direct dispatch that rank ", rank,
+        broken = str("moelink: rank ", rank, ": rank ", lost, " named a segment (a direct dispatch's output or a pulled combine's input) that rank ", rank,
                      " had not mapped (an internal error: please report it; MOELINK_PEER_SEGMENTS=0 avoids the path); "
                      "this Buffer is unusable now: destroy it and create a new one");
       } else if (fault->code == kernels::kErrTimeout) {

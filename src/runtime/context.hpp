@@ -56,12 +56,14 @@ class Context {
   std::shared_ptr<void> nvl_memory;  // header + data + arena, one cudaMalloc; the arena co-owns it
   char* nvl_base = nullptr;
   std::shared_ptr<detail::RecvArena> arena;  // null when num_arena_bytes == 0
-  // Direct dispatch into caching-allocator outputs (window/peer_segments.hpp): this rank's exported
-  // segments, and the peers' it has mapped (made at the first dispatch; closed by release()).
+  // Direct dispatch into caching-allocator outputs and pull combine from caching-allocator inputs
+  // (window/peer_segments.hpp): this rank's exported segments, and the peers' it has mapped, one
+  // table for both (made at the first dispatch or combine; closed by release()).
   bool peer_segments_enabled = false;  // knobs::peer_segments()
   window::SegmentExports segment_exports;
   std::unique_ptr<window::PeerSegments> peer_segments;
   kernels::Epoch segment_news_seen[kMaxNvlRanks] = {};  // per peer: the last SegmentNews taken
+  kernels::Epoch combine_segment_news_seen[kMaxNvlRanks] = {};  // the same of combine's news
   window::Window nvl_window;                 // the node's NVLink buffers, ours included
   kernels::PeerTable peers{};
   char* low_latency_regions[kMaxNvlRanks] = {};  // every rank's low-latency region, in this process

@@ -45,7 +45,8 @@ bool debug_low_latency_force_put();
 
 // MOELINK_PEER_SEGMENTS (0/1, default 1): peers write dispatch rows straight into outputs that are
 // ordinary cudaMalloc'd (caching-allocator) tensors, by mapping their segments with legacy CUDA IPC
-// (window/peer_segments.hpp); 0 sends every row through the rings unless it is in the receive arena.
+// (window/peer_segments.hpp), and token owners read ordinary combine inputs in place the same way;
+// 0 sends every row through the rings unless it is in the receive arena.
 // Ranks may differ: a rank that does not take part makes its peers use the rings. Read on every Buffer.
 bool peer_segments();
 

@@ -83,7 +83,8 @@ class PeerSegments {
   PeerSegments(const PeerSegments&) = delete;
   PeerSegments& operator=(const PeerSegments&) = delete;
 
-  // One dispatch of `peer` as this rank's kernel saw it: the key of each field (0 = not a
+  // One dispatch of `peer` as this rank's kernel saw it (or one combine that named a segment: its
+  // two fields, the others 0): the key of each field (0 = not a
   // segment) and, for keys it had not mapped, their handles. A key is mapped when it comes again,
   // with the same handle, within kSecondSighting of the peer's dispatches (a cached dispatch names
   // fewer fields than the uncached one before it): a segment named once (shapes that change every

@@ -203,3 +203,34 @@ MOELINK_TEST(peer_segments_keys_in_use_are_not_evicted_for_one_more) {
   EXPECT_EQ(table.opens(), static_cast<long long>(kSegmentSlots));
   for (const std::string& entry : driver.log) EXPECT_EQ(entry.rfind("open ", 0), 0u);
 }
+
+MOELINK_TEST(peer_segments_combine_notes_share_the_table_with_dispatch) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  // One steady step of peer 2 as this rank's host notes it: an uncached dispatch (five outputs), a
+  // cached one (recv_x alone), then a combine whose input is a fresh tensor in segment 50 and whose
+  // weights are the dispatch's recv_topk_weights (segment 4); a combine's note fills two fields,
+  // the others 0 (intranode/host.cpp take_news).
+  cudaIpcMemHandle_t handles[kSegmentFields];
+  for (int f = 0; f < kSegmentFields; ++f) handles[f] = handle_of(static_cast<unsigned char>(f + 1));
+  // What the kernel would say: a key is unmapped when the table it got does not hold it.
+  const auto note = [&](const unsigned long long (&keys)[kSegmentFields], const cudaIpcMemHandle_t (&h)[kSegmentFields]) {
+    int unmapped[kSegmentFields] = {};
+    for (int f = 0; f < kSegmentFields; ++f) unmapped[f] = keys[f] != 0 && !holds(table, 2, keys[f]);
+    table.note(2, keys, unmapped, h);
+  };
+  const cudaIpcMemHandle_t combine_handles[kSegmentFields] = {handle_of(9), handles[3]};
+  for (int step = 0; step < 3; ++step) {
+    note({1, 2, 3, 4, 5}, handles);
+    note({1}, handles);
+    note({50, 4}, combine_handles);
+  }
+  // Segment 50 was named in two steps, three notes apart: mapped once, beside the dispatch's five.
+  EXPECT_TRUE(holds(table, 2, 50));
+  for (unsigned long long key = 1; key <= 5; ++key) EXPECT_TRUE(holds(table, 2, key));
+  EXPECT_EQ(table.mapped(2), 6);
+  EXPECT_EQ(table.opens(), 6);
+  int closes = 0;
+  for (const std::string& entry : driver.log) closes += entry.rfind("close ", 0) == 0;
+  EXPECT_EQ(closes, 0);
+}

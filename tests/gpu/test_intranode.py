@@ -209,3 +209,44 @@ def _peer_segments(rank, num_ranks, seed):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_peer_segments(num_ranks):
     launcher.run_ranks(num_ranks, _peer_segments, 9000 * num_ranks, timeout_s=240)
+
+
+def _peer_segments_combine_pull(rank, num_ranks, seed):
+    """Pull combine from ordinary torch inputs (window/peer_segments.hpp): no arena, and every round's
+    combine input is a fresh torch tensor of the same shape (run_case's), its weights the dispatch's
+    torch output. From the third round on the token owners read each rank's input in place (they map
+    its segments the second time it names them, sharing the dispatch's table), with exact outputs
+    every round; rounds without top-k weights pull x alone. Then one rank that does not take part
+    (MOELINK_PEER_SEGMENTS=0): nobody's input is pulled, and all stay exact."""
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
+    pulled_rounds = []
+    for i in range(10):
+        case = Case(f"pull steady {i}", 512, 4096, 8, 64, with_weights=i < 7).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
+        pulled_rounds.append(buf.runtime.last_combine_pulled)
+    common.log(rank, f"[R={num_ranks}] steady combines pulled: {pulled_rounds}, "
+                     f"{buf.runtime.peer_segments_mapped} peer segments mapped")
+    assert buf.runtime.peer_segments_mapped > 0, f"rank {rank}: no peer segment was mapped in 10 steady rounds"
+    # The caching allocator may move an input to another segment now and then (and the rounds
+    # without weights name one segment fewer); most steady rounds must still pull.
+    assert sum(pulled_rounds[2:7]) >= 3, f"rank {rank}: steady combines with weights were not pulled: {pulled_rounds}"
+    assert sum(pulled_rounds[7:]) >= 1, f"rank {rank}: steady combines without weights were not pulled: {pulled_rounds}"
+    buf.destroy()
+
+    os.environ["MOELINK_PEER_SEGMENTS"] = "0" if rank == num_ranks - 1 else "1"
+    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
+    for i in range(4):
+        case = Case(f"pull one rank out {i}", 512, 4096, 8, 64).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + 200 + i, config, combine_config)
+        assert not buf.runtime.last_combine_pulled, \
+            f"rank {rank}: its combine input was pulled although rank {num_ranks - 1} maps no peer segment"
+    buf.destroy()
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    common.log(rank, f"[R={num_ranks}] combine pull from segments: steady pulled, a rank out pushes: ok")
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_peer_segments_combine_pull(num_ranks):
+    launcher.run_ranks(num_ranks, _peer_segments_combine_pull, 9500 * num_ranks, timeout_s=240)

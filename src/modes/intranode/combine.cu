@@ -11,11 +11,27 @@
 //     warp per token waits for those rows, sums them, adds the biases and writes the output; then
 //     head[c][me] in each d's buffer is released by the batch's count.
 //   Rows a rank sent itself are read straight from its own x, never through a ring.
+//   Pull: when a rank's input (x, and its weights) lies in its receive arena, or in caching-allocator
+//     segments every token owner has mapped (window/peer_segments.hpp), the owners read its rows in
+//     place instead (publish_source, pull_done) and its sender blocks only wait for them to finish.
+//     For segments the input's rank names each one's key and IPC handle in its CombineSource and
+//     combine_offers; every owner says at its kernel's start which of that rank's segments it has
+//     mapped (segments_opened, the table dispatch uses), and the input's rank publishes pull = 1 only
+//     when every owner has all of them. That one word is what the input's senders and every owner
+//     act on. Owners tell their host, last, which keys the rank named and the handles of those they
+//     lack (combine_segment_news), so the host maps them before a later combine.
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
 //   The opening kernel before it (common/opening.cuh) gates it: every rank agrees on the
 //   operation, config, row layout, top-k and handle, and has at least the rows its handle names,
 //   or every rank skips and poisons combined_x.
+//
+// NOTES: segments_opened[owner] in a rank's header is written by dispatch and combine alike, each
+// with its own sequence number. Sharing is safe because the word for the next operation is written
+// only after that operation's opening barrier, which no rank passes before its kernels of this one
+// (on the same stream) have ended, so publish_target / publish_source have read it by then. For the
+// same reason combine_source and combine_offers stay as published while owners report them to
+// their hosts at the kernel's end.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -27,6 +43,7 @@
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
 #include "modes/intranode/contract.hpp"
+#include "modes/intranode/segments.cuh"
 #include "window/device.cuh"
 
 namespace moelink::intranode {
@@ -48,8 +65,9 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
 }
 
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), instantiated apart as in dispatch.
+// pulled: the agreed choice (CombineSource::pull) for this rank's input.
 template <bool kHalt>
-__device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
+__device__ void send_channel(const CombineArgs& a, Epoch seq, int channel, bool pulled) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   // One warp group per remote token owner; my own rows are read from x by my receiver.
@@ -59,7 +77,7 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   __shared__ bool abort_group[kMaxNvlRanks];
   if (group >= R - 1) return;
   const int s = peer_of_group(group, rank);
-  if (a.source.pull) {
+  if (pulled) {
     // The owners read my rows in place; my input must stay untouched until they are done.
     if (gw == 0 && lane == 0)
       window::wait(&a.sections[rank]->pull_done[channel][s], seq, a.err, s, kStepCombinePull, channel);
@@ -136,10 +154,21 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
     } else if (v->pull) {
       // d holds my channel-c rows after the rows of lower ranks and of my earlier channels.
       const int first = (rank ? a.rank_prefix_matrix[(rank - 1) * R + d] : 0) + (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
-      char* base = static_cast<char*>(a.peers.data[d]);
-      pull[d] = true;
-      pull_x[d] = reinterpret_cast<const int4*>(base + v->x) + static_cast<int64_t>(first) * L.hidden_int4;
-      pull_weights[d] = v->weights < 0 ? nullptr : reinterpret_cast<const float*>(base + v->weights) + static_cast<int64_t>(first) * L.num_topk;
+      // Each field's base: d's data region (its arena), or one of its segments I have mapped.
+      char* data = static_cast<char*>(a.peers.data[d]);
+      const unsigned long long key_x = v->key[kSourceX], key_w = v->key[kSourceWeights];
+      char* base_x = key_x == 0 ? data : mapped_segment(a.segments, d, key_x);
+      char* base_w = key_w == 0 ? data : mapped_segment(a.segments, d, key_w);
+      if (base_x == nullptr || (v->weights >= 0 && base_w == nullptr)) {
+        // d saw my SegmentsOpened name every key; a miss means the two disagree, and reading
+        // anywhere would be worse than stopping.
+        report_fault(a.err, kErrSegmentMissing, d, kStepCombineSource, channel, 0);
+        failed = true;
+      } else {
+        pull[d] = true;
+        pull_x[d] = reinterpret_cast<const int4*>(base_x + v->x) + static_cast<int64_t>(first) * L.hidden_int4;
+        pull_weights[d] = v->weights < 0 ? nullptr : reinterpret_cast<const float*>(base_w + v->weights) + static_cast<int64_t>(first) * L.num_topk;
+      }
     }
   }
   __syncthreads();
@@ -254,23 +283,76 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
     window::signal(&a.sections[threadIdx.x]->pull_done[channel][rank], seq);
 }
 
-// Tells the token owners whether they may read this rank's input rows in place, and where.
+// Tells the token owners whether they may read this rank's input rows in place, and where. When it
+// lies in segments, they may only if every owner has all of them mapped in this combine; the
+// others learn of the segments (their handles are published either way).
 __device__ void publish_source(const CombineArgs& a, Epoch seq) {
-  CombineSource* s = &a.sections[a.rank]->combine_source;
-  s->x = a.source.x;
-  s->weights = a.source.weights;
-  s->pull = a.source.pull;
+  HeaderSection* self = a.sections[a.rank];
+  CombineSource* s = &self->combine_source;
+  const CombineSource& mine = a.source;
+  bool pull = mine.pull != 0, named = false;
+  for (int f = 0; f < kNumSourceFields; ++f) {
+    named |= mine.key[f] != 0;
+    if (mine.key[f] != 0) {
+      self->combine_offers[f].key = mine.key[f];
+      self->combine_offers[f].handle = a.offers[f].handle;
+    }
+  }
+  // A timeout there is recorded; the senders and owners stop at their own waits.
+  if (named && pull) pull = all_opened(self, mine.key, a.rank, a.layout.num_ranks, seq, a.err, kStepCombineSegments);
+  s->x = mine.x;
+  s->weights = mine.weights;
+  for (int f = 0; f < kNumSourceFields; ++f) s->key[f] = mine.key[f];
+  s->pull = pull;
   window::signal(&s->seq, seq);
+  // For the host, after the word every owner waits for.
+  a.mailbox->last_pulled = pull;
+  __threadfence_system();
+  a.mailbox->last_pulled_seq = seq;
+}
+
+// The agreed choice for this rank's input, for its sender blocks: without segments it is the host's
+// (arena or not); with them, what publish_source decided. -1: the wait for it failed.
+__device__ int agreed_pull(const CombineArgs& a, Epoch seq) {
+  bool named = false;
+  for (int f = 0; f < kNumSourceFields; ++f) named |= a.source.key[f] != 0;
+  if (!a.source.pull || !named) return a.source.pull;
+  __shared__ int pulled;
+  if (threadIdx.x == 0) {
+    const CombineSource* own = &a.sections[a.rank]->combine_source;
+    const volatile CombineSource* v = own;  // volatile: an earlier combine's value may sit in L1
+    pulled = window::wait(&own->seq, seq, a.err, a.rank, kStepCombineSource, blockIdx.x / 2) ? v->pull : -1;
+  }
+  __syncthreads();
+  return pulled;
+}
+
+// What each peer's published input named, for this rank's host (combine_segment_news), once this
+// rank has seen it; nothing when it named no segment. One thread per peer d.
+__device__ void report_source_segments(const CombineArgs& a, int d, Epoch seq) {
+  const CombineSource* source = &a.sections[d]->combine_source;
+  if (ld_volatile(&source->seq) != seq) return;  // its wait failed: the fault is recorded
+  const volatile unsigned long long* keys = source->key;
+  if (keys[kSourceX] == 0 && keys[kSourceWeights] == 0) return;
+  report_segments<kNumSourceFields>(&a.mailbox->combine_segment_news[d], a.segments, d, keys,
+                                    a.sections[d]->combine_offers, seq);
 }
 
 template <int kRanks, bool kHalt>
 __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
+  // First, before any wait: publish_source on every peer waits for what this rank has mapped.
+  if (blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a, seq);
-  if (blockIdx.x % 2 == 0)
-    send_channel<kHalt>(a, seq, channel);
-  else
+  if (blockIdx.x % 2 == 0) {
+    const int pulled = agreed_pull(a, seq);
+    if (pulled >= 0) send_channel<kHalt>(a, seq, channel, pulled != 0);
+  } else {
     recv_channel<kRanks>(a, seq, channel);
+    // Last, off the rows' path.
+    if (blockIdx.x == 1 && threadIdx.x < a.layout.num_ranks && threadIdx.x != a.rank)
+      report_source_segments(a, threadIdx.x, seq);
+  }
 }
 
 // Numbered by the opening barrier's epoch; skipped (outputs poisoned) as in dispatch.

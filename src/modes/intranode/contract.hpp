@@ -27,6 +27,7 @@ enum WaitStep : int {
   kStepCombineSource = 38,   // token owner waiting for a peer to say where its combine input is
   kStepCombinePull = 39,     // a rank waiting for token owners to finish reading its input
   kStepDispatchOpened = 40,  // receiver waiting for a sender to say which of its segments it has mapped
+  kStepCombineSegments = 41, // a rank waiting for a token owner to say which of its segments it has mapped
 };
 
 // Published by a receiving rank at the start of each dispatch: byte offsets into its receive arena
@@ -77,21 +78,30 @@ struct SegmentTable {
 // handles of those it has not mapped. A seqlock: the kernel sets `busy`, writes the entries, then
 // `seq`, then clears `busy` (system fences between); the host takes the entries only when it read
 // `busy` clear and the same `seq` before and after them (a cached dispatch's host may read while
-// the previous kernel writes).
-struct SegmentNews {
-  unsigned long long key[kNumTargetFields];
-  int unmapped[kNumTargetFields];
-  alignas(16) cudaIpcMemHandle_t handle[kNumTargetFields];  // written in 16-byte words
+// the previous kernel writes). Combine's token owners tell theirs the same of each peer's combine
+// input (kFields = kNumSourceFields).
+template <int kFields>
+struct SegmentNewsOf {
+  unsigned long long key[kFields];
+  int unmapped[kFields];
+  alignas(16) cudaIpcMemHandle_t handle[kFields];  // written in 16-byte words
   volatile Epoch seq;
   volatile int busy;
 };
+using SegmentNews = SegmentNewsOf<kNumTargetFields>;
 
-// Published by every rank at the start of each combine: where its input rows are, as offsets from
-// its data region, when they live in its receive arena (`pull` = 1). Token owners then read those
-// rows in place instead of having them pushed through the rings. Valid once `seq` equals the
-// combine's sequence number.
+// Published by every rank at the start of each combine: where its input rows are, when they live
+// in its receive arena or in caching-allocator segments every token owner has mapped (`pull` = 1).
+// Token owners then read those rows in place instead of having them pushed through the rings. An
+// offset is from the data region (key 0) or from the segment `key[field]` names (as DirectTarget's).
+// `pull` is the agreed choice, the one word the input's rank and every owner act on. Valid once
+// `seq` equals the combine's sequence number.
+enum SourceField : int { kSourceX, kSourceWeights, kNumSourceFields };
+using CombineSegmentNews = SegmentNewsOf<kNumSourceFields>;
+
 struct CombineSource {
   long long x, weights;  // weights: -1 when the combine has no top-k weights
+  unsigned long long key[kNumSourceFields];  // 0: the field's offset is from the data region
   int pull;
   int pad;
   Epoch seq;  // written last, with release semantics
@@ -118,7 +128,9 @@ struct alignas(128) HeaderSection {
   Epoch pull_done[kMaxChannels][kMaxNvlRanks];
   // Segment targets: the handles of the segments direct_target names, and per sender what it has mapped.
   SegmentOffer segment_offers[kNumTargetFields];
-  SegmentsOpened segments_opened[kMaxNvlRanks];  // [sender]
+  // [sender]. Combine's token owners publish theirs here too (NOTES in combine.cu: why sharing is safe).
+  SegmentsOpened segments_opened[kMaxNvlRanks];
+  SegmentOffer combine_offers[kNumSourceFields];  // the handles of the segments combine_source names
 };
 
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
@@ -134,6 +146,11 @@ struct MailboxSection {
   SegmentNews segment_news[kMaxNvlRanks];
   int last_direct;
   volatile Epoch last_direct_seq;
+  // Written by the combine kernel: the same per peer of its published input (read by this rank as a
+  // token owner), and this rank's own agreed choice (1 = its input rows were pulled).
+  CombineSegmentNews combine_segment_news[kMaxNvlRanks];
+  int last_pulled;
+  volatile Epoch last_pulled_seq;
 };
 
 // Notify opens the dispatch itself: its first barrier carries the digest (common/opening.cuh).
@@ -218,9 +235,13 @@ struct CombineArgs {
   int chunk;
   bool l2_hints;
   bool l2_discard;
-  // Pull combine: this rank's input as offsets from its data region (source.pull = 0: it pushes
-  // its rows through the rings). Its seq is filled on the device.
+  // Pull combine: this rank's input as offsets from its data region or its segments (source.pull =
+  // 0: it pushes its rows through the rings; 1 with keys named: it wishes to be pulled, and the
+  // kernel agrees only when every owner has the segments mapped). Its seq is filled on the device.
   CombineSource source;
+  SegmentOffer offers[kNumSourceFields];  // the handles of source.key's segments
+  SegmentTable segments;                  // peers' segments this rank has mapped (shared with dispatch)
+  MailboxSection* mailbox;                // host-mapped: segment news, the agreed choice
   int rank;
   kernels::PeerTable peers;
   HeaderSection* sections[kMaxNvlRanks];
@@ -229,6 +250,11 @@ struct CombineArgs {
   bool halt_sends;  // test hook (Buffer::debug_halt_next_sends): launch the kernel whose senders stop early
 };
 void launch_combine(const CombineArgs& args, cudaStream_t stream);
+static_assert(offsetof(CombineSegmentNews, handle) % 16 == 0 && offsetof(HeaderSection, combine_offers) % 16 == 0 &&
+              offsetof(MailboxSection, combine_segment_news) % 16 == 0 && offsetof(CombineArgs, offers) % 16 == 0 &&
+              offsetof(DispatchArgs, offers) % 16 == 0,
+              "the kernels copy IPC handles in 16-byte words");
+static_assert(sizeof(CombineArgs) <= 4096, "kernel parameters past 4 KB need CUDA 12.1 and a matching driver");
 
 // Blocks of the dispatch / combine kernel that one SM holds at once (for the co-residency check).
 int dispatch_blocks_per_sm();

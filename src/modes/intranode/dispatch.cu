@@ -28,6 +28,7 @@
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
 #include "modes/intranode/contract.hpp"
+#include "modes/intranode/segments.cuh"
 #include "window/device.cuh"
 
 namespace moelink::intranode {
@@ -56,39 +57,6 @@ struct DirectOut {
 template <typename T>
 __device__ __forceinline__ T* at_offset(void* base, long long offset) {
   return offset < 0 || base == nullptr ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
-}
-
-// Where this rank has receiver d's segment `key` mapped; null when it has not.
-__device__ __forceinline__ char* mapped_segment(const SegmentTable& table, int d, unsigned long long key) {
-  for (int i = 0; i < kSegmentSlots; ++i)
-    if (table.key[d][i] == key) return table.base[d][i];
-  return nullptr;
-}
-
-// What receiver d's target names, for this rank's host (MailboxSection::segment_news): its keys,
-// and the handles of those this rank has not mapped. One thread per d.
-__device__ void tell_host_segments(const DispatchArgs& a, int d, const volatile DirectTarget* t, Epoch seq) {
-  SegmentNews* news = &a.mailbox->segment_news[d];
-  news->busy = 1;
-  __threadfence_system();
-  for (int f = 0; f < kNumTargetFields; ++f) {
-    const unsigned long long key = t->key[f];
-    const bool unmapped = key != 0 && mapped_segment(a.segments, d, key) == nullptr;
-    news->key[f] = key;
-    news->unmapped[f] = unmapped;
-    if (unmapped) {
-      const volatile int4* from = reinterpret_cast<const volatile int4*>(&a.sections[d]->segment_offers[f].handle);
-      int4* to = reinterpret_cast<int4*>(&news->handle[f]);
-      for (int i = 0; i < static_cast<int>(sizeof(cudaIpcMemHandle_t) / 16); ++i) {
-        const int4 v = make_int4(from[i].x, from[i].y, from[i].z, from[i].w);
-        to[i] = v;
-      }
-    }
-  }
-  __threadfence_system();
-  news->seq = seq;
-  __threadfence_system();
-  news->busy = 0;
 }
 
 // Token-major sender: warp w of a batch owns token t = batch + w, reads its row from x once, and
@@ -337,7 +305,9 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   // Last, off the rows' path: what each receiver's target named, for this rank's host. The target
   // stays as published until every rank has passed the next operation's opening.
   if (blockIdx.x == 0 && threadIdx.x < R && threadIdx.x != rank)
-    tell_host_segments(a, threadIdx.x, &a.sections[threadIdx.x]->direct_target, seq);
+    report_segments<kNumTargetFields>(&a.mailbox->segment_news[threadIdx.x], a.segments, threadIdx.x,
+                                      a.sections[threadIdx.x]->direct_target.key,
+                                      a.sections[threadIdx.x]->segment_offers, seq);
   return kSent;
 }
 
@@ -356,23 +326,8 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
       self->segment_offers[f].handle = a.offers[f].handle;
     }
   }
-  if (named && direct) {
-    for (int s = 0; s < a.layout.num_ranks; ++s) {
-      if (s == a.rank) continue;
-      const SegmentsOpened* opened = &self->segments_opened[s];
-      if (!window::wait(&opened->seq, seq, a.err, s, kStepDispatchOpened, -1)) {
-        direct = false;  // the fault is recorded; the senders stop at their own waits
-        break;
-      }
-      const volatile unsigned long long* keys = opened->key;
-      for (int f = 0; f < kNumTargetFields; ++f) {
-        if (mine.key[f] == 0) continue;
-        bool found = false;
-        for (int i = 0; i < kSegmentSlots; ++i) found |= keys[i] == mine.key[f];
-        direct &= found;
-      }
-    }
-  }
+  // A timeout there is recorded; the senders stop at their own waits.
+  if (named && direct) direct = all_opened(self, mine.key, a.rank, a.layout.num_ranks, seq, a.err, kStepDispatchOpened);
   for (int f = 0; f < kNumTargetFields; ++f) t->key[f] = mine.key[f];
   t->x = mine.x;
   t->scales = mine.scales;
@@ -388,15 +343,6 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   a.mailbox->last_direct = direct;
   __threadfence_system();
   a.mailbox->last_direct_seq = seq;
-}
-
-// Every receiver hears, at the start of each dispatch, which of its segments this rank has mapped.
-__device__ void publish_opened(const DispatchArgs& a, Epoch seq) {
-  const int d = threadIdx.x;
-  if (d >= a.layout.num_ranks || d == a.rank) return;
-  SegmentsOpened* opened = &a.sections[d]->segments_opened[a.rank];
-  for (int i = 0; i < kSegmentSlots; ++i) opened->key[i] = a.segments.key[d][i];
-  window::signal(&opened->seq, seq);
 }
 
 __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool self_direct) {
@@ -505,7 +451,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
 template <bool kHalt>
 __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
-  if (blockIdx.x == 0) publish_opened(a, seq);
+  if (blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
   __shared__ bool self_direct;
   if (blockIdx.x % 2 == 0)

@@ -32,6 +32,7 @@ const runtime::WaitStepRegistration wait_steps{
     {kStepCombineSource, "combine (receiver waiting for the input address of"},
     {kStepCombinePull, "combine (waiting for the reads of its input by"},
     {kStepDispatchOpened, "dispatch (receiver waiting for the mapped segments of"},
+    {kStepCombineSegments, "combine (waiting for the mapped segments of"},
     {kStepCombineSend, "combine (sender waiting for ring space at"},
     {kStepCombineRecv, "combine (receiver waiting for rows from"},
 };
@@ -216,15 +217,40 @@ DirectTarget direct_target(Context& ctx, const DispatchOutputs& out, const Dispa
   return t;
 }
 
-// Whether this dispatch may name and use peer segments: not while either stream is being captured
+// Whether this dispatch or combine may name and use peer segments: not while either stream is being captured
 // (a replay would outlive the mappings, and the opens and drains it may do would end the capture).
 bool segments_allowed(const Context& ctx, const StreamOrder& order) {
   return ctx.peer_segments_enabled && ctx.topo.num_nvl_ranks > 1 && !ctx.comm_stream_capturing() &&
          !Context::stream_capturing(order.compute_stream);
 }
 
-// What the last dispatch kernels saw each peer name (MailboxSection::segment_news), into this rank's
-// table of mapped segments, before a dispatch passes that table to its kernel.
+// One peer's SegmentNews (a seqlock, contract.hpp), into this rank's table of mapped segments; a
+// combine's two fields are noted as a dispatch's with the others zero. False when it was being
+// rewritten (the next operation takes it).
+template <int kFields>
+void take_news(Context& ctx, int d, SegmentNewsOf<kFields>* news, Epoch& seen) {
+  static_assert(kFields <= kNumTargetFields, "PeerSegments::note takes at most a dispatch's fields");
+  if (news->busy) return;
+  const Epoch seq = news->seq;
+  if (seq == seen) return;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  unsigned long long keys[kNumTargetFields] = {};
+  int unmapped[kNumTargetFields] = {};
+  cudaIpcMemHandle_t handles[kNumTargetFields] = {};
+  for (int f = 0; f < kFields; ++f) {
+    keys[f] = reinterpret_cast<volatile unsigned long long*>(news->key)[f];
+    unmapped[f] = reinterpret_cast<volatile int*>(news->unmapped)[f];
+    std::memcpy(&handles[f], const_cast<const cudaIpcMemHandle_t*>(&news->handle[f]), sizeof(cudaIpcMemHandle_t));
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (news->busy || news->seq != seq) return;  // rewritten meanwhile: the next operation takes it
+  seen = seq;
+  ctx.peer_segments->note(d, keys, unmapped, handles);
+}
+
+// What the last dispatch and combine kernels saw each peer name (MailboxSection::segment_news and
+// combine_segment_news), into this rank's one table of mapped segments, before a dispatch or a
+// combine passes that table to its kernel.
 void take_segment_news(Context& ctx) {
   if (!ctx.peer_segments) {
     const auto drained = [](void* c) {
@@ -235,24 +261,44 @@ void take_segment_news(Context& ctx) {
   }
   for (int d = 0; d < ctx.topo.num_nvl_ranks; ++d) {
     if (d == ctx.topo.nvl_rank) continue;
-    SegmentNews* news = &ctx.mailbox->intranode.segment_news[d];
-    if (news->busy) continue;
-    const Epoch seq = news->seq;
-    if (seq == ctx.segment_news_seen[d]) continue;
-    std::atomic_thread_fence(std::memory_order_acquire);
-    unsigned long long keys[kNumTargetFields];
-    int unmapped[kNumTargetFields];
-    cudaIpcMemHandle_t handles[kNumTargetFields];
-    for (int f = 0; f < kNumTargetFields; ++f) {
-      keys[f] = reinterpret_cast<volatile unsigned long long*>(news->key)[f];
-      unmapped[f] = reinterpret_cast<volatile int*>(news->unmapped)[f];
-      std::memcpy(&handles[f], const_cast<const cudaIpcMemHandle_t*>(&news->handle[f]), sizeof(cudaIpcMemHandle_t));
-    }
-    std::atomic_thread_fence(std::memory_order_acquire);
-    if (news->busy || news->seq != seq) continue;  // rewritten meanwhile: the next dispatch takes it
-    ctx.segment_news_seen[d] = seq;
-    ctx.peer_segments->note(d, keys, unmapped, handles);
+    take_news(ctx, d, &ctx.mailbox->intranode.segment_news[d], ctx.segment_news_seen[d]);
+    take_news(ctx, d, &ctx.mailbox->intranode.combine_segment_news[d], ctx.combine_segment_news_seen[d]);
   }
+}
+
+// Peers read our rows in place when the input (and its weights) live in our receive arena, or in
+// segments we can export that every peer has mapped (the kernel decides that); otherwise we push
+// them through the rings. With no key named (arena, or segments not allowed) this is the arena-only
+// choice as before. A captured combine names no segment.
+CombineSource combine_source(Context& ctx, const CombineInputs& in, int64_t N, int64_t H, int K, bool segments,
+                             SegmentOffer (&offers)[kNumSourceFields]) {
+  CombineSource source{};
+  bool placed = N > 0;
+  const auto place = [&](SourceField f, const TensorRef& ref, int64_t bytes, long long& offset) {
+    offset = ctx.offset_in_arena(ref, bytes);
+    if (offset >= 0 || !segments || N == 0) {
+      placed &= offset >= 0;
+      return;
+    }
+    const window::SegmentExports::Export e = ctx.segment_exports.find(ref.data, bytes, ctx.device);
+    placed &= e.key != 0;
+    if (e.key == 0) return;
+    offset = e.offset;
+    source.key[f] = e.key;
+    offers[f].key = e.key;
+    offers[f].handle = e.handle;
+  };
+  place(kSourceX, in.x, N * H * 2, source.x);
+  source.weights = -1;
+  if (K) place(kSourceWeights, in.topk_weights, N * K * 4, source.weights);
+  if (!placed) {
+    // Named segments stay named (their handles published), so the owners map them for a later
+    // combine; but this one pushes, exactly as before.
+    source.x = ctx.offset_in_arena(in.x, N * H * 2);
+    source.weights = K ? ctx.offset_in_arena(in.topk_weights, N * K * 4) : -1;
+  }
+  source.pull = placed ? 1 : 0;
+  return source;
 }
 
 void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** sections) {
@@ -528,10 +574,11 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
-  // Peers read our rows in place when the input (and its weights) live in our receive arena.
-  a.source.x = ctx.offset_in_arena(in.x, N * H * 2);
-  a.source.weights = K ? ctx.offset_in_arena(in.topk_weights, N * K * 4) : -1;
-  a.source.pull = N > 0 && a.source.x >= 0 && (K == 0 || a.source.weights >= 0);
+  const bool segments = segments_allowed(ctx, order);
+  if (segments) take_segment_news(ctx);
+  a.source = combine_source(ctx, in, N, H, K, segments, a.offers);
+  if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
+  a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
