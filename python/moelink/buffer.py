@@ -255,7 +255,9 @@ class Buffer:
 
         Write the expert outputs into one and pass it to ``combine``: the token owners then read
         its rows in place instead of this rank pushing them through the rings. Dispatch outputs are
-        allocated there already. The range returns to the arena when the tensor is freed.
+        allocated there already. The range returns to the arena when the tensor is freed. An
+        ordinary torch input is read in place too once the token owners have mapped its segment
+        (named in two combines, MOELINK_PEER_SEGMENTS); until then its rows go through the rings.
         """
         self._check_usable("arena_empty")
         if not isinstance(dtype, torch.dtype):
