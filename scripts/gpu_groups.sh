@@ -62,7 +62,7 @@ for g in $TEST_GROUPS; do
     lifecycle) group lifecycle 150 $P tests/gpu/test_lifecycle.py ;;
     intranode24) group intranode24 200 MOELINK_TEST_RANKS=2,4 $P tests/gpu/test_intranode.py -k "not peer_segments" ;;
     intranode8) group intranode8 200 MOELINK_TEST_RANKS=8 $P tests/gpu/test_intranode.py -k "not peer_segments" ;;
-    segments) group segments 240 $P tests/gpu/test_intranode.py -k peer_segments ;;
+    segments) group segments 360 $P tests/gpu/test_intranode.py -k peer_segments ;;
     failures) group failures 150 $P tests/gpu/test_failures.py ;;
     v2) group v2 240 $P tests/gpu/test_runtime_v2.py ;;
     graphs) group graphs 200 $P tests/gpu/test_graphs.py ;;
