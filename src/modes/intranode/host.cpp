@@ -576,7 +576,14 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.l2_discard = knobs::l2_discard();
   const bool segments = segments_allowed(ctx, order);
   if (segments) take_segment_news(ctx);
-  a.source = combine_source(ctx, in, N, H, K, segments, a.offers);
+  // The test hook stops a rank's pushes part-way; a pulled input has no pushes to stop, and its
+  // rank would end normally, so a halting combine always pushes.
+  a.source = combine_source(ctx, in, N, H, K, segments && !halt_sends, a.offers);
+  if (halt_sends) {
+    a.source.pull = 0;
+    a.source.x = ctx.offset_in_arena(in.x, N * H * 2);
+    a.source.weights = K ? ctx.offset_in_arena(in.topk_weights, N * K * 4) : -1;
+  }
   if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
