@@ -60,7 +60,13 @@ Segment segment_of(const void* p, int64_t bytes, int device) {
   return s;
 }
 
-SegmentMapper ipc_segment_mapper(bool (*quiesce)(void*), void* context) {
+SegmentMapper ipc_segment_mapper(cudaStream_t stream, bool (*quiesce)(void*), void* context) {
+  // The stream travels in the context word the callbacks get; quiesce keeps the caller's.
+  struct Ipc {
+    cudaStream_t stream;
+    bool (*quiesce)(void*);
+    void* context;
+  };
   SegmentMapper mapper{};
   // Not ipc_open: a segment that cannot be opened is not an error, only a key that takes the rings.
   mapper.open = [](const cudaIpcMemHandle_t& handle, void*) -> void* {
@@ -71,9 +77,33 @@ SegmentMapper ipc_segment_mapper(bool (*quiesce)(void*), void* context) {
     }
     return mapped;
   };
-  mapper.quiesce = quiesce;
+  mapper.mark = [](void* c) -> void* {
+    cudaEvent_t event = nullptr;
+    if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    if (cudaEventRecord(event, static_cast<Ipc*>(c)->stream) != cudaSuccess) {
+      cudaGetLastError();
+      cudaEventDestroy(event);
+      return nullptr;
+    }
+    return event;
+  };
+  mapper.passed = [](void* mark, void*) -> int {
+    const cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(mark));
+    if (e == cudaSuccess) return 1;
+    cudaGetLastError();
+    return e == cudaErrorNotReady ? 0 : -1;
+  };
+  mapper.forget = [](void* mark, void*) { cudaEventDestroy(static_cast<cudaEvent_t>(mark)); };
+  mapper.quiesce = [](void* c) {
+    const Ipc* ipc = static_cast<Ipc*>(c);
+    return ipc->quiesce(ipc->context);
+  };
   mapper.close = [](void* mapped, void*) { ipc_close(mapped); };
-  mapper.context = context;
+  mapper.owned = std::make_shared<Ipc>(Ipc{stream, quiesce, context});
+  mapper.context = mapper.owned.get();
   return mapper;
 }
 
@@ -117,7 +147,9 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
         slot.named_at = now;
         held = true;
       }
-    if (held || !unmapped[f] || pe.refused.count(key)) continue;
+    // A key whose old mapping is not closed yet waits for the close: opening a handle this
+    // process still has open is not something to rely on.
+    if (held || !unmapped[f] || pe.refused.count(key) || closing(key)) continue;
     auto c = pe.candidates.find(key);
     if (c == pe.candidates.end() || c->second.seen_at == now || !same_handle(c->second.handle, handles[f])) {
       // A repeat within this note (two fields in one segment) is one sighting; a new handle
@@ -127,7 +159,7 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
     }
     // The slot of the mapping named longest ago (an empty slot is oldest of all). One named within
     // kSecondSighting is still in use: with no other slot the key stays unmapped (its receiver takes
-    // the rings) rather than two keys evicting each other, a drain and an open every dispatch.
+    // the rings) rather than two keys evicting each other, an open and a close every dispatch.
     Slot* victim = nullptr;
     for (Slot& slot : pe.slots)
       if (slot.key == 0 || now - slot.named_at >= kSecondSighting)
@@ -140,23 +172,55 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
       pe.refused[key] = true;
       continue;
     }
-    Quiesced quiesced = Quiesced::kNotYet;
-    close_slot(*victim, quiesced);
+    drop(*victim);
     *victim = {key, static_cast<char*>(base), now};
   }
   // Sightings not repeated in time are forgotten.
   for (auto c = pe.candidates.begin(); c != pe.candidates.end();)
     c = now - c->second.seen_at >= kSecondSighting ? pe.candidates.erase(c) : std::next(c);
-  Quiesced quiesced = Quiesced::kNotYet;
   for (Slot& slot : pe.slots)
-    if (slot.key != 0 && now - slot.named_at >= kStaleAfter) close_slot(slot, quiesced);
+    if (slot.key != 0 && now - slot.named_at >= kStaleAfter) drop(slot);
+  retire();
 }
 
-void PeerSegments::close_slot(Slot& slot, Quiesced& quiesced) {
+void PeerSegments::drop(Slot& slot) {
   if (slot.key == 0) return;
-  if (quiesced == Quiesced::kNotYet) quiesced = mapper_.quiesce(mapper_.context) ? Quiesced::kDone : Quiesced::kFailed;
-  if (quiesced == Quiesced::kDone) mapper_.close(slot.base, mapper_.context);
+  dropped_.push_back({slot.key, slot.base});
   slot = {};
+}
+
+void PeerSegments::retire() {
+  for (auto r = retiring_.begin(); r != retiring_.end();) {
+    const int passed = mapper_.passed(r->mark, mapper_.context);
+    if (passed == 0) {
+      ++r;
+      continue;
+    }
+    if (passed > 0)
+      for (const Dropped& d : r->mappings) mapper_.close(d.base, mapper_.context);
+    mapper_.forget(r->mark, mapper_.context);
+    r = retiring_.erase(r);
+  }
+  if (dropped_.empty()) return;
+  if (void* mark = mapper_.mark(mapper_.context)) {
+    retiring_.push_back({mark, std::move(dropped_)});
+    dropped_.clear();
+  }
+}
+
+int PeerSegments::closing() const {
+  size_t n = dropped_.size();
+  for (const Retiring& r : retiring_) n += r.mappings.size();
+  return static_cast<int>(n);
+}
+
+bool PeerSegments::closing(unsigned long long key) const {
+  for (const Dropped& d : dropped_)
+    if (d.key == key) return true;
+  for (const Retiring& r : retiring_)
+    for (const Dropped& d : r.mappings)
+      if (d.key == key) return true;
+  return false;
 }
 
 void PeerSegments::fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots],
@@ -169,12 +233,21 @@ void PeerSegments::fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots]
 }
 
 void PeerSegments::close_all() {
-  Quiesced quiesced = Quiesced::kNotYet;
   for (Peer& pe : peers_) {
-    for (Slot& slot : pe.slots) close_slot(slot, quiesced);
+    for (Slot& slot : pe.slots) drop(slot);
     pe.candidates.clear();
     pe.refused.clear();
   }
+  if (dropped_.empty() && retiring_.empty()) return;
+  const bool quiet = mapper_.quiesce(mapper_.context);
+  for (Retiring& r : retiring_) {
+    if (quiet) dropped_.insert(dropped_.end(), r.mappings.begin(), r.mappings.end());
+    mapper_.forget(r.mark, mapper_.context);
+  }
+  retiring_.clear();
+  if (quiet)
+    for (const Dropped& d : dropped_) mapper_.close(d.base, mapper_.context);
+  dropped_.clear();
 }
 
 int PeerSegments::mapped(int peer) const {

@@ -17,7 +17,9 @@
 #include <array>
 #include <cstdint>
 #include <list>
+#include <memory>
 #include <unordered_map>
+#include <vector>
 
 namespace moelink::window {
 
@@ -58,19 +60,34 @@ class SegmentExports {
 // Sender side: the peers' segments this rank has mapped, fed by what its kernels saw the peers name
 // (MailboxSection::segment_news in intranode/contract.hpp). Opening and closing go through
 // `Mapper`, so the bookkeeping is tested without a GPU.
+//
+// A mapping dropped from the table (stale, or evicted for a new one) may still be used by kernels
+// already queued, so it is closed only once they have finished. That is never waited for on an
+// operation's path: a wait there would hold the caller's thread behind every queued kernel, the
+// host sync the whole runtime avoids (a dispatch after a long compute kernel would return only when
+// it ends). The drop is marked on the comm stream instead and the close done by a later note (or
+// retire()) that finds the mark passed.
 struct SegmentMapper {
   // Maps a peer's segment; nullptr when it cannot (the key is then not tried again).
   void* (*open)(const cudaIpcMemHandle_t& handle, void* context);
-  // Called before any close of a mapping an earlier kernel may still use: waits for those kernels;
-  // false when they did not finish in time (the mapping is then dropped without a close: a leak,
-  // never an unmapping under a running kernel).
+  // A mark after every kernel queued so far (those that may use the mappings dropped until now);
+  // nullptr when none could be made (the drop is marked again later).
+  void* (*mark)(void* context);
+  // 1 when the kernels before `mark` have finished, 0 when not yet, -1 when that cannot be known
+  // (the mappings are then never closed: a leak, never an unmapping under a running kernel).
+  int (*passed)(void* mark, void* context);
+  void (*forget)(void* mark, void* context);
+  // close_all only (the Buffer's teardown): waits for every queued kernel; false when they did not
+  // finish in time (the mappings are then dropped without a close).
   bool (*quiesce)(void* context);
   void (*close)(void* mapped, void* context);
   void* context;
+  std::shared_ptr<void> owned;  // what `context` points to, when the mapper made it
 };
 
-// The mapper over legacy CUDA IPC; `quiesce(context)` waits for the kernels that may use a mapping.
-SegmentMapper ipc_segment_mapper(bool (*quiesce)(void*), void* context);
+// The mapper over legacy CUDA IPC: marks are events recorded on `stream`; `quiesce(context)` waits
+// for every kernel on it.
+SegmentMapper ipc_segment_mapper(cudaStream_t stream, bool (*quiesce)(void*), void* context);
 
 class PeerSegments {
  public:
@@ -93,10 +110,14 @@ class PeerSegments {
             const cudaIpcMemHandle_t (&handles)[kSegmentFields]);
   // The table a kernel gets: [peer][slot] key (0 = empty) and mapped base.
   void fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots], char* (&bases)[kSegmentPeers][kSegmentSlots]) const;
+  // Marks what was dropped since the last mark and closes what earlier marks have passed; note()
+  // ends with it, and a caller with no news calls it so pending closes do not wait for news.
+  void retire();
   void close_all();
 
   int mapped(int peer) const;  // mappings held for `peer`
   long long opens() const { return opens_; }
+  int closing() const;  // mappings dropped and not closed yet
 
  private:
   struct Slot {
@@ -115,11 +136,21 @@ class PeerSegments {
     std::unordered_map<unsigned long long, Candidate> candidates;
     std::unordered_map<unsigned long long, bool> refused;  // keys whose open failed
   };
-  enum class Quiesced { kNotYet, kDone, kFailed };
-  void close_slot(Slot& slot, Quiesced& quiesced);
+  struct Dropped {
+    unsigned long long key;
+    char* base;
+  };
+  struct Retiring {
+    void* mark;
+    std::vector<Dropped> mappings;
+  };
+  void drop(Slot& slot);
+  bool closing(unsigned long long key) const;
 
   SegmentMapper mapper_;
   std::array<Peer, kSegmentPeers> peers_{};
+  std::vector<Dropped> dropped_;    // not marked yet
+  std::vector<Retiring> retiring_;  // marked, waiting for the mark to pass
   long long opens_ = 0;
 };
 

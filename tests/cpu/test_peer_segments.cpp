@@ -1,9 +1,10 @@
 // The sender's table of peers' mapped segments (src/window/peer_segments.hpp), over a fake mapper
-// that logs opens, waits and closes: a segment is mapped only when a peer names it again, with the
-// same handle, within kSecondSighting of its dispatches; a mapping the peer stops naming is closed after kStaleAfter of its
-// dispatches, and only after the earlier kernels were waited for; a full table evicts the mapping
-// named longest ago; a refused open is never retried; a failed wait drops mappings without closing
-// them; the table a kernel gets names exactly the mappings held.
+// that logs opens, marks, waits and closes: a segment is mapped only when a peer names it again,
+// with the same handle, within kSecondSighting of its dispatches; a mapping the peer stops naming
+// is dropped after kStaleAfter of its dispatches and closed only once a mark after the kernels that
+// may use it has passed, never by waiting on the note's path; a full table evicts the mapping named
+// longest ago; a refused open is never retried; a failed wait at teardown drops mappings without
+// closing them; the table a kernel gets names exactly the mappings held.
 #include <cstring>
 #include <string>
 #include <vector>
@@ -22,7 +23,8 @@ namespace {
 struct FakeDriver {
   std::vector<std::string> log;
   bool refuse = false, quiesce_ok = true;
-  long long next = 0x1000;
+  int pass = 1;  // what every mark's query answers
+  long long next = 0x1000, marks = 0;
 };
 
 cudaIpcMemHandle_t handle_of(unsigned char tag) {
@@ -40,6 +42,13 @@ SegmentMapper fake_mapper(FakeDriver& driver) {
     d->next += 0x1000;
     return reinterpret_cast<void*>(d->next);
   };
+  m.mark = [](void* c) -> void* {
+    auto* d = static_cast<FakeDriver*>(c);
+    d->log.push_back("mark");
+    return reinterpret_cast<void*>(++d->marks);
+  };
+  m.passed = [](void*, void* c) { return static_cast<FakeDriver*>(c)->pass; };
+  m.forget = [](void*, void* c) { static_cast<FakeDriver*>(c)->log.push_back("forget"); };
   m.quiesce = [](void* c) {
     auto* d = static_cast<FakeDriver*>(c);
     d->log.push_back("wait");
@@ -115,7 +124,7 @@ MOELINK_TEST(peer_segments_never_open_a_key_seen_once_or_with_two_handles) {
   EXPECT_EQ(driver.log.size(), 2u);
 }
 
-MOELINK_TEST(peer_segments_close_stale_mappings_after_waiting_for_the_kernels) {
+MOELINK_TEST(peer_segments_close_stale_mappings_once_their_mark_has_passed) {
   FakeDriver driver;
   PeerSegments table(fake_mapper(driver));
   name_one(table, 0, 5, 5);
@@ -126,11 +135,57 @@ MOELINK_TEST(peer_segments_close_stale_mappings_after_waiting_for_the_kernels) {
   EXPECT_TRUE(holds(table, 0, 5));
   EXPECT_TRUE(holds(table, 0, 6));
   name_one(table, 0, 6, 6, true);
-  EXPECT_FALSE(holds(table, 0, 5));
+  EXPECT_FALSE(holds(table, 0, 5));  // out of the table the next kernel gets at once
   EXPECT_TRUE(holds(table, 0, 6));
-  ASSERT_EQ(driver.log.size(), 4u);
-  EXPECT_EQ(driver.log[2], std::string("wait"));
+  ASSERT_EQ(driver.log.size(), 3u);
+  EXPECT_EQ(driver.log[2], std::string("mark"));  // not closed under the kernels queued before
+  EXPECT_EQ(table.closing(), 1);
+  table.retire();
+  ASSERT_EQ(driver.log.size(), 5u);
   EXPECT_EQ(driver.log[3].rfind("close ", 0), 0u);
+  EXPECT_EQ(driver.log[4], std::string("forget"));
+  EXPECT_EQ(table.closing(), 0);
+}
+
+MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_passed) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  for (unsigned long long key = 1; key <= kSegmentSlots; ++key) {
+    name_one(table, 1, key, static_cast<unsigned char>(key));
+    name_one(table, 1, key, static_cast<unsigned char>(key));
+  }
+  // The kernels before the eviction's mark are still running (a long compute kernel ahead of them).
+  driver.pass = 0;
+  for (int i = 0; i < PeerSegments::kSecondSighting; ++i) name_one(table, 1, 200 + i, 50);
+  name_one(table, 1, 100, 100);
+  name_one(table, 1, 100, 100);
+  EXPECT_TRUE(holds(table, 1, 100));
+  EXPECT_FALSE(holds(table, 1, 1));
+  EXPECT_EQ(table.closing(), 1);
+  for (int i = 0; i < 10; ++i) name_one(table, 1, 100, 100, true);
+  for (const std::string& entry : driver.log) {
+    EXPECT_TRUE(entry != "wait");  // an operation's host path never waits for the stream
+    EXPECT_TRUE(entry.rfind("close ", 0) != 0);
+  }
+  // The evicted key named again while its old mapping is open: not opened a second time meanwhile.
+  const size_t opens_before = driver.log.size();
+  name_one(table, 1, 1, 1);
+  name_one(table, 1, 1, 1);
+  EXPECT_FALSE(holds(table, 1, 1));
+  EXPECT_EQ(driver.log.size(), opens_before);
+  driver.pass = 1;
+  table.retire();
+  EXPECT_EQ(table.closing(), 0);
+  ASSERT_TRUE(driver.log.size() >= 2u);
+  EXPECT_EQ(driver.log[driver.log.size() - 2].rfind("close ", 0), 0u);
+  // A mark whose query fails: forgotten, the mapping never closed (a leak, not an unmapping).
+  driver.pass = -1;
+  for (int i = 0; i < PeerSegments::kStaleAfter + 1; ++i) name_one(table, 1, 300, 30, i >= 2);
+  table.retire();
+  EXPECT_EQ(table.closing(), 0);
+  int closes = 0;
+  for (const std::string& entry : driver.log) closes += entry.rfind("close ", 0) == 0;
+  EXPECT_EQ(closes, 1);
 }
 
 MOELINK_TEST(peer_segments_full_table_evicts_the_mapping_named_longest_ago) {

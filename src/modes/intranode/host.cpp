@@ -257,13 +257,14 @@ void take_segment_news(Context& ctx) {
       auto* context = static_cast<Context*>(c);
       return context->drain(context->host_wait_limit_s(), true);
     };
-    ctx.peer_segments = std::make_unique<window::PeerSegments>(window::ipc_segment_mapper(drained, &ctx));
+    ctx.peer_segments = std::make_unique<window::PeerSegments>(window::ipc_segment_mapper(ctx.comm_stream, drained, &ctx));
   }
   for (int d = 0; d < ctx.topo.num_nvl_ranks; ++d) {
     if (d == ctx.topo.nvl_rank) continue;
     take_news(ctx, d, &ctx.mailbox->intranode.segment_news[d], ctx.segment_news_seen[d]);
     take_news(ctx, d, &ctx.mailbox->intranode.combine_segment_news[d], ctx.combine_segment_news_seen[d]);
   }
+  ctx.peer_segments->retire();  // closes whose marks have passed, also when no peer had news
 }
 
 // Peers read our rows in place when the input (and its weights) live in our receive arena, or in
