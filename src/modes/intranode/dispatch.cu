@@ -7,7 +7,9 @@
 //     earlier channel tokens routed to d); the block waits until every ring it writes has room
 //     (head[c][d] in my buffer, written by d, >= sent + count - slots); each warp reads its x row
 //     once and writes it to all its destinations (rows for this rank go straight into recv_x);
-//     then tail[c][me] in each d's buffer is released by the batch's count (system scope).
+//     the batch's fp8 scales are staged in shared memory, and those for column-major outputs are
+//     written by the whole block after the rows; then tail[c][me] in each d's buffer is released
+//     by the batch's count (system scope).
 //   Receiver, warp group per source s: waits (acquire) until tail[c][s] moves, copies what landed
 //     to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows are ordered by source
 //     rank then source token, and releases head[c][me] in s's buffer.
@@ -65,12 +67,25 @@ __device__ __forceinline__ T* at_offset(void* base, long long offset) {
 // positions are "earlier channel tokens routed to d", found by ballots, so each ring still
 // receives its rows in token order, and a direct row lands at the same place a ring row would.
 //
+// A token's scales are a sector apiece when x_scales or a direct output is column-major, so the
+// block moves a batch's scales together: it loads them into shared memory with consecutive threads
+// on consecutive tokens, and writes those of a column-major output after the batch's rows, where
+// the batch's rows for d are consecutive (positions sent[d] .. sent[d] + count - 1), so consecutive
+// threads store consecutive rows. Rings and row-major outputs get them per warp, as the rows.
+//
 // When every destination, this rank included, takes its rows directly, nothing orders the rows of a
 // channel any more, so both blocks of the channel send, each half of its tokens (`part`).
 enum SendResult { kSent, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
 
-// Scale words a lane keeps in registers: up to 128 per token (H <= 16384 float32, 65536 UE8M0).
+// Scale words per token the batch stages in shared memory: up to 128 (H <= 16384 float32, 65536
+// UE8M0). Wider tokens read and write their scales per warp, straight from x_scales.
 constexpr int kHoistedScales = 4;
+
+// Column-major outputs keep each scale index's rows next to each other, so a batch's consecutive
+// rows for d are one coalesced run per scale index.
+__device__ __forceinline__ bool column_major(const DirectOut& o) {
+  return o.scales_stride_token == 1 && o.scales_stride_scale != 1;
+}
 
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), its own instantiation so that
 // the kernel every caller runs is compiled as if the hook did not exist.
@@ -80,12 +95,16 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
   const int warp = threadIdx.x / 32, lane = lane_id();
   const int batch = min(kNumWarps, L.slots);
+  const bool hoisted = S <= 32 * kHoistedScales;
   __shared__ int position[kNumWarps][kMaxNvlRanks];
+  __shared__ float batch_scales[kNumWarps][32 * kHoistedScales];  // [warp][scale], when hoisted
+  __shared__ int warp_of[kMaxNvlRanks][kNumWarps];  // warp of d's j-th batch row, when gather_scales[d]
   __shared__ int batch_count[kMaxNvlRanks];
   __shared__ int sent[kMaxNvlRanks];
   __shared__ int4* dst_rows[kNumWarps][kMaxNvlRanks];
   __shared__ DirectOut outs[kMaxNvlRanks];
   __shared__ bool direct[kMaxNvlRanks];
+  __shared__ bool gather_scales[kMaxNvlRanks];  // d's scales are written by the block after each batch
   __shared__ bool failed;
 
   ChannelRange range = channel_range(a.num_tokens, C, channel);
@@ -154,6 +173,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     o.expert_begin = d * a.num_local_experts;
     outs[d] = o;
     direct[d] = is_direct;
+    gather_scales[d] = is_direct && hoisted && column_major(o);
   }
   __syncthreads();
   if (failed) return kFailed;
@@ -184,6 +204,14 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
 
   for (int begin = range.begin; begin < range.end; begin += batch) {
     if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
+    if (hoisted) {
+      // Tokens fastest: a column-major x_scales is read in runs of consecutive tokens.
+      const int n = min(batch, range.end - begin);
+      for (int e = threadIdx.x; e < S * n; e += blockDim.x) {
+        const int i = e / n, w = e - i * n;
+        batch_scales[w][i] = a.x_scales[(begin + w) * a.x_scales_stride_token + i * a.x_scales_stride_scale];
+      }
+    }
     __syncthreads();
     // Room in every destination ring this batch writes to: sent + count - head <= slots.
     if (threadIdx.x < R && !direct[threadIdx.x] && batch_count[threadIdx.x] > 0) {
@@ -208,6 +236,8 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
           row = L.slot_x(L.ring(a.peers.data[d], channel, rank), pos % L.slots);
         }
         dst_rows[warp][d] = row;
+        // sent[d] stays put until the batch's end, so pos - sent[d] is the row's place in the batch.
+        if (pos >= 0 && gather_scales[d]) warp_of[d][pos - sent[d]] = warp;
       }
       __syncwarp();
       int4* const* dst = dst_rows[warp];
@@ -235,18 +265,11 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         }
       }
       // Metadata: final outputs for direct destinations, ring fields for the others. The token's
-      // ids, weights and scales are read once, before the destinations: read per destination they
-      // cost one memory round trip each, which fp8's short rows feel most (scales read from a
-      // column-major tensor are a sector apiece).
+      // ids and weights are read once, before the destinations (its scales were staged with the
+      // batch's): read per destination they cost one memory round trip each, which fp8's short
+      // rows feel most.
       const int64_t id = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
       const float weight = lane < K && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
-      const bool hoisted = S <= 32 * kHoistedScales;
-      float scale[kHoistedScales];
-#pragma unroll
-      for (int u = 0; u < kHoistedScales; ++u) {
-        const int i = lane + 32 * u;
-        scale[u] = hoisted && i < S ? a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale] : 0.f;
-      }
       for (int d = 0; d < R; ++d) {
         const int pos = position[warp][d];
         if (pos < 0) continue;
@@ -275,10 +298,9 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
           scales_out = L.slot_scales(ring, slot);
           scales_stride = 1;
         }
+        if (gather_scales[d]) continue;  // the block writes them after the batch
         if (hoisted) {
-#pragma unroll
-          for (int u = 0; u < kHoistedScales; ++u)
-            if (lane + 32 * u < S) scales_out[(lane + 32 * u) * scales_stride] = scale[u];
+          for (int i = lane; i < S; i += 32) scales_out[i * scales_stride] = batch_scales[warp][i];
         } else {
           for (int i = lane; i < S; i += 32)
             scales_out[i * scales_stride] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
@@ -286,6 +308,19 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       }
     }
     __syncthreads();
+    // The row of d's j-th batch token is read back from its warp's position, not as first_row +
+    // sent[d] + j: sent[d] advances below without a barrier in between.
+    for (int d = 0; d < R; ++d) {
+      if (!gather_scales[d]) continue;
+      const DirectOut& o = outs[d];
+      const int n = batch_count[d];
+      for (int e = threadIdx.x; e < S * n; e += blockDim.x) {
+        const int i = e / n, j = e - i * n, w = warp_of[d][j];
+        const int64_t row = o.first_row + position[w][d];
+        // Past num_worst_tokens (reported by notify): the row is dropped.
+        if (row < o.num_rows) o.scales[row * o.scales_stride_token + i * o.scales_stride_scale] = batch_scales[w][i];
+      }
+    }
     // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so.
     if (kHalt) return kSent;
     if (threadIdx.x < R) {
