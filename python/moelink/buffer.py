@@ -257,7 +257,8 @@ class Buffer:
         its rows in place instead of this rank pushing them through the rings. Dispatch outputs are
         allocated there already. The range returns to the arena when the tensor is freed. An
         ordinary torch input is read in place too once the token owners have mapped its segment
-        (named in two combines, MOELINK_PEER_SEGMENTS); until then its rows go through the rings.
+        (named twice within a few operations, by a combine or a dispatch whose output shares it;
+        MOELINK_PEER_SEGMENTS); until then its rows go through the rings.
         """
         self._check_usable("arena_empty")
         if not isinstance(dtype, torch.dtype):

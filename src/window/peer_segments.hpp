@@ -91,7 +91,8 @@ SegmentMapper ipc_segment_mapper(cudaStream_t stream, bool (*quiesce)(void*), vo
 
 class PeerSegments {
  public:
-  // A mapping the peer has not named in this many of its dispatches is closed.
+  // A mapping the peer has not named in this many of its notes (dispatches and combines that name
+  // segments) is dropped.
   static constexpr int kStaleAfter = 64;
   static constexpr int kSecondSighting = 4;
 
