@@ -331,7 +331,9 @@ __device__ int agreed_pull(const CombineArgs& a, Epoch seq) {
 // rank has seen it; nothing when it named no segment. One thread per peer d.
 __device__ void report_source_segments(const CombineArgs& a, int d, Epoch seq) {
   const CombineSource* source = &a.sections[d]->combine_source;
-  if (ld_volatile(&source->seq) != seq) return;  // its wait failed: the fault is recorded
+  // Acquire, as the receivers' wait: when that wait timed out just before the peer published, the
+  // keys and handles below must still be the ones this seq names.
+  if (ld_acquire_sys(const_cast<const Epoch*>(&source->seq)) != seq) return;  // its wait failed: the fault is recorded
   const volatile unsigned long long* keys = source->key;
   if (keys[kSourceX] == 0 && keys[kSourceWeights] == 0) return;
   report_segments<kNumSourceFields>(&a.mailbox->combine_segment_news[d], a.segments, d, keys,
