@@ -101,6 +101,34 @@ __device__ __forceinline__ bool wait_until(Done done, const ErrorSink& err, int 
   return result == kArrived;
 }
 
+// A wait on a word its publisher writes only after it has heard from every rank (a dispatch's
+// target, a combine's source: both wait in all_opened first). When a rank is lost, this wait and
+// the publisher's wait on the lost rank time out at about the same moment, and only the
+// publisher's names the lost rank: this one would name the publisher, possibly this rank itself.
+// So on a timeout it gives that report a grace period (a quarter of the timeout) to arrive, and
+// records its own only when none has.
+template <typename Done>
+__device__ __forceinline__ bool wait_until_deferring(Done done, const ErrorSink& err, int peer, int step, int channel,
+                                                     long long detail) {
+  const WaitResult result = wait_for(done, err);
+  if (result != kTimedOut) return result == kArrived;
+  const uint64_t start = global_timer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    if (done()) return true;
+    if (err.backoff_ns != 0) __nanosleep(err.backoff_ns);
+    if ((spins & 15) == 0) {
+      const int word = fault_word(err);
+      if (word != 0) {
+        report_aborted(err, word);
+        return false;
+      }
+      if (global_timer_ns() - start > err.timeout_ns / 4) break;
+    }
+  }
+  report_fault(err, kErrTimeout, peer, step, channel, detail);
+  return false;
+}
+
 // Spins until ld_acquire_sys(counter) >= target.
 __device__ __forceinline__ bool wait_at_least(const int* counter, int target, const ErrorSink& err, int peer,
                                               int step, int channel) {

@@ -46,4 +46,13 @@ __device__ __forceinline__ bool wait(const kernels::Epoch* counter, kernels::Epo
   return kernels::wait_epoch(counter, target, err, peer, step, channel);
 }
 
+// The same for a word its publisher writes only after waiting on every rank (waits.cuh's
+// wait_until_deferring): a lost rank is named by the publisher's wait, not blamed on the publisher.
+__device__ __forceinline__ bool wait_published(const kernels::Epoch* counter, kernels::Epoch target,
+                                               const kernels::ErrorSink& err, int peer, int step, int channel) {
+  return kernels::wait_until_deferring(
+      [&] { return kernels::epoch_reached(kernels::ld_acquire_sys(counter), target); }, err, peer, step, channel,
+      static_cast<long long>(target));
+}
+
 }  // namespace moelink::window

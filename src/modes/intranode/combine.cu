@@ -149,7 +149,7 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
     const int d = threadIdx.x;
     const CombineSource* source = &a.sections[d]->combine_source;
     const volatile CombineSource* v = source;  // volatile: an earlier combine's values may sit in L1
-    if (!window::wait(&source->seq, seq, a.err, d, kStepCombineSource, channel)) {
+    if (!window::wait_published(&source->seq, seq, a.err, d, kStepCombineSource, channel)) {
       failed = true;
     } else if (v->pull) {
       // d holds my channel-c rows after the rows of lower ranks and of my earlier channels.
@@ -321,7 +321,7 @@ __device__ int agreed_pull(const CombineArgs& a, Epoch seq) {
   if (threadIdx.x == 0) {
     const CombineSource* own = &a.sections[a.rank]->combine_source;
     const volatile CombineSource* v = own;  // volatile: an earlier combine's value may sit in L1
-    pulled = window::wait(&own->seq, seq, a.err, a.rank, kStepCombineSource, blockIdx.x / 2) ? v->pull : -1;
+    pulled = window::wait_published(&own->seq, seq, a.err, a.rank, kStepCombineSource, blockIdx.x / 2) ? v->pull : -1;
   }
   __syncthreads();
   return pulled;

@@ -121,7 +121,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       // This rank's own rows always go straight into its outputs; whether its peers' do was
       // agreed in publish_target.
       const volatile DirectTarget* t = &a.sections[d]->direct_target;
-      if (!window::wait(&a.sections[d]->direct_target.seq, seq, a.err, d, kStepDispatchTarget, channel))
+      if (!window::wait_published(&a.sections[d]->direct_target.seq, seq, a.err, d, kStepDispatchTarget, channel))
         failed = true;
       else
         *self_direct = t->direct != 0;
@@ -138,7 +138,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       const DirectTarget* target = &a.sections[d]->direct_target;
       // Volatile reads: an earlier dispatch's values may sit in this SM's L1.
       const volatile DirectTarget* t = target;
-      if (!window::wait(&target->seq, seq, a.err, d, kStepDispatchTarget, channel)) {
+      if (!window::wait_published(&target->seq, seq, a.err, d, kStepDispatchTarget, channel)) {
         failed = true;
       } else {
         if (t->direct) {
