@@ -144,6 +144,8 @@ int Buffer::peer_segments_mapped() const {
   return n;
 }
 
+long long Buffer::peer_segments_closed() const { return ctx_->peer_segments ? ctx_->peer_segments->closes() : 0; }
+
 std::vector<uint8_t> Buffer::local_nvshmem_unique_id() const {
   if (!ctx_->uses_nvshmem)
     raise(ErrorKind::kState, "local_nvshmem_unique_id: this Buffer uses no NVSHMEM (num_rdma_bytes == 0, or a "

@@ -93,6 +93,9 @@ class Buffer {
   // place (its receive arena, or its caching-allocator segments they had mapped). For tests.
   bool last_combine_pulled() const;
   int peer_segments_mapped() const;
+  // Peer segment mappings closed so far (stale or evicted, once the kernels that could use them
+  // had finished).
+  long long peer_segments_closed() const;
   // The NVSHMEM unique id; only meaningful on the rank whose rdma_rank == 0 and when RDMA is used.
   std::vector<uint8_t> local_nvshmem_unique_id() const;
   // device_ids / ipc_handles: one entry per global rank. root_unique_id: empty when no RDMA.

@@ -253,6 +253,7 @@ void bind_buffer(nb::module_& m) {
       .def_prop_ro("last_dispatch_direct", &Buffer::last_dispatch_direct)
       .def_prop_ro("last_combine_pulled", &Buffer::last_combine_pulled)
       .def_prop_ro("peer_segments_mapped", &Buffer::peer_segments_mapped)
+      .def_prop_ro("peer_segments_closed", &Buffer::peer_segments_closed)
       .def("abstain", &Buffer::abstain, "waits_on_host"_a = false)
 
       // ---- bootstrap ----

@@ -197,7 +197,10 @@ void PeerSegments::retire() {
       continue;
     }
     if (passed > 0)
-      for (const Dropped& d : r->mappings) mapper_.close(d.base, mapper_.context);
+      for (const Dropped& d : r->mappings) {
+        mapper_.close(d.base, mapper_.context);
+        ++closes_;
+      }
     mapper_.forget(r->mark, mapper_.context);
     r = retiring_.erase(r);
   }
@@ -246,7 +249,10 @@ void PeerSegments::close_all() {
   }
   retiring_.clear();
   if (quiet)
-    for (const Dropped& d : dropped_) mapper_.close(d.base, mapper_.context);
+    for (const Dropped& d : dropped_) {
+      mapper_.close(d.base, mapper_.context);
+      ++closes_;
+    }
   dropped_.clear();
 }
 

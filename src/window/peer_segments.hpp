@@ -118,6 +118,7 @@ class PeerSegments {
 
   int mapped(int peer) const;  // mappings held for `peer`
   long long opens() const { return opens_; }
+  long long closes() const { return closes_; }
   int closing() const;  // mappings dropped and not closed yet
 
  private:
@@ -153,6 +154,7 @@ class PeerSegments {
   std::vector<Dropped> dropped_;    // not marked yet
   std::vector<Retiring> retiring_;  // marked, waiting for the mark to pass
   long long opens_ = 0;
+  long long closes_ = 0;
 };
 
 }  // namespace moelink::window

@@ -186,6 +186,7 @@ MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_pass
   int closes = 0;
   for (const std::string& entry : driver.log) closes += entry.rfind("close ", 0) == 0;
   EXPECT_EQ(closes, 1);
+  EXPECT_EQ(table.closes(), 1);
 }
 
 MOELINK_TEST(peer_segments_full_table_evicts_the_mapping_named_longest_ago) {

@@ -154,8 +154,9 @@ def _peer_segments(rank, num_ranks, seed):
     after round: from the third round on, rows come directly (each sender maps a segment the
     second time it is named), with exact outputs every round. Then segments
     that change under it (junk allocations and empty_cache between rounds), fp8 and cached
-    dispatches among them, still exact. Then one rank that does not take part
-    (MOELINK_PEER_SEGMENTS=0): nobody's rows come directly, and all stay exact."""
+    dispatches among them, still exact. Then rounds whose outputs always land in new segments, so
+    mappings are evicted and go stale and are closed, still exact. Then one rank that does not take
+    part (MOELINK_PEER_SEGMENTS=0): nobody's rows come directly, and all stay exact."""
     import gc
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     os.environ["MOELINK_PEER_SEGMENTS"] = "1"
@@ -191,6 +192,25 @@ def _peer_segments(rank, num_ranks, seed):
                     worst=i % 4 == 3).resolved(num_ranks)
         run_case(buf, rank, num_ranks, case, seed + 100 + i, config, combine_config)
     common.log(rank, f"[R={num_ranks}] churn rounds exact, {buf.runtime.peer_segments_mapped} peer segments mapped")
+    # Past the table's size and its stale limit: every round's outputs in new segments (freed and
+    # made again), each named twice in the round (dispatch, then the cached dispatch), so each round
+    # maps new keys, evicting older ones, and keys not named for 64 notes go stale. The dropped
+    # mappings must be closed once their kernels finished (never under one), with every round exact.
+    closed_before = buf.runtime.peer_segments_closed
+    for i in range(26):
+        junk.append(torch.empty(int(1 + (seed + i) % 5) * 2 * common.MIB, dtype=torch.uint8, device="cuda"))
+        if i % 2 == 1:
+            junk.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        case = Case(f"stale {i}", 128 + 32 * (i % 4), 4096, 8, 64, fp8=i % 3 == 2).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + 300 + i, config, combine_config)
+    closed = buf.runtime.peer_segments_closed - closed_before
+    common.log(rank, f"[R={num_ranks}] stale rounds exact, {closed} peer segment mappings closed, "
+                     f"{buf.runtime.peer_segments_mapped} mapped")
+    assert closed > 0, f"rank {rank}: 26 rounds of new segments closed no mapping (the table would only grow)"
+    assert buf.runtime.peer_segments_mapped <= 8 * (num_ranks - 1), \
+        f"rank {rank}: {buf.runtime.peer_segments_mapped} mappings held, more than the table's slots"
     buf.destroy()
     del junk
 
