@@ -69,6 +69,14 @@ void name_one(PeerSegments& table, int peer, unsigned long long key, unsigned ch
   table.note(peer, keys, unmapped, handles);
 }
 
+// Keys 1..kSegmentSlots of `peer`, each named twice (so mapped): every slot taken, key 1 oldest.
+void fill_slots(PeerSegments& table, int peer) {
+  for (unsigned long long key = 1; key <= kSegmentSlots; ++key) {
+    name_one(table, peer, key, static_cast<unsigned char>(key));
+    name_one(table, peer, key, static_cast<unsigned char>(key));
+  }
+}
+
 bool holds(const PeerSegments& table, int peer, unsigned long long key) {
   unsigned long long keys[kSegmentPeers][kSegmentSlots];
   char* bases[kSegmentPeers][kSegmentSlots];
@@ -150,10 +158,7 @@ MOELINK_TEST(peer_segments_close_stale_mappings_once_their_mark_has_passed) {
 MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_passed) {
   FakeDriver driver;
   PeerSegments table(fake_mapper(driver));
-  for (unsigned long long key = 1; key <= kSegmentSlots; ++key) {
-    name_one(table, 1, key, static_cast<unsigned char>(key));
-    name_one(table, 1, key, static_cast<unsigned char>(key));
-  }
+  fill_slots(table, 1);
   // The kernels before the eviction's mark are still running (a long compute kernel ahead of them).
   driver.pass = 0;
   for (int i = 0; i < PeerSegments::kSecondSighting; ++i) name_one(table, 1, 200 + i, 50);
@@ -192,10 +197,7 @@ MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_pass
 MOELINK_TEST(peer_segments_full_table_evicts_the_mapping_named_longest_ago) {
   FakeDriver driver;
   PeerSegments table(fake_mapper(driver));
-  for (unsigned long long key = 1; key <= kSegmentSlots; ++key) {
-    name_one(table, 2, key, static_cast<unsigned char>(key));
-    name_one(table, 2, key, static_cast<unsigned char>(key));
-  }
+  fill_slots(table, 2);
   EXPECT_EQ(table.mapped(2), kSegmentSlots);
   name_one(table, 2, 1, 1, true);  // key 1 is fresh again; key 2 is now the oldest
   name_one(table, 2, 100, 100);

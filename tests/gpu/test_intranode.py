@@ -149,6 +149,19 @@ def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)
 
 
+def _one_rank_out(rank, num_ranks, seed, config, combine_config, flag, what):
+    """Peer segments with the last rank out (MOELINK_PEER_SEGMENTS=0 there): it maps nothing, so no
+    rank's rows may take the segment path (`runtime.<flag>` stays false), and all stay exact."""
+    os.environ["MOELINK_PEER_SEGMENTS"] = "0" if rank == num_ranks - 1 else "1"
+    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
+    for i in range(4):
+        case = Case(f"one rank out {i}", 512, 4096, 8, 64).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + 200 + i, config, combine_config)
+        assert not getattr(buf.runtime, flag), f"rank {rank}: {what} although rank {num_ranks - 1} maps no peer segment"
+    buf.destroy()
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+
+
 def _peer_segments(rank, num_ranks, seed):
     """Direct dispatch into ordinary torch outputs (window/peer_segments.hpp). The same shapes round
     after round: from the third round on, rows come directly (each sender maps a segment the
@@ -214,15 +227,8 @@ def _peer_segments(rank, num_ranks, seed):
     buf.destroy()
     del junk
 
-    os.environ["MOELINK_PEER_SEGMENTS"] = "0" if rank == num_ranks - 1 else "1"
-    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
-    for i in range(4):
-        case = Case(f"one rank out {i}", 512, 4096, 8, 64).resolved(num_ranks)
-        run_case(buf, rank, num_ranks, case, seed + 200 + i, config, combine_config)
-        assert not buf.runtime.last_dispatch_direct, \
-            f"rank {rank}: rows came directly although rank {num_ranks - 1} maps no peer segment"
-    buf.destroy()
-    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    _one_rank_out(rank, num_ranks, seed, config, combine_config, "last_dispatch_direct",
+                  "rows came directly")
     common.log(rank, f"[R={num_ranks}] peer segments: steady direct, churn exact, a rank out falls back: ok")
 
 
@@ -255,15 +261,8 @@ def _peer_segments_combine_pull(rank, num_ranks, seed):
     assert sum(pulled_rounds[7:]) >= 1, f"rank {rank}: steady combines without weights were not pulled: {pulled_rounds}"
     buf.destroy()
 
-    os.environ["MOELINK_PEER_SEGMENTS"] = "0" if rank == num_ranks - 1 else "1"
-    buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
-    for i in range(4):
-        case = Case(f"pull one rank out {i}", 512, 4096, 8, 64).resolved(num_ranks)
-        run_case(buf, rank, num_ranks, case, seed + 200 + i, config, combine_config)
-        assert not buf.runtime.last_combine_pulled, \
-            f"rank {rank}: its combine input was pulled although rank {num_ranks - 1} maps no peer segment"
-    buf.destroy()
-    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    _one_rank_out(rank, num_ranks, seed, config, combine_config, "last_combine_pulled",
+                  "its combine input was pulled")
     common.log(rank, f"[R={num_ranks}] combine pull from segments: steady pulled, a rank out pushes: ok")
 
 

@@ -172,6 +172,21 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   return s;
 }
 
+// Where peers find one of our tensors: its offset in our receive arena, or (with `segments`) its
+// offset in a segment we export, whose key and handle go to `key` and `offer`; false when neither.
+bool place_for_peers(Context& ctx, bool segments, const TensorRef& ref, int64_t bytes, long long& offset,
+                     unsigned long long& key, SegmentOffer& offer) {
+  offset = ctx.offset_in_arena(ref, bytes);
+  if (offset >= 0 || !segments) return offset >= 0;
+  const window::SegmentExports::Export e = ctx.segment_exports.find(ref.data, bytes, ctx.device);
+  if (e.key == 0) return false;
+  offset = e.offset;
+  key = e.key;
+  offer.key = e.key;
+  offer.handle = e.handle;
+  return true;
+}
+
 // Peers may write this dispatch's rows straight into our outputs when every output the kernel
 // writes lives in our receive arena or in a segment we can export (the kernel then also needs every
 // sender to have that segment mapped); otherwise the rows come through the rings. A captured
@@ -184,18 +199,7 @@ DirectTarget direct_target(Context& ctx, const DispatchOutputs& out, const Dispa
   if (num_rows == 0) return t;  // nothing to receive: the rings' bookkeeping is already trivial
   bool direct = true;
   const auto place = [&](TargetField f, const TensorRef& ref, int64_t bytes, long long& offset) {
-    offset = ctx.offset_in_arena(ref, bytes);
-    if (offset >= 0 || !segments) {
-      direct &= offset >= 0;
-      return;
-    }
-    const window::SegmentExports::Export e = ctx.segment_exports.find(ref.data, bytes, ctx.device);
-    direct &= e.key != 0;
-    if (e.key == 0) return;
-    offset = e.offset;
-    t.key[f] = e.key;
-    offers[f].key = e.key;
-    offers[f].handle = e.handle;
+    direct &= place_for_peers(ctx, segments, ref, bytes, offset, t.key[f], offers[f]);
   };
   place(kFieldX, out.recv_x, num_rows * s.row_bytes, t.x);
   if (s.fp8) {
@@ -276,18 +280,7 @@ CombineSource combine_source(Context& ctx, const CombineInputs& in, int64_t N, i
   CombineSource source{};
   bool placed = N > 0;
   const auto place = [&](SourceField f, const TensorRef& ref, int64_t bytes, long long& offset) {
-    offset = ctx.offset_in_arena(ref, bytes);
-    if (offset >= 0 || !segments || N == 0) {
-      placed &= offset >= 0;
-      return;
-    }
-    const window::SegmentExports::Export e = ctx.segment_exports.find(ref.data, bytes, ctx.device);
-    placed &= e.key != 0;
-    if (e.key == 0) return;
-    offset = e.offset;
-    source.key[f] = e.key;
-    offers[f].key = e.key;
-    offers[f].handle = e.handle;
+    placed &= place_for_peers(ctx, segments && N > 0, ref, bytes, offset, source.key[f], offers[f]);
   };
   place(kSourceX, in.x, N * H * 2, source.x);
   source.weights = -1;
