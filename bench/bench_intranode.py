@@ -140,6 +140,16 @@ def _held_count(recv_rows: int, hidden: int, num_ranks: int) -> int:
     return max(1, min(HELD_OUTPUTS, int(free * 0.5 / ranks_here / max(per_output, 1))))
 
 
+def _path(buf, name: str):
+    """moelink's path in the op's last timed call on this rank: whether peers wrote the dispatch's
+    rows straight into its outputs, or read the combine's input in place (None for other ops and
+    for DeepEP). Without it a slow row does not say whether the rings were taken."""
+    runtime = getattr(buf, "runtime", None)
+    if runtime is None or name.startswith("layout"):
+        return None
+    return bool(runtime.last_combine_pulled if name.startswith("combine") else runtime.last_dispatch_direct)
+
+
 def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, iters=30,
                warmup=5, seed=0, anchor_path=None) -> dict:
     """Times every op of OPS on every rank with `impl`; returns the cell's summary (the same on
@@ -204,7 +214,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
             if not everyone_ok(name):
                 break
         try:
-            mine[name] = (_time_us(op, flush, iters, warmup, host=name == "layout_host"), nbytes)
+            mine[name] = (_time_us(op, flush, iters, warmup, host=name == "layout_host"), nbytes, _path(buf, name))
         except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
             errors[name] = traceback.format_exc(limit=3)
         if not everyone_ok(name):
@@ -228,6 +238,9 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
         times = [g["ops"][name][0] for g in gathered]
         nbytes = [g["ops"][name][1] for g in gathered]
         entry = {"time_us_mean": statistics.mean(times), "time_us": times, "bytes": nbytes}
+        paths = [g["ops"][name][2] for g in gathered]
+        if all(p is not None for p in paths):
+            entry["in_place_ranks"] = sum(paths)  # ranks whose last timed call went direct / pulled
         if all(nbytes):
             gbps = [b / (t * 1e-6) / 1e9 for b, t in zip(nbytes, times)]
             entry.update(gbps_mean=statistics.mean(gbps), gbps_min=min(gbps))

@@ -301,6 +301,19 @@ def format_table(cells: list[dict], info: dict, anchor_note: str) -> str:
                 row += [_cell(arena_op)[1], f"{r:.2f}" if r else "-"]
             lines.append(f"{prefix} | " + " | ".join(row) + " |")
     lines.append("")
+    paths = []
+    for cell in cells:
+        mine = cell["results"].get("moelink")
+        if not mine or "error" in mine:
+            continue
+        ops = [f"{OP_TITLES[n]} {_op(mine, n)['in_place_ranks']}/{cell['ranks']}" for n in OP_TITLES
+               if _op(mine, n) and "in_place_ranks" in _op(mine, n)]
+        if ops:
+            paths.append(f"{cell['ranks']}x{cell['num_sms']}: " + ", ".join(ops))
+    if paths:
+        lines.append("moelink ranks whose last timed call wrote rows in place (dispatch direct, combine pulled): "
+                     + "; ".join(paths) + ".")
+        lines.append("")
     lines.append(f"Anchor: {anchor_note}. Two-touch limit: {info.get('copy_gbps', 0):.0f} GB/s copy rate "
                  "(read + write) / (2 x ranks per GPU).")
     return "\n".join(lines)

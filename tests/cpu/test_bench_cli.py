@@ -165,6 +165,19 @@ def test_table_marks_a_missing_or_failed_anchor(run_all):
     assert "DeepEP 1.2.1 from /x" in table
 
 
+def test_table_says_which_path_moelink_took(run_all):
+    info = {"copy_gbps": 4000.0, "gpu_count": 1}
+    mine = fake_result(run_all)
+    mine["ops"]["dispatch_bf16"]["in_place_ranks"] = 4
+    mine["ops"]["dispatch_bf16_held"]["in_place_ranks"] = 1
+    table = run_all.format_table([{**RUN, "results": {"moelink": mine}}], info, "none")
+    line = next(line for line in table.splitlines() if line.startswith("moelink ranks whose last timed call"))
+    assert f"4x24: {run_all.OP_TITLES['dispatch_bf16']} 4/4" in line
+    assert f"{run_all.OP_TITLES['dispatch_bf16_held']} 1/4" in line
+    plain = run_all.format_table([{**RUN, "results": {"moelink": fake_result(run_all)}}], info, "none")
+    assert "last timed call" not in plain  # DeepEP-only or older results: no line
+
+
 def test_two_touch_limit(run_all):
     assert run_all.two_touch_limit(4000.0, 4, 1) == 500.0
     assert run_all.two_touch_limit(4000.0, 8, 8) == 2000.0  # one rank per GPU
