@@ -149,7 +149,7 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
       }
     // A key whose old mapping is not closed yet waits for the close: opening a handle this
     // process still has open is not something to rely on.
-    if (held || !unmapped[f] || pe.refused.count(key) || closing(key)) continue;
+    if (held || !unmapped[f] || pe.refused.count(key) || closing(peer, key)) continue;
     auto c = pe.candidates.find(key);
     if (c == pe.candidates.end() || c->second.seen_at == now || !same_handle(c->second.handle, handles[f])) {
       // A repeat within this note (two fields in one segment) is one sighting; a new handle
@@ -172,20 +172,20 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
       pe.refused[key] = true;
       continue;
     }
-    drop(*victim);
+    drop(peer, *victim);
     *victim = {key, static_cast<char*>(base), now};
   }
   // Sightings not repeated in time are forgotten.
   for (auto c = pe.candidates.begin(); c != pe.candidates.end();)
     c = now - c->second.seen_at >= kSecondSighting ? pe.candidates.erase(c) : std::next(c);
   for (Slot& slot : pe.slots)
-    if (slot.key != 0 && now - slot.named_at >= kStaleAfter) drop(slot);
+    if (slot.key != 0 && now - slot.named_at >= kStaleAfter) drop(peer, slot);
   retire();
 }
 
-void PeerSegments::drop(Slot& slot) {
+void PeerSegments::drop(int peer, Slot& slot) {
   if (slot.key == 0) return;
-  dropped_.push_back({slot.key, slot.base});
+  dropped_.push_back({peer, slot.key, slot.base});
   slot = {};
 }
 
@@ -217,12 +217,12 @@ int PeerSegments::closing() const {
   return static_cast<int>(n);
 }
 
-bool PeerSegments::closing(unsigned long long key) const {
+bool PeerSegments::closing(int peer, unsigned long long key) const {
   for (const Dropped& d : dropped_)
-    if (d.key == key) return true;
+    if (d.peer == peer && d.key == key) return true;
   for (const Retiring& r : retiring_)
     for (const Dropped& d : r.mappings)
-      if (d.key == key) return true;
+      if (d.peer == peer && d.key == key) return true;
   return false;
 }
 
@@ -236,8 +236,9 @@ void PeerSegments::fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots]
 }
 
 void PeerSegments::close_all() {
-  for (Peer& pe : peers_) {
-    for (Slot& slot : pe.slots) drop(slot);
+  for (int p = 0; p < kSegmentPeers; ++p) {
+    Peer& pe = peers_[p];
+    for (Slot& slot : pe.slots) drop(p, slot);
     pe.candidates.clear();
     pe.refused.clear();
   }

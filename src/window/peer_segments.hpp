@@ -139,6 +139,7 @@ class PeerSegments {
     std::unordered_map<unsigned long long, bool> refused;  // keys whose open failed
   };
   struct Dropped {
+    int peer;  // keys are buffer ids of the peer's process: two peers may use the same one
     unsigned long long key;
     char* base;
   };
@@ -146,8 +147,8 @@ class PeerSegments {
     void* mark;
     std::vector<Dropped> mappings;
   };
-  void drop(Slot& slot);
-  bool closing(unsigned long long key) const;
+  void drop(int peer, Slot& slot);
+  bool closing(int peer, unsigned long long key) const;
 
   SegmentMapper mapper_;
   std::array<Peer, kSegmentPeers> peers_{};

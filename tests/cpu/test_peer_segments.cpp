@@ -178,6 +178,10 @@ MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_pass
   name_one(table, 1, 1, 1);
   EXPECT_FALSE(holds(table, 1, 1));
   EXPECT_EQ(driver.log.size(), opens_before);
+  // Another peer's key 1 is another segment (keys are per process): it is mapped meanwhile.
+  name_one(table, 2, 1, 1);
+  name_one(table, 2, 1, 1);
+  EXPECT_TRUE(holds(table, 2, 1));
   driver.pass = 1;
   table.retire();
   EXPECT_EQ(table.closing(), 0);
