@@ -70,11 +70,12 @@ __device__ __forceinline__ void report_aborted(const ErrorSink& err, int word) {
 
 enum WaitResult : int { kArrived = 0, kTimedOut = 1, kAborted = 2 };
 
-// Spins until done() holds, for at most the sink's timeout. Reports nothing on a timeout (the caller
-// decides what a late peer means); when a fault was reported anywhere on the node meanwhile,
-// records it as its own reason and returns kAborted.
+// Spins until done() holds, for at most `timeout_ns` (the sink's timeout unless given). Reports
+// nothing on a timeout (the caller decides what a late peer means); when a fault was reported
+// anywhere on the node meanwhile, records it as its own reason and returns kAborted.
 template <typename Done>
-__device__ __forceinline__ WaitResult wait_for(Done done, const ErrorSink& err) {
+__device__ __forceinline__ WaitResult wait_for(Done done, const ErrorSink& err, uint64_t timeout_ns = 0) {
+  if (timeout_ns == 0) timeout_ns = err.timeout_ns;
   if (done()) return kArrived;
   const uint64_t start = global_timer_ns();
   for (uint32_t spins = 1;; ++spins) {
@@ -86,7 +87,7 @@ __device__ __forceinline__ WaitResult wait_for(Done done, const ErrorSink& err) 
         report_aborted(err, word);
         return kAborted;
       }
-      if (global_timer_ns() - start > err.timeout_ns) return kTimedOut;
+      if (global_timer_ns() - start > timeout_ns) return kTimedOut;
     }
   }
 }
@@ -110,23 +111,10 @@ __device__ __forceinline__ bool wait_until(Done done, const ErrorSink& err, int 
 template <typename Done>
 __device__ __forceinline__ bool wait_until_deferring(Done done, const ErrorSink& err, int peer, int step, int channel,
                                                      long long detail) {
-  const WaitResult result = wait_for(done, err);
-  if (result != kTimedOut) return result == kArrived;
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spins = 1;; ++spins) {
-    if (done()) return true;
-    if (err.backoff_ns != 0) __nanosleep(err.backoff_ns);
-    if ((spins & 15) == 0) {
-      const int word = fault_word(err);
-      if (word != 0) {
-        report_aborted(err, word);
-        return false;
-      }
-      if (global_timer_ns() - start > err.timeout_ns / 4) break;
-    }
-  }
-  report_fault(err, kErrTimeout, peer, step, channel, detail);
-  return false;
+  WaitResult result = wait_for(done, err);
+  if (result == kTimedOut) result = wait_for(done, err, err.timeout_ns / 4 + 1);
+  if (result == kTimedOut) report_fault(err, kErrTimeout, peer, step, channel, detail);
+  return result == kArrived;
 }
 
 // Spins until ld_acquire_sys(counter) >= target.

@@ -180,7 +180,6 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
     c = now - c->second.seen_at >= kSecondSighting ? pe.candidates.erase(c) : std::next(c);
   for (Slot& slot : pe.slots)
     if (slot.key != 0 && now - slot.named_at >= kStaleAfter) drop(peer, slot);
-  retire();
 }
 
 void PeerSegments::drop(int peer, Slot& slot) {

@@ -65,8 +65,8 @@ class SegmentExports {
 // already queued, so it is closed only once they have finished. That is never waited for on an
 // operation's path: a wait there would hold the caller's thread behind every queued kernel, the
 // host sync the whole runtime avoids (a dispatch after a long compute kernel would return only when
-// it ends). The drop is marked on the comm stream instead and the close done by a later note (or
-// retire()) that finds the mark passed.
+// it ends). The drop is marked on the comm stream instead and the close done by a later
+// retire() that finds the mark passed.
 struct SegmentMapper {
   // Maps a peer's segment; nullptr when it cannot (the key is then not tried again).
   void* (*open)(const cudaIpcMemHandle_t& handle, void* context);
@@ -111,8 +111,9 @@ class PeerSegments {
             const cudaIpcMemHandle_t (&handles)[kSegmentFields]);
   // The table a kernel gets: [peer][slot] key (0 = empty) and mapped base.
   void fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots], char* (&bases)[kSegmentPeers][kSegmentSlots]) const;
-  // Marks what was dropped since the last mark and closes what earlier marks have passed; note()
-  // ends with it, and a caller with no news calls it so pending closes do not wait for news.
+  // Marks what was dropped since the last mark and closes what earlier marks have passed. Called
+  // once after an operation's notes, before its kernel is launched (one mark covers every peer's
+  // drops), and also when there was no news, so pending closes do not wait for news.
   void retire();
   void close_all();
 

@@ -268,7 +268,7 @@ void take_segment_news(Context& ctx) {
     take_news(ctx, d, &ctx.mailbox->intranode.segment_news[d], ctx.segment_news_seen[d]);
     take_news(ctx, d, &ctx.mailbox->intranode.combine_segment_news[d], ctx.combine_segment_news_seen[d]);
   }
-  ctx.peer_segments->retire();  // closes whose marks have passed, also when no peer had news
+  ctx.peer_segments->retire();  // one mark for every peer's drops; closes whose marks have passed
 }
 
 // Peers read our rows in place when the input (and its weights) live in our receive arena, or in
