@@ -571,13 +571,10 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   const bool segments = segments_allowed(ctx, order);
   if (segments) take_segment_news(ctx);
   // The test hook stops a rank's pushes part-way; a pulled input has no pushes to stop, and its
-  // rank would end normally, so a halting combine always pushes.
+  // rank would end normally, so a halting combine always pushes. Without segments the offsets are
+  // already the arena's (or -1), as a push wants them.
   a.source = combine_source(ctx, in, N, H, K, segments && !halt_sends, a.offers);
-  if (halt_sends) {
-    a.source.pull = 0;
-    a.source.x = ctx.offset_in_arena(in.x, N * H * 2);
-    a.source.weights = K ? ctx.offset_in_arena(in.topk_weights, N * K * 4) : -1;
-  }
+  if (halt_sends) a.source.pull = 0;
   if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
