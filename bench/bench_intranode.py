@@ -26,9 +26,9 @@ import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _path in (REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):  # common.py adds build/python
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+for _dir in (REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):  # common.py adds build/python
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -140,13 +140,14 @@ def _held_count(recv_rows: int, hidden: int, num_ranks: int) -> int:
     return max(1, min(HELD_OUTPUTS, int(free * 0.5 / ranks_here / max(per_output, 1))))
 
 
-def _path(buf, name: str):
+def _path(buf, impl: str, name: str):
     """moelink's path in the op's last timed call on this rank: whether peers wrote the dispatch's
     rows straight into its outputs, or read the combine's input in place (None for other ops and
-    for DeepEP). Without it a slow row does not say whether the rings were taken."""
-    runtime = getattr(buf, "runtime", None)
-    if runtime is None or name.startswith("layout"):
+    for DeepEP, whose Buffer has a `runtime` too). Without it a slow row does not say whether the
+    rings were taken."""
+    if not impl.startswith("moelink") or name.startswith("layout"):
         return None
+    runtime = buf.runtime
     return bool(runtime.last_combine_pulled if name.startswith("combine") else runtime.last_dispatch_direct)
 
 
@@ -214,7 +215,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
             if not everyone_ok(name):
                 break
         try:
-            mine[name] = (_time_us(op, flush, iters, warmup, host=name == "layout_host"), nbytes, _path(buf, name))
+            mine[name] = (_time_us(op, flush, iters, warmup, host=name == "layout_host"), nbytes, _path(buf, impl, name))
         except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
             errors[name] = traceback.format_exc(limit=3)
         if not everyone_ok(name):

@@ -306,3 +306,25 @@ def test_a_failing_rank_of_a_function_reference_is_a_rank_failure(repo_root, mon
 
     with pytest.raises(launcher.RankFailure, match="dumps on 2 ranks"):
         launcher.run_ranks(2, ("json", "dumps", json.__file__), timeout_s=60)
+
+
+def test_the_path_is_asked_of_moelink_only(repo_root):
+    """DeepEP's Buffer has a `runtime` too, without moelink's path counters: asking it made every
+    DeepEP op of a cell fail (a run with no ratios at all)."""
+    spec = importlib.util.spec_from_file_location("bench_intranode_path", repo_root / "bench" / "bench_intranode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Runtime:
+        last_dispatch_direct, last_combine_pulled = True, False
+
+    class Buf:
+        runtime = Runtime()
+
+    class DeepEpBuf:
+        runtime = object()
+
+    assert module._path(DeepEpBuf(), "deep_ep", "dispatch_bf16") is None
+    assert module._path(Buf(), "moelink", "dispatch_bf16") is True
+    assert module._path(Buf(), "moelink+arena", "combine_x") is False
+    assert module._path(Buf(), "moelink", "layout") is None
