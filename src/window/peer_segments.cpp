@@ -188,8 +188,9 @@ void PeerSegments::drop(int peer, Slot& slot) {
   slot = {};
 }
 
-void PeerSegments::retire() {
-  for (auto r = retiring_.begin(); r != retiring_.end();) {
+void PeerSegments::retire(bool quiet) {
+  const bool may_close = quiet || closing() > kCloseBacklog;
+  for (auto r = retiring_.begin(); may_close && r != retiring_.end();) {
     const int passed = mapper_.passed(r->mark, mapper_.context);
     if (passed == 0) {
       ++r;

@@ -67,6 +67,12 @@ class SegmentExports {
 // host sync the whole runtime avoids (a dispatch after a long compute kernel would return only when
 // it ends). The drop is marked on the comm stream instead and the close done by a later
 // retire() that finds the mark passed.
+//
+// Closing is a host sync too: cudaIpcCloseMemHandle returns only when the whole device is idle
+// (.scratch/probe_ipc_sync on the H200, with and without MPS: 500 ms behind a 500 ms kernel on any
+// stream of the process; opening, exporting and pointer queries do not wait). So a passed mark is
+// closed only when the caller finds its streams idle, or when so many closes wait that the pinned
+// memory they hold matters more than one stall (kCloseBacklog).
 struct SegmentMapper {
   // Maps a peer's segment; nullptr when it cannot (the key is then not tried again).
   void* (*open)(const cudaIpcMemHandle_t& handle, void* context);
@@ -95,6 +101,8 @@ class PeerSegments {
   // segments) is dropped.
   static constexpr int kStaleAfter = 64;
   static constexpr int kSecondSighting = 4;
+  // Mappings waiting for an idle device beyond which retire() closes them even on a busy one.
+  static constexpr int kCloseBacklog = 32;
 
   explicit PeerSegments(SegmentMapper mapper) : mapper_(mapper) {}
   ~PeerSegments() { close_all(); }
@@ -111,10 +119,11 @@ class PeerSegments {
             const cudaIpcMemHandle_t (&handles)[kSegmentFields]);
   // The table a kernel gets: [peer][slot] key (0 = empty) and mapped base.
   void fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots], char* (&bases)[kSegmentPeers][kSegmentSlots]) const;
-  // Marks what was dropped since the last mark and closes what earlier marks have passed. Called
-  // once after an operation's notes, before its kernel is launched (one mark covers every peer's
-  // drops), and also when there was no news, so pending closes do not wait for news.
-  void retire();
+  // Marks what was dropped since the last mark and closes what earlier marks have passed, when
+  // `quiet` (the caller's streams were idle, so a close does not stall it) or past kCloseBacklog.
+  // Called once after an operation's notes, before its kernel is launched (one mark covers every
+  // peer's drops), and also when there was no news, so pending closes do not wait for news.
+  void retire(bool quiet);
   void close_all();
 
   int mapped(int peer) const;  // mappings held for `peer`

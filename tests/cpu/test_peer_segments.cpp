@@ -143,13 +143,13 @@ MOELINK_TEST(peer_segments_close_stale_mappings_once_their_mark_has_passed) {
   EXPECT_TRUE(holds(table, 0, 5));
   EXPECT_TRUE(holds(table, 0, 6));
   name_one(table, 0, 6, 6, true);
-  table.retire();  // as the host does after an operation's notes
+  table.retire(true);  // as the host does after an operation's notes
   EXPECT_FALSE(holds(table, 0, 5));  // out of the table the next kernel gets at once
   EXPECT_TRUE(holds(table, 0, 6));
   ASSERT_EQ(driver.log.size(), 3u);
   EXPECT_EQ(driver.log[2], std::string("mark"));  // not closed under the kernels queued before
   EXPECT_EQ(table.closing(), 1);
-  table.retire();
+  table.retire(true);
   ASSERT_EQ(driver.log.size(), 5u);
   EXPECT_EQ(driver.log[3].rfind("close ", 0), 0u);
   EXPECT_EQ(driver.log[4], std::string("forget"));
@@ -165,13 +165,13 @@ MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_pass
   for (int i = 0; i < PeerSegments::kSecondSighting; ++i) name_one(table, 1, 200 + i, 50);
   name_one(table, 1, 100, 100);
   name_one(table, 1, 100, 100);
-  table.retire();
+  table.retire(true);
   EXPECT_TRUE(holds(table, 1, 100));
   EXPECT_FALSE(holds(table, 1, 1));
   EXPECT_EQ(table.closing(), 1);
   for (int i = 0; i < 10; ++i) {
     name_one(table, 1, 100, 100, true);
-    table.retire();
+    table.retire(true);
   }
   for (const std::string& entry : driver.log) {
     EXPECT_TRUE(entry != "wait");  // an operation's host path never waits for the stream
@@ -188,7 +188,7 @@ MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_pass
   name_one(table, 2, 1, 1);
   EXPECT_TRUE(holds(table, 2, 1));
   driver.pass = 1;
-  table.retire();
+  table.retire(true);
   EXPECT_EQ(table.closing(), 0);
   ASSERT_TRUE(driver.log.size() >= 2u);
   EXPECT_EQ(driver.log[driver.log.size() - 2].rfind("close ", 0), 0u);
@@ -196,14 +196,49 @@ MOELINK_TEST(peer_segments_a_drop_never_waits_and_closes_only_when_its_mark_pass
   driver.pass = -1;
   for (int i = 0; i < PeerSegments::kStaleAfter + 1; ++i) {
     name_one(table, 1, 300, 30, i >= 2);
-    table.retire();
+    table.retire(true);
   }
-  table.retire();
+  table.retire(true);
   EXPECT_EQ(table.closing(), 0);
   int closes = 0;
   for (const std::string& entry : driver.log) closes += entry.rfind("close ", 0) == 0;
   EXPECT_EQ(closes, 1);
   EXPECT_EQ(table.closes(), 1);
+}
+
+// A close waits for the whole device (cudaIpcCloseMemHandle), so on a busy device passed marks
+// stay open, until more than kCloseBacklog mappings wait; an idle retire closes them all.
+MOELINK_TEST(peer_segments_close_only_on_idle_streams_or_past_the_backlog) {
+  FakeDriver driver;
+  PeerSegments table(fake_mapper(driver));
+  const auto closes = [&] {
+    int n = 0;
+    for (const std::string& entry : driver.log) n += entry.rfind("close ", 0) == 0;
+    return n;
+  };
+  // Each round maps a new key of peer 0 (named twice), evicting the oldest once the slots are full.
+  unsigned long long key = 1;
+  const auto map_new = [&] {
+    name_one(table, 0, key, static_cast<unsigned char>(key));
+    name_one(table, 0, key, static_cast<unsigned char>(key));
+    ++key;
+    table.retire(false);
+  };
+  for (int i = 0; i < kSegmentSlots; ++i) map_new();
+  EXPECT_EQ(table.closing(), 0);
+  for (int i = 0; i < PeerSegments::kCloseBacklog; ++i) map_new();
+  EXPECT_EQ(table.closing(), PeerSegments::kCloseBacklog);
+  EXPECT_EQ(closes(), 0);  // every mark has passed, but the streams were busy
+  map_new();               // one past the backlog: closed although busy
+  EXPECT_EQ(closes(), PeerSegments::kCloseBacklog);
+  EXPECT_EQ(table.closing(), 1);  // the drop of this round, marked now
+  EXPECT_EQ(table.mapped(0), kSegmentSlots);
+  map_new();
+  EXPECT_EQ(closes(), PeerSegments::kCloseBacklog);
+  table.retire(true);
+  EXPECT_EQ(closes(), PeerSegments::kCloseBacklog + 2);
+  EXPECT_EQ(table.closing(), 0);
+  EXPECT_EQ(table.closes(), PeerSegments::kCloseBacklog + 2);
 }
 
 MOELINK_TEST(peer_segments_full_table_evicts_the_mapping_named_longest_ago) {
