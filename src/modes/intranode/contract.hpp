@@ -107,6 +107,18 @@ struct CombineSource {
   Epoch seq;  // written last, with release semantics
 };
 
+// What the notify kernel computes for this rank's handle, in its own header section (peers never
+// touch it). The dispatch kernel reads the matrices from here and copies them, and the info, into
+// the handle's tensors, so that the host can allocate those while the notify runs. One copy is
+// enough: the comm stream runs the next notify only after this dispatch's kernel, and a notify
+// whose dispatch is never launched (its host raised) leaves nothing anyone reads.
+struct NotifyResults {
+  long long info[2];  // the handle's info: the dispatch id (the opening epoch) and 0, or 1 if it failed
+  int rank_prefix_matrix[kMaxNvlRanks * kMaxNvlRanks];          // [R, R]
+  int channel_prefix_matrix[kMaxNvlRanks * kMaxChannels];       // [R, C]
+  int recv_channel_prefix_matrix[kMaxNvlRanks * kMaxChannels];  // [R, C]
+};
+
 // This mode's section of each rank's NVLink-buffer header.
 struct alignas(128) HeaderSection {
   // notify inbox: [src] -> what src tells this rank
@@ -131,6 +143,7 @@ struct alignas(128) HeaderSection {
   // [sender]. Combine's token owners publish theirs here too (NOTES in combine.cu: why sharing is safe).
   SegmentsOpened segments_opened[kMaxNvlRanks];
   SegmentOffer combine_offers[kNumSourceFields];  // the handles of the segments combine_source names
+  NotifyResults notify_results;  // this rank's own
 };
 
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
@@ -160,10 +173,7 @@ struct NotifyArgs {
   const int64_t* topk_idx;          // [T, K], or nullptr: checked for ids outside [-1, E)
   int num_tokens, num_topk, num_experts, num_ranks, num_channels, num_local_experts;
   int expert_alignment, num_worst_tokens;
-  int* rank_prefix_matrix;          // [R, R]
-  int* channel_prefix_matrix;       // [R, C]
-  int* recv_channel_prefix_matrix;  // [R, C]
-  long long* handle_info;           // [2]: the dispatch id (its opening epoch) and 0, or 1 if it failed
+  NotifyResults* results;           // this rank's own header section's
   int* ready_seq;                   // host-mapped: set last, to seq
   MailboxSection* mailbox;          // host-mapped
   int seq;                          // host-side number of this notify, for the host wait only
@@ -174,6 +184,16 @@ struct NotifyArgs {
 };
 void launch_notify(const NotifyArgs& args, cudaStream_t stream);
 
+// Where an uncached dispatch's kernel copies its notify's results: the handle's tensors, which
+// the host allocated after the notify's launch. `from` is nullptr for a cached dispatch.
+struct HandleCopy {
+  const NotifyResults* from;
+  int* rank_prefix_matrix;          // [R, R]
+  int* channel_prefix_matrix;       // [R, C]
+  int* recv_channel_prefix_matrix;  // [R, C]
+  long long* info;                  // [2]
+};
+
 struct DispatchArgs {
   // inputs
   const void* x;  // [T, row bytes]
@@ -182,11 +202,12 @@ struct DispatchArgs {
   const int64_t* topk_idx;  // [T, K] or nullptr (cached)
   const float* topk_weights;
   const bool* is_token_in_rank;
-  const int* rank_prefix_matrix;
+  const int* rank_prefix_matrix;  // uncached: the notify's results (NotifyResults), else the handle's
   const int* channel_prefix_matrix;
   const int* recv_channel_prefix_matrix;
   int num_tokens, num_experts, num_local_experts;
   // outputs
+  HandleCopy handle_copy;  // uncached: the notify's results into the handle's tensors
   void* recv_x;
   float* recv_x_scales;
   int64_t recv_scales_stride_token, recv_scales_stride_scale;

@@ -20,6 +20,9 @@
 //   that opens every operation guarantees nobody touches a ring before its owner reset it.
 //   Sequence numbers (targets, done flags) are the operation's last barrier epoch, read on the
 //   device: 64-bit, wrap-safe, and advanced by every replay of a captured graph.
+//   An uncached dispatch reads its prefix matrices from the notify's results in this rank's header
+//   (NotifyResults), and its last block copies them and the info into the handle's tensors first,
+//   whether or not the operation runs.
 //   The kernel runs only when the opening left the gate open and no fault is known; otherwise, or
 //   when a block gives up, every output is poisoned (common/poison.cuh).
 //   Every wait is bounded by the timeout and reports (rank, peer, step, channel).
@@ -495,11 +498,26 @@ __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
     recv_channel(a, seq, channel, self_direct);
 }
 
+// An uncached dispatch's handle gets its notify's results whether or not the operation runs: a
+// skipped one's handle (num_worst_tokens, no host wait) is returned, and its info must say it failed.
+// The kernel itself reads the results where the notify left them, so nothing waits for the copy.
+__device__ void copy_handle(const HandleCopy& h, int R, int C) {
+  for (int i = threadIdx.x; i < R * R; i += blockDim.x) h.rank_prefix_matrix[i] = h.from->rank_prefix_matrix[i];
+  for (int i = threadIdx.x; i < R * C; i += blockDim.x) {
+    h.channel_prefix_matrix[i] = h.from->channel_prefix_matrix[i];
+    h.recv_channel_prefix_matrix[i] = h.from->recv_channel_prefix_matrix[i];
+  }
+  if (threadIdx.x < 2) h.info[threadIdx.x] = h.from->info[threadIdx.x];
+}
+
 // The operation's number is its last barrier's epoch (notify's, or the cached dispatch's
 // opening), the same on every rank and advanced by the device, so a replayed graph never reuses
 // one. A skipped operation touches no peer memory and poisons its outputs.
 template <bool kHalt>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
+  // The last block is a receiver, whose first step is a wait on its peers anyway.
+  if (a.handle_copy.from != nullptr && blockIdx.x == gridDim.x - 1)
+    copy_handle(a.handle_copy, a.layout.num_ranks, a.layout.num_channels);
   if (operation_may_run(a.err))
     dispatch_channel<kHalt>(a, ld_volatile(&a.err.self->epoch));
   else

@@ -350,10 +350,7 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   a.num_local_experts = s.num_experts / R;
   a.expert_alignment = in.expert_alignment;
   a.num_worst_tokens = in.num_worst_tokens;
-  a.rank_prefix_matrix = static_cast<int*>(h.rank_prefix_matrix.data);
-  a.channel_prefix_matrix = static_cast<int*>(h.channel_prefix_matrix.data);
-  a.recv_channel_prefix_matrix = static_cast<int*>(h.recv_channel_prefix_matrix.data);
-  a.handle_info = static_cast<long long*>(h.info.data);
+  a.results = &ctx.header()->intranode.notify_results;
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.ready_seq = &ctx.mailbox_dev->ready_seq;
   a.seq = ++ctx.notify_seq;
@@ -419,10 +416,10 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   check::dim(out.recv_x, 2, "recv_x");
   const int64_t N = out.recv_x.size(0);
   expect(out.recv_x, {N, s.hidden}, in.x.dtype, ctx.device, "recv_x");
-  if (cached) {
-    expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
-  } else {
-    expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
+  expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
+  if (!cached) {
+    // The kernel fills the handle's info (and its matrices, checked with the inputs).
+    handle_info(h, ctx.device);
     // A dispatch without topk_idx (routed by is_token_in_rank alone) has no recv_topk_idx.
     if (s.num_topk > 0) expect(out.recv_topk_idx, {N, s.num_topk}, DType::kInt64, ctx.device, "recv_topk_idx");
     if (in.topk_weights.data) expect(out.recv_topk_weights, {N, s.num_topk}, DType::kFloat32, ctx.device, "recv_topk_weights");
@@ -458,9 +455,21 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.topk_idx = cached ? nullptr : static_cast<const int64_t*>(in.topk_idx.data);
   a.topk_weights = cached ? nullptr : static_cast<const float*>(in.topk_weights.data);
   a.is_token_in_rank = static_cast<const bool*>(in.is_token_in_rank.data);
-  a.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
-  a.channel_prefix_matrix = static_cast<const int*>(h.channel_prefix_matrix.data);
-  a.recv_channel_prefix_matrix = static_cast<const int*>(h.recv_channel_prefix_matrix.data);
+  if (cached) {
+    a.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
+    a.channel_prefix_matrix = static_cast<const int*>(h.channel_prefix_matrix.data);
+    a.recv_channel_prefix_matrix = static_cast<const int*>(h.recv_channel_prefix_matrix.data);
+  } else {
+    const NotifyResults* results = &ctx.header()->intranode.notify_results;
+    a.rank_prefix_matrix = results->rank_prefix_matrix;
+    a.channel_prefix_matrix = results->channel_prefix_matrix;
+    a.recv_channel_prefix_matrix = results->recv_channel_prefix_matrix;
+    a.handle_copy.from = results;
+    a.handle_copy.rank_prefix_matrix = static_cast<int*>(h.rank_prefix_matrix.data);
+    a.handle_copy.channel_prefix_matrix = static_cast<int*>(h.channel_prefix_matrix.data);
+    a.handle_copy.recv_channel_prefix_matrix = static_cast<int*>(h.recv_channel_prefix_matrix.data);
+    a.handle_copy.info = static_cast<long long*>(h.info.data);
+  }
   a.num_tokens = static_cast<int>(s.num_tokens);
   a.num_experts = s.num_experts;
   a.num_local_experts = cached ? 0 : s.num_experts / R;

@@ -14,10 +14,12 @@
 //   4. read my inbox. Every rank sees every rank's totals, bad id and num_worst_tokens, so every
 //      rank finds the same data error (a bad id on the lowest rank, else the lowest rank that would
 //      receive more rows than its num_worst_tokens) and skips with it. Otherwise:
-//      rank_prefix_matrix, recv_channel_prefix_matrix, per-expert counts. The handle's info gets
-//      the dispatch id (the opening epoch) and its status; the gate is left for the dispatch
-//      kernel; the mailbox gets the counts, whether every rank skips, and ready_seq last. The host
-//      polls ready_seq. A skipped notify (step 1) writes the status and ready_seq too.
+//      rank_prefix_matrix, recv_channel_prefix_matrix, per-expert counts. The handle's matrices
+//      and its info (the dispatch id, i.e. the opening epoch, and its status) go to this rank's
+//      NotifyResults, from which the dispatch kernel copies them into the handle's tensors; the
+//      gate is left for the dispatch kernel; the mailbox gets the counts, whether every rank
+//      skips, and ready_seq last. The host polls ready_seq. A skipped notify (step 1) writes the
+//      status and ready_seq too.
 #include <cuda_runtime.h>
 
 #include "common/launch.cuh"
@@ -126,17 +128,16 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   __syncthreads();  // the opening is done and first_bad initialised
   if (my_bad != ~0ull) atomicMin(&first_bad, my_bad);
   __syncthreads();
+  NotifyResults* out = a.results;
   if (gate == kGateSkip) {
     // The handle of a skipped dispatch can never be used: its info says so and its matrices are -1.
-    for (int i = threadIdx.x; i < R * R; i += blockDim.x) a.rank_prefix_matrix[i] = -1;
-    for (int i = threadIdx.x; i < R * C; i += blockDim.x) a.channel_prefix_matrix[i] = a.recv_channel_prefix_matrix[i] = -1;
-    // Every thread's -1 lands before the host hears of the skip: it raises then, and the handle's
-    // tensors may go back to the allocator while stores to them are still in flight.
-    __threadfence_system();
-    __syncthreads();
+    // Only the dispatch kernel behind this one reads them, in stream order (a host that waits for
+    // this notify raises instead and launches none), so ready_seq need not wait for these stores.
+    for (int i = threadIdx.x; i < R * R; i += blockDim.x) out->rank_prefix_matrix[i] = -1;
+    for (int i = threadIdx.x; i < R * C; i += blockDim.x) out->channel_prefix_matrix[i] = out->recv_channel_prefix_matrix[i] = -1;
     if (threadIdx.x == 0) {
-      a.handle_info[0] = static_cast<long long>(epoch);
-      a.handle_info[1] = 1;
+      out->info[0] = static_cast<long long>(epoch);
+      out->info[1] = 1;
       a.mailbox->skipped = 1;
       __threadfence_system();
       *reinterpret_cast<volatile int*>(a.ready_seq) = a.seq;
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
     int acc = 0;
     for (int c = 0; c < C; ++c) {
       acc += counts[d * C + c];
-      a.channel_prefix_matrix[d * C + c] = acc;
+      out->channel_prefix_matrix[d * C + c] = acc;
     }
     totals[d] = acc;
   }
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
     int acc = 0;
     for (int s = 0; s < R; ++s) {
       acc += rank_counts[s * R + d];
-      a.rank_prefix_matrix[s * R + d] = acc;
+      out->rank_prefix_matrix[s * R + d] = acc;
     }
     if (d == rank) a.mailbox->num_recv_tokens = acc;
   }
@@ -231,15 +232,15 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
     const int s = threadIdx.x - 32;
     int acc = 0;
     for (int c = 0; c < C; ++c) {
-      a.recv_channel_prefix_matrix[s * C + c] = acc;
+      out->recv_channel_prefix_matrix[s * C + c] = acc;
       acc += counts[s * C + c];
     }
   }
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    a.handle_info[0] = static_cast<long long>(epoch);
-    a.handle_info[1] = verdict == kGateGo ? 0 : 1;
+    out->info[0] = static_cast<long long>(epoch);
+    out->info[1] = verdict == kGateGo ? 0 : 1;
     a.mailbox->skipped = verdict == kGateGo ? 0 : 1;
     *reinterpret_cast<volatile int*>(&a.peers.header[rank]->gate) = verdict;
     __threadfence_system();
