@@ -7,7 +7,7 @@ An uncached dispatch waits on the host for its notify's counts, then allocates i
 launches its kernel while the GPU idles: its host time is GPU time in every timed figure. Per rank,
 after a device synchronize before each call (so the GPU is idle when it starts), this prints the
 median / min / mean host time of each call, and for moelink the share of each runtime method (timed
-through a wrapper of Buffer.runtime; intranode_notify includes its wait for the notify kernel); the
+through a wrapper of Buffer.runtime; intranode_notify_launch is the launch, intranode_notify_wait its wait); the
 rest is Python. --profile adds a cProfile of rank 0's calls; --trace a torch.profiler (CUPTI) table of
 rank 0's kernels and runtime calls, and its chrome trace in $OUT (rank 0 is slowed by it, so it
 reaches each barrier last and its kernels show their own time, not a wait for a later peer).

@@ -316,6 +316,12 @@ DispatchPlan Buffer::intranode_notify(const DispatchInputs& in, const DispatchHa
   return intranode::notify(*ctx_, in, handle, config, order);
 }
 
+void Buffer::intranode_notify_launch(const DispatchInputs& in, const Config& config, const StreamOrder& order) {
+  intranode::notify_launch(*ctx_, in, config, order);
+}
+
+DispatchPlan Buffer::intranode_notify_wait() { return intranode::notify_wait(*ctx_); }
+
 EventHandle Buffer::intranode_dispatch(const DispatchInputs& in, const DispatchHandle& handle,
                                        const DispatchOutputs& out, const Config& config, const StreamOrder& order,
                                        bool cached) {

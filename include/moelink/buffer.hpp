@@ -115,9 +115,16 @@ class Buffer {
 
   // Intranode dispatch is two steps so the caller can allocate outputs in between:
   // notify exchanges the counts (and, unless num_worst_tokens > 0, waits on the host for them),
-  // dispatch moves the rows. A cached dispatch (handle from an earlier call) skips notify.
+  // dispatch moves the rows and fills the handle's tensors (notify only checks them). A cached
+  // dispatch (handle from an earlier call) skips notify.
   DispatchPlan intranode_notify(const DispatchInputs& in, const DispatchHandle& handle, const Config& config,
                                 const StreamOrder& order);
+  // The notify in two halves, so that the handle's tensors can be allocated while it runs: the
+  // launch checks the arguments, opens the dispatch and returns at once; the wait waits on the
+  // host for the counts (with num_worst_tokens > 0 it returns at once, num_recv_tokens =
+  // num_worst_tokens). Each launch is waited for once, before its dispatch.
+  void intranode_notify_launch(const DispatchInputs& in, const Config& config, const StreamOrder& order);
+  DispatchPlan intranode_notify_wait();
   EventHandle intranode_dispatch(const DispatchInputs& in, const DispatchHandle& handle,
                                  const DispatchOutputs& out, const Config& config, const StreamOrder& order,
                                  bool cached);

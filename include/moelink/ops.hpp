@@ -44,16 +44,18 @@ struct DispatchInputs {
   int num_worst_tokens = 0;
 };
 
-// Handle tensors, allocated by the caller before notify (shapes from the dispatch's arguments).
+// Handle tensors, allocated by the caller before the dispatch step (after the notify's launch will
+// do; shapes from the dispatch's arguments). An uncached dispatch's kernel fills the matrices and
+// the info, and its recv_src_idx.
 struct DispatchHandle {
   TensorRef rank_prefix_matrix;          // [R, R] int32: [s][d] = rows d receives from ranks <= s
   TensorRef channel_prefix_matrix;       // [R, C] int32: [d][c] = my tokens to d in channels <= c
   TensorRef recv_channel_prefix_matrix;  // [R, C] int32: [s][c] = rows I get from s in channels < c
   TensorRef recv_src_idx;                // [num_recv] int32: source token index of each row
   TensorRef is_token_in_rank;            // [T, R] bool
-  // [2] int64, written on the device by the dispatch's notify: the dispatch's id (the same on every
-  // rank) and 0, or 1 when that dispatch failed. Later operations check it on the device, so a
-  // handle from another dispatch or from a failed one is refused on every rank.
+  // [2] int64, written on the device by the dispatch from its notify's results: the dispatch's id
+  // (the same on every rank) and 0, or 1 when that dispatch failed. Later operations check it on
+  // the device, so a handle from another dispatch or from a failed one is refused on every rank.
   TensorRef info;
   int64_t hidden = 0;  // hidden size of the dispatch's x, when the caller knows it (0 = unknown)
 };

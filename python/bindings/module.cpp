@@ -322,12 +322,11 @@ void bind_buffer(nb::module_& m) {
           "num_tokens_per_rdma_rank"_a.none(), "num_tokens_per_expert"_a.none(), "is_token_in_rank"_a.none(),
           "order"_a)
       .def(
-          "intranode_notify",
+          "intranode_notify_launch",
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
-             int num_experts, int expert_alignment, int num_worst_tokens, nb::handle rank_prefix_matrix,
-             nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix, nb::handle handle_info,
-             const moelink::Config& config, nb::handle order) {
+             int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
+             nb::handle order) {
             moelink::DispatchInputs in;
             in.x = to_tensor_ref(x, "x");
             in.x_scales = to_tensor_ref(x_scales, "x_scales");
@@ -339,22 +338,22 @@ void bind_buffer(nb::module_& m) {
             in.num_experts = num_experts;
             in.expert_alignment = expert_alignment;
             in.num_worst_tokens = num_worst_tokens;
-            const moelink::DispatchHandle handle =
-                dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, nb::none(),
-                                is_token_in_rank, handle_info, 0);
             const moelink::StreamOrder stream_order = to_stream_order(order);
-            moelink::DispatchPlan plan;
-            {
-              nb::gil_scoped_release release;  // notify blocks the host until the peers' counts arrive
-              plan = self.intranode_notify(in, handle, config, stream_order);
-            }
-            return std::make_pair(plan.num_recv_tokens, std::move(plan.num_recv_tokens_per_expert));
+            nb::gil_scoped_release release;
+            self.intranode_notify_launch(in, config, stream_order);
           },
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
-          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "rank_prefix_matrix"_a.none(),
-          "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(), "handle_info"_a.none(), "config"_a,
-          "order"_a)
+          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a)
+      .def("intranode_notify_wait",
+           [](Buffer& self) {
+             moelink::DispatchPlan plan;
+             {
+               nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
+               plan = self.intranode_notify_wait();
+             }
+             return std::make_pair(plan.num_recv_tokens, std::move(plan.num_recv_tokens_per_expert));
+           })
       .def(
           "intranode_dispatch",
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,

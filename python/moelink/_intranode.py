@@ -146,7 +146,17 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         return _cached_dispatch(buf, x, x_scales, hidden, parts, handle, config, previous_event, async_finish,
                                 allocate_on_comm_stream)
 
+    # The refs the dispatch kernel's launch needs too are made once, before the notify.
+    refs_in = (_ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"),
+               _ref(topk_weights, "topk_weights"), _ref(is_token_in_rank, "is_token_in_rank"))
     num_experts = num_tokens_per_expert.numel()
+    runtime.intranode_notify_launch(
+        *refs_in, _ref(num_tokens_per_rank, "num_tokens_per_rank"),
+        _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
+        config, streams.order)
+    # What needs no counts is done while the notify runs and waits for the slowest peer: up to the
+    # dispatch kernel's launch this is host time the GPU waits for. The dispatch kernel fills the
+    # handle's tensors from the notify's results.
     num_channels = config.num_sms // 2
     num_ranks, device = buf.group_size, buf._device
     with streams.allocating():
@@ -154,19 +164,12 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         info = torch.empty((2,), dtype=torch.int64, device=device)
-    # The refs the dispatch kernel's launch needs too are made once, before the notify: after it the
-    # GPU idles until the launch. Tensors made here get theirs from what is known of them.
-    refs_in = (_ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"),
-               _ref(topk_weights, "topk_weights"), _ref(is_token_in_rank, "is_token_in_rank"))
     refs_handle = (_own_ref(rank_prefix_matrix, "int32", device), _own_ref(channel_prefix_matrix, "int32", device),
                    _own_ref(recv_channel_prefix_matrix, "int32", device))
     ref_info = _own_ref(info, "int64", device)
-    num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify(
-        *refs_in, _ref(num_tokens_per_rank, "num_tokens_per_rank"),
-        _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
-        *refs_handle, ref_info, config, streams.order)
-
     num_topk = topk_idx.size(1) if topk_idx is not None else 0
+    num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify_wait()
+
     with streams.allocating():
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
             buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,

@@ -80,6 +80,13 @@ class Context {
   bool nvshmem_joined = false;
   std::vector<uint8_t> unique_id;
   int notify_seq = 0;  // numbers host waits on the mailbox only; operations are numbered on the device
+  // The intranode notify launched last, until its host wait takes it: its number (0: none to wait
+  // for), its num_worst_tokens (> 0: nothing to wait for) and the per-expert counts it leaves.
+  struct NotifyInFlight {
+    int seq = 0;
+    int num_worst_tokens = 0;
+    int num_local_experts = 0;
+  } notify_in_flight;
   bool halt_next_sends = false;  // test hook (Buffer::debug_halt_next_sends), taken by the next data kernel
   std::string broken;  // non-empty once a peer was lost: the protocol state can't be trusted
   ErrorKind broken_kind = ErrorKind::kTimeout;  // what raising `broken` throws

@@ -380,8 +380,12 @@ class _PendingErrorRuntime(_FakeRuntime):
             raise ValueError(message)
         return None  # the event
 
-    def intranode_notify(self, *args):
+    def intranode_notify_launch(self, *args):
         self.log.append("notify")
+        self.notify_args = args
+
+    def intranode_notify_wait(self):
+        self.log.append("notify_wait")
         return 2, [2, 0]
 
     def intranode_dispatch(self, *args):
@@ -453,11 +457,54 @@ def test_a_pending_error_is_raised_after_the_launch_of_a_dispatch(torch_and_buff
     buf = _pending_buffer(monkeypatch)
     with pytest.raises(ValueError, match="num_worst_tokens"):
         _dispatch(buf, **_routed_call(torch))
-    assert buf.runtime.log == ["check_faults", "notify", "dispatch"]
+    assert buf.runtime.log == ["check_faults", "notify", "notify_wait", "dispatch"]
     assert buf.runtime.abstained == []
     out = _dispatch(buf, **_routed_call(torch))  # raised once: the next call returns
-    assert buf.runtime.log[3:] == ["check_faults", "notify", "dispatch"]
+    assert buf.runtime.log[4:] == ["check_faults", "notify", "notify_wait", "dispatch"]
     assert out[0].shape == (2, 64)
+
+
+def test_an_uncached_dispatch_allocates_its_handle_while_the_notify_runs(torch_and_buffer, monkeypatch):
+    """The notify is launched before the handle's four tensors are allocated and waited for after
+    them (the dispatch kernel fills them): that allocation is off the path the GPU waits for. The
+    launch gets the inputs, the layout counts and the config, no handle tensor."""
+    torch, _ = torch_and_buffer
+    buf = _pending_buffer(monkeypatch)
+    buf.runtime.pending = None
+    empty = torch.empty
+
+    def logged_empty(*args, **kwargs):
+        buf.runtime.log.append("empty")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", logged_empty)
+    out = _dispatch(buf, **_routed_call(torch))
+    # Four handle tensors between the launch and the wait; recv_x, its top-k pair and recv_src_idx after.
+    assert buf.runtime.log == ["check_faults", "notify", *["empty"] * 4, "notify_wait", *["empty"] * 4, "dispatch"]
+    assert len(buf.runtime.notify_args) == 12
+    from moelink._intranode import default_config
+
+    channels = default_config(buf, "dispatch").num_sms // 2
+    assert [tuple(t.shape) for t in out[4][:3]] == [(2, 2), (2, channels), (2, channels)]
+    assert out[4][5].dtype == torch.int64 and tuple(out[4][5].shape) == (2,)
+
+
+def test_a_skipped_notify_raises_at_its_wait_and_launches_no_dispatch(torch_and_buffer, monkeypatch):
+    """Every rank skipped the dispatch (its notify says so): the wait raises the error on every
+    rank, none launches the dispatch kernel, and none abstains (the operation was opened)."""
+    torch, _ = torch_and_buffer
+    buf = _pending_buffer(monkeypatch)
+    buf.runtime.pending = None
+
+    def skipped():
+        buf.runtime.log.append("notify_wait")
+        raise ValueError("moelink: topk_idx: rank 1 holds an expert id outside [-1, num_experts)")
+
+    buf.runtime.intranode_notify_wait = skipped
+    with pytest.raises(ValueError, match="expert id outside"):
+        _dispatch(buf, **_routed_call(torch))
+    assert buf.runtime.log == ["check_faults", "notify", "notify_wait"]
+    assert buf.runtime.abstained == []
 
 
 def test_a_pending_error_is_raised_after_the_launch_of_a_cached_dispatch_and_a_combine(torch_and_buffer, monkeypatch):
@@ -471,11 +518,11 @@ def test_a_pending_error_is_raised_after_the_launch_of_a_cached_dispatch_and_a_c
     buf.runtime.pending = pending
     with pytest.raises(ValueError, match="num_worst_tokens"):
         _dispatch(buf, handle=handle, x=x)
-    assert buf.runtime.log[3:] == ["check_faults", "dispatch (cached)"]
+    assert buf.runtime.log[4:] == ["check_faults", "dispatch (cached)"]
     buf.runtime.pending = pending
     with pytest.raises(ValueError, match="num_worst_tokens"):
         combine(buf, x, handle, None, None, None, None, False, False)
-    assert buf.runtime.log[5:] == ["check_faults", "combine"]
+    assert buf.runtime.log[6:] == ["check_faults", "combine"]
     assert buf.runtime.abstained == []
 
 

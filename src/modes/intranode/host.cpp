@@ -76,7 +76,8 @@ auto checked(Context& ctx, Checks&& checks) {
   }
 }
 
-DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
+// A notify step may have no handle yet (h == nullptr): its tensors are the dispatch step's outputs.
+DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle* h, const Config& config,
                                 bool cached, bool notify_step, const char* op) {
   if (!ctx.topo.is_intranode())
     raise(ErrorKind::kState, op, ": internode normal mode is not implemented yet (num_rdma_ranks = ", ctx.topo.num_rdma_ranks, ")");
@@ -124,14 +125,16 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
     raise(ErrorKind::kValue, "x_scales: only fp8 x carries scales");
   }
   expect(in.is_token_in_rank, {s.num_tokens, R}, DType::kBool, ctx.device, "is_token_in_rank");
-  expect(h.rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "rank_prefix_matrix");
-  if (cached && h.channel_prefix_matrix.defined() && h.channel_prefix_matrix.dim() == 2 &&
-      h.channel_prefix_matrix.size(1) != s.num_channels)
-    raise(ErrorKind::kValue, "config: num_sms = ", config.num_sms, " gives ", s.num_channels,
-          " channels, but the handle was made with ", h.channel_prefix_matrix.size(1),
-          " (num_sms = ", 2 * h.channel_prefix_matrix.size(1), "); use the same num_sms as the dispatch that made it");
-  expect(h.channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, ctx.device, "channel_prefix_matrix");
-  expect(h.recv_channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, ctx.device, "recv_channel_prefix_matrix");
+  if (h != nullptr) {
+    expect(h->rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "rank_prefix_matrix");
+    if (cached && h->channel_prefix_matrix.defined() && h->channel_prefix_matrix.dim() == 2 &&
+        h->channel_prefix_matrix.size(1) != s.num_channels)
+      raise(ErrorKind::kValue, "config: num_sms = ", config.num_sms, " gives ", s.num_channels,
+            " channels, but the handle was made with ", h->channel_prefix_matrix.size(1),
+            " (num_sms = ", 2 * h->channel_prefix_matrix.size(1), "); use the same num_sms as the dispatch that made it");
+    expect(h->channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, ctx.device, "channel_prefix_matrix");
+    expect(h->recv_channel_prefix_matrix, {R, s.num_channels}, DType::kInt32, ctx.device, "recv_channel_prefix_matrix");
+  }
   if (!cached) {
     // The notify step gets the layout counts; the dispatch step after it only gets num_experts.
     if (notify_step) {
@@ -327,13 +330,14 @@ int max_num_sms(const Context& ctx, int ranks_per_gpu) {
   return fit - fit % 2;
 }
 
-DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
-                    const StreamOrder& order) {
+void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config, const StreamOrder& order,
+                   const DispatchHandle* h) {
+  ctx.notify_in_flight = {};  // a call that raises before its launch leaves nothing to wait for
   ctx.require_usable("dispatch");
   ctx.check_on_entry(true);
   const DispatchShape s = checked(ctx, [&] {
     DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
-    expect(h.info, {2}, DType::kInt64, ctx.device, "handle[5] (the handle's dispatch id and status)");
+    if (h != nullptr) handle_info(*h, ctx.device);
     ctx.begin_op(order);
     return shape;
   });
@@ -362,19 +366,28 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   volatile int* ready = &ctx.mailbox->ready_seq;
   *ready = 0;
   launch_notify(a, ctx.comm_stream);
+  ctx.notify_in_flight = {a.seq, in.num_worst_tokens, a.num_local_experts};
+}
 
+DispatchPlan notify_wait(Context& ctx) {
+  const Context::NotifyInFlight n = std::exchange(ctx.notify_in_flight, {});
+  if (n.seq == 0)
+    raise(ErrorKind::kState, "intranode_notify_wait: no notify to wait for (intranode_notify_launch launches one, which is "
+          "waited for once)");
+  ctx.require_usable("dispatch");
   DispatchPlan plan;
-  if (in.num_worst_tokens > 0) {
-    plan.num_recv_tokens = in.num_worst_tokens;
+  if (n.num_worst_tokens > 0) {
+    plan.num_recv_tokens = n.num_worst_tokens;
     return plan;
   }
   // Poll the host-mapped mailbox rather than synchronising the stream: the host only waits for the
   // counts, never for unrelated work queued behind them. The device side bounds its own waits; the
   // host adds a margin in case the kernel cannot even start, short enough that the caller hears of
   // it well within timeout + 5 s.
+  volatile int* ready = &ctx.mailbox->ready_seq;
   const auto start = std::chrono::steady_clock::now();
   const auto limit = std::chrono::duration<double>(ctx.host_wait_limit_s());
-  for (uint64_t spins = 0; *ready != a.seq; ++spins) {
+  for (uint64_t spins = 0; *ready != n.seq; ++spins) {
     // Faults only: a data error seen while waiting may be an earlier operation's, which is raised at
     // the end of this dispatch, after its launch (runtime/pending_errors.hpp).
     ctx.check_faults();
@@ -397,8 +410,14 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
   }
   plan.num_recv_tokens = ctx.mailbox->intranode.num_recv_tokens;
   plan.num_recv_tokens_per_expert.assign(ctx.mailbox->intranode.num_recv_tokens_per_expert,
-                                         ctx.mailbox->intranode.num_recv_tokens_per_expert + s.num_experts / R);
+                                         ctx.mailbox->intranode.num_recv_tokens_per_expert + n.num_local_experts);
   return plan;
+}
+
+DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const Config& config,
+                    const StreamOrder& order) {
+  notify_launch(ctx, in, config, order, &h);
+  return notify_wait(ctx);
 }
 
 EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const DispatchOutputs& out,
@@ -406,10 +425,10 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   // Taken first, so that a call raising before its launch does not leave it for a later one.
   const bool halt_sends = std::exchange(ctx.halt_next_sends, false);
   ctx.require_usable("dispatch");
-  // An uncached dispatch was opened by its notify (which raised what it found); a cached one
+  // An uncached dispatch was opened by its notify (whose wait raised what it found); a cached one
   // opens here.
   if (cached) ctx.check_on_entry(true);
-  const auto checks = [&] { return validate_dispatch(ctx, in, h, config, cached, false, "dispatch"); };
+  const auto checks = [&] { return validate_dispatch(ctx, in, &h, config, cached, false, "dispatch"); };
   const DispatchShape s = cached ? checked(ctx, checks) : checks();
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");

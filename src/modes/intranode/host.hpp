@@ -9,6 +9,12 @@ class Context;
 
 namespace moelink::intranode {
 
+// notify_launch checks the arguments (a rank that rejects them abstains; the handle's tensors too
+// when given), opens the dispatch and launches the count exchange, and returns; notify_wait waits
+// on the host for its counts. notify is the two.
+void notify_launch(runtime::Context& ctx, const DispatchInputs& in, const Config& config, const StreamOrder& order,
+                   const DispatchHandle* handle = nullptr);
+DispatchPlan notify_wait(runtime::Context& ctx);
 DispatchPlan notify(runtime::Context& ctx, const DispatchInputs& in, const DispatchHandle& handle, const Config& config,
                     const StreamOrder& order);
 EventHandle dispatch(runtime::Context& ctx, const DispatchInputs& in, const DispatchHandle& handle,
