@@ -58,27 +58,30 @@ def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[to
     else from the caching allocator, whose segments peers map once they have seen them named
     twice (MOELINK_PEER_SEGMENTS), and until then the rows come through the rings."""
     n, device = num_recv_tokens, buf._device
-    num_scales = x_scales.size(1) if x_scales is not None else 0
+    parts = [((n, hidden), x.dtype)]
     # Keep the caller's scale layout (column-major is what fp8 GEMMs read).
     scales_col_major = x_scales is not None and x_scales.stride(1) != 1
-    parts = [((n, hidden), x.dtype)]
     if x_scales is not None:
+        num_scales = x_scales.size(1)
         parts.append(((num_scales, n) if scales_col_major else (n, num_scales), x_scales.dtype))
     if num_topk:
         parts.append(((n, num_topk), torch.int64))
         if with_weights:
             parts.append(((n, num_topk), torch.float32))
     separate = [((n,), torch.int32)] if with_src_idx else []
-    tensors = arena_tensors(buf, parts, separate=separate, stream=stream)
+    # Asked of the Buffer, not of its runtime: the call to the extension is host time an uncached
+    # dispatch's kernel waits for.
+    tensors = arena_tensors(buf, parts, separate=separate, stream=stream) if buf.num_arena_bytes else None
     if tensors is None:
         tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in parts + separate]
-    recv_x = tensors.pop(0)
+    taken = iter(tensors)
+    recv_x = next(taken)
     recv_x_scales = None
     if x_scales is not None:
-        recv_x_scales = tensors.pop(0)
+        recv_x_scales = next(taken)
         if scales_col_major:
             recv_x_scales = recv_x_scales.t()
-    recv_topk_idx = tensors.pop(0) if num_topk else None
-    recv_topk_weights = tensors.pop(0) if num_topk and with_weights else None
-    recv_src_idx = tensors.pop(0) if with_src_idx else None
+    recv_topk_idx = next(taken) if num_topk else None
+    recv_topk_weights = next(taken) if num_topk and with_weights else None
+    recv_src_idx = next(taken) if with_src_idx else None
     return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx

@@ -159,7 +159,8 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     # handle's tensors from the notify's results.
     num_channels = config.num_sms // 2
     num_ranks, device = buf.group_size, buf._device
-    with streams.allocating():
+    allocating = streams.allocating()  # entered twice: here, and for the outputs after the wait
+    with allocating:
         rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
         channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
@@ -170,14 +171,19 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     num_topk = topk_idx.size(1) if topk_idx is not None else 0
     num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify_wait()
 
-    with streams.allocating():
+    with allocating:
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
             buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
             stream=streams.allocation_stream())
     ref_src_idx = _own_ref(recv_src_idx, "int32", device)
+    # The outputs' dtypes are the inputs' (their refs have the names) or fixed.
     event = runtime.intranode_dispatch(
         *refs_in, num_experts, expert_alignment, num_worst_tokens, *refs_handle, ref_src_idx, ref_info,
-        _ref(recv_x), _ref(recv_x_scales), _ref(recv_topk_idx), _ref(recv_topk_weights), config, streams.order, False)
+        _own_ref(recv_x, refs_in[0][1], device),
+        _own_ref(recv_x_scales, refs_in[1][1], device) if recv_x_scales is not None else None,
+        _own_ref(recv_topk_idx, "int64", device) if recv_topk_idx is not None else None,
+        _own_ref(recv_topk_weights, "float32", device) if recv_topk_weights is not None else None,
+        config, streams.order, False)
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)

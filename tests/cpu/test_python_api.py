@@ -539,3 +539,54 @@ def test_a_fault_still_raises_on_entry_before_anything_is_launched(torch_and_buf
         combine(buf, "not a tensor", None, None, None, None, None, False, False)
     assert buf.runtime.log == ["check_faults", "check_faults"]
     assert buf.runtime.abstained == []
+
+
+@pytest.mark.parametrize("arena", [False, True])
+def test_dispatch_outputs_follow_the_inputs_and_the_row_count(torch_and_buffer, arena):
+    """A dispatch's outputs: x's dtype, the scales' dtype and layout (column-major kept), the
+    top-k pair only with top-k, recv_src_idx only uncached; from the receive arena when the Buffer
+    has one (recv_src_idx in a block of its own), else from the allocator."""
+    torch, _ = torch_and_buffer
+    from moelink._arena import alloc_dispatch_outputs
+
+    blocks = []
+
+    class Runtime:
+        num_arena_bytes = (1 << 20) if arena else 0
+
+        def arena_dlpack(self, nbytes, stream):
+            blocks.append(torch.empty(nbytes, dtype=torch.uint8))
+            return blocks[-1]
+
+    class Buf:
+        _device, runtime = "cpu", Runtime()
+        num_arena_bytes = Runtime.num_arena_bytes
+
+    hidden, n = 1024, 5
+    x_bf16 = torch.zeros((3, hidden), dtype=torch.bfloat16)
+    x_fp8 = torch.zeros((3, hidden), dtype=torch.float8_e4m3fn)
+    row_scales = torch.zeros((3, hidden // 128), dtype=torch.float32)
+    col_scales = torch.zeros((hidden // 128, 3), dtype=torch.float32).t()
+    packed = torch.zeros((3, 2), dtype=torch.int32)
+    for x, scales in ((x_bf16, None), (x_fp8, row_scales), (x_fp8, col_scales), (x_fp8, packed)):
+        for num_topk, with_weights in ((0, False), (8, False), (8, True)):
+            for with_src_idx in (False, True):
+                blocks.clear()
+                recv_x, recv_scales, recv_topk_idx, recv_weights, recv_src_idx = alloc_dispatch_outputs(
+                    Buf(), x, scales, hidden, n, num_topk, with_weights, with_src_idx, stream=0)
+                assert recv_x.shape == (n, hidden) and recv_x.dtype == x.dtype
+                if scales is None:
+                    assert recv_scales is None
+                else:
+                    assert recv_scales.shape == (n, scales.size(1)) and recv_scales.dtype == scales.dtype
+                    assert (recv_scales.stride(0) == 1) == (scales.stride(1) != 1)  # the same majorness
+                assert (recv_topk_idx is None) == (num_topk == 0)
+                if num_topk:
+                    assert recv_topk_idx.shape == (n, num_topk) and recv_topk_idx.dtype == torch.int64
+                assert (recv_weights is None) == (not (num_topk and with_weights))
+                if recv_weights is not None:
+                    assert recv_weights.shape == (n, num_topk) and recv_weights.dtype == torch.float32
+                assert (recv_src_idx is None) == (not with_src_idx)
+                if with_src_idx:
+                    assert recv_src_idx.shape == (n,) and recv_src_idx.dtype == torch.int32
+                assert len(blocks) == ((2 if with_src_idx else 1) if arena else 0)
