@@ -199,6 +199,36 @@ def check_dispatch(out, want: ref.DispatchReference, num_worst: int, case: Case,
     assert bool((recv_src_idx[n:] == -1).all()), f"{what}: recv_src_idx rows >= {n} must be -1"
 
 
+def check_handle(handle, routing, num_experts: int, rank: int, num_ranks: int, what: str) -> None:
+    """The matrices and info of an intranode handle (the notify computes them, the dispatch kernel
+    copies them in), from every rank's routing: rank_prefix_matrix[s][d] = rows d receives from
+    ranks <= s; channel_prefix_matrix[d][c] = this rank's tokens to d in channels <= c;
+    recv_channel_prefix_matrix[s][c] = rows this rank receives from s in channels < c; a channel
+    is a contiguous run of ceil(T / C) of its source's tokens. The info says the dispatch ran."""
+    experts_per_rank = num_experts // num_ranks
+    num_channels = handle[1].shape[1]
+
+    def routed(topk_idx) -> np.ndarray:  # [T, R]: token t goes to rank d
+        ids = np.asarray(topk_idx)
+        return np.stack([((ids >= d * experts_per_rank) & (ids < (d + 1) * experts_per_rank)).any(axis=1)
+                         for d in range(num_ranks)], axis=1)
+
+    def per_channel(mask: np.ndarray) -> np.ndarray:  # [R, C]: tokens to each rank in each channel
+        per = max(-(-mask.shape[0] // num_channels), 1)
+        return np.stack([mask[c * per:(c + 1) * per].sum(axis=0) for c in range(num_channels)], axis=1)
+
+    masks = [routed(r) for r in routing]
+    to_me = np.stack([per_channel(m)[rank] for m in masks])  # [s][c]
+    expected = (("rank_prefix_matrix", 0, np.cumsum(np.stack([m.sum(axis=0) for m in masks]), axis=0)),
+                ("channel_prefix_matrix", 1, np.cumsum(per_channel(masks[rank]), axis=1)),
+                ("recv_channel_prefix_matrix", 2, np.cumsum(to_me, axis=1) - to_me))
+    for name, index, want in expected:
+        got = handle[index].cpu().numpy()
+        assert got.shape == want.shape and (got == want).all(), \
+            f"{what}: handle[{index}] ({name}) {got.tolist()} != {want.tolist()}"
+    assert int(handle[5][1]) == 0, f"{what}: the handle's info says the dispatch failed: {handle[5].tolist()}"
+
+
 def combine_input(inputs, plan: ref.RecvPlan, rank: int, num_rows: int, hidden: int):
     """What rank `rank` feeds combine: bf16(x_s[t] * combine_scale(rank)) for each received (s, t);
     rows past the real ones (num_worst_tokens padding) hold random values combine must ignore."""
@@ -267,6 +297,8 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
         out[-1].current_stream_wait()
     check_dispatch(out, want, num_worst, case, what)
     handle = out[4]
+    if topology.num_rdma_ranks == 1:  # an internode handle holds other matrices
+        check_handle(handle, routing, num_experts, rank, num_ranks, what)
     recv_topk_weights = out[2]
     direct = in_arena(buf, out[0][0] if case.fp8 else out[0])
 
