@@ -49,6 +49,9 @@ OPS = (
     ("combine", "combine of recv_x"),
     ("combine_torch_input", "combine of a torch-allocated copy of recv_x"),
     ("dispatch_bf16_held", "dispatch bf16, uncached, with earlier outputs held alive"),
+    # A training step's forward: layer i's output lives until the step ends (backward frees it),
+    # so its segment comes back once per step, not once per call as in the row above.
+    ("dispatch_bf16_step", "dispatch bf16, uncached, each output held until a step of layers ends"),
     ("layout", "get_dispatch_layout"),
     # The caller's host time in get_dispatch_layout (it returns before the GPU is done): how much of
     # the layout figure, which events measure, is host work rather than the kernel.
@@ -178,6 +181,15 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
     def hold_then_dispatch():
         return buf.dispatch(inputs.x, **layout)
 
+    step_outputs = []
+
+    def step_dispatch():
+        if len(step_outputs) == num_held:  # the step's backward is done: every layer's output goes
+            step_outputs.clear()
+        out = buf.dispatch(inputs.x, **layout)
+        step_outputs.append(out[0])
+        return out
+
     ops = {
         "dispatch_bf16": (lambda: buf.dispatch(inputs.x, **layout), bf16_bytes),
         "dispatch_fp8": (lambda: buf.dispatch(fp8_row, **layout), fp8_bytes),
@@ -187,6 +199,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
         "combine": (lambda: buf.combine(recv_x, handle), bf16_bytes),
         "combine_torch_input": (lambda: buf.combine(recv_x_torch, handle), bf16_bytes),
         "dispatch_bf16_held": (hold_then_dispatch, bf16_bytes),
+        "dispatch_bf16_step": (step_dispatch, bf16_bytes),
         "layout": (lambda: buf.get_dispatch_layout(topk_idx, num_experts), 0),
         "layout_host": (lambda: buf.get_dispatch_layout(topk_idx, num_experts), 0),
     }
@@ -214,12 +227,18 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
                 errors[name] = traceback.format_exc(limit=3)
             if not everyone_ok(name):
                 break
+        op_warmup = warmup
+        if name == "dispatch_bf16_step":
+            held.clear()  # the layers of a step take that memory (num_held of them, as above)
+            op_warmup = 2 * num_held + warmup  # timed from the third step on: keys seen in two steps before
         try:
-            mine[name] = (_time_us(op, flush, iters, warmup, host=name == "layout_host"), nbytes, _path(buf, impl, name))
+            mine[name] = (_time_us(op, flush, iters, op_warmup, host=name == "layout_host"), nbytes,
+                          _path(buf, impl, name))
         except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
             errors[name] = traceback.format_exc(limit=3)
         if not everyone_ok(name):
             break  # a failed collective leaves the ranks in an unknown state: stop this impl here
+    step_outputs.clear()
     del held
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, {"ops": mine, "errors": errors, "recv_rows": recv_rows})

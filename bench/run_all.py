@@ -42,13 +42,15 @@ import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
 # short titles. Kept here so that the parent process needs no torch.
 ROW_OPS = (("dispatch_bf16", "bf16"), ("dispatch_fp8", "fp8"), ("dispatch_fp8_colmajor", "fp8 col"),
            ("dispatch_bf16_cached", "bf16 cached"), ("dispatch_fp8_cached", "fp8 cached"), ("combine", "combine"),
-           ("combine_torch_input", "comb. torch"), ("dispatch_bf16_held", "bf16 held"))
+           ("combine_torch_input", "comb. torch"), ("dispatch_bf16_held", "bf16 held"),
+           ("dispatch_bf16_step", "bf16 step"))
 OP_TITLES = {
     "dispatch_bf16": "dispatch bf16 uncached", "dispatch_fp8": "dispatch fp8 uncached (row-major scales)",
     "dispatch_fp8_colmajor": "dispatch fp8 uncached (column-major scales)",
     "dispatch_bf16_cached": "dispatch bf16 cached", "dispatch_fp8_cached": "dispatch fp8 cached",
     "combine": "combine of recv_x", "combine_torch_input": "combine, torch-allocated input",
-    "dispatch_bf16_held": "dispatch bf16 uncached, outputs held", "layout": "get_dispatch_layout",
+    "dispatch_bf16_held": "dispatch bf16 uncached, outputs held",
+    "dispatch_bf16_step": "dispatch bf16 uncached, a step of held layers", "layout": "get_dispatch_layout",
     "layout_host": "get_dispatch_layout, host time of the call",
 }
 # The cells #11 is judged on: 2 and 4 ranks at 24 SMs, 4 at 8 (few SMs), 8 at 16 (a full GPU of ranks).
