@@ -420,6 +420,12 @@ bool capturing(cudaStream_t stream) {
 }  // namespace
 
 bool Context::comm_stream_capturing() const { return capturing(comm_stream); }
+
+bool Context::stream_idle(cudaStream_t stream) {
+  const cudaError_t e = cudaStreamQuery(stream);
+  if (e != cudaSuccess) cudaGetLastError();
+  return e == cudaSuccess;
+}
 bool Context::stream_capturing(cudaStream_t stream) { return stream != nullptr && capturing(stream); }
 
 void Context::raise_at_end(cudaStream_t compute_stream) {
@@ -455,6 +461,9 @@ void Context::release_deferred_claims() {
 
 void Context::begin_op(const StreamOrder& order) {
   release_deferred_claims();
+  idle_at_begin = peer_segments && peer_segments->closing() > 0 && !comm_stream_capturing() &&
+                  !stream_capturing(order.compute_stream) && stream_idle(comm_stream) &&
+                  stream_idle(order.compute_stream);
   if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
     raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
   if (order.previous_event) {

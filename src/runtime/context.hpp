@@ -62,6 +62,10 @@ class Context {
   bool peer_segments_enabled = false;  // knobs::peer_segments()
   window::SegmentExports segment_exports;
   std::unique_ptr<window::PeerSegments> peer_segments;
+  // Whether the comm stream and the caller's stream had nothing queued when the current operation
+  // began (begin_op, before it queues anything): then a pending close, which waits for the whole
+  // device, costs this call nothing. Sampled only while closes are pending.
+  bool idle_at_begin = false;
   kernels::Epoch segment_news_seen[kMaxNvlRanks] = {};  // per peer: the last SegmentNews taken
   kernels::Epoch combine_segment_news_seen[kMaxNvlRanks] = {};  // the same of combine's news
   window::Window nvl_window;                 // the node's NVLink buffers, ours included
@@ -143,6 +147,7 @@ class Context {
   LostDataErrors lost_data_errors;
   bool comm_stream_capturing() const;
   static bool stream_capturing(cudaStream_t stream);  // false for the legacy stream (null)
+  static bool stream_idle(cudaStream_t stream);       // everything queued on it has finished (a query)
   // Where an operation raises a data error (runtime/pending_errors.hpp says why): a collective
   // checks only faults on entry (check_on_entry(true)) and raises a data error after its last
   // launch (raise_at_end); get_dispatch_layout, which opens nothing, raises it on entry

@@ -255,17 +255,10 @@ void take_news(Context& ctx, int d, SegmentNewsOf<kFields>* news, Epoch& seen) {
   ctx.peer_segments->note(d, keys, unmapped, handles);
 }
 
-// True when everything queued on `stream` has finished (a query, never a wait).
-bool stream_idle(cudaStream_t stream) {
-  const cudaError_t e = cudaStreamQuery(stream);
-  if (e != cudaSuccess) cudaGetLastError();
-  return e == cudaSuccess;
-}
-
 // What the last dispatch and combine kernels saw each peer name (MailboxSection::segment_news and
 // combine_segment_news), into this rank's one table of mapped segments, before a dispatch or a
 // combine passes that table to its kernel.
-void take_segment_news(Context& ctx, cudaStream_t compute_stream) {
+void take_segment_news(Context& ctx) {
   if (!ctx.peer_segments) {
     const auto drained = [](void* c) {
       auto* context = static_cast<Context*>(c);
@@ -279,8 +272,9 @@ void take_segment_news(Context& ctx, cudaStream_t compute_stream) {
     take_news(ctx, d, &ctx.mailbox->intranode.combine_segment_news[d], ctx.combine_segment_news_seen[d]);
   }
   // One mark for every peer's drops; closes whose marks have passed, when a close (which waits for
-  // the whole device) would not hold this call behind the caller's queued work.
-  ctx.peer_segments->retire(stream_idle(ctx.comm_stream) && stream_idle(compute_stream));
+  // the whole device) would not hold this call behind the caller's queued work: both streams were
+  // idle when the operation began (its own opening is queued by now).
+  ctx.peer_segments->retire(ctx.idle_at_begin);
 }
 
 // Peers read our rows in place when the input (and its weights) live in our receive arena, or in
@@ -504,7 +498,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   const bool segments = segments_allowed(ctx, order);
-  if (segments) take_segment_news(ctx, order.compute_stream);
+  if (segments) take_segment_news(ctx);
   a.target = direct_target(ctx, out, h, s, N, cached, segments, a.offers);
   if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
   a.mailbox = &ctx.mailbox_dev->intranode;
@@ -606,7 +600,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   const bool segments = segments_allowed(ctx, order);
-  if (segments) take_segment_news(ctx, order.compute_stream);
+  if (segments) take_segment_news(ctx);
   // The test hook stops a rank's pushes part-way; a pulled input has no pushes to stop, and its
   // rank would end normally, so a halting combine always pushes. Without segments the offsets are
   // already the arena's (or -1), as a push wants them.
