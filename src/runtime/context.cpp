@@ -460,6 +460,7 @@ void Context::release_deferred_claims() {
 }
 
 void Context::begin_op(const StreamOrder& order) {
+  notify_join = {};
   release_deferred_claims();
   idle_at_begin = peer_segments && peer_segments->closing() > 0 && !comm_stream_capturing() &&
                   !stream_capturing(order.compute_stream) && stream_idle(comm_stream) &&
@@ -472,6 +473,18 @@ void Context::begin_op(const StreamOrder& order) {
     MOELINK_CUDA_CHECK(cudaEventRecord(order_event, order.compute_stream));
     MOELINK_CUDA_CHECK(cudaStreamWaitEvent(comm_stream, order_event, 0));
   }
+}
+
+void Context::begin_dispatch_after_notify(const StreamOrder& order, int seq) {
+  const NotifyJoin join = std::exchange(notify_join, {});
+  const cudaEvent_t previous = order.previous_event ? order.previous_event->get() : nullptr;
+  if (join.seq == 0 || join.seq != seq || join.compute_stream != order.compute_stream || join.previous_event != previous) {
+    begin_op(order);
+    return;
+  }
+  release_deferred_claims();
+  if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
+    raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
 }
 
 EventHandle Context::end_op(const StreamOrder& order) {

@@ -90,7 +90,18 @@ class Context {
     int seq = 0;
     int num_worst_tokens = 0;
     int num_local_experts = 0;
+    cudaStream_t compute_stream = nullptr;  // the order it joined the comm stream with
+    cudaEvent_t previous_event = nullptr;
   } notify_in_flight;
+  // The order of the last notify whose wait succeeded, until the next operation begins. Its
+  // uncached dispatch runs behind the same point of the caller's stream (nothing is queued there in
+  // between), so it joins nothing again: a second join is two more CUDA calls on the host path the
+  // GPU waits for.
+  struct NotifyJoin {
+    int seq = 0;
+    cudaStream_t compute_stream = nullptr;
+    cudaEvent_t previous_event = nullptr;
+  } notify_join;
   bool halt_next_sends = false;  // test hook (Buffer::debug_halt_next_sends), taken by the next data kernel
   std::string broken;  // non-empty once a peer was lost: the protocol state can't be trusted
   ErrorKind broken_kind = ErrorKind::kTimeout;  // what raising `broken` throws
@@ -184,6 +195,9 @@ class Context {
   [[noreturn]] void fail_host_wait(const std::string& message, int step);
   // Orders the comm stream after previous_event or the compute stream.
   void begin_op(const StreamOrder& order);
+  // begin_op for the uncached dispatch whose notify (`seq`) opened it: without the join when that
+  // notify joined the same order (then the close idleness sampled by its begin_op stands too).
+  void begin_dispatch_after_notify(const StreamOrder& order, int seq);
   // The event at the end of the op; without async_finish the compute stream waits for it. Never
   // throws; collects local errors.
   EventHandle end_op(const StreamOrder& order);

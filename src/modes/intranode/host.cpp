@@ -360,7 +360,8 @@ void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config,
   volatile int* ready = &ctx.mailbox->ready_seq;
   *ready = 0;
   launch_notify(a, ctx.comm_stream);
-  ctx.notify_in_flight = {a.seq, in.num_worst_tokens, a.num_local_experts};
+  ctx.notify_in_flight = {a.seq, in.num_worst_tokens, a.num_local_experts, order.compute_stream,
+                          order.previous_event ? order.previous_event->get() : nullptr};
 }
 
 DispatchPlan notify_wait(Context& ctx) {
@@ -372,6 +373,7 @@ DispatchPlan notify_wait(Context& ctx) {
   DispatchPlan plan;
   if (n.num_worst_tokens > 0) {
     plan.num_recv_tokens = n.num_worst_tokens;
+    ctx.notify_join = {n.seq, n.compute_stream, n.previous_event};
     return plan;
   }
   // Poll the host-mapped mailbox rather than synchronising the stream: the host only waits for the
@@ -405,6 +407,7 @@ DispatchPlan notify_wait(Context& ctx) {
   plan.num_recv_tokens = ctx.mailbox->intranode.num_recv_tokens;
   plan.num_recv_tokens_per_expert.assign(ctx.mailbox->intranode.num_recv_tokens_per_expert,
                                          ctx.mailbox->intranode.num_recv_tokens_per_expert + n.num_local_experts);
+  ctx.notify_join = {n.seq, n.compute_stream, n.previous_event};
   return plan;
 }
 
@@ -444,7 +447,10 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   }
   const long long* info = cached ? checked(ctx, [&] { return handle_info(h, ctx.device); }) : nullptr;
 
-  ctx.begin_op(order);
+  if (cached)
+    ctx.begin_op(order);
+  else
+    ctx.begin_dispatch_after_notify(order, ctx.notify_seq);
   // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
   // ring write behind every peer's reset of the previous one (and checks that all ranks agree).
   if (cached) {
