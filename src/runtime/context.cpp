@@ -150,8 +150,9 @@ Context::Context(const BufferOptions& o) {
     for (auto& part : image->intranode.direct_done)
       for (auto& channel : part)
         for (auto& s : channel) s = epoch_start;
-    for (auto& channel : image->intranode.pull_done)
-      for (auto& s : channel) s = epoch_start;
+    for (auto& part : image->intranode.pull_done)
+      for (auto& channel : part)
+        for (auto& s : channel) s = epoch_start;
     for (auto& opened : image->intranode.segments_opened) opened.seq = epoch_start;
     image->low_latency.seq = epoch_start;
     for (auto& parity : image->low_latency.recv_done)

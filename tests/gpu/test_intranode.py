@@ -242,8 +242,9 @@ def _peer_segments_combine_pull(rank, num_ranks, seed):
     combine input is a fresh torch tensor of the same shape (run_case's), its weights the dispatch's
     torch output. From the third round on the token owners read each rank's input in place (they map
     its segments the second time it names them, sharing the dispatch's table), with exact outputs
-    every round; rounds without top-k weights pull x alone. Then one rank that does not take part
-    (MOELINK_PEER_SEGMENTS=0): nobody's input is pulled, and all stay exact."""
+    every round; rounds without top-k weights pull x alone; rounds of 200 tokens end each channel's
+    halves in short batches. Then one rank that does not take part (MOELINK_PEER_SEGMENTS=0):
+    nobody's input is pulled, and all stay exact."""
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     os.environ["MOELINK_PEER_SEGMENTS"] = "1"
     buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
@@ -259,6 +260,16 @@ def _peer_segments_combine_pull(rank, num_ranks, seed):
     # without weights name one segment fewer); most steady rounds must still pull.
     assert sum(pulled_rounds[2:7]) >= 3, f"rank {rank}: steady combines with weights were not pulled: {pulled_rounds}"
     assert sum(pulled_rounds[7:]) >= 1, f"rank {rank}: steady combines without weights were not pulled: {pulled_rounds}"
+    # Pulled everywhere, each channel's two blocks take half its tokens; at T=200 those halves end
+    # in short batches (8 or 9 tokens at 2 ranks, 1 at 8), whose tokens several warps share, a slice
+    # of the hidden size and of the bias apiece.
+    short_rounds = []
+    for i in range(6):
+        case = Case(f"pull short batches {i}", 200, 4096, 8, 64, num_bias=1).resolved(num_ranks)
+        run_case(buf, rank, num_ranks, case, seed + 20 + i, config, combine_config)
+        short_rounds.append(buf.runtime.last_combine_pulled)
+    common.log(rank, f"[R={num_ranks}] short-batch combines pulled: {short_rounds}")
+    assert sum(short_rounds[2:]) >= 1, f"rank {rank}: steady short-batch combines were not pulled: {short_rounds}"
     buf.destroy()
 
     _one_rank_out(rank, num_ranks, seed, config, combine_config, "last_combine_pulled",

@@ -26,6 +26,18 @@ __device__ __forceinline__ RowSpan received_rows(const int* rank_prefix_matrix, 
   return {rank_base + first, end - first};
 }
 
+// batch_positions from routing bits already loaded: lane i holds token begin + i's (0 past the batch).
+__device__ __forceinline__ void positions_from_flags(unsigned flags, int batch, int num_ranks, const int* base,
+                                                     int (*position)[kMaxNvlRanks], int* batch_count) {
+  const int lane = lane_id();
+  for (int d = 0; d < num_ranks; ++d) {
+    const bool routed = (flags >> d) & 1u;
+    const unsigned mask = __ballot_sync(0xffffffffu, routed);
+    if (lane < batch) position[lane][d] = routed ? base[d] + __popc(mask & ((1u << lane) - 1)) : -1;
+    if (lane == 0) batch_count[d] = __popc(mask);
+  }
+}
+
 // Called by one warp for tokens [begin, begin + batch) of a channel ending at `end` (batch <= 32).
 // position[i][d] = base[d] + (earlier batch tokens routed to d) for token begin + i when it is
 // routed to d, else -1; batch_count[d] = batch tokens routed to d. Rings carry a channel's rows in
@@ -35,12 +47,29 @@ __device__ __forceinline__ void batch_positions(const bool* is_token_in_rank, in
                                                 int* batch_count) {
   const int lane = lane_id(), t = begin + lane;
   const unsigned flags = valid_token_flags(is_token_in_rank, t, lane < batch && t < end, num_ranks);
-  for (int d = 0; d < num_ranks; ++d) {
-    const bool routed = (flags >> d) & 1u;
-    const unsigned mask = __ballot_sync(0xffffffffu, routed);
-    if (lane < batch) position[lane][d] = routed ? base[d] + __popc(mask & ((1u << lane) - 1)) : -1;
-    if (lane == 0) batch_count[d] = __popc(mask);
-  }
+  positions_from_flags(flags, batch, num_ranks, base, position, batch_count);
 }
+
+// A token's routing row loaded a batch ahead: the loads go out now and nothing reads them until
+// flags() (valid_token_flags' bits), so their latency hides behind whatever the warp does between.
+template <int kRanks>
+struct RoutingAhead {
+  unsigned char routed[kRanks];  // the bytes as stored, tested as valid_token_flags tests them
+
+  __device__ __forceinline__ void load(const bool* is_token_in_rank, int t, bool valid, int num_ranks) {
+    const unsigned char* row = reinterpret_cast<const unsigned char*>(is_token_in_rank) + static_cast<int64_t>(t) * num_ranks;
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) {
+      routed[d] = 0;
+      if (valid && d < num_ranks) routed[d] = row[d];
+    }
+  }
+  __device__ __forceinline__ unsigned flags() const {
+    unsigned bits = 0;
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) bits |= (routed[d] != 0 ? 1u : 0u) << d;
+    return bits;
+  }
+};
 
 }  // namespace moelink::intranode

@@ -20,6 +20,15 @@
 //     when every owner has all of them. That one word is what the input's senders and every owner
 //     act on. Owners tell their host, last, which keys the rank named and the handles of those they
 //     lack (combine_segment_news), so the host maps them before a later combine.
+//   Pulled everywhere (every peer pulls this rank's input, and this rank pulls every peer's): no
+//     ring in either direction, so nothing orders a channel's tokens and block 2c receives too,
+//     the second half of them (its positions start after the first half's, counted per rank), before
+//     it waits as a pulled sender does. pull_done is per (owner part, channel, owner) and the input's
+//     rank waits for both parts; an owner that did not split raises both. Both blocks decide from the
+//     same published words (every peer's pull, and agreed_pull for this rank), so they cannot
+//     disagree; a block whose wait for one failed has recorded a fault, at which every wait ends.
+//     A halting combine (test hook) always pushes, so it never splits. A split channel's short last
+//     batch shares each of its tokens among several warps, a slice of the row apiece.
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
 //   The opening kernel before it (common/opening.cuh) gates it: every rank agrees on the
@@ -65,9 +74,9 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
 }
 
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), instantiated apart as in dispatch.
-// pulled: the agreed choice (CombineSource::pull) for this rank's input.
+// Only for an input that is pushed (CombineSource::pull agreed 0).
 template <bool kHalt>
-__device__ void send_channel(const CombineArgs& a, Epoch seq, int channel, bool pulled) {
+__device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   // One warp group per remote token owner; my own rows are read from x by my receiver.
@@ -77,12 +86,6 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel, bool 
   __shared__ bool abort_group[kMaxNvlRanks];
   if (group >= R - 1) return;
   const int s = peer_of_group(group, rank);
-  if (pulled) {
-    // The owners read my rows in place; my input must stay untouched until they are done.
-    if (gw == 0 && lane == 0)
-      window::wait(&a.sections[rank]->pull_done[channel][s], seq, a.err, s, kStepCombinePull, channel);
-    return;
-  }
 
   const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
   const int row_base = rows.base, total = rows.count;
@@ -104,10 +107,19 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel, bool 
     group_barrier(1 + group, group_threads);
     if (abort_group[group]) return;
     const int thread = threadIdx.x % group_threads;
-    group_copy_rows<8>(
-        n, L.hidden_int4, thread, group_threads, [&](int j) { return x + static_cast<int64_t>(row_base + sent + j) * L.hidden_int4; },
-        [&](int j) { return L.slot_x(ring, (sent + j) % L.slots); }, [&](const int4* p) { return a.l2_hints ? ld_nc_stream(p, policy) : ld_nc_stream(p); },
-        [](int4* p, const int4& v) { *p = v; });
+    // The chunk's rows are consecutive in x, and in the ring up to its wrap (slots are H4 words
+    // apart, n <= slots): one flat copy, whose addresses need no row / word split per load (that
+    // split's registers made this path spill).
+    const int4* src = x + static_cast<int64_t>(row_base + sent) * L.hidden_int4;
+    int4* ring_x = L.slot_x(ring, 0);
+    const int first = (sent % L.slots) * L.hidden_int4, wrap = L.slots * L.hidden_int4;
+    group_transfer<8>(
+        n * L.hidden_int4, thread, group_threads,
+        [&](int e) { return a.l2_hints ? ld_nc_stream(src + e, policy) : ld_nc_stream(src + e); },
+        [&](int e, const int4& v) {
+          const int at = first + e;
+          ring_x[at < wrap ? at : at - wrap] = v;
+        });
     group_transfer<4>(
         n * K, thread, group_threads, [&](int e) { return a.topk_weights[static_cast<int64_t>(row_base + sent) * K + e]; },
         [&](int e, float v) { L.slot_weights(ring, (sent + e / K) % L.slots)[e % K] = v; });
@@ -118,8 +130,20 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel, bool 
   }
 }
 
+// The owners read my rows in place; my input must stay untouched until both parts of every owner's
+// channel are done (an owner that did not split raises both). One thread per (part, owner).
+__device__ void wait_pulled(const CombineArgs& a, Epoch seq, int channel) {
+  const int s = threadIdx.x % kMaxNvlRanks, part = threadIdx.x / kMaxNvlRanks;
+  if (part < 2 && s < a.layout.num_ranks && s != a.rank)
+    window::wait(&a.sections[a.rank]->pull_done[part][channel][s], seq, a.err, s, kStepCombinePull, channel);
+}
+
+enum RecvResult { kReceived, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
+
+// The token side of channel c. Part 0 is the channel's receiver block; part 1 its sender block,
+// which calls it only when this rank's own input is pulled. self_pulled: agreed_pull said 1.
 template <int kRanks>
-__device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
+__device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel, int part, bool self_pulled) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -136,7 +160,7 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
   __shared__ const int4* pull_x[kMaxNvlRanks];
   __shared__ const float* pull_weights[kMaxNvlRanks];
 
-  const ChannelRange range = channel_range(a.num_tokens, C, channel);
+  ChannelRange range = channel_range(a.num_tokens, C, channel);
   if (threadIdx.x < R) {
     const int d = threadIdx.x;
     consumed[d] = 0;
@@ -172,7 +196,34 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
     }
   }
   __syncthreads();
-  if (failed) return;
+  if (failed) return kFailed;
+  // Pulled everywhere (every peer reads my input in place and I read every peer's): no ring in
+  // either direction, so nothing orders the channel's tokens and both of its blocks take half of
+  // them, as dispatch's senders do. Both blocks decide from the same published words.
+  bool split = self_pulled;
+  for (int d = 0; d < R; ++d) split &= d == rank || pull[d];
+  if (part == 1 && !split) return kNotNeeded;
+  if (split) {
+    const int mid = range.begin + (range.end - range.begin + 1) / 2;
+    if (part == 1) {
+      // Part 1's rows in every rank's input start after part 0's tokens: count them per rank.
+      unsigned counts[kRanks] = {};
+      for (int t = range.begin + static_cast<int>(threadIdx.x); t < mid; t += blockDim.x) {
+        const unsigned flags = valid_token_flags(a.is_token_in_rank, t, true, R);
+#pragma unroll
+        for (int d = 0; d < kRanks; ++d) counts[d] += (flags >> d) & 1u;
+      }
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) {
+        const unsigned total = __reduce_add_sync(0xffffffffu, counts[d]);
+        if (lane == 0 && d < R && total) atomicAdd(&consumed[d], static_cast<int>(total));
+      }
+      __syncthreads();
+      range.begin = mid;
+    } else {
+      range.end = mid;
+    }
+  }
 
   const int4* bias_0 = static_cast<const int4*>(a.bias_0);
   const int4* bias_1 = static_cast<const int4*>(a.bias_1);
@@ -182,19 +233,42 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
   const uint64_t policy = evict_first_policy();
   const int self_row_base =
       received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, rank, channel).base;
+  // A row in 512-byte columns (32 lanes x 16 bytes): what warps that share a token divide (below).
+  const int columns = (H4 + 31) / 32;
 
+  // Up to 4 ranks, a batch's routing and a token's weights are loaded ahead of their use, their
+  // round trips behind the rows'; 8 ranks' rows alone fill the registers that would take.
+  constexpr bool kAhead = kRanks <= 4;
+  // Warp 0 loads each batch's routing while the batch before is summed.
+  RoutingAhead<kRanks> ahead;
+  if (kAhead && warp == 0) ahead.load(a.is_token_in_rank, range.begin + lane, lane < batch && range.begin + lane < range.end, R);
   for (int begin = range.begin; begin < range.end; begin += batch) {
-    if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, consumed, position, batch_count);
+    if (warp == 0) {
+      if constexpr (kAhead)
+        positions_from_flags(ahead.flags(), batch, R, consumed, position, batch_count);
+      else
+        batch_positions(a.is_token_in_rank, begin, range.end, batch, R, consumed, position, batch_count);
+    }
     __syncthreads();
+    if (kAhead && warp == 0) {
+      const int next = begin + batch + lane;
+      ahead.load(a.is_token_in_rank, next, lane < batch && next < range.end, R);
+    }
 
-    const int t = begin + warp;
-    if (warp < batch && t < range.end) {
+    // A split channel's short last batch would leave most warps idle while a few sum whole rows:
+    // there (no ring, so no slot to release or discard) several warps share each token, a slice of
+    // its columns apiece.
+    const int n = min(batch, range.end - begin);
+    const int share = split && n < batch ? batch / n : 1;
+    const int slot = warp / share, piece = warp - slot * share;
+    const int t = begin + slot;
+    if (slot < n) {
       // Where each contributing row is: a ring slot, or my own x for rows I sent to myself. Lane d
       // resolves (and waits for) rank d's row, so the waits for different ranks overlap.
       bool ok = true;
       if (lane < kMaxNvlRanks) {
         const int d = lane;
-        const int pos = d < R ? position[warp][d] : -1;
+        const int pos = d < R ? position[slot][d] : -1;
         const int4* row_ptr = nullptr;
         const float* weight_ptr = nullptr;
         if (pos >= 0 && d == rank) {
@@ -214,16 +288,31 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
         weights_smem[warp][d] = weight_ptr;
       }
       __syncwarp();
-      const int4* const* rows = rows_smem[warp];
-      const float* const* weights = weights_smem[warp];
       if (!__all_sync(0xffffffffu, ok)) {
         if (lane == 0) failed = true;
       } else {
+        // In registers (kAhead): the stores below clobber memory, so every round would reload them.
+        const int4* rows_ahead[kRanks];
+        if constexpr (kAhead)
+#pragma unroll
+          for (int d = 0; d < kRanks; ++d) rows_ahead[d] = rows_smem[warp][d];
+        const auto row = [&](int d) -> const int4* {
+          if constexpr (kAhead) return rows_ahead[d];
+          else return rows_smem[warp][d];
+        };
+        const bool sum_weights = a.combined_topk_weights && lane < K && piece == 0;
+        float w[kRanks];
+#pragma unroll
+        for (int d = 0; d < kRanks; ++d) {
+          w[d] = 0.f;
+          if (kAhead && sum_weights && weights_smem[warp][d]) w[d] = ld_cg(weights_smem[warp][d] + lane);
+        }
         const int64_t out_row = static_cast<int64_t>(t) * H4;
+        const int lo = 32 * (piece * columns / share), hi = min(H4, 32 * ((piece + 1) * columns / share));
         // kSlices hidden slices per lane per step: up to kSlices x ranks 16-byte loads in flight
-        // before the sums (two slices only where the per-rank registers allow it).
-        constexpr int kSlices = kRanks <= 4 ? 2 : 1;
-        for (int i0 = lane; i0 < H4; i0 += 32 * kSlices) {
+        // before the sums, as many as the registers allow (80 a thread at 24 warps).
+        constexpr int kSlices = kRanks == 2 ? 4 : kRanks <= 4 ? 2 : 1;
+        for (int i0 = lo + lane; i0 < hi; i0 += 32 * kSlices) {
           float acc[kSlices][8];
           int4 v[kSlices][kRanks];
 #pragma unroll
@@ -234,14 +323,14 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
           for (int d = 0; d < kRanks; ++d)
 #pragma unroll
             for (int u = 0; u < kSlices; ++u)
-              if (rows[d] && i0 + 32 * u < H4) v[u][d] = ld_cg(rows[d] + i0 + 32 * u);
+              if (row(d) && i0 + 32 * u < hi) v[u][d] = ld_cg(row(d) + i0 + 32 * u);
 #pragma unroll
           for (int u = 0; u < kSlices; ++u) {
             const int i = i0 + 32 * u;
-            if (i >= H4) continue;
+            if (i >= hi) continue;
 #pragma unroll
             for (int d = 0; d < kRanks; ++d)
-              if (rows[d]) accumulate_bf16x8(acc[u], v[u][d]);
+              if (row(d)) accumulate_bf16x8(acc[u], v[u][d]);
             if (bias_0) accumulate_bf16x8(acc[u], ld_nc_stream(bias_0 + out_row + i));
             if (bias_1) accumulate_bf16x8(acc[u], ld_nc_stream(bias_1 + out_row + i));
             if (a.l2_hints)
@@ -250,25 +339,29 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
               st_na(out + out_row + i, pack_bf16x8(acc[u]));
           }
         }
-        if (a.combined_topk_weights && lane < K) {
-          float w = 0.f;
+        if (sum_weights) {
+          float sum = 0.f;  // absent ranks add +0, which leaves the sum as the present ones make it
 #pragma unroll
-          for (int d = 0; d < kRanks; ++d)
-            if (weights[d]) w += ld_cg(weights[d] + lane);
-          a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
+          for (int d = 0; d < kRanks; ++d) {
+            if constexpr (kAhead)
+              sum += w[d];
+            else if (weights_smem[warp][d])
+              sum += ld_cg(weights_smem[warp][d] + lane);
+          }
+          a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = sum;
         }
         if (a.l2_discard) {
           // Every lane's loads of these rows fed the sums stored above; the ring lines are dead
           // until their sender's next lap, so drop them from L2 instead of writing them back.
           __syncwarp();
           for (int d = 0; d < kRanks; ++d)
-            if (rows[d] && d != rank && !pull[d])  // never a peer's input, only ring lines
-              group_discard_rows(1, static_cast<int64_t>(H4) * 16, lane, 32, [&](int) { return rows[d]; });
+            if (row(d) && d != rank && !pull[d])  // never a peer's input, only ring lines
+              group_discard_rows(1, static_cast<int64_t>(H4) * 16, lane, 32, [&](int) { return row(d); });
         }
       }
     }
     __syncthreads();
-    if (failed) return;
+    if (failed) return kFailed;
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
       consumed[d] += batch_count[d];
@@ -278,9 +371,12 @@ __device__ void recv_channel(const CombineArgs& a, Epoch seq, int channel) {
     __syncthreads();
   }
   if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
-  // Every read of a pulled peer's rows fed a store before the last barrier: release its input.
+  // Every read of a pulled peer's rows fed a store before the last barrier: release its input,
+  // this part's half of it, or both halves when the channel is not split.
   if (threadIdx.x < R && pull[threadIdx.x])
-    window::signal(&a.sections[threadIdx.x]->pull_done[channel][rank], seq);
+    for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
+      window::signal(&a.sections[threadIdx.x]->pull_done[p][channel][rank], seq);
+  return kReceived;
 }
 
 // Tells the token owners whether they may read this rank's input rows in place, and where. When it
@@ -311,8 +407,9 @@ __device__ void publish_source(const CombineArgs& a, Epoch seq) {
   a.mailbox->last_pulled_seq = seq;
 }
 
-// The agreed choice for this rank's input, for its sender blocks: without segments it is the host's
-// (arena or not); with them, what publish_source decided. -1: the wait for it failed.
+// The agreed choice for this rank's input, for every block (senders push or wait, and whether the
+// channel splits depends on it): without segments it is the host's (arena or not); with them, what
+// publish_source decided. -1: the wait for it failed.
 __device__ int agreed_pull(const CombineArgs& a, Epoch seq) {
   bool named = false;
   for (int f = 0; f < kNumSourceFields; ++f) named |= a.source.key[f] != 0;
@@ -346,11 +443,20 @@ __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   // First, before any wait: publish_source on every peer waits for what this rank has mapped.
   if (blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a, seq);
+  const int pulled = agreed_pull(a, seq);
   if (blockIdx.x % 2 == 0) {
-    const int pulled = agreed_pull(a, seq);
-    if (pulled >= 0) send_channel<kHalt>(a, seq, channel, pulled != 0);
+    if (pulled < 0) return;
+    if (pulled == 0) {
+      send_channel<kHalt>(a, seq, channel);
+      return;
+    }
+    // My input is pulled: this block receives the channel's second half when every peer's input is
+    // pulled too (never in a halting combine, which always pushes), then waits for the owners; a
+    // failed receive only makes those waits end at the fault it recorded.
+    if (!kHalt) recv_channel<kRanks>(a, seq, channel, 1, true);
+    wait_pulled(a, seq, channel);
   } else {
-    recv_channel<kRanks>(a, seq, channel);
+    recv_channel<kRanks>(a, seq, channel, 0, !kHalt && pulled > 0);
     // Last, off the rows' path.
     if (blockIdx.x == 1 && threadIdx.x < a.layout.num_ranks && threadIdx.x != a.rank)
       report_source_segments(a, threadIdx.x, seq);

@@ -134,10 +134,11 @@ struct alignas(128) HeaderSection {
   // part of that source's channel has finished writing here. Sequence-valued, so nothing ever needs resetting.
   DirectTarget direct_target;
   Epoch direct_done[2][kMaxChannels][kMaxNvlRanks];  // [sender part][channel][source]
-  // Pull combine: this rank's input rows (see CombineSource), and per (channel, token owner) the
-  // sequence number of the last combine whose reads of them that owner has finished.
+  // Pull combine: this rank's input rows (see CombineSource), and per (owner part, channel, token
+  // owner) the sequence number of the last combine whose reads of them that part of the owner's
+  // channel has finished (a channel pulled everywhere is received by both its blocks; combine.cu).
   CombineSource combine_source;
-  Epoch pull_done[kMaxChannels][kMaxNvlRanks];
+  Epoch pull_done[2][kMaxChannels][kMaxNvlRanks];  // [owner part][channel][token owner]
   // Segment targets: the handles of the segments direct_target names, and per sender what it has mapped.
   SegmentOffer segment_offers[kNumTargetFields];
   // [sender]. Combine's token owners publish theirs here too (NOTES in combine.cu: why sharing is safe).
