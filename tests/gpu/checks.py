@@ -325,11 +325,22 @@ def run_case(buf, rank: int, num_ranks: int, case: Case, seed: int, config, comb
     if case.use_async:
         y = written_late(y)
         previous_event = buf.capture()
+    # combined_x is allocated by the combine: a block of NaN of its size, freed just before, is what
+    # the caching allocator hands it, so a row the combine leaves unwritten is caught.
+    nan_block = torch.full((case.tokens_of(rank, num_ranks), case.hidden), float("nan"), dtype=torch.bfloat16,
+                           device="cuda")
+    del nan_block
     combined_x, combined_weights, event = buf.combine(y, handle, topk_weights=recv_topk_weights, bias=bias,
                                                       config=combine_config, previous_event=previous_event,
                                                       async_finish=case.use_async)
     if case.use_async:
         event.current_stream_wait()
+    else:
+        # This rank's combine ends only once every token owner has read its input (pulled in place
+        # or pushed): overwritten now, on the caller's stream, a late reader would sum NaN.
+        y.fill_(float("nan"))
+        if recv_topk_weights is not None:
+            recv_topk_weights.fill_(float("nan"))
     want_x, want_weights = ref.reference_combine(
         expected_layout[3], lambda d, tokens: (mine.x[tokens].float() * combine_scale(d)).to(torch.bfloat16),
         case.hidden, topk_idx, topk_weights, num_experts, bias)

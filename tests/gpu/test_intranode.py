@@ -237,6 +237,15 @@ def test_peer_segments(num_ranks):
     launcher.run_ranks(num_ranks, _peer_segments, 9000 * num_ranks, timeout_s=240)
 
 
+def _on_every_rank(flag: bool) -> bool:
+    """Whether `flag` holds on every rank of the world group (a collective)."""
+    import torch
+
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=common.world_group())
+    return bool(t.item())
+
+
 def _peer_segments_combine_pull(rank, num_ranks, seed):
     """Pull combine from ordinary torch inputs (window/peer_segments.hpp): no arena, and every round's
     combine input is a fresh torch tensor of the same shape (run_case's), its weights the dispatch's
@@ -262,14 +271,19 @@ def _peer_segments_combine_pull(rank, num_ranks, seed):
     assert sum(pulled_rounds[7:]) >= 1, f"rank {rank}: steady combines without weights were not pulled: {pulled_rounds}"
     # Pulled everywhere, each channel's two blocks take half its tokens; at T=200 those halves end
     # in short batches (8 or 9 tokens at 2 ranks, 1 at 8), whose tokens several warps share, a slice
-    # of the hidden size and of the bias apiece.
-    short_rounds = []
-    for i in range(6):
-        case = Case(f"pull short batches {i}", 200, 4096, 8, 64, num_bias=1).resolved(num_ranks)
+    # of the hidden size and of the bias apiece; at T=1200 they span several full batches and end
+    # in a short one. A round splits only when every rank's input was pulled, so that is asked of
+    # all ranks together. run_case overwrites each input right after its combine: an owner still
+    # reading it then (a half not waited for) would sum NaN.
+    split_rounds = []
+    for i in range(12):
+        tokens = 200 if i < 6 else 1200
+        case = Case(f"pull split {tokens} {i}", tokens, 4096, 8, 64, num_bias=1).resolved(num_ranks)
         run_case(buf, rank, num_ranks, case, seed + 20 + i, config, combine_config)
-        short_rounds.append(buf.runtime.last_combine_pulled)
-    common.log(rank, f"[R={num_ranks}] short-batch combines pulled: {short_rounds}")
-    assert sum(short_rounds[2:]) >= 1, f"rank {rank}: steady short-batch combines were not pulled: {short_rounds}"
+        split_rounds.append(_on_every_rank(buf.runtime.last_combine_pulled))
+    common.log(rank, f"[R={num_ranks}] combines pulled on every rank: {split_rounds}")
+    assert sum(split_rounds[2:6]) >= 1 and sum(split_rounds[8:]) >= 1, \
+        f"rank {rank}: steady combines were not pulled on every rank (no split ran): {split_rounds}"
     buf.destroy()
 
     _one_rank_out(rank, num_ranks, seed, config, combine_config, "last_combine_pulled",
