@@ -96,6 +96,9 @@ Context::Context(const BufferOptions& o) {
   timeout_s = o.timeout_s > 0 ? o.timeout_s : knobs::timeout_seconds();
   spin_backoff_ns = knobs::spin_backoff_ns();
   peer_segments_enabled = knobs::peer_segments();
+  segment_limits.second_sighting = knobs::segment_window();
+  segment_limits.stale_after = 2 * segment_limits.second_sighting;
+  segment_limits.mapped_bytes = knobs::segment_mapped_mb() << 20;
   const unsigned long long epoch_start = knobs::debug_epoch_start();
   // The kernels' per-rank tables and 32-bit mask words hold kMaxNvlRanks ranks: beyond that the
   // Buffer is built as before (no region) and the low-latency calls raise (checked_layout).

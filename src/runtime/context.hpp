@@ -60,6 +60,7 @@ class Context {
   // (window/peer_segments.hpp): this rank's exported segments, and the peers' it has mapped, one
   // table for both (made at the first dispatch or combine; closed by release()).
   bool peer_segments_enabled = false;  // knobs::peer_segments()
+  window::PeerSegments::Limits segment_limits;  // knobs::segment_window(), segment_mapped_mb()
   window::SegmentExports segment_exports;
   std::unique_ptr<window::PeerSegments> peer_segments;
   // Whether the comm stream and the caller's stream had nothing queued when the current operation

@@ -102,6 +102,14 @@ bool debug_low_latency_force_put() { return flag("MOELINK_DEBUG_LL_FORCE_PUT", f
 
 bool peer_segments() { return flag("MOELINK_PEER_SEGMENTS", true); }
 
+int segment_window() {
+  return static_cast<int>(integer("MOELINK_SEGMENT_WINDOW", 2, 1 << 20, 512, "2..1048576 notes"));
+}
+
+long long segment_mapped_mb() {
+  return integer("MOELINK_SEGMENT_MAPPED_MB", 0, 1L << 24, 16384, "0..16777216 MB");
+}
+
 void log_once() {
   if (!debug()) return;
   static std::once_flag once;
@@ -109,10 +117,11 @@ void log_once() {
     std::fprintf(stderr,
                  "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d "
                  "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
-                 "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_PEER_SEGMENTS=%d MOELINK_DEBUG=1\n",
+                 "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_PEER_SEGMENTS=%d MOELINK_SEGMENT_WINDOW=%d "
+                 "MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
                  timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
                  transport_name(low_latency_transport()), debug_low_latency_force_put() ? 1 : 0,
-                 peer_segments() ? 1 : 0);
+                 peer_segments() ? 1 : 0, segment_window(), segment_mapped_mb());
   });
 }
 

@@ -50,6 +50,18 @@ bool debug_low_latency_force_put();
 // Ranks may differ: a rank that does not take part makes its peers use the rings. Read on every Buffer.
 bool peer_segments();
 
+// MOELINK_SEGMENT_WINDOW (2..1048576 notes, default 512): a peer's segment is mapped when the peer
+// names it again within this many of its notes (dispatches and combines that name segments), and a
+// mapping it has not named in twice as many is closed. 512 maps a segment named once every training
+// step (a layer's output held until its backward) by the second step, for steps of up to 512 notes
+// (60 layers' forward and backward dispatches and combines make ~240). Read on every Buffer.
+int segment_window();
+
+// MOELINK_SEGMENT_MAPPED_MB (0..16777216, default 16384): MB of one peer's segments this rank keeps
+// mapped at most, i.e. of the peer's memory its mappings may keep alive once the peer frees it;
+// past it the mappings named longest ago are closed. Read on every Buffer.
+long long segment_mapped_mb();
+
 // Prints every knob's value to stderr once per process when debug() is on.
 void log_once();
 

@@ -2,7 +2,9 @@
 
 #include <cuda.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "window/cuda_ipc.hpp"
 
@@ -102,6 +104,21 @@ SegmentMapper ipc_segment_mapper(cudaStream_t stream, bool (*quiesce)(void*), vo
     return ipc->quiesce(ipc->context);
   };
   mapper.close = [](void* mapped, void*) { ipc_close(mapped); };
+  mapper.pin = [](size_t bytes, void*) -> void* {
+    void* host = nullptr;
+    if (cudaHostAlloc(&host, bytes, cudaHostAllocPortable) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return host;
+  };
+  mapper.unpin = [](void* host, void*) { cudaFreeHost(host); };
+  mapper.copy = [](void* device, const void* host, size_t bytes, void* c) {
+    if (cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, static_cast<Ipc*>(c)->stream) == cudaSuccess)
+      return true;
+    cudaGetLastError();
+    return false;
+  };
   mapper.owned = std::make_shared<Ipc>(Ipc{stream, quiesce, context});
   mapper.context = mapper.owned.get();
   return mapper;
@@ -114,6 +131,7 @@ SegmentExports::Export SegmentExports::find(const void* p, int64_t bytes, int de
   auto it = entries_.find(s.key);
   if (it == entries_.end()) {
     Entry entry{};
+    entry.bytes = s.size;
     entry.ok = cudaIpcGetMemHandle(&entry.handle, s.base) == cudaSuccess;
     if (!entry.ok) cudaGetLastError();
     if (entries_.size() >= kKept) {
@@ -129,42 +147,56 @@ SegmentExports::Export SegmentExports::find(const void* p, int64_t bytes, int de
   if (!it->second.ok) return e;
   e.key = s.key;
   e.offset = static_cast<const char*>(p) - s.base;
+  e.bytes = it->second.bytes;
   e.handle = it->second.handle;
   return e;
 }
 
+PeerSegments::PeerSegments(SegmentMapper mapper, Limits limits, SegmentTable* device)
+    : mapper_(mapper), limits_(limits), device_(device) {
+  if (limits_.second_sighting < 1) limits_.second_sighting = 1;
+  if (limits_.stale_after < limits_.second_sighting) limits_.stale_after = limits_.second_sighting;
+}
+
 void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentFields],
-                        const int (&unmapped)[kSegmentFields], const cudaIpcMemHandle_t (&handles)[kSegmentFields]) {
+                        const int (&unmapped)[kSegmentFields], const cudaIpcMemHandle_t (&handles)[kSegmentFields],
+                        const long long (&bytes)[kSegmentFields]) {
   if (peer < 0 || peer >= kSegmentPeers) return;
   Peer& pe = peers_[peer];
   const long long now = ++pe.notes;
+  std::vector<int> victims;
   for (int f = 0; f < kSegmentFields; ++f) {
     const unsigned long long key = keys[f];
     if (key == 0) continue;
-    bool held = false;
-    for (Slot& slot : pe.slots)
-      if (slot.key == key) {
-        slot.named_at = now;
-        held = true;
-      }
+    const auto held = pe.slot_of.find(key);
+    if (held != pe.slot_of.end()) {
+      pe.slots[held->second].named_at = now;
+      continue;
+    }
     // A key whose old mapping is not closed yet waits for the close: opening a handle this
     // process still has open is not something to rely on.
-    if (held || !unmapped[f] || pe.refused.count(key) || closing(peer, key)) continue;
+    if (!unmapped[f] || pe.refused.count(key) || closing(peer, key)) continue;
     auto c = pe.candidates.find(key);
     if (c == pe.candidates.end() || c->second.seen_at == now || !same_handle(c->second.handle, handles[f])) {
       // A repeat within this note (two fields in one segment) is one sighting; a new handle
       // starts over.
-      if (c == pe.candidates.end() || c->second.seen_at != now) pe.candidates[key] = {handles[f], now};
+      if (c == pe.candidates.end() || c->second.seen_at != now) {
+        pe.candidates[key] = {handles[f], now};
+        pe.sightings.emplace_back(now, key);
+      }
       continue;
     }
-    // The slot of the mapping named longest ago (an empty slot is oldest of all). One named within
-    // kSecondSighting is still in use: with no other slot the key stays unmapped (its receiver takes
-    // the rings) rather than two keys evicting each other, an open and a close every dispatch.
-    Slot* victim = nullptr;
-    for (Slot& slot : pe.slots)
-      if (slot.key == 0 || now - slot.named_at >= kSecondSighting)
-        if (victim == nullptr || slot.key == 0 || (victim->key != 0 && slot.named_at < victim->named_at)) victim = &slot;
-    if (victim == nullptr) continue;
+    if (bytes[f] > limits_.mapped_bytes) {
+      // Larger than the bound on its own: it could only ever be mapped alone, past the bound.
+      pe.candidates.erase(c);
+      pe.refused[key] = true;
+      continue;
+    }
+    // Keys still in use are never dropped for it: with no room otherwise the key stays unmapped
+    // (its receiver takes the rings) rather than two keys evicting each other, an open and a
+    // close every step.
+    const int slot = make_room(pe, now, bytes[f], victims);
+    if (slot < 0) continue;
     pe.candidates.erase(c);
     void* base = mapper_.open(handles[f], mapper_.context);
     ++opens_;
@@ -172,20 +204,73 @@ void PeerSegments::note(int peer, const unsigned long long (&keys)[kSegmentField
       pe.refused[key] = true;
       continue;
     }
-    drop(peer, *victim);
-    *victim = {key, static_cast<char*>(base), now};
+    for (const int v : victims) drop(peer, v);
+    pe.slots[slot] = {key, static_cast<char*>(base), bytes[f], now};
+    pe.slot_of[key] = slot;
+    pe.bytes += bytes[f];
+    pe.named_since = std::min(pe.named_since, now);
+    ++version_;
   }
-  // Sightings not repeated in time are forgotten.
-  for (auto c = pe.candidates.begin(); c != pe.candidates.end();)
-    c = now - c->second.seen_at >= kSecondSighting ? pe.candidates.erase(c) : std::next(c);
-  for (Slot& slot : pe.slots)
-    if (slot.key != 0 && now - slot.named_at >= kStaleAfter) drop(peer, slot);
+  // Sightings not repeated in time are forgotten (a candidate sighted again since, with a new
+  // handle, has a later entry of its own).
+  while (!pe.sightings.empty() && now - pe.sightings.front().first >= limits_.second_sighting) {
+    const auto c = pe.candidates.find(pe.sightings.front().second);
+    if (c != pe.candidates.end() && c->second.seen_at == pe.sightings.front().first) pe.candidates.erase(c);
+    pe.sightings.pop_front();
+  }
+  // Only when some mapping may be stale: in steady state every one is named within the window,
+  // and a walk over all 128 every note would be most of its cost.
+  if (now - pe.named_since < limits_.stale_after) return;
+  pe.named_since = std::numeric_limits<long long>::max();
+  for (int i = 0; i < kSegmentSlots; ++i) {
+    if (pe.slots[i].key == 0) continue;
+    if (now - pe.slots[i].named_at >= limits_.stale_after)
+      drop(peer, i);
+    else
+      pe.named_since = std::min(pe.named_since, pe.slots[i].named_at);
+  }
 }
 
-void PeerSegments::drop(int peer, Slot& slot) {
-  if (slot.key == 0) return;
-  dropped_.push_back({peer, slot.key, slot.base});
-  slot = {};
+int PeerSegments::make_room(const Peer& pe, long long now, long long bytes, std::vector<int>& victims) const {
+  victims.clear();
+  int empty = -1;
+  std::vector<int> idle;  // mappings not in use, named longest ago first
+  for (int i = 0; i < kSegmentSlots; ++i) {
+    const Slot& slot = pe.slots[i];
+    if (slot.key == 0) {
+      if (empty < 0) empty = i;
+    } else if (now - slot.named_at >= limits_.second_sighting) {
+      idle.push_back(i);
+    }
+  }
+  if (empty < 0 && idle.empty()) return -1;
+  std::sort(idle.begin(), idle.end(), [&](int a, int b) { return pe.slots[a].named_at < pe.slots[b].named_at; });
+  long long kept = pe.bytes;
+  size_t next = 0;
+  if (empty < 0) {
+    victims.push_back(idle[next]);
+    kept -= pe.slots[idle[next++]].bytes;
+  }
+  while (kept + bytes > limits_.mapped_bytes) {
+    if (next == idle.size()) {
+      victims.clear();
+      return -1;
+    }
+    victims.push_back(idle[next]);
+    kept -= pe.slots[idle[next++]].bytes;
+  }
+  return empty >= 0 ? empty : victims.front();
+}
+
+void PeerSegments::drop(int peer, int slot) {
+  Peer& pe = peers_[peer];
+  Slot& s = pe.slots[slot];
+  if (s.key == 0) return;
+  dropped_.push_back({peer, s.key, s.base});
+  pe.slot_of.erase(s.key);
+  pe.bytes -= s.bytes;
+  s = {};
+  ++version_;
 }
 
 void PeerSegments::retire(bool quiet) {
@@ -226,23 +311,60 @@ bool PeerSegments::closing(int peer, unsigned long long key) const {
   return false;
 }
 
-void PeerSegments::fill(unsigned long long (&keys)[kSegmentPeers][kSegmentSlots],
-                        char* (&bases)[kSegmentPeers][kSegmentSlots]) const {
+void PeerSegments::fill(SegmentTable& table) const {
+  std::memset(static_cast<void*>(&table), 0, sizeof(table));
   for (int p = 0; p < kSegmentPeers; ++p)
-    for (int i = 0; i < kSegmentSlots; ++i) {
-      keys[p][i] = peers_[p].slots[i].key;
-      bases[p][i] = peers_[p].slots[i].base;
+    for (const Slot& slot : peers_[p].slots) {
+      if (slot.key == 0) continue;
+      // Linear probing, as find_segment_bucket reads it; at most half full, so a bucket is free.
+      int b = segment_bucket(slot.key);
+      while (table.key[p][b] != 0) b = (b + 1) & (kSegmentBuckets - 1);
+      table.key[p][b] = slot.key;
+      table.base[p][b] = slot.base;
     }
+}
+
+const SegmentTable* PeerSegments::upload() {
+  if (device_ == nullptr) return nullptr;
+  if (uploaded_ == version_) return device_;
+  Staging* block = nullptr;
+  for (Staging& s : staging_) {
+    if (s.mark != nullptr && mapper_.passed(s.mark, mapper_.context) == 1) {
+      mapper_.forget(s.mark, mapper_.context);
+      s.mark = nullptr;
+    }
+    if (s.mark == nullptr && !s.lost) {
+      block = &s;
+      break;
+    }
+  }
+  if (block == nullptr && staging_.size() < static_cast<size_t>(kStagingBlocks)) {
+    void* host = mapper_.pin(sizeof(SegmentTable), mapper_.context);
+    if (host == nullptr) return nullptr;
+    staging_.push_back({host, nullptr, false});
+    block = &staging_.back();
+  }
+  if (block == nullptr) return nullptr;
+  fill(*static_cast<SegmentTable*>(block->host));
+  if (!mapper_.copy(device_, block->host, sizeof(SegmentTable), mapper_.context)) return nullptr;
+  ++uploads_;
+  uploaded_ = version_;
+  block->mark = mapper_.mark(mapper_.context);
+  // Without a mark nobody can tell when the copy has read the block: it is never written again,
+  // rather than rewritten under the copy (one of kStagingBlocks lost).
+  block->lost = block->mark == nullptr;
+  return device_;
 }
 
 void PeerSegments::close_all() {
   for (int p = 0; p < kSegmentPeers; ++p) {
     Peer& pe = peers_[p];
-    for (Slot& slot : pe.slots) drop(p, slot);
+    for (int i = 0; i < kSegmentSlots; ++i) drop(p, i);
     pe.candidates.clear();
+    pe.sightings.clear();
     pe.refused.clear();
   }
-  if (dropped_.empty() && retiring_.empty()) return;
+  if (dropped_.empty() && retiring_.empty() && staging_.empty()) return;
   const bool quiet = mapper_.quiesce(mapper_.context);
   for (Retiring& r : retiring_) {
     if (quiet) dropped_.insert(dropped_.end(), r.mappings.begin(), r.mappings.end());
@@ -255,13 +377,22 @@ void PeerSegments::close_all() {
       ++closes_;
     }
   dropped_.clear();
+  // Unless every copy has run, the blocks stay pinned (a leak, never freed under a copy).
+  for (Staging& s : staging_) {
+    if (s.mark != nullptr) mapper_.forget(s.mark, mapper_.context);
+    if (quiet) mapper_.unpin(s.host, mapper_.context);
+  }
+  staging_.clear();
 }
 
 int PeerSegments::mapped(int peer) const {
-  int n = 0;
   if (peer < 0 || peer >= kSegmentPeers) return 0;
-  for (const Slot& slot : peers_[peer].slots) n += slot.key != 0;
-  return n;
+  return static_cast<int>(peers_[peer].slot_of.size());
+}
+
+long long PeerSegments::mapped_bytes(int peer) const {
+  if (peer < 0 || peer >= kSegmentPeers) return 0;
+  return peers_[peer].bytes;
 }
 
 }  // namespace moelink::window

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import common  # noqa: E402
 import launcher  # noqa: E402
-from checks import COVERING_CASES, Case, run_case  # noqa: E402
+from checks import COVERING_CASES, Case, check_recv_x, make_inputs_all, make_routing_all, run_case  # noqa: E402
 
 from reference import moe_reference as ref  # noqa: E402
 
@@ -168,11 +168,14 @@ def _peer_segments(rank, num_ranks, seed):
     second time it is named), with exact outputs every round. Then segments
     that change under it (junk allocations and empty_cache between rounds), fp8 and cached
     dispatches among them, still exact. Then rounds whose outputs always land in new segments, so
-    mappings are evicted and go stale and are closed, still exact. Then one rank that does not take
-    part (MOELINK_PEER_SEGMENTS=0): nobody's rows come directly, and all stay exact."""
+    mappings go stale and are closed, still exact. Then one rank that does not take part
+    (MOELINK_PEER_SEGMENTS=0): nobody's rows come directly, and all stay exact. The window is 8
+    notes here (stale after 16, about five rounds), so that 26 rounds of new segments age mappings
+    out; test_peer_segments_held_step runs the default one."""
     import gc
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
     os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    os.environ["MOELINK_SEGMENT_WINDOW"] = "8"
     buf = common.make_buffer(num_ranks, (config, combine_config), (4096,))
     direct_rounds = []
     # Canaries: tensors of this rank's caching allocator beside the outputs (small ones share the
@@ -205,10 +208,10 @@ def _peer_segments(rank, num_ranks, seed):
                     worst=i % 4 == 3).resolved(num_ranks)
         run_case(buf, rank, num_ranks, case, seed + 100 + i, config, combine_config)
     common.log(rank, f"[R={num_ranks}] churn rounds exact, {buf.runtime.peer_segments_mapped} peer segments mapped")
-    # Past the table's size and its stale limit: every round's outputs in new segments (freed and
-    # made again), each named twice in the round (dispatch, then the cached dispatch), so each round
-    # maps new keys, evicting older ones, and keys not named for 64 notes go stale. The dropped
-    # mappings must be closed once their kernels finished (never under one), with every round exact.
+    # Past the stale limit: every round's outputs in new segments (freed and made again), each named
+    # twice in the round (dispatch, then the cached dispatch), so each round maps new keys, and keys
+    # not named for 16 notes go stale. The dropped mappings must be closed once their kernels
+    # finished (never under one), with every round exact.
     closed_before = buf.runtime.peer_segments_closed
     for i in range(26):
         junk.append(torch.empty(int(1 + (seed + i) % 5) * 2 * common.MIB, dtype=torch.uint8, device="cuda"))
@@ -222,10 +225,11 @@ def _peer_segments(rank, num_ranks, seed):
     common.log(rank, f"[R={num_ranks}] stale rounds exact, {closed} peer segment mappings closed, "
                      f"{buf.runtime.peer_segments_mapped} mapped")
     assert closed > 0, f"rank {rank}: 26 rounds of new segments closed no mapping (the table would only grow)"
-    assert buf.runtime.peer_segments_mapped <= 8 * (num_ranks - 1), \
+    assert buf.runtime.peer_segments_mapped <= 128 * (num_ranks - 1), \
         f"rank {rank}: {buf.runtime.peer_segments_mapped} mappings held, more than the table's slots"
     buf.destroy()
     del junk
+    del os.environ["MOELINK_SEGMENT_WINDOW"]
 
     _one_rank_out(rank, num_ranks, seed, config, combine_config, "last_dispatch_direct",
                   "rows came directly")
@@ -235,6 +239,58 @@ def _peer_segments(rank, num_ranks, seed):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_peer_segments(num_ranks):
     launcher.run_ranks(num_ranks, _peer_segments, 9000 * num_ranks, timeout_s=240)
+
+
+def _peer_segments_held_step(rank, num_ranks, seed):
+    """A training step's forward at the default window: each of 24 layers' recv_x is held until the
+    step ends (as for backward), each in a segment of its own (over 10 MB, so the caching allocator
+    does not share it), so a segment comes back once a step, 24 notes later. Senders map them while
+    the second step names them again; from the third step on every dispatch comes directly, and
+    every held output is exact."""
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    os.environ["MOELINK_PEER_SEGMENTS"] = "1"
+    buf = common.make_buffer(num_ranks, (config, combine_config), (7168,))
+    case = Case("held step", 512, 7168, 8, 64).resolved(num_ranks)
+    routing = make_routing_all(case, seed, num_ranks)
+    inputs = make_inputs_all(case, seed, num_ranks)
+    mine = inputs[rank]
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buf.get_dispatch_layout(topk_idx,
+                                                                                                 case.num_experts)
+    want = ref.reference_dispatch(routing, [inp.dispatch_x(False) for inp in inputs],
+                                  [inp.topk_weights for inp in inputs], rank, case.num_experts, num_ranks,
+                                  case.alignment)
+    layers, steps = 24, 4
+    direct = []
+    for step in range(steps):
+        held = []
+        for _ in range(layers):
+            out = buf.dispatch(mine.dispatch_x(False), num_tokens_per_rank=num_tokens_per_rank,
+                               is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                               topk_idx=topk_idx, topk_weights=mine.topk_weights, expert_alignment=case.alignment,
+                               config=config)
+            held.append(out[0])
+            del out
+            if step >= 2:
+                torch.cuda.synchronize()  # the kernel writes the flag: read it once it ran
+                direct.append(_on_every_rank(buf.runtime.last_dispatch_direct))
+        if step == steps - 1:
+            for i, recv_x in enumerate(held):
+                check_recv_x(recv_x, want, want.num_recv_tokens, case, f"rank {rank} held layer {i}")
+        del held
+    common.log(rank, f"[R={num_ranks}] held step: direct on every rank in steps 3-4: {sum(direct)}/{len(direct)}, "
+                     f"{buf.runtime.peer_segments_mapped} peer segments mapped")
+    # The same calls every step: the caching allocator hands each step the segments of the one
+    # before, so a miss here means the table did not keep them.
+    assert sum(direct) >= len(direct) - 2, f"rank {rank}: held layers did not come directly: {direct}"
+    assert buf.runtime.peer_segments_mapped >= layers * (num_ranks - 1), \
+        f"rank {rank}: {buf.runtime.peer_segments_mapped} segments mapped, fewer than the {layers} held per peer"
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_peer_segments_held_step(num_ranks):
+    launcher.run_ranks(num_ranks, _peer_segments_held_step, 9700 * num_ranks, timeout_s=240)
 
 
 def _on_every_rank(flag: bool) -> bool:

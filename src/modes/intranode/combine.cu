@@ -391,6 +391,7 @@ __device__ void publish_source(const CombineArgs& a, Epoch seq) {
     named |= mine.key[f] != 0;
     if (mine.key[f] != 0) {
       self->combine_offers[f].key = mine.key[f];
+      self->combine_offers[f].bytes = a.offers[f].bytes;
       self->combine_offers[f].handle = a.offers[f].handle;
     }
   }

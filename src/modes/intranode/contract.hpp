@@ -10,12 +10,15 @@
 
 #include "common/header.hpp"
 #include "modes/intranode/ring_layout.hpp"
+#include "window/segment_table.hpp"
 
 namespace moelink::intranode {
 
 using kernels::Epoch;
 using kernels::kMaxChannels;
 using kernels::kMaxLocalExperts;
+using window::kSegmentBuckets;
+using window::SegmentTable;
 
 enum WaitStep : int {
   kStepNotify = 32,
@@ -38,11 +41,10 @@ enum WaitStep : int {
 // An output may instead lie in a segment of the caching allocator (any cudaMalloc'd memory) that
 // the receiver exported by legacy CUDA IPC: its offset is then from that segment's base and
 // `key[field]` names the segment (its driver buffer id, unique in the receiving process for its
-// lifetime; 0 = the arena). A sender maps such segments once and keeps them (runtime/peer_segments.hpp);
+// lifetime; 0 = the arena). A sender maps such segments once and keeps them (window/peer_segments.hpp);
 // the receiver takes rows directly only when every sender has said, in this very dispatch, that it
 // has all of them mapped (SegmentsOpened), so the choice is made on the device and agreed by all.
 enum TargetField : int { kFieldX, kFieldScales, kFieldTopkIdx, kFieldTopkWeights, kFieldSrcIdx, kNumTargetFields };
-inline constexpr int kSegmentSlots = 8;  // segments of one peer a sender keeps mapped at once
 
 struct DirectTarget {
   long long x, scales, topk_idx, topk_weights, src_idx;
@@ -57,20 +59,16 @@ struct DirectTarget {
 // mapped the segment yet can hand it to its host (SegmentNews) and map it before a later dispatch.
 struct SegmentOffer {
   unsigned long long key;
+  long long bytes;  // the segment's size: what a mapping of it keeps alive (the senders' byte bound)
   alignas(16) cudaIpcMemHandle_t handle;  // copied in 16-byte words
 };
 
 // Written by each sender into every receiver's header at the start of each dispatch: the keys of that
-// receiver's segments the sender has mapped for this dispatch (its kernel arguments' table).
+// receiver's segments the sender has mapped for this dispatch, as its table's buckets hold them
+// (the receiver probes them with the same hash, window/segment_table.hpp).
 struct SegmentsOpened {
-  unsigned long long key[kSegmentSlots];
+  unsigned long long key[kSegmentBuckets];
   Epoch seq;  // written last, with release semantics
-};
-
-// A sender's table of peers' mapped segments, as its kernel gets it: [peer][slot], key 0 = empty.
-struct SegmentTable {
-  unsigned long long key[kMaxNvlRanks][kSegmentSlots];
-  char* base[kMaxNvlRanks][kSegmentSlots];
 };
 
 // What a sender's kernel tells its host about each receiver's published segments, in the host
@@ -84,6 +82,7 @@ template <int kFields>
 struct SegmentNewsOf {
   unsigned long long key[kFields];
   int unmapped[kFields];
+  long long bytes[kFields];  // the segments' sizes, with the handles
   alignas(16) cudaIpcMemHandle_t handle[kFields];  // written in 16-byte words
   volatile Epoch seq;
   volatile int busy;
@@ -145,6 +144,9 @@ struct alignas(128) HeaderSection {
   SegmentsOpened segments_opened[kMaxNvlRanks];
   SegmentOffer combine_offers[kNumSourceFields];  // the handles of the segments combine_source names
   NotifyResults notify_results;  // this rank's own
+  // This rank's own: the peers' segments it has mapped, as its dispatch and combine kernels read
+  // them (written only by copies on the comm stream between its kernels; window/peer_segments.hpp).
+  SegmentTable segment_table;
 };
 
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
@@ -226,7 +228,7 @@ struct DispatchArgs {
   // rows come through the rings). Its seq is filled on the device.
   DirectTarget target;
   SegmentOffer offers[kNumTargetFields];  // the handles of target.key's segments
-  SegmentTable segments;                  // peers' segments this rank has mapped
+  const SegmentTable* segments;           // peers' segments this rank has mapped; nullptr: none
   MailboxSection* mailbox;                // host-mapped: segment news, the agreed choice
   int rank;
   kernels::PeerTable peers;
@@ -262,7 +264,7 @@ struct CombineArgs {
   // kernel agrees only when every owner has the segments mapped). Its seq is filled on the device.
   CombineSource source;
   SegmentOffer offers[kNumSourceFields];  // the handles of source.key's segments
-  SegmentTable segments;                  // peers' segments this rank has mapped (shared with dispatch)
+  const SegmentTable* segments;           // peers' segments this rank has mapped (shared with dispatch); nullptr: none
   MailboxSection* mailbox;                // host-mapped: segment news, the agreed choice
   int rank;
   kernels::PeerTable peers;

@@ -361,6 +361,7 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
     named |= mine.key[f] != 0;
     if (mine.key[f] != 0) {
       self->segment_offers[f].key = mine.key[f];
+      self->segment_offers[f].bytes = a.offers[f].bytes;
       self->segment_offers[f].handle = a.offers[f].handle;
     }
   }

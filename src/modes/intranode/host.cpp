@@ -186,6 +186,7 @@ bool place_for_peers(Context& ctx, bool segments, const TensorRef& ref, int64_t 
   offset = e.offset;
   key = e.key;
   offer.key = e.key;
+  offer.bytes = e.bytes;
   offer.handle = e.handle;
   return true;
 }
@@ -243,16 +244,18 @@ void take_news(Context& ctx, int d, SegmentNewsOf<kFields>* news, Epoch& seen) {
   std::atomic_thread_fence(std::memory_order_acquire);
   unsigned long long keys[kNumTargetFields] = {};
   int unmapped[kNumTargetFields] = {};
+  long long bytes[kNumTargetFields] = {};
   cudaIpcMemHandle_t handles[kNumTargetFields] = {};
   for (int f = 0; f < kFields; ++f) {
     keys[f] = reinterpret_cast<volatile unsigned long long*>(news->key)[f];
     unmapped[f] = reinterpret_cast<volatile int*>(news->unmapped)[f];
+    bytes[f] = reinterpret_cast<volatile long long*>(news->bytes)[f];
     std::memcpy(&handles[f], const_cast<const cudaIpcMemHandle_t*>(&news->handle[f]), sizeof(cudaIpcMemHandle_t));
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   if (news->busy || news->seq != seq) return;  // rewritten meanwhile: the next operation takes it
   seen = seq;
-  ctx.peer_segments->note(d, keys, unmapped, handles);
+  ctx.peer_segments->note(d, keys, unmapped, handles, bytes);
 }
 
 // What the last dispatch and combine kernels saw each peer name (MailboxSection::segment_news and
@@ -264,7 +267,8 @@ void take_segment_news(Context& ctx) {
       auto* context = static_cast<Context*>(c);
       return context->drain(context->host_wait_limit_s(), true);
     };
-    ctx.peer_segments = std::make_unique<window::PeerSegments>(window::ipc_segment_mapper(ctx.comm_stream, drained, &ctx));
+    ctx.peer_segments = std::make_unique<window::PeerSegments>(window::ipc_segment_mapper(ctx.comm_stream, drained, &ctx),
+                                                               ctx.segment_limits, &ctx.header()->intranode.segment_table);
   }
   for (int d = 0; d < ctx.topo.num_nvl_ranks; ++d) {
     if (d == ctx.topo.nvl_rank) continue;
@@ -506,7 +510,9 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   const bool segments = segments_allowed(ctx, order);
   if (segments) take_segment_news(ctx);
   a.target = direct_target(ctx, out, h, s, N, cached, segments, a.offers);
-  if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
+  // After the notes: the copy of a changed table goes before this kernel, so no kernel queued after
+  // a drop's mark (retire) reads a table that still holds the dropped mapping.
+  a.segments = segments ? ctx.peer_segments->upload() : nullptr;
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
@@ -612,7 +618,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   // already the arena's (or -1), as a push wants them.
   a.source = combine_source(ctx, in, N, H, K, segments && !halt_sends, a.offers);
   if (halt_sends) a.source.pull = 0;
-  if (segments) ctx.peer_segments->fill(a.segments.key, a.segments.base);
+  a.segments = segments ? ctx.peer_segments->upload() : nullptr;  // after the notes, as in dispatch
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);

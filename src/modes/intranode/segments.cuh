@@ -8,22 +8,28 @@
 
 namespace moelink::intranode {
 
-// Where this rank has peer d's segment `key` mapped; null when it has not.
-__device__ __forceinline__ char* mapped_segment(const SegmentTable& table, int d, unsigned long long key) {
-  for (int i = 0; i < kSegmentSlots; ++i)
-    if (table.key[d][i] == key) return table.base[d][i];
-  return nullptr;
+// Where this rank has peer d's segment `key` mapped; null when it has not (or has no table: a
+// captured operation, or one whose table could not be copied).
+__device__ __forceinline__ char* mapped_segment(const SegmentTable* table, int d, unsigned long long key) {
+  if (table == nullptr) return nullptr;
+  const int b = window::find_segment_bucket(table->key[d], key);
+  return b < 0 ? nullptr : table->base[d][b];
 }
 
 // Every peer hears, at the start of each dispatch and combine, which of its segments this rank has
-// mapped (this kernel's table). One thread per peer d.
-__device__ __forceinline__ void publish_opened(const SegmentTable& table, HeaderSection* const* sections, int rank,
+// mapped (this kernel's table, its buckets as they are, which the peer probes with the same hash).
+// The whole block calls it; warp d writes peer d's 2 KB as eight coalesced stores, where one thread
+// would issue 256 one after another ahead of the seq every receiver waits for.
+__device__ __forceinline__ void publish_opened(const SegmentTable* table, HeaderSection* const* sections, int rank,
                                                int num_ranks, Epoch seq) {
-  const int d = threadIdx.x;
+  const int d = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (d >= num_ranks || d == rank) return;
   SegmentsOpened* opened = &sections[d]->segments_opened[rank];
-  for (int i = 0; i < kSegmentSlots; ++i) opened->key[i] = table.key[d][i];
-  window::signal(&opened->seq, seq);
+  for (int i = lane; i < kSegmentBuckets; i += 32) opened->key[i] = table != nullptr ? table->key[d][i] : 0;
+  // The lanes' stores are ordered before lane 0's release by the warp barrier (as the rows before a
+  // block's tail signal are by __syncthreads).
+  __syncwarp();
+  if (lane == 0) window::signal(&opened->seq, seq);
 }
 
 // Whether every other rank said, in this operation, that it has all of `keys` (0 = no segment)
@@ -37,12 +43,8 @@ __device__ bool all_opened(const HeaderSection* self, const unsigned long long (
     const SegmentsOpened* opened = &self->segments_opened[s];
     if (!window::wait(&opened->seq, seq, err, s, step, -1)) return false;
     const volatile unsigned long long* mapped = opened->key;
-    for (int f = 0; f < kFields; ++f) {
-      if (keys[f] == 0) continue;
-      bool found = false;
-      for (int i = 0; i < kSegmentSlots; ++i) found |= mapped[i] == keys[f];
-      all &= found;
-    }
+    for (int f = 0; f < kFields; ++f)
+      if (keys[f] != 0) all &= window::segment_listed(mapped, keys[f]);
   }
   return all;
 }
@@ -51,7 +53,7 @@ __device__ bool all_opened(const HeaderSection* self, const unsigned long long (
 // the handles of those this rank has not mapped (MailboxSection::segment_news and
 // combine_segment_news, a seqlock). One thread per d.
 template <int kFields>
-__device__ void report_segments(SegmentNewsOf<kFields>* news, const SegmentTable& table, int d,
+__device__ void report_segments(SegmentNewsOf<kFields>* news, const SegmentTable* table, int d,
                                 const volatile unsigned long long* keys, const SegmentOffer* offers, Epoch seq) {
   news->busy = 1;
   __threadfence_system();
@@ -61,6 +63,7 @@ __device__ void report_segments(SegmentNewsOf<kFields>* news, const SegmentTable
     news->key[f] = key;
     news->unmapped[f] = unmapped;
     if (unmapped) {
+      news->bytes[f] = reinterpret_cast<const volatile long long*>(&offers[f].bytes)[0];
       const volatile int4* from = reinterpret_cast<const volatile int4*>(&offers[f].handle);
       int4* to = reinterpret_cast<int4*>(&news->handle[f]);
       for (int i = 0; i < static_cast<int>(sizeof(cudaIpcMemHandle_t) / 16); ++i) {
