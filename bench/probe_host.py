@@ -1,7 +1,8 @@
-"""Where the host time of get_dispatch_layout and of an uncached dispatch goes, moelink beside DeepEP.
+"""Where the host time of get_dispatch_layout, dispatch (fp8 and bf16, uncached and cached) and
+combine goes, moelink beside DeepEP.
 
     bash scripts/with_mps.sh python3 bench/probe_host.py [--ranks 4] [--sms 24] [--calls 100]
-        [--anchor auto|none|PATH] [--profile]
+        [--anchor auto|none|PATH] [--profile] [--trace] [--timeline]
 
 An uncached dispatch waits on the host for its notify's counts, then allocates its outputs and
 launches its kernel while the GPU idles: its host time is GPU time in every timed figure. Per rank,
@@ -10,7 +11,9 @@ median / min / mean host time of each call, and for moelink the share of each ru
 through a wrapper of Buffer.runtime; intranode_notify_launch is the launch, intranode_notify_wait its wait); the
 rest is Python. --profile adds a cProfile of rank 0's calls; --trace a torch.profiler (CUPTI) table of
 rank 0's kernels and runtime calls, and its chrome trace in $OUT (rank 0 is slowed by it, so it
-reaches each barrier last and its kernels show their own time, not a wait for a later peer).
+reaches each barrier last and its kernels show their own time, not a wait for a later peer);
+--timeline every rank's chrome trace of calls timed as the benchmark times them (read them with
+bench/timeline_report.py). MOELINK_HOST_STAMPS=DIR splits the runtime calls into their C++ phases.
 Shape: 4096 tokens x 7168,
 fp8 with row-major scales, top-8 of 256, the bench's num_nvl_bytes (bench/bench_intranode.py).
 """
@@ -31,7 +34,7 @@ import launcher  # noqa: E402 - imports no torch
 
 
 def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms: int, calls: int,
-          profile: bool, trace: bool) -> str:
+          profile: bool, trace: bool, timeline: bool = False) -> str:
     import cProfile
     import io
     import os
@@ -77,7 +80,12 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
         buf.runtime = Timed(buf.runtime)
     lines = []
     ops = (("get_dispatch_layout", lambda: buf.get_dispatch_layout(topk_idx, 256)),
-           ("dispatch fp8 uncached", lambda: buf.dispatch((inputs.x_fp8, inputs.x_scales), **kwargs)))
+           ("dispatch fp8 uncached", lambda: buf.dispatch((inputs.x_fp8, inputs.x_scales), **kwargs)),
+           ("dispatch bf16 uncached", lambda: buf.dispatch(inputs.x, **kwargs)),
+           ("dispatch fp8 cached", lambda: buf.dispatch((inputs.x_fp8, inputs.x_scales), handle=handle)),
+           ("dispatch bf16 cached", lambda: buf.dispatch(inputs.x, handle=handle)),
+           ("combine", lambda: buf.combine(recv_x, handle, recv_weights)))
+    recv_x, _, recv_weights, _, handle, _ = buf.dispatch(inputs.x, **kwargs)
     for name, op in ops:
         for _ in range(10):
             op()
@@ -102,15 +110,52 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
                 lines.append(text.getvalue())
             torch.cuda.synchronize()
-        if trace:
+        spent.clear()
+    # After every host sample: a profiler leaves CUPTI hooked into every later CUDA call.
+    if timeline:
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        for name, op in ops:
+            elapsed = _timeline(rank, impl, name, op, flush, os.environ.get("OUT"))
+            lines.append(f"{impl} rank {rank} {name}: timed as the benchmark does, under the profiler: "
+                         f"median {elapsed:.1f} µs")
+    if trace:
+        for name, op in ops:
             table = _trace(rank, impl, name, op, os.environ.get("OUT"))
             if table:
                 lines.append(table)
-        spent.clear()
     dist.barrier()
     if hasattr(buf, "destroy"):
         buf.destroy()
     return "\n".join(lines)
+
+
+def _timeline(rank: int, impl: str, name: str, op, flush, out_dir: str | None, calls: int = 12) -> float:
+    """Every rank's kernels and CUDA calls over `calls` calls made as the benchmark times them (L2
+    flushed, device synchronized, ranks at a barrier, events around the call), one chrome trace per
+    rank: where the time between the start event and the end event goes."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    import statistics
+
+    for _ in range(3):
+        op()
+    samples = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            flush.zero_()
+            torch.cuda.synchronize()
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            op()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+    if out_dir:
+        prof.export_chrome_trace(str(Path(out_dir) / f"timeline_{impl}_{name.replace(' ', '_')}_rank{rank}.json"))
+    return statistics.median(samples)
 
 
 def _trace(rank: int, impl: str, name: str, op, out_dir: str | None, calls: int = 20) -> str:
@@ -144,6 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--anchor", default="auto", help="DeepEP: auto (.anchors/), none, or a wheel / directory")
     parser.add_argument("--profile", action="store_true", help="add a cProfile of rank 0's moelink calls")
     parser.add_argument("--trace", action="store_true", help="add torch.profiler tables of rank 0's kernels")
+    parser.add_argument("--timeline", action="store_true",
+                        help="chrome traces of every rank's calls timed as the benchmark times them, in $OUT")
     args = parser.parse_args(argv)
     import anchor  # noqa: PLC0415
 
@@ -152,7 +199,8 @@ def main(argv=None) -> int:
     impls = ["moelink"] + (["deep_ep"] if found.available else [])
     for impl in impls:
         results = launcher.run_ranks(args.ranks, ("probe_host", "probe", str(Path(__file__).resolve())), impl,
-                                     found.path, args.sms, args.calls, args.profile, args.trace, timeout_s=300)
+                                     found.path, args.sms, args.calls, args.profile, args.trace, args.timeline,
+                                     timeout_s=300)
         for text in results:
             print(text)
     return 0

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "modes/intranode/host.hpp"
+#include "runtime/host_stamps.hpp"
 
 #include "common/poison.hpp"
 #include "modes/intranode/contract.hpp"
@@ -330,13 +331,17 @@ int max_num_sms(const Context& ctx, int ranks_per_gpu) {
 
 void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config, const StreamOrder& order,
                    const DispatchHandle* h) {
+  host_stamps::begin();
   ctx.notify_in_flight = {};  // a call that raises before its launch leaves nothing to wait for
   ctx.require_usable("dispatch");
   ctx.check_on_entry(true);
+  host_stamps::mark("notify.check_on_entry");
   const DispatchShape s = checked(ctx, [&] {
     DispatchShape shape = validate_dispatch(ctx, in, h, config, false, true, "dispatch");
+    host_stamps::mark("notify.validate");
     if (h != nullptr) handle_info(*h, ctx.device);
     ctx.begin_op(order);
+    host_stamps::mark("notify.begin_op");
     return shape;
   });
   const int R = ctx.topo.num_ranks;
@@ -363,12 +368,15 @@ void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config,
   a.err = ctx.error_sink();
   volatile int* ready = &ctx.mailbox->ready_seq;
   *ready = 0;
+  host_stamps::mark("notify.args");
   launch_notify(a, ctx.comm_stream);
+  host_stamps::mark("notify.launch");
   ctx.notify_in_flight = {a.seq, in.num_worst_tokens, a.num_local_experts, order.compute_stream,
                           order.previous_event ? order.previous_event->get() : nullptr};
 }
 
 DispatchPlan notify_wait(Context& ctx) {
+  host_stamps::begin();
   const Context::NotifyInFlight n = std::exchange(ctx.notify_in_flight, {});
   if (n.seq == 0)
     raise(ErrorKind::kState, "intranode_notify_wait: no notify to wait for (intranode_notify_launch launches one, which is "
@@ -399,6 +407,7 @@ DispatchPlan notify_wait(Context& ctx) {
                          kStepNotify);
   }
   std::atomic_thread_fence(std::memory_order_acquire);
+  host_stamps::mark("notify_wait.spin");
   ctx.check_faults();
   // Every rank reaches the same verdict, so every rank raises here and none launches the dispatch
   // kernel. The record names this dispatch's error, or an earlier one whose record (its claim not
@@ -412,6 +421,7 @@ DispatchPlan notify_wait(Context& ctx) {
   plan.num_recv_tokens_per_expert.assign(ctx.mailbox->intranode.num_recv_tokens_per_expert,
                                          ctx.mailbox->intranode.num_recv_tokens_per_expert + n.num_local_experts);
   ctx.notify_join = {n.seq, n.compute_stream, n.previous_event};
+  host_stamps::mark("notify_wait.rest");
   return plan;
 }
 
@@ -423,6 +433,7 @@ DispatchPlan notify(Context& ctx, const DispatchInputs& in, const DispatchHandle
 
 EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandle& h, const DispatchOutputs& out,
                      const Config& config, const StreamOrder& order, bool cached) {
+  host_stamps::begin();
   // Taken first, so that a call raising before its launch does not leave it for a later one.
   const bool halt_sends = std::exchange(ctx.halt_next_sends, false);
   ctx.require_usable("dispatch");
@@ -450,11 +461,13 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     expect_scales_layout(out.recv_x_scales, "recv_x_scales");
   }
   const long long* info = cached ? checked(ctx, [&] { return handle_info(h, ctx.device); }) : nullptr;
+  host_stamps::mark(cached ? "dispatch_cached.validate" : "dispatch.validate");
 
   if (cached)
     ctx.begin_op(order);
   else
     ctx.begin_dispatch_after_notify(order, ctx.notify_seq);
+  host_stamps::mark(cached ? "dispatch_cached.begin" : "dispatch.begin");
   // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
   // ring write behind every peer's reset of the previous one (and checks that all ranks agree).
   if (cached) {
@@ -464,6 +477,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                                           s.hidden, in.x.dtype, 0, s.num_scales, 0, s.scales_dtype);
     opening.handle_info = info;
     ctx.launch_opening(opening);
+    host_stamps::mark(cached ? "dispatch_cached.opening" : "dispatch.opening");
   }
   DispatchArgs a{};
   a.x = in.x.data;
@@ -508,11 +522,15 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   const bool segments = segments_allowed(ctx, order);
+  host_stamps::mark(cached ? "dispatch_cached.args" : "dispatch.args");
   if (segments) take_segment_news(ctx);
+  host_stamps::mark(cached ? "dispatch_cached.news" : "dispatch.news");
   a.target = direct_target(ctx, out, h, s, N, cached, segments, a.offers);
+  host_stamps::mark(cached ? "dispatch_cached.direct_target" : "dispatch.direct_target");
   // After the notes: the copy of a changed table goes before this kernel, so no kernel queued after
   // a drop's mark (retire) reads a table that still holds the dropped mapping.
   a.segments = segments ? ctx.peer_segments->upload() : nullptr;
+  host_stamps::mark(cached ? "dispatch_cached.upload" : "dispatch.upload");
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
@@ -523,14 +541,19 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                           {&out.recv_topk_weights, cached ? 0 : N * s.num_topk * 4},
                           {&h.recv_src_idx, cached ? 0 : N * 4}});
   a.halt_sends = halt_sends;
+  host_stamps::mark(cached ? "dispatch_cached.fill_poison" : "dispatch.fill_poison");
   launch_dispatch(a, ctx.comm_stream);
+  host_stamps::mark(cached ? "dispatch_cached.launch" : "dispatch.launch");
   EventHandle done = ctx.end_op(order);
+  host_stamps::mark(cached ? "dispatch_cached.end_op" : "dispatch.end_op");
   ctx.raise_at_end(order.compute_stream);
+  host_stamps::mark(cached ? "dispatch_cached.raise_at_end" : "dispatch.raise_at_end");
   return done;
 }
 
 EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle& h, const CombineOutputs& out,
                     const Config& config, const StreamOrder& order) {
+  host_stamps::begin();
   const bool halt_sends = std::exchange(ctx.halt_next_sends, false);  // first, as in dispatch
   ctx.require_usable("combine");
   ctx.check_on_entry(true);
@@ -581,7 +604,9 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
     raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", needed.total_bytes(), " bytes of NVLink buffer but the Buffer has ",
           ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
   const long long* handle = handle_info(h, ctx.device);
+  host_stamps::mark("combine.validate");
   ctx.begin_op(order);
+  host_stamps::mark("combine.begin_op");
   return handle;
   });
   const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
@@ -595,6 +620,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   opening.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
   opening.input_rows = static_cast<int>(N);
   ctx.launch_opening(opening);
+  host_stamps::mark("combine.opening");
   CombineArgs a{};
   a.x = in.x.data;
   a.topk_weights = K ? static_cast<const float*>(in.topk_weights.data) : nullptr;
@@ -613,21 +639,27 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.l2_discard = knobs::l2_discard();
   const bool segments = segments_allowed(ctx, order);
   if (segments) take_segment_news(ctx);
+  host_stamps::mark("combine.news");
   // The test hook stops a rank's pushes part-way; a pulled input has no pushes to stop, and its
   // rank would end normally, so a halting combine always pushes. Without segments the offsets are
   // already the arena's (or -1), as a push wants them.
   a.source = combine_source(ctx, in, N, H, K, segments && !halt_sends, a.offers);
   if (halt_sends) a.source.pull = 0;
   a.segments = segments ? ctx.peer_segments->upload() : nullptr;  // after the notes, as in dispatch
+  host_stamps::mark("combine.source+upload");
   a.mailbox = &ctx.mailbox_dev->intranode;
   a.rank = ctx.topo.nvl_rank;
   fill_peers(ctx, a.peers, a.sections);
   a.err = ctx.error_sink();
   a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
   a.halt_sends = halt_sends;
+  host_stamps::mark("combine.fill_poison");
   launch_combine(a, ctx.comm_stream);
+  host_stamps::mark("combine.launch");
   EventHandle done = ctx.end_op(order);
+  host_stamps::mark("combine.end_op");
   ctx.raise_at_end(order.compute_stream);
+  host_stamps::mark("combine.raise_at_end");
   return done;
 }
 
