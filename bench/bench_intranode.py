@@ -90,6 +90,13 @@ def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True, host: boo
         op()
     if host:
         return statistics.median(host_samples_us(op, iters, flush, barrier))
+    return statistics.median(timed_samples_us(op, flush, iters, barrier))
+
+
+def timed_samples_us(op, flush, iters: int, barrier: bool = True) -> list[float]:
+    """µs of each of `iters` calls of op, CUDA events around it on the caller's stream, each made
+    with L2 flushed (`flush` zeroed), the device synchronized and (`barrier`) all ranks met. The one
+    device-timing loop of the benchmarks (probe_host --timeline traces it)."""
     samples = []
     for _ in range(iters):
         flush.zero_()
@@ -102,7 +109,7 @@ def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True, host: boo
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
+    return samples
 
 
 def host_samples_us(op, iters: int, flush=None, barrier: bool = True, after=None) -> list[float]:

@@ -133,26 +133,16 @@ def _timeline(rank: int, impl: str, name: str, op, flush, out_dir: str | None, c
     """Every rank's kernels and CUDA calls over `calls` calls made as the benchmark times them (L2
     flushed, device synchronized, ranks at a barrier, events around the call), one chrome trace per
     rank: where the time between the start event and the end event goes."""
-    import torch
-    import torch.distributed as dist
+    import statistics
+
     from torch.profiler import ProfilerActivity, profile
 
-    import statistics
+    import bench_intranode as bi
 
     for _ in range(3):
         op()
-    samples = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            flush.zero_()
-            torch.cuda.synchronize()
-            dist.barrier()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            op()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
+        samples = bi.timed_samples_us(op, flush, calls)
     if out_dir:
         prof.export_chrome_trace(str(Path(out_dir) / f"timeline_{impl}_{name.replace(' ', '_')}_rank{rank}.json"))
     return statistics.median(samples)
