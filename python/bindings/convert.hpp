@@ -1,6 +1,7 @@
 #pragma once
-// Python values -> core structs. The Python layer sends tensors as TRef tuples
-// (data_ptr, dtype, shape, strides, device) and stream ordering as an order tuple
+// Python values -> core structs. The Python layer sends torch tensors (read through their
+// attributes, see tensor_object_ref) or TRef tuples (data_ptr, dtype, shape, strides, device),
+// and stream ordering as an order tuple
 // (compute_stream, previous_event, async_finish, allocate_on_comm_stream); see
 // docs/internal/BINDING_API.md. These are the only translations the extension does.
 #include <nanobind/nanobind.h>
@@ -39,25 +40,101 @@ inline std::vector<int64_t> to_int_vector(nb::handle value, const char* arg, con
   return out;
 }
 
-// None -> an undefined TensorRef ("not given").
-inline TensorRef to_tensor_ref(nb::handle obj, const char* arg) {
-  if (obj.is_none()) return {};
-  if (!nb::isinstance<nb::tuple>(obj) || nb::len(obj) != 5) {
-    raise_type(arg, "a TRef tuple (data_ptr, dtype, shape, strides, device) or None");
-  }
-  nb::tuple t = nb::borrow<nb::tuple>(obj);
-  TensorRef ref;
-  ref.data = to_pointer(t[0], arg);
-  if (!nb::isinstance<nb::str>(t[1])) raise_type(arg, "a dtype name as the second TRef entry");
+// The core's dtype parser does not know which argument it was parsing for.
+inline DType dtype_for_arg(const std::string& name, const char* arg) {
   try {
-    ref.dtype = dtype_from_name(nb::cast<std::string>(t[1]));
+    return dtype_from_name(name);
   } catch (const Error& e) {
-    // The core's parser does not know which argument it was parsing for.
     std::string message = e.what();
     const std::string prefix = "moelink: ";
     if (message.rfind(prefix, 0) == 0) message.erase(0, prefix.size());
     throw Error(e.kind(), prefix + arg + ": " + message);
   }
+}
+
+// A tuple of Python ints (torch.Size is one) appended to `out`; false if it is not one.
+inline bool append_int_tuple(PyObject* tuple, std::vector<int64_t>& out) {
+  if (tuple == nullptr || !PyTuple_Check(tuple)) return false;
+  const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(tuple, i);
+    if (!PyLong_Check(item)) return false;
+    out.push_back(PyLong_AsLongLong(item));
+  }
+  return true;
+}
+
+// A dtype object's DType, remembered by identity: torch's dtypes are singletons, and parsing
+// str(dtype) on every tensor of every call would be most of the conversion's time. The cache
+// holds a reference to each object, so an identity it remembers cannot be reused by another.
+inline DType dtype_of_object(PyObject* dtype, const char* arg) {
+  struct Entry {
+    PyObject* object;
+    DType dtype;
+  };
+  static Entry cache[16];
+  static int cached = 0;
+  for (int i = 0; i < cached; ++i) {
+    if (cache[i].object == dtype) return cache[i].dtype;
+  }
+  nb::str name = nb::steal<nb::str>(PyObject_Str(dtype));
+  if (!name.is_valid()) throw nb::python_error();
+  const DType parsed = dtype_for_arg(name.c_str(), arg);
+  if (cached < 16) {
+    Py_INCREF(dtype);
+    cache[cached++] = {dtype, parsed};
+  }
+  return parsed;
+}
+
+// A tensor read through the attributes every torch.Tensor has (data_ptr(), dtype, shape, stride(),
+// get_device()), with the C API rather than torch's headers: the extension stays free of one
+// PyTorch ABI, and passing tensors costs the Python caller nothing (a TRef tuple built in Python
+// was ~2 µs per tensor of the host path an operation's kernel waits for).
+inline TensorRef tensor_object_ref(nb::handle obj, const char* arg) {
+  static PyObject* const kDataPtr = PyUnicode_InternFromString("data_ptr");
+  static PyObject* const kDtype = PyUnicode_InternFromString("dtype");
+  static PyObject* const kShape = PyUnicode_InternFromString("shape");
+  static PyObject* const kStride = PyUnicode_InternFromString("stride");
+  static PyObject* const kGetDevice = PyUnicode_InternFromString("get_device");
+  PyObject* self = obj.ptr();
+  nb::object data = nb::steal(PyObject_CallMethodNoArgs(self, kDataPtr));
+  if (!data.is_valid()) {
+    PyErr_Clear();
+    raise_type(arg, std::string("a torch.Tensor or None, got ") + Py_TYPE(self)->tp_name);
+  }
+  TensorRef ref;
+  ref.data = to_pointer(data, arg);
+  nb::object dtype = nb::steal(PyObject_GetAttr(self, kDtype));
+  nb::object shape = nb::steal(PyObject_GetAttr(self, kShape));
+  nb::object strides = nb::steal(PyObject_CallMethodNoArgs(self, kStride));
+  nb::object device = nb::steal(PyObject_CallMethodNoArgs(self, kGetDevice));
+  if (!dtype.is_valid() || !shape.is_valid() || !strides.is_valid() || !device.is_valid()) {
+    PyErr_Clear();
+    raise_type(arg, std::string("a torch.Tensor (dtype, shape, stride(), get_device()), got ") +
+                        Py_TYPE(self)->tp_name);
+  }
+  ref.dtype = dtype_of_object(dtype.ptr(), arg);
+  if (!append_int_tuple(shape.ptr(), ref.shape)) raise_type(arg, "a tensor whose shape is a tuple of ints");
+  if (!append_int_tuple(strides.ptr(), ref.strides)) raise_type(arg, "a tensor whose stride() is a tuple of ints");
+  if (!PyLong_Check(device.ptr())) raise_type(arg, "a tensor whose get_device() is an int");
+  ref.device = static_cast<int>(PyLong_AsLong(device.ptr()));
+  return ref;
+}
+
+// None -> an undefined TensorRef ("not given"); a torch.Tensor, or a TRef tuple.
+inline TensorRef to_tensor_ref(nb::handle obj, const char* arg) {
+  if (obj.is_none()) return {};
+  if (!PyTuple_Check(obj.ptr())) return tensor_object_ref(obj, arg);
+  if (nb::len(obj) != 5) {
+    raise_type(arg, "a torch.Tensor, a TRef tuple (data_ptr, dtype, shape, strides, device) or None");
+  }
+  nb::tuple t = nb::borrow<nb::tuple>(obj);
+  TensorRef ref;
+  ref.data = to_pointer(t[0], arg);
+  if (!nb::isinstance<nb::str>(t[1])) raise_type(arg, "a dtype name as the second TRef entry");
+  ref.dtype = dtype_for_arg(nb::cast<std::string>(t[1]), arg);
   ref.shape = to_int_vector(t[2], arg, "shape");
   ref.strides = to_int_vector(t[3], arg, "strides");
   if (!nb::isinstance<nb::int_>(t[4])) raise_type(arg, "an int device ordinal as the last TRef entry");

@@ -524,4 +524,15 @@ NB_MODULE(_moelink, m) {
   m.def("nvshmem_require", &moelink::window::nvshmem_require,
         "Loads the NVSHMEM transport plugin, or raises RuntimeError saying what to install.");
   m.def("device_count", &device_count);
+  // What the extension reads from a tensor argument, as a TRef tuple: for tests (a torch.Tensor,
+  // or any object with its attributes) and for callers checking their own tensor types.
+  m.def(
+      "tensor_ref",
+      [](nb::handle tensor, const char* arg) -> nb::object {
+        if (tensor.is_none()) return nb::none();
+        const moelink::TensorRef ref = to_tensor_ref(tensor, arg);
+        return nb::make_tuple(reinterpret_cast<uintptr_t>(ref.data), moelink::dtype_name(ref.dtype),
+                              nb::tuple(nb::cast(ref.shape)), nb::tuple(nb::cast(ref.strides)), ref.device);
+      },
+      "tensor"_a.none(), "arg"_a = "tensor");
 }

@@ -7,7 +7,7 @@ import torch
 
 from . import _moelink
 from ._arena import alloc_dispatch_outputs
-from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _own_ref, _ref, _split_bias, _split_x
+from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _split_bias, _split_x
 from ._moelink import Config
 from ._streams import _OpStreams
 from .event import EventOverlap
@@ -28,7 +28,6 @@ class DispatchHandle(tuple):
     # _unpack_handle checks, so it skips those checks. A handle built any other way (the class can
     # be imported) is checked in full.
     _from_dispatch: bool = False
-    _refs: tuple = ()  # with it, its entries' refs, made once by dispatch for the calls that reuse it
 
     def __new__(cls, items: Sequence[Any], hidden: int) -> "DispatchHandle":
         handle = super().__new__(cls, items)
@@ -68,11 +67,9 @@ def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
                                     if num_rdma_ranks > 1 else None)
         num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=buf._device)
         is_token_in_rank = torch.empty((num_tokens, buf.group_size), dtype=torch.bool, device=buf._device)
-    device = buf._device
-    event = buf.runtime.get_dispatch_layout(
-        _ref(topk_idx, "topk_idx"), num_experts, _own_ref(num_tokens_per_rank, "int32", device),
-        _own_ref(num_tokens_per_rdma_rank, "int32", device) if num_tokens_per_rdma_rank is not None else None,
-        _own_ref(num_tokens_per_expert, "int32", device), _own_ref(is_token_in_rank, "bool", device), streams.order)
+    # Tensors go to the extension as they are: it reads their attributes itself (no TRef tuples).
+    event = buf.runtime.get_dispatch_layout(topk_idx, num_experts, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                            num_tokens_per_expert, is_token_in_rank, streams.order)
     outputs = (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)
     if not streams.keeps_tensors():
         return (*outputs, streams.finish_joined(event))
@@ -146,14 +143,10 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         return _cached_dispatch(buf, x, x_scales, hidden, parts, handle, config, previous_event, async_finish,
                                 allocate_on_comm_stream)
 
-    # The refs the dispatch kernel's launch needs too are made once, before the notify.
-    refs_in = (_ref(x, "x"), _ref(x_scales, "x_scales"), _ref(topk_idx, "topk_idx"),
-               _ref(topk_weights, "topk_weights"), _ref(is_token_in_rank, "is_token_in_rank"))
     num_experts = num_tokens_per_expert.numel()
-    runtime.intranode_notify_launch(
-        *refs_in, _ref(num_tokens_per_rank, "num_tokens_per_rank"),
-        _ref(num_tokens_per_expert, "num_tokens_per_expert"), num_experts, expert_alignment, num_worst_tokens,
-        config, streams.order)
+    runtime.intranode_notify_launch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                                    num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config,
+                                    streams.order)
     # What needs no counts is done while the notify runs and waits for the slowest peer: up to the
     # dispatch kernel's launch this is host time the GPU waits for. The dispatch kernel fills the
     # handle's tensors from the notify's results.
@@ -165,9 +158,6 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
         info = torch.empty((2,), dtype=torch.int64, device=device)
-    refs_handle = (_own_ref(rank_prefix_matrix, "int32", device), _own_ref(channel_prefix_matrix, "int32", device),
-                   _own_ref(recv_channel_prefix_matrix, "int32", device))
-    ref_info = _own_ref(info, "int64", device)
     num_topk = topk_idx.size(1) if topk_idx is not None else 0
     num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify_wait()
 
@@ -175,20 +165,14 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
             buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
             stream=streams.allocation_stream())
-    ref_src_idx = _own_ref(recv_src_idx, "int32", device)
-    # The outputs' dtypes are the inputs' (their refs have the names) or fixed.
     event = runtime.intranode_dispatch(
-        *refs_in, num_experts, expert_alignment, num_worst_tokens, *refs_handle, ref_src_idx, ref_info,
-        _own_ref(recv_x, refs_in[0][1], device),
-        _own_ref(recv_x_scales, refs_in[1][1], device) if recv_x_scales is not None else None,
-        _own_ref(recv_topk_idx, "int64", device) if recv_topk_idx is not None else None,
-        _own_ref(recv_topk_weights, "float32", device) if recv_topk_weights is not None else None,
-        config, streams.order, False)
+        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment, num_worst_tokens,
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
+        recv_x_scales, recv_topk_idx, recv_topk_weights, config, streams.order, False)
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)
     handle._from_dispatch = True
-    handle._refs = (*refs_handle, ref_src_idx, refs_in[4], ref_info)
     if streams.keeps_tensors():
         inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
         outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
@@ -218,12 +202,10 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
     with streams.allocating():
         recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens,
                                                        stream=streams.allocation_stream())[:2]
-    ref_rank_prefix, ref_channel_prefix, ref_recv_channel_prefix, ref_src_idx, ref_in_rank, ref_info = \
-        _handle_refs(handle, parts)
     event = buf.runtime.intranode_dispatch(
-        _ref(x), _ref(x_scales), None, None, ref_in_rank, 0, 1, 0, ref_rank_prefix, ref_channel_prefix,
-        ref_recv_channel_prefix, ref_src_idx, ref_info, _ref(recv_x), _ref(recv_x_scales), None, None, config,
-        streams.order, True)
+        x, x_scales, None, None, is_token_in_rank, 0, 1, 0, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, info, recv_x, recv_x_scales, None, None, config, streams.order,
+        True)
     if streams.keeps_tensors():
         inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                   is_token_in_rank, info)
@@ -268,23 +250,14 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
         combined_topk_weights = (torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32,
                                              device=device) if topk_weights is not None else None)
     event = runtime.intranode_combine(
-        _ref(x, "x"), _ref(topk_weights, "topk_weights"), _ref(bias_0, "bias"), _ref(bias_1, "bias"),
-        *_handle_refs(handle, (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-                               is_token_in_rank, info)),
-        handle_hidden, _ref(combined_x), _ref(combined_topk_weights), config, streams.order)
+        x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+        recv_src_idx, is_token_in_rank, info, handle_hidden, combined_x, combined_topk_weights, config,
+        streams.order)
     if not streams.keeps_tensors():
         return combined_x, combined_topk_weights, streams.finish_joined(event)
     inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
               recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info)
     return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
-
-
-def _handle_refs(handle: Any, parts: Sequence[Any]) -> Tuple[Any, ...]:
-    """The refs of the handle's six entries (parts, as _unpack_handle gave them): those dispatch made
-    with the handle when it made it, else made now."""
-    if type(handle) is DispatchHandle and handle._from_dispatch:
-        return handle._refs
-    return tuple(_ref(t) for t in parts[:6])
 
 
 def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[Any, ...]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 import torch
 
 from . import _knobs, _moelink
-from ._checks import _check_bool, _check_int, _check_tensor, _ref
+from ._checks import _check_bool, _check_int, _check_tensor
 from ._streams import _current_raw_stream, warn_local_errors
 from .event import EventOverlap
 
@@ -89,9 +89,9 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
     src_info = torch.empty((num_local_experts, rows), dtype=torch.int32, device=device)
     layout_range = torch.empty((num_local_experts, num_ranks), dtype=torch.int64, device=device)
     state = torch.zeros((2,), dtype=torch.int64, device=device)
-    refs = (_ref(x, "x"), _ref(topk_idx, "topk_idx"), m, num_experts, _ref(cumulative_local_expert_recv_stats),
-            _ref(dispatch_wait_recv_cost_stats), use_fp8, round_scale, use_ue8m0, _ref(recv_x), _ref(scales),
-            _ref(recv_count), _ref(src_info), _ref(layout_range), _ref(state))
+    # Tensors go to the extension as they are (it reads their attributes): the hook reuses them.
+    refs = (x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+            round_scale, use_ue8m0, recv_x, scales, recv_count, src_info, layout_range, state)
     event = buf.runtime.low_latency_dispatch(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
                                              _order(buf, async_finish))
     warn_local_errors(buf)
@@ -149,11 +149,10 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
     if out is None:
         out = torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=buf._device)
     state = torch.zeros((2,), dtype=torch.int64, device=buf._device)
-    refs = (_ref(x, "x"), _ref(topk_idx, "topk_idx"), _ref(topk_weights, "topk_weights"), _ref(src_info),
-            _ref(layout_range), m, num_experts, _ref(combine_wait_recv_cost_stats), _ref(out, "out"), _ref(state))
+    refs = (x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, combine_wait_recv_cost_stats, out, state)
     dispatch_state = getattr(handle, "state", None)
     event = buf.runtime.low_latency_combine(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
-                                            _order(buf, async_finish), _ref(dispatch_state), use_logfmt)
+                                            _order(buf, async_finish), dispatch_state, use_logfmt)
     warn_local_errors(buf)
     buf._low_latency_combines += 1
     keep = (x, topk_idx, topk_weights, src_info, layout_range, combine_wait_recv_cost_stats, out, state, dispatch_state)
@@ -162,7 +161,7 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
 
         def hook() -> None:
             buf._check_usable("the low-latency combine hook")
-            buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False), _ref(dispatch_state), use_logfmt)
+            buf.runtime.low_latency_combine(*refs, _PHASE_RECEIVE, _order(buf, False), dispatch_state, use_logfmt)
             warn_local_errors(buf)
             del keep_alive[:]
     else:
@@ -205,7 +204,7 @@ def query_mask_buffer(buf: "Buffer", mask_status: torch.Tensor) -> None:
     _require_enabled()
     buf._check_usable("low_latency_query_mask_buffer")
     _check_tensor(mask_status, "mask_status")
-    buf.runtime.low_latency_query_mask(_ref(mask_status, "mask_status"), _order(buf, False))
+    buf.runtime.low_latency_query_mask(mask_status, _order(buf, False))
 
 
 def clean_mask_buffer(buf: "Buffer") -> None:

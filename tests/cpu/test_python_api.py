@@ -2,6 +2,7 @@
 default configs, and the pure-Python argument checks of Buffer and EventOverlap (those need torch)."""
 
 import importlib.util
+import re
 
 import pytest
 
@@ -146,6 +147,64 @@ def test_version():
 
 def test_event_handle_empty():
     assert not _moelink.EventHandle().valid
+
+
+class _FakeDtype:
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return self.name
+
+
+class _FakeTensor:
+    """What the extension reads from a tensor argument, without torch: data_ptr(), dtype (its str()
+    names it), shape, stride() and get_device()."""
+
+    def __init__(self, ptr, dtype, shape, strides, device):
+        self._ptr, self.dtype, self.shape, self._strides, self._device = ptr, dtype, shape, strides, device
+
+    def data_ptr(self):
+        return self._ptr
+
+    def stride(self):
+        return self._strides
+
+    def get_device(self):
+        return self._device
+
+
+def test_extension_reads_tensor_attributes():
+    """Operations take tensors as they are (no TRef tuple built in Python): the extension reads the
+    pointer, the dtype (by identity after the first time, so a second read must agree), the shape
+    and strides, and the device; TRef tuples and None still work."""
+    bf16, fp8 = _FakeDtype("torch.bfloat16"), _FakeDtype("torch.float8_e4m3fn")
+    x = _FakeTensor(4096, bf16, (6, 4), (8, 2), 3)
+    for _ in range(2):
+        assert _moelink.tensor_ref(x, "x") == (4096, "bfloat16", (6, 4), (8, 2), 3)
+    assert _moelink.tensor_ref(_FakeTensor(8192, fp8, (5,), (1,), -1))[1:] == ("float8_e4m3fn", (5,), (1,), -1)
+    assert _moelink.tensor_ref(None) is None
+    assert _moelink.tensor_ref((16, "int64", (2, 3), (3, 1), 0)) == (16, "int64", (2, 3), (3, 1), 0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([1, 2], "topk_idx: expected a torch.Tensor or None, got list"),
+    (_FakeTensor(0, _FakeDtype("torch.float64"), (2,), (1,), 0), "topk_idx: dtype: expected one of"),
+    (_FakeTensor(0, _FakeDtype("torch.int64"), [2], (1,), 0), "topk_idx: expected a tensor whose shape"),
+    (_FakeTensor(0, _FakeDtype("torch.int64"), (2,), (1,), "cuda"), "topk_idx: expected a tensor whose get_device"),
+    ((1, 2, 3), "topk_idx: expected a torch.Tensor, a TRef tuple"),
+])
+def test_extension_names_the_argument_of_a_bad_tensor(bad, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        _moelink.tensor_ref(bad, "topk_idx")
+
+
+def test_extension_reads_torch_tensors(torch_and_buffer):
+    torch, _ = torch_and_buffer
+    x = torch.empty((6, 8), dtype=torch.bfloat16)[:, ::2]
+    assert _moelink.tensor_ref(x, "x") == (x.data_ptr(), "bfloat16", (6, 4), (8, 2), -1)
+    for dtype, name in ((torch.float8_e4m3fn, "float8_e4m3fn"), (torch.int64, "int64"), (torch.bool, "bool")):
+        assert _moelink.tensor_ref(torch.empty(3, dtype=dtype))[1] == name
 
 
 # deep_ep's Buffer.runtime methods that frameworks read.
