@@ -131,6 +131,9 @@ struct alignas(128) CommonHeader {
   unsigned data_lost;
   unsigned exit_count;                 // blocks of the running kernel that have finished
   int op_failed;                       // a block of the running kernel gave up
+  // A kernel that opens its own operation (opening.cuh, open_in_kernel): the block that claimed
+  // the opening, and whether it has left the gate. Reset with exit_count.
+  int open_claim, opened;
   long long pending_bad_expert;        // layout: token * kMaxTopK + slot + 1 of a bad id, folded into the next operation
   void* peer_data[kMaxNvlRanks];       // peer-pointer table: each peer's data region, in this process
 };

@@ -106,4 +106,36 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
   return decision;
 }
 
+// The opening run by the operation's own kernel (a cached dispatch, a combine) rather than by an
+// opening kernel before it: one launch less on the host path the GPU waits for. Called by every
+// thread of every block, first thing. The first block to arrive claims the opening and runs it;
+// the others wait (bounded) until it has left the gate, which every block then reads. All blocks
+// are resident together (the runtime requires it), so the claimer always runs; finish_block's
+// last block resets the claim, when every block has long passed here. Returns whether this block
+// may run the operation (operation_may_run).
+__device__ __forceinline__ bool open_in_kernel(const PeerTable& peers, int rank, int num_ranks, const Opening& o,
+                                               const ErrorSink& err) {
+  __shared__ bool may_run;
+  if (threadIdx.x == 0) {
+    CommonHeader* self = err.self;
+    bool opened = true;
+    if (atomicCAS(&self->open_claim, 0, 1) == 0) {
+      Epoch epoch;
+      open_operation(peers, rank, num_ranks, o, err, &epoch);
+      __threadfence();
+      *reinterpret_cast<volatile int*>(&self->opened) = 1;
+    } else {
+      // The claimer's own waits are bounded by the timeout; this one by twice that, so it never
+      // gives up first. Given up, the block fails the operation (its outputs are poisoned).
+      const WaitResult r = wait_for([&] { return ld_volatile(&self->opened) != 0; }, err, 2 * err.timeout_ns + 1);
+      opened = r == kArrived;
+      if (!opened) *reinterpret_cast<volatile int*>(&self->op_failed) = 1;
+      __threadfence();
+    }
+    may_run = opened && ld_volatile(&self->gate) == kGateGo && ld_volatile(&self->fault) == 0;
+  }
+  __syncthreads();
+  return may_run;
+}
+
 }  // namespace moelink::kernels

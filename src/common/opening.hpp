@@ -1,7 +1,7 @@
 #pragma once
-// The opening kernel of an operation whose first kernel does not open it itself (cached dispatch,
-// combine, and a rank that abstains because its own checks rejected its arguments): one block that
-// runs the opening barrier with the digest and leaves the gate (opening.cuh has the protocol).
+// The opening kernel, for a rank that abstains because its own checks rejected its arguments (every
+// operation's own kernel opens it otherwise): one block that runs the opening barrier with the
+// digest and leaves the gate (opening.cuh has the protocol).
 #include <cuda_runtime_api.h>
 
 #include "common/header.hpp"

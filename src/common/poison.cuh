@@ -50,6 +50,8 @@ __device__ __forceinline__ bool finish_block(const ErrorSink& err, const PoisonL
   if (threadIdx.x == 0) {
     err.self->exit_count = 0;
     *reinterpret_cast<volatile int*>(&err.self->op_failed) = 0;
+    err.self->open_claim = 0;
+    *reinterpret_cast<volatile int*>(&err.self->opened) = 0;
   }
   return true;
 }

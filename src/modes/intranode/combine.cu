@@ -31,9 +31,9 @@
 //     batch shares each of its tokens among several warps, a slice of the row apiece.
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
-//   The opening kernel before it (common/opening.cuh) gates it: every rank agrees on the
-//   operation, config, row layout, top-k and handle, and has at least the rows its handle names,
-//   or every rank skips and poisons combined_x.
+//   The kernel opens its operation itself (open_in_kernel, common/opening.cuh), which gates it:
+//   every rank agrees on the operation, config, row layout, top-k and handle, and has at least
+//   the rows its handle names, or every rank skips and poisons combined_x.
 //
 // NOTES: segments_opened[owner] in a rank's header is written by dispatch and combine alike, each
 // with its own sequence number. Sharing is safe because the word for the next operation is written
@@ -48,6 +48,7 @@
 
 #include "common/bf16x8.cuh"
 #include "common/launch.cuh"
+#include "common/opening.cuh"
 #include "common/poison.cuh"
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
@@ -467,7 +468,9 @@ __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
 // Numbered by the opening barrier's epoch; skipped (outputs poisoned) as in dispatch.
 template <int kRanks, bool kHalt = false>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
-  if (operation_may_run(a.err))
+  const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
+                                : operation_may_run(a.err);
+  if (may_run)
     combine_channel<kRanks, kHalt>(a, ld_volatile(&a.err.self->epoch));
   else
     poison_grid_share(a.poison);

@@ -236,6 +236,10 @@ struct DispatchArgs {
   kernels::ErrorSink err;
   kernels::PoisonList poison;  // every output
   bool halt_sends;  // test hook (Buffer::debug_halt_next_sends): launch the kernel whose senders stop early
+  // A cached dispatch and a combine open their operation in the kernel (opening.cuh,
+  // open_in_kernel) with this; an uncached dispatch was opened by its notify (opens = false).
+  kernels::Opening opening;
+  bool opens;
 };
 void launch_dispatch(const DispatchArgs& args, cudaStream_t stream);
 static_assert(offsetof(SegmentOffer, handle) % 16 == 0 && offsetof(SegmentNews, handle) % 16 == 0 &&
@@ -272,6 +276,10 @@ struct CombineArgs {
   kernels::ErrorSink err;
   kernels::PoisonList poison;  // every output
   bool halt_sends;  // test hook (Buffer::debug_halt_next_sends): launch the kernel whose senders stop early
+  // A cached dispatch and a combine open their operation in the kernel (opening.cuh,
+  // open_in_kernel) with this; an uncached dispatch was opened by its notify (opens = false).
+  kernels::Opening opening;
+  bool opens;
 };
 void launch_combine(const CombineArgs& args, cudaStream_t stream);
 static_assert(offsetof(CombineSegmentNews, handle) % 16 == 0 && offsetof(HeaderSection, combine_offers) % 16 == 0 &&

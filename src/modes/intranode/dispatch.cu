@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include "common/launch.cuh"
+#include "common/opening.cuh"
 #include "common/poison.cuh"
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
@@ -519,7 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
   // The last block is a receiver, whose first step is a wait on its peers anyway.
   if (a.handle_copy.from != nullptr && blockIdx.x == gridDim.x - 1)
     copy_handle(a.handle_copy, a.layout.num_ranks, a.layout.num_channels);
-  if (operation_may_run(a.err))
+  const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
+                                : operation_may_run(a.err);
+  if (may_run)
     dispatch_channel<kHalt>(a, ld_volatile(&a.err.self->epoch));
   else
     poison_grid_share(a.poison);

@@ -306,6 +306,24 @@ CombineSource combine_source(Context& ctx, const CombineInputs& in, int64_t N, i
   return source;
 }
 
+// An operation whose kernel opens it owes its peers that opening from its begin_op on: should the
+// host raise before the launch, the rank abstains instead, so that the peers skip the operation
+// rather than wait for it until the timeout.
+class OpeningOwed {
+ public:
+  OpeningOwed(Context& ctx, bool owed) : ctx_(ctx), owed_(owed) {}
+  OpeningOwed(const OpeningOwed&) = delete;
+  OpeningOwed& operator=(const OpeningOwed&) = delete;
+  ~OpeningOwed() {
+    if (owed_) ctx_.abstain();
+  }
+  void paid() { owed_ = false; }
+
+ private:
+  Context& ctx_;
+  bool owed_;
+};
+
 void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** sections) {
   peers = ctx.peers;
   for (int p = 0; p < ctx.topo.num_nvl_ranks; ++p) sections[p] = &ctx.peer_header(p)->intranode;
@@ -468,18 +486,19 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   else
     ctx.begin_dispatch_after_notify(order, ctx.notify_seq);
   host_stamps::mark(cached ? "dispatch_cached.begin" : "dispatch.begin");
-  // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
-  // ring write behind every peer's reset of the previous one (and checks that all ranks agree).
-  if (cached) {
-    kernels::Opening opening{};
-    opening.digest = runtime::make_digest(kernels::kOpCachedDispatch, s.num_channels,
-                                          config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens,
-                                          s.hidden, in.x.dtype, 0, s.num_scales, 0, s.scales_dtype);
-    opening.handle_info = info;
-    ctx.launch_opening(opening);
-    host_stamps::mark(cached ? "dispatch_cached.opening" : "dispatch.opening");
-  }
   DispatchArgs a{};
+  // A cached dispatch has no notify, whose opening barrier is what keeps this operation's first
+  // ring write behind every peer's reset of the previous one (and checks that all ranks agree):
+  // its kernel opens it.
+  OpeningOwed owed(ctx, cached);
+  if (cached) {
+    a.opening.digest = runtime::make_digest(kernels::kOpCachedDispatch, s.num_channels,
+                                            config.num_max_nvl_chunked_recv_tokens,
+                                            config.num_max_nvl_chunked_send_tokens, s.hidden, in.x.dtype, 0,
+                                            s.num_scales, 0, s.scales_dtype);
+    a.opening.handle_info = info;
+    a.opens = true;
+  }
   a.x = in.x.data;
   if (s.fp8) {
     a.x_scales = static_cast<const float*>(in.x_scales.data);
@@ -543,6 +562,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.halt_sends = halt_sends;
   host_stamps::mark(cached ? "dispatch_cached.fill_poison" : "dispatch.fill_poison");
   launch_dispatch(a, ctx.comm_stream);
+  owed.paid();
   host_stamps::mark(cached ? "dispatch_cached.launch" : "dispatch.launch");
   EventHandle done = ctx.end_op(order);
   host_stamps::mark(cached ? "dispatch_cached.end_op" : "dispatch.end_op");
@@ -611,17 +631,16 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   });
   const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
 
-  // The opening checks, on the device, that all ranks agree and that x has every row the handle
-  // names: no rank reads outside any allocation.
-  kernels::Opening opening{};
-  opening.digest = runtime::make_digest(kernels::kOpCombine, C, config.num_max_nvl_chunked_recv_tokens,
-                                        config.num_max_nvl_chunked_send_tokens, H, DType::kBFloat16, K, 0, 0);
-  opening.handle_info = info;
-  opening.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
-  opening.input_rows = static_cast<int>(N);
-  ctx.launch_opening(opening);
-  host_stamps::mark("combine.opening");
+  // The opening (in the kernel) checks, on the device, that all ranks agree and that x has every
+  // row the handle names: no rank reads outside any allocation.
   CombineArgs a{};
+  OpeningOwed owed(ctx, true);
+  a.opening.digest = runtime::make_digest(kernels::kOpCombine, C, config.num_max_nvl_chunked_recv_tokens,
+                                          config.num_max_nvl_chunked_send_tokens, H, DType::kBFloat16, K, 0, 0);
+  a.opening.handle_info = info;
+  a.opening.rank_prefix_matrix = static_cast<const int*>(h.rank_prefix_matrix.data);
+  a.opening.input_rows = static_cast<int>(N);
+  a.opens = true;
   a.x = in.x.data;
   a.topk_weights = K ? static_cast<const float*>(in.topk_weights.data) : nullptr;
   a.bias_0 = in.bias_0.data;
@@ -655,6 +674,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.halt_sends = halt_sends;
   host_stamps::mark("combine.fill_poison");
   launch_combine(a, ctx.comm_stream);
+  owed.paid();
   host_stamps::mark("combine.launch");
   EventHandle done = ctx.end_op(order);
   host_stamps::mark("combine.end_op");
