@@ -1,59 +1,20 @@
 #include "moelink/event.hpp"
 
-#include <mutex>
-#include <utility>
-#include <vector>
-
+#include "runtime/device_free_list.hpp"
 #include "runtime/errors.hpp"
 
 namespace moelink {
 
 namespace {
 
-// Every operation returns an event recorded at its end. Creating one (and destroying the last
-// one, when the caller drops it, often in the next call) is a driver call each on the host path
-// the GPU waits for, so released events are kept for reuse: a wait already issued on an event is
-// not affected by recording it again. Per device, since an event belongs to the device that was
-// current when it was made, as does the stream it is recorded on.
-class EventPool {
- public:
-  cudaEvent_t take(int device) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (size_t i = free_.size(); i-- > 0;) {
-        if (free_[i].first != device) continue;
-        const cudaEvent_t event = free_[i].second;
-        free_[i] = free_.back();
-        free_.pop_back();
-        return event;
-      }
-    }
-    cudaEvent_t event = nullptr;
-    MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    return event;
-  }
-
-  void give_back(int device, cudaEvent_t event) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (free_.size() < kMaxKept) {
-        free_.emplace_back(device, event);
-        return;
-      }
-    }
-    cudaEventDestroy(event);
-  }
-
- private:
-  static constexpr size_t kMaxKept = 64;  // more than the events a caller keeps alive at once
-  std::mutex mutex_;
-  std::vector<std::pair<int, cudaEvent_t>> free_;
-};
-
+// Every operation returns an event recorded at its end. Making one (and destroying the last one,
+// when the caller drops it, often during the next call) is a driver call each on the host path the
+// GPU waits for, so released events are kept for reuse: a wait already issued on an event is not
+// affected by recording it again. At most 64 per device, more than a caller keeps alive at once.
 // Never destroyed: handles released during static destruction still find it.
-EventPool& event_pool() {
-  static EventPool* pool = new EventPool;
-  return *pool;
+runtime::DeviceFreeList<cudaEvent_t>& event_pool() {
+  static auto* events = new runtime::DeviceFreeList<cudaEvent_t>(64);
+  return *events;
 }
 
 }  // namespace
@@ -62,7 +23,10 @@ EventHandle::EventHandle(cudaStream_t stream) {
   int device = 0;
   MOELINK_CUDA_CHECK(cudaGetDevice(&device));
   cudaEvent_t event = event_pool().take(device);
-  event_.reset(event, [device](cudaEvent_t e) { event_pool().give_back(device, e); });
+  if (event == nullptr) MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  event_.reset(event, [device](cudaEvent_t e) {
+    if (!event_pool().keep(device, e)) cudaEventDestroy(e);
+  });
   const cudaError_t status = cudaEventRecord(event, stream);
   if (status != cudaSuccess) {
     event_.reset();  // an event that failed to record goes back unrecorded, which is harmless

@@ -1,6 +1,7 @@
 // The host-side pieces of the runtime that need no GPU: epoch arithmetic across the wrap, the
 // fault word and digest encodings every rank must decode alike, the wait-step table, the knobs'
-// parsing, and the window's bookkeeping over a transport table.
+// parsing, the window's bookkeeping over a transport table, and the per-device free lists that keep
+// streams and events for reuse.
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -9,6 +10,7 @@
 #include "common/header.hpp"
 #include "harness.hpp"
 #include "runtime/context.hpp"
+#include "runtime/device_free_list.hpp"
 #include "runtime/knobs.hpp"
 #include "runtime/wait_steps.hpp"
 #include "window/window.hpp"
@@ -188,3 +190,23 @@ MOELINK_TEST(window_opens_every_peer_and_closes_what_it_opened) {
   EXPECT_EQ(closed, 1);
   EXPECT_FALSE(windows[0].is_open());
 }
+
+MOELINK_TEST(device_free_list_hands_out_only_what_its_device_gave_back) {
+  using moelink::runtime::DeviceFreeList;
+  int a = 0, b = 0, c = 0;
+  DeviceFreeList<int*> list(2);
+  EXPECT_TRUE(list.take(0) == nullptr);  // nothing kept yet
+  EXPECT_TRUE(list.keep(0, &a));
+  EXPECT_TRUE(list.keep(1, &b));
+  EXPECT_TRUE(list.take(2) == nullptr);  // another device's handles are never handed out
+  EXPECT_TRUE(list.take(1) == &b);
+  EXPECT_TRUE(list.take(1) == nullptr);
+  EXPECT_TRUE(list.keep(0, &b));
+  EXPECT_FALSE(list.keep(0, &c));  // full: the caller destroys it
+  EXPECT_TRUE(list.take(0) == &b);  // the one kept last first
+  EXPECT_TRUE(list.take(0) == &a);
+  EXPECT_TRUE(list.take(0) == nullptr);
+  DeviceFreeList<int*> unbounded;
+  for (int i = 0; i < 1000; ++i) EXPECT_TRUE(unbounded.keep(0, &a));
+}
+
