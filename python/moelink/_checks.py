@@ -1,4 +1,5 @@
-"""The argument checks of the Buffer API, and the conversion of tensors to the extension's TRefs.
+"""The argument checks of the Buffer API, and the TRef tuple of a tensor (for tests and direct callers
+of the extension; the operations pass tensors as they are).
 
 Python checks only what it needs before it can allocate outputs or call the runtime (types, and the
 ranks of tensors whose sizes it reads); the runtime checks dtypes, shapes and devices.
@@ -49,11 +50,9 @@ _DTYPE_NAMES: dict = {}
 
 
 def _ref(tensor: Optional[torch.Tensor], name: str = "tensor") -> Optional[tuple]:
-    """The TRef tuple the extension takes: (data_ptr, dtype name, shape, strides, device ordinal).
-
-    An uncached dispatch makes some 20 of these between its notify and its kernel, where the GPU
-    waits for the host: so no string formatting, no device object, no copies (torch.Size is a
-    tuple)."""
+    """The TRef tuple the extension also takes: (data_ptr, dtype name, shape, strides, device
+    ordinal). The operations pass tensors as they are (the extension reads them itself); tests and
+    callers of the extension's methods use this."""
     if tensor is None:
         return None
     if not isinstance(tensor, torch.Tensor):
@@ -63,12 +62,6 @@ def _ref(tensor: Optional[torch.Tensor], name: str = "tensor") -> Optional[tuple
     if dtype_name is None:
         dtype_name = _DTYPE_NAMES[dtype] = str(dtype)[len("torch."):]
     return (tensor.data_ptr(), dtype_name, tensor.shape, tensor.stride(), tensor.get_device() if tensor.is_cuda else -1)
-
-
-def _own_ref(tensor: torch.Tensor, dtype_name: str, device: int) -> tuple:
-    """_ref of a tensor the operation itself allocated on CUDA device `device`, whose dtype name the
-    caller knows: two calls fewer on the path the GPU waits for."""
-    return (tensor.data_ptr(), dtype_name, tensor.shape, tensor.stride(), device)
 
 
 def _split_x(x: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
