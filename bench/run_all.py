@@ -120,6 +120,9 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
                          help="DeepEP to run side by side: auto (default), none, or a directory / wheel (bench/anchor.py)")
     compare.add_argument("--arena", action="store_true",
                          help="also run moelink with a receive arena (an opt-in moelink feature), labelled moelink+arena")
+    timing.add_argument("--repeat", type=int, default=1,
+                        help="run each cell's libraries this many times, alternating, and report per op the run "
+                             "of median time (default 1): a machine drifts within a call")
     parser.add_argument("--dry-run", action="store_true", help="print the runs this would do and exit (no GPU needed)")
     return parser
 
@@ -149,6 +152,8 @@ def parse_args(argv=None, quick: bool = False) -> argparse.Namespace:
         parser.error(f"--topk must be in [1, --experts], got {args.topk}")
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     return args
 
 
@@ -344,6 +349,28 @@ def job(name: str) -> tuple[str, str, str]:
     return "bench_intranode", name, str(BENCH_DIR / "bench_intranode.py")
 
 
+def merge_repeats(results: list[dict]) -> dict:
+    """One library's repeated runs of a cell as one result: per op the entry of the run whose time
+    is the median (the lower middle for an even count), with every run's time in `repeats_us`. A
+    failed run is the result (its error is what to report)."""
+    for result in results:
+        if "error" in result:
+            return result
+    merged = dict(results[0])
+    merged["ops"] = {}
+    merged["errors"] = {}
+    for result in results:
+        for name, error in result.get("errors", {}).items():
+            merged["errors"].setdefault(name, error)
+    for name in results[0].get("ops", {}):
+        entries = [r["ops"][name] for r in results if name in r.get("ops", {})]
+        if len(entries) < len(results) or name in merged["errors"]:
+            continue  # an op that did not run every time is not reported as if it had
+        ordered = sorted(entries, key=lambda e: e["time_us_mean"])
+        merged["ops"][name] = {**ordered[(len(ordered) - 1) // 2], "repeats_us": [e["time_us_mean"] for e in entries]}
+    return merged
+
+
 def run_cell(run: dict, impl: str, args: argparse.Namespace, anchor_path: str | None, label: str) -> dict:
     params = {"impl": impl, "num_sms": run["num_sms"], "num_tokens": run["tokens"], "hidden": run["hidden"],
               "num_topk": run["topk"], "num_experts": run["experts"], "iters": args.iters, "warmup": args.warmup,
@@ -378,7 +405,7 @@ def main(argv=None) -> int:
         return EXIT_RUN
     impls = ["moelink"] + (["deep_ep"] if anchor.available else []) + (["moelink+arena"] if args.arena else [])
     report = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
-              "iters": args.iters, "warmup": args.warmup, "runs": runs, "impls": impls,
+              "iters": args.iters, "warmup": args.warmup, "repeat": args.repeat, "runs": runs, "impls": impls,
               "anchor": {"path": anchor.path, "version": anchor.version, "reason": anchor.reason}, "cells": []}
     try:
         info = launcher.run_ranks(1, job("device_info"), timeout_s=120)[0]
@@ -416,14 +443,19 @@ def main(argv=None) -> int:
             break
     save()
 
-    print(f"\n{len(runs)} runs x {len(impls)} ({', '.join(impls)}), median of {args.iters} iterations "
+    repeats = f", each library {args.repeat} times alternating (the run of median time per op)" if args.repeat > 1 else ""
+    print(f"\n{len(runs)} runs x {len(impls)} ({', '.join(impls)}), median of {args.iters} iterations{repeats} "
           "(GB/s per rank, mean over ranks; ratio = moelink / DeepEP, both from this run; layout: DeepEP time / moelink time)")
     print(row_header(), flush=True)
     for index, run in enumerate(runs):
-        results = {}
-        for impl in impls:
-            label = f"[{index + 1}/{len(runs)}] {run_label(run)} {impl}"
-            results[impl] = run_cell(run, impl, args, anchor.path, label)
+        repeated = {impl: [] for impl in impls}
+        for repeat in range(args.repeat):
+            for impl in impls:
+                label = f"[{index + 1}/{len(runs)}] {run_label(run)} {impl}"
+                if args.repeat > 1:
+                    label += f" ({repeat + 1}/{args.repeat})"
+                repeated[impl].append(run_cell(run, impl, args, anchor.path, label))
+        results = {impl: merge_repeats(repeated[impl]) for impl in impls}
         report["cells"].append({**run, "results": results})
         print(format_row(run, results), flush=True)
         save()
@@ -433,7 +465,7 @@ def main(argv=None) -> int:
     if not report["verify"]["ok"]:
         footer.append("VERIFY FAILED: the numbers above come from a build that does not match the reference")
     text = "\n".join([f"{info['name']} ({info['sm_count']} SMs, driver {info['driver']}), commit {report['commit']}, "
-                      f"median of {args.iters} iterations", "", table, "", *footer])
+                      f"median of {args.iters} iterations{repeats}", "", table, "", *footer])
     print("\n" + text, flush=True)
 
     if out_dir:

@@ -329,3 +329,33 @@ def test_the_path_is_asked_of_moelink_only(repo_root):
     assert module._path(Buf(), "moelink", "dispatch_bf16") is True
     assert module._path(Buf(), "moelink+arena", "combine_x") is False
     assert module._path(Buf(), "moelink", "layout") is None
+
+
+def test_repeats_report_the_run_of_median_time(run_all):
+    """--repeat N runs each library N times, alternating; per op the run of median time is kept
+    (whole, so its GB/s matches its time), with every run's time beside it."""
+    def result(times):
+        return {"impl": "moelink", "recv_rows": [1], "errors": {},
+                "ops": {"dispatch_bf16": {"time_us_mean": times[0], "gbps_mean": 1000.0 / times[0]},
+                        "combine": {"time_us_mean": times[1], "gbps_mean": 1000.0 / times[1]}}}
+
+    merged = run_all.merge_repeats([result((30.0, 10.0)), result((10.0, 20.0)), result((20.0, 30.0))])
+    assert merged["ops"]["dispatch_bf16"]["time_us_mean"] == 20.0
+    assert merged["ops"]["dispatch_bf16"]["gbps_mean"] == 50.0
+    assert merged["ops"]["dispatch_bf16"]["repeats_us"] == [30.0, 10.0, 20.0]
+    assert merged["ops"]["combine"]["time_us_mean"] == 20.0
+    assert run_all.merge_repeats([result((30.0, 10.0)), result((10.0, 20.0))])["ops"]["dispatch_bf16"][
+        "time_us_mean"] == 10.0  # an even count keeps the lower middle
+    failed = {"impl": "moelink", "error": "boom"}
+    assert run_all.merge_repeats([result((1.0, 1.0)), failed]) is failed
+    raised = result((5.0, 5.0))
+    raised["errors"] = {"combine": "Traceback ..."}
+    del raised["ops"]["combine"]
+    merged = run_all.merge_repeats([result((1.0, 1.0)), raised])
+    assert "combine" not in merged["ops"] and merged["errors"] == {"combine": "Traceback ..."}
+
+
+def test_repeat_must_be_positive(run_all):
+    with pytest.raises(SystemExit):
+        run_all.parse_args(["--repeat", "0"])
+    assert run_all.parse_args(["--repeat", "3"]).repeat == 3
