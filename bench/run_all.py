@@ -42,7 +42,8 @@ import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
 # short titles. Kept here so that the parent process needs no torch.
 ROW_OPS = (("dispatch_bf16", "bf16"), ("dispatch_fp8", "fp8"), ("dispatch_fp8_colmajor", "fp8 col"),
            ("dispatch_bf16_cached", "bf16 cached"), ("dispatch_fp8_cached", "fp8 cached"),
-           ("dispatch_bf16_cached_b2b", "bf16 c. b2b"), ("dispatch_fp8_cached_b2b", "fp8 c. b2b"), ("combine", "combine"),
+           ("dispatch_bf16_cached_b2b", "bf16 c. b2b"), ("dispatch_fp8_cached_b2b", "fp8 c. b2b"),
+           ("combine", "combine"),
            ("combine_torch_input", "comb. torch"), ("dispatch_bf16_held", "bf16 held"),
            ("dispatch_bf16_step", "bf16 step"))
 OP_TITLES = {
@@ -443,7 +444,8 @@ def main(argv=None) -> int:
             break
     save()
 
-    repeats = f", each library {args.repeat} times alternating (the run of median time per op)" if args.repeat > 1 else ""
+    repeats = (f", each library {args.repeat} times alternating (the run of median time per op)"
+               if args.repeat > 1 else "")
     print(f"\n{len(runs)} runs x {len(impls)} ({', '.join(impls)}), median of {args.iters} iterations{repeats} "
           "(GB/s per rank, mean over ranks; ratio = moelink / DeepEP, both from this run; layout: DeepEP time / moelink time)")
     print(row_header(), flush=True)
