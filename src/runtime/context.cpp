@@ -469,8 +469,7 @@ void Context::begin_op(const StreamOrder& order) {
   idle_at_begin = peer_segments && peer_segments->closing() > 0 && !comm_stream_capturing() &&
                   !stream_capturing(order.compute_stream) && stream_idle(comm_stream) &&
                   stream_idle(order.compute_stream);
-  if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
-    raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
+  check_allocation_order(order);
   if (order.previous_event) {
     MOELINK_CUDA_CHECK(cudaStreamWaitEvent(comm_stream, order.previous_event->get(), 0));
   } else {
@@ -487,6 +486,10 @@ void Context::begin_dispatch_after_notify(const StreamOrder& order, int seq) {
     return;
   }
   release_deferred_claims();
+  check_allocation_order(order);
+}
+
+void Context::check_allocation_order(const StreamOrder& order) {
   if (order.allocate_on_comm_stream && !(order.previous_event && order.async_finish))
     raise(ErrorKind::kValue, "allocate_on_comm_stream: requires previous_event and async_finish");
 }

@@ -199,6 +199,9 @@ class Context {
   // begin_op for the uncached dispatch whose notify (`seq`) opened it: without the join when that
   // notify joined the same order (then the close idleness sampled by its begin_op stands too).
   void begin_dispatch_after_notify(const StreamOrder& order, int seq);
+  // The rule begin_op and begin_dispatch_after_notify share: outputs on the comm stream only with
+  // previous_event and async_finish.
+  static void check_allocation_order(const StreamOrder& order);
   // The event at the end of the op; without async_finish the compute stream waits for it. Never
   // throws; collects local errors.
   EventHandle end_op(const StreamOrder& order);
