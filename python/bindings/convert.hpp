@@ -142,6 +142,59 @@ inline TensorRef to_tensor_ref(nb::handle obj, const char* arg) {
   return ref;
 }
 
+// Outputs the extension allocates itself, through torch.empty called from here: the caller's
+// Python then builds no shapes and makes no calls between a host wait and the launch behind it.
+// The module and its objects are looked up once and kept for the process (never released: the
+// interpreter may be finalizing when statics are destroyed).
+struct Torch {
+  PyObject* empty;
+  PyObject* int32;
+  PyObject* int64;
+  PyObject* float32;
+  PyObject* bool_;
+  PyObject* kwnames;  // ("dtype", "device")
+  PyObject* t;        // "t", the transpose method's name
+};
+
+inline const Torch& torch_objects() {
+  static const Torch objects = [] {
+    nb::module_ torch = nb::module_::import_("torch");
+    Torch o{};
+    o.empty = nb::object(torch.attr("empty")).release().ptr();
+    o.int32 = nb::object(torch.attr("int32")).release().ptr();
+    o.int64 = nb::object(torch.attr("int64")).release().ptr();
+    o.float32 = nb::object(torch.attr("float32")).release().ptr();
+    o.bool_ = nb::object(torch.attr("bool")).release().ptr();
+    o.kwnames = nb::make_tuple("dtype", "device").release().ptr();
+    o.t = PyUnicode_InternFromString("t");
+    return o;
+  }();
+  return objects;
+}
+
+// torch.empty(shape, dtype=dtype, device=device) on the current stream, and its TensorRef (the
+// shape, dtype and device are known: only the pointer is read back).
+inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType core_dtype, int device,
+                              TensorRef* ref) {
+  const Torch& torch = torch_objects();
+  nb::tuple size = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(shape.size())));
+  for (size_t i = 0; i < shape.size(); ++i)
+    PyTuple_SET_ITEM(size.ptr(), static_cast<Py_ssize_t>(i), PyLong_FromLongLong(shape[i]));
+  nb::int_ ordinal(device);
+  PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
+  nb::object tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
+  if (!tensor.is_valid()) throw nb::python_error();
+  static PyObject* const kDataPtr = PyUnicode_InternFromString("data_ptr");
+  nb::object data = nb::steal(PyObject_CallMethodNoArgs(tensor.ptr(), kDataPtr));
+  if (!data.is_valid()) throw nb::python_error();
+  ref->data = reinterpret_cast<void*>(nb::cast<uintptr_t>(data));
+  ref->dtype = core_dtype;
+  ref->shape = std::move(shape);
+  ref->strides.clear();  // contiguous
+  ref->device = device;
+  return tensor;
+}
+
 inline cudaStream_t to_stream(nb::handle value, const char* arg) {
   return static_cast<cudaStream_t>(to_pointer(value, arg));
 }

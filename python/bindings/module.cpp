@@ -35,6 +35,9 @@ using moelink::bindings::to_byte_vector;
 using moelink::bindings::to_bytes;
 using moelink::bindings::to_stream_order;
 using moelink::bindings::to_tensor_ref;
+using moelink::bindings::Torch;
+using moelink::bindings::torch_empty;
+using moelink::bindings::torch_objects;
 
 void translate_error(const std::exception_ptr& error, void*) {
   try {
@@ -322,6 +325,36 @@ void bind_buffer(nb::module_& m) {
           "num_tokens_per_rdma_rank"_a.none(), "num_tokens_per_expert"_a.none(), "is_token_in_rank"_a.none(),
           "order"_a)
       .def(
+          "get_dispatch_layout_alloc",
+          [](Buffer& self, nb::handle topk_idx, int num_experts, int num_rdma_ranks, nb::handle order) {
+            // get_dispatch_layout with its outputs allocated here (torch.empty on the current stream):
+            // in a training step the layout's host time is in front of every uncached dispatch.
+            const moelink::TensorRef topk = to_tensor_ref(topk_idx, "topk_idx");
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            const int device = self.device_id();
+            const int64_t num_ranks = self.topology().num_ranks;
+            const int64_t num_tokens = topk.dim() >= 1 ? topk.size(0) : 0;
+            const Torch& torch = torch_objects();
+            moelink::LayoutOutputs out;
+            nb::object per_rank =
+                torch_empty({num_ranks}, torch.int32, moelink::DType::kInt32, device, &out.num_tokens_per_rank);
+            nb::object per_rdma_rank = nb::none();
+            if (num_rdma_ranks > 1)
+              per_rdma_rank = torch_empty({num_rdma_ranks}, torch.int32, moelink::DType::kInt32, device,
+                                          &out.num_tokens_per_rdma_rank);
+            nb::object per_expert = torch_empty({std::max(num_experts, 0)}, torch.int32, moelink::DType::kInt32,
+                                                device, &out.num_tokens_per_expert);
+            nb::object in_rank = torch_empty({num_tokens, num_ranks}, torch.bool_, moelink::DType::kBool, device,
+                                             &out.is_token_in_rank);
+            moelink::EventHandle event;
+            {
+              nb::gil_scoped_release release;
+              event = self.get_dispatch_layout(topk, num_experts, out, stream_order);
+            }
+            return nb::make_tuple(per_rank, per_rdma_rank, per_expert, in_rank, event);
+          },
+          "topk_idx"_a.none(), "num_experts"_a, "num_rdma_ranks"_a, "order"_a)
+      .def(
           "intranode_notify_launch",
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
@@ -388,6 +421,95 @@ void bind_buffer(nb::module_& m) {
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
           "recv_src_idx"_a.none(), "handle_info"_a.none(), "recv_x"_a.none(), "recv_x_scales"_a.none(),
           "recv_topk_idx"_a.none(), "recv_topk_weights"_a.none(), "config"_a, "order"_a, "cached"_a)
+      .def(
+          "intranode_dispatch_uncached",
+          [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
+             nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
+             int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
+             nb::handle order) {
+            moelink::DispatchInputs in;
+            in.x = to_tensor_ref(x, "x");
+            in.x_scales = to_tensor_ref(x_scales, "x_scales");
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+            in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+            in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
+            in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+            in.num_experts = num_experts;
+            in.expert_alignment = expert_alignment;
+            in.num_worst_tokens = num_worst_tokens;
+            const moelink::StreamOrder stream_order = to_stream_order(order);
+            {
+              nb::gil_scoped_release release;
+              self.intranode_notify_launch(in, config, stream_order);
+            }
+            // The handle's matrices and info, allocated while the notify runs (its kernel fills them).
+            const Torch& torch = torch_objects();
+            const int device = in.x.device;
+            const int64_t num_ranks = self.topology().num_ranks, num_channels = config.num_sms / 2;
+            moelink::DispatchHandle handle;
+            nb::object rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32,
+                                                        device, &handle.rank_prefix_matrix);
+            nb::object channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32,
+                                                           moelink::DType::kInt32, device, &handle.channel_prefix_matrix);
+            nb::object recv_channel_prefix_matrix =
+                torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32, device,
+                            &handle.recv_channel_prefix_matrix);
+            nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info);
+            handle.is_token_in_rank = in.is_token_in_rank;
+            moelink::check::dim(in.x, 2, "x");  // checked by the notify launch; size(1) is read below
+            moelink::DispatchPlan plan;
+            {
+              nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
+              plan = self.intranode_notify_wait();
+            }
+            const int64_t n = plan.num_recv_tokens;
+            // As alloc_dispatch_outputs (python/moelink/_arena.py) without an arena: the same order,
+            // and the scales keep the caller's layout.
+            moelink::DispatchOutputs out;
+            nb::object x_dtype = x.attr("dtype");
+            nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.recv_x);
+            nb::object recv_x_scales = nb::none();
+            if (in.x_scales.defined()) {
+              moelink::check::dim(in.x_scales, 2, "x_scales");
+              const int64_t num_scales = in.x_scales.size(1);
+              nb::object scales_dtype = x_scales.attr("dtype");
+              if (in.x_scales.stride(1) != 1) {
+                moelink::TensorRef transposed;
+                nb::object storage =
+                    torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
+                recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch.t));
+                if (!recv_x_scales.is_valid()) throw nb::python_error();
+                out.recv_x_scales = transposed;
+                out.recv_x_scales.shape = {n, num_scales};
+                out.recv_x_scales.strides = {1, n};
+              } else {
+                recv_x_scales =
+                    torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out.recv_x_scales);
+              }
+            }
+            nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
+            if (in.topk_idx.defined()) {
+              moelink::check::dim(in.topk_idx, 2, "topk_idx");
+              const int64_t k = in.topk_idx.size(1);
+              recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx);
+              if (in.topk_weights.defined())
+                recv_topk_weights =
+                    torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights);
+            }
+            nb::object recv_src_idx = torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx);
+            moelink::EventHandle event;
+            {
+              nb::gil_scoped_release release;
+              event = self.intranode_dispatch(in, handle, out, config, stream_order, false);
+            }
+            return nb::make_tuple(event, nb::cast(plan.num_recv_tokens_per_expert), recv_x, recv_x_scales,
+                                  recv_topk_idx, recv_topk_weights, rank_prefix_matrix, channel_prefix_matrix,
+                                  recv_channel_prefix_matrix, recv_src_idx, info);
+          },
+          "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
+          "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
+          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a)
       .def(
           "intranode_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,

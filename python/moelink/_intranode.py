@@ -59,17 +59,22 @@ def get_dispatch_layout(buf: "Buffer", topk_idx: torch.Tensor, num_experts: int,
         raise ValueError(f"num_experts must be > 0 and a multiple of the number of ranks ({buf.group_size}), "
                          f"got {num_experts}")
     streams = _OpStreams(buf, previous_event, async_finish, allocate_on_comm_stream)
-    num_tokens = topk_idx.size(0) if topk_idx.dim() >= 1 else 0
     num_rdma_ranks = buf._topology.num_rdma_ranks
-    with streams.allocating():
-        num_tokens_per_rank = torch.empty((buf.group_size,), dtype=torch.int32, device=buf._device)
-        num_tokens_per_rdma_rank = (torch.empty((num_rdma_ranks,), dtype=torch.int32, device=buf._device)
-                                    if num_rdma_ranks > 1 else None)
-        num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=buf._device)
-        is_token_in_rank = torch.empty((num_tokens, buf.group_size), dtype=torch.bool, device=buf._device)
-    # Tensors go to the extension as they are: it reads their attributes itself (no TRef tuples).
-    event = buf.runtime.get_dispatch_layout(topk_idx, num_experts, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                                            num_tokens_per_expert, is_token_in_rank, streams.order)
+    if not streams.allocate_on_comm_stream:
+        # The extension allocates the outputs (torch.empty on the current stream) and launches.
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \
+            buf.runtime.get_dispatch_layout_alloc(topk_idx, num_experts, num_rdma_ranks, streams.order)
+    else:
+        num_tokens = topk_idx.size(0) if topk_idx.dim() >= 1 else 0
+        with streams.allocating():
+            num_tokens_per_rank = torch.empty((buf.group_size,), dtype=torch.int32, device=buf._device)
+            num_tokens_per_rdma_rank = (torch.empty((num_rdma_ranks,), dtype=torch.int32, device=buf._device)
+                                        if num_rdma_ranks > 1 else None)
+            num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=buf._device)
+            is_token_in_rank = torch.empty((num_tokens, buf.group_size), dtype=torch.bool, device=buf._device)
+        # Tensors go to the extension as they are: it reads their attributes itself (no TRef tuples).
+        event = buf.runtime.get_dispatch_layout(topk_idx, num_experts, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                                num_tokens_per_expert, is_token_in_rank, streams.order)
     outputs = (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)
     if not streams.keeps_tensors():
         return (*outputs, streams.finish_joined(event))
@@ -144,31 +149,21 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
                                 allocate_on_comm_stream)
 
     num_experts = num_tokens_per_expert.numel()
-    runtime.intranode_notify_launch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
-                                    num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config,
-                                    streams.order)
-    # What needs no counts is done while the notify runs and waits for the slowest peer: up to the
-    # dispatch kernel's launch this is host time the GPU waits for. The dispatch kernel fills the
-    # handle's tensors from the notify's results.
-    num_channels = config.num_sms // 2
-    num_ranks, device = buf.group_size, buf._device
-    allocating = streams.allocating()  # entered twice: here, and for the outputs after the wait
-    with allocating:
-        rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
-        channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
-        recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
-        info = torch.empty((2,), dtype=torch.int64, device=device)
-    num_topk = topk_idx.size(1) if topk_idx is not None else 0
-    num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify_wait()
-
-    with allocating:
-        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
-            buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
-            stream=streams.allocation_stream())
-    event = runtime.intranode_dispatch(
-        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment, num_worst_tokens,
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
-        recv_x_scales, recv_topk_idx, recv_topk_weights, config, streams.order, False)
+    if not buf.num_arena_bytes and not streams.allocate_on_comm_stream:
+        # Notify, the handle's tensors, the host wait, the outputs (torch.empty, called by the
+        # extension) and the dispatch kernel in one call: up to the kernel's launch this is host
+        # time the GPU waits for.
+        event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \
+            rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info = \
+            runtime.intranode_dispatch_uncached(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                                                num_tokens_per_rank, num_tokens_per_expert, num_experts,
+                                                expert_alignment, num_worst_tokens, config, streams.order)
+    else:
+        event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \
+            rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info = \
+            _dispatch_uncached_python(buf, runtime, streams, x, x_scales, hidden, topk_idx, topk_weights,
+                                      is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts,
+                                      expert_alignment, num_worst_tokens, config)
 
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)
@@ -182,6 +177,41 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         event_overlap = streams.finish_joined(event)
     return ((recv_x, recv_x_scales) if x_scales is not None else recv_x, recv_topk_idx, recv_topk_weights,
             num_recv_tokens_per_expert_list, handle, event_overlap)
+
+
+def _dispatch_uncached_python(buf: "Buffer", runtime: Any, streams: _OpStreams, x: torch.Tensor,
+                              x_scales: Optional[torch.Tensor], hidden: int, topk_idx: Optional[torch.Tensor],
+                              topk_weights: Optional[torch.Tensor], is_token_in_rank: torch.Tensor,
+                              num_tokens_per_rank: torch.Tensor, num_tokens_per_expert: torch.Tensor,
+                              num_experts: int, expert_alignment: int, num_worst_tokens: int, config: Config
+                              ) -> tuple:
+    """intranode_dispatch_uncached's steps in Python, for outputs in the receive arena or on the comm
+    stream (the extension allocates only with torch.empty on the current stream); the same tuple."""
+    runtime.intranode_notify_launch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                                    num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config,
+                                    streams.order)
+    # What needs no counts is done while the notify runs and waits for the slowest peer. The
+    # dispatch kernel fills the handle's tensors from the notify's results.
+    num_channels = config.num_sms // 2
+    num_ranks, device = buf.group_size, buf._device
+    allocating = streams.allocating()  # entered twice: here, and for the outputs after the wait
+    with allocating:
+        rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
+        channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
+        recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
+        info = torch.empty((2,), dtype=torch.int64, device=device)
+    num_topk = topk_idx.size(1) if topk_idx is not None else 0
+    num_recv_tokens, num_recv_tokens_per_expert_list = runtime.intranode_notify_wait()
+    with allocating:
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = alloc_dispatch_outputs(
+            buf, x, x_scales, hidden, num_recv_tokens, num_topk, topk_weights is not None, with_src_idx=True,
+            stream=streams.allocation_stream())
+    event = runtime.intranode_dispatch(
+        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment, num_worst_tokens,
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
+        recv_x_scales, recv_topk_idx, recv_topk_weights, config, streams.order, False)
+    return (event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+            rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info)
 
 
 _ROUTING_ARGS = ("num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",

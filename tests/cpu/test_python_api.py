@@ -451,6 +451,24 @@ class _PendingErrorRuntime(_FakeRuntime):
     def intranode_dispatch(self, *args):
         return self._end("dispatch (cached)" if args[-1] else "dispatch")
 
+    def intranode_dispatch_uncached(self, *args):
+        """The extension's one call of the default path, in its order: the notify's launch (the same
+        twelve arguments), its wait, then the dispatch's launch, with outputs the extension allocates."""
+        import torch
+
+        self.intranode_notify_launch(*args)
+        num_recv, per_expert = self.intranode_notify_wait()
+        x, x_scales, topk_idx, topk_weights, config = args[0], args[1], args[2], args[3], args[10]
+        ranks, channels, k = 2, config.num_sms // 2, topk_idx.size(1)
+        outputs = (torch.empty((num_recv, x.size(1)), dtype=x.dtype),
+                   None if x_scales is None else torch.empty((num_recv, x_scales.size(1)), dtype=x_scales.dtype),
+                   torch.empty((num_recv, k), dtype=torch.int64),
+                   None if topk_weights is None else torch.empty((num_recv, k), dtype=torch.float32),
+                   torch.empty((ranks, ranks), dtype=torch.int32), torch.empty((ranks, channels), dtype=torch.int32),
+                   torch.empty((ranks, channels), dtype=torch.int32), torch.empty((num_recv,), dtype=torch.int32),
+                   torch.empty((2,), dtype=torch.int64))
+        return (self._end("dispatch"), per_expert, *outputs)
+
     def intranode_combine(self, *args):
         return self._end("combine")
 
@@ -460,6 +478,7 @@ class _NoStreams:
 
     def __init__(self, buffer, previous_event, async_finish, allocate_on_comm_stream):
         self.order = (0, None, False, False)
+        self.allocate_on_comm_stream = allocate_on_comm_stream
 
     def allocating(self):
         import contextlib
@@ -496,7 +515,7 @@ def _pending_buffer(monkeypatch, fault=False):
     return buf
 
 
-def _dispatch(buf, handle=None, **kwargs):
+def _dispatch(buf, handle=None, allocate_on_comm_stream=False, **kwargs):
     from moelink._intranode import dispatch
 
     args = dict(handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, is_token_in_rank=None,
@@ -505,7 +524,7 @@ def _dispatch(buf, handle=None, **kwargs):
     x = args.pop("x")
     return dispatch(buf, x, args["handle"], args["num_tokens_per_rank"], args["num_tokens_per_rdma_rank"],
                     args["is_token_in_rank"], args["num_tokens_per_expert"], args["topk_idx"], args["topk_weights"], 1,
-                    0, None, None, False, False)
+                    0, None, None, False, allocate_on_comm_stream)
 
 
 def test_a_pending_error_is_raised_after_the_launch_of_a_dispatch(torch_and_buffer, monkeypatch):
@@ -527,7 +546,9 @@ def test_a_pending_error_is_raised_after_the_launch_of_a_dispatch(torch_and_buff
 def test_an_uncached_dispatch_allocates_its_handle_while_the_notify_runs(torch_and_buffer, monkeypatch):
     """The notify is launched before the handle's four tensors are allocated and waited for after
     them (the dispatch kernel fills them): that allocation is off the path the GPU waits for. The
-    launch gets the inputs, the layout counts and the config, no handle tensor."""
+    launch gets the inputs, the layout counts and the config, no handle tensor. This is the Python
+    path (outputs on the comm stream or in the arena); the default path's one extension call keeps
+    the same order in C++ (python/bindings/module.cpp)."""
     torch, _ = torch_and_buffer
     buf = _pending_buffer(monkeypatch)
     buf.runtime.pending = None
@@ -538,7 +559,7 @@ def test_an_uncached_dispatch_allocates_its_handle_while_the_notify_runs(torch_a
         return empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", logged_empty)
-    out = _dispatch(buf, **_routed_call(torch))
+    out = _dispatch(buf, allocate_on_comm_stream=True, **_routed_call(torch))
     # Four handle tensors between the launch and the wait; recv_x, its top-k pair and recv_src_idx after.
     assert buf.runtime.log == ["check_faults", "notify", *["empty"] * 4, "notify_wait", *["empty"] * 4, "dispatch"]
     assert len(buf.runtime.notify_args) == 12

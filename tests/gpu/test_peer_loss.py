@@ -60,6 +60,17 @@ class _DiesBeforeDispatchKernel:
     def intranode_dispatch(self, *args, **kwargs):
         faults.die()
 
+    def intranode_dispatch_uncached(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                                    num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config,
+                                    order):
+        # The default path's one call: its notify and host wait run, then the process ends where
+        # the data kernel would be launched.
+        self._runtime.intranode_notify_launch(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                                              num_tokens_per_rank, num_tokens_per_expert, num_experts,
+                                              expert_alignment, num_worst_tokens, config, order)
+        self._runtime.intranode_notify_wait()
+        faults.die()
+
 
 def _setup(rank, num_ranks, seed):
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
