@@ -127,6 +127,19 @@ moelink::LowLatencyPhase to_phase(int phase) {
   }
 }
 
+// The arguments of a collective that the extension cannot read (a dtype it does not know, an
+// object that is no tensor) are this rank's own rejection: it abstains, as the runtime does when
+// its own checks fail, so that its peers skip the operation and raise instead of waiting for it.
+template <typename Read>
+void read_or_abstain(moelink::Buffer& self, Read&& read) {
+  try {
+    read();
+  } catch (...) {
+    self.abstain();
+    throw;
+  }
+}
+
 moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
                                         nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
                                         nb::handle is_token_in_rank, nb::handle info, int64_t hidden) {
@@ -361,17 +374,20 @@ void bind_buffer(nb::module_& m) {
              int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
              nb::handle order) {
             moelink::DispatchInputs in;
-            in.x = to_tensor_ref(x, "x");
-            in.x_scales = to_tensor_ref(x_scales, "x_scales");
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-            in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-            in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
-            in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+            moelink::StreamOrder stream_order;
+            read_or_abstain(self, [&] {
+              in.x = to_tensor_ref(x, "x");
+              in.x_scales = to_tensor_ref(x_scales, "x_scales");
+              in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+              in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
+              in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+              stream_order = to_stream_order(order);
+            });
             in.num_experts = num_experts;
             in.expert_alignment = expert_alignment;
             in.num_worst_tokens = num_worst_tokens;
-            const moelink::StreamOrder stream_order = to_stream_order(order);
             nb::gil_scoped_release release;
             self.intranode_notify_launch(in, config, stream_order);
           },
@@ -396,23 +412,31 @@ void bind_buffer(nb::module_& m) {
              nb::handle recv_topk_idx, nb::handle recv_topk_weights, const moelink::Config& config, nb::handle order,
              bool cached) {
             moelink::DispatchInputs in;
-            in.x = to_tensor_ref(x, "x");
-            in.x_scales = to_tensor_ref(x_scales, "x_scales");
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-            in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+            moelink::DispatchHandle handle;
+            moelink::DispatchOutputs out;
+            moelink::StreamOrder stream_order;
+            const auto read = [&] {
+              in.x = to_tensor_ref(x, "x");
+              in.x_scales = to_tensor_ref(x_scales, "x_scales");
+              in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+              handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                                       recv_src_idx, is_token_in_rank, handle_info, 0);
+              out.recv_x = to_tensor_ref(recv_x, "recv_x");
+              out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
+              out.recv_topk_idx = to_tensor_ref(recv_topk_idx, "recv_topk_idx");
+              out.recv_topk_weights = to_tensor_ref(recv_topk_weights, "recv_topk_weights");
+              stream_order = to_stream_order(order);
+            };
+            // An uncached dispatch was opened by its notify, which read the same inputs.
+            if (cached)
+              read_or_abstain(self, read);
+            else
+              read();
             in.num_experts = num_experts;
             in.expert_alignment = expert_alignment;
             in.num_worst_tokens = num_worst_tokens;
-            const moelink::DispatchHandle handle =
-                dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-                                is_token_in_rank, handle_info, 0);
-            moelink::DispatchOutputs out;
-            out.recv_x = to_tensor_ref(recv_x, "recv_x");
-            out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
-            out.recv_topk_idx = to_tensor_ref(recv_topk_idx, "recv_topk_idx");
-            out.recv_topk_weights = to_tensor_ref(recv_topk_weights, "recv_topk_weights");
-            const moelink::StreamOrder stream_order = to_stream_order(order);
             nb::gil_scoped_release release;
             return self.intranode_dispatch(in, handle, out, config, stream_order, cached);
           },
@@ -428,17 +452,20 @@ void bind_buffer(nb::module_& m) {
              int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
              nb::handle order) {
             moelink::DispatchInputs in;
-            in.x = to_tensor_ref(x, "x");
-            in.x_scales = to_tensor_ref(x_scales, "x_scales");
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-            in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-            in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
-            in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+            moelink::StreamOrder stream_order;
+            read_or_abstain(self, [&] {
+              in.x = to_tensor_ref(x, "x");
+              in.x_scales = to_tensor_ref(x_scales, "x_scales");
+              in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+              in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
+              in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+              stream_order = to_stream_order(order);
+            });
             in.num_experts = num_experts;
             in.expert_alignment = expert_alignment;
             in.num_worst_tokens = num_worst_tokens;
-            const moelink::StreamOrder stream_order = to_stream_order(order);
             {
               nb::gil_scoped_release release;
               self.intranode_notify_launch(in, config, stream_order);
@@ -518,17 +545,20 @@ void bind_buffer(nb::module_& m) {
              nb::handle combined_x, nb::handle combined_topk_weights, const moelink::Config& config,
              nb::handle order) {
             moelink::CombineInputs in;
-            in.x = to_tensor_ref(x, "x");
-            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-            in.bias_0 = to_tensor_ref(bias_0, "bias_0");
-            in.bias_1 = to_tensor_ref(bias_1, "bias_1");
-            const moelink::DispatchHandle handle =
-                dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-                                is_token_in_rank, handle_info, hidden);
+            moelink::DispatchHandle handle;
             moelink::CombineOutputs out;
-            out.combined_x = to_tensor_ref(combined_x, "combined_x");
-            out.combined_topk_weights = to_tensor_ref(combined_topk_weights, "combined_topk_weights");
-            const moelink::StreamOrder stream_order = to_stream_order(order);
+            moelink::StreamOrder stream_order;
+            read_or_abstain(self, [&] {
+              in.x = to_tensor_ref(x, "x");
+              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+              in.bias_0 = to_tensor_ref(bias_0, "bias_0");
+              in.bias_1 = to_tensor_ref(bias_1, "bias_1");
+              handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                                       recv_src_idx, is_token_in_rank, handle_info, hidden);
+              out.combined_x = to_tensor_ref(combined_x, "combined_x");
+              out.combined_topk_weights = to_tensor_ref(combined_topk_weights, "combined_topk_weights");
+              stream_order = to_stream_order(order);
+            });
             nb::gil_scoped_release release;
             return self.intranode_combine(in, handle, out, config, stream_order);
           },

@@ -347,6 +347,36 @@ def step_rejected_then_collective(ctx: Ctx) -> faults.Raised:
                      cached_outputs, "cached dispatch with a float32 x, then combine", next_is_collective=True)
 
 
+def step_unreadable_dispatch(ctx: Ctx) -> faults.Raised:
+    """A dtype the extension cannot read at all (float64; a float32 x is read, then refused by the
+    runtime's checks): the rank abstains from the notify as for any rejection of its own, so its
+    peers raise instead of waiting for it."""
+    r = ctx.routed()
+    x = r.x.double() if ctx.odd else r.x
+    kwargs = r.layout(ctx.buf)
+    return _rejected(ctx, lambda: ctx.buf.dispatch(x, **kwargs, topk_weights=r.topk_weights, config=ctx.config),
+                     TypeError, ["x", "dtype"], True, None, None, "dispatch with a float64 x")
+
+
+def step_unreadable_cached(ctx: Ctx) -> faults.Raised:
+    r = ctx.routed()
+    out, _ = faults.checked_dispatch(ctx.buf, r, ctx.config, what=ctx.what("dispatch"))
+    x = r.x.double() if ctx.odd else r.x
+    return _rejected(ctx, lambda: ctx.buf.dispatch(x, handle=out[4], config=ctx.config), TypeError, ["x", "dtype"],
+                     False, ctx.layout_call(r), cached_outputs, "cached dispatch with a float64 x")
+
+
+def step_unreadable_combine(ctx: Ctx) -> faults.Raised:
+    r = ctx.routed()
+    out, want = faults.checked_dispatch(ctx.buf, r, ctx.config, what=ctx.what("dispatch"))
+    y = r.combine_input(want, want.num_recv_tokens)
+    if ctx.odd:
+        y = y.double()
+    return _rejected(ctx, lambda: ctx.buf.combine(y, out[4], topk_weights=out[2], config=ctx.combine_config),
+                     TypeError, ["x", "dtype"], False, ctx.layout_call(r), combine_outputs,
+                     "combine with a float64 x")
+
+
 # ---- C: one rank's data is wrong -------------------------------------------------------------------------
 
 def _bad_expert_id(ctx: Ctx, value: int) -> faults.Raised:
@@ -450,7 +480,8 @@ def step_rejected_among_failed_handles(ctx: Ctx) -> faults.Raised:
 STEPS = (step_operation, step_config_num_sms, step_config_chunk, step_combine_config, step_hidden, step_dtype,
          step_topk, step_num_experts, step_handle_cached, step_handle_combine, step_seen_at_different_calls,
          step_second_error_while_pending, step_rejected_dispatch,
-         step_rejected_combine, step_rejected_type, step_rejected_then_collective,
+         step_rejected_combine, step_rejected_type, step_rejected_then_collective, step_unreadable_dispatch,
+         step_unreadable_cached, step_unreadable_combine,
          step_rejected_among_failed_handles, step_bad_expert_high, step_bad_expert_low,
          step_worst_one_rank, step_failed_handle)
 
