@@ -15,7 +15,7 @@ reaches each barrier last and its kernels show their own time, not a wait for a 
 --timeline every rank's chrome trace of calls timed as the benchmark times them (read them with
 bench/timeline_report.py). MOELINK_HOST_STAMPS=DIR splits the runtime calls into their C++ phases.
 Shape: 4096 tokens x 7168,
-fp8 with row-major scales, top-8 of 256, the bench's num_nvl_bytes (bench/bench_intranode.py).
+fp8 with row-major scales (the "col" rows: column-major), top-8 of 256, the bench's num_nvl_bytes (bench/bench_intranode.py).
 """
 
 from __future__ import annotations
@@ -79,8 +79,11 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
     if impl == "moelink":
         buf.runtime = Timed(buf.runtime)
     lines = []
+    scales_col = inputs.x_scales.t().contiguous().t()  # the same values, column-major
     ops = (("get_dispatch_layout", lambda: buf.get_dispatch_layout(topk_idx, 256)),
            ("dispatch fp8 uncached", lambda: buf.dispatch((inputs.x_fp8, inputs.x_scales), **kwargs)),
+           ("dispatch fp8 uncached col", lambda: buf.dispatch((inputs.x_fp8, scales_col), **kwargs)),
+           ("dispatch fp8 cached col", lambda: buf.dispatch((inputs.x_fp8, scales_col), handle=handle)),
            ("dispatch bf16 uncached", lambda: buf.dispatch(inputs.x, **kwargs)),
            ("dispatch fp8 cached", lambda: buf.dispatch((inputs.x_fp8, inputs.x_scales), handle=handle)),
            ("dispatch bf16 cached", lambda: buf.dispatch(inputs.x, handle=handle)),
