@@ -46,6 +46,7 @@ OPS = (
     ("dispatch_fp8_colmajor", "dispatch fp8, uncached, column-major scales"),
     ("dispatch_bf16_cached", "dispatch bf16, cached (handle=)"),
     ("dispatch_fp8_cached", "dispatch fp8, cached, row-major scales"),
+    ("dispatch_fp8_cached_colmajor", "dispatch fp8, cached, column-major scales"),
     # The cached dispatch as DeepEP's own benchmark times it (its tests' bench()): L2 flushed once,
     # then calls back to back, the mean of all but the first. The host of a cached call runs ahead
     # of the GPU there, as in a training step that queues work; the rows above time a call alone.
@@ -229,6 +230,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
         "dispatch_fp8_colmajor": (lambda: buf.dispatch(fp8_col, **layout), fp8_bytes),
         "dispatch_bf16_cached": (lambda: buf.dispatch(inputs.x, handle=handle), bf16_bytes),
         "dispatch_fp8_cached": (lambda: buf.dispatch(fp8_row, handle=handle), fp8_bytes),
+        "dispatch_fp8_cached_colmajor": (lambda: buf.dispatch(fp8_col, handle=handle), fp8_bytes),
         "combine": (lambda: buf.combine(recv_x, handle), bf16_bytes),
         "combine_torch_input": (lambda: buf.combine(recv_x_torch, handle), bf16_bytes),
         "dispatch_bf16_held": (hold_then_dispatch, bf16_bytes),

@@ -42,6 +42,7 @@ import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
 # short titles. Kept here so that the parent process needs no torch.
 ROW_OPS = (("dispatch_bf16", "bf16"), ("dispatch_fp8", "fp8"), ("dispatch_fp8_colmajor", "fp8 col"),
            ("dispatch_bf16_cached", "bf16 cached"), ("dispatch_fp8_cached", "fp8 cached"),
+           ("dispatch_fp8_cached_colmajor", "fp8 c. col"),
            ("dispatch_bf16_cached_b2b", "bf16 c. b2b"), ("dispatch_fp8_cached_b2b", "fp8 c. b2b"),
            ("combine", "combine"),
            ("combine_torch_input", "comb. torch"), ("dispatch_bf16_held", "bf16 held"),
@@ -50,6 +51,7 @@ OP_TITLES = {
     "dispatch_bf16": "dispatch bf16 uncached", "dispatch_fp8": "dispatch fp8 uncached (row-major scales)",
     "dispatch_fp8_colmajor": "dispatch fp8 uncached (column-major scales)",
     "dispatch_bf16_cached": "dispatch bf16 cached", "dispatch_fp8_cached": "dispatch fp8 cached",
+    "dispatch_fp8_cached_colmajor": "dispatch fp8 cached (column-major scales)",
     "dispatch_bf16_cached_b2b": "dispatch bf16 cached, back to back (DeepEP's bench)",
     "dispatch_fp8_cached_b2b": "dispatch fp8 cached, back to back (DeepEP's bench)",
     "combine": "combine of recv_x", "combine_torch_input": "combine, torch-allocated input",
