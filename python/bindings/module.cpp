@@ -140,6 +140,29 @@ void read_or_abstain(moelink::Buffer& self, Read&& read) {
   }
 }
 
+// An uncached dispatch's inputs, as its notify reads them (abstaining when one cannot be read).
+moelink::DispatchInputs notify_inputs(moelink::Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx,
+                                      nb::handle topk_weights, nb::handle is_token_in_rank,
+                                      nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
+                                      int num_experts, int expert_alignment, int num_worst_tokens, nb::handle order,
+                                      moelink::StreamOrder* stream_order) {
+  moelink::DispatchInputs in;
+  read_or_abstain(self, [&] {
+    in.x = to_tensor_ref(x, "x");
+    in.x_scales = to_tensor_ref(x_scales, "x_scales");
+    in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+    in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+    in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
+    in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
+    in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+    *stream_order = to_stream_order(order);
+  });
+  in.num_experts = num_experts;
+  in.expert_alignment = expert_alignment;
+  in.num_worst_tokens = num_worst_tokens;
+  return in;
+}
+
 moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
                                         nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
                                         nb::handle is_token_in_rank, nb::handle info, int64_t hidden) {
@@ -373,21 +396,11 @@ void bind_buffer(nb::module_& m) {
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
              int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
              nb::handle order) {
-            moelink::DispatchInputs in;
             moelink::StreamOrder stream_order;
-            read_or_abstain(self, [&] {
-              in.x = to_tensor_ref(x, "x");
-              in.x_scales = to_tensor_ref(x_scales, "x_scales");
-              in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-              in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
-              in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
-              stream_order = to_stream_order(order);
-            });
-            in.num_experts = num_experts;
-            in.expert_alignment = expert_alignment;
-            in.num_worst_tokens = num_worst_tokens;
+            const moelink::DispatchInputs in =
+                notify_inputs(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                              num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, order,
+                              &stream_order);
             nb::gil_scoped_release release;
             self.intranode_notify_launch(in, config, stream_order);
           },
@@ -451,21 +464,11 @@ void bind_buffer(nb::module_& m) {
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
              int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
              nb::handle order) {
-            moelink::DispatchInputs in;
             moelink::StreamOrder stream_order;
-            read_or_abstain(self, [&] {
-              in.x = to_tensor_ref(x, "x");
-              in.x_scales = to_tensor_ref(x_scales, "x_scales");
-              in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-              in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
-              in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
-              stream_order = to_stream_order(order);
-            });
-            in.num_experts = num_experts;
-            in.expert_alignment = expert_alignment;
-            in.num_worst_tokens = num_worst_tokens;
+            const moelink::DispatchInputs in =
+                notify_inputs(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                              num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, order,
+                              &stream_order);
             {
               nb::gil_scoped_release release;
               self.intranode_notify_launch(in, config, stream_order);
