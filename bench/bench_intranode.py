@@ -52,6 +52,7 @@ OPS = (
     # of the GPU there, as in a training step that queues work; the rows above time a call alone.
     ("dispatch_bf16_cached_b2b", "dispatch bf16, cached, back to back (DeepEP's bench)"),
     ("dispatch_fp8_cached_b2b", "dispatch fp8, cached, back to back (DeepEP's bench)"),
+    ("dispatch_fp8_cached_colmajor_b2b", "dispatch fp8, cached, column-major scales, back to back (DeepEP's bench)"),
     ("combine", "combine of recv_x"),
     ("combine_torch_input", "combine of a torch-allocated copy of recv_x"),
     ("dispatch_bf16_held", "dispatch bf16, uncached, with earlier outputs held alive"),
@@ -241,6 +242,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
     # The same calls, timed back to back (_time_us(back_to_back=True)).
     ops["dispatch_bf16_cached_b2b"] = ops["dispatch_bf16_cached"]
     ops["dispatch_fp8_cached_b2b"] = ops["dispatch_fp8_cached"]
+    ops["dispatch_fp8_cached_colmajor_b2b"] = ops["dispatch_fp8_cached_colmajor"]
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     mine, errors = {}, {}
     num_held = 0

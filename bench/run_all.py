@@ -44,6 +44,7 @@ ROW_OPS = (("dispatch_bf16", "bf16"), ("dispatch_fp8", "fp8"), ("dispatch_fp8_co
            ("dispatch_bf16_cached", "bf16 cached"), ("dispatch_fp8_cached", "fp8 cached"),
            ("dispatch_fp8_cached_colmajor", "fp8 c. col"),
            ("dispatch_bf16_cached_b2b", "bf16 c. b2b"), ("dispatch_fp8_cached_b2b", "fp8 c. b2b"),
+           ("dispatch_fp8_cached_colmajor_b2b", "fp8 col b2b"),
            ("combine", "combine"),
            ("combine_torch_input", "comb. torch"), ("dispatch_bf16_held", "bf16 held"),
            ("dispatch_bf16_step", "bf16 step"))
@@ -54,6 +55,7 @@ OP_TITLES = {
     "dispatch_fp8_cached_colmajor": "dispatch fp8 cached (column-major scales)",
     "dispatch_bf16_cached_b2b": "dispatch bf16 cached, back to back (DeepEP's bench)",
     "dispatch_fp8_cached_b2b": "dispatch fp8 cached, back to back (DeepEP's bench)",
+    "dispatch_fp8_cached_colmajor_b2b": "dispatch fp8 cached (column-major scales), back to back (DeepEP's bench)",
     "combine": "combine of recv_x", "combine_torch_input": "combine, torch-allocated input",
     "dispatch_bf16_held": "dispatch bf16 uncached, outputs held",
     "dispatch_bf16_step": "dispatch bf16 uncached, a step of held layers", "layout": "get_dispatch_layout",
