@@ -55,6 +55,30 @@ def test_bench_variants_needs_variants(repo_root, tmp_path):
     assert result.returncode == 2 and "usage" in result.stderr
 
 
+def test_bench_variants_times_a_repeated_variant_again_in_its_own_build(repo_root, tmp_path):
+    """base, X, base, X: each name is built once and run twice; the second pass gets its own logs
+    (NAME.pass2), so the first is kept. The build and MPS steps are stubbed (no CUDA here)."""
+    tree = tmp_path / "repo"
+    (tree / "scripts").mkdir(parents=True)
+    script = tree / "scripts" / "bench_variants.sh"
+    script.write_text((repo_root / "scripts" / "bench_variants.sh").read_text())
+    (tree / "scripts" / "build.sh").write_text(
+        "mkdir -p build/python/moelink && touch build/python/moelink/libmoelink.so && echo build >> ../builds\n")
+    (tree / "scripts" / "with_mps.sh").write_text('"$@"\n')
+    patch = tmp_path / "X.patch"
+    patch.write_text("--- /dev/null\n+++ b/marker\n@@ -0,0 +1 @@\n+patched\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path / "work")}
+    result = subprocess.run(["bash", str(script), "--run", "cat marker", "base", str(patch), "base", str(patch)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0  # base has no marker: its run fails, and the script says so
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.endswith(": cat marker")] == ["base", "X", "base#2", "X#2"]
+    assert "X#2: patched" in lines and "X: patched" in lines
+    assert sorted(p.name for p in (out / "variants").iterdir()) == ["X", "X.pass2", "base", "base.pass2"]
+    assert (tmp_path / "work" / "moelink-variants" / "builds").read_text().count("build") == 2
+
+
 def test_defaults_are_the_readme_cells(run_all):
     args = run_all.parse_args([])
     assert args.cells == [(2, 24), (4, 24), (4, 8), (8, 16)]
