@@ -101,8 +101,13 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   const int batch = min(kNumWarps, L.slots);
   const bool hoisted = S <= 32 * kHoistedScales;
   __shared__ int position[kNumWarps][kMaxNvlRanks];
-  __shared__ float batch_scales[kNumWarps][32 * kHoistedScales];  // [warp][scale], when hoisted
-  __shared__ int warp_of[kMaxNvlRanks][kNumWarps];  // warp of d's j-th batch row, when gather_scales[d]
+  // [warp][scale], when hoisted. The pad word: staging, and a column-major gather, touch one scale
+  // index of many warps' tokens at once, which without it all sit in one bank (24-way conflicts).
+  __shared__ float batch_scales[kNumWarps][32 * kHoistedScales + 1];
+  // Warp and output row of d's j-th batch row, when gather_scales[d]: read by consecutive threads in
+  // the gather, so without bank conflicts (position[w][d] would have eight-way ones).
+  __shared__ int warp_of[kMaxNvlRanks][kNumWarps];
+  __shared__ int gather_row[kMaxNvlRanks][kNumWarps];
   __shared__ int batch_count[kMaxNvlRanks];
   __shared__ int sent[kMaxNvlRanks];
   __shared__ int4* dst_rows[kNumWarps][kMaxNvlRanks];
@@ -241,7 +246,10 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         }
         dst_rows[warp][d] = row;
         // sent[d] stays put until the batch's end, so pos - sent[d] is the row's place in the batch.
-        if (pos >= 0 && gather_scales[d]) warp_of[d][pos - sent[d]] = warp;
+        if (pos >= 0 && gather_scales[d]) {
+          warp_of[d][pos - sent[d]] = warp;
+          gather_row[d][pos - sent[d]] = outs[d].first_row + pos;
+        }
       }
       __syncwarp();
       int4* const* dst = dst_rows[warp];
@@ -312,17 +320,20 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       }
     }
     __syncthreads();
-    // The row of d's j-th batch token is read back from its warp's position, not as first_row +
-    // sent[d] + j: sent[d] advances below without a barrier in between.
+    // The row of d's j-th batch token is the one its warp recorded, not first_row + sent[d] + j:
+    // sent[d] advances below without a barrier in between. The output's fields are read into
+    // registers first: a store through a generic pointer could alias shared memory, so read in the
+    // loop they would be reloaded after every store.
     for (int d = 0; d < R; ++d) {
       if (!gather_scales[d]) continue;
-      const DirectOut& o = outs[d];
-      const int n = batch_count[d];
+      float* const scales = outs[d].scales;
+      const int64_t stride_token = outs[d].scales_stride_token, stride_scale = outs[d].scales_stride_scale;
+      const int num_rows = outs[d].num_rows, n = batch_count[d];
       for (int e = threadIdx.x; e < S * n; e += blockDim.x) {
-        const int i = e / n, j = e - i * n, w = warp_of[d][j];
-        const int64_t row = o.first_row + position[w][d];
+        const int i = e / n, j = e - i * n;
+        const int64_t row = gather_row[d][j];
         // Past num_worst_tokens (reported by notify): the row is dropped.
-        if (row < o.num_rows) o.scales[row * o.scales_stride_token + i * o.scales_stride_scale] = batch_scales[w][i];
+        if (row < num_rows) scales[row * stride_token + i * stride_scale] = batch_scales[warp_of[d][j]][i];
       }
     }
     // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so.
