@@ -2,7 +2,7 @@
 combine goes, moelink beside DeepEP.
 
     bash scripts/with_mps.sh python3 bench/probe_host.py [--ranks 4] [--sms 24] [--calls 100]
-        [--anchor auto|none|PATH] [--profile] [--trace] [--timeline]
+        [--anchor auto|none|PATH] [--profile] [--trace] [--timeline] [--split]
 
 An uncached dispatch waits on the host for its notify's counts, then allocates its outputs and
 launches its kernel while the GPU idles: its host time is GPU time in every timed figure. Per rank,
@@ -13,7 +13,8 @@ rest is Python. --profile adds a cProfile of rank 0's calls; --trace a torch.pro
 rank 0's kernels and runtime calls, and its chrome trace in $OUT (rank 0 is slowed by it, so it
 reaches each barrier last and its kernels show their own time, not a wait for a later peer);
 --timeline every rank's chrome trace of calls timed as the benchmark times them (read them with
-bench/timeline_report.py). MOELINK_HOST_STAMPS=DIR splits the runtime calls into their C++ phases.
+bench/timeline_report.py); --split each call timed alone, with the GPU ahead of the host, and back
+to back (what the host path and an idle GPU's start add). MOELINK_HOST_STAMPS=DIR splits the runtime calls into their C++ phases.
 Shape: 4096 tokens x 7168,
 fp8 with row-major scales (the "col" rows: column-major), top-8 of 256, the bench's num_nvl_bytes (bench/bench_intranode.py).
 """
@@ -34,7 +35,7 @@ import launcher  # noqa: E402 - imports no torch
 
 
 def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms: int, calls: int,
-          profile: bool, trace: bool, timeline: bool = False) -> str:
+          profile: bool, trace: bool, timeline: bool = False, split: bool = False) -> str:
     import cProfile
     import io
     import os
@@ -114,6 +115,12 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
                 lines.append(text.getvalue())
             torch.cuda.synchronize()
         spent.clear()
+    if split:
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        for name, op in ops:
+            alone, ahead, b2b = _split(op, flush, calls)
+            lines.append(f"{impl} rank {rank} {name}: alone {alone:.1f} µs, GPU ahead {ahead:.1f}, "
+                         f"back to back {b2b:.1f}: host path {alone - ahead:.1f}, cold start {ahead - b2b:.1f}")
     # After every host sample: a profiler leaves CUPTI hooked into every later CUDA call.
     if timeline:
         flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -130,6 +137,39 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
     if hasattr(buf, "destroy"):
         buf.destroy()
     return "\n".join(lines)
+
+
+def _split(op, flush, calls: int) -> tuple[float, float, float]:
+    """Median µs of op timed three ways: alone, as the benchmark times it (its host path inside the
+    events); with the GPU ahead (a ~0.5 ms sleep kernel queued before the start event, so the host
+    has launched the call before the GPU reaches it: the GPU's own time from idle, the ranks' skew
+    included); back to back. alone - ahead is what the host path costs the figure, ahead - b2b what
+    starting from an idle GPU does."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    import bench_intranode as bi
+
+    for _ in range(3):
+        op()
+    alone = statistics.median(bi.timed_samples_us(op, flush, calls))
+    samples = []
+    for _ in range(calls):
+        flush.zero_()
+        torch.cuda.synchronize()
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # ~0.5 ms at the H200's clock, more than any call's host path
+        start.record()
+        op()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    ahead = statistics.median(samples)
+    b2b = bi.back_to_back_samples_us(op, flush, calls)
+    return alone, ahead, statistics.mean(b2b[1:])
 
 
 def _timeline(rank: int, impl: str, name: str, op, flush, out_dir: str | None, calls: int = 12) -> float:
@@ -184,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace", action="store_true", help="add torch.profiler tables of rank 0's kernels")
     parser.add_argument("--timeline", action="store_true",
                         help="chrome traces of every rank's calls timed as the benchmark times them, in $OUT")
+    parser.add_argument("--split", action="store_true",
+                        help="each call timed alone, with the GPU ahead of the host, and back to back")
     args = parser.parse_args(argv)
     import anchor  # noqa: PLC0415
 
@@ -193,6 +235,7 @@ def main(argv=None) -> int:
     for impl in impls:
         results = launcher.run_ranks(args.ranks, ("probe_host", "probe", str(Path(__file__).resolve())), impl,
                                      found.path, args.sms, args.calls, args.profile, args.trace, args.timeline,
+                                     args.split,
                                      timeout_s=300)
         for text in results:
             print(text)
