@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <exception>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -162,34 +161,6 @@ moelink::DispatchInputs notify_inputs(moelink::Buffer& self, nb::handle x, nb::h
   in.expert_alignment = expert_alignment;
   in.num_worst_tokens = num_worst_tokens;
   return in;
-}
-
-// recv_x and recv_x_scales of n rows, as alloc_dispatch_outputs (python/moelink/_arena.py) makes
-// them without an arena, in its order: the scales keep the caller's layout (column-major is what
-// fp8 GEMMs read).
-std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
-                                               int64_t n, int device, moelink::DispatchOutputs* out) {
-  moelink::check::dim(in.x, 2, "x");
-  nb::object x_dtype = x.attr("dtype");
-  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x);
-  nb::object recv_x_scales = nb::none();
-  if (in.x_scales.defined()) {
-    moelink::check::dim(in.x_scales, 2, "x_scales");
-    const int64_t num_scales = in.x_scales.size(1);
-    nb::object scales_dtype = x_scales.attr("dtype");
-    if (in.x_scales.stride(1) != 1) {
-      moelink::TensorRef transposed;
-      nb::object storage = torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
-      recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch_objects().t));
-      if (!recv_x_scales.is_valid()) throw nb::python_error();
-      out->recv_x_scales = transposed;
-      out->recv_x_scales.shape = {n, num_scales};
-      out->recv_x_scales.strides = {1, n};
-    } else {
-      recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales);
-    }
-  }
-  return {std::move(recv_x), std::move(recv_x_scales)};
 }
 
 moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix,
@@ -516,14 +487,37 @@ void bind_buffer(nb::module_& m) {
                             &handle.recv_channel_prefix_matrix);
             nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info);
             handle.is_token_in_rank = in.is_token_in_rank;
+            moelink::check::dim(in.x, 2, "x");  // checked by the notify launch; size(1) is read below
             moelink::DispatchPlan plan;
             {
               nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
               plan = self.intranode_notify_wait();
             }
             const int64_t n = plan.num_recv_tokens;
+            // As alloc_dispatch_outputs (python/moelink/_arena.py) without an arena: the same order,
+            // and the scales keep the caller's layout.
             moelink::DispatchOutputs out;
-            auto [recv_x, recv_x_scales] = alloc_recv_x(x, x_scales, in, n, device, &out);
+            nb::object x_dtype = x.attr("dtype");
+            nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.recv_x);
+            nb::object recv_x_scales = nb::none();
+            if (in.x_scales.defined()) {
+              moelink::check::dim(in.x_scales, 2, "x_scales");
+              const int64_t num_scales = in.x_scales.size(1);
+              nb::object scales_dtype = x_scales.attr("dtype");
+              if (in.x_scales.stride(1) != 1) {
+                moelink::TensorRef transposed;
+                nb::object storage =
+                    torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
+                recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch.t));
+                if (!recv_x_scales.is_valid()) throw nb::python_error();
+                out.recv_x_scales = transposed;
+                out.recv_x_scales.shape = {n, num_scales};
+                out.recv_x_scales.strides = {1, n};
+              } else {
+                recv_x_scales =
+                    torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out.recv_x_scales);
+              }
+            }
             nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
             if (in.topk_idx.defined()) {
               moelink::check::dim(in.topk_idx, 2, "topk_idx");
@@ -546,43 +540,6 @@ void bind_buffer(nb::module_& m) {
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
           "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a)
-      .def(
-          "intranode_dispatch_cached",
-          [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle rank_prefix_matrix,
-             nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix, nb::handle recv_src_idx,
-             nb::handle is_token_in_rank, nb::handle handle_info, const moelink::Config& config, nb::handle order) {
-            // A cached dispatch with its outputs allocated here (torch.empty on the current stream):
-            // from the call to the kernel's launch is host time every rank's kernel waits for.
-            moelink::DispatchInputs in;
-            moelink::DispatchHandle handle;
-            moelink::DispatchOutputs out;
-            moelink::StreamOrder stream_order;
-            nb::object recv_x, recv_x_scales;
-            // The kernel opens the operation: a rank that raises before its launch abstains.
-            read_or_abstain(self, [&] {
-              in.x = to_tensor_ref(x, "x");
-              in.x_scales = to_tensor_ref(x_scales, "x_scales");
-              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-              handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-                                       recv_src_idx, is_token_in_rank, handle_info, 0);
-              stream_order = to_stream_order(order);
-              moelink::check::dim(handle.recv_src_idx, 1, "handle[3] (recv_src_idx)");
-              std::tie(recv_x, recv_x_scales) =
-                  alloc_recv_x(x, x_scales, in, handle.recv_src_idx.size(0), in.x.device, &out);
-            });
-            in.num_experts = 0;
-            in.expert_alignment = 1;
-            in.num_worst_tokens = 0;
-            moelink::EventHandle event;
-            {
-              nb::gil_scoped_release release;
-              event = self.intranode_dispatch(in, handle, out, config, stream_order, true);
-            }
-            return nb::make_tuple(event, recv_x, recv_x_scales);
-          },
-          "x"_a.none(), "x_scales"_a.none(), "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(),
-          "recv_channel_prefix_matrix"_a.none(), "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(),
-          "handle_info"_a.none(), "config"_a, "order"_a)
       .def(
           "intranode_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,
@@ -612,52 +569,6 @@ void bind_buffer(nb::module_& m) {
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
           "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "handle_info"_a.none(), "hidden"_a = 0,
           "combined_x"_a.none(), "combined_topk_weights"_a.none(), "config"_a, "order"_a)
-
-      .def(
-          "intranode_combine_alloc",
-          [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,
-             nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
-             nb::handle recv_src_idx, nb::handle is_token_in_rank, nb::handle handle_info, int64_t hidden,
-             const moelink::Config& config, nb::handle order) {
-            // intranode_combine with combined_x and combined_topk_weights allocated here
-            // (torch.empty on the current stream), for the same reason as intranode_dispatch_cached.
-            moelink::CombineInputs in;
-            moelink::DispatchHandle handle;
-            moelink::CombineOutputs out;
-            moelink::StreamOrder stream_order;
-            nb::object combined_x, combined_topk_weights = nb::none();
-            read_or_abstain(self, [&] {
-              in.x = to_tensor_ref(x, "x");
-              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-              in.bias_0 = to_tensor_ref(bias_0, "bias_0");
-              in.bias_1 = to_tensor_ref(bias_1, "bias_1");
-              handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-                                       recv_src_idx, is_token_in_rank, handle_info, hidden);
-              stream_order = to_stream_order(order);
-              // As combine (python/moelink/_intranode.py) allocates them on the caller's stream.
-              moelink::check::dim(in.x, 2, "x");
-              moelink::check::dim(handle.is_token_in_rank, 2, "handle[4] (is_token_in_rank)");
-              const int64_t num_tokens = handle.is_token_in_rank.size(0);
-              const int device = in.x.device;
-              nb::object x_dtype = x.attr("dtype");
-              combined_x = torch_empty({num_tokens, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.combined_x);
-              if (in.topk_weights.defined()) {
-                moelink::check::dim(in.topk_weights, 2, "topk_weights");
-                combined_topk_weights = torch_empty({num_tokens, in.topk_weights.size(1)}, torch_objects().float32,
-                                                    moelink::DType::kFloat32, device, &out.combined_topk_weights);
-              }
-            });
-            moelink::EventHandle event;
-            {
-              nb::gil_scoped_release release;
-              event = self.intranode_combine(in, handle, out, config, stream_order);
-            }
-            return nb::make_tuple(event, combined_x, combined_topk_weights);
-          },
-          "x"_a.none(), "topk_weights"_a.none(), "bias_0"_a.none(), "bias_1"_a.none(),
-          "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
-          "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "handle_info"_a.none(), "hidden"_a,
-          "config"_a, "order"_a)
 
       // ---- low-latency mode ----
       .def_static("low_latency_rdma_size_hint", &Buffer::low_latency_rdma_size_hint,

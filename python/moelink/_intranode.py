@@ -228,20 +228,14 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
     except (TypeError, ValueError):
         buf.runtime.abstain()
         raise
-    if not buf.num_arena_bytes and not streams.allocate_on_comm_stream:
-        # The outputs are allocated by the extension (torch.empty on the current stream), in the
-        # call that launches the kernel: every rank's kernel waits for the slowest rank's host path.
-        event, recv_x, recv_x_scales = buf.runtime.intranode_dispatch_cached(
-            x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-            is_token_in_rank, info, config, streams.order)
-    else:
-        with streams.allocating():
-            recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, recv_src_idx.numel(),
-                                                           stream=streams.allocation_stream())[:2]
-        event = buf.runtime.intranode_dispatch(
-            x, x_scales, None, None, is_token_in_rank, 0, 1, 0, rank_prefix_matrix, channel_prefix_matrix,
-            recv_channel_prefix_matrix, recv_src_idx, info, recv_x, recv_x_scales, None, None, config,
-            streams.order, True)
+    num_recv_tokens = recv_src_idx.numel()
+    with streams.allocating():
+        recv_x, recv_x_scales = alloc_dispatch_outputs(buf, x, x_scales, hidden, num_recv_tokens,
+                                                       stream=streams.allocation_stream())[:2]
+    event = buf.runtime.intranode_dispatch(
+        x, x_scales, None, None, is_token_in_rank, 0, 1, 0, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, info, recv_x, recv_x_scales, None, None, config, streams.order,
+        True)
     if streams.keeps_tensors():
         inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                   is_token_in_rank, info)
@@ -280,22 +274,15 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
     except (TypeError, ValueError):
         runtime.abstain()
         raise
-    if not streams.allocate_on_comm_stream:
-        # The outputs are allocated by the extension, in the call that launches the kernel, as in a
-        # cached dispatch.
-        event, combined_x, combined_topk_weights = runtime.intranode_combine_alloc(
-            x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-            recv_src_idx, is_token_in_rank, info, handle_hidden, config, streams.order)
-    else:
-        device = buf._device
-        with streams.allocating():
-            combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=device)
-            combined_topk_weights = (torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32,
-                                                 device=device) if topk_weights is not None else None)
-        event = runtime.intranode_combine(
-            x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-            recv_src_idx, is_token_in_rank, info, handle_hidden, combined_x, combined_topk_weights, config,
-            streams.order)
+    device = buf._device
+    with streams.allocating():
+        combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=device)
+        combined_topk_weights = (torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32,
+                                             device=device) if topk_weights is not None else None)
+    event = runtime.intranode_combine(
+        x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+        recv_src_idx, is_token_in_rank, info, handle_hidden, combined_x, combined_topk_weights, config,
+        streams.order)
     if not streams.keeps_tensors():
         return combined_x, combined_topk_weights, streams.finish_joined(event)
     inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,

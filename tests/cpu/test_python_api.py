@@ -469,27 +469,8 @@ class _PendingErrorRuntime(_FakeRuntime):
                    torch.empty((2,), dtype=torch.int64))
         return (self._end("dispatch"), per_expert, *outputs)
 
-    def intranode_dispatch_cached(self, x, x_scales, rank_prefix_matrix, channel_prefix_matrix,
-                                  recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, config, order):
-        """The cached dispatch of the default path: outputs the extension allocates, then the launch."""
-        import torch
-
-        n = recv_src_idx.numel()
-        recv_x = torch.empty((n, x.size(1)), dtype=x.dtype)
-        recv_x_scales = None if x_scales is None else torch.empty((n, x_scales.size(1)), dtype=x_scales.dtype)
-        return self._end("dispatch (cached)"), recv_x, recv_x_scales
-
     def intranode_combine(self, *args):
         return self._end("combine")
-
-    def intranode_combine_alloc(self, x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
-                                recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info, hidden, config,
-                                order):
-        import torch
-
-        num_tokens = is_token_in_rank.size(0)
-        weights = None if topk_weights is None else torch.empty((num_tokens, topk_weights.size(1)))
-        return self._end("combine"), torch.empty((num_tokens, x.size(1)), dtype=x.dtype), weights
 
 
 class _NoStreams:
