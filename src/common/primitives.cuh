@@ -98,6 +98,20 @@ __device__ __forceinline__ void st_na(int4* ptr, const int4& v, uint64_t policy)
                : "memory");
 }
 
+// Asks L2 for the 128-byte lines of [ptr, ptr + bytes), one line per thread per turn, without
+// waiting for them. For inputs a block later reads in small dependent pieces (a batch's scales,
+// routing flags and top-k at a time): with L2 cold each piece is an HBM round trip on the batch's
+// path, an L2 one after this. A prefetch is a hint; the lines start inside the tensor's
+// allocation (blocks are 512-byte aligned), so none leaves it.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int thread, int num_threads) {
+  if (ptr == nullptr || bytes <= 0) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t end = begin + static_cast<uintptr_t>(bytes);
+  for (uintptr_t line = (begin & ~uintptr_t{127}) + static_cast<uintptr_t>(thread) * 128; line < end;
+       line += static_cast<uintptr_t>(num_threads) * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+}
+
 // Drops the 128-byte L2 line at `line` without writing it back: a weak write of undefined data, so
 // it must follow every read of the line and precede the release that hands the line to a writer.
 __device__ __forceinline__ void discard_l2_line(const void* line) {

@@ -66,6 +66,11 @@ bool l2_discard() {
   return enabled;
 }
 
+bool prefetch() {
+  static const bool enabled = flag("MOELINK_PREFETCH", false);
+  return enabled;
+}
+
 bool debug() {
   static const bool enabled = flag("MOELINK_DEBUG", false);
   return enabled;
@@ -119,7 +124,7 @@ void log_once() {
                  "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
                  "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_PEER_SEGMENTS=%d MOELINK_SEGMENT_WINDOW=%d "
                  "MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
-                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
+                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, prefetch() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
                  transport_name(low_latency_transport()), debug_low_latency_force_put() ? 1 : 0,
                  peer_segments() ? 1 : 0, segment_window(), segment_mapped_mb());
   });

@@ -16,6 +16,12 @@ bool l2_hints();
 // them be written back to HBM; the ring's next lap rewrites them anyway.
 bool l2_discard();
 
+// MOELINK_PREFETCH (0/1, default 0): a dispatch kernel asks L2 for the routing, top-k and scales
+// its blocks read a batch at a time, before its opening. Off: measured 40 us slower per cached fp8
+// dispatch at 4x24 with L2 cold, no gain at 2x24 (bench/NOTES.md, eighth session); kept for the
+// next measurement of where a cold call's time goes.
+bool prefetch();
+
 // MOELINK_DEBUG (0/1, default 0): log the knobs' values once.
 bool debug();
 

@@ -224,6 +224,7 @@ struct DispatchArgs {
   int chunk;
   bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
   bool l2_discard;  // discard consumed ring lines from L2 (MOELINK_L2_DISCARD)
+  bool prefetch;    // ask L2 for the inputs read a batch at a time (MOELINK_PREFETCH)
   // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
   // rows come through the rings). Its seq is filled on the device.
   DirectTarget target;

@@ -523,6 +523,33 @@ __device__ void copy_handle(const HandleCopy& h, int R, int C) {
   if (threadIdx.x < 2) h.info[threadIdx.x] = h.from->info[threadIdx.x];
 }
 
+// The inputs this block reads a batch at a time, for its half of the channel's tokens (the half a
+// split channel's part sends; unsplit, part 0 sends both and finds the other half in L2 too): the
+// routing flags, top-k and scales, asked of L2 before the opening. The idea: with L2 cold each
+// batch's pieces (a column-major x_scales is 56 runs of 64 bytes) are an HBM round trip ahead of
+// its copy. Measured, it did not pay (4x24 cached fp8 ~40 us slower with L2 cold, 2x24 even), so
+// it runs only with MOELINK_PREFETCH=1 (bench/NOTES.md, eighth session).
+__device__ void prefetch_inputs(const DispatchArgs& a) {
+  const int C = a.layout.num_channels, R = a.layout.num_ranks, K = a.layout.num_topk, S = a.layout.num_scales;
+  const ChannelRange range = channel_range(a.num_tokens, C, blockIdx.x / 2);
+  const int mid = range.begin + (range.end - range.begin + 1) / 2;
+  const int b = blockIdx.x % 2 == 0 ? range.begin : mid, e = blockIdx.x % 2 == 0 ? mid : range.end;
+  if (b >= e) return;
+  const int n = e - b, t = threadIdx.x, nt = blockDim.x;
+  prefetch_l2(a.is_token_in_rank + static_cast<int64_t>(b) * R, static_cast<int64_t>(n) * R, t, nt);
+  if (a.topk_idx) prefetch_l2(a.topk_idx + static_cast<int64_t>(b) * K, static_cast<int64_t>(n) * K * 8, t, nt);
+  if (a.topk_weights) prefetch_l2(a.topk_weights + static_cast<int64_t>(b) * K, static_cast<int64_t>(n) * K * 4, t, nt);
+  if (a.x_scales == nullptr || S == 0) return;
+  const int64_t st = a.x_scales_stride_token, ss = a.x_scales_stride_scale;
+  if (st == 1) {
+    // Column-major: a run of n tokens per scale index; a warp per run.
+    const int warp = t / 32, num_warps = nt / 32;
+    for (int i = warp; i < S; i += num_warps) prefetch_l2(a.x_scales + b + i * ss, static_cast<int64_t>(n) * 4, lane_id(), 32);
+  } else if (ss == 1) {
+    prefetch_l2(a.x_scales + b * st, ((n - 1) * st + S) * 4, t, nt);
+  }
+}
+
 // The operation's number is its last barrier's epoch (notify's, or the cached dispatch's
 // opening), the same on every rank and advanced by the device, so a replayed graph never reuses
 // one. A skipped operation touches no peer memory and poisons its outputs.
@@ -531,6 +558,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
   // The last block is a receiver, whose first step is a wait on its peers anyway.
   if (a.handle_copy.from != nullptr && blockIdx.x == gridDim.x - 1)
     copy_handle(a.handle_copy, a.layout.num_ranks, a.layout.num_channels);
+  if (a.prefetch) prefetch_inputs(a);
   const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
                                 : operation_may_run(a.err);
   if (may_run)

@@ -540,6 +540,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
+  a.prefetch = knobs::prefetch();
   const bool segments = segments_allowed(ctx, order);
   host_stamps::mark(cached ? "dispatch_cached.args" : "dispatch.args");
   if (segments) take_segment_news(ctx);
