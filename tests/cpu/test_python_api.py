@@ -451,7 +451,7 @@ class _PendingErrorRuntime(_FakeRuntime):
     def intranode_dispatch(self, *args):
         return self._end("dispatch (cached)" if args[-1] else "dispatch")
 
-    def intranode_dispatch_uncached(self, *args):
+    def intranode_dispatch_uncached(self, *args, spares=None):
         """The extension's one call of the default path, in its order: the notify's launch (the same
         twelve arguments), its wait, then the dispatch's launch, with outputs the extension allocates."""
         import torch

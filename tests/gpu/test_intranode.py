@@ -9,7 +9,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import common  # noqa: E402
 import launcher  # noqa: E402
-from checks import COVERING_CASES, Case, check_recv_x, make_inputs_all, make_routing_all, run_case  # noqa: E402
+from checks import (COVERING_CASES, Case, check_dispatch, check_recv_x, make_inputs_all,  # noqa: E402
+                    make_routing_all, run_case)
 
 from reference import moe_reference as ref  # noqa: E402
 
@@ -147,6 +148,64 @@ def test_arena_lifetime(num_ranks):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)
+
+
+def _spares(rank, num_ranks, seed):
+    """The default uncached dispatch takes its handle tensors and small outputs from spares the
+    previous one made (python/bindings/spares.hpp). Counts past a spare's rows, another scale
+    layout and another stream must each allocate afresh; a spared output must be shaped and
+    strided as a fresh one; and outputs held across later dispatches must keep their values (no
+    spare is handed out twice). Every step is checked against the reference."""
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,))
+    side = torch.cuda.Stream()
+    steps = [  # (tokens, column-major scales, on the side stream, spared)
+        (256, False, False, False),   # the first: nothing to take
+        (256, False, False, True),
+        (1024, False, False, False),  # ~4x the rows: past the spares' slack
+        (256, False, False, True),    # spares of the 1024-token call, shrunk
+        (256, True, False, False),    # another scale layout
+        (200, True, False, True),
+        (256, True, True, False),     # another stream
+        (256, True, True, True),
+    ]
+    held = []
+    for i, (tokens, col_major, on_side, spared) in enumerate(steps):
+        case = Case(f"spares {i}", tokens, 2048, 8, 64, fp8=True, scales_col_major=col_major).resolved(num_ranks)
+        routing = make_routing_all(case, seed + i, num_ranks)
+        inputs = make_inputs_all(case, seed + i, num_ranks)
+        topk_idx = torch.from_numpy(routing[rank]).cuda()
+        want = ref.reference_dispatch(routing, [inp.dispatch_x(True) for inp in inputs],
+                                      [inp.topk_weights for inp in inputs], rank, case.num_experts, num_ranks, 1)
+        what = f"rank {rank}/{num_ranks} {case.name}"
+        with torch.cuda.stream(side if on_side else torch.cuda.current_stream()):
+            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = \
+                buf.get_dispatch_layout(topk_idx, case.num_experts)
+            out = buf.dispatch(inputs[rank].dispatch_x(True), num_tokens_per_rank=num_tokens_per_rank,
+                               is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                               topk_idx=topk_idx, topk_weights=inputs[rank].topk_weights, config=config)
+            torch.cuda.current_stream().synchronize()
+        check_dispatch(out, want, 0, case, what)
+        n = want.num_recv_tokens
+        recv_topk_idx = out[1]
+        slack = recv_topk_idx.untyped_storage().nbytes() - n * case.num_topk * 8
+        # A fresh allocation rounds up to 512 bytes; a spare holds at least 128 rows more.
+        assert (slack >= 128 * case.num_topk * 8) == spared, \
+            f"{what}: recv_topk_idx has {slack} bytes of slack, expected {'a spare' if spared else 'a fresh tensor'}"
+        scales = out[0][1]
+        assert scales.stride() == ((1, n) if col_major else (scales.size(1), 1)), \
+            f"{what}: recv_x scales strides {scales.stride()} for {n} rows"
+        held.append((out, want, case, what))
+    for out, want, case, what in held:
+        check_dispatch(out, want, 0, case, f"{what} (held to the end)")
+    assert buf._dispatch_spares, f"rank {rank}: no spares after an uncached dispatch"
+    buf.destroy()
+    assert not buf._dispatch_spares, f"rank {rank}: destroy() must drop the spares"
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_spares(num_ranks):
+    launcher.run_ranks(num_ranks, _spares, 9100 * num_ranks, timeout_s=120)
 
 
 def _one_rank_out(rank, num_ranks, seed, config, combine_config, flag, what):
