@@ -114,9 +114,9 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self._destroyed = False
         self._low_latency_combines = 0  # alternates get_next_low_latency_combine_buffer's areas
-        # The next uncached dispatch's handle tensors and small outputs, made by the extension after
-        # each one's launch (python/bindings/spares.hpp); dropped by destroy().
-        self._dispatch_spares: list = []
+        # The last uncached dispatch's count, which sizes the next one's small outputs before its
+        # host wait (python/bindings/sizing.hpp); no tensor.
+        self._dispatch_sizing: list = []
         # The runtime was built on the current device and reports it back; asking torch again
         # could differ if the bootstrap collective had switched devices.
         self._device = runtime.device_id
@@ -152,7 +152,6 @@ class Buffer:
         finally:
             # The runtime frees everything even when its closing barrier fails.
             self._destroyed = True
-            self._dispatch_spares.clear()
 
     def _check_usable(self, op: str) -> None:
         # The runtime raises too, but Python must not first allocate on, or record on, a freed stream.
