@@ -10,14 +10,12 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
-#include <cstring>
 #include <exception>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "convert.hpp"
-#include "sizing.hpp"
 #include "moelink/buffer.hpp"
 #include "moelink/config.hpp"
 #include "moelink/error.hpp"
@@ -33,10 +31,6 @@ using namespace nb::literals;
 
 namespace {
 
-using moelink::bindings::guessed_rows;
-using moelink::bindings::GuessedRows;
-using moelink::bindings::remember_rows;
-using moelink::bindings::SizingKey;
 using moelink::bindings::to_byte_vector;
 using moelink::bindings::to_bytes;
 using moelink::bindings::to_stream_order;
@@ -469,7 +463,7 @@ void bind_buffer(nb::module_& m) {
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
              int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
-             nb::handle order, nb::handle sizing) {
+             nb::handle order) {
             moelink::StreamOrder stream_order;
             const moelink::DispatchInputs in =
                 notify_inputs(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
@@ -494,70 +488,46 @@ void bind_buffer(nb::module_& m) {
             nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info);
             handle.is_token_in_rank = in.is_token_in_rank;
             moelink::check::dim(in.x, 2, "x");  // checked by the notify launch; size(1) is read below
-            if (in.x_scales.defined()) moelink::check::dim(in.x_scales, 2, "x_scales");
-            if (in.topk_idx.defined()) moelink::check::dim(in.topk_idx, 2, "topk_idx");
-            // The small row outputs too, at the last count's size (python/bindings/sizing.hpp);
-            // with num_worst_tokens the count is known, and allocated below.
-            SizingKey key;
-            std::memset(&key, 0, sizeof key);
-            key.device = device;
-            key.num_ranks = static_cast<int32_t>(num_ranks);
-            nb::object scales_dtype;
-            if (in.x_scales.defined()) {
-              key.num_scales = static_cast<int32_t>(in.x_scales.size(1));
-              key.scales_dtype = static_cast<int32_t>(in.x_scales.dtype);
-              key.scales_col_major = in.x_scales.stride(1) != 1;
-              scales_dtype = x_scales.attr("dtype");
-            }
-            if (in.topk_idx.defined()) {
-              key.num_topk = static_cast<int32_t>(in.topk_idx.size(1));
-              key.weights = in.topk_weights.defined();
-            }
-            const int64_t guess = num_worst_tokens == 0 ? guessed_rows(sizing, key) : -1;
-            const int64_t S = key.num_scales, K = key.num_topk;
-            GuessedRows scales_rows, topk_idx_rows, topk_weights_rows;
-            if (S > 0)
-              scales_rows = key.scales_col_major
-                                ? GuessedRows(guess, {S, 0}, 1, scales_dtype.ptr(), in.x_scales.dtype, device)
-                                : GuessedRows(guess, {0, S}, 0, scales_dtype.ptr(), in.x_scales.dtype, device);
-            if (K > 0) {
-              topk_idx_rows = GuessedRows(guess, {0, K}, 0, torch.int64, moelink::DType::kInt64, device);
-              if (key.weights)
-                topk_weights_rows = GuessedRows(guess, {0, K}, 0, torch.float32, moelink::DType::kFloat32, device);
-            }
-            GuessedRows src_idx_rows(guess, {0}, 0, torch.int32, moelink::DType::kInt32, device);
             moelink::DispatchPlan plan;
             {
               nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
               plan = self.intranode_notify_wait();
             }
             const int64_t n = plan.num_recv_tokens;
-            if (num_worst_tokens == 0) remember_rows(sizing, key, n);
             // As alloc_dispatch_outputs (python/moelink/_arena.py) without an arena: the same order,
             // and the scales keep the caller's layout.
             moelink::DispatchOutputs out;
             nb::object x_dtype = x.attr("dtype");
             nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.recv_x);
             nb::object recv_x_scales = nb::none();
-            if (S > 0) {
-              if (key.scales_col_major) {
+            if (in.x_scales.defined()) {
+              moelink::check::dim(in.x_scales, 2, "x_scales");
+              const int64_t num_scales = in.x_scales.size(1);
+              nb::object scales_dtype = x_scales.attr("dtype");
+              if (in.x_scales.stride(1) != 1) {
                 moelink::TensorRef transposed;
-                nb::object storage = scales_rows.take(n, &transposed);
+                nb::object storage =
+                    torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
                 recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch.t));
                 if (!recv_x_scales.is_valid()) throw nb::python_error();
                 out.recv_x_scales = transposed;
-                out.recv_x_scales.shape = {n, S};
+                out.recv_x_scales.shape = {n, num_scales};
                 out.recv_x_scales.strides = {1, n};
               } else {
-                recv_x_scales = scales_rows.take(n, &out.recv_x_scales);
+                recv_x_scales =
+                    torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out.recv_x_scales);
               }
             }
             nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
-            if (K > 0) {
-              recv_topk_idx = topk_idx_rows.take(n, &out.recv_topk_idx);
-              if (key.weights) recv_topk_weights = topk_weights_rows.take(n, &out.recv_topk_weights);
+            if (in.topk_idx.defined()) {
+              moelink::check::dim(in.topk_idx, 2, "topk_idx");
+              const int64_t k = in.topk_idx.size(1);
+              recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx);
+              if (in.topk_weights.defined())
+                recv_topk_weights =
+                    torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights);
             }
-            nb::object recv_src_idx = src_idx_rows.take(n, &handle.recv_src_idx);
+            nb::object recv_src_idx = torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
@@ -569,8 +539,7 @@ void bind_buffer(nb::module_& m) {
           },
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
-          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a,
-          "sizing"_a.none() = nb::none())
+          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a)
       .def(
           "intranode_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,

@@ -114,9 +114,6 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self._destroyed = False
         self._low_latency_combines = 0  # alternates get_next_low_latency_combine_buffer's areas
-        # The last uncached dispatch's count, which sizes the next one's small outputs before its
-        # host wait (python/bindings/sizing.hpp); no tensor.
-        self._dispatch_sizing: list = []
         # The runtime was built on the current device and reports it back; asking torch again
         # could differ if the bootstrap collective had switched devices.
         self._device = runtime.device_id

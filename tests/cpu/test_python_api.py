@@ -371,7 +371,6 @@ def _fake_buffer(max_num_sms=40, group_size=4):
 
     class FakeBuffer:
         num_sms = 24
-        _dispatch_sizing: list = []
 
         def _check_usable(self, op):
             pass
@@ -452,7 +451,7 @@ class _PendingErrorRuntime(_FakeRuntime):
     def intranode_dispatch(self, *args):
         return self._end("dispatch (cached)" if args[-1] else "dispatch")
 
-    def intranode_dispatch_uncached(self, *args, sizing=None):
+    def intranode_dispatch_uncached(self, *args):
         """The extension's one call of the default path, in its order: the notify's launch (the same
         twelve arguments), its wait, then the dispatch's launch, with outputs the extension allocates."""
         import torch

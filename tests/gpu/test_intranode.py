@@ -9,8 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import common  # noqa: E402
 import launcher  # noqa: E402
-from checks import (COVERING_CASES, Case, check_dispatch, check_recv_x, make_inputs_all,  # noqa: E402
-                    make_routing_all, run_case)
+from checks import COVERING_CASES, Case, check_recv_x, make_inputs_all, make_routing_all, run_case  # noqa: E402
 
 from reference import moe_reference as ref  # noqa: E402
 
@@ -148,60 +147,6 @@ def test_arena_lifetime(num_ranks):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)
-
-
-def _guessed_rows(rank, num_ranks, seed):
-    """The default uncached dispatch allocates its small row outputs before its host wait, sized by
-    the last count for the same layout, and shrinks them to the count (python/bindings/sizing.hpp).
-    A count past the guess, or another scale layout, must allocate afresh; a shrunk output must be
-    shaped and strided as a fresh one, on whatever stream the call runs; and outputs held across
-    later dispatches keep their values. Every step is checked against the reference."""
-    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
-    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,))
-    side = torch.cuda.Stream()
-    steps = [  # (tokens, column-major scales, on the side stream, guessed)
-        (256, False, False, False),   # the first: no count to go by
-        (256, False, False, True),
-        (1024, False, False, False),  # ~4x the rows: past the guess
-        (256, False, False, True),    # sized by the 1024-token call, shrunk
-        (256, True, False, False),    # another scale layout
-        (256, True, False, True),
-        (256, True, True, True),      # another stream: allocated on it
-    ]
-    held = []
-    for i, (tokens, col_major, on_side, guessed) in enumerate(steps):
-        case = Case(f"guessed rows {i}", tokens, 2048, 8, 64, fp8=True, scales_col_major=col_major).resolved(num_ranks)
-        routing = make_routing_all(case, seed + i, num_ranks)
-        inputs = make_inputs_all(case, seed + i, num_ranks)
-        topk_idx = torch.from_numpy(routing[rank]).cuda()
-        want = ref.reference_dispatch(routing, [inp.dispatch_x(True) for inp in inputs],
-                                      [inp.topk_weights for inp in inputs], rank, case.num_experts, num_ranks, 1)
-        what = f"rank {rank}/{num_ranks} {case.name}"
-        with torch.cuda.stream(side if on_side else torch.cuda.current_stream()):
-            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = \
-                buf.get_dispatch_layout(topk_idx, case.num_experts)
-            out = buf.dispatch(inputs[rank].dispatch_x(True), num_tokens_per_rank=num_tokens_per_rank,
-                               is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
-                               topk_idx=topk_idx, topk_weights=inputs[rank].topk_weights, config=config)
-            torch.cuda.current_stream().synchronize()
-        check_dispatch(out, want, 0, case, what)
-        n = want.num_recv_tokens
-        # A fresh tensor's storage is exactly its bytes; a guessed one holds at least 128 rows more.
-        slack = out[1].untyped_storage().nbytes() - n * case.num_topk * 8
-        assert (slack >= 128 * case.num_topk * 8 if guessed else slack == 0), \
-            f"{what}: recv_topk_idx has {slack} bytes of slack, expected {'a guess' if guessed else 'a fresh tensor'}"
-        scales = out[0][1]
-        assert scales.stride() == ((1, n) if col_major else (scales.size(1), 1)), \
-            f"{what}: recv_x scales strides {scales.stride()} for {n} rows"
-        held.append((out, want, case, what))
-    for out, want, case, what in held:
-        check_dispatch(out, want, 0, case, f"{what} (held to the end)")
-    buf.destroy()
-
-
-@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
-def test_guessed_rows(num_ranks):
-    launcher.run_ranks(num_ranks, _guessed_rows, 9100 * num_ranks, timeout_s=120)
 
 
 def _one_rank_out(rank, num_ranks, seed, config, combine_config, flag, what):

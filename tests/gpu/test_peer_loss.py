@@ -62,7 +62,7 @@ class _DiesBeforeDispatchKernel:
 
     def intranode_dispatch_uncached(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                                     num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config,
-                                    order, sizing=None):
+                                    order):
         # The default path's one call: its notify and host wait run, then the process ends where
         # the data kernel would be launched.
         self._runtime.intranode_notify_launch(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
