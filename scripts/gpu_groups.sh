@@ -5,10 +5,10 @@
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
 # Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 peerloss peerlossmid
-#         peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll bench probehost variants. anchorsuite:
+#         peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll bench probehost interleaved variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). cputorch: the CPU tests that need torch (skipped where it is missing, as in CI). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
-# Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
+# Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, INTERLEAVED_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
 #      MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
@@ -83,6 +83,7 @@ for g in $TEST_GROUPS; do
     anchorsuite) group anchorsuite 400 python3 tests/gpu/anchor_suite.py ;;
     benchll) group benchll 300 python3 bench/bench_low_latency.py ${BENCH_LL_ARGS:-} ;;
     probehost) group probehost 150 python3 bench/probe_host.py ${PROBE_ARGS:-} ;;
+    interleaved) group interleaved 540 python3 bench/interleaved.py ${INTERLEAVED_ARGS:-} ;;
     variants)
       if [ -n "${VARIANT_RUN:-}" ]; then
         group variants 540 bash scripts/bench_variants.sh --run "$VARIANT_RUN" ${VARIANTS:-base}

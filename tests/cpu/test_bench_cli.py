@@ -49,6 +49,22 @@ def test_probe_host_help_needs_no_gpu(repo_root):
     assert "--ranks" in result.stdout and "--profile" in result.stdout
 
 
+def test_interleaved_plans_without_a_gpu_and_checks_its_arguments(repo_root):
+    """bench/interleaved.py: --dry-run names every contestant (moelink, DeepEP unless --anchor
+    none, one per --switch) per cell; a malformed switch or an unknown op is refused."""
+    script = str(repo_root / "bench" / "interleaved.py")
+    run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True,  # noqa: E731
+                                       timeout=120)
+    result = run("--dry-run", "--cells", "2x24", "--switch", "exact:_dispatch_sizing=None")
+    assert result.returncode == 0, result.stderr
+    assert "2x24" in result.stdout and "moelink, deep_ep, moelink:exact" in result.stdout
+    result = run("--dry-run", "--anchor", "none", "--ops", "combine")
+    assert result.returncode == 0 and "combine x 40 rounds: moelink\n" in result.stdout + "\n", result.stdout
+    for bad in (["--switch", "no-colon"], ["--switch", "x:1a=2"], ["--switch", "moelink:a=1"], ["--ops", "layout"]):
+        result = run("--dry-run", *bad)
+        assert result.returncode == 2, (bad, result.stdout)
+
+
 def test_bench_variants_needs_variants(repo_root, tmp_path):
     result = subprocess.run(["bash", str(repo_root / "scripts" / "bench_variants.sh")], capture_output=True,
                             text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path)})

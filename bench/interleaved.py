@@ -1,0 +1,241 @@
+"""Interleaved timing on one GPU: in every round each contestant makes one call of the op, in turn,
+each timed alone as bench_intranode.py times it (L2 flushed, device synchronized, ranks at a
+barrier, CUDA events on the caller's stream). A machine drifts by 15-47% between the passes of
+scripts/bench_variants.sh (bench/NOTES.md); calls a few milliseconds apart drift together, so the
+per-round ratio sees through it where two medians minutes apart cannot.
+
+    python3 bench/interleaved.py [--cells 2x24,4x24] [--ops dispatch_fp8,dispatch_fp8_cached]
+                                 [--rounds 40] [--warmup 5] [--anchor auto|none|PATH]
+                                 [--switch NAME:ATTR=EXPR ...] [--tokens 4096] [--hidden 7168]
+                                 [--topk 8] [--experts 256] [--dry-run]
+
+Contestants: moelink (this build), DeepEP V1 (the anchor, when there is one: bench/anchor.py) and
+one moelink variant per --switch, which sets `buffer.ATTR = eval(EXPR)` on moelink's Buffer for its
+calls only (e.g. `--switch exact:_dispatch_sizing=None` with wip/guessed_rows.patch applied, whose
+binding skips its guess for a call without the memo). All share one process per rank and one moelink Buffer, so a switch must be
+something a call reads afresh. The order of the contestants rotates from round to round.
+
+Per (cell, op, contestant) it prints the mean over ranks of each rank's median µs, and the median
+over rounds of (its time / moelink's time) in the same round, with that ratio's quartiles: DeepEP's
+row is the ratio #11 asks for (DeepEP's time over moelink's), measured in pairs; a variant's row is
+below 1 where the variant is faster. Ops are bench_intranode.py's.
+The table goes to $OUT/interleaved.md (and .json) when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _path in (BENCH_DIR, REPO_ROOT / "tests" / "gpu"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import anchor as anchor_lib  # noqa: E402
+import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
+from run_all import MAX_RANKS, OP_TITLES, gpu_problem, int_list, parse_cells  # noqa: E402
+
+# The ops a call of which can be timed alone (back-to-back and host-time rows are bench_intranode's).
+OPS = ("dispatch_bf16", "dispatch_fp8", "dispatch_fp8_colmajor", "dispatch_bf16_cached", "dispatch_fp8_cached",
+       "dispatch_fp8_cached_colmajor", "combine")
+DEFAULT_OPS = "dispatch_bf16,dispatch_fp8,dispatch_fp8_cached,dispatch_fp8_cached_colmajor"
+
+
+def parse_switch(text: str) -> tuple[str, str, str]:
+    try:
+        name, assignment = text.split(":", 1)
+        attr, expr = assignment.split("=", 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a switch is NAME:ATTR=EXPR (e.g. exact:_dispatch_sizing=None), "
+                                         f"got {text!r}") from None
+    if not name or not attr.isidentifier():
+        raise argparse.ArgumentTypeError(f"a switch needs a name and an attribute name, got {text!r}")
+    return name, attr, expr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=parse_cells, default=parse_cells("2x24,4x24"),
+                        help="comma-separated RANKSxSMS (default 2x24,4x24)")
+    parser.add_argument("--ops", default=DEFAULT_OPS, help=f"comma-separated, of {', '.join(OPS)} (default {DEFAULT_OPS})")
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds per op (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per contestant first (default 5)")
+    parser.add_argument("--anchor", default="auto", help="DeepEP: auto (.anchors/), none, or a wheel / directory")
+    parser.add_argument("--switch", type=parse_switch, action="append", default=[],
+                        help="a moelink variant NAME:ATTR=EXPR (repeatable)")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.ops = [op for op in args.ops.split(",") if op]
+    for op in args.ops:
+        if op not in OPS:
+            parser.error(f"--ops: {op!r} is not one of {', '.join(OPS)}")
+    for ranks, sms in args.cells:
+        if not 1 <= ranks <= MAX_RANKS or sms < 2 or sms % 2 or args.experts % ranks:
+            parser.error(f"cell {ranks}x{sms}: ranks in [1, {MAX_RANKS}] dividing --experts, SMs even and >= 2")
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be >= 1 and --warmup >= 0")
+    names = [name for name, _, _ in args.switch]
+    if len(set(names)) != len(names) or {"moelink", "deep_ep"} & set(names):
+        parser.error("--switch names must be unique and neither 'moelink' nor 'deep_ep'")
+    return args
+
+
+def contestants(args: argparse.Namespace, with_anchor: bool) -> list[str]:
+    return ["moelink"] + (["deep_ep"] if with_anchor else []) + [f"moelink:{name}" for name, _, _ in args.switch]
+
+
+# ---- on each rank -------------------------------------------------------------------------------
+
+def _ops_for(mod, buf, torch, ref, rank, num_ranks, params):
+    """The op closures of bench_intranode.bench_cell for one library's Buffer."""
+    T, H, K, E = params["tokens"], params["hidden"], params["topk"], params["experts"]
+    topk_idx = torch.from_numpy(ref.make_routing(0, rank, T, K, E, num_ranks)).cuda()
+    inputs = ref.make_inputs(0, rank, T, H, K, fp8=True, device="cuda")
+    fp8_row = (inputs.x_fp8, inputs.x_scales)
+    fp8_col = (inputs.x_fp8, inputs.x_scales.t().contiguous().t())
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, E)
+    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                  num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=inputs.topk_weights)
+    recv_x, _, _, _, handle, _ = buf.dispatch(inputs.x, **layout)
+    return {
+        "dispatch_bf16": lambda: buf.dispatch(inputs.x, **layout),
+        "dispatch_fp8": lambda: buf.dispatch(fp8_row, **layout),
+        "dispatch_fp8_colmajor": lambda: buf.dispatch(fp8_col, **layout),
+        "dispatch_bf16_cached": lambda: buf.dispatch(inputs.x, handle=handle),
+        "dispatch_fp8_cached": lambda: buf.dispatch(fp8_row, handle=handle),
+        "dispatch_fp8_cached_colmajor": lambda: buf.dispatch(fp8_col, handle=handle),
+        "combine": lambda: buf.combine(recv_x, handle),
+    }
+
+
+def interleaved_cell(rank, num_ranks, params: dict) -> dict:
+    """{op: {contestant: [µs per round]}} on this rank; every rank makes the same calls in order."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    import bench_intranode as bench  # noqa: PLC0415
+    from reference import moe_reference as ref  # noqa: PLC0415
+
+    H = params["hidden"]
+    libs, buffers, ops = {}, {}, {}
+    for impl in ("moelink", "deep_ep") if params["with_anchor"] else ("moelink",):
+        mod = bench.load_impl(impl, params["anchor_path"])
+        mod.Buffer.set_num_sms(params["num_sms"])
+        buffers[impl] = bench._make_buffer(mod, impl, num_ranks, params["tokens"], H)
+        libs[impl] = mod
+        ops[impl] = _ops_for(mod, buffers[impl], torch, ref, rank, num_ranks, params)
+    switches = {f"moelink:{name}": (attr, eval(expr)) for name, attr, expr in params["switch"]}  # noqa: S307
+    names = list(ops) + list(switches)
+    flush = torch.empty(bench.FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def call(name: str, op: str):
+        impl = "moelink" if name in switches else name
+        if name not in switches:
+            return ops[impl][op]()
+        attr, value = switches[name]
+        buf = buffers["moelink"]
+        saved = getattr(buf, attr)
+        setattr(buf, attr, value)
+        try:
+            return ops[impl][op]()
+        finally:
+            setattr(buf, attr, saved)
+
+    results = {}
+    for op in params["ops"]:
+        for name in names:
+            for _ in range(params["warmup"]):
+                call(name, op)
+        times = {name: [] for name in names}
+        for r in range(params["rounds"]):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                times[name].append(bench.timed_samples_us(lambda: call(name, op), flush, 1)[0])
+        results[op] = times
+    torch.cuda.synchronize()
+    dist.barrier()
+    for buf in buffers.values():
+        buf.destroy()
+    return results
+
+
+# ---- in the parent ------------------------------------------------------------------------------
+
+def summarize(per_rank: list[dict], names: list[str]) -> dict:
+    """{op: {contestant: {"us": mean over ranks of medians, "ratio": ..., "q1": ..., "q3": ...}}}; the
+    ratio is the contestant's time over moelink's in the same round (< 1: the contestant is faster),
+    its median over rounds, then the mean over ranks."""
+    out = {}
+    for op in per_rank[0]:
+        out[op] = {}
+        for name in names:
+            medians = [statistics.median(r[op][name]) for r in per_rank]
+            entry = {"us": statistics.mean(medians)}
+            if name != "moelink":
+                ratios = [[c / m for m, c in zip(r[op]["moelink"], r[op][name])] for r in per_rank]
+                quartiles = [statistics.quantiles(x, n=4) if len(x) > 1 else [x[0]] * 3 for x in ratios]
+                entry.update(ratio=statistics.mean(q[1] for q in quartiles),
+                             q1=statistics.mean(q[0] for q in quartiles), q3=statistics.mean(q[2] for q in quartiles))
+            out[op][name] = entry
+    return out
+
+
+def format_table(cells: list[dict]) -> str:
+    lines = ["| cell | op | contestant | µs (median) | its µs / moelink's, same round: median (q1-q3) |",
+             "|---|---|---|---|---|"]
+    for cell in cells:
+        for op, by_name in cell["summary"].items():
+            for name, entry in by_name.items():
+                ratio = "-" if "ratio" not in entry else f"{entry['ratio']:.3f} ({entry['q1']:.3f}-{entry['q3']:.3f})"
+                lines.append(f"| {cell['cell']} | {OP_TITLES.get(op, op)} | {name} | {entry['us']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        for ranks, sms in args.cells:
+            print(f"{ranks}x{sms}: {', '.join(args.ops)} x {args.rounds} rounds: "
+                  f"{', '.join(contestants(args, args.anchor != 'none'))}")
+        return 0
+    problem = gpu_problem()
+    if problem:
+        print(f"moelink interleaved: no usable GPU: {problem}", file=sys.stderr)
+        return 3
+    anchor = anchor_lib.resolve(args.anchor, REPO_ROOT)
+    print(f"anchor: {anchor.describe()}", flush=True)
+    names = contestants(args, anchor.available)
+    cells = []
+    for ranks, sms in args.cells:
+        params = {"num_sms": sms, "tokens": args.tokens, "hidden": args.hidden, "topk": args.topk,
+                  "experts": args.experts, "ops": args.ops, "rounds": args.rounds, "warmup": args.warmup,
+                  "anchor_path": anchor.path, "with_anchor": anchor.available, "switch": args.switch}
+        per_rank = launcher.run_ranks(ranks, ("interleaved", "interleaved_cell", str(Path(__file__).resolve())), params,
+                                      timeout_s=600)
+        cells.append({"cell": f"{ranks}x{sms}", "summary": summarize(per_rank, names), "raw": per_rank})
+        print(format_table(cells[-1:]), flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "interleaved.md").write_text(format_table(cells) + "\n")
+        Path(out, "interleaved.json").write_text(json.dumps({"anchor": anchor.describe(), "cells": cells}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
