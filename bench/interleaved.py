@@ -5,7 +5,7 @@ scripts/bench_variants.sh (bench/NOTES.md); calls a few milliseconds apart drift
 per-round ratio sees through it where two medians minutes apart cannot.
 
     python3 bench/interleaved.py [--cells 2x24,4x24] [--ops dispatch_fp8,dispatch_fp8_cached]
-                                 [--rounds 40] [--warmup 5] [--anchor auto|none|PATH]
+                                 [--rounds 100] [--warmup 5] [--anchor auto|none|PATH]
                                  [--switch NAME:ATTR=EXPR ...] [--tokens 4096] [--hidden 7168]
                                  [--topk 8] [--experts 256] [--dry-run]
 
@@ -39,7 +39,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests" / "gpu"):
 
 import anchor as anchor_lib  # noqa: E402
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
-from run_all import MAX_RANKS, OP_TITLES, gpu_problem, int_list, parse_cells  # noqa: E402
+from run_all import MAX_RANKS, OP_TITLES, gpu_problem, parse_cells  # noqa: E402
 
 # The ops a call of which can be timed alone (back-to-back and host-time rows are bench_intranode's).
 OPS = ("dispatch_bf16", "dispatch_fp8", "dispatch_fp8_colmajor", "dispatch_bf16_cached", "dispatch_fp8_cached",
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cells", type=parse_cells, default=parse_cells("2x24,4x24"),
                         help="comma-separated RANKSxSMS (default 2x24,4x24)")
     parser.add_argument("--ops", default=DEFAULT_OPS, help=f"comma-separated, of {', '.join(OPS)} (default {DEFAULT_OPS})")
-    parser.add_argument("--rounds", type=int, default=40, help="timed rounds per op (default 40)")
+    parser.add_argument("--rounds", type=int, default=100, help="timed rounds per op (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per contestant first (default 5)")
     parser.add_argument("--anchor", default="auto", help="DeepEP: auto (.anchors/), none, or a wheel / directory")
     parser.add_argument("--switch", type=parse_switch, action="append", default=[],

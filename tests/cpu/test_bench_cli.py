@@ -59,7 +59,7 @@ def test_interleaved_plans_without_a_gpu_and_checks_its_arguments(repo_root):
     assert result.returncode == 0, result.stderr
     assert "2x24" in result.stdout and "moelink, deep_ep, moelink:exact" in result.stdout
     result = run("--dry-run", "--anchor", "none", "--ops", "combine")
-    assert result.returncode == 0 and "combine x 40 rounds: moelink\n" in result.stdout + "\n", result.stdout
+    assert result.returncode == 0 and "combine x 100 rounds: moelink\n" in result.stdout + "\n", result.stdout
     for bad in (["--switch", "no-colon"], ["--switch", "x:1a=2"], ["--switch", "moelink:a=1"], ["--ops", "layout"]):
         result = run("--dry-run", *bad)
         assert result.returncode == 2, (bad, result.stdout)
