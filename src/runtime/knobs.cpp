@@ -120,7 +120,7 @@ void log_once() {
   static std::once_flag once;
   std::call_once(once, [] {
     std::fprintf(stderr,
-                 "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d "
+                 "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d MOELINK_PREFETCH=%d "
                  "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
                  "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_PEER_SEGMENTS=%d MOELINK_SEGMENT_WINDOW=%d "
                  "MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
