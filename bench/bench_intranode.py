@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for _dir in (REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):  # common.py adds build/python
@@ -189,13 +190,11 @@ def _path(buf, impl: str, name: str):
     return bool(runtime.last_combine_pulled if name.startswith("combine") else runtime.last_dispatch_direct)
 
 
-def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, iters=30,
-               warmup=5, seed=0, anchor_path=None) -> dict:
-    """Times every op of OPS on every rank with `impl`; returns the cell's summary (the same on
-    every rank). An op that raises is reported as such; the others still run."""
-    mod = load_impl(impl, anchor_path)
-    mod.Buffer.set_num_sms(num_sms)
-    buf = _make_buffer(mod, impl, num_ranks, num_tokens, hidden)
+def prepared_calls(buf, rank: int, num_ranks: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int,
+                   seed: int = 0) -> SimpleNamespace:
+    """This rank's inputs, its layout and one uncached dispatch (for the handle and recv_x) on
+    `buf`, and `ops`: closures of the single calls the timed ops are made of (OP_NAMES' dispatches
+    and combine of recv_x), as a framework makes them. bench_cell and interleaved.py time these."""
     # Routing as in training: top-k of random scores, every slot used.
     topk_idx = torch.from_numpy(ref.make_routing(seed, rank, num_tokens, num_topk, num_experts, num_ranks)).cuda()
     inputs = ref.make_inputs(seed, rank, num_tokens, hidden, num_topk, fp8=True, device="cuda")
@@ -207,6 +206,27 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
                   is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
                   topk_idx=topk_idx, topk_weights=inputs.topk_weights)
     recv_x, _, _, _, handle, _ = buf.dispatch(inputs.x, **layout)
+    ops = {
+        "dispatch_bf16": lambda: buf.dispatch(inputs.x, **layout),
+        "dispatch_fp8": lambda: buf.dispatch(fp8_row, **layout),
+        "dispatch_fp8_colmajor": lambda: buf.dispatch(fp8_col, **layout),
+        "dispatch_bf16_cached": lambda: buf.dispatch(inputs.x, handle=handle),
+        "dispatch_fp8_cached": lambda: buf.dispatch(fp8_row, handle=handle),
+        "dispatch_fp8_cached_colmajor": lambda: buf.dispatch(fp8_col, handle=handle),
+        "combine": lambda: buf.combine(recv_x, handle),
+    }
+    return SimpleNamespace(topk_idx=topk_idx, inputs=inputs, layout=layout, recv_x=recv_x, handle=handle, ops=ops)
+
+
+def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, iters=30,
+               warmup=5, seed=0, anchor_path=None) -> dict:
+    """Times every op of OPS on every rank with `impl`; returns the cell's summary (the same on
+    every rank). An op that raises is reported as such; the others still run."""
+    mod = load_impl(impl, anchor_path)
+    mod.Buffer.set_num_sms(num_sms)
+    buf = _make_buffer(mod, impl, num_ranks, num_tokens, hidden)
+    calls = prepared_calls(buf, rank, num_ranks, num_tokens, hidden, num_topk, num_experts, seed)
+    inputs, layout, recv_x, handle, topk_idx = calls.inputs, calls.layout, calls.recv_x, calls.handle, calls.topk_idx
     recv_rows = recv_x.shape[0]
     recv_x_torch = recv_x.clone()
     bf16_bytes = recv_rows * hidden * 2
@@ -225,20 +245,14 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
         step_outputs.append(out[0])
         return out
 
-    ops = {
-        "dispatch_bf16": (lambda: buf.dispatch(inputs.x, **layout), bf16_bytes),
-        "dispatch_fp8": (lambda: buf.dispatch(fp8_row, **layout), fp8_bytes),
-        "dispatch_fp8_colmajor": (lambda: buf.dispatch(fp8_col, **layout), fp8_bytes),
-        "dispatch_bf16_cached": (lambda: buf.dispatch(inputs.x, handle=handle), bf16_bytes),
-        "dispatch_fp8_cached": (lambda: buf.dispatch(fp8_row, handle=handle), fp8_bytes),
-        "dispatch_fp8_cached_colmajor": (lambda: buf.dispatch(fp8_col, handle=handle), fp8_bytes),
-        "combine": (lambda: buf.combine(recv_x, handle), bf16_bytes),
+    ops = {name: (call, fp8_bytes if "fp8" in name else bf16_bytes) for name, call in calls.ops.items()}
+    ops.update({
         "combine_torch_input": (lambda: buf.combine(recv_x_torch, handle), bf16_bytes),
         "dispatch_bf16_held": (hold_then_dispatch, bf16_bytes),
         "dispatch_bf16_step": (step_dispatch, bf16_bytes),
         "layout": (lambda: buf.get_dispatch_layout(topk_idx, num_experts), 0),
         "layout_host": (lambda: buf.get_dispatch_layout(topk_idx, num_experts), 0),
-    }
+    })
     # The same calls, timed back to back (_time_us(back_to_back=True)).
     ops["dispatch_bf16_cached_b2b"] = ops["dispatch_bf16_cached"]
     ops["dispatch_fp8_cached_b2b"] = ops["dispatch_fp8_cached"]

@@ -41,7 +41,8 @@ import anchor as anchor_lib  # noqa: E402
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
 from run_all import MAX_RANKS, OP_TITLES, gpu_problem, parse_cells  # noqa: E402
 
-# The ops a call of which can be timed alone (back-to-back and host-time rows are bench_intranode's).
+# bench_intranode.prepared_calls' ops: one call each, timed alone (the back-to-back, held-output and
+# host-time rows are bench_intranode's own).
 OPS = ("dispatch_bf16", "dispatch_fp8", "dispatch_fp8_colmajor", "dispatch_bf16_cached", "dispatch_fp8_cached",
        "dispatch_fp8_cached_colmajor", "combine")
 DEFAULT_OPS = "dispatch_bf16,dispatch_fp8,dispatch_fp8_cached,dispatch_fp8_cached_colmajor"
@@ -101,58 +102,33 @@ def contestants(args: argparse.Namespace, with_anchor: bool) -> list[str]:
 
 # ---- on each rank -------------------------------------------------------------------------------
 
-def _ops_for(mod, buf, torch, ref, rank, num_ranks, params):
-    """The op closures of bench_intranode.bench_cell for one library's Buffer."""
-    T, H, K, E = params["tokens"], params["hidden"], params["topk"], params["experts"]
-    topk_idx = torch.from_numpy(ref.make_routing(0, rank, T, K, E, num_ranks)).cuda()
-    inputs = ref.make_inputs(0, rank, T, H, K, fp8=True, device="cuda")
-    fp8_row = (inputs.x_fp8, inputs.x_scales)
-    fp8_col = (inputs.x_fp8, inputs.x_scales.t().contiguous().t())
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, E)
-    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                  num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=inputs.topk_weights)
-    recv_x, _, _, _, handle, _ = buf.dispatch(inputs.x, **layout)
-    return {
-        "dispatch_bf16": lambda: buf.dispatch(inputs.x, **layout),
-        "dispatch_fp8": lambda: buf.dispatch(fp8_row, **layout),
-        "dispatch_fp8_colmajor": lambda: buf.dispatch(fp8_col, **layout),
-        "dispatch_bf16_cached": lambda: buf.dispatch(inputs.x, handle=handle),
-        "dispatch_fp8_cached": lambda: buf.dispatch(fp8_row, handle=handle),
-        "dispatch_fp8_cached_colmajor": lambda: buf.dispatch(fp8_col, handle=handle),
-        "combine": lambda: buf.combine(recv_x, handle),
-    }
-
-
 def interleaved_cell(rank, num_ranks, params: dict) -> dict:
     """{op: {contestant: [µs per round]}} on this rank; every rank makes the same calls in order."""
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
     import bench_intranode as bench  # noqa: PLC0415
-    from reference import moe_reference as ref  # noqa: PLC0415
 
-    H = params["hidden"]
-    libs, buffers, ops = {}, {}, {}
+    T, H, K, E = params["tokens"], params["hidden"], params["topk"], params["experts"]
+    buffers, ops = {}, {}
     for impl in ("moelink", "deep_ep") if params["with_anchor"] else ("moelink",):
         mod = bench.load_impl(impl, params["anchor_path"])
         mod.Buffer.set_num_sms(params["num_sms"])
-        buffers[impl] = bench._make_buffer(mod, impl, num_ranks, params["tokens"], H)
-        libs[impl] = mod
-        ops[impl] = _ops_for(mod, buffers[impl], torch, ref, rank, num_ranks, params)
+        buffers[impl] = bench._make_buffer(mod, impl, num_ranks, T, H)
+        ops[impl] = bench.prepared_calls(buffers[impl], rank, num_ranks, T, H, K, E).ops
     switches = {f"moelink:{name}": (attr, eval(expr)) for name, attr, expr in params["switch"]}  # noqa: S307
     names = list(ops) + list(switches)
     flush = torch.empty(bench.FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
 
     def call(name: str, op: str):
-        impl = "moelink" if name in switches else name
         if name not in switches:
-            return ops[impl][op]()
+            return ops[name][op]()
         attr, value = switches[name]
         buf = buffers["moelink"]
         saved = getattr(buf, attr)
         setattr(buf, attr, value)
         try:
-            return ops[impl][op]()
+            return ops["moelink"][op]()
         finally:
             setattr(buf, attr, saved)
 
