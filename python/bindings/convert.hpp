@@ -154,6 +154,7 @@ struct Torch {
   PyObject* bool_;
   PyObject* kwnames;  // ("dtype", "device")
   PyObject* t;        // "t", the transpose method's name
+  PyTypeObject* tensor;  // torch.Tensor
 };
 
 inline const Torch& torch_objects() {
@@ -167,10 +168,14 @@ inline const Torch& torch_objects() {
     o.bool_ = nb::object(torch.attr("bool")).release().ptr();
     o.kwnames = nb::make_tuple("dtype", "device").release().ptr();
     o.t = PyUnicode_InternFromString("t");
+    o.tensor = reinterpret_cast<PyTypeObject*>(nb::object(torch.attr("Tensor")).release().ptr());
     return o;
   }();
   return objects;
 }
+
+// Whether obj is a torch.Tensor (a subclass too), without calling into Python.
+inline bool is_tensor(nb::handle obj) { return PyObject_TypeCheck(obj.ptr(), torch_objects().tensor) != 0; }
 
 // torch.empty(shape, dtype=dtype, device=device) on the current stream, and its TensorRef (the
 // shape, dtype and device are known: only the pointer is read back).

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -38,6 +39,7 @@ using moelink::bindings::to_tensor_ref;
 using moelink::bindings::Torch;
 using moelink::bindings::torch_empty;
 using moelink::bindings::torch_objects;
+using moelink::bindings::is_tensor;
 
 void translate_error(const std::exception_ptr& error, void*) {
   try {
@@ -141,6 +143,7 @@ void read_or_abstain(moelink::Buffer& self, Read&& read) {
 }
 
 // An uncached dispatch's inputs, as its notify reads them (abstaining when one cannot be read).
+// A null `order` leaves *stream_order as the caller set it (the express calls).
 moelink::DispatchInputs notify_inputs(moelink::Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx,
                                       nb::handle topk_weights, nb::handle is_token_in_rank,
                                       nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
@@ -155,7 +158,7 @@ moelink::DispatchInputs notify_inputs(moelink::Buffer& self, nb::handle x, nb::h
     in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
     in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
     in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
-    *stream_order = to_stream_order(order);
+    if (order.is_valid()) *stream_order = to_stream_order(order);
   });
   in.num_experts = num_experts;
   in.expert_alignment = expert_alignment;
@@ -175,6 +178,126 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
   handle.recv_src_idx = to_tensor_ref(recv_src_idx, "recv_src_idx");
   handle.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
   return handle;
+}
+
+// recv_x and recv_x_scales of n rows, as alloc_dispatch_outputs (python/moelink/_arena.py) makes
+// them without an arena, in its order: the scales keep the caller's layout (column-major is what
+// fp8 GEMMs read).
+std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
+                                               int64_t n, int device, moelink::DispatchOutputs* out) {
+  moelink::check::dim(in.x, 2, "x");
+  nb::object x_dtype = x.attr("dtype");
+  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x);
+  nb::object recv_x_scales = nb::none();
+  if (in.x_scales.defined()) {
+    moelink::check::dim(in.x_scales, 2, "x_scales");
+    const int64_t num_scales = in.x_scales.size(1);
+    nb::object scales_dtype = x_scales.attr("dtype");
+    if (in.x_scales.stride(1) != 1) {
+      moelink::TensorRef transposed;
+      nb::object storage = torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
+      recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch_objects().t));
+      if (!recv_x_scales.is_valid()) throw nb::python_error();
+      out->recv_x_scales = transposed;
+      out->recv_x_scales.shape = {n, num_scales};
+      out->recv_x_scales.strides = {1, n};
+    } else {
+      recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales);
+    }
+  }
+  return {std::move(recv_x), std::move(recv_x_scales)};
+}
+
+// dispatch's x, a tensor or a (data, scales) pair of tensors, split; false for anything else (the
+// Python layer then raises its error for it).
+bool split_x(nb::handle x, nb::handle* data, nb::handle* scales) {
+  PyObject* o = x.ptr();
+  if (is_tensor(x)) {
+    *data = x;
+    *scales = nb::handle(Py_None);
+    return true;
+  }
+  if ((PyTuple_Check(o) || PyList_Check(o)) && PySequence_Fast_GET_SIZE(o) == 2) {
+    nb::handle first(PySequence_Fast_GET_ITEM(o, 0)), second(PySequence_Fast_GET_ITEM(o, 1));
+    if (is_tensor(first) && is_tensor(second)) {
+      *data = first;
+      *scales = second;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool tensor_or_none(nb::handle value) { return value.is_none() || is_tensor(value); }
+
+// The express calls' order: the caller's stream, the defaults for the rest.
+moelink::StreamOrder default_order(uintptr_t compute_stream) {
+  moelink::StreamOrder order;
+  order.compute_stream = reinterpret_cast<cudaStream_t>(compute_stream);
+  return order;
+}
+
+// The local errors an operation left (what EventOverlap's finish would warn about), or None.
+nb::object local_errors(moelink::Buffer& self) {
+  std::vector<std::string> errors = self.take_local_errors();
+  if (errors.empty()) return nb::none();
+  return nb::cast(errors);
+}
+
+// An uncached dispatch after its inputs were read: the notify launch, the handle's tensors
+// (allocated while it runs), the host wait, the outputs and the dispatch launch, as
+// intranode_dispatch_uncached returns them; `express` appends the hidden size and local_errors.
+nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs& in, nb::handle x,
+                            nb::handle x_scales, const moelink::Config& config,
+                            const moelink::StreamOrder& stream_order, bool express) {
+  {
+    nb::gil_scoped_release release;
+    self.intranode_notify_launch(in, config, stream_order);
+  }
+  // The handle's matrices and info, allocated while the notify runs (its kernel fills them).
+  const Torch& torch = torch_objects();
+  const int device = in.x.device;
+  const int64_t num_ranks = self.topology().num_ranks, num_channels = config.num_sms / 2;
+  moelink::DispatchHandle handle;
+  nb::object rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32,
+                                              device, &handle.rank_prefix_matrix);
+  nb::object channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32,
+                                                 device, &handle.channel_prefix_matrix);
+  nb::object recv_channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32,
+                                                      moelink::DType::kInt32, device,
+                                                      &handle.recv_channel_prefix_matrix);
+  nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info);
+  handle.is_token_in_rank = in.is_token_in_rank;
+  moelink::DispatchPlan plan;
+  {
+    nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
+    plan = self.intranode_notify_wait();
+  }
+  const int64_t n = plan.num_recv_tokens;
+  moelink::DispatchOutputs out;
+  auto [recv_x, recv_x_scales] = alloc_recv_x(x, x_scales, in, n, device, &out);
+  nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
+  if (in.topk_idx.defined()) {
+    moelink::check::dim(in.topk_idx, 2, "topk_idx");
+    const int64_t k = in.topk_idx.size(1);
+    recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx);
+    if (in.topk_weights.defined())
+      recv_topk_weights = torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights);
+  }
+  nb::object recv_src_idx = torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx);
+  moelink::EventHandle event;
+  {
+    nb::gil_scoped_release release;
+    event = self.intranode_dispatch(in, handle, out, config, stream_order, false);
+  }
+  nb::object per_expert = nb::cast(plan.num_recv_tokens_per_expert);
+  if (!express)
+    return nb::make_tuple(event, per_expert, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                          rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info,
+                          nb::cast(handle));
+  return nb::make_tuple(event, per_expert, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info,
+                        nb::cast(handle), in.x.size(1), local_errors(self));
 }
 
 void bind_config(nb::module_& m) {
@@ -220,6 +343,11 @@ void bind_event(nb::module_& m) {
 }
 
 void bind_topology(nb::module_& m) {
+  // A dispatch handle's tensors as the extension read them when the uncached dispatch made them:
+  // a cached dispatch or a combine of that handle passes it back (handle._refs) instead of having
+  // six tensors read again through the C API (30 Python calls of the host path its kernel waits
+  // for, more than half of a call's tensor reads). Opaque to Python.
+  nb::class_<moelink::DispatchHandle>(m, "HandleRefs");
   nb::class_<moelink::Topology>(m, "Topology")
       .def_static("make", &moelink::Topology::make, "rank"_a, "num_ranks"_a, "num_nvl_ranks"_a = 0)
       .def_ro("rank", &moelink::Topology::rank)
@@ -423,7 +551,7 @@ void bind_buffer(nb::module_& m) {
              nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
              nb::handle recv_src_idx, nb::handle handle_info, nb::handle recv_x, nb::handle recv_x_scales,
              nb::handle recv_topk_idx, nb::handle recv_topk_weights, const moelink::Config& config, nb::handle order,
-             bool cached) {
+             bool cached, const moelink::DispatchHandle* handle_refs) {
             moelink::DispatchInputs in;
             moelink::DispatchHandle handle;
             moelink::DispatchOutputs out;
@@ -433,9 +561,14 @@ void bind_buffer(nb::module_& m) {
               in.x_scales = to_tensor_ref(x_scales, "x_scales");
               in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
               in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-              in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-              handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-                                       recv_src_idx, is_token_in_rank, handle_info, 0);
+              if (handle_refs != nullptr) {
+                handle = *handle_refs;
+                handle.hidden = 0;
+              } else {
+                handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                                         recv_src_idx, is_token_in_rank, handle_info, 0);
+              }
+              in.is_token_in_rank = handle.is_token_in_rank;
               out.recv_x = to_tensor_ref(recv_x, "recv_x");
               out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
               out.recv_topk_idx = to_tensor_ref(recv_topk_idx, "recv_topk_idx");
@@ -457,7 +590,8 @@ void bind_buffer(nb::module_& m) {
           "is_token_in_rank"_a.none(), "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a,
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
           "recv_src_idx"_a.none(), "handle_info"_a.none(), "recv_x"_a.none(), "recv_x_scales"_a.none(),
-          "recv_topk_idx"_a.none(), "recv_topk_weights"_a.none(), "config"_a, "order"_a, "cached"_a)
+          "recv_topk_idx"_a.none(), "recv_topk_weights"_a.none(), "config"_a, "order"_a, "cached"_a,
+          "handle_refs"_a.none() = nb::none())
       .def(
           "intranode_dispatch_uncached",
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
@@ -469,84 +603,126 @@ void bind_buffer(nb::module_& m) {
                 notify_inputs(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                               num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, order,
                               &stream_order);
-            {
-              nb::gil_scoped_release release;
-              self.intranode_notify_launch(in, config, stream_order);
-            }
-            // The handle's matrices and info, allocated while the notify runs (its kernel fills them).
-            const Torch& torch = torch_objects();
-            const int device = in.x.device;
-            const int64_t num_ranks = self.topology().num_ranks, num_channels = config.num_sms / 2;
-            moelink::DispatchHandle handle;
-            nb::object rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32,
-                                                        device, &handle.rank_prefix_matrix);
-            nb::object channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32,
-                                                           moelink::DType::kInt32, device, &handle.channel_prefix_matrix);
-            nb::object recv_channel_prefix_matrix =
-                torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32, device,
-                            &handle.recv_channel_prefix_matrix);
-            nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info);
-            handle.is_token_in_rank = in.is_token_in_rank;
-            moelink::check::dim(in.x, 2, "x");  // checked by the notify launch; size(1) is read below
-            moelink::DispatchPlan plan;
-            {
-              nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
-              plan = self.intranode_notify_wait();
-            }
-            const int64_t n = plan.num_recv_tokens;
-            // As alloc_dispatch_outputs (python/moelink/_arena.py) without an arena: the same order,
-            // and the scales keep the caller's layout.
-            moelink::DispatchOutputs out;
-            nb::object x_dtype = x.attr("dtype");
-            nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.recv_x);
-            nb::object recv_x_scales = nb::none();
-            if (in.x_scales.defined()) {
-              moelink::check::dim(in.x_scales, 2, "x_scales");
-              const int64_t num_scales = in.x_scales.size(1);
-              nb::object scales_dtype = x_scales.attr("dtype");
-              if (in.x_scales.stride(1) != 1) {
-                moelink::TensorRef transposed;
-                nb::object storage =
-                    torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
-                recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch.t));
-                if (!recv_x_scales.is_valid()) throw nb::python_error();
-                out.recv_x_scales = transposed;
-                out.recv_x_scales.shape = {n, num_scales};
-                out.recv_x_scales.strides = {1, n};
-              } else {
-                recv_x_scales =
-                    torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out.recv_x_scales);
-              }
-            }
-            nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
-            if (in.topk_idx.defined()) {
-              moelink::check::dim(in.topk_idx, 2, "topk_idx");
-              const int64_t k = in.topk_idx.size(1);
-              recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx);
-              if (in.topk_weights.defined())
-                recv_topk_weights =
-                    torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights);
-            }
-            nb::object recv_src_idx = torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx);
-            moelink::EventHandle event;
-            {
-              nb::gil_scoped_release release;
-              event = self.intranode_dispatch(in, handle, out, config, stream_order, false);
-            }
-            return nb::make_tuple(event, nb::cast(plan.num_recv_tokens_per_expert), recv_x, recv_x_scales,
-                                  recv_topk_idx, recv_topk_weights, rank_prefix_matrix, channel_prefix_matrix,
-                                  recv_channel_prefix_matrix, recv_src_idx, info);
+            return dispatch_uncached(self, in, x, x_scales, config, stream_order, false);
           },
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
           "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a)
+      // The express calls: dispatch and combine as a framework calls them by default (no config,
+      // previous_event, async_finish, comm-stream allocation or arena), each one extension call
+      // from the Python layer's first lines, with the tensors' types and ranks checked here and the
+      // handle's tensors passed as the uncached dispatch read them (HandleRefs). From the call to
+      // the kernel's launch is host time every rank's kernel waits for, cold after a barrier: each
+      // Python frame and tensor read it skips is time off every timed call. None, before any side
+      // effect, where an argument needs the Python layer's checks (which then raise for it).
+      .def(
+          "intranode_dispatch_uncached_express",
+          [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle is_token_in_rank,
+             nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert, int expert_alignment,
+             int num_worst_tokens, const moelink::Config& config, uintptr_t compute_stream) -> nb::object {
+            nb::handle data, scales;
+            if (!split_x(x, &data, &scales) || !is_tensor(is_token_in_rank) || !is_tensor(num_tokens_per_rank) ||
+                !is_tensor(num_tokens_per_expert) || !tensor_or_none(topk_idx) || !tensor_or_none(topk_weights) ||
+                (topk_idx.is_none() && !topk_weights.is_none()))
+              return nb::none();
+            self.check_faults();  // first, as the Python layer does
+            moelink::StreamOrder stream_order = default_order(compute_stream);
+            moelink::DispatchInputs in =
+                notify_inputs(self, data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                              num_tokens_per_expert, 0, expert_alignment, num_worst_tokens, nb::handle(),
+                              &stream_order);
+            if (in.x.dim() != 2 || (in.x_scales.defined() && in.x_scales.dim() != 2) ||
+                (in.topk_idx.defined() && in.topk_idx.dim() != 2))
+              return nb::none();
+            in.num_experts = static_cast<int>(in.num_tokens_per_expert.numel());
+            return dispatch_uncached(self, in, data, scales, config, stream_order, true);
+          },
+          "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "is_token_in_rank"_a.none(),
+          "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(), "expert_alignment"_a,
+          "num_worst_tokens"_a, "config"_a, "compute_stream"_a)
+      .def(
+          "intranode_dispatch_express",
+          [](Buffer& self, nb::handle x, const moelink::DispatchHandle& refs, const moelink::Config& config,
+             uintptr_t compute_stream) -> nb::object {
+            // The cached dispatch: recv_x and its scales allocated here, as the uncached one does.
+            nb::handle data, scales;
+            if (!split_x(x, &data, &scales) || refs.channel_prefix_matrix.size(1) != config.num_channels())
+              return nb::none();
+            self.check_faults();
+            moelink::DispatchInputs in;
+            moelink::DispatchOutputs out;
+            nb::object recv_x, recv_x_scales;
+            bool checked = true;
+            // The kernel opens the operation: a rank that raises before its launch abstains.
+            read_or_abstain(self, [&] {
+              in.x = to_tensor_ref(data, "x");
+              in.x_scales = to_tensor_ref(scales, "x_scales");
+              if (in.x.dim() != 2 || (in.x_scales.defined() && in.x_scales.dim() != 2)) {
+                checked = false;
+                return;
+              }
+              in.is_token_in_rank = refs.is_token_in_rank;
+              std::tie(recv_x, recv_x_scales) =
+                  alloc_recv_x(data, scales, in, refs.recv_src_idx.size(0), self.device_id(), &out);
+            });
+            if (!checked) return nb::none();
+            in.expert_alignment = 1;
+            moelink::DispatchHandle handle = refs;
+            handle.hidden = 0;
+            moelink::EventHandle event;
+            {
+              nb::gil_scoped_release release;
+              event = self.intranode_dispatch(in, handle, out, config, default_order(compute_stream), true);
+            }
+            return nb::make_tuple(event, recv_x, recv_x_scales, local_errors(self));
+          },
+          "x"_a.none(), "refs"_a, "config"_a, "compute_stream"_a)
+      .def(
+          "intranode_combine_express",
+          [](Buffer& self, nb::handle x, nb::handle topk_weights, const moelink::DispatchHandle& refs, int64_t hidden,
+             const moelink::Config& config, uintptr_t compute_stream) -> nb::object {
+            if (!is_tensor(x) || !tensor_or_none(topk_weights) ||
+                refs.channel_prefix_matrix.size(1) != config.num_channels())
+              return nb::none();
+            self.check_faults();
+            moelink::CombineInputs in;
+            moelink::CombineOutputs out;
+            nb::object combined_x, combined_topk_weights = nb::none();
+            bool checked = true;
+            read_or_abstain(self, [&] {
+              in.x = to_tensor_ref(x, "x");
+              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+              if (in.x.dim() != 2 || (in.topk_weights.defined() && in.topk_weights.dim() != 2)) {
+                checked = false;
+                return;
+              }
+              // As combine (python/moelink/_intranode.py) allocates them, on the caller's stream.
+              const int64_t num_tokens = refs.is_token_in_rank.size(0);
+              const int device = self.device_id();
+              nb::object x_dtype = x.attr("dtype");
+              combined_x = torch_empty({num_tokens, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.combined_x);
+              if (in.topk_weights.defined())
+                combined_topk_weights = torch_empty({num_tokens, in.topk_weights.size(1)}, torch_objects().float32,
+                                                    moelink::DType::kFloat32, device, &out.combined_topk_weights);
+            });
+            if (!checked) return nb::none();
+            moelink::DispatchHandle handle = refs;
+            handle.hidden = hidden;
+            moelink::EventHandle event;
+            {
+              nb::gil_scoped_release release;
+              event = self.intranode_combine(in, handle, out, config, default_order(compute_stream));
+            }
+            return nb::make_tuple(event, combined_x, combined_topk_weights, local_errors(self));
+          },
+          "x"_a.none(), "topk_weights"_a.none(), "refs"_a, "hidden"_a, "config"_a, "compute_stream"_a)
       .def(
           "intranode_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_weights, nb::handle bias_0, nb::handle bias_1,
              nb::handle rank_prefix_matrix, nb::handle channel_prefix_matrix, nb::handle recv_channel_prefix_matrix,
              nb::handle recv_src_idx, nb::handle is_token_in_rank, nb::handle handle_info, int64_t hidden,
              nb::handle combined_x, nb::handle combined_topk_weights, const moelink::Config& config,
-             nb::handle order) {
+             nb::handle order, const moelink::DispatchHandle* handle_refs) {
             moelink::CombineInputs in;
             moelink::DispatchHandle handle;
             moelink::CombineOutputs out;
@@ -556,8 +732,13 @@ void bind_buffer(nb::module_& m) {
               in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
               in.bias_0 = to_tensor_ref(bias_0, "bias_0");
               in.bias_1 = to_tensor_ref(bias_1, "bias_1");
-              handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-                                       recv_src_idx, is_token_in_rank, handle_info, hidden);
+              if (handle_refs != nullptr) {
+                handle = *handle_refs;
+                handle.hidden = hidden;
+              } else {
+                handle = dispatch_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                                         recv_src_idx, is_token_in_rank, handle_info, hidden);
+              }
               out.combined_x = to_tensor_ref(combined_x, "combined_x");
               out.combined_topk_weights = to_tensor_ref(combined_topk_weights, "combined_topk_weights");
               stream_order = to_stream_order(order);
@@ -568,7 +749,8 @@ void bind_buffer(nb::module_& m) {
           "x"_a.none(), "topk_weights"_a.none(), "bias_0"_a.none(), "bias_1"_a.none(),
           "rank_prefix_matrix"_a.none(), "channel_prefix_matrix"_a.none(), "recv_channel_prefix_matrix"_a.none(),
           "recv_src_idx"_a.none(), "is_token_in_rank"_a.none(), "handle_info"_a.none(), "hidden"_a = 0,
-          "combined_x"_a.none(), "combined_topk_weights"_a.none(), "config"_a, "order"_a)
+          "combined_x"_a.none(), "combined_topk_weights"_a.none(), "config"_a, "order"_a,
+          "handle_refs"_a.none() = nb::none())
 
       // ---- low-latency mode ----
       .def_static("low_latency_rdma_size_hint", &Buffer::low_latency_rdma_size_hint,

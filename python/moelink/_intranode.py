@@ -9,7 +9,7 @@ from . import _moelink
 from ._arena import alloc_dispatch_outputs
 from ._checks import _check_config, _check_dim, _check_int, _check_tensor, _split_bias, _split_x
 from ._moelink import Config
-from ._streams import _OpStreams
+from ._streams import _OpStreams, _current_raw_stream, warn_local_errors
 from .event import EventOverlap
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ class DispatchHandle(tuple):
     # _unpack_handle checks, so it skips those checks. A handle built any other way (the class can
     # be imported) is checked in full.
     _from_dispatch: bool = False
+    # What the extension read of the tensors when the dispatch made them (an opaque HandleRefs), so
+    # that a cached dispatch and a combine need not read them again; None when made another way.
+    _refs: Any = None
 
     def __new__(cls, items: Sequence[Any], hidden: int) -> "DispatchHandle":
         handle = super().__new__(cls, items)
@@ -90,6 +93,44 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
              allocate_on_comm_stream: bool
              ) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor],
                         Optional[torch.Tensor], Optional[List[int]], DispatchHandle, EventOverlap]:
+    if (buf._express and (config is None or type(config) is Config) and previous_event is None
+            and async_finish is False and allocate_on_comm_stream is False and num_tokens_per_rdma_rank is None
+            and type(expert_alignment) is int and expert_alignment >= 1 and type(num_worst_tokens) is int
+            and num_worst_tokens >= 0 and not buf._destroyed and not buf.num_arena_bytes
+            and buf._topology.num_rdma_ranks == 1):
+        # The default call, the one frameworks make, in one extension call (express): up to the
+        # kernel's launch this is host time the GPU waits for, cold after every barrier, and each
+        # frame the full path below runs is part of it. The extension answers None, having done
+        # nothing, where an argument needs the checks below.
+        stream = _current_raw_stream(buf._device)
+        if config is None:
+            config = default_config(buf, "dispatch")
+        if handle is None:
+            result = buf.runtime.intranode_dispatch_uncached_express(
+                x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                expert_alignment, num_worst_tokens, config, stream)
+            if result is not None:
+                event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \
+                    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, refs, \
+                    hidden, errors = result
+                handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                                         recv_src_idx, is_token_in_rank, info), hidden)
+                handle._from_dispatch = True
+                handle._refs = refs
+                if errors:
+                    warn_local_errors(buf, errors)
+                return ((recv_x, recv_x_scales) if recv_x_scales is not None else recv_x, recv_topk_idx,
+                        recv_topk_weights, num_recv_tokens_per_expert_list, handle, EventOverlap(event))
+        elif (type(handle) is DispatchHandle and handle._refs is not None and num_tokens_per_rank is None
+              and is_token_in_rank is None and num_tokens_per_expert is None and topk_idx is None
+              and topk_weights is None):
+            result = buf.runtime.intranode_dispatch_express(x, handle._refs, config, stream)
+            if result is not None:
+                event, recv_x, recv_x_scales, errors = result
+                if errors:
+                    warn_local_errors(buf, errors)
+                return ((recv_x, recv_x_scales) if recv_x_scales is not None else recv_x, None, None, None, handle,
+                        EventOverlap(event))
     buf._check_usable("dispatch")
     if buf._topology.num_rdma_ranks > 1:
         # Internode mode runs on Buffers of its own; this one's kernels take no part (nor abstain).
@@ -154,11 +195,12 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         # extension) and the dispatch kernel in one call: up to the kernel's launch this is host
         # time the GPU waits for.
         event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \
-            rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info = \
+            rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, refs = \
             runtime.intranode_dispatch_uncached(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
                                                 num_tokens_per_rank, num_tokens_per_expert, num_experts,
                                                 expert_alignment, num_worst_tokens, config, streams.order)
     else:
+        refs = None
         event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \
             rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info = \
             _dispatch_uncached_python(buf, runtime, streams, x, x_scales, hidden, topk_idx, topk_weights,
@@ -168,6 +210,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
     handle = DispatchHandle((rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                              is_token_in_rank, info), hidden)
     handle._from_dispatch = True
+    handle._refs = refs  # the extension's reading of its tensors, for a cached dispatch and combine
     if streams.keeps_tensors():
         inputs = (x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
         outputs = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, recv_x,
@@ -235,7 +278,7 @@ def _cached_dispatch(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Te
     event = buf.runtime.intranode_dispatch(
         x, x_scales, None, None, is_token_in_rank, 0, 1, 0, rank_prefix_matrix, channel_prefix_matrix,
         recv_channel_prefix_matrix, recv_src_idx, info, recv_x, recv_x_scales, None, None, config, streams.order,
-        True)
+        True, handle_refs=_refs_of(buf, handle))
     if streams.keeps_tensors():
         inputs = (x, x_scales, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                   is_token_in_rank, info)
@@ -249,6 +292,19 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
             bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None], config: Optional[Config],
             previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool
             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+    if (buf._express and bias is None and (config is None or type(config) is Config) and previous_event is None
+            and async_finish is False
+            and allocate_on_comm_stream is False and type(handle) is DispatchHandle and handle._refs is not None
+            and not buf._destroyed and not buf.num_arena_bytes and buf._topology.num_rdma_ranks == 1):
+        # The default combine in one extension call, as dispatch's express call.
+        result = buf.runtime.intranode_combine_express(x, topk_weights, handle._refs, handle.hidden,
+                                                       default_config(buf, "combine") if config is None else config,
+                                                       _current_raw_stream(buf._device))
+        if result is not None:
+            event, combined_x, combined_topk_weights, errors = result
+            if errors:
+                warn_local_errors(buf, errors)
+            return combined_x, combined_topk_weights, EventOverlap(event)
     buf._check_usable("combine")
     if buf._topology.num_rdma_ranks > 1:
         return buf.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
@@ -282,12 +338,21 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
     event = runtime.intranode_combine(
         x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
         recv_src_idx, is_token_in_rank, info, handle_hidden, combined_x, combined_topk_weights, config,
-        streams.order)
+        streams.order, handle_refs=_refs_of(buf, handle))
     if not streams.keeps_tensors():
         return combined_x, combined_topk_weights, streams.finish_joined(event)
     inputs = (x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
               recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, info)
     return combined_x, combined_topk_weights, streams.finish(event, inputs, (combined_x, combined_topk_weights))
+
+
+def _refs_of(buf: "Buffer", handle: Any) -> Any:
+    """The handle's HandleRefs when a dispatch made it (its tensors are then the ones the refs
+    describe), else None (the extension reads the tensors). Buffer._handle_refs switches it off per
+    call, for bench/interleaved.py."""
+    if type(handle) is DispatchHandle and handle._from_dispatch and buf._handle_refs:
+        return handle._refs
+    return None
 
 
 def _unpack_handle(handle: Any, config: Config, op: str) -> Tuple[Any, ...]:

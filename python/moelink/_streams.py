@@ -2,7 +2,7 @@
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,12 +13,12 @@ if TYPE_CHECKING:
     from .buffer import Buffer
 
 
-def warn_local_errors(buf: "Buffer") -> None:
+def warn_local_errors(buf: "Buffer", messages: Optional[Sequence[str]] = None) -> None:
     """Bad input this rank alone saw in a low-latency call (ids outside [-1, num_experts), an expert
     named twice in a token): the call went on, since its peers did, and poisoned the rows it spoilt.
     Raising here would desynchronise the ranks, so it is a warning (Buffer.runtime.check_device_errors()
-    raises them instead)."""
-    for message in buf.runtime.take_local_errors():
+    raises them instead). `messages`: those an express call already took (it returns them)."""
+    for message in buf.runtime.take_local_errors() if messages is None else messages:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 

@@ -41,6 +41,15 @@ class Buffer:
 
     num_sms: int = 20
 
+    # Whether a cached dispatch and a combine take the handle's tensors as the dispatch's extension
+    # call read them (DispatchHandle._refs) instead of reading them again: a per-call switch, so
+    # bench/interleaved.py can time both in one process (wip/handle_refs.patch).
+    _handle_refs = True
+    # Whether dispatch and combine called with their defaults take the express call (one extension
+    # call, _intranode.py): per call, so bench/interleaved.py can time it against the full path
+    # (`--switch full:_express=False`), and tests compare the two.
+    _express = True
+
     def __init__(self, group: Optional["dist.ProcessGroup"], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,

@@ -371,6 +371,8 @@ def _fake_buffer(max_num_sms=40, group_size=4):
 
     class FakeBuffer:
         num_sms = 24
+        _handle_refs = True  # as Buffer's
+        _express = False  # the full path: these fakes have no express calls
 
         def _check_usable(self, op):
             pass
@@ -448,7 +450,7 @@ class _PendingErrorRuntime(_FakeRuntime):
         self.log.append("notify_wait")
         return 2, [2, 0]
 
-    def intranode_dispatch(self, *args):
+    def intranode_dispatch(self, *args, handle_refs=None):
         return self._end("dispatch (cached)" if args[-1] else "dispatch")
 
     def intranode_dispatch_uncached(self, *args):
@@ -467,9 +469,9 @@ class _PendingErrorRuntime(_FakeRuntime):
                    torch.empty((ranks, ranks), dtype=torch.int32), torch.empty((ranks, channels), dtype=torch.int32),
                    torch.empty((ranks, channels), dtype=torch.int32), torch.empty((num_recv,), dtype=torch.int32),
                    torch.empty((2,), dtype=torch.int64))
-        return (self._end("dispatch"), per_expert, *outputs)
+        return (self._end("dispatch"), per_expert, *outputs, None)  # no HandleRefs
 
-    def intranode_combine(self, *args):
+    def intranode_combine(self, *args, handle_refs=None):
         return self._end("combine")
 
 
@@ -568,6 +570,132 @@ def test_an_uncached_dispatch_allocates_its_handle_while_the_notify_runs(torch_a
     channels = default_config(buf, "dispatch").num_sms // 2
     assert [tuple(t.shape) for t in out[4][:3]] == [(2, 2), (2, channels), (2, channels)]
     assert out[4][5].dtype == torch.int64 and tuple(out[4][5].shape) == (2,)
+
+
+class _ExpressRuntime(_PendingErrorRuntime):
+    """The express calls as the extension answers them: a result, or None (nothing done) to send
+    the call down the full path. Logs each call with the arguments the Python layer passed."""
+
+    def __init__(self, answer=True, errors=None):
+        super().__init__()
+        self.pending, self.answer, self.errors = None, answer, errors
+
+    def intranode_dispatch_uncached_express(self, x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                                            num_tokens_per_expert, expert_alignment, num_worst_tokens, config,
+                                            stream):
+        import torch
+
+        self.log.append(("uncached express", config.num_sms, stream))
+        if not self.answer:
+            return None
+        data = x[0] if isinstance(x, tuple) else x
+        n, k, channels = 3, topk_idx.size(1), config.num_sms // 2
+        return ("event", [3, 0], torch.empty((n, data.size(1)), dtype=data.dtype),
+                torch.empty((n, 1)) if isinstance(x, tuple) else None, torch.empty((n, k), dtype=torch.int64),
+                torch.empty((n, k)), torch.empty((2, 2), dtype=torch.int32),
+                torch.empty((2, channels), dtype=torch.int32), torch.empty((2, channels), dtype=torch.int32),
+                torch.empty((n,), dtype=torch.int32), torch.empty((2,), dtype=torch.int64), "refs", data.size(1),
+                self.errors)
+
+    def intranode_dispatch_express(self, x, refs, config, stream):
+        import torch
+
+        self.log.append(("cached express", refs, config.num_sms, stream))
+        return ("event", torch.empty((3, 64), dtype=torch.bfloat16), None, self.errors) if self.answer else None
+
+    def intranode_combine_express(self, x, topk_weights, refs, hidden, config, stream):
+        import torch
+
+        self.log.append(("combine express", refs, hidden, config.num_sms, stream))
+        return ("event", torch.empty((2, hidden), dtype=x.dtype), None, self.errors) if self.answer else None
+
+
+def _express_buffer(monkeypatch, **runtime_args):
+    from moelink import _intranode
+
+    buf = _pending_buffer(monkeypatch)
+    buf.runtime = _ExpressRuntime(**runtime_args)
+    buf.runtime.num_arena_bytes = 0
+    buf._express, buf._destroyed = True, False
+    monkeypatch.setattr(_intranode, "_current_raw_stream", lambda device: 77)
+    return buf
+
+
+def test_the_default_dispatch_and_combine_take_one_express_call_each(torch_and_buffer, monkeypatch):
+    """With its defaults (or a Config), a dispatch is one extension call that gets the caller's x
+    as given, the default config and the caller's stream; its handle is deep_ep's 6-tuple,
+    remembers the extension's reading of its tensors, and takes a cached dispatch and a combine
+    through their own express calls. Nothing else reaches the runtime."""
+    torch, _ = torch_and_buffer
+    from moelink._intranode import DispatchHandle, combine
+
+    buf = _express_buffer(monkeypatch)
+    call = _routed_call(torch)
+    recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, event = _dispatch(buf, **call)
+    assert buf.runtime.log == [("uncached express", 24, 77)]
+    assert recv_x.shape == (3, 64) and recv_topk_idx.shape == (3, 2) and per_expert == [3, 0]
+    assert type(handle) is DispatchHandle and len(handle) == 6 and handle.hidden == 64
+    assert handle._refs == "refs" and handle._from_dispatch and event.event == "event"
+    assert handle[4] is call["is_token_in_rank"]
+    cached = _dispatch(buf, handle=handle, x=torch.zeros((2, 64), dtype=torch.bfloat16))
+    assert buf.runtime.log[1] == ("cached express", "refs", 24, 77)
+    assert cached[1:5] == (None, None, None, handle) and cached[0].shape == (3, 64)
+    combined_x, combined_weights, _ = combine(buf, recv_x, handle, None, None, None, None, False, False)
+    assert buf.runtime.log[2] == ("combine express", "refs", 64, 24, 77)
+    assert combined_x.shape == (2, 64) and combined_weights is None
+    assert buf.runtime.abstained == []
+
+
+def test_an_express_call_that_declines_leaves_the_call_to_the_full_path(torch_and_buffer, monkeypatch):
+    """The extension answers None (an argument it leaves to the Python checks): the full path then
+    runs the call from its start, so its checks and errors are the ones the caller sees."""
+    torch, _ = torch_and_buffer
+    buf = _express_buffer(monkeypatch, answer=False)
+    out = _dispatch(buf, **_routed_call(torch))
+    assert buf.runtime.log == [("uncached express", 24, 77), "check_faults", "notify", "notify_wait", "dispatch"]
+    assert out[0].shape == (2, 64)
+
+
+def test_local_errors_an_express_call_returns_are_warned_about(torch_and_buffer, monkeypatch):
+    """What the full path's finish warns about (a low-latency call's bad input, collected at this
+    call's end), the express call returns; the caller gets the same RuntimeWarning."""
+    torch, _ = torch_and_buffer
+    buf = _express_buffer(monkeypatch, errors=["moelink: topk_idx: token 3 slot 1 ... was skipped"])
+    with pytest.warns(RuntimeWarning, match="token 3 slot 1"):
+        _dispatch(buf, **_routed_call(torch))
+
+
+def test_express_is_not_taken_for_options_the_full_path_handles(torch_and_buffer, monkeypatch):
+    """previous_event / async_finish, a receive arena, a destroyed Buffer and a bad
+    expert_alignment go the full way (which checks them), never through an express call."""
+    torch, _ = torch_and_buffer
+    from moelink._intranode import dispatch
+
+    buf = _express_buffer(monkeypatch)
+    call = _routed_call(torch)
+    x = call.pop("x")
+
+    def run(**options):
+        kwargs = dict(expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False)
+        kwargs.update(options)
+        buf.runtime.log.clear()
+        try:
+            dispatch(buf, x, None, call["num_tokens_per_rank"], None, call["is_token_in_rank"],
+                     call["num_tokens_per_expert"], call["topk_idx"], call["topk_weights"], kwargs["expert_alignment"],
+                     kwargs["num_worst_tokens"], kwargs["config"], kwargs["previous_event"], kwargs["async_finish"],
+                     False)
+        except Exception:  # noqa: BLE001 - the full path on these fakes may fail; only the route matters
+            pass
+        return [entry for entry in buf.runtime.log if isinstance(entry, tuple)]
+
+    assert run() == [("uncached express", 24, 77)]
+    assert run(async_finish=True) == []
+    assert run(expert_alignment=0) == []
+    assert run(expert_alignment=True) == []  # a bool is not an int here
+    buf.num_arena_bytes = 1 << 20
+    assert run() == []
+    buf.num_arena_bytes, buf._destroyed = 0, True
+    assert run() == []
 
 
 def test_a_skipped_notify_raises_at_its_wait_and_launches_no_dispatch(torch_and_buffer, monkeypatch):
