@@ -148,12 +148,12 @@ inline TensorRef to_tensor_ref(nb::handle obj, const char* arg) {
 // interpreter may be finalizing when statics are destroyed).
 struct Torch {
   PyObject* empty;
+  PyObject* empty_strided;
   PyObject* int32;
   PyObject* int64;
   PyObject* float32;
   PyObject* bool_;
   PyObject* kwnames;  // ("dtype", "device")
-  PyObject* t;        // "t", the transpose method's name
   PyTypeObject* tensor;  // torch.Tensor
 };
 
@@ -162,12 +162,12 @@ inline const Torch& torch_objects() {
     nb::module_ torch = nb::module_::import_("torch");
     Torch o{};
     o.empty = nb::object(torch.attr("empty")).release().ptr();
+    o.empty_strided = nb::object(torch.attr("empty_strided")).release().ptr();
     o.int32 = nb::object(torch.attr("int32")).release().ptr();
     o.int64 = nb::object(torch.attr("int64")).release().ptr();
     o.float32 = nb::object(torch.attr("float32")).release().ptr();
     o.bool_ = nb::object(torch.attr("bool")).release().ptr();
     o.kwnames = nb::make_tuple("dtype", "device").release().ptr();
-    o.t = PyUnicode_InternFromString("t");
     o.tensor = reinterpret_cast<PyTypeObject*>(nb::object(torch.attr("Tensor")).release().ptr());
     return o;
   }();
@@ -177,17 +177,31 @@ inline const Torch& torch_objects() {
 // Whether obj is a torch.Tensor (a subclass too), without calling into Python.
 inline bool is_tensor(nb::handle obj) { return PyObject_TypeCheck(obj.ptr(), torch_objects().tensor) != 0; }
 
+inline nb::tuple int_tuple(const std::vector<int64_t>& values) {
+  nb::tuple tuple = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(values.size())));
+  for (size_t i = 0; i < values.size(); ++i)
+    PyTuple_SET_ITEM(tuple.ptr(), static_cast<Py_ssize_t>(i), PyLong_FromLongLong(values[i]));
+  return tuple;
+}
+
 // torch.empty(shape, dtype=dtype, device=device) on the current stream, and its TensorRef (the
-// shape, dtype and device are known: only the pointer is read back).
+// shape, dtype and device are known: only the pointer is read back). With `strides`,
+// torch.empty_strided: a column-major output in one torch call, not an empty and a .t() (a view
+// op whose cold path, run once per call, cost more than the allocation: bench/NOTES.md).
 inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType core_dtype, int device,
-                              TensorRef* ref) {
+                              TensorRef* ref, std::vector<int64_t> strides = {}) {
   const Torch& torch = torch_objects();
-  nb::tuple size = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(shape.size())));
-  for (size_t i = 0; i < shape.size(); ++i)
-    PyTuple_SET_ITEM(size.ptr(), static_cast<Py_ssize_t>(i), PyLong_FromLongLong(shape[i]));
+  nb::tuple size = int_tuple(shape);
   nb::int_ ordinal(device);
-  PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
-  nb::object tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
+  nb::object tensor;
+  if (strides.empty()) {
+    PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
+    tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
+  } else {
+    nb::tuple stride = int_tuple(strides);
+    PyObject* args[] = {size.ptr(), stride.ptr(), dtype, ordinal.ptr()};
+    tensor = nb::steal(PyObject_Vectorcall(torch.empty_strided, args, 2, torch.kwnames));
+  }
   if (!tensor.is_valid()) throw nb::python_error();
   static PyObject* const kDataPtr = PyUnicode_InternFromString("data_ptr");
   nb::object data = nb::steal(PyObject_CallMethodNoArgs(tensor.ptr(), kDataPtr));
@@ -195,7 +209,7 @@ inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType
   ref->data = reinterpret_cast<void*>(nb::cast<uintptr_t>(data));
   ref->dtype = core_dtype;
   ref->shape = std::move(shape);
-  ref->strides.clear();  // contiguous
+  ref->strides = std::move(strides);  // empty: contiguous
   ref->device = device;
   return tensor;
 }

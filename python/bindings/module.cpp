@@ -9,6 +9,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <string>
@@ -194,13 +195,9 @@ std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales
     const int64_t num_scales = in.x_scales.size(1);
     nb::object scales_dtype = x_scales.attr("dtype");
     if (in.x_scales.stride(1) != 1) {
-      moelink::TensorRef transposed;
-      nb::object storage = torch_empty({num_scales, n}, scales_dtype.ptr(), in.x_scales.dtype, device, &transposed);
-      recv_x_scales = nb::steal(PyObject_CallMethodNoArgs(storage.ptr(), torch_objects().t));
-      if (!recv_x_scales.is_valid()) throw nb::python_error();
-      out->recv_x_scales = transposed;
-      out->recv_x_scales.shape = {n, num_scales};
-      out->recv_x_scales.strides = {1, n};
+      // The strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
+      recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales,
+                                  {1, std::max<int64_t>(n, 1)});
     } else {
       recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales);
     }
