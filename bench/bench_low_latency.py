@@ -1,7 +1,7 @@
 """Low-latency dispatch / combine latency on this GPU, beside the HBM floor for the same bytes.
 
     bash scripts/with_mps.sh python3 bench/bench_low_latency.py [--ranks 2,4,8] [--tokens 128]
-        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10] [--reps 10]
+        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10] [--reps 10] [--full-path]
 
 Each (ranks, experts) runs R ranks as processes (several per GPU under MPS) with
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, checks one round against the GPU suite's reference checks, then
@@ -108,6 +108,7 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
     hint = moelink.Buffer.get_low_latency_rdma_size_hint(case.max_tokens, case.hidden, num_ranks, case.num_experts)
     buf = moelink.Buffer(common.world_group(), 0, hint, low_latency_mode=True,
                          num_qps_per_rank=case.num_experts // num_ranks, explicitly_destroy=True)
+    buf._express = not params.get("full_path", False)
     routing, inputs = make_round(case, params["seed"], num_ranks)
     topk_idx = torch.from_numpy(routing[rank]).cuda()
     x, weights = inputs[rank].x, inputs[rank].topk_weights
@@ -175,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--reps", type=int, default=10, help="calls in a row for the back-to-back and graph figures")
+    parser.add_argument("--full-path", action="store_true",
+                        help="time the calls through the full Python path, not the express calls (Buffer._express)")
     args = parser.parse_args(argv)
     for ranks in args.ranks:
         for experts in args.experts:
@@ -193,7 +196,8 @@ def main(argv=None) -> int:
     for ranks in args.ranks:
         for experts in args.experts:
             params = {"tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "experts": experts,
-                      "iters": args.iters, "warmup": args.warmup, "reps": args.reps, "seed": 7}
+                      "iters": args.iters, "warmup": args.warmup, "reps": args.reps, "seed": 7,
+                      "full_path": args.full_path}
             try:
                 with Progress(f"{ranks} ranks, {experts} experts"):
                     result = launcher.run_ranks(ranks, ("bench_low_latency", "bench_ll", str(Path(__file__).resolve())), params,

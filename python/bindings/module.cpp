@@ -783,6 +783,110 @@ void bind_buffer(nb::module_& m) {
           "cumulative_local_expert_recv_stats"_a.none(), "dispatch_wait_recv_cost_stats"_a.none(), "use_fp8"_a,
           "round_scale"_a, "use_ue8m0"_a, "recv_x"_a.none(), "recv_x_scales"_a.none(), "recv_count"_a.none(),
           "src_info"_a.none(), "layout_range"_a.none(), "state"_a.none(), "phase"_a, "order"_a)
+      // The express calls of low-latency mode (as the normal-mode ones above): the outputs made
+      // here, in the call that launches, so the Python layer neither allocates nor passes them;
+      // None, with nothing done, where an argument needs the Python layer's checks. In a decode
+      // step not replayed from a graph this host path is the call's latency (a hook's send call
+      // is nothing else).
+      .def(
+          "low_latency_dispatch_express",
+          [](Buffer& self, nb::handle x, nb::handle topk_idx, int num_max_dispatch_tokens_per_rank, int num_experts,
+             nb::handle cumulative_stats, nb::handle wait_stats, bool use_fp8, bool round_scale, bool use_ue8m0,
+             int phase, uintptr_t compute_stream, bool async_finish) -> nb::object {
+            const int64_t R = self.topology().num_ranks;
+            if (!is_tensor(x) || !is_tensor(topk_idx) || !tensor_or_none(cumulative_stats) ||
+                !tensor_or_none(wait_stats) || num_experts % R != 0)
+              return nb::none();
+            moelink::LowLatencyDispatchInputs in;
+            in.x = to_tensor_ref(x, "x");
+            if (in.x.dim() != 2) return nb::none();
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
+            in.num_experts = num_experts;
+            in.use_fp8 = use_fp8;
+            in.round_scale = round_scale;
+            in.use_ue8m0 = use_ue8m0;
+            in.cumulative_local_expert_recv_stats = to_tensor_ref(cumulative_stats, "cumulative_local_expert_recv_stats");
+            in.dispatch_wait_recv_cost_stats = to_tensor_ref(wait_stats, "dispatch_wait_recv_cost_stats");
+            // As python/moelink/_low_latency.py's dispatch makes them.
+            const Torch& torch = torch_objects();
+            const int device = self.device_id();
+            const int64_t E = num_experts / R, rows = R * num_max_dispatch_tokens_per_rank, H = in.x.size(1);
+            moelink::LowLatencyDispatchOutputs out;
+            nb::object recv_x = torch_empty({E, rows, H}, use_fp8 ? torch.float8_e4m3fn : torch.bfloat16,
+                                            use_fp8 ? moelink::DType::kFloat8E4M3 : moelink::DType::kBFloat16, device,
+                                            &out.recv_x);
+            nb::object recv_x_scales = nb::none();
+            if (use_fp8) {
+              // Column-major in the last two dims: the strides of empty((E, columns, rows)).transpose(1, 2).
+              const int64_t columns = H / 128 / (use_ue8m0 ? 4 : 1);
+              recv_x_scales = torch_empty({E, rows, columns}, use_ue8m0 ? torch.int32 : torch.float32,
+                                          use_ue8m0 ? moelink::DType::kInt32 : moelink::DType::kFloat32, device,
+                                          &out.recv_x_scales, {rows * std::max<int64_t>(columns, 1), 1, rows});
+            }
+            nb::object recv_count = torch_empty({E}, torch.int32, moelink::DType::kInt32, device, &out.recv_count);
+            nb::object src_info = torch_empty({E, rows}, torch.int32, moelink::DType::kInt32, device, &out.src_info);
+            nb::object layout_range =
+                torch_empty({E, R}, torch.int64, moelink::DType::kInt64, device, &out.layout_range);
+            nb::object state = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &out.state, {}, true);
+            moelink::StreamOrder order = default_order(compute_stream);
+            order.async_finish = async_finish;
+            moelink::EventHandle event;
+            {
+              nb::gil_scoped_release release;
+              event = self.low_latency_dispatch(in, out, to_phase(phase), order);
+            }
+            return nb::make_tuple(event, recv_x, recv_x_scales, recv_count, src_info, layout_range, state,
+                                  local_errors(self));
+          },
+          "x"_a.none(), "topk_idx"_a.none(), "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a,
+          "cumulative_local_expert_recv_stats"_a.none(), "dispatch_wait_recv_cost_stats"_a.none(), "use_fp8"_a,
+          "round_scale"_a, "use_ue8m0"_a, "phase"_a, "compute_stream"_a, "async_finish"_a)
+      .def(
+          "low_latency_combine_express",
+          [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle src_info,
+             nb::handle layout_range, int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
+             nb::handle wait_stats, nb::handle combined_x, int phase, uintptr_t compute_stream, bool async_finish,
+             nb::handle dispatch_state, bool use_logfmt) -> nb::object {
+            if (!is_tensor(x) || !is_tensor(topk_idx) || !is_tensor(topk_weights) || !is_tensor(src_info) ||
+                !is_tensor(layout_range) || !tensor_or_none(wait_stats) || !tensor_or_none(combined_x) ||
+                !tensor_or_none(dispatch_state))
+              return nb::none();
+            moelink::LowLatencyCombineInputs in;
+            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            if (in.topk_idx.dim() != 2) return nb::none();
+            in.use_logfmt = use_logfmt;
+            in.x = to_tensor_ref(x, "x");
+            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+            in.src_info = to_tensor_ref(src_info, "src_info");
+            in.layout_range = to_tensor_ref(layout_range, "layout_range");
+            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
+            in.num_experts = num_experts;
+            in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
+            in.dispatch_state = to_tensor_ref(dispatch_state, "handle state");
+            const Torch& torch = torch_objects();
+            const int device = self.device_id();
+            moelink::LowLatencyCombineOutputs out;
+            nb::object result = nb::borrow(combined_x);
+            if (combined_x.is_none())
+              result = torch_empty({in.topk_idx.size(0), hidden}, torch.bfloat16, moelink::DType::kBFloat16, device,
+                                   &out.combined_x);
+            else
+              out.combined_x = to_tensor_ref(combined_x, "out");
+            nb::object state = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &out.state, {}, true);
+            moelink::StreamOrder order = default_order(compute_stream);
+            order.async_finish = async_finish;
+            moelink::EventHandle event;
+            {
+              nb::gil_scoped_release release;
+              event = self.low_latency_combine(in, out, to_phase(phase), order);
+            }
+            return nb::make_tuple(event, result, state, local_errors(self));
+          },
+          "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "src_info"_a.none(), "layout_range"_a.none(),
+          "num_max_dispatch_tokens_per_rank"_a, "hidden"_a, "num_experts"_a, "combine_wait_recv_cost_stats"_a.none(),
+          "combined_x"_a.none(), "phase"_a, "compute_stream"_a, "async_finish"_a, "dispatch_state"_a.none(),
+          "use_logfmt"_a)
       .def(
           "low_latency_combine",
           [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle src_info,

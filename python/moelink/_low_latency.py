@@ -50,6 +50,9 @@ class LowLatencyHandle(tuple):
     from which (with enable_shrink) the combine learns which ranks the dispatch skipped."""
 
     state: Optional[torch.Tensor] = None
+    # Set by dispatch: the entries are the tensors and ints it made, so combine's express call may
+    # take them without _unpack_handle's checks.
+    _from_dispatch: bool = False
 
 
 def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
@@ -57,6 +60,24 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
              dispatch_wait_recv_cost_stats: Optional[torch.Tensor], use_fp8: bool, round_scale: bool,
              use_ue8m0: bool, async_finish: bool, return_recv_hook: bool
              ) -> Tuple[Any, torch.Tensor, tuple, EventOverlap, Callable]:
+    m = num_max_dispatch_tokens_per_rank
+    if (buf._express and not buf._destroyed and type(m) is int and m >= 1 and type(num_experts) is int
+            and num_experts >= 1 and type(use_fp8) is bool and type(round_scale) is bool and type(use_ue8m0) is bool
+            and type(async_finish) is bool and type(return_recv_hook) is bool
+            and not (async_finish and return_recv_hook) and _knobs.experimental_low_latency()):
+        # One extension call that makes the outputs and launches (the normal mode's express calls,
+        # _intranode.py); None, having done nothing, where an argument needs the checks below.
+        result = buf.runtime.low_latency_dispatch_express(
+            x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+            round_scale, use_ue8m0, _PHASE_SEND if return_recv_hook else _PHASE_BOTH, _current_raw_stream(buf._device),
+            async_finish)
+        if result is not None:
+            event, recv_x, scales, recv_count, src_info, layout_range, state, errors = result
+            if errors:
+                warn_local_errors(buf, errors)
+            refs = (x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                    use_fp8, round_scale, use_ue8m0, recv_x, scales, recv_count, src_info, layout_range, state)
+            return _dispatch_result(buf, refs, event, async_finish, return_recv_hook)
     buf._check_usable("low_latency_dispatch")
     _require_enabled()
     _check_tensor(x, "x")
@@ -95,6 +116,15 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
     event = buf.runtime.low_latency_dispatch(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
                                              _order(buf, async_finish))
     warn_local_errors(buf)
+    return _dispatch_result(buf, refs, event, async_finish, return_recv_hook)
+
+
+def _dispatch_result(buf: "Buffer", refs: tuple, event: Any, async_finish: bool, return_recv_hook: bool
+                     ) -> Tuple[Any, torch.Tensor, tuple, EventOverlap, Callable]:
+    """dispatch's 5-tuple from the extension call's arguments (`refs`, which the hook passes again)."""
+    x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, _, _, \
+        recv_x, scales, recv_count, src_info, layout_range, state = refs
+    hidden = x.size(1)
     keep = (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, recv_x, scales,
             recv_count, src_info, layout_range, state)
     if return_recv_hook:
@@ -109,6 +139,7 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
         hook = _no_hook
     handle = LowLatencyHandle((src_info, layout_range, m, hidden, num_experts))
     handle.state = state
+    handle._from_dispatch = True
     return ((recv_x, scales) if use_fp8 else recv_x, recv_count, handle,
             EventOverlap(event, extra_tensors=keep if async_finish else None), hook)
 
@@ -131,6 +162,23 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
             use_logfmt: bool, zero_copy: bool, async_finish: bool, return_recv_hook: bool,
             out: Optional[torch.Tensor], combine_wait_recv_cost_stats: Optional[torch.Tensor]
             ) -> Tuple[torch.Tensor, EventOverlap, Callable]:
+    if (buf._express and not buf._destroyed and type(handle) is LowLatencyHandle and handle._from_dispatch
+            and type(use_logfmt) is bool and type(zero_copy) is bool and type(async_finish) is bool
+            and type(return_recv_hook) is bool and not (async_finish and return_recv_hook)
+            and _knobs.experimental_low_latency()):
+        src_info, layout_range, m, hidden, num_experts = handle
+        dispatch_state = handle.state
+        result = buf.runtime.low_latency_combine_express(
+            x, topk_idx, topk_weights, src_info, layout_range, m, hidden, num_experts, combine_wait_recv_cost_stats, out,
+            _PHASE_SEND if return_recv_hook else _PHASE_BOTH, _current_raw_stream(buf._device), async_finish,
+            dispatch_state, use_logfmt)
+        if result is not None:
+            event, out, state, errors = result
+            if errors:
+                warn_local_errors(buf, errors)
+            refs = (x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, combine_wait_recv_cost_stats,
+                    out, state)
+            return _combine_result(buf, refs, event, dispatch_state, use_logfmt, async_finish, return_recv_hook)
     buf._check_usable("low_latency_combine")
     _require_enabled()
     for name, value in (("x", x), ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
@@ -154,6 +202,13 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
     event = buf.runtime.low_latency_combine(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
                                             _order(buf, async_finish), dispatch_state, use_logfmt)
     warn_local_errors(buf)
+    return _combine_result(buf, refs, event, dispatch_state, use_logfmt, async_finish, return_recv_hook)
+
+
+def _combine_result(buf: "Buffer", refs: tuple, event: Any, dispatch_state: Optional[torch.Tensor], use_logfmt: bool,
+                    async_finish: bool, return_recv_hook: bool) -> Tuple[torch.Tensor, EventOverlap, Callable]:
+    """combine's 3-tuple from the extension call's arguments (`refs`, which the hook passes again)."""
+    x, topk_idx, topk_weights, src_info, layout_range, _, _, combine_wait_recv_cost_stats, out, state = refs
     buf._low_latency_combines += 1
     keep = (x, topk_idx, topk_weights, src_info, layout_range, combine_wait_recv_cost_stats, out, state, dispatch_state)
     if return_recv_hook:

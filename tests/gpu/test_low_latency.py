@@ -172,6 +172,9 @@ def _low_latency(rank, num_ranks, seed):
         if case.num_experts != last_experts:  # a new expert count moves the signal words (as in deep_ep)
             buf.clean_low_latency_buffer(case.max_tokens, case.hidden, case.num_experts)
             last_experts = case.num_experts
+        # The express calls (one extension call each) unless switched off: every other case takes
+        # the full Python path instead.
+        buf._express = i % 2 == 0
         one_round(buf, case, seed + i, rank, num_ranks, what=what)
         one_round(buf, case, seed + 100 + i, rank, num_ranks, hook=True, zero_copy=True, use_out=True,
                   what=f"{what} (hook, zero-copy, out=)")

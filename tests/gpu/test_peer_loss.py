@@ -121,6 +121,7 @@ def _peer_loss(rank, num_ranks, seed, phase):
             combine()
         elif phase == "notified":
             buf.runtime = _DiesBeforeDispatchKernel(buf.runtime)
+            buf._express = False  # the full path's extension calls, which the wrapper intercepts
             dispatch()  # its notify completes with the peers; it dies where the data kernel would launch
         if phase in MID_KERNEL:
             # Its receivers take the survivors' rows, so the kernel ends; its first batch went out
