@@ -227,11 +227,26 @@ bool split_x(nb::handle x, nb::handle* data, nb::handle* scales) {
 
 bool tensor_or_none(nb::handle value) { return value.is_none() || is_tensor(value); }
 
-// The express calls' order: the caller's stream, the defaults for the rest.
-moelink::StreamOrder default_order(uintptr_t compute_stream) {
+// Reads a tensor and an optional second one; false when one is not 2-D (the Python layer's checks
+// name that error).
+bool read_2d(nb::handle first, const char* first_name, nb::handle second, const char* second_name,
+             moelink::TensorRef* first_ref, moelink::TensorRef* second_ref) {
+  *first_ref = to_tensor_ref(first, first_name);
+  *second_ref = to_tensor_ref(second, second_name);
+  return first_ref->dim() == 2 && (!second_ref->defined() || second_ref->dim() == 2);
+}
+
+// The express calls' order: the caller's stream, no previous event.
+moelink::StreamOrder default_order(uintptr_t compute_stream, bool async_finish = false) {
   moelink::StreamOrder order;
   order.compute_stream = reinterpret_cast<cudaStream_t>(compute_stream);
+  order.async_finish = async_finish;
   return order;
+}
+
+// A low-latency call's state tensor ([2] int64, zeroed), as the Python layer makes it.
+nb::object ll_state(int device, moelink::TensorRef* ref) {
+  return torch_empty({2}, torch_objects().int64, moelink::DType::kInt64, device, ref, {}, true);
 }
 
 // The local errors an operation left (what EventOverlap's finish would warn about), or None.
@@ -239,6 +254,42 @@ nb::object local_errors(moelink::Buffer& self) {
   std::vector<std::string> errors = self.take_local_errors();
   if (errors.empty()) return nb::none();
   return nb::cast(errors);
+}
+
+// A low-latency dispatch's and combine's inputs, as both their calls read them.
+moelink::LowLatencyDispatchInputs ll_dispatch_inputs(nb::handle x, nb::handle topk_idx, int max_tokens,
+                                                     int num_experts, nb::handle cumulative_stats,
+                                                     nb::handle wait_stats, bool use_fp8, bool round_scale,
+                                                     bool use_ue8m0) {
+  moelink::LowLatencyDispatchInputs in;
+  in.x = to_tensor_ref(x, "x");
+  in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+  in.num_max_dispatch_tokens_per_rank = max_tokens;
+  in.num_experts = num_experts;
+  in.use_fp8 = use_fp8;
+  in.round_scale = round_scale;
+  in.use_ue8m0 = use_ue8m0;
+  in.cumulative_local_expert_recv_stats = to_tensor_ref(cumulative_stats, "cumulative_local_expert_recv_stats");
+  in.dispatch_wait_recv_cost_stats = to_tensor_ref(wait_stats, "dispatch_wait_recv_cost_stats");
+  return in;
+}
+
+moelink::LowLatencyCombineInputs ll_combine_inputs(nb::handle x, nb::handle topk_idx, nb::handle topk_weights,
+                                                   nb::handle src_info, nb::handle layout_range, int max_tokens,
+                                                   int num_experts, nb::handle wait_stats, nb::handle dispatch_state,
+                                                   bool use_logfmt) {
+  moelink::LowLatencyCombineInputs in;
+  in.use_logfmt = use_logfmt;
+  in.x = to_tensor_ref(x, "x");
+  in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+  in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
+  in.src_info = to_tensor_ref(src_info, "src_info");
+  in.layout_range = to_tensor_ref(layout_range, "layout_range");
+  in.num_max_dispatch_tokens_per_rank = max_tokens;
+  in.num_experts = num_experts;
+  in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
+  in.dispatch_state = to_tensor_ref(dispatch_state, "handle state");
+  return in;
 }
 
 // An uncached dispatch after its inputs were read: the notify launch, the handle's tensors
@@ -652,12 +703,8 @@ void bind_buffer(nb::module_& m) {
             bool checked = true;
             // The kernel opens the operation: a rank that raises before its launch abstains.
             read_or_abstain(self, [&] {
-              in.x = to_tensor_ref(data, "x");
-              in.x_scales = to_tensor_ref(scales, "x_scales");
-              if (in.x.dim() != 2 || (in.x_scales.defined() && in.x_scales.dim() != 2)) {
-                checked = false;
-                return;
-              }
+              checked = read_2d(data, "x", scales, "x_scales", &in.x, &in.x_scales);
+              if (!checked) return;
               in.is_token_in_rank = refs.is_token_in_rank;
               std::tie(recv_x, recv_x_scales) =
                   alloc_recv_x(data, scales, in, refs.recv_src_idx.size(0), self.device_id(), &out);
@@ -687,12 +734,8 @@ void bind_buffer(nb::module_& m) {
             nb::object combined_x, combined_topk_weights = nb::none();
             bool checked = true;
             read_or_abstain(self, [&] {
-              in.x = to_tensor_ref(x, "x");
-              in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-              if (in.x.dim() != 2 || (in.topk_weights.defined() && in.topk_weights.dim() != 2)) {
-                checked = false;
-                return;
-              }
+              checked = read_2d(x, "x", topk_weights, "topk_weights", &in.x, &in.topk_weights);
+              if (!checked) return;
               // As combine (python/moelink/_intranode.py) allocates them, on the caller's stream.
               const int64_t num_tokens = refs.is_token_in_rank.size(0);
               const int device = self.device_id();
@@ -758,16 +801,9 @@ void bind_buffer(nb::module_& m) {
              nb::handle cumulative_stats, nb::handle wait_stats, bool use_fp8, bool round_scale, bool use_ue8m0,
              nb::handle recv_x, nb::handle recv_x_scales, nb::handle recv_count, nb::handle src_info,
              nb::handle layout_range, nb::handle state, int phase, nb::handle order) {
-            moelink::LowLatencyDispatchInputs in;
-            in.x = to_tensor_ref(x, "x");
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
-            in.num_experts = num_experts;
-            in.use_fp8 = use_fp8;
-            in.round_scale = round_scale;
-            in.use_ue8m0 = use_ue8m0;
-            in.cumulative_local_expert_recv_stats = to_tensor_ref(cumulative_stats, "cumulative_local_expert_recv_stats");
-            in.dispatch_wait_recv_cost_stats = to_tensor_ref(wait_stats, "dispatch_wait_recv_cost_stats");
+            const moelink::LowLatencyDispatchInputs in =
+                ll_dispatch_inputs(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_stats,
+                                   wait_stats, use_fp8, round_scale, use_ue8m0);
             moelink::LowLatencyDispatchOutputs out;
             out.recv_x = to_tensor_ref(recv_x, "recv_x");
             out.recv_x_scales = to_tensor_ref(recv_x_scales, "recv_x_scales");
@@ -797,17 +833,10 @@ void bind_buffer(nb::module_& m) {
             if (!is_tensor(x) || !is_tensor(topk_idx) || !tensor_or_none(cumulative_stats) ||
                 !tensor_or_none(wait_stats) || num_experts % R != 0)
               return nb::none();
-            moelink::LowLatencyDispatchInputs in;
-            in.x = to_tensor_ref(x, "x");
+            const moelink::LowLatencyDispatchInputs in =
+                ll_dispatch_inputs(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_stats,
+                                   wait_stats, use_fp8, round_scale, use_ue8m0);
             if (in.x.dim() != 2) return nb::none();
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
-            in.num_experts = num_experts;
-            in.use_fp8 = use_fp8;
-            in.round_scale = round_scale;
-            in.use_ue8m0 = use_ue8m0;
-            in.cumulative_local_expert_recv_stats = to_tensor_ref(cumulative_stats, "cumulative_local_expert_recv_stats");
-            in.dispatch_wait_recv_cost_stats = to_tensor_ref(wait_stats, "dispatch_wait_recv_cost_stats");
             // As python/moelink/_low_latency.py's dispatch makes them.
             const Torch& torch = torch_objects();
             const int device = self.device_id();
@@ -828,13 +857,11 @@ void bind_buffer(nb::module_& m) {
             nb::object src_info = torch_empty({E, rows}, torch.int32, moelink::DType::kInt32, device, &out.src_info);
             nb::object layout_range =
                 torch_empty({E, R}, torch.int64, moelink::DType::kInt64, device, &out.layout_range);
-            nb::object state = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &out.state, {}, true);
-            moelink::StreamOrder order = default_order(compute_stream);
-            order.async_finish = async_finish;
+            nb::object state = ll_state(device, &out.state);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
-              event = self.low_latency_dispatch(in, out, to_phase(phase), order);
+              event = self.low_latency_dispatch(in, out, to_phase(phase), default_order(compute_stream, async_finish));
             }
             return nb::make_tuple(event, recv_x, recv_x_scales, recv_count, src_info, layout_range, state,
                                   local_errors(self));
@@ -852,18 +879,10 @@ void bind_buffer(nb::module_& m) {
                 !is_tensor(layout_range) || !tensor_or_none(wait_stats) || !tensor_or_none(combined_x) ||
                 !tensor_or_none(dispatch_state))
               return nb::none();
-            moelink::LowLatencyCombineInputs in;
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+            const moelink::LowLatencyCombineInputs in =
+                ll_combine_inputs(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
+                                  num_experts, wait_stats, dispatch_state, use_logfmt);
             if (in.topk_idx.dim() != 2) return nb::none();
-            in.use_logfmt = use_logfmt;
-            in.x = to_tensor_ref(x, "x");
-            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-            in.src_info = to_tensor_ref(src_info, "src_info");
-            in.layout_range = to_tensor_ref(layout_range, "layout_range");
-            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
-            in.num_experts = num_experts;
-            in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
-            in.dispatch_state = to_tensor_ref(dispatch_state, "handle state");
             const Torch& torch = torch_objects();
             const int device = self.device_id();
             moelink::LowLatencyCombineOutputs out;
@@ -873,13 +892,11 @@ void bind_buffer(nb::module_& m) {
                                    &out.combined_x);
             else
               out.combined_x = to_tensor_ref(combined_x, "out");
-            nb::object state = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &out.state, {}, true);
-            moelink::StreamOrder order = default_order(compute_stream);
-            order.async_finish = async_finish;
+            nb::object state = ll_state(device, &out.state);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
-              event = self.low_latency_combine(in, out, to_phase(phase), order);
+              event = self.low_latency_combine(in, out, to_phase(phase), default_order(compute_stream, async_finish));
             }
             return nb::make_tuple(event, result, state, local_errors(self));
           },
@@ -893,17 +910,9 @@ void bind_buffer(nb::module_& m) {
              nb::handle layout_range, int num_max_dispatch_tokens_per_rank, int num_experts, nb::handle wait_stats,
              nb::handle combined_x, nb::handle state, int phase, nb::handle order, nb::handle dispatch_state,
              bool use_logfmt) {
-            moelink::LowLatencyCombineInputs in;
-            in.use_logfmt = use_logfmt;
-            in.x = to_tensor_ref(x, "x");
-            in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-            in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-            in.src_info = to_tensor_ref(src_info, "src_info");
-            in.layout_range = to_tensor_ref(layout_range, "layout_range");
-            in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
-            in.num_experts = num_experts;
-            in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
-            in.dispatch_state = to_tensor_ref(dispatch_state, "handle state");
+            const moelink::LowLatencyCombineInputs in =
+                ll_combine_inputs(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
+                                  num_experts, wait_stats, dispatch_state, use_logfmt);
             moelink::LowLatencyCombineOutputs out;
             out.combined_x = to_tensor_ref(combined_x, "out");
             out.state = to_tensor_ref(state, "state");
