@@ -799,3 +799,123 @@ def test_dispatch_outputs_follow_the_inputs_and_the_row_count(torch_and_buffer, 
                 if with_src_idx:
                     assert recv_src_idx.shape == (n,) and recv_src_idx.dtype == torch.int32
                 assert len(blocks) == ((2 if with_src_idx else 1) if arena else 0)
+
+
+class _LowLatencyRuntime:
+    """The low-latency extension calls as the Python layer makes them: the express ones (answered
+    with outputs, or None to decline) and the full ones, each logged."""
+
+    def __init__(self, answer=True):
+        self.answer, self.log = answer, []
+
+    def take_local_errors(self):
+        return []
+
+    def low_latency_dispatch_express(self, x, topk_idx, m, num_experts, cumulative, wait, use_fp8, round_scale,
+                                     use_ue8m0, phase, stream, async_finish):
+        import torch
+
+        self.log.append(("dispatch express", m, num_experts, use_fp8, phase, stream, async_finish))
+        if not self.answer:
+            return None
+        rows, experts = 2 * m, num_experts // 2
+        recv_x = torch.empty((experts, rows, x.size(1)), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+        scales = torch.empty((experts, x.size(1) // 128, rows)).transpose(1, 2) if use_fp8 else None
+        return ("event", recv_x, scales, torch.empty((experts,), dtype=torch.int32),
+                torch.empty((experts, rows), dtype=torch.int32), torch.empty((experts, 2), dtype=torch.int64),
+                torch.zeros((2,), dtype=torch.int64), None)
+
+    def low_latency_dispatch(self, *args):
+        self.log.append(("dispatch", args[-2]))  # the phase
+        return "event"
+
+    def low_latency_combine_express(self, x, topk_idx, topk_weights, src_info, layout_range, m, hidden, num_experts,
+                                    wait, out, phase, stream, async_finish, dispatch_state, use_logfmt):
+        import torch
+
+        self.log.append(("combine express", m, hidden, num_experts, phase, dispatch_state is not None, use_logfmt))
+        if not self.answer:
+            return None
+        return ("event", torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16) if out is None else out,
+                torch.zeros((2,), dtype=torch.int64), None)
+
+    def low_latency_combine(self, *args):
+        self.log.append(("combine", args[-4]))  # the phase
+        return "event"
+
+
+def _low_latency_buffer(monkeypatch, answer=True):
+    from moelink import _low_latency
+
+    monkeypatch.setattr(_low_latency, "_current_raw_stream", lambda device: 77)
+
+    class FakeBuffer:
+        _express, _destroyed, _low_latency_combines = True, False, 0
+        group_size, _device = 2, "cpu"
+
+        def _check_usable(self, op):
+            pass
+
+    buf = FakeBuffer()
+    buf.runtime = _LowLatencyRuntime(answer)
+    return buf
+
+
+def _ll_dispatch(buf, x, topk_idx, use_fp8=True, hook=False):
+    from moelink import _low_latency
+
+    return _low_latency.dispatch(buf, x, topk_idx, 4, 8, None, None, use_fp8, False, False, False, hook)
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_low_latency_dispatch_and_combine_take_the_express_calls_or_the_full_path(torch_and_buffer, monkeypatch,
+                                                                                      answer):
+    """With their arguments as deep_ep's defaults give them, the low-latency calls are one express
+    extension call each; where it declines (None) the full path makes the outputs and calls the
+    full extension calls. Either way the caller gets deep_ep's tuples: (recv_x, scales) column-major
+    in their last two dims, counts, a 5-tuple handle that a combine then takes, and a hook whose
+    receive reuses the send's tensors."""
+    torch, _ = torch_and_buffer
+    buf = _low_latency_buffer(monkeypatch, answer)
+    from moelink import _low_latency
+
+    x, topk_idx = torch.zeros((3, 256), dtype=torch.bfloat16), torch.zeros((3, 2), dtype=torch.int64)
+    (recv_x, scales), recv_count, handle, _, hook = _ll_dispatch(buf, x, topk_idx, hook=True)
+    sent = ("dispatch express", 4, 8, True, _low_latency._PHASE_SEND, 77, False)
+    assert buf.runtime.log == ([sent] if answer else [sent, ("dispatch", _low_latency._PHASE_SEND)])
+    assert recv_x.shape == (4, 8, 256) and recv_x.dtype == torch.float8_e4m3fn and recv_count.shape == (4,)
+    assert scales.shape == (4, 8, 2) and scales.stride(1) == 1  # column-major in the last two dims
+    assert type(handle) is _low_latency.LowLatencyHandle and handle._from_dispatch
+    assert handle[2:] == (4, 256, 8) and handle.state is not None
+    hook()
+    assert buf.runtime.log[-1] == ("dispatch", _low_latency._PHASE_RECEIVE)
+    buf.runtime.log.clear()
+    y = torch.zeros((4, 8, 256), dtype=torch.bfloat16)
+    combined, _, no_hook = _low_latency.combine(buf, y, topk_idx, torch.ones((3, 2)), handle, False, False, False,
+                                                False, None, None)
+    express = ("combine express", 4, 256, 8, _low_latency._PHASE_BOTH, True, False)
+    assert buf.runtime.log == ([express] if answer else [express, ("combine", _low_latency._PHASE_BOTH)])
+    assert combined.shape == (3, 256) and buf._low_latency_combines == 1
+    no_hook()
+
+
+def test_low_latency_arguments_the_express_calls_do_not_take_go_the_full_way(torch_and_buffer, monkeypatch):
+    """An int for a bool flag, a handle not made by dispatch, a destroyed Buffer: the full path, whose
+    checks accept or reject them as before; the express calls never see them."""
+    torch, _ = torch_and_buffer
+    from moelink import _low_latency
+
+    buf = _low_latency_buffer(monkeypatch)
+    x, topk_idx = torch.zeros((3, 256), dtype=torch.bfloat16), torch.zeros((3, 2), dtype=torch.int64)
+    _low_latency.dispatch(buf, x, topk_idx, 4, 8, None, None, 1, False, False, False, False)  # use_fp8=1
+    assert [entry[0] for entry in buf.runtime.log] == ["dispatch"]
+    buf.runtime.log.clear()
+    by_hand = _low_latency.LowLatencyHandle((torch.zeros((4, 8), dtype=torch.int32),
+                                             torch.zeros((4, 2), dtype=torch.int64), 4, 256, 8))
+    _low_latency.combine(buf, torch.zeros((4, 8, 256), dtype=torch.bfloat16), topk_idx, torch.ones((3, 2)), by_hand,
+                         False, False, False, False, None, None)
+    assert [entry[0] for entry in buf.runtime.log] == ["combine"]
+    buf.runtime.log.clear()
+    buf._destroyed = True
+    _ll_dispatch(buf, x, topk_idx)
+    assert [entry[0] for entry in buf.runtime.log] == ["dispatch"]  # the fake's _check_usable lets it through
