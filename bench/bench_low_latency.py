@@ -1,7 +1,7 @@
 """Low-latency dispatch / combine latency on this GPU, beside the HBM floor for the same bytes.
 
     bash scripts/with_mps.sh python3 bench/bench_low_latency.py [--ranks 2,4,8] [--tokens 128]
-        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10] [--reps 10] [--full-path]
+        [--hidden 7168] [--topk 8] [--experts 256,288] [--iters 50] [--warmup 10] [--reps 10] [--full-path] [--split-host]
 
 Each (ranks, experts) runs R ranks as processes (several per GPU under MPS) with
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, checks one round against the GPU suite's reference checks, then
@@ -94,6 +94,49 @@ def _graph_us(once, iters: int, reps: int) -> list[float]:
     return samples
 
 
+class _TimedRuntime:
+    """A Buffer's runtime with the time spent inside its calls summed in `spent` (--split-host):
+    the caller's host time minus that is the Python layer's."""
+
+    def __init__(self, runtime) -> None:
+        self.__dict__.update(_runtime=runtime, spent=0.0)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._runtime, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - start
+        return timed
+
+
+def _split_host_us(buf, op, iters: int, after) -> list[float]:
+    """Per call, the host time spent inside the extension (runtime) calls of op, timed as the host
+    figure is (barrier before each call); the wrapper's own cost is on the Python side."""
+    from bench_intranode import host_samples_us  # noqa: PLC0415
+
+    timed, real = _TimedRuntime(buf.runtime), buf.runtime
+    inside = []
+
+    def split():
+        timed.spent = 0.0
+        result = op()
+        inside.append(timed.spent * 1e6)
+        return result
+
+    buf.runtime = timed
+    try:
+        host_samples_us(split, iters, after=after)
+    finally:
+        buf.runtime = real
+    return inside
+
+
 def bench_ll(rank, num_ranks, params: dict) -> dict:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
@@ -141,6 +184,8 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
                       "back_to_back": _event_us(params["iters"], reps, once)}
         if name != "dispatch_send_hook":  # a hook's graph would time send and receive together
             mine[name]["graph"] = _graph_us(once, params["iters"], reps)
+        if params.get("split_host"):
+            mine[name]["host_in_extension"] = _split_host_us(buf, op, params["iters"], after)
     routed = int((topk_idx >= 0).sum().item())
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, {"samples": mine, "routed": routed})
@@ -149,7 +194,7 @@ def bench_ll(rank, num_ranks, params: dict) -> dict:
                "reps": reps, "routed_rows": sum(g["routed"] for g in gathered), "ops": {}}
     for name in OPS:
         entry = {}
-        for how in MEASURES:
+        for how in MEASURES + ("host_in_extension",):
             if how not in mine[name]:
                 continue
             worst = [max(g["samples"][name][how][i] for g in gathered) for i in range(params["iters"])]
@@ -178,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="calls in a row for the back-to-back and graph figures")
     parser.add_argument("--full-path", action="store_true",
                         help="time the calls through the full Python path, not the express calls (Buffer._express)")
+    parser.add_argument("--split-host", action="store_true",
+                        help="also time the host time spent inside the extension's calls (the rest is Python); "
+                             "with MOELINK_HOST_STAMPS=DIR the runtime's phases go to DIR too")
     args = parser.parse_args(argv)
     for ranks in args.ranks:
         for experts in args.experts:
@@ -197,7 +245,7 @@ def main(argv=None) -> int:
         for experts in args.experts:
             params = {"tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "experts": experts,
                       "iters": args.iters, "warmup": args.warmup, "reps": args.reps, "seed": 7,
-                      "full_path": args.full_path}
+                      "full_path": args.full_path, "split_host": args.split_host}
             try:
                 with Progress(f"{ranks} ranks, {experts} experts"):
                     result = launcher.run_ranks(ranks, ("bench_low_latency", "bench_ll", str(Path(__file__).resolve())), params,
@@ -221,6 +269,10 @@ def main(argv=None) -> int:
                   + " | ".join(cells) + " |", flush=True)
             print(f"  {'host / back-to-back / graph':>38} | " + " | ".join(f"{o:>18}" for o in others) + " |",
                   flush=True)
+            if args.split_host:
+                inside = [f"{result['ops'][name]['host_in_extension']['median_us']:.1f}" for name in OPS]
+                print(f"  {'host inside the extension calls':>38} | " + " | ".join(f"{v:>18}" for v in inside) + " |",
+                      flush=True)
             report["runs"].append(result)
     out = os.environ.get("OUT")
     if out:

@@ -333,6 +333,36 @@ def test_low_latency_floor(repo_root):
         sys.modules.pop("bench_ll", None)
 
 
+def test_low_latency_split_host_sums_the_time_inside_the_runtime_calls(repo_root):
+    """--split-host's wrapper: every method call of the runtime is timed into `spent` (an exception
+    too), and attributes that are not methods pass through."""
+    spec = importlib.util.spec_from_file_location("bench_ll", repo_root / "bench" / "bench_low_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_ll"] = module
+    try:
+        spec.loader.exec_module(module)
+
+        class Runtime:
+            device_id = 3
+
+            def slow(self):
+                time.sleep(0.02)
+                return "done"
+
+            def fails(self):
+                time.sleep(0.02)
+                raise ValueError("bad")
+
+        timed = module._TimedRuntime(Runtime())
+        assert timed.device_id == 3 and timed.spent == 0.0
+        assert timed.slow() == "done" and timed.spent >= 0.02
+        with pytest.raises(ValueError):
+            timed.fails()
+        assert timed.spent >= 0.04
+    finally:
+        sys.modules.pop("bench_ll", None)
+
+
 def test_a_failing_rank_of_a_function_reference_is_a_rank_failure(repo_root, monkeypatch):
     """The bench names its rank jobs by (module, qualname, path) so that its parent never imports
     torch; when one fails the launcher must raise RankFailure (which the bench reports in its

@@ -9,6 +9,7 @@
 #include "modes/low_latency/contract.hpp"
 #include "runtime/context.hpp"
 #include "runtime/errors.hpp"
+#include "runtime/host_stamps.hpp"
 #include "runtime/wait_steps.hpp"
 #include "window/nvshmem.hpp"
 
@@ -153,6 +154,7 @@ int64_t rdma_size_hint(int max_tokens, int hidden, int num_ranks, int num_expert
 
 EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
                      LowLatencyPhase phase, const StreamOrder& order) {
+  host_stamps::begin();
   const int R = ctx.topo.num_ranks, M = in.num_max_dispatch_tokens_per_rank;
   const Layout L = begin_call(ctx, in.x, 2, M, in.num_experts, "low_latency_dispatch");
   const int64_t T = in.x.size(0), H = in.x.size(1);
@@ -185,8 +187,10 @@ EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const Low
   if (in.dispatch_wait_recv_cost_stats.defined())
     expect(in.dispatch_wait_recv_cost_stats, {R}, DType::kInt64, ctx.device, "dispatch_wait_recv_cost_stats");
   const int blocks = launch_blocks(ctx, blocks_per_sm(ctx, dispatch_blocks_per_sm));
+  host_stamps::mark("ll_dispatch.checks");
 
   ctx.begin_op(order);
+  host_stamps::mark("ll_dispatch.begin_op");
   DispatchArgs a{};
   a.x = in.x.data;
   a.topk_idx = static_cast<const int64_t*>(in.topk_idx.data);
@@ -213,19 +217,24 @@ EventHandle dispatch(Context& ctx, const LowLatencyDispatchInputs& in, const Low
                           {&out.recv_count, E_local * 4LL},
                           {&out.src_info, E_local * RM * 4LL},
                           {&out.layout_range, E_local * R * 8LL}});
+  host_stamps::mark("ll_dispatch.args");
   if (ctx.low_latency_puts)
     window::nvshmem_low_latency_dispatch(a, blocks, ctx.comm_stream);
   else
     launch_dispatch(a, blocks, ctx.comm_stream);
+  host_stamps::mark("ll_dispatch.launch");
   EventHandle done = ctx.end_op(order);
+  host_stamps::mark("ll_dispatch.end_op");
   // After a send phase the caller still owes the receive phase, which keeps the ranks' calls in
   // step: the receive's end raises.
   if (phase != LowLatencyPhase::kSend) ctx.raise_at_end(order.compute_stream);
+  host_stamps::mark("ll_dispatch.raise_at_end");
   return done;
 }
 
 EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLatencyCombineOutputs& out,
                     LowLatencyPhase phase, const StreamOrder& order) {
+  host_stamps::begin();
   const int R = ctx.topo.num_ranks, M = in.num_max_dispatch_tokens_per_rank;
   const Layout L = begin_call(ctx, in.x, 3, M, in.num_experts, "low_latency_combine");
   const int64_t H = in.x.size(2);
@@ -253,8 +262,10 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
     raise(ErrorKind::kValue, "use_logfmt: a zero-copy LogFMT combine is not supported where ranks are reached by "
           "NVSHMEM puts yet (its rows would be encoded in place, in x); pass x outside the low-latency buffer");
   const int blocks = launch_blocks(ctx, blocks_per_sm(ctx, combine_blocks_per_sm));
+  host_stamps::mark("ll_combine.checks");
 
   ctx.begin_op(order);
+  host_stamps::mark("ll_combine.begin_op");
   CombineArgs a{};
   a.x = in.x.data;
   a.src_info = static_cast<const int*>(in.src_info.data);
@@ -273,15 +284,19 @@ EventHandle combine(Context& ctx, const LowLatencyCombineInputs& in, const LowLa
   // A combine stages in its own zero-copy area (combine_buffer), never the next combine's.
   a.put.staging_area = static_cast<int>(ctx.low_latency_combines & 1);
   a.poison = poison_list({{&out.combined_x, T * H * 2}});
+  host_stamps::mark("ll_combine.args");
   if (ctx.low_latency_puts)
     window::nvshmem_low_latency_combine(a, blocks, ctx.comm_stream);
   else
     launch_combine(a, blocks, ctx.comm_stream);
+  host_stamps::mark("ll_combine.launch");
   if (phase != LowLatencyPhase::kReceive) ++ctx.low_latency_combines;
   EventHandle done = ctx.end_op(order);
+  host_stamps::mark("ll_combine.end_op");
   // After a send phase the caller still owes the receive phase, which keeps the ranks' calls in
   // step: the receive's end raises.
   if (phase != LowLatencyPhase::kSend) ctx.raise_at_end(order.compute_stream);
+  host_stamps::mark("ll_combine.raise_at_end");
   return done;
 }
 
