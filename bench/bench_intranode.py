@@ -161,6 +161,28 @@ def host_samples_us(op, iters: int, flush=None, barrier: bool = True, after=None
     return samples
 
 
+class TimedRuntime:
+    """A Buffer's runtime whose method calls add their host time to `spent[name]` (seconds), an
+    exception's too; attributes that are not methods pass through. The probes put it in place of
+    Buffer.runtime: a call's host time minus what it spent here is the Python layer's."""
+
+    def __init__(self, real) -> None:
+        self.__dict__.update(_real=real, spent={})
+
+    def __getattr__(self, attr: str):
+        method = getattr(self._real, attr)
+        if not callable(method):
+            return method
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.spent[attr] = self.spent.get(attr, 0.0) + time.perf_counter() - start
+        return timed
+
+
 def _make_buffer(mod, impl: str, num_ranks: int, num_tokens: int, hidden: int):
     num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
                         for config in (mod.Buffer.get_dispatch_config(num_ranks),

@@ -94,39 +94,18 @@ def _graph_us(once, iters: int, reps: int) -> list[float]:
     return samples
 
 
-class _TimedRuntime:
-    """A Buffer's runtime with the time spent inside its calls summed in `spent` (--split-host):
-    the caller's host time minus that is the Python layer's."""
-
-    def __init__(self, runtime) -> None:
-        self.__dict__.update(_runtime=runtime, spent=0.0)
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._runtime, name)
-        if not callable(attr):
-            return attr
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                self.spent += time.perf_counter() - start
-        return timed
-
-
 def _split_host_us(buf, op, iters: int, after) -> list[float]:
     """Per call, the host time spent inside the extension (runtime) calls of op, timed as the host
     figure is (barrier before each call); the wrapper's own cost is on the Python side."""
-    from bench_intranode import host_samples_us  # noqa: PLC0415
+    from bench_intranode import TimedRuntime, host_samples_us  # noqa: PLC0415
 
-    timed, real = _TimedRuntime(buf.runtime), buf.runtime
+    timed, real = TimedRuntime(buf.runtime), buf.runtime
     inside = []
 
     def split():
-        timed.spent = 0.0
+        timed.spent.clear()
         result = op()
-        inside.append(timed.spent * 1e6)
+        inside.append(sum(timed.spent.values()) * 1e6)
         return result
 
     buf.runtime = timed

@@ -57,28 +57,9 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
     kwargs = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
                   num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=inputs.topk_weights)
     spent: dict[str, float] = {}
-
-    class Timed:
-        """Buffer.runtime, with each method call's host time added to spent[name]."""
-
-        def __init__(self, real):
-            self._real = real
-
-        def __getattr__(self, attr):
-            method = getattr(self._real, attr)
-            if not callable(method):
-                return method
-
-            def timed(*args, **kw):
-                start = time.perf_counter()
-                try:
-                    return method(*args, **kw)
-                finally:
-                    spent[attr] = spent.get(attr, 0.0) + time.perf_counter() - start
-            return timed
-
     if impl == "moelink":
-        buf.runtime = Timed(buf.runtime)
+        buf.runtime = bi.TimedRuntime(buf.runtime)
+        spent = buf.runtime.spent
     lines = []
     scales_col = inputs.x_scales.t().contiguous().t()  # the same values, column-major
     ops = (("get_dispatch_layout", lambda: buf.get_dispatch_layout(topk_idx, 256)),
