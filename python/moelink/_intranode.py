@@ -348,9 +348,8 @@ def combine(buf: "Buffer", x: torch.Tensor, handle: DispatchHandle, topk_weights
 
 def _refs_of(buf: "Buffer", handle: Any) -> Any:
     """The handle's HandleRefs when a dispatch made it (its tensors are then the ones the refs
-    describe), else None (the extension reads the tensors). Buffer._handle_refs switches it off per
-    call, for bench/interleaved.py."""
-    if type(handle) is DispatchHandle and handle._from_dispatch and buf._handle_refs:
+    describe), else None (the extension reads the tensors)."""
+    if type(handle) is DispatchHandle and handle._from_dispatch:
         return handle._refs
     return None
 

@@ -41,11 +41,6 @@ class Buffer:
 
     num_sms: int = 20
 
-    # Whether a cached dispatch and a combine on the full path take the handle's tensors as the
-    # dispatch's extension call read them (DispatchHandle._refs) instead of reading them again (the
-    # express calls always do): a per-call switch, so bench/interleaved.py can time both in one
-    # process.
-    _handle_refs = True
     # Whether dispatch and combine called with their defaults take the express call (one extension
     # call, _intranode.py): per call, so bench/interleaved.py can time it against the full path
     # (`--switch full:_express=False`), and tests compare the two.

@@ -371,7 +371,6 @@ def _fake_buffer(max_num_sms=40, group_size=4):
 
     class FakeBuffer:
         num_sms = 24
-        _handle_refs = True  # as Buffer's
         _express = False  # the full path: these fakes have no express calls
 
         def _check_usable(self, op):
