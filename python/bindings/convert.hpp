@@ -149,7 +149,6 @@ inline TensorRef to_tensor_ref(nb::handle obj, const char* arg) {
 struct Torch {
   PyObject* empty;
   PyObject* empty_strided;
-  PyObject* zeros;
   PyObject* int32;
   PyObject* int64;
   PyObject* float32;
@@ -166,7 +165,6 @@ inline const Torch& torch_objects() {
     Torch o{};
     o.empty = nb::object(torch.attr("empty")).release().ptr();
     o.empty_strided = nb::object(torch.attr("empty_strided")).release().ptr();
-    o.zeros = nb::object(torch.attr("zeros")).release().ptr();
     o.int32 = nb::object(torch.attr("int32")).release().ptr();
     o.int64 = nb::object(torch.attr("int64")).release().ptr();
     o.float32 = nb::object(torch.attr("float32")).release().ptr();
@@ -190,19 +188,19 @@ inline nb::tuple int_tuple(const std::vector<int64_t>& values) {
   return tuple;
 }
 
-// torch.empty(shape, dtype=dtype, device=device) on the current stream (torch.zeros when `zeroed`),
+// torch.empty(shape, dtype=dtype, device=device) on the current stream,
 // and its TensorRef (the shape, dtype and device are known: only the pointer is read back). With `strides`,
 // torch.empty_strided: a column-major output in one torch call, not an empty and a .t() (a view
 // op whose cold path, run once per call, cost more than the allocation: bench/NOTES.md).
 inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType core_dtype, int device,
-                              TensorRef* ref, std::vector<int64_t> strides = {}, bool zeroed = false) {
+                              TensorRef* ref, std::vector<int64_t> strides = {}) {
   const Torch& torch = torch_objects();
   nb::tuple size = int_tuple(shape);
   nb::int_ ordinal(device);
   nb::object tensor;
   if (strides.empty()) {
     PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
-    tensor = nb::steal(PyObject_Vectorcall(zeroed ? torch.zeros : torch.empty, args, 1, torch.kwnames));
+    tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
   } else {
     nb::tuple stride = int_tuple(strides);
     PyObject* args[] = {size.ptr(), stride.ptr(), dtype, ordinal.ptr()};

@@ -244,9 +244,12 @@ moelink::StreamOrder default_order(uintptr_t compute_stream, bool async_finish =
   return order;
 }
 
-// A low-latency call's state tensor ([2] int64, zeroed), as the Python layer makes it.
+// A low-latency call's state tensor ([2] int64), as the Python layer makes it. Not zeroed: the
+// kernel's send half writes both words in its last block, faulted or not (low_latency/call.cuh's
+// run_call), before anything reads them, and a fill is one more launch on a host path that is the
+// whole of a hook's send call.
 nb::object ll_state(int device, moelink::TensorRef* ref) {
-  return torch_empty({2}, torch_objects().int64, moelink::DType::kInt64, device, ref, {}, true);
+  return torch_empty({2}, torch_objects().int64, moelink::DType::kInt64, device, ref);
 }
 
 // The local errors an operation left (what EventOverlap's finish would warn about), or None.

@@ -109,7 +109,7 @@ def dispatch(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, num_max_dis
     recv_count = torch.empty((num_local_experts,), dtype=torch.int32, device=device)
     src_info = torch.empty((num_local_experts, rows), dtype=torch.int32, device=device)
     layout_range = torch.empty((num_local_experts, num_ranks), dtype=torch.int64, device=device)
-    state = torch.zeros((2,), dtype=torch.int64, device=device)
+    state = torch.empty((2,), dtype=torch.int64, device=device)  # written by the kernel (ll_state)
     # Tensors go to the extension as they are (it reads their attributes): the hook reuses them.
     refs = (x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
             round_scale, use_ue8m0, recv_x, scales, recv_count, src_info, layout_range, state)
@@ -196,7 +196,7 @@ def combine(buf: "Buffer", x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
         raise ValueError(f"topk_idx must be [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
     if out is None:
         out = torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=buf._device)
-    state = torch.zeros((2,), dtype=torch.int64, device=buf._device)
+    state = torch.empty((2,), dtype=torch.int64, device=buf._device)
     refs = (x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, combine_wait_recv_cost_stats, out, state)
     dispatch_state = getattr(handle, "state", None)
     event = buf.runtime.low_latency_combine(*refs, _PHASE_SEND if return_recv_hook else _PHASE_BOTH,
