@@ -188,23 +188,41 @@ inline nb::tuple int_tuple(const std::vector<int64_t>& values) {
   return tuple;
 }
 
-// torch.empty(shape, dtype=dtype, device=device) on the current stream,
-// and its TensorRef (the shape, dtype and device are known: only the pointer is read back). With `strides`,
+// torch.empty(shape, dtype=dtype, device=device) on the current stream, and its TensorRef (the
+// shape, dtype and device are known: only the pointer is read back). With `strides`,
 // torch.empty_strided: a column-major output in one torch call, not an empty and a .t() (a view
 // op whose cold path, run once per call, cost more than the allocation: bench/NOTES.md).
+// With `like` (from template(): a plain torch.Tensor of `dtype` on `device`; `dtype` may then be
+// null), the same tensor as like.new_empty(shape) / new_empty_strided: positional arguments only,
+// which torch's argument parser takes faster than torch.empty's keyword dtype and device, on every
+// output of every call's host path.
 inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType core_dtype, int device,
-                              TensorRef* ref, std::vector<int64_t> strides = {}) {
+                              TensorRef* ref, std::vector<int64_t> strides = {}, nb::handle like = nb::handle()) {
   const Torch& torch = torch_objects();
   nb::tuple size = int_tuple(shape);
-  nb::int_ ordinal(device);
   nb::object tensor;
-  if (strides.empty()) {
-    PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
-    tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
+  if (like.is_valid()) {
+    static PyObject* const kNewEmpty = PyUnicode_InternFromString("new_empty");
+    static PyObject* const kNewEmptyStrided = PyUnicode_InternFromString("new_empty_strided");
+    if (strides.empty()) {
+      PyObject* args[] = {like.ptr(), size.ptr()};
+      tensor = nb::steal(PyObject_VectorcallMethod(kNewEmpty, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    } else {
+      nb::tuple stride = int_tuple(strides);
+      PyObject* args[] = {like.ptr(), size.ptr(), stride.ptr()};
+      tensor = nb::steal(
+          PyObject_VectorcallMethod(kNewEmptyStrided, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    }
   } else {
-    nb::tuple stride = int_tuple(strides);
-    PyObject* args[] = {size.ptr(), stride.ptr(), dtype, ordinal.ptr()};
-    tensor = nb::steal(PyObject_Vectorcall(torch.empty_strided, args, 2, torch.kwnames));
+    nb::int_ ordinal(device);
+    if (strides.empty()) {
+      PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
+      tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
+    } else {
+      nb::tuple stride = int_tuple(strides);
+      PyObject* args[] = {size.ptr(), stride.ptr(), dtype, ordinal.ptr()};
+      tensor = nb::steal(PyObject_Vectorcall(torch.empty_strided, args, 2, torch.kwnames));
+    }
   }
   if (!tensor.is_valid()) throw nb::python_error();
   static PyObject* const kDataPtr = PyUnicode_InternFromString("data_ptr");
@@ -215,6 +233,14 @@ inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType
   ref->shape = std::move(shape);
   ref->strides = std::move(strides);  // empty: contiguous
   ref->device = device;
+  return tensor;
+}
+
+// `tensor` as torch_empty's `like` for an output of `dtype` on `device`, when its reading `ref` says it
+// is one (dtype and device; a subclass is not: its new_empty would make the subclass); else none.
+inline nb::handle template_for(nb::handle tensor, const TensorRef& ref, DType dtype, int device) {
+  if (!ref.defined() || ref.dtype != dtype || ref.device != device || Py_TYPE(tensor.ptr()) != torch_objects().tensor)
+    return nb::handle();
   return tensor;
 }
 

@@ -38,6 +38,7 @@ using moelink::bindings::to_bytes;
 using moelink::bindings::to_stream_order;
 using moelink::bindings::to_tensor_ref;
 using moelink::bindings::Torch;
+using moelink::bindings::template_for;
 using moelink::bindings::torch_empty;
 using moelink::bindings::torch_objects;
 using moelink::bindings::is_tensor;
@@ -187,20 +188,20 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
 std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
                                                int64_t n, int device, moelink::DispatchOutputs* out) {
   moelink::check::dim(in.x, 2, "x");
-  nb::object x_dtype = x.attr("dtype");
-  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x);
+  const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
+  nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
+  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x, {}, like_x);
   nb::object recv_x_scales = nb::none();
   if (in.x_scales.defined()) {
     moelink::check::dim(in.x_scales, 2, "x_scales");
     const int64_t num_scales = in.x_scales.size(1);
-    nb::object scales_dtype = x_scales.attr("dtype");
-    if (in.x_scales.stride(1) != 1) {
-      // The strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
-      recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales,
-                                  {1, std::max<int64_t>(n, 1)});
-    } else {
-      recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales);
-    }
+    const nb::handle like_scales = template_for(x_scales, in.x_scales, in.x_scales.dtype, device);
+    nb::object scales_dtype = like_scales.is_valid() ? nb::object() : x_scales.attr("dtype");
+    // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
+    std::vector<int64_t> strides;
+    if (in.x_scales.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
+    recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales,
+                                std::move(strides), like_scales);
   }
   return {std::move(recv_x), std::move(recv_x_scales)};
 }
@@ -248,8 +249,8 @@ moelink::StreamOrder default_order(uintptr_t compute_stream, bool async_finish =
 // kernel's send half writes both words in its last block, faulted or not (low_latency/call.cuh's
 // run_call), before anything reads them, and a fill is one more launch on a host path that is the
 // whole of a hook's send call.
-nb::object ll_state(int device, moelink::TensorRef* ref) {
-  return torch_empty({2}, torch_objects().int64, moelink::DType::kInt64, device, ref);
+nb::object ll_state(int device, moelink::TensorRef* ref, nb::handle like_int64) {
+  return torch_empty({2}, torch_objects().int64, moelink::DType::kInt64, device, ref, {}, like_int64);
 }
 
 // The local errors an operation left (what EventOverlap's finish would warn about), or None.
@@ -299,7 +300,8 @@ moelink::LowLatencyCombineInputs ll_combine_inputs(nb::handle x, nb::handle topk
 // (allocated while it runs), the host wait, the outputs and the dispatch launch, as
 // intranode_dispatch_uncached returns them; `express` appends the hidden size and local_errors.
 nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs& in, nb::handle x,
-                            nb::handle x_scales, const moelink::Config& config,
+                            nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
+                            nb::handle num_tokens_per_rank, const moelink::Config& config,
                             const moelink::StreamOrder& stream_order, bool express) {
   {
     nb::gil_scoped_release release;
@@ -309,15 +311,19 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   const Torch& torch = torch_objects();
   const int device = in.x.device;
   const int64_t num_ranks = self.topology().num_ranks, num_channels = config.num_sms / 2;
+  // The notify checked these inputs' dtypes and devices: outputs of the same dtype are made from them.
+  const nb::handle like_int32 = template_for(num_tokens_per_rank, in.num_tokens_per_rank, moelink::DType::kInt32, device);
+  const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device);
+  const nb::handle like_float32 = template_for(topk_weights, in.topk_weights, moelink::DType::kFloat32, device);
   moelink::DispatchHandle handle;
   nb::object rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32,
-                                              device, &handle.rank_prefix_matrix);
+                                              device, &handle.rank_prefix_matrix, {}, like_int32);
   nb::object channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32,
-                                                 device, &handle.channel_prefix_matrix);
+                                                 device, &handle.channel_prefix_matrix, {}, like_int32);
   nb::object recv_channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32,
                                                       moelink::DType::kInt32, device,
-                                                      &handle.recv_channel_prefix_matrix);
-  nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info);
+                                                      &handle.recv_channel_prefix_matrix, {}, like_int32);
+  nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info, {}, like_int64);
   handle.is_token_in_rank = in.is_token_in_rank;
   moelink::DispatchPlan plan;
   {
@@ -331,11 +337,13 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   if (in.topk_idx.defined()) {
     moelink::check::dim(in.topk_idx, 2, "topk_idx");
     const int64_t k = in.topk_idx.size(1);
-    recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx);
+    recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx, {}, like_int64);
     if (in.topk_weights.defined())
-      recv_topk_weights = torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights);
+      recv_topk_weights = torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights,
+                                      {}, like_float32);
   }
-  nb::object recv_src_idx = torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx);
+  nb::object recv_src_idx =
+      torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx, {}, like_int32);
   moelink::EventHandle event;
   {
     nb::gil_scoped_release release;
@@ -654,7 +662,8 @@ void bind_buffer(nb::module_& m) {
                 notify_inputs(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                               num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, order,
                               &stream_order);
-            return dispatch_uncached(self, in, x, x_scales, config, stream_order, false);
+            return dispatch_uncached(self, in, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, config,
+                                     stream_order, false);
           },
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
@@ -686,7 +695,8 @@ void bind_buffer(nb::module_& m) {
                 (in.topk_idx.defined() && in.topk_idx.dim() != 2))
               return nb::none();
             in.num_experts = static_cast<int>(in.num_tokens_per_expert.numel());
-            return dispatch_uncached(self, in, data, scales, config, stream_order, true);
+            return dispatch_uncached(self, in, data, scales, topk_idx, topk_weights, num_tokens_per_rank, config,
+                                     stream_order, true);
           },
           "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "is_token_in_rank"_a.none(),
           "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(), "expert_alignment"_a,
@@ -742,11 +752,15 @@ void bind_buffer(nb::module_& m) {
               // As combine (python/moelink/_intranode.py) allocates them, on the caller's stream.
               const int64_t num_tokens = refs.is_token_in_rank.size(0);
               const int device = self.device_id();
-              nb::object x_dtype = x.attr("dtype");
-              combined_x = torch_empty({num_tokens, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.combined_x);
+              const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
+              nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
+              combined_x = torch_empty({num_tokens, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.combined_x,
+                                       {}, like_x);
               if (in.topk_weights.defined())
-                combined_topk_weights = torch_empty({num_tokens, in.topk_weights.size(1)}, torch_objects().float32,
-                                                    moelink::DType::kFloat32, device, &out.combined_topk_weights);
+                combined_topk_weights = torch_empty(
+                    {num_tokens, in.topk_weights.size(1)}, torch_objects().float32, moelink::DType::kFloat32, device,
+                    &out.combined_topk_weights, {},
+                    template_for(topk_weights, in.topk_weights, moelink::DType::kFloat32, device));
             });
             if (!checked) return nb::none();
             moelink::DispatchHandle handle = refs;
@@ -845,9 +859,11 @@ void bind_buffer(nb::module_& m) {
             const int device = self.device_id();
             const int64_t E = num_experts / R, rows = R * num_max_dispatch_tokens_per_rank, H = in.x.size(1);
             moelink::LowLatencyDispatchOutputs out;
+            const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device);
             nb::object recv_x = torch_empty({E, rows, H}, use_fp8 ? torch.float8_e4m3fn : torch.bfloat16,
                                             use_fp8 ? moelink::DType::kFloat8E4M3 : moelink::DType::kBFloat16, device,
-                                            &out.recv_x);
+                                            &out.recv_x, {},
+                                            use_fp8 ? nb::handle() : template_for(x, in.x, moelink::DType::kBFloat16, device));
             nb::object recv_x_scales = nb::none();
             if (use_fp8) {
               // Column-major in the last two dims: the strides of empty((E, columns, rows)).transpose(1, 2).
@@ -859,8 +875,8 @@ void bind_buffer(nb::module_& m) {
             nb::object recv_count = torch_empty({E}, torch.int32, moelink::DType::kInt32, device, &out.recv_count);
             nb::object src_info = torch_empty({E, rows}, torch.int32, moelink::DType::kInt32, device, &out.src_info);
             nb::object layout_range =
-                torch_empty({E, R}, torch.int64, moelink::DType::kInt64, device, &out.layout_range);
-            nb::object state = ll_state(device, &out.state);
+                torch_empty({E, R}, torch.int64, moelink::DType::kInt64, device, &out.layout_range, {}, like_int64);
+            nb::object state = ll_state(device, &out.state, like_int64);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
@@ -892,10 +908,10 @@ void bind_buffer(nb::module_& m) {
             nb::object result = nb::borrow(combined_x);
             if (combined_x.is_none())
               result = torch_empty({in.topk_idx.size(0), hidden}, torch.bfloat16, moelink::DType::kBFloat16, device,
-                                   &out.combined_x);
+                                   &out.combined_x, {}, template_for(x, in.x, moelink::DType::kBFloat16, device));
             else
               out.combined_x = to_tensor_ref(combined_x, "out");
-            nb::object state = ll_state(device, &out.state);
+            nb::object state = ll_state(device, &out.state, template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device));
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
