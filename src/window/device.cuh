@@ -52,8 +52,9 @@ struct FakePuts {
     for (done += words * 16; done < bytes; done += 4)
       *reinterpret_cast<int*>(d + done) = kernels::ld_cg(reinterpret_cast<const int*>(s + done));
   }
-  // A counted signal: `rows` more have landed. Release at system scope, so the copies this thread
-  // made before are visible to whoever sees the new count (Puts: the put's own signal, after a fence).
+  // A counted signal: `rows` more have landed. A release add at system scope (a system fence and
+  // the add in one), so the copies this thread made before are visible to whoever sees the new
+  // count (Puts: the put's own signal ADD, ordered after the bytes).
   static __device__ __forceinline__ void signal_add(int* counter, int rows) {
     kernels::red_add_release_sys(counter, rows);
   }
