@@ -4,7 +4,7 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 peerloss peerlossmid
+# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 peerloss peerlossmid
 #         peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll bench probehost interleaved variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). cputorch: the CPU tests that need torch (skipped where it is missing, as in CI). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
@@ -71,8 +71,10 @@ for g in $TEST_GROUPS; do
     llnvshmem) group llnvshmem 400 $P tests/gpu/test_low_latency_nvshmem.py tests/gpu/test_nvshmem.py ;;
     logfmt) group logfmt 200 $P tests/gpu/test_low_latency_logfmt.py ;;
     frameworks) group frameworks 200 $P tests/gpu/test_frameworks.py ;;
-    internode) group internode 300 $P tests/gpu/test_internode.py -k "2-2 or back_to_back or knob or bad_expert_id" ;;
-    internode8) group internode8 300 $P tests/gpu/test_internode.py -k "2-4 or 4-2 or default_configs" ;;
+    internode) group internode 300 $P tests/gpu/test_internode.py -k "(2-2 or back_to_back or knob or bad_expert_id) and not fake" ;;
+    internode8) group internode8 300 $P tests/gpu/test_internode.py -k "(2-4 or 4-2 or default_configs) and not fake" ;;
+    internodefake) group internodefake 400 $P tests/gpu/test_internode.py -k "fake and (2-2 or back_to_back or bit_equal)" ;;
+    internodefake8) group internodefake8 400 $P tests/gpu/test_internode.py -k "fake and (2-4 or 4-2) and not bit_equal" ;;
     peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py ;;
     peerlossmid) group peerlossmid 150 $P tests/gpu/test_peer_loss.py -k during ;;
     peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;

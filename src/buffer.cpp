@@ -13,6 +13,7 @@
 #include "modes/low_latency/host.hpp"
 #include "runtime/context.hpp"
 #include "runtime/errors.hpp"
+#include "runtime/knobs.hpp"
 #include "window/nvshmem.hpp"
 
 namespace moelink {
@@ -263,9 +264,35 @@ void Buffer::raise_pending_errors() const { ctx_->raise_at_end(); }
 
 void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 
+void Buffer::serve_as_internode_lane() {
+  ctx_->require_usable("serve_as_internode_lane");
+  if (ctx_->peer_segments)
+    detail::raise(ErrorKind::kState, "serve_as_internode_lane: this Buffer already ran an operation that could map "
+                  "peer segments; make it a lane before its first dispatch or combine");
+  const knobs::LanePut put = knobs::debug_lane_force_put();
+  if (put == knobs::LanePut::kNvshmem)
+    detail::raise(ErrorKind::kState, "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem: the lane's NVSHMEM put build is not "
+                  "written yet (docs/internal/INTERNODE_LANE.md, step 3); use fake, or unset it");
+  ctx_->ring_only = true;
+  ctx_->peer_segments_enabled = false;
+  ctx_->lane_fake_puts = put == knobs::LanePut::kFake;
+}
+
+std::string Buffer::lane_window() const {
+  if (!ctx_->ring_only) return "";
+  return ctx_->lane_fake_puts ? "fake" : "stores";
+}
+
 void Buffer::abstain(bool /*waits_on_host*/) { ctx_->abstain(); }
 
-void Buffer::debug_halt_next_sends() { ctx_->halt_next_sends = true; }
+void Buffer::debug_halt_next_sends() {
+  // Peer loss on the put lane is step 2 of docs/internal/INTERNODE_LANE.md; refused here, before
+  // any operation, so that no peer is left waiting for it.
+  if (ctx_->lane_fake_puts)
+    detail::raise(ErrorKind::kState, "debug_halt_next_sends: the halting test hook is not built for the fake-puts lane "
+                  "(MOELINK_DEBUG_LANE_FORCE_PUT=fake)");
+  ctx_->halt_next_sends = true;
+}
 
 int64_t Buffer::low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
                                            int num_experts) {

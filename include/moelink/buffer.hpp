@@ -190,6 +190,15 @@ class Buffer {
   // sets it on its inner Buffers and calls raise_pending_errors at the end of its own operation
   // (runtime/context.hpp says why).
   void defer_data_errors(bool defer);
+  // Makes this Buffer an internode Buffer's lane (its node-to-node leg), before its first operation:
+  // every dispatch and combine row goes through the rings (no direct writes, no pull combine, no
+  // peer segments), and with MOELINK_DEBUG_LANE_FORCE_PUT=fake their senders fill them by the put
+  // path's protocol over IPC. Raises kState for =nvshmem (the put build is not written yet), or when
+  // an operation already mapped peer segments.
+  void serve_as_internode_lane();
+  // How this Buffer's ring senders write: "" (not a lane), "stores" or "fake" (the put protocol).
+  // For tests and diagnostics.
+  std::string lane_window() const;
   // Bad input this rank alone saw in a low-latency call, which went on (its peers with it): expert
   // ids outside [-1, num_experts) or named twice in a token. The rows they spoilt are poisoned; each
   // operation collects these, and this hands them out (the Python package warns with them).

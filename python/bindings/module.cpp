@@ -525,6 +525,8 @@ void bind_buffer(nb::module_& m) {
       // It drains the comm stream first (up to timeout + 2 s) when a record is pending.
       .def("raise_pending_errors", &Buffer::raise_pending_errors, Release())
       .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
+      .def("serve_as_internode_lane", &Buffer::serve_as_internode_lane)
+      .def_prop_ro("lane_window", &Buffer::lane_window)
       .def("take_local_errors", &Buffer::take_local_errors)
       .def("debug_halt_next_sends", &Buffer::debug_halt_next_sends)
 

@@ -7,7 +7,10 @@ A group of N nodes x L GPUs (global rank n * L + l) gets two inner Buffers on ev
   crosses it once per destination node, to the rank of its own lane there (the forwarder), with its
   top-k ids and weights. In this version the leg runs over CUDA IPC, so every rank must be on one
   host (nodes emulated on one machine, the way the test suite runs them); the NVSHMEM leg between
-  real nodes is not implemented yet and Buffer construction says so.
+  real nodes is not implemented yet and Buffer construction says so. The lane takes the rings only
+  (no direct writes, pull combine or peer segments: none of them reaches another node), and with
+  MOELINK_DEBUG_LANE_FORCE_PUT=fake its senders fill them by the put path's protocol over IPC
+  (docs/internal/INTERNODE_LANE.md).
 - the *node* Buffer over the L ranks of node n: the forwarder sends each token it received on to the
   ranks of its node that hold one of its experts, and combine sums a node's rows at the forwarder,
   so one partial row per (token, node) crosses back.
@@ -129,6 +132,15 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
         for name, members, nbytes in (("node", node_members, num_nvl_bytes), ("lane", lane_members, num_rdma_bytes)):
             built.append(_together(all_gather, name, lambda m=members, b=nbytes: Buffer(
                 _bootstrap.SubGroup(all_gather, m, rank), b, **common)))
+        lane = built[1]
+
+        def as_lane() -> "Buffer":
+            # Before its first operation: the lane takes the rings only, and the window the knob names
+            # (MOELINK_DEBUG_LANE_FORCE_PUT); it refuses one that is not built.
+            lane.runtime.serve_as_internode_lane()
+            return lane
+
+        _together(all_gather, "lane", as_lane)
     except BaseException:
         # Every rank is here together (_together): each frees what its groups built.
         for inner in reversed(built):

@@ -20,6 +20,12 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int v) {
   asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
 }
 
+// Adds v to a counter (usually in a peer's memory) with release semantics: every store this thread
+// made before is visible to whoever sees the sum.
+__device__ __forceinline__ void red_add_release_sys(int* ptr, int v) {
+  asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* ptr) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");

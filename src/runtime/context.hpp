@@ -60,6 +60,11 @@ class Context {
   // (window/peer_segments.hpp): this rank's exported segments, and the peers' it has mapped, one
   // table for both (made at the first dispatch or combine; closed by release()).
   bool peer_segments_enabled = false;  // knobs::peer_segments()
+  // An internode Buffer's lane (Buffer::serve_as_internode_lane): every row goes through the rings
+  // (no direct writes, no pull, no segments), as between nodes it must; with lane_fake_puts (the
+  // knob MOELINK_DEBUG_LANE_FORCE_PUT=fake) the senders fill them by the put path's protocol.
+  bool ring_only = false;
+  bool lane_fake_puts = false;
   window::PeerSegments::Limits segment_limits;  // knobs::segment_window(), segment_mapped_mb()
   window::SegmentExports segment_exports;
   std::unique_ptr<window::PeerSegments> peer_segments;

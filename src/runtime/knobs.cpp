@@ -43,6 +43,14 @@ const char* transport_name(LowLatencyTransport transport) {
   }
 }
 
+const char* lane_put_name(LanePut put) {
+  switch (put) {
+    case LanePut::kFake: return "fake";
+    case LanePut::kNvshmem: return "nvshmem";
+    default: return "stores";
+  }
+}
+
 }  // namespace
 
 double timeout_seconds() {
@@ -105,6 +113,15 @@ LowLatencyTransport low_latency_transport() {
 
 bool debug_low_latency_force_put() { return flag("MOELINK_DEBUG_LL_FORCE_PUT", false); }
 
+LanePut debug_lane_force_put() {
+  const char* value = value_of("MOELINK_DEBUG_LANE_FORCE_PUT");
+  if (value == nullptr) return LanePut::kStores;
+  const std::string text(value);
+  if (text == "fake") return LanePut::kFake;
+  if (text == "nvshmem") return LanePut::kNvshmem;
+  detail::raise(ErrorKind::kValue, "MOELINK_DEBUG_LANE_FORCE_PUT: expected fake or nvshmem, got '", text, "'");
+}
+
 bool peer_segments() { return flag("MOELINK_PEER_SEGMENTS", true); }
 
 int segment_window() {
@@ -122,11 +139,11 @@ void log_once() {
     std::fprintf(stderr,
                  "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d MOELINK_PREFETCH=%d "
                  "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
-                 "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_PEER_SEGMENTS=%d MOELINK_SEGMENT_WINDOW=%d "
-                 "MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
+                 "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_DEBUG_LANE_FORCE_PUT=%s MOELINK_PEER_SEGMENTS=%d "
+                 "MOELINK_SEGMENT_WINDOW=%d MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
                  timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, prefetch() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
                  transport_name(low_latency_transport()), debug_low_latency_force_put() ? 1 : 0,
-                 peer_segments() ? 1 : 0, segment_window(), segment_mapped_mb());
+                 lane_put_name(debug_lane_force_put()), peer_segments() ? 1 : 0, segment_window(), segment_mapped_mb());
   });
 }
 

@@ -49,6 +49,15 @@ LowLatencyTransport low_latency_transport();
 // one NVSHMEM cannot map, so the put path runs (and is tested) on one GPU. Read on every Buffer.
 bool debug_low_latency_force_put();
 
+// MOELINK_DEBUG_LANE_FORCE_PUT (fake | nvshmem; unset: neither): how an internode Buffer's lane
+// (the node-to-node leg, python/moelink/_internode.py) fills its peers' rings. Unset, by stores;
+// fake, by the put path's protocol over the same IPC mappings (mirrors, one ranged copy per batch,
+// counted tail signals: docs/internal/INTERNODE_LANE.md), so that it is tested without NVSHMEM;
+// nvshmem, by NVSHMEM puts, which are not built yet (the lane then refuses to start). Must agree on
+// every rank. Read for each lane Buffer, and by the RDMA size hint (the put path's mirrors).
+enum class LanePut { kStores, kFake, kNvshmem };
+LanePut debug_lane_force_put();
+
 // MOELINK_PEER_SEGMENTS (0/1, default 1): peers write dispatch rows straight into outputs that are
 // ordinary cudaMalloc'd (caching-allocator) tensors, by mapping their segments with legacy CUDA IPC
 // (window/peer_segments.hpp), and token owners read ordinary combine inputs in place the same way;

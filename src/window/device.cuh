@@ -3,8 +3,9 @@
 // signalled after the rows, and a bounded wait on a local counter. Over CUDA IPC these are plain
 // stores through mapped pointers and release/acquire at system scope (a peer may be another
 // process on this GPU under MPS, or another GPU across NVLink). A kernel written once over a window
-// takes its policy as a template argument: Stores here (libmoelink), or window/nvshmem/device.cuh's
-// Puts (the NVSHMEM plugin), which adds put-with-signal for peers that cannot be mapped.
+// takes its policy as a template argument: Stores here (libmoelink), FakePuts (the put path's
+// protocol over stores, for tests without NVSHMEM), or window/nvshmem/device.cuh's Puts (the
+// NVSHMEM plugin), which adds put-with-signal for peers that cannot be mapped.
 #include <cstdint>
 
 #include "common/header.hpp"
@@ -16,6 +17,48 @@ namespace moelink::window {
 // Every peer is reached by stores: the put path's branches are compiled out.
 struct Stores {
   static constexpr bool kPuts = false;
+};
+
+// The put path's protocol over stores (the internode lane's MOELINK_DEBUG_LANE_FORCE_PUT=fake): a
+// sender stages what it sends in its own memory (a mirror) and one thread copies it into the peer's
+// mapped memory and signals it, exactly where window/nvshmem/device.cuh's Puts issues a
+// put-with-signal. Over IPC the copy is complete when put() returns, so quiet() has nothing left to
+// wait for; the kernels still call it where Puts must (before a mirror is rewritten).
+struct FakePuts {
+  static constexpr bool kPuts = true;
+
+  // One thread: `bytes` (a multiple of 4; dest and source equally aligned mod 16, as a mirror and
+  // the ring it mirrors are) from this rank's `source` to a peer's mapped `dest`.
+  static __device__ __forceinline__ void put(void* dest, const void* source, int64_t bytes) {
+    char* d = static_cast<char*>(dest);
+    const char* s = static_cast<const char*>(source);
+    int64_t done = 0;
+    for (; done < bytes && (reinterpret_cast<uintptr_t>(d + done) & 15) != 0; done += 4)
+      *reinterpret_cast<int*>(d + done) = kernels::ld_cg(reinterpret_cast<const int*>(s + done));
+    // Loads kUnroll words ahead of their stores: one thread's copy is bound by load latency.
+    constexpr int kUnroll = 8;
+    const int64_t words = (bytes - done) / 16;
+    const int4* from = reinterpret_cast<const int4*>(s + done);
+    int4* to = reinterpret_cast<int4*>(d + done);
+    for (int64_t i0 = 0; i0 < words; i0 += kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (i0 + u < words) v[u] = kernels::ld_cg(from + i0 + u);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (i0 + u < words) to[i0 + u] = v[u];
+    }
+    for (done += words * 16; done < bytes; done += 4)
+      *reinterpret_cast<int*>(d + done) = kernels::ld_cg(reinterpret_cast<const int*>(s + done));
+  }
+  // A counted signal: `rows` more have landed. A release add at system scope (a system fence and
+  // the add in one), so the copies this thread made before are visible to whoever sees the new
+  // count (Puts: the put's own signal ADD, ordered after the bytes).
+  static __device__ __forceinline__ void signal_add(int* counter, int rows) {
+    kernels::red_add_release_sys(counter, rows);
+  }
+  static __device__ __forceinline__ void quiet() {}
 };
 
 // Peer p's region at `offset`, or nullptr when p is not reachable by stores.

@@ -58,6 +58,22 @@ MOELINK_TEST(ring_fields_are_disjoint_aligned_and_inside_the_ring) {
   }
 }
 
+MOELINK_TEST(mirrors_follow_the_rings_laid_out_as_them) {
+  // The put path copies slot ranges from a mirror to the ring it mirrors at the same offsets, so a
+  // mirror must be as aligned as its ring, clear of every ring, and inside total_bytes(true).
+  const RingLayout l = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8);
+  std::vector<char> base(static_cast<size_t>(l.total_bytes(true)));
+  EXPECT_EQ(l.total_bytes(true) - l.total_bytes(), l.total_bytes() - l.counters_bytes);
+  const char* last_ring_end = l.ring(base.data(), 11, 7) + l.ring_bytes;
+  EXPECT_LE(last_ring_end, l.mirror(base.data(), 0, 0));
+  EXPECT_EQ(l.mirror(base.data(), 11, 7) + l.ring_bytes, base.data() + base.size());
+  for (int c : {0, 5, 11})
+    for (int p : {0, 3, 7}) {
+      EXPECT_EQ((l.mirror(base.data(), c, p) - l.ring(base.data(), c, p)) % 128, 0);
+      EXPECT_EQ(l.mirror(base.data(), c, p) - l.mirror(base.data(), 0, 0), l.ring(base.data(), c, p) - l.ring(base.data(), 0, 0));
+    }
+}
+
 MOELINK_TEST(size_hint_is_the_layout_the_kernels_use_at_the_largest_row) {
   for (int ranks : {1, 2, 4, 8}) {
     for (int sms : {8, 16, 24}) {

@@ -9,6 +9,7 @@
 
 #include "common/header.hpp"
 #include "harness.hpp"
+#include "moelink/config.hpp"
 #include "runtime/context.hpp"
 #include "runtime/device_free_list.hpp"
 #include "runtime/knobs.hpp"
@@ -114,6 +115,27 @@ MOELINK_TEST(knobs_read_the_low_latency_transport_and_the_forced_put_path) {
   setenv("MOELINK_DEBUG_LL_FORCE_PUT", "yes", 1);
   EXPECT_THROW_KIND(moelink::knobs::debug_low_latency_force_put(), ErrorKind::kValue, "MOELINK_DEBUG_LL_FORCE_PUT");
   unsetenv("MOELINK_DEBUG_LL_FORCE_PUT");
+}
+
+MOELINK_TEST(knobs_read_the_lane_put_switch) {
+  using moelink::knobs::LanePut;
+  unsetenv("MOELINK_DEBUG_LANE_FORCE_PUT");
+  EXPECT_TRUE(moelink::knobs::debug_lane_force_put() == LanePut::kStores);
+  setenv("MOELINK_DEBUG_LANE_FORCE_PUT", "fake", 1);
+  EXPECT_TRUE(moelink::knobs::debug_lane_force_put() == LanePut::kFake);
+  // The put path's mirrors double the lane's rings, and only when it is forced.
+  const moelink::Config config(20, 6, 256, 6, 256);
+  const int64_t with_mirrors = config.get_rdma_buffer_size_hint(14336, 16);
+  setenv("MOELINK_DEBUG_LANE_FORCE_PUT", "nvshmem", 1);
+  EXPECT_TRUE(moelink::knobs::debug_lane_force_put() == LanePut::kNvshmem);
+  for (const char* bad : {"1", "puts", "FAKE"}) {
+    setenv("MOELINK_DEBUG_LANE_FORCE_PUT", bad, 1);
+    EXPECT_THROW_KIND(moelink::knobs::debug_lane_force_put(), ErrorKind::kValue, "MOELINK_DEBUG_LANE_FORCE_PUT");
+  }
+  unsetenv("MOELINK_DEBUG_LANE_FORCE_PUT");
+  const int64_t rings = config.get_rdma_buffer_size_hint(14336, 16);
+  EXPECT_GT(with_mirrors, rings);
+  EXPECT_EQ(rings, moelink::Config(20, 6, 256).get_nvl_buffer_size_hint(14336, 2));
 }
 
 MOELINK_TEST(knobs_read_the_spin_backoff_and_reject_malformed_values) {

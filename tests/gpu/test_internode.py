@@ -6,6 +6,12 @@ num_worst_tokens, async with previous_event, silent and deaf ranks), against the
 with tiny rings so that every leg wraps around; then 50 back-to-back rounds. The composition itself
 is also checked on the CPU (tests/cpu/test_internode_composition.py).
 
+Every case also runs with the lane on the put path's protocol over IPC (MOELINK_DEBUG_LANE_FORCE_PUT=
+fake: mirrors, one ranged copy per batch, counted tail signals; docs/internal/INTERNODE_LANE.md step
+1), with two tiny-ring configs whose lane rings hold two of its chunks, so that they wrap and every
+sender waits for credit; and the fake-puts lane's outputs are compared bit for bit with the stores
+lane's on the same inputs. The fake-puts tests have not run on a GPU yet.
+
 Passed on one H200 with the ranks under MPS (2026-12-01), before the cases routed by
 is_token_in_rank alone were added. Needs MOELINK_EXPERIMENTAL_INTERNODE=1, which the launcher sets
 here.
@@ -32,22 +38,44 @@ CASES = list(checks.COVERING_CASES)
 # Small rings: the node-to-node leg 2 x its chunk, the node leg 2 x its chunk, so every ring wraps.
 TINY = dict(num_sms=8, num_max_nvl_chunked_send_tokens=4, num_max_nvl_chunked_recv_tokens=8,
             num_max_rdma_chunked_send_tokens=4, num_max_rdma_chunked_recv_tokens=8)
+# The lane's rings as small against its chunk under a roomier node leg, with an odd lane chunk: a
+# dispatch batch (min(24 warps, slots) tokens) then straddles the wrap at varying slots, and a
+# combine chunk of 3 in 6 slots lands across it every other time.
+TINY_LANE = dict(num_sms=8, num_max_nvl_chunked_send_tokens=8, num_max_nvl_chunked_recv_tokens=16,
+                 num_max_rdma_chunked_send_tokens=3, num_max_rdma_chunked_recv_tokens=6)
+RING_CONFIGS = {"rings": None, "tiny-rings": TINY, "tiny-lane": TINY_LANE}
+
+# How the lane's senders fill its rings: stores (the default), or the put path's protocol over IPC.
+LANE_WINDOWS = ["stores", "fake"]
 
 
-def env(nodes, per_node):
-    return {"MOELINK_EXPERIMENTAL_INTERNODE": "1", "MOELINK_NVL_RANKS": str(per_node)}
+def env(nodes, per_node, lane="stores"):
+    values = {"MOELINK_EXPERIMENTAL_INTERNODE": "1", "MOELINK_NVL_RANKS": str(per_node)}
+    if lane == "fake":
+        values["MOELINK_DEBUG_LANE_FORCE_PUT"] = "fake"
+    return values
+
+
+def check_lane_window(buf, lane):
+    got = buf._internode.lane.runtime.lane_window
+    assert got == lane, f"the lane Buffer runs its rings by {got!r}, expected {lane!r}"
 
 
 def make_buffer(num_ranks, config, hidden_sizes):
-    nvl = max(config.get_nvl_buffer_size_hint(2 * h, num_ranks) for h in hidden_sizes)
-    rdma = max(config.get_rdma_buffer_size_hint(2 * h, num_ranks) for h in hidden_sizes)
+    """An internode Buffer for a config (or every config of a list) and these hidden sizes. The RDMA
+    hint holds the lane's mirrors when MOELINK_DEBUG_LANE_FORCE_PUT asks for the put path."""
+    configs = config if isinstance(config, list) else [config]
+    nvl = max(c.get_nvl_buffer_size_hint(2 * h, num_ranks) for c in configs for h in hidden_sizes)
+    rdma = max(c.get_rdma_buffer_size_hint(2 * h, num_ranks) for c in configs for h in hidden_sizes)
     return moelink.Buffer(common.world_group(), num_nvl_bytes=nvl, num_rdma_bytes=rdma, explicitly_destroy=True)
 
 
-def _cases(rank, num_ranks, seed, tiny):
-    config = moelink.Config(**TINY) if tiny else moelink.Config(8, 8, 128, 8, 128)
+def _cases(rank, num_ranks, seed, rings, lane):
+    tiny = RING_CONFIGS[rings]
+    config = moelink.Config(**tiny) if tiny else moelink.Config(8, 8, 128, 8, 128)
     buf = make_buffer(num_ranks, config, {c.hidden for c in CASES})
     assert buf._topology.num_rdma_ranks > 1, "the layout must span nodes"
+    check_lane_window(buf, lane)
     for i, case in enumerate(CASES):
         resolved = case.resolved(num_ranks)
         if resolved is None or (tiny and case.num_tokens > 512):
@@ -57,16 +85,22 @@ def _cases(rank, num_ranks, seed, tiny):
     buf.destroy()
 
 
+# (ring config, lane window): tiny-lane is there for the fake-puts lane's wrap-around and stalls.
+RUNS = [(rings, lane) for rings in RING_CONFIGS for lane in LANE_WINDOWS if (rings, lane) != ("tiny-lane", "stores")]
+
+
 @pytest.mark.parametrize("nodes, per_node", LAYOUTS)
-@pytest.mark.parametrize("tiny", [False, True], ids=["rings", "tiny-rings"])
-def test_internode_cases(nodes, per_node, tiny):
+@pytest.mark.parametrize("rings, lane", RUNS, ids=[f"{rings}-{lane}" for rings, lane in RUNS])
+def test_internode_cases(nodes, per_node, rings, lane):
     num_ranks = nodes * per_node
-    launcher.run_ranks(num_ranks, _cases, 81000 + 10 * num_ranks + tiny, tiny, timeout_s=600, env=env(nodes, per_node))
+    seed = 81000 + 10 * num_ranks + list(RING_CONFIGS).index(rings)
+    launcher.run_ranks(num_ranks, _cases, seed, rings, lane, timeout_s=600, env=env(nodes, per_node, lane))
 
 
-def _back_to_back(rank, num_ranks, seed):
+def _back_to_back(rank, num_ranks, seed, lane):
     config = moelink.Config(8, 8, 128, 8, 128)
     buf = make_buffer(num_ranks, config, (2048,))
+    check_lane_window(buf, lane)
     for i in range(50):
         case = Case(f"round {i}", 256, 2048, 8, 64, fp8=i % 3 == 1, drop_prob=0.05 * (i % 4)).resolved(num_ranks)
         checks.run_case(buf, rank, num_ranks, case, seed + i, config, config)
@@ -74,8 +108,91 @@ def _back_to_back(rank, num_ranks, seed):
     buf.destroy()
 
 
-def test_internode_back_to_back():
-    launcher.run_ranks(4, _back_to_back, 82000, timeout_s=600, env=env(2, 2))
+@pytest.mark.parametrize("lane", LANE_WINDOWS)
+def test_internode_back_to_back(lane):
+    launcher.run_ranks(4, _back_to_back, 82000, lane, timeout_s=600, env=env(2, 2, lane))
+
+
+# The bit-equality rounds: every path of the lane (with and without top-k, fp8 with column-major
+# scales, biases), each on a tiny-ring config, so that the fake-puts lane wraps and stalls.
+EQUAL_ROUNDS = [
+    (Case("equal-bf16", 300, 2048, 8, 64, num_bias=1), TINY),
+    (Case("equal-fp8-col", 200, 4096, 4, 64, fp8=True, scales_col_major=True), TINY_LANE),
+    (Case("equal-no-topk", 200, 2048, 8, 64, with_topk=False, with_weights=False), TINY_LANE),
+    (Case("equal-big", 1024, 7168, 8, 256, num_bias=2), TINY),
+]
+
+
+def _bits(t):
+    """A tensor's bytes on the host, for comparing bit for bit (NaN and -0.0 included)."""
+    if t is None:
+        return None
+    if isinstance(t, (tuple, list)):
+        return tuple(_bits(part) for part in t)
+    t = t.detach().contiguous()
+    return t.view(torch.uint8).cpu() if t.numel() else t.cpu()
+
+
+def _lane_round(buf, rank, num_ranks, case, seed, config):
+    """Uncached dispatch, cached dispatch of fresh data and combine (with the case's biases) of one
+    case; every output as host bytes."""
+    routing = checks.make_routing_all(case, seed, num_ranks)
+    inputs = checks.make_inputs_all(case, seed, num_ranks)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    weights = inputs[rank].topk_weights if case.with_weights else None
+    num_per_rank, num_per_rdma, num_per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    recv_x, recv_topk, recv_weights, per_expert, handle, _ = buf.dispatch(
+        inputs[rank].dispatch_x(case.fp8), num_tokens_per_rank=num_per_rank, num_tokens_per_rdma_rank=num_per_rdma,
+        is_token_in_rank=in_rank, num_tokens_per_expert=num_per_expert,
+        topk_idx=topk_idx if case.with_topk else None, topk_weights=weights, config=config)
+    fresh = checks.make_inputs_all(case, seed, num_ranks, salt=1)
+    cached_x = buf.dispatch(fresh[rank].dispatch_x(case.fp8), handle=handle, config=config)[0]
+    rows = (recv_x[0] if case.fp8 else recv_x).size(0)
+    y = torch.randn((rows, case.hidden), generator=torch.Generator().manual_seed(seed + rank)).to(
+        torch.bfloat16).cuda()
+    bias = checks.ref.make_bias(seed, rank, case.tokens_of(rank, num_ranks), case.hidden, case.num_bias, device="cuda")
+    combined_x, combined_weights, _ = buf.combine(y, handle, topk_weights=recv_weights, bias=bias, config=config)
+    torch.cuda.synchronize()
+    return {"recv_x": _bits(recv_x), "recv_topk_idx": _bits(recv_topk), "recv_topk_weights": _bits(recv_weights),
+            "num_recv_tokens_per_expert": list(per_expert), "recv_src_idx": _bits(handle[3]),
+            "rank_prefix": _bits(handle[0]), "cached_x": _bits(cached_x), "combined_x": _bits(combined_x),
+            "combined_topk_weights": _bits(combined_weights)}
+
+
+def _equal(got, want):
+    if isinstance(want, tuple):
+        return isinstance(got, tuple) and len(got) == len(want) and all(_equal(g, w) for g, w in zip(got, want))
+    if isinstance(want, torch.Tensor):
+        return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.equal(got, want))
+    return got == want
+
+
+def _bit_equal(rank, num_ranks, seed):
+    import os
+
+    results = {}
+    for lane in LANE_WINDOWS:
+        # Read when the lane Buffer is built (and by the RDMA size hint, which adds the mirrors).
+        if lane == "fake":
+            os.environ["MOELINK_DEBUG_LANE_FORCE_PUT"] = "fake"
+        else:
+            os.environ.pop("MOELINK_DEBUG_LANE_FORCE_PUT", None)
+        configs = [moelink.Config(**tiny) for _, tiny in EQUAL_ROUNDS]
+        buf = make_buffer(num_ranks, configs, {case.hidden for case, _ in EQUAL_ROUNDS})
+        check_lane_window(buf, lane)
+        results[lane] = [_lane_round(buf, rank, num_ranks, case.resolved(num_ranks), seed + i, config)
+                         for i, ((case, _), config) in enumerate(zip(EQUAL_ROUNDS, configs))]
+        buf.destroy()
+    os.environ.pop("MOELINK_DEBUG_LANE_FORCE_PUT", None)
+    for (case, _), stores, fake in zip(EQUAL_ROUNDS, results["stores"], results["fake"]):
+        for name, want in stores.items():
+            assert _equal(fake[name], want), f"rank {rank} {case.name}: {name} of the fake-puts lane differs from the stores lane's"
+    common.log(rank, f"[R={num_ranks}] fake-puts lane bit-equal to the stores lane in {len(EQUAL_ROUNDS)} rounds")
+
+
+@pytest.mark.parametrize("nodes, per_node", [(2, 2), (4, 2)])
+def test_fake_puts_lane_is_bit_equal_to_stores(nodes, per_node):
+    launcher.run_ranks(nodes * per_node, _bit_equal, 86000 + nodes, timeout_s=600, env=env(nodes, per_node))
 
 
 def test_default_configs_fit_every_rank_of_the_gpu():

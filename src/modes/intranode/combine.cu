@@ -29,6 +29,10 @@
 //     disagree; a block whose wait for one failed has recorded a fault, at which every wait ends.
 //     A halting combine (test hook) always pushes, so it never splits. A split channel's short last
 //     batch shares each of its tokens among several warps, a slice of the row apiece.
+//   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake, whose host
+//     never lets a rank be pulled): a sender group copies each chunk into its own mirror of s's ring,
+//     and after the group barrier its first thread copies the chunk into s's ring and adds n to the
+//     tail (ring_puts.cuh). The receiver's side is unchanged.
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
 //   The kernel opens its operation itself (open_in_kernel, common/opening.cuh), which gates it:
@@ -53,6 +57,7 @@
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
 #include "modes/intranode/contract.hpp"
+#include "modes/intranode/ring_puts.cuh"
 #include "modes/intranode/segments.cuh"
 #include "window/device.cuh"
 
@@ -75,8 +80,8 @@ __device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v
 }
 
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), instantiated apart as in dispatch.
-// Only for an input that is pushed (CombineSource::pull agreed 0).
-template <bool kHalt>
+// Only for an input that is pushed (CombineSource::pull agreed 0). W: the window policy.
+template <class W, bool kHalt>
 __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
@@ -99,11 +104,16 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
   if (threadIdx.x % group_threads == 0) abort_group[group] = false;
 
   const uint64_t policy = evict_first_policy();
+  // The put path: the chunk is staged in this rank's mirror of s's ring, laid out as the ring.
+  char* staged = ring;
+  if constexpr (W::kPuts) staged = L.mirror(a.peers.data[rank], channel, s);
+  int quiet_lap = 0;  // the put path: before_staging's, in the putting thread
   int sent = 0;
   while (sent < total) {
     const int n = min(a.chunk, total - sent);
     if (gw == 0 && lane == 0) {
       if (!window::wait(head_local, sent + n - L.slots, a.err, s, kStepCombineSend, channel)) abort_group[group] = true;
+      if constexpr (W::kPuts) before_staging<W>(&quiet_lap, sent, n, L.slots);
     }
     group_barrier(1 + group, group_threads);
     if (abort_group[group]) return;
@@ -112,7 +122,7 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
     // apart, n <= slots): one flat copy, whose addresses need no row / word split per load (that
     // split's registers made this path spill).
     const int4* src = x + static_cast<int64_t>(row_base + sent) * L.hidden_int4;
-    int4* ring_x = L.slot_x(ring, 0);
+    int4* ring_x = L.slot_x(staged, 0);
     const int first = (sent % L.slots) * L.hidden_int4, wrap = L.slots * L.hidden_int4;
     group_transfer<8>(
         n * L.hidden_int4, thread, group_threads,
@@ -123,11 +133,17 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
         });
     group_transfer<4>(
         n * K, thread, group_threads, [&](int e) { return a.topk_weights[static_cast<int64_t>(row_base + sent) * K + e]; },
-        [&](int e, float v) { L.slot_weights(ring, (sent + e / K) % L.slots)[e % K] = v; });
+        [&](int e, float v) { L.slot_weights(staged, (sent + e / K) % L.slots)[e % K] = v; });
     group_barrier(1 + group, group_threads);
     if (kHalt) return;  // a rank dying mid-kernel: the chunk landed, its tail never moves
-    sent += n;
-    if (gw == 0 && lane == 0) window::signal(tail_remote, sent);
+    if constexpr (W::kPuts) {
+      // The group barrier above ordered the group's mirror writes before this thread's copy.
+      if (gw == 0 && lane == 0) put_batch<W>(L, K > 0 ? kRingCombineFields : kRingX, ring, staged, sent, n, tail_remote);
+      sent += n;
+    } else {
+      sent += n;
+      if (gw == 0 && lane == 0) window::signal(tail_remote, sent);
+    }
   }
 }
 
@@ -439,7 +455,7 @@ __device__ void report_source_segments(const CombineArgs& a, int d, Epoch seq) {
                                     a.sections[d]->combine_offers, seq);
 }
 
-template <int kRanks, bool kHalt>
+template <int kRanks, class W, bool kHalt>
 __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
   // First, before any wait: publish_source on every peer waits for what this rank has mapped.
@@ -449,7 +465,7 @@ __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   if (blockIdx.x % 2 == 0) {
     if (pulled < 0) return;
     if (pulled == 0) {
-      send_channel<kHalt>(a, seq, channel);
+      send_channel<W, kHalt>(a, seq, channel);
       return;
     }
     // My input is pulled: this block receives the channel's second half when every peer's input is
@@ -466,24 +482,33 @@ __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
 }
 
 // Numbered by the opening barrier's epoch; skipped (outputs poisoned) as in dispatch.
-template <int kRanks, bool kHalt = false>
+template <int kRanks, class W = window::Stores, bool kHalt = false>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
   const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
                                 : operation_may_run(a.err);
   if (may_run)
-    combine_channel<kRanks, kHalt>(a, ld_volatile(&a.err.self->epoch));
+    combine_channel<kRanks, W, kHalt>(a, ld_volatile(&a.err.self->epoch));
   else
     poison_grid_share(a.poison);
   finish_block(a.err, a.poison);
 }
 
+using window::FakePuts;
+using window::Stores;
+
 const KernelRegistration registrations[] = {
     {reinterpret_cast<const void*>(&combine_kernel<2>), "intranode combine", kThreads, 0},
     {reinterpret_cast<const void*>(&combine_kernel<4>), "intranode combine", kThreads, 0},
     {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), "intranode combine", kThreads, 0},
-    {reinterpret_cast<const void*>(&combine_kernel<2, true>), "intranode combine (halting test hook)", kThreads, 0},
-    {reinterpret_cast<const void*>(&combine_kernel<4, true>), "intranode combine (halting test hook)", kThreads, 0},
-    {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, true>), "intranode combine (halting test hook)",
+    {reinterpret_cast<const void*>(&combine_kernel<2, Stores, true>), "intranode combine (halting test hook)",
+     kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<4, Stores, true>), "intranode combine (halting test hook)",
+     kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, Stores, true>),
+     "intranode combine (halting test hook)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<2, FakePuts>), "intranode combine (lane, fake puts)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<4, FakePuts>), "intranode combine (lane, fake puts)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, FakePuts>), "intranode combine (lane, fake puts)",
      kThreads, 0},
 };
 
@@ -492,31 +517,38 @@ const KernelRegistration registrations[] = {
 int combine_blocks_per_sm() {
   return std::min({max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<2>), kThreads, 0),
                    max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<4>), kThreads, 0),
-                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), kThreads, 0)});
+                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks>), kThreads, 0),
+                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<2, FakePuts>), kThreads, 0),
+                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<4, FakePuts>), kThreads, 0),
+                   max_blocks_per_sm(reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, FakePuts>), kThreads,
+                                     0)});
 }
 
 namespace {
 
 // The receivers' rank count is a template bound: the smallest instantiation that holds R.
-template <bool kHalt>
+template <class W, bool kHalt>
 void launch_combine_for_ranks(const CombineArgs& a, const LaunchShape& shape, cudaStream_t stream) {
   const int R = a.layout.num_ranks;
   if (R <= 2)
-    launch("intranode combine", &combine_kernel<2, kHalt>, shape, stream, a);
+    launch("intranode combine", &combine_kernel<2, W, kHalt>, shape, stream, a);
   else if (R <= 4)
-    launch("intranode combine", &combine_kernel<4, kHalt>, shape, stream, a);
+    launch("intranode combine", &combine_kernel<4, W, kHalt>, shape, stream, a);
   else
-    launch("intranode combine", &combine_kernel<kMaxNvlRanks, kHalt>, shape, stream, a);
+    launch("intranode combine", &combine_kernel<kMaxNvlRanks, W, kHalt>, shape, stream, a);
 }
 
 }  // namespace
 
-void launch_combine(const CombineArgs& a, cudaStream_t stream) {
+void launch_combine(const CombineArgs& a, RingWindow window, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  if (a.halt_sends)
-    launch_combine_for_ranks<true>(a, shape, stream);
+  // No halting FakePuts kernel: Buffer::debug_halt_next_sends refuses a fake-puts lane.
+  if (window == RingWindow::kFakePuts)
+    launch_combine_for_ranks<FakePuts, false>(a, shape, stream);
+  else if (a.halt_sends)
+    launch_combine_for_ranks<Stores, true>(a, shape, stream);
   else
-    launch_combine_for_ranks<false>(a, shape, stream);
+    launch_combine_for_ranks<Stores, false>(a, shape, stream);
 }
 
 }  // namespace moelink::intranode

@@ -242,7 +242,11 @@ struct DispatchArgs {
   kernels::Opening opening;
   bool opens;
 };
-void launch_dispatch(const DispatchArgs& args, cudaStream_t stream);
+// How the dispatch and combine senders fill their peers' rings (window/device.cuh's policies):
+// stores straight into them, or the put path's protocol over the same IPC mappings (the internode
+// lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake; its host sends every row through the rings).
+enum class RingWindow { kStores, kFakePuts };
+void launch_dispatch(const DispatchArgs& args, RingWindow window, cudaStream_t stream);
 static_assert(offsetof(SegmentOffer, handle) % 16 == 0 && offsetof(SegmentNews, handle) % 16 == 0 &&
               offsetof(HeaderSection, segment_offers) % 16 == 0 && offsetof(MailboxSection, segment_news) % 16 == 0,
               "the kernels copy IPC handles in 16-byte words");
@@ -282,7 +286,7 @@ struct CombineArgs {
   kernels::Opening opening;
   bool opens;
 };
-void launch_combine(const CombineArgs& args, cudaStream_t stream);
+void launch_combine(const CombineArgs& args, RingWindow window, cudaStream_t stream);
 static_assert(offsetof(CombineSegmentNews, handle) % 16 == 0 && offsetof(HeaderSection, combine_offers) % 16 == 0 &&
               offsetof(MailboxSection, combine_segment_news) % 16 == 0 && offsetof(CombineArgs, offers) % 16 == 0 &&
               offsetof(DispatchArgs, offers) % 16 == 0,

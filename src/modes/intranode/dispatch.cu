@@ -26,7 +26,14 @@
 //   The kernel runs only when the opening left the gate open and no fault is known; otherwise, or
 //   when a block gives up, every output is poisoned (common/poison.cuh).
 //   Every wait is bounded by the timeout and reports (rank, peer, step, channel).
+//   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake, whose host
+//     makes every destination a ring one): the sender's warps write a batch's ring rows and fields
+//     into its own mirror of each destination's ring instead, and after the batch barrier thread d
+//     copies d's batch into d's ring and adds its count to the tail (ring_puts.cuh). The receiver's
+//     side is unchanged: it never learns which policy filled its ring.
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "common/launch.cuh"
 #include "common/opening.cuh"
@@ -34,6 +41,7 @@
 #include "common/waits.cuh"
 #include "modes/intranode/channel_rows.cuh"
 #include "modes/intranode/contract.hpp"
+#include "modes/intranode/ring_puts.cuh"
 #include "modes/intranode/segments.cuh"
 #include "window/device.cuh"
 
@@ -92,8 +100,9 @@ __device__ __forceinline__ bool column_major(const DirectOut& o) {
 }
 
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), its own instantiation so that
-// the kernel every caller runs is compiled as if the hook did not exist.
-template <bool kHalt>
+// the kernel every caller runs is compiled as if the hook did not exist. W: the window policy
+// (window/device.cuh); with W::kPuts the host made every destination but this rank a ring one.
+template <class W, bool kHalt>
 __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part, bool* self_direct) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
@@ -117,8 +126,14 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   __shared__ bool failed;
 
   ChannelRange range = channel_range(a.num_tokens, C, channel);
+  // Where d's ring rows are written: d's ring, or on the put path this rank's mirror of it.
+  const auto staged_ring = [&](int d) {
+    if constexpr (W::kPuts) return L.mirror(a.peers.data[rank], channel, d);
+    else return L.ring(a.peers.data[d], channel, rank);
+  };
   const int4* x = static_cast<const int4*>(a.x);
   const uint64_t policy = evict_first_policy();
+  int quiet_lap = 0;  // the put path: before_staging's, in thread d for destination d
   if (threadIdx.x == 0) failed = false;
   __syncthreads();
   if (threadIdx.x < R) {
@@ -228,6 +243,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       if (!window::wait(L.head(a.peers.data[rank], channel, d), sent[d] + batch_count[d] - L.slots, a.err, d,
                          kStepDispatchSend, channel))
         failed = true;
+      if constexpr (W::kPuts) before_staging<W>(&quiet_lap, sent[d], batch_count[d], L.slots);
     }
     __syncthreads();
     if (failed) return kFailed;
@@ -242,7 +258,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
           // Past num_worst_tokens (reported by notify): the row is dropped.
           if (r < outs[d].num_rows) row = outs[d].x + static_cast<int64_t>(r) * H4;
         } else if (pos >= 0) {
-          row = L.slot_x(L.ring(a.peers.data[d], channel, rank), pos % L.slots);
+          row = L.slot_x(staged_ring(d), pos % L.slots);
         }
         dst_rows[warp][d] = row;
         // sent[d] stays put until the batch's end, so pos - sent[d] is the row's place in the batch.
@@ -300,7 +316,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
           scales_out = o.scales + row * o.scales_stride_token;
           scales_stride = o.scales_stride_scale;
         } else {
-          char* ring = L.ring(a.peers.data[d], channel, rank);
+          char* ring = staged_ring(d);
           const int slot = pos % L.slots;
           if (lane == 0) *L.slot_src_idx(ring, slot) = t;
           if (lane < K) {
@@ -340,8 +356,16 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     if (kHalt) return kSent;
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
-      sent[d] += batch_count[d];
-      if (!direct[d] && batch_count[d] > 0) window::signal(L.tail(a.peers.data[d], channel, rank), sent[d]);
+      if constexpr (W::kPuts) {
+        // The block barrier above ordered every warp's mirror writes before this thread's copy.
+        if (!direct[d] && batch_count[d] > 0)
+          put_batch<W>(L, kRingDispatchFields, L.ring(a.peers.data[d], channel, rank), staged_ring(d), sent[d],
+                       batch_count[d], L.tail(a.peers.data[d], channel, rank));
+        sent[d] += batch_count[d];
+      } else {
+        sent[d] += batch_count[d];
+        if (!direct[d] && batch_count[d] > 0) window::signal(L.tail(a.peers.data[d], channel, rank), sent[d]);
+      }
     }
     __syncthreads();
   }
@@ -499,15 +523,15 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
   if (total > 0 && gw == 0 && lane == 0) st_volatile(tail_local, 0);
 }
 
-template <bool kHalt>
+template <class W, bool kHalt>
 __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
   if (blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
   __shared__ bool self_direct;
   if (blockIdx.x % 2 == 0)
-    send_channel<kHalt>(a, seq, channel, 0, &self_direct);
-  else if (send_channel<kHalt>(a, seq, channel, 1, &self_direct) != kFailed)
+    send_channel<W, kHalt>(a, seq, channel, 0, &self_direct);
+  else if (send_channel<W, kHalt>(a, seq, channel, 1, &self_direct) != kFailed)
     recv_channel(a, seq, channel, self_direct);
 }
 
@@ -553,7 +577,7 @@ __device__ void prefetch_inputs(const DispatchArgs& a) {
 // The operation's number is its last barrier's epoch (notify's, or the cached dispatch's
 // opening), the same on every rank and advanced by the device, so a replayed graph never reuses
 // one. A skipped operation touches no peer memory and poisons its outputs.
-template <bool kHalt>
+template <class W, bool kHalt>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
   // The last block is a receiver, whose first step is a wait on its peers anyway.
   if (a.handle_copy.from != nullptr && blockIdx.x == gridDim.x - 1)
@@ -562,29 +586,39 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
   const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
                                 : operation_may_run(a.err);
   if (may_run)
-    dispatch_channel<kHalt>(a, ld_volatile(&a.err.self->epoch));
+    dispatch_channel<W, kHalt>(a, ld_volatile(&a.err.self->epoch));
   else
     poison_grid_share(a.poison);
   finish_block(a.err, a.poison);
 }
 
+using window::FakePuts;
+using window::Stores;
+
 const KernelRegistration registrations[] = {
-    {reinterpret_cast<const void*>(&dispatch_kernel<false>), "intranode dispatch", kThreads, 0},
-    {reinterpret_cast<const void*>(&dispatch_kernel<true>), "intranode dispatch (halting test hook)", kThreads, 0},
+    {reinterpret_cast<const void*>(&dispatch_kernel<Stores, false>), "intranode dispatch", kThreads, 0},
+    {reinterpret_cast<const void*>(&dispatch_kernel<Stores, true>), "intranode dispatch (halting test hook)", kThreads,
+     0},
+    {reinterpret_cast<const void*>(&dispatch_kernel<FakePuts, false>), "intranode dispatch (lane, fake puts)",
+     kThreads, 0},
 };
 
 }  // namespace
 
 int dispatch_blocks_per_sm() {
-  return max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<false>), kThreads, 0);
+  return std::min(max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<Stores, false>), kThreads, 0),
+                  max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<FakePuts, false>), kThreads, 0));
 }
 
-void launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
+void launch_dispatch(const DispatchArgs& a, RingWindow window, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  if (a.halt_sends)
-    launch("intranode dispatch", &dispatch_kernel<true>, shape, stream, a);
+  // No halting FakePuts kernel: Buffer::debug_halt_next_sends refuses a fake-puts lane.
+  if (window == RingWindow::kFakePuts)
+    launch("intranode dispatch", &dispatch_kernel<FakePuts, false>, shape, stream, a);
+  else if (a.halt_sends)
+    launch("intranode dispatch", &dispatch_kernel<Stores, true>, shape, stream, a);
   else
-    launch("intranode dispatch", &dispatch_kernel<false>, shape, stream, a);
+    launch("intranode dispatch", &dispatch_kernel<Stores, false>, shape, stream, a);
 }
 
 }  // namespace moelink::intranode

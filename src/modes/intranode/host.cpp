@@ -168,11 +168,12 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   }
   const auto layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
                                                 s.num_scales, s.num_topk);
-  if (layout.total_bytes() > ctx.num_nvl_bytes)
-    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", layout.total_bytes(), " bytes of NVLink buffer (",
+  const bool mirrors = ctx.lane_fake_puts;
+  if (layout.total_bytes(mirrors) > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", layout.total_bytes(mirrors), " bytes of NVLink buffer (",
           R, " ranks, ", s.num_channels, " channels, ", config.num_max_nvl_chunked_recv_tokens, " ring slots, ",
-          s.row_bytes, "-byte rows) but the Buffer has ", ctx.num_nvl_bytes,
-          "; size it with Config.get_nvl_buffer_size_hint");
+          s.row_bytes, "-byte rows", mirrors ? ", and a mirror of every ring for the put path" : "",
+          ") but the Buffer has ", ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
   return s;
 }
 
@@ -202,6 +203,7 @@ DirectTarget direct_target(Context& ctx, const DispatchOutputs& out, const Dispa
   t.x = t.scales = t.topk_idx = t.topk_weights = t.src_idx = -1;
   t.num_rows = static_cast<int>(num_rows);
   if (num_rows == 0) return t;  // nothing to receive: the rings' bookkeeping is already trivial
+  if (ctx.ring_only) return t;  // the internode lane: a receiver on another node cannot be written to
   bool direct = true;
   const auto place = [&](TargetField f, const TensorRef& ref, int64_t bytes, long long& offset) {
     direct &= place_for_peers(ctx, segments, ref, bytes, offset, t.key[f], offers[f]);
@@ -229,7 +231,7 @@ DirectTarget direct_target(Context& ctx, const DispatchOutputs& out, const Dispa
 // Whether this dispatch or combine may name and use peer segments: not while either stream is being captured
 // (a replay would outlive the mappings, and the opens and drains it may do would end the capture).
 bool segments_allowed(const Context& ctx, const StreamOrder& order) {
-  return ctx.peer_segments_enabled && ctx.topo.num_nvl_ranks > 1 && !ctx.comm_stream_capturing() &&
+  return ctx.peer_segments_enabled && !ctx.ring_only && ctx.topo.num_nvl_ranks > 1 && !ctx.comm_stream_capturing() &&
          !Context::stream_capturing(order.compute_stream);
 }
 
@@ -289,7 +291,8 @@ void take_segment_news(Context& ctx) {
 CombineSource combine_source(Context& ctx, const CombineInputs& in, int64_t N, int64_t H, int K, bool segments,
                              SegmentOffer (&offers)[kNumSourceFields]) {
   CombineSource source{};
-  bool placed = N > 0;
+  // The internode lane pushes: a token owner on another node cannot read this rank's input.
+  bool placed = N > 0 && !ctx.ring_only;
   const auto place = [&](SourceField f, const TensorRef& ref, int64_t bytes, long long& offset) {
     placed &= place_for_peers(ctx, segments && N > 0, ref, bytes, offset, source.key[f], offers[f]);
   };
@@ -332,6 +335,13 @@ void fill_peers(const Context& ctx, kernels::PeerTable& peers, HeaderSection** s
 const long long* handle_info(const DispatchHandle& h, int device) {
   expect(h.info, {2}, DType::kInt64, device, "handle[5] (the handle's dispatch id and status)");
   return static_cast<const long long*>(h.info.data);
+}
+
+// The senders' window: the put path's protocol over IPC on an internode lane that asked for it
+// (MOELINK_DEBUG_LANE_FORCE_PUT=fake), else stores. (Buffer::debug_halt_next_sends refuses such a
+// lane: its halting kernels are the stores path's.)
+RingWindow ring_window(const Context& ctx) {
+  return ctx.lane_fake_puts ? RingWindow::kFakePuts : RingWindow::kStores;
 }
 
 int blocks_per_sm() {
@@ -562,7 +572,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                           {&h.recv_src_idx, cached ? 0 : N * 4}});
   a.halt_sends = halt_sends;
   host_stamps::mark(cached ? "dispatch_cached.fill_poison" : "dispatch.fill_poison");
-  launch_dispatch(a, ctx.comm_stream);
+  launch_dispatch(a, ring_window(ctx), ctx.comm_stream);
   owed.paid();
   host_stamps::mark(cached ? "dispatch_cached.launch" : "dispatch.launch");
   EventHandle done = ctx.end_op(order);
@@ -621,9 +631,10 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   if (in.bias_1.data || in.bias_1.dim() > 0) expect(in.bias_1, {T, H}, DType::kBFloat16, ctx.device, "bias[1]");
   expect(out.combined_x, {T, H}, DType::kBFloat16, ctx.device, "combined_x");
   const auto needed = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
-  if (needed.total_bytes() > ctx.num_nvl_bytes)
-    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", needed.total_bytes(), " bytes of NVLink buffer but the Buffer has ",
-          ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
+  if (needed.total_bytes(ctx.lane_fake_puts) > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", needed.total_bytes(ctx.lane_fake_puts),
+          " bytes of NVLink buffer", ctx.lane_fake_puts ? " (rings and their put-path mirrors)" : "",
+          " but the Buffer has ", ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
   const long long* handle = handle_info(h, ctx.device);
   host_stamps::mark("combine.validate");
   ctx.begin_op(order);
@@ -674,7 +685,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
   a.halt_sends = halt_sends;
   host_stamps::mark("combine.fill_poison");
-  launch_combine(a, ctx.comm_stream);
+  launch_combine(a, ring_window(ctx), ctx.comm_stream);
   owed.paid();
   host_stamps::mark("combine.launch");
   EventHandle done = ctx.end_op(order);

@@ -3,11 +3,14 @@
 // hints, "buffer too small" checks) and the kernels, so they cannot disagree.
 //
 //   [ counters: tail[C][R] | head[C][R] ]  [ ring(c=0,peer=0) | ring(0,1) | ... | ring(C-1,R-1) ]
+//   [ mirror(0,0) | ... | mirror(C-1,R-1) ]   (the put path only: total_bytes(true))
 //
 // ring(c, p) in rank d's buffer carries channel c's rows from peer p to d. Each ring is `slots`
 // entries deep, stored field by field: x rows, source token index, top-k ids, top-k weights, scales.
 // tail[c][p] (in d's buffer) = rows p has published into ring(c, p); written by p.
 // head[c][q] (in p's buffer)  = rows q has consumed from p's ring in q's buffer; written by q.
+// mirror(c, d) in p's buffer is laid out as ring(c, p) in d's buffer: on the put path p stages the
+// rows it sends d there, and copies them to the same slots of d's ring a batch at a time.
 #include <cstdint>
 
 #include <vector_types.h>
@@ -49,8 +52,9 @@ struct RingLayout {
     return l;
   }
 
-  MOELINK_HOST_DEVICE int64_t total_bytes() const {
-    return counters_bytes + static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
+  // with_mirrors: the put path's layout, a mirror per ring after the rings.
+  MOELINK_HOST_DEVICE int64_t total_bytes(bool with_mirrors = false) const {
+    return counters_bytes + (with_mirrors ? 2 : 1) * static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
   }
 
   // All pointers below are relative to the base of some rank's data region.
@@ -63,6 +67,9 @@ struct RingLayout {
   MOELINK_HOST_DEVICE char* ring(void* base, int channel, int peer) const {
     return reinterpret_cast<char*>(base) + counters_bytes +
            (static_cast<int64_t>(channel) * num_ranks + peer) * ring_bytes;
+  }
+  MOELINK_HOST_DEVICE char* mirror(void* base, int channel, int peer) const {
+    return ring(base, channel, peer) + static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
   }
   MOELINK_HOST_DEVICE int4* slot_x(char* ring, int slot) const {
     return reinterpret_cast<int4*>(ring) + static_cast<int64_t>(slot) * hidden_int4;
