@@ -49,6 +49,13 @@ def test_probe_host_help_needs_no_gpu(repo_root):
     assert "--ranks" in result.stdout and "--profile" in result.stdout
 
 
+def test_probe_calls_help_needs_no_gpu_nor_torch(repo_root):
+    result = subprocess.run([sys.executable, str(repo_root / "bench" / "probe_calls.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--ranks" in result.stdout and "--calls" in result.stdout
+
+
 def test_interleaved_plans_without_a_gpu_and_checks_its_arguments(repo_root):
     """bench/interleaved.py: --dry-run names every contestant (moelink, DeepEP unless --anchor
     none, one per --switch) per cell; a malformed switch or an unknown op is refused."""
