@@ -609,34 +609,28 @@ bool stage_outputs(Context& ctx, const DispatchInputs& in, int64_t num_rows, Dis
   const int64_t n = num_rows, K = in.topk_idx.defined() ? in.topk_idx.size(1) : 0;
   const int64_t S = in.x_scales.defined() ? in.x_scales.size(1) : 0;
   const bool weights = in.topk_weights.defined() && K > 0;
-  const int64_t align = runtime::kArenaAlignment;
-  const int64_t lo = kernels::align_up(st.ring_bytes, align);
-  const int64_t bytes[] = {n * 4, n * K * 8, weights ? n * K * 4 : 0, n * S * 4};
-  int64_t hi = lo;
-  for (int64_t b : bytes) hi = kernels::align_up(hi + b, align);
-  if (hi > ctx.num_nvl_bytes) return false;  // no room beyond this dispatch's rings: exact outputs
-  int64_t at = lo;
-  const auto carve = [&](TensorRef* ref, DType dtype, std::vector<int64_t> shape, std::vector<int64_t> strides,
-                         int64_t size) {
-    ref->data = static_cast<char*>(ctx.data()) + at;
+  const StagingLayout l = staging_layout(st.ring_bytes, ctx.num_nvl_bytes, n, K, weights, S, runtime::kArenaAlignment);
+  if (!l.fits) return false;  // no room beyond this dispatch's rings: exact outputs
+  const auto carve = [&](TensorRef* ref, int64_t offset, DType dtype, std::vector<int64_t> shape,
+                         std::vector<int64_t> strides) {
+    ref->data = static_cast<char*>(ctx.data()) + offset;
     ref->dtype = dtype;
     ref->shape = std::move(shape);
     ref->strides = std::move(strides);
     ref->device = ctx.device;
-    at = kernels::align_up(at + size, align);
   };
-  carve(&st.src_idx, DType::kInt32, {n}, {}, bytes[0]);
+  carve(&st.src_idx, l.src_idx, DType::kInt32, {n}, {});
   st.topk_idx = st.topk_weights = st.scales = TensorRef();
-  if (K > 0) carve(&st.topk_idx, DType::kInt64, {n, K}, {}, bytes[1]);
-  if (weights) carve(&st.topk_weights, DType::kFloat32, {n, K}, {}, bytes[2]);
+  if (K > 0) carve(&st.topk_idx, l.topk_idx, DType::kInt64, {n, K}, {});
+  if (weights) carve(&st.topk_weights, l.topk_weights, DType::kFloat32, {n, K}, {});
   if (S > 0) {
     // The caller's layout: the copy into its tensor is then one flat range.
     std::vector<int64_t> strides;
     if (in.x_scales.stride(1) != 1) strides = {1, n};
-    carve(&st.scales, in.x_scales.dtype, {n, S}, std::move(strides), bytes[3]);
+    carve(&st.scales, l.scales, in.x_scales.dtype, {n, S}, std::move(strides));
   }
-  st.lo = lo;
-  st.hi = hi;
+  st.lo = l.lo;
+  st.hi = l.hi;
   out->recv_x_scales = st.scales;
   out->recv_topk_idx = st.topk_idx;
   out->recv_topk_weights = st.topk_weights;
