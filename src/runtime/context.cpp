@@ -554,7 +554,7 @@ std::vector<std::string> Context::take_local_errors() {
 }
 
 void Context::launch_opening(const kernels::Opening& opening) {
-  kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), comm_stream);
+  kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), window_policy(), comm_stream);
 }
 
 void Context::abstain() noexcept {
@@ -569,7 +569,8 @@ void Context::abstain() noexcept {
 }
 
 void Context::launch_barrier(int tag, double timeout) {
-  kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), comm_stream);
+  kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), window_policy(),
+                          comm_stream);
 }
 
 void Context::barrier(int tag, double timeout, bool raise_data_errors) {
