@@ -29,10 +29,11 @@ const KernelRegistration registrations[] = {
 
 void launch_barrier(const PeerTable& peers, int rank, int num_ranks, int tag, const ErrorSink& err,
                     window::Policy policy, cudaStream_t stream) {
+  const LaunchShape shape{1, 32, 0};
   if (policy == window::Policy::kFakePuts)
-    launch("barrier", &barrier_kernel<window::FakePuts>, LaunchShape{1, 32, 0}, stream, peers, rank, num_ranks, tag, err);
+    launch("barrier", &barrier_kernel<window::FakePuts>, shape, stream, peers, rank, num_ranks, tag, err);
   else
-    launch("barrier", &barrier_kernel<window::Stores>, LaunchShape{1, 32, 0}, stream, peers, rank, num_ranks, tag, err);
+    launch("barrier", &barrier_kernel<window::Stores>, shape, stream, peers, rank, num_ranks, tag, err);
 }
 
 }  // namespace moelink::kernels

@@ -32,7 +32,8 @@ __device__ __forceinline__ bool barrier_wait(const PeerTable& peers, int rank, i
                                              const ErrorSink& err, Epoch epoch) {
   CommonHeader* self = peers.header[rank];
   bool ok = true;
-  for (int p = 0; p < num_ranks && ok; ++p) ok = wait_epoch(&self->barrier_signal[p], epoch, err, p, kStepBarrier, -1, tag);
+  for (int p = 0; p < num_ranks && ok; ++p)
+    ok = wait_epoch(&self->barrier_signal[p], epoch, err, p, kStepBarrier, -1, tag);
   return ok;
 }
 

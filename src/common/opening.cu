@@ -23,12 +23,11 @@ const KernelRegistration registrations[] = {
 
 void launch_opening(const PeerTable& peers, int rank, int num_ranks, const Opening& opening, const ErrorSink& err,
                     window::Policy policy, cudaStream_t stream) {
+  const LaunchShape shape{1, 32, 0};
   if (policy == window::Policy::kFakePuts)
-    launch("opening", &opening_kernel<window::FakePuts>, LaunchShape{1, 32, 0}, stream, peers, rank, num_ranks, opening,
-           err);
+    launch("opening", &opening_kernel<window::FakePuts>, shape, stream, peers, rank, num_ranks, opening, err);
   else
-    launch("opening", &opening_kernel<window::Stores>, LaunchShape{1, 32, 0}, stream, peers, rank, num_ranks, opening,
-           err);
+    launch("opening", &opening_kernel<window::Stores>, shape, stream, peers, rank, num_ranks, opening, err);
 }
 
 }  // namespace moelink::kernels
