@@ -183,8 +183,11 @@ def _stages(buf: "Buffer", op: str, collective: bool = True) -> Stages:
     # (_raise_pending). A rank that raised one on entry, or at a leg's end, would open no further
     # leg while its peers, whose hosts had not seen the record yet, open the next one and wait for
     # it (runtime/context.hpp says more).
-    for inner in (stages.lane, stages.node):
-        inner.runtime.check_faults()
+    for leg in ("lane", "node"):
+        try:
+            getattr(stages, leg).runtime.check_faults()
+        except Exception as error:  # noqa: BLE001 - re-raised, saying which leg and whose ranks
+            raise _in_leg(error, op, leg, getattr(stages, f"{leg}_members")) from error
     return stages
 
 
@@ -342,8 +345,12 @@ class _Steps:
 
 
 def _in_leg(error: BaseException, op: str, leg: str, members: List[int]) -> BaseException:
-    where = "node-to-node exchange (lane)" if leg == "lane" else "in-node exchange"
-    note = f" [internode {op}, {where}: its ranks 0..{len(members) - 1} are global ranks {members}]"
+    # The lane's rank n is node n (its runtime names it "rank n (node n)"); a node's rank j is GPU j.
+    if leg == "lane":
+        note = (f" [internode {op}, node-to-node exchange (lane): its ranks 0..{len(members) - 1} are nodes "
+                f"0..{len(members) - 1}, global ranks {members}]")
+    else:
+        note = f" [internode {op}, in-node exchange: its ranks 0..{len(members) - 1} are global ranks {members}]"
     try:
         return type(error)(f"{error}{note}")
     except Exception:  # noqa: BLE001 - an exception type that takes other arguments keeps its own message
