@@ -9,8 +9,9 @@ A group of N nodes x L GPUs (global rank n * L + l) gets two inner Buffers on ev
   host (nodes emulated on one machine, the way the test suite runs them); the NVSHMEM leg between
   real nodes is not implemented yet and Buffer construction says so. The lane takes the rings only
   (no direct writes, pull combine or peer segments: none of them reaches another node), and with
-  MOELINK_DEBUG_LANE_FORCE_PUT=fake its senders fill them by the put path's protocol over IPC
-  (docs/internal/INTERNODE_LANE.md).
+  MOELINK_DEBUG_LANE_FORCE_PUT=fake its kernels (ring senders, notify, openings, barriers) run the
+  put path's protocol over IPC (docs/internal/INTERNODE_LANE.md). Its rank n is node n: errors
+  name a lost lane peer by its node.
 - the *node* Buffer over the L ranks of node n: the forwarder sends each token it received on to the
   ranks of its node that hold one of its experts, and combine sums a node's rows at the forwarder,
   so one partial row per (token, node) crosses back.
