@@ -358,7 +358,7 @@ def _peer_loss_before_dispatch(rank, num_ranks, seed, lane):
     try:
         buf.destroy()
         destroyed = "returned"
-    except (TimeoutError, RuntimeError) as again:  # a broken leg's, or the outer barrier's lost node mate
+    except Exception as again:  # noqa: BLE001 - a broken leg's, or the outer barrier's lost node mate: bounded
         destroyed = f"raised {type(again).__name__} ({again})"
     took = time.perf_counter() - start
     assert took <= 2 * (PEER_TIMEOUT_S + SLACK_S), f"{what}: destroy() took {took:.1f} s"
