@@ -188,7 +188,8 @@ def _stages(buf: "Buffer", op: str, collective: bool = True) -> Stages:
         try:
             getattr(stages, leg).runtime.check_faults()
         except Exception as error:  # noqa: BLE001 - re-raised, saying which leg and whose ranks
-            raise _in_leg(error, op, leg, getattr(stages, f"{leg}_members")) from error
+            name = op[len("internode_"):] if op.startswith("internode_") else op  # as _Steps names it
+            raise _in_leg(error, name, leg, getattr(stages, f"{leg}_members")) from error
     return stages
 
 
