@@ -4,8 +4,8 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 peerloss peerlossmid
-#         peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll bench probehost interleaved variants. anchorsuite:
+# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 internodeloss peerloss peerlossmid
+#         peerlosslane peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll bench probehost interleaved variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). cputorch: the CPU tests that need torch (skipped where it is missing, as in CI). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
 # Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, INTERLEAVED_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
@@ -75,9 +75,13 @@ for g in $TEST_GROUPS; do
     internode8) group internode8 300 $P tests/gpu/test_internode.py -k "(2-4 or 4-2 or default_configs) and not fake" ;;
     internodefake) group internodefake 400 $P tests/gpu/test_internode.py -k "fake and (2-2 or back_to_back or bit_equal)" ;;
     internodefake8) group internodefake8 400 $P tests/gpu/test_internode.py -k "fake and (2-4 or 4-2) and not bit_equal" ;;
-    peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py ;;
-    peerlossmid) group peerlossmid 150 $P tests/gpu/test_peer_loss.py -k during ;;
-    peerlossall) group peerlossall 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;
+    # internodeloss (about 1 min): a rank of a 2 x 2 internode Buffer lost, over the stores and the fake-puts lane.
+    internodeloss) group internodeloss 180 $P tests/gpu/test_internode.py -k peer_loss ;;
+    peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py -k "not lane" ;;
+    peerlossmid) group peerlossmid 150 $P tests/gpu/test_peer_loss.py -k "during and not lane" ;;
+    # peerlosslane (about 2.5 min): test_peer_loss's ten losses on a fake-puts lane Buffer.
+    peerlosslane) group peerlosslane 300 $P tests/gpu/test_peer_loss.py -k lane ;;
+    peerlossall) group peerlossall 540 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_peer_loss.py ;;
     soak) group soak "${SOAK_LIMIT_S:-300}" python3 bench/soak.py ${SOAK_ARGS:-} ;;
     sanitize) group sanitize "${SANITIZE_LIMIT_S:-300}" OUT="$OUT/logs" bash scripts/sanitize.sh ;;
     benchsmoke) group benchsmoke 150 $P tests/gpu/test_bench_smoke.py ;;

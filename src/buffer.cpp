@@ -285,14 +285,7 @@ std::string Buffer::lane_window() const {
 
 void Buffer::abstain(bool /*waits_on_host*/) { ctx_->abstain(); }
 
-void Buffer::debug_halt_next_sends() {
-  // Peer loss on the put lane is step 2 of docs/internal/INTERNODE_LANE.md; refused here, before
-  // any operation, so that no peer is left waiting for it.
-  if (ctx_->lane_fake_puts)
-    detail::raise(ErrorKind::kState, "debug_halt_next_sends: the halting test hook is not built for the fake-puts lane "
-                  "(MOELINK_DEBUG_LANE_FORCE_PUT=fake)");
-  ctx_->halt_next_sends = true;
-}
+void Buffer::debug_halt_next_sends() { ctx_->halt_next_sends = true; }
 
 int64_t Buffer::low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
                                            int num_experts) {

@@ -206,9 +206,10 @@ class Buffer {
   void defer_data_errors(bool defer);
   // Makes this Buffer an internode Buffer's lane (its node-to-node leg), before its first operation:
   // every dispatch and combine row goes through the rings (no direct writes, no pull combine, no
-  // peer segments), and with MOELINK_DEBUG_LANE_FORCE_PUT=fake their senders fill them by the put
-  // path's protocol over IPC. Raises kState for =nvshmem (the put build is not written yet), or when
-  // an operation already mapped peer segments.
+  // peer segments), and with MOELINK_DEBUG_LANE_FORCE_PUT=fake its kernels (the ring senders, the
+  // notify's inbox, the openings and barriers) move their bytes by the put path's protocol over IPC.
+  // A lost peer is then named "rank n (node n)": a lane's rank n is node n. Raises kState for
+  // =nvshmem (the put build is not written yet), or when an operation already mapped peer segments.
   void serve_as_internode_lane();
   // How this Buffer's ring senders write: "" (not a lane), "stores" or "fake" (the put protocol).
   // For tests and diagnostics.

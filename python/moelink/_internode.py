@@ -9,8 +9,9 @@ A group of N nodes x L GPUs (global rank n * L + l) gets two inner Buffers on ev
   host (nodes emulated on one machine, the way the test suite runs them); the NVSHMEM leg between
   real nodes is not implemented yet and Buffer construction says so. The lane takes the rings only
   (no direct writes, pull combine or peer segments: none of them reaches another node), and with
-  MOELINK_DEBUG_LANE_FORCE_PUT=fake its senders fill them by the put path's protocol over IPC
-  (docs/internal/INTERNODE_LANE.md).
+  MOELINK_DEBUG_LANE_FORCE_PUT=fake its kernels (ring senders, notify, openings, barriers) run the
+  put path's protocol over IPC (docs/internal/INTERNODE_LANE.md). Its rank n is node n: errors
+  name a lost lane peer by its node.
 - the *node* Buffer over the L ranks of node n: the forwarder sends each token it received on to the
   ranks of its node that hold one of its experts, and combine sums a node's rows at the forwarder,
   so one partial row per (token, node) crosses back.
@@ -183,8 +184,12 @@ def _stages(buf: "Buffer", op: str, collective: bool = True) -> Stages:
     # (_raise_pending). A rank that raised one on entry, or at a leg's end, would open no further
     # leg while its peers, whose hosts had not seen the record yet, open the next one and wait for
     # it (runtime/context.hpp says more).
-    for inner in (stages.lane, stages.node):
-        inner.runtime.check_faults()
+    for leg in ("lane", "node"):
+        try:
+            getattr(stages, leg).runtime.check_faults()
+        except Exception as error:  # noqa: BLE001 - re-raised, saying which leg and whose ranks
+            name = op[len("internode_"):] if op.startswith("internode_") else op  # as _Steps names it
+            raise _in_leg(error, name, leg, getattr(stages, f"{leg}_members")) from error
     return stages
 
 
@@ -342,8 +347,12 @@ class _Steps:
 
 
 def _in_leg(error: BaseException, op: str, leg: str, members: List[int]) -> BaseException:
-    where = "node-to-node exchange (lane)" if leg == "lane" else "in-node exchange"
-    note = f" [internode {op}, {where}: its ranks 0..{len(members) - 1} are global ranks {members}]"
+    # The lane's rank n is node n (its runtime names it "rank n (node n)"); a node's rank j is GPU j.
+    if leg == "lane":
+        note = (f" [internode {op}, node-to-node exchange (lane): its ranks 0..{len(members) - 1} are nodes "
+                f"0..{len(members) - 1}, global ranks {members}]")
+    else:
+        note = f" [internode {op}, in-node exchange: its ranks 0..{len(members) - 1} are global ranks {members}]"
     try:
         return type(error)(f"{error}{note}")
     except Exception:  # noqa: BLE001 - an exception type that takes other arguments keeps its own message

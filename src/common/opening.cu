@@ -6,20 +6,28 @@ namespace moelink::kernels {
 
 namespace {
 
+template <class W>
 __global__ void opening_kernel(PeerTable peers, int rank, int num_ranks, Opening opening, ErrorSink err) {
   if (threadIdx.x == 0) {
     Epoch epoch;
-    open_operation(peers, rank, num_ranks, opening, err, &epoch);
+    open_operation<W>(peers, rank, num_ranks, opening, err, &epoch);
   }
 }
 
-const KernelRegistration registration(reinterpret_cast<const void*>(&opening_kernel), "opening", 32, 0);
+const KernelRegistration registrations[] = {
+    {reinterpret_cast<const void*>(&opening_kernel<window::Stores>), "opening", 32, 0},
+    {reinterpret_cast<const void*>(&opening_kernel<window::FakePuts>), "opening (lane, fake puts)", 32, 0},
+};
 
 }  // namespace
 
 void launch_opening(const PeerTable& peers, int rank, int num_ranks, const Opening& opening, const ErrorSink& err,
-                    cudaStream_t stream) {
-  launch("opening", &opening_kernel, LaunchShape{1, 32, 0}, stream, peers, rank, num_ranks, opening, err);
+                    window::Policy policy, cudaStream_t stream) {
+  const LaunchShape shape{1, 32, 0};
+  if (policy == window::Policy::kFakePuts)
+    launch("opening", &opening_kernel<window::FakePuts>, shape, stream, peers, rank, num_ranks, opening, err);
+  else
+    launch("opening", &opening_kernel<window::Stores>, shape, stream, peers, rank, num_ranks, opening, err);
 }
 
 }  // namespace moelink::kernels

@@ -3,7 +3,8 @@
 // its own verdict), the opening barrier carries that to every peer, and every rank then makes the
 // same decision from the same digests: go, or skip with one data error that every rank reports
 // (the first rank with a verdict, else the first digest word on which some rank differs). The
-// decision is left in the rank's gate for the kernels that follow on the comm stream.
+// decision is left in the rank's gate for the kernels that follow on the comm stream. W: the window
+// policy of the barrier's digest and signals (barrier.cuh; the host picks the instantiation).
 #include "common/barrier.cuh"
 
 namespace moelink::kernels {
@@ -19,6 +20,7 @@ __device__ __forceinline__ int verdict_error(int verdict) {
 
 // Called by one thread. Returns the gate (also written to the rank's header) and the opening
 // barrier's epoch, which numbers the operation identically on every rank.
+template <class W = window::Stores>
 __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, int num_ranks, const Opening& o,
                                               const ErrorSink& err, Epoch* epoch_out) {
   CommonHeader* self = peers.header[rank];
@@ -55,7 +57,7 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
   mine.w[kDigestVerdict] = static_cast<unsigned long long>(verdict) | (static_cast<unsigned long long>(detail) << 8);
 
   bool ok = false;
-  const Epoch epoch = barrier_one_thread(peers, rank, num_ranks, kBarrierOp, err, &mine, &ok);
+  const Epoch epoch = barrier_one_thread<W>(peers, rank, num_ranks, kBarrierOp, err, &mine, &ok);
   *epoch_out = epoch;
   if (!ok) {
     *gate = kGateSkip;
@@ -113,6 +115,7 @@ __device__ __forceinline__ int open_operation(const PeerTable& peers, int rank, 
 // are resident together (the runtime requires it), so the claimer always runs; finish_block's
 // last block resets the claim, when every block has long passed here. Returns whether this block
 // may run the operation (operation_may_run).
+template <class W = window::Stores>
 __device__ __forceinline__ bool open_in_kernel(const PeerTable& peers, int rank, int num_ranks, const Opening& o,
                                                const ErrorSink& err) {
   __shared__ bool may_run;
@@ -121,7 +124,7 @@ __device__ __forceinline__ bool open_in_kernel(const PeerTable& peers, int rank,
     bool opened = true;
     if (atomicCAS(&self->open_claim, 0, 1) == 0) {
       Epoch epoch;
-      open_operation(peers, rank, num_ranks, o, err, &epoch);
+      open_operation<W>(peers, rank, num_ranks, o, err, &epoch);
       __threadfence();
       *reinterpret_cast<volatile int*>(&self->opened) = 1;
     } else {

@@ -292,6 +292,9 @@ void Context::check_faults() {
   if (mailbox == nullptr) return;
   const int rank = topo.rank;
   const auto global = [&](int nvl_rank) { return nvl_rank >= 0 ? topo.global_rank(topo.rdma_rank, nvl_rank) : -1; };
+  // A lost peer as the caller knows it: on an internode Buffer's lane, rank n is node n's GPU of
+  // this lane (the internode layer adds its global rank).
+  const auto who = [&](int r) { return ring_only ? str("rank ", r, " (node ", r, ")") : str("rank ", r); };
   volatile kernels::ErrorRecord* fault = &mailbox->fault;
   if (fault->code != kernels::kErrNone) {
     if (broken.empty()) {
@@ -311,20 +314,21 @@ void Context::check_faults() {
       } else if (fault->code == kernels::kErrTimeout) {
         broken = str("moelink: rank ", rank, " timed out after ", timeout_s, " s ");
         if (fault->step == kernels::kStepBarrier)
-          broken += str("in ", barrier_name(fault->barrier_tag), ": rank ", lost, " never arrived");
+          broken += str("in ", barrier_name(fault->barrier_tag), ": ", who(lost), " never arrived");
         else
           broken += str("in ", wait_step_description(fault->step), " rank ", lost, ", channel ", fault->channel,
-                        "): rank ", lost, " stopped making progress");
+                        "): ", who(lost), " stopped making progress");
         broken += " (raise MOELINK_TIMEOUT_S if the peer is just slow)";
         broken += "; this Buffer is unusable now: destroy it and create a new one";
       } else {
         const int reporter = global(static_cast<int>(fault->detail));
         if (fault->step == kernels::kStepBarrier)
-          broken = str("moelink: rank ", rank, " stopped: rank ", reporter, " gave up waiting for rank ", lost, " in ",
+          broken = str("moelink: rank ", rank, " stopped: rank ", reporter, " gave up waiting for ", who(lost), " in ",
                        barrier_name(fault->barrier_tag));
         else
           broken = str("moelink: rank ", rank, " stopped: rank ", reporter, " gave up in ",
                        wait_step_description(fault->step), " rank ", lost, ")");
+        if (ring_only) broken += str(": rank ", lost, " is node ", lost);
         broken += " (a lost or stuck peer; raise MOELINK_TIMEOUT_S if it is just slow); this Buffer is unusable now: "
                   "destroy it and create a new one";
       }
@@ -560,7 +564,7 @@ std::vector<std::string> Context::take_local_errors() {
 }
 
 void Context::launch_opening(const kernels::Opening& opening) {
-  kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), comm_stream);
+  kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), window_policy(), comm_stream);
 }
 
 void Context::abstain() noexcept {
@@ -575,7 +579,8 @@ void Context::abstain() noexcept {
 }
 
 void Context::launch_barrier(int tag, double timeout) {
-  kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), comm_stream);
+  kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), window_policy(),
+                          comm_stream);
 }
 
 void Context::barrier(int tag, double timeout, bool raise_data_errors) {

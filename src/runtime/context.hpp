@@ -62,9 +62,11 @@ class Context {
   bool peer_segments_enabled = false;  // knobs::peer_segments()
   // An internode Buffer's lane (Buffer::serve_as_internode_lane): every row goes through the rings
   // (no direct writes, no pull, no segments), as between nodes it must; with lane_fake_puts (the
-  // knob MOELINK_DEBUG_LANE_FORCE_PUT=fake) the senders fill them by the put path's protocol.
+  // knob MOELINK_DEBUG_LANE_FORCE_PUT=fake) its kernels move their bytes by the put path's protocol:
+  // the ring senders, the notify's inbox, the openings and the barriers (window_policy()).
   bool ring_only = false;
   bool lane_fake_puts = false;
+  window::Policy window_policy() const { return lane_fake_puts ? window::Policy::kFakePuts : window::Policy::kStores; }
   window::PeerSegments::Limits segment_limits;  // knobs::segment_window(), segment_mapped_mb()
   window::SegmentExports segment_exports;
   std::unique_ptr<window::PeerSegments> peer_segments;

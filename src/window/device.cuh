@@ -58,6 +58,12 @@ struct FakePuts {
   static __device__ __forceinline__ void signal_add(int* counter, int rows) {
     kernels::red_add_release_sys(counter, rows);
   }
+  // One thread: an epoch into a peer's word (a barrier's arrival), after the puts this thread made
+  // to that peer before. A release store at system scope (Puts: the last put's own signal SET, or a
+  // fence and the word's put).
+  static __device__ __forceinline__ void signal_set(kernels::Epoch* word, kernels::Epoch value) {
+    kernels::st_release_sys(word, value);
+  }
   static __device__ __forceinline__ void quiet() {}
 };
 

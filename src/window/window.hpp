@@ -9,6 +9,11 @@
 
 namespace moelink::window {
 
+// The device policy (window/device.cuh) a launch takes, as the host names it: the host picks the
+// kernel's instantiation, the kernel never asks. kFakePuts: the put path's protocol over IPC (the
+// internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake).
+enum class Policy { kStores, kFakePuts };
+
 struct Transport {
   const char* name;
   // Bytes that let a peer open `base` (any bootstrap carries them unchanged).

@@ -510,6 +510,34 @@ def test_a_bad_expert_id_raises_on_every_rank(num_nodes, per_node):
     assert all("topk_idx" in seen[r] and "token 3 slot 1" in seen[r] for r in lane), seen
 
 
+def test_a_broken_lane_raises_at_entry_naming_its_nodes():
+    """A fault an inner Buffer already holds (a lost peer: its runtime's check_faults raises it) is
+    raised at the internode operation's entry, before any exchange, with the leg's note: the lane's
+    says its ranks are the nodes, and their global ranks."""
+    message = ("moelink: rank 0 timed out after 5 s in the barrier that opens an operation: rank 1 (node 1) never "
+               "arrived")
+    seen = {}
+
+    def lost():
+        raise TimeoutError(message)
+
+    def body(rank, buf):
+        if rank != 1:  # node 0, GPU 1: its lane is global ranks 1 and 3
+            return
+        topk_idx, per_rank, per_expert, in_rank, inputs = _small_round(8, rank, buf.group_size)
+        buf._internode.lane.runtime.check_faults = lost
+        with pytest.raises(TimeoutError) as raised:
+            _internode.dispatch(buf, inputs.x, None, per_rank, None, in_rank, per_expert, topk_idx,
+                                inputs.topk_weights, 1, 0, None, None, False, False)
+        seen[rank] = str(raised.value)
+
+    run_ranks(2, 2, body)
+    got = seen[1]
+    assert got.startswith(message), got
+    assert "[internode dispatch, node-to-node exchange (lane): its ranks 0..1 are nodes 0..1, global ranks [1, 3]]" \
+        in got, got
+
+
 @pytest.mark.parametrize("num_nodes, per_node", [(2, 2), (2, 4)])
 @pytest.mark.parametrize("op", ["dispatch", "cached", "combine"])
 def test_a_pending_error_is_raised_at_the_end_of_the_operation(num_nodes, per_node, op):

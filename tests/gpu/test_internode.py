@@ -10,7 +10,16 @@ Every case also runs with the lane on the put path's protocol over IPC (MOELINK_
 fake: mirrors, one ranged copy per batch, counted tail signals; docs/internal/INTERNODE_LANE.md step
 1), with two tiny-ring configs whose lane rings hold two of its chunks, so that they wrap and every
 sender waits for credit; and the fake-puts lane's outputs are compared bit for bit with the stores
-lane's on the same inputs. The fake-puts tests have not run on a GPU yet.
+lane's on the same inputs. On step 1's code (the ring senders on the put path) the 2 x 2 fake-puts
+cases, the back-to-back rounds and the bit-equality passed on one H200 (2026-12-03); the 8-rank ones,
+and step 2's (the lane's notify, openings and barriers on the put path too), have not run yet.
+
+A lost peer (test_internode_peer_loss, over both lanes): at 2 x 2 global rank 3 (node 1, GPU 1) dies
+before a dispatch; its lane's survivor raises TimeoutError naming lane rank 1 and node 1 (its lane
+notify waits for it), its node's survivor TimeoutError naming in-node rank 1 and global rank 3 (its
+node legs do), both within timeout + 5 s; the fourth rank, which shares no Buffer with it, hears at
+most of a peer's failure (bounded); every survivor's destroy() comes back. The mid-kernel losses of
+a fake-puts lane are tests/gpu/test_peer_loss.py's test_lane_peer_loss. Not run on a GPU yet.
 
 Passed on one H200 with the ranks under MPS (2026-12-01), before the cases routed by
 is_token_in_rank alone were added. Needs MOELINK_EXPERIMENTAL_INTERNODE=1, which the launcher sets
@@ -24,8 +33,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import moelink  # noqa: E402
 
+import torch.distributed as dist  # noqa: E402
+
 import checks  # noqa: E402
 import common  # noqa: E402
+import faults  # noqa: E402
 import launcher  # noqa: E402
 from checks import Case  # noqa: E402
 
@@ -291,3 +303,71 @@ def _bad_expert_id(rank, num_ranks, seed):
         assert raised in ([True, False], [False, True]), f"rank {rank}: the error must be raised once, got {raised}"
     common.log(rank, checks.run_case(buf, rank, num_ranks, case, seed + 2, config, config))
     buf.destroy()
+
+
+PEER_TIMEOUT_S = 5.0  # MOELINK_TIMEOUT_S of the peer-loss runs
+SLACK_S = 5.0         # the contract's allowance on top of it
+
+
+def _peer_loss_before_dispatch(rank, num_ranks, seed, lane):
+    import time
+
+    config = moelink.Config(8, 8, 128, 8, 128)
+    buf = make_buffer(num_ranks, config, (2048,))
+    check_lane_window(buf, lane)
+    case = Case("peer-loss", 128, 2048, 8, 64).resolved(num_ranks)
+    checks.run_case(buf, rank, num_ranks, case, seed, config, config)  # every kernel has run once
+    per_node = buf._internode.per_node
+    victim = num_ranks - 1
+    victim_node, victim_gpu = divmod(victim, per_node)
+    node, gpu = divmod(rank, per_node)
+    routing = checks.make_routing_all(case, seed + 1, num_ranks)
+    inputs = checks.make_inputs_all(case, seed + 1, num_ranks)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    *layout, _ = buf.get_dispatch_layout(topk_idx, case.num_experts)
+    torch.cuda.synchronize()
+    dist.barrier()  # the last collective: after it the victim is gone
+    if rank == victim:
+        faults.die()
+    what = f"rank {rank} (node {node}, GPU {gpu}), {lane} lane, rank {victim} lost"
+    start = time.perf_counter()
+    error = None
+    try:
+        buf.dispatch(inputs[rank].x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                     num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=inputs[rank].topk_weights,
+                     config=config)
+        torch.cuda.synchronize()
+    except Exception as caught:  # noqa: BLE001 - checked below, by where this rank sits
+        error = caught
+    elapsed = time.perf_counter() - start
+    if gpu == victim_gpu:
+        # Its lane notify's opening waits for the victim, the lane's rank victim_node.
+        assert isinstance(error, TimeoutError), f"{what}: expected TimeoutError from the lane, got {error!r}"
+        faults.check_message(error, [f"rank {victim_node}", f"node {victim_node}", "node-to-node", str(victim)], what)
+        limit = PEER_TIMEOUT_S + SLACK_S
+    elif node == victim_node:
+        # Its lane leg is with a survivor; its node legs wait for the victim, the node's rank victim_gpu.
+        assert isinstance(error, TimeoutError), f"{what}: expected TimeoutError from the node, got {error!r}"
+        faults.check_message(error, [f"rank {victim_gpu}", "in-node", str(victim)], what)
+        limit = PEER_TIMEOUT_S + SLACK_S
+    else:
+        # It shares no Buffer with the victim: its node leg may see its peer abstain (the lane's
+        # survivor gave up) or time out on it, depending on which comes first; either is bounded.
+        assert error is None or isinstance(error, (TimeoutError, RuntimeError, ValueError)), f"{what}: {error!r}"
+        limit = 2 * (PEER_TIMEOUT_S + SLACK_S)
+    assert elapsed <= limit, f"{what}: the dispatch took {elapsed:.1f} s, limit {limit:.0f} s"
+    start = time.perf_counter()
+    try:
+        buf.destroy()
+        destroyed = "returned"
+    except Exception as again:  # noqa: BLE001 - a broken leg's, or the outer barrier's lost node mate: bounded
+        destroyed = f"raised {type(again).__name__} ({again})"
+    took = time.perf_counter() - start
+    assert took <= 2 * (PEER_TIMEOUT_S + SLACK_S), f"{what}: destroy() took {took:.1f} s"
+    print(f"{what}: dispatch after {elapsed:.1f} s: {error!r}; destroy() {destroyed} after {took:.1f} s", flush=True)
+
+
+@pytest.mark.parametrize("lane", LANE_WINDOWS)
+def test_internode_peer_loss(lane):
+    launcher.run_ranks(4, _peer_loss_before_dispatch, 87000, lane, timeout_s=180,
+                       env={**env(2, 2, lane), "MOELINK_TIMEOUT_S": f"{PEER_TIMEOUT_S:g}"}, expect_killed={3})

@@ -14,6 +14,12 @@ TimeoutError naming the lost rank and the step within timeout + 5 s: at the call
 through all-poisoned outputs and the next call. After that the Buffer is broken: every call raises
 the same TimeoutError at once. destroy() comes back within timeout + 5 s and the survivors exit 0.
 
+The same losses on an internode Buffer's lane (test_lane_peer_loss): a Buffer made one as
+_internode makes its lane (serve_as_internode_lane: ring-only), with MOELINK_DEBUG_LANE_FORCE_PUT=
+fake, so that its notify, openings, barriers and ring senders (the halting ones too) run the put
+path's protocol over IPC (docs/internal/INTERNODE_LANE.md, step 2). A lane's rank n is node n: the
+survivors' TimeoutError names the lost rank and its node. Not run on a GPU yet.
+
 Host-side timeout: a notify that cannot start (its previous_event waits for a 15 s GPU sleep) makes
 dispatch raise TimeoutError after MOELINK_TIMEOUT_S=2 and breaks the Buffer. A value error left
 pending (num_worst_tokens too small) does not hide a peer lost meanwhile: the next dispatch opens
@@ -30,6 +36,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import torch.distributed as dist  # noqa: E402
 
+import moelink  # noqa: E402
+
 import common  # noqa: E402
 import faults  # noqa: E402
 import launcher  # noqa: E402
@@ -45,6 +53,7 @@ VICTIM_HEAD_START_S = 0.5  # survivors' kernels of a "during" phase start this m
 CASE = Case("peer-loss", 256, 2048, 8, 64)
 PHASES = ("before-dispatch", "notified", "during-dispatch", "after-dispatch", "during-combine")
 MID_KERNEL = ("during-dispatch", "during-combine")  # the victim's senders halt, then it is killed
+LANE_ENV = {"MOELINK_DEBUG_LANE_FORCE_PUT": "fake"}  # test_lane_peer_loss: the lane on the put path
 
 
 class _DiesBeforeDispatchKernel:
@@ -72,9 +81,17 @@ class _DiesBeforeDispatchKernel:
         faults.die()
 
 
-def _setup(rank, num_ranks, seed):
+def _setup(rank, num_ranks, seed, lane=False):
     config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
-    buf = common.make_buffer(num_ranks, (config, combine_config), (CASE.hidden,))
+    if lane:
+        # As _internode.build_stages makes its lane, before any operation; with the knob its rings
+        # take a put-path mirror each, which the NVLink hint does not count.
+        nvl = 2 * common.nvl_bytes_for((config, combine_config), (CASE.hidden,), num_ranks)
+        buf = moelink.Buffer(common.world_group(), num_nvl_bytes=nvl, explicitly_destroy=True)
+        buf.runtime.serve_as_internode_lane()
+        assert buf.runtime.lane_window == "fake", buf.runtime.lane_window
+    else:
+        buf = common.make_buffer(num_ranks, (config, combine_config), (CASE.hidden,))
     case = CASE.resolved(num_ranks)
     run_case(buf, rank, num_ranks, case, seed, config, combine_config)  # every kernel has run once
     faults.cycles_per_second()
@@ -91,10 +108,12 @@ def _assert_broken(message, calls, what):
         assert elapsed < LATER_CALL_S, f"{what}: {name} on the broken Buffer took {elapsed:.1f} s"
 
 
-def _peer_loss(rank, num_ranks, seed, phase):
+def _peer_loss(rank, num_ranks, seed, phase, lane=False):
     victim = num_ranks - 1
-    what = f"rank {rank}/{num_ranks} {phase}"
-    buf, case, config, combine_config = _setup(rank, num_ranks, seed)
+    what = f"rank {rank}/{num_ranks} {phase}{' (lane, fake puts)' if lane else ''}"
+    buf, case, config, combine_config = _setup(rank, num_ranks, seed, lane)
+    # On a lane, rank n is node n, and the error says so.
+    named = [f"rank {victim}"] + ([f"node {victim}"] if lane else [])
     r = faults.routed(case, seed + 1, rank, num_ranks)
     kwargs = r.layout(buf)
     num_worst = num_ranks * case.num_tokens
@@ -142,7 +161,7 @@ def _peer_loss(rank, num_ranks, seed, phase):
     else:
         call, host_wait, outputs = combine, False, combine_outputs
     next_call = lambda: buf.get_dispatch_layout(r.topk_idx, case.num_experts)  # noqa: E731
-    raised = faults.expect_error(TimeoutError, [f"rank {victim}"], call, host_wait=host_wait, in_call_ok=True,
+    raised = faults.expect_error(TimeoutError, named, call, host_wait=host_wait, in_call_ok=True,
                                  next_call=next_call, outputs=outputs, what=what)
     elapsed = time.perf_counter() - start
     assert elapsed <= PEER_TIMEOUT_S + SLACK_S, \
@@ -158,7 +177,8 @@ def _peer_loss(rank, num_ranks, seed, phase):
         later.update({"cached dispatch": lambda: buf.dispatch(r.x, handle=out[4], config=config), "combine": combine})
     _assert_broken(message, later, what)
     destroyed = faults.bounded_destroy(buf, PEER_TIMEOUT_S + SLACK_S, what)
-    common.log(rank, f"[R={num_ranks}] {phase}: TimeoutError after {elapsed:.1f} s: {message}; {destroyed}")
+    common.log(rank, f"[R={num_ranks}]{' lane' if lane else ''} {phase}: TimeoutError after {elapsed:.1f} s: "
+                     f"{message}; {destroyed}")
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -166,6 +186,14 @@ def _peer_loss(rank, num_ranks, seed, phase):
 def test_peer_loss(num_ranks, phase):
     launcher.run_ranks(num_ranks, _peer_loss, 17000 * num_ranks + PHASES.index(phase), phase, timeout_s=120,
                        env={"MOELINK_TIMEOUT_S": f"{PEER_TIMEOUT_S:g}"}, expect_killed={num_ranks - 1})
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("num_ranks", (2, 4))
+def test_lane_peer_loss(num_ranks, phase):
+    launcher.run_ranks(num_ranks, _peer_loss, 17000 * num_ranks + 50 + PHASES.index(phase), phase, True,
+                       timeout_s=120, env={"MOELINK_TIMEOUT_S": f"{PEER_TIMEOUT_S:g}", **LANE_ENV},
+                       expect_killed={num_ranks - 1})
 
 
 def _notify_stall(rank, num_ranks, seed):

@@ -32,7 +32,8 @@
 //   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake, whose host
 //     never lets a rank be pulled): a sender group copies each chunk into its own mirror of s's ring,
 //     and after the group barrier its first thread copies the chunk into s's ring and adds n to the
-//     tail (ring_puts.cuh). The receiver's side is unchanged.
+//     tail (ring_puts.cuh). The receiver's side is unchanged. The kernel's opening runs over the
+//     same window (its digest and epoch put to each peer: common/barrier.cuh).
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
 //   The kernel opens its operation itself (open_in_kernel, common/opening.cuh), which gates it:
@@ -135,7 +136,8 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
         n * K, thread, group_threads, [&](int e) { return a.topk_weights[static_cast<int64_t>(row_base + sent) * K + e]; },
         [&](int e, float v) { L.slot_weights(staged, (sent + e / K) % L.slots)[e % K] = v; });
     group_barrier(1 + group, group_threads);
-    if (kHalt) return;  // a rank dying mid-kernel: the chunk landed, its tail never moves
+    // A rank dying mid-kernel: the chunk landed (on the put path, in the mirror), its tail never moves.
+    if (kHalt) return;
     if constexpr (W::kPuts) {
       // The group barrier above ordered the group's mirror writes before this thread's copy.
       if (gw == 0 && lane == 0) put_batch<W>(L, K > 0 ? kRingCombineFields : kRingX, ring, staged, sent, n, tail_remote);
@@ -484,7 +486,7 @@ __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
 // Numbered by the opening barrier's epoch; skipped (outputs poisoned) as in dispatch.
 template <int kRanks, class W = window::Stores, bool kHalt = false>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
-  const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
+  const bool may_run = a.opens ? open_in_kernel<W>(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
                                 : operation_may_run(a.err);
   if (may_run)
     combine_channel<kRanks, W, kHalt>(a, ld_volatile(&a.err.self->epoch));
@@ -510,6 +512,12 @@ const KernelRegistration registrations[] = {
     {reinterpret_cast<const void*>(&combine_kernel<4, FakePuts>), "intranode combine (lane, fake puts)", kThreads, 0},
     {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, FakePuts>), "intranode combine (lane, fake puts)",
      kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<2, FakePuts, true>),
+     "intranode combine (lane, fake puts, halting test hook)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<4, FakePuts, true>),
+     "intranode combine (lane, fake puts, halting test hook)", kThreads, 0},
+    {reinterpret_cast<const void*>(&combine_kernel<kMaxNvlRanks, FakePuts, true>),
+     "intranode combine (lane, fake puts, halting test hook)", kThreads, 0},
 };
 
 }  // namespace
@@ -540,15 +548,18 @@ void launch_combine_for_ranks(const CombineArgs& a, const LaunchShape& shape, cu
 
 }  // namespace
 
-void launch_combine(const CombineArgs& a, RingWindow window, cudaStream_t stream) {
+void launch_combine(const CombineArgs& a, window::Policy window, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  // No halting FakePuts kernel: Buffer::debug_halt_next_sends refuses a fake-puts lane.
-  if (window == RingWindow::kFakePuts)
-    launch_combine_for_ranks<FakePuts, false>(a, shape, stream);
-  else if (a.halt_sends)
+  if (window == window::Policy::kFakePuts) {
+    if (a.halt_sends)
+      launch_combine_for_ranks<FakePuts, true>(a, shape, stream);
+    else
+      launch_combine_for_ranks<FakePuts, false>(a, shape, stream);
+  } else if (a.halt_sends) {
     launch_combine_for_ranks<Stores, true>(a, shape, stream);
-  else
+  } else {
     launch_combine_for_ranks<Stores, false>(a, shape, stream);
+  }
 }
 
 }  // namespace moelink::intranode

@@ -11,6 +11,7 @@
 #include "common/header.hpp"
 #include "modes/intranode/ring_layout.hpp"
 #include "window/segment_table.hpp"
+#include "window/window.hpp"
 
 namespace moelink::intranode {
 
@@ -118,6 +119,20 @@ struct NotifyResults {
   int recv_channel_prefix_matrix[kMaxNvlRanks * kMaxChannels];  // [R, C]
 };
 
+// The put path's notify (window W::kPuts): what this rank tells destination d, staged in its own
+// header section before one thread puts it, field by field, into d's inbox row for this rank
+// (notify.cu). The counts are 16-byte aligned, as the inbox rows they are copied to are (a put of
+// fewer than 16 bytes, the two words after them, goes a word at a time).
+struct alignas(16) InboxStage {
+  int rank_counts[kMaxNvlRanks];
+  int channel_counts[kMaxChannels];
+  int expert_counts[kMaxLocalExperts];
+  long long bad_expert;
+  int worst_tokens;
+};
+static_assert(offsetof(InboxStage, channel_counts) % 16 == 0 && offsetof(InboxStage, expert_counts) % 16 == 0,
+              "the put path copies the staged counts in 16-byte words");
+
 // This mode's section of each rank's NVLink-buffer header.
 struct alignas(128) HeaderSection {
   // notify inbox: [src] -> what src tells this rank
@@ -147,7 +162,12 @@ struct alignas(128) HeaderSection {
   // This rank's own: the peers' segments it has mapped, as its dispatch and combine kernels read
   // them (written only by copies on the comm stream between its kernels; window/peer_segments.hpp).
   SegmentTable segment_table;
+  // The put path's notify only: [destination] its inbox row, staged (InboxStage).
+  InboxStage inbox_stage[kMaxNvlRanks];
 };
+static_assert(offsetof(HeaderSection, inbox_rank_counts) % 16 == 0 && offsetof(HeaderSection, inbox_channel_counts) % 16 == 0 &&
+                  offsetof(HeaderSection, inbox_expert_counts) % 16 == 0,
+              "the put path's notify copies inbox rows in 16-byte words");
 
 // This mode's section of the host-mapped mailbox: the results of a notify, valid once the
 // mailbox's ready_seq equals the notify's sequence number.
@@ -185,7 +205,7 @@ struct NotifyArgs {
   HeaderSection* sections[kMaxNvlRanks];
   kernels::ErrorSink err;
 };
-void launch_notify(const NotifyArgs& args, cudaStream_t stream);
+void launch_notify(const NotifyArgs& args, window::Policy window, cudaStream_t stream);
 
 // Where an uncached dispatch's kernel copies its notify's results: the handle's tensors, which
 // the host allocated after the notify's launch. `from` is nullptr for a cached dispatch.
@@ -242,11 +262,10 @@ struct DispatchArgs {
   kernels::Opening opening;
   bool opens;
 };
-// How the dispatch and combine senders fill their peers' rings (window/device.cuh's policies):
-// stores straight into them, or the put path's protocol over the same IPC mappings (the internode
+// `window`: how the kernels reach their peers (window/device.cuh's policies): stores straight into
+// their rings and inboxes, or the put path's protocol over the same IPC mappings (the internode
 // lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake; its host sends every row through the rings).
-enum class RingWindow { kStores, kFakePuts };
-void launch_dispatch(const DispatchArgs& args, RingWindow window, cudaStream_t stream);
+void launch_dispatch(const DispatchArgs& args, window::Policy window, cudaStream_t stream);
 
 // Flat device-to-device copies in one launch: a staged dispatch's small outputs (and its handle's
 // matrices and info, from the notify's results) into the caller's tensors (host.cpp, finish_staged).
@@ -299,7 +318,7 @@ struct CombineArgs {
   kernels::Opening opening;
   bool opens;
 };
-void launch_combine(const CombineArgs& args, RingWindow window, cudaStream_t stream);
+void launch_combine(const CombineArgs& args, window::Policy window, cudaStream_t stream);
 static_assert(offsetof(CombineSegmentNews, handle) % 16 == 0 && offsetof(HeaderSection, combine_offers) % 16 == 0 &&
               offsetof(MailboxSection, combine_segment_news) % 16 == 0 && offsetof(CombineArgs, offers) % 16 == 0 &&
               offsetof(DispatchArgs, offers) % 16 == 0,

@@ -30,7 +30,8 @@
 //     makes every destination a ring one): the sender's warps write a batch's ring rows and fields
 //     into its own mirror of each destination's ring instead, and after the batch barrier thread d
 //     copies d's batch into d's ring and adds its count to the tail (ring_puts.cuh). The receiver's
-//     side is unchanged: it never learns which policy filled its ring.
+//     side is unchanged: it never learns which policy filled its ring. A cached dispatch's opening
+//     runs over the same window (its digest and epoch put to each peer: common/barrier.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -352,7 +353,8 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         if (row < num_rows) scales[row * stride_token + i * stride_scale] = batch_scales[warp_of[d][j]][i];
       }
     }
-    // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so.
+    // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so (on
+    // the put path they stay in the mirror: a peer whose puts stop is seen the same way).
     if (kHalt) return kSent;
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
@@ -583,7 +585,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
   if (a.handle_copy.from != nullptr && blockIdx.x == gridDim.x - 1)
     copy_handle(a.handle_copy, a.layout.num_ranks, a.layout.num_channels);
   if (a.prefetch) prefetch_inputs(a);
-  const bool may_run = a.opens ? open_in_kernel(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
+  const bool may_run = a.opens ? open_in_kernel<W>(a.peers, a.rank, a.layout.num_ranks, a.opening, a.err)
                                 : operation_may_run(a.err);
   if (may_run)
     dispatch_channel<W, kHalt>(a, ld_volatile(&a.err.self->epoch));
@@ -601,6 +603,8 @@ const KernelRegistration registrations[] = {
      0},
     {reinterpret_cast<const void*>(&dispatch_kernel<FakePuts, false>), "intranode dispatch (lane, fake puts)",
      kThreads, 0},
+    {reinterpret_cast<const void*>(&dispatch_kernel<FakePuts, true>),
+     "intranode dispatch (lane, fake puts, halting test hook)", kThreads, 0},
 };
 
 }  // namespace
@@ -610,15 +614,24 @@ int dispatch_blocks_per_sm() {
                   max_blocks_per_sm(reinterpret_cast<const void*>(&dispatch_kernel<FakePuts, false>), kThreads, 0));
 }
 
-void launch_dispatch(const DispatchArgs& a, RingWindow window, cudaStream_t stream) {
-  const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  // No halting FakePuts kernel: Buffer::debug_halt_next_sends refuses a fake-puts lane.
-  if (window == RingWindow::kFakePuts)
-    launch("intranode dispatch", &dispatch_kernel<FakePuts, false>, shape, stream, a);
-  else if (a.halt_sends)
-    launch("intranode dispatch", &dispatch_kernel<Stores, true>, shape, stream, a);
+namespace {
+
+template <class W>
+void launch_dispatch_over(const DispatchArgs& a, const LaunchShape& shape, cudaStream_t stream) {
+  if (a.halt_sends)
+    launch("intranode dispatch", &dispatch_kernel<W, true>, shape, stream, a);
   else
-    launch("intranode dispatch", &dispatch_kernel<Stores, false>, shape, stream, a);
+    launch("intranode dispatch", &dispatch_kernel<W, false>, shape, stream, a);
+}
+
+}  // namespace
+
+void launch_dispatch(const DispatchArgs& a, window::Policy window, cudaStream_t stream) {
+  const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
+  if (window == window::Policy::kFakePuts)
+    launch_dispatch_over<FakePuts>(a, shape, stream);
+  else
+    launch_dispatch_over<Stores>(a, shape, stream);
 }
 
 }  // namespace moelink::intranode

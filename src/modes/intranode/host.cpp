@@ -338,13 +338,6 @@ const long long* handle_info(const DispatchHandle& h, int device) {
   return static_cast<const long long*>(h.info.data);
 }
 
-// The senders' window: the put path's protocol over IPC on an internode lane that asked for it
-// (MOELINK_DEBUG_LANE_FORCE_PUT=fake), else stores. (Buffer::debug_halt_next_sends refuses such a
-// lane: its halting kernels are the stores path's.)
-RingWindow ring_window(const Context& ctx) {
-  return ctx.lane_fake_puts ? RingWindow::kFakePuts : RingWindow::kStores;
-}
-
 int blocks_per_sm() {
   static const int blocks = std::min(dispatch_blocks_per_sm(), combine_blocks_per_sm());
   return blocks;
@@ -403,7 +396,7 @@ void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config,
   volatile int* ready = &ctx.mailbox->ready_seq;
   *ready = 0;
   host_stamps::mark("notify.args");
-  launch_notify(a, ctx.comm_stream);
+  launch_notify(a, ctx.window_policy(), ctx.comm_stream);
   host_stamps::mark("notify.launch");
   ctx.notify_in_flight = {a.seq, in.num_worst_tokens, a.num_local_experts, order.compute_stream,
                           order.previous_event ? order.previous_event->get() : nullptr};
@@ -582,7 +575,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
                           {&h.recv_src_idx, cached ? 0 : N * 4}});
   a.halt_sends = halt_sends;
   host_stamps::mark(cached ? "dispatch_cached.fill_poison" : "dispatch.fill_poison");
-  launch_dispatch(a, ring_window(ctx), ctx.comm_stream);
+  launch_dispatch(a, ctx.window_policy(), ctx.comm_stream);
   owed.paid();
   host_stamps::mark(cached ? "dispatch_cached.launch" : "dispatch.launch");
   if (staged) {
@@ -801,7 +794,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   a.poison = poison_list({{&out.combined_x, T * H * 2}, {&out.combined_topk_weights, T * K * 4}});
   a.halt_sends = halt_sends;
   host_stamps::mark("combine.fill_poison");
-  launch_combine(a, ring_window(ctx), ctx.comm_stream);
+  launch_combine(a, ctx.window_policy(), ctx.comm_stream);
   owed.paid();
   host_stamps::mark("combine.launch");
   EventHandle done = ctx.end_op(order);

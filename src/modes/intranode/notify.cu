@@ -20,11 +20,18 @@
 //      gate is left for the dispatch kernel; the mailbox gets the counts, whether every rank
 //      skips, and ready_seq last. The host polls ready_seq. A skipped notify (step 1) writes the
 //      status and ready_seq too.
+//
+// The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake): the opening
+// puts its digest and epoch (common/barrier.cuh). Steps 2 and 3 become one: the block stages what
+// it tells each destination d in its own header (HeaderSection::inbox_stage[d]), then thread d puts
+// d's stage into d's inbox row for this rank and, after it, the barrier's epoch as the puts' one
+// signal; thread 0 then waits for every peer's epoch as the barrier does.
 #include <cuda_runtime.h>
 
 #include "common/launch.cuh"
 #include "common/opening.cuh"
 #include "modes/intranode/contract.hpp"
+#include "window/device.cuh"
 
 namespace moelink::intranode {
 
@@ -71,9 +78,51 @@ __device__ unsigned long long first_bad_expert(const NotifyArgs& a) {
   return bad;
 }
 
+// Steps 2 and 3 on the put path, by every thread: stage, put with one signal per destination, wait.
+// counts / totals: this rank's per-(destination, channel) and per-destination token counts (shared).
+template <class W>
+__device__ __forceinline__ void put_inboxes(const NotifyArgs& a, const int* counts, const int* totals,
+                                            unsigned long long first_bad, int* verdict) {
+  const int R = a.num_ranks, C = a.num_channels, rank = a.err.rank, E = a.num_local_experts;
+  __shared__ Epoch barrier_epoch;
+  if (threadIdx.x == 0) barrier_epoch = barrier_next_epoch(a.peers.header[rank]);
+  InboxStage* stage = a.sections[rank]->inbox_stage;
+  for (int d = 0; d < R; ++d) {
+    for (int i = threadIdx.x; i < R; i += blockDim.x) stage[d].rank_counts[i] = totals[i];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) stage[d].channel_counts[c] = counts[d * C + c];
+    for (int j = threadIdx.x; j < E; j += blockDim.x) stage[d].expert_counts[j] = a.num_tokens_per_expert[d * E + j];
+    if (threadIdx.x == 0) {
+      stage[d].bad_expert = first_bad == ~0ull ? 0 : static_cast<long long>(first_bad) + 1;
+      stage[d].worst_tokens = a.num_worst_tokens;
+    }
+  }
+  // The block's staged words before the putting threads read them; the system fence also puts
+  // this rank's earlier writes (its previous operation's) before any signal, as the barrier's does.
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < R) {
+    // One thread per destination: its puts to d, then the epoch, which lands after them.
+    const int d = threadIdx.x;
+    HeaderSection* dst = a.sections[d];
+    W::put(dst->inbox_rank_counts[rank], stage[d].rank_counts, 4LL * R);
+    W::put(dst->inbox_channel_counts[rank], stage[d].channel_counts, 4LL * C);
+    if (E > 0) W::put(dst->inbox_expert_counts[rank], stage[d].expert_counts, 4LL * E);
+    W::put(&dst->inbox_bad_expert[rank], &stage[d].bad_expert, sizeof(long long));
+    W::put(&dst->inbox_worst_tokens[rank], &stage[d].worst_tokens, sizeof(int));
+    W::signal_set(&a.peers.header[d]->barrier_signal[rank], barrier_epoch);
+    // The stage is rewritten by the next notify; Puts must have read it by then.
+    W::quiet();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && !barrier_wait(a.peers, rank, R, kBarrierOp, a.err, barrier_epoch)) *verdict = kGateSkip;
+  __syncthreads();
+}
+
 // (kNotifyThreads, 2) caps it at 64 registers, its footprint before the opening read every digest
 // at once: ranks sharing a GPU under MPS need an SM with room for this one block while their peers'
 // kernels hold the rest.
+// W: the window policy of the opening, the inbox and the barrier (the host picks it).
+template <class W>
 __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a) {
   const int R = a.num_ranks, C = a.num_channels, rank = a.err.rank;
   const int warp = threadIdx.x / 32, lane = lane_id(), num_warps = blockDim.x / 32;
@@ -89,7 +138,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   int verdict = kGateGo;
   if (threadIdx.x == 0) {
     first_bad = ~0ull;
-    verdict = open_operation(a.peers, rank, R, a.opening, a.err, &epoch);
+    verdict = open_operation<W>(a.peers, rank, R, a.opening, a.err, &epoch);
     gate = verdict;
   }
   // Count my tokens per (destination, channel) while thread 0 waits in the opening: warps 1.. take
@@ -156,26 +205,30 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   }
   __syncthreads();
 
-  // Fill every destination's inbox slot for me.
-  for (int d = 0; d < R; ++d) {
-    HeaderSection* dst = a.sections[d];
-    for (int i = threadIdx.x; i < R; i += blockDim.x) dst->inbox_rank_counts[rank][i] = totals[i];
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dst->inbox_channel_counts[rank][c] = counts[d * C + c];
-    for (int j = threadIdx.x; j < a.num_local_experts; j += blockDim.x)
-      dst->inbox_expert_counts[rank][j] = a.num_tokens_per_expert[d * a.num_local_experts + j];
-    if (threadIdx.x == 0) {
-      dst->inbox_bad_expert[rank] = first_bad == ~0ull ? 0 : static_cast<long long>(first_bad) + 1;
-      dst->inbox_worst_tokens[rank] = a.num_worst_tokens;
+  if constexpr (W::kPuts) {
+    put_inboxes<W>(a, counts, totals, first_bad, &verdict);
+  } else {
+    // Fill every destination's inbox slot for me.
+    for (int d = 0; d < R; ++d) {
+      HeaderSection* dst = a.sections[d];
+      for (int i = threadIdx.x; i < R; i += blockDim.x) dst->inbox_rank_counts[rank][i] = totals[i];
+      for (int c = threadIdx.x; c < C; c += blockDim.x) dst->inbox_channel_counts[rank][c] = counts[d * C + c];
+      for (int j = threadIdx.x; j < a.num_local_experts; j += blockDim.x)
+        dst->inbox_expert_counts[rank][j] = a.num_tokens_per_expert[d * a.num_local_experts + j];
+      if (threadIdx.x == 0) {
+        dst->inbox_bad_expert[rank] = first_bad == ~0ull ? 0 : static_cast<long long>(first_bad) + 1;
+        dst->inbox_worst_tokens[rank] = a.num_worst_tokens;
+      }
     }
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      bool ok;
+      barrier_one_thread(a.peers, rank, R, kBarrierOp, a.err, nullptr, &ok);
+      if (!ok) verdict = kGateSkip;
+    }
+    __syncthreads();
   }
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    bool ok;
-    barrier_one_thread(a.peers, rank, R, kBarrierOp, a.err, nullptr, &ok);
-    if (!ok) verdict = kGateSkip;
-  }
-  __syncthreads();
 
   // The inbox is read once, a word per thread, into shared memory (counts, free since the
   // barrier, takes the channel counts); the scans below read that. A thread walking the inbox
@@ -248,13 +301,20 @@ __global__ void __launch_bounds__(kNotifyThreads, 2) notify_kernel(NotifyArgs a)
   }
 }
 
-const KernelRegistration registration(reinterpret_cast<const void*>(&notify_kernel), "intranode notify",
-                                      kNotifyThreads, 0);
+const KernelRegistration registrations[] = {
+    {reinterpret_cast<const void*>(&notify_kernel<window::Stores>), "intranode notify", kNotifyThreads, 0},
+    {reinterpret_cast<const void*>(&notify_kernel<window::FakePuts>), "intranode notify (lane, fake puts)",
+     kNotifyThreads, 0},
+};
 
 }  // namespace
 
-void launch_notify(const NotifyArgs& a, cudaStream_t stream) {
-  launch("intranode notify", &notify_kernel, LaunchShape{1, kNotifyThreads, 0}, stream, a);
+void launch_notify(const NotifyArgs& a, window::Policy window, cudaStream_t stream) {
+  const LaunchShape shape{1, kNotifyThreads, 0};
+  if (window == window::Policy::kFakePuts)
+    launch("intranode notify", &notify_kernel<window::FakePuts>, shape, stream, a);
+  else
+    launch("intranode notify", &notify_kernel<window::Stores>, shape, stream, a);
 }
 
 }  // namespace moelink::intranode
