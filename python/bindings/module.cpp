@@ -606,12 +606,14 @@ void bind_buffer(nb::module_& m) {
             moelink::LayoutOutputs out;
             nb::object per_rank =
                 torch_empty({num_ranks}, torch.int32, moelink::DType::kInt32, device, &out.num_tokens_per_rank);
+            // The other int32 outputs from the first: one keyword parse each fewer.
+            const nb::handle like_int32 = template_for(per_rank, out.num_tokens_per_rank, moelink::DType::kInt32, device);
             nb::object per_rdma_rank = nb::none();
             if (num_rdma_ranks > 1)
               per_rdma_rank = torch_empty({num_rdma_ranks}, torch.int32, moelink::DType::kInt32, device,
-                                          &out.num_tokens_per_rdma_rank);
+                                          &out.num_tokens_per_rdma_rank, {}, like_int32);
             nb::object per_expert = torch_empty({std::max(num_experts, 0)}, torch.int32, moelink::DType::kInt32,
-                                                device, &out.num_tokens_per_expert);
+                                                device, &out.num_tokens_per_expert, {}, like_int32);
             nb::object in_rank = torch_empty({num_tokens, num_ranks}, torch.bool_, moelink::DType::kBool, device,
                                              &out.is_token_in_rank);
             moelink::EventHandle event;
@@ -918,7 +920,9 @@ void bind_buffer(nb::module_& m) {
                                           &out.recv_x_scales, {rows * std::max<int64_t>(columns, 1), 1, rows});
             }
             nb::object recv_count = torch_empty({E}, torch.int32, moelink::DType::kInt32, device, &out.recv_count);
-            nb::object src_info = torch_empty({E, rows}, torch.int32, moelink::DType::kInt32, device, &out.src_info);
+            // The second int32 output from the first: one keyword parse fewer.
+            nb::object src_info = torch_empty({E, rows}, torch.int32, moelink::DType::kInt32, device, &out.src_info, {},
+                                              template_for(recv_count, out.recv_count, moelink::DType::kInt32, device));
             nb::object layout_range =
                 torch_empty({E, R}, torch.int64, moelink::DType::kInt64, device, &out.layout_range, {}, like_int64);
             nb::object state = ll_state(device, &out.state, like_int64);
