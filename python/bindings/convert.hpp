@@ -192,7 +192,7 @@ inline nb::tuple int_tuple(const std::vector<int64_t>& values) {
 // shape, dtype and device are known: only the pointer is read back). With `strides`,
 // torch.empty_strided: a column-major output in one torch call, not an empty and a .t() (a view
 // op whose cold path, run once per call, cost more than the allocation: bench/NOTES.md).
-// With `like` (from template(): a plain torch.Tensor of `dtype` on `device`; `dtype` may then be
+// With `like` (from template_for(): a plain torch.Tensor of `dtype` on `device`; `dtype` may then be
 // null), the same tensor as like.new_empty(shape) / new_empty_strided: positional arguments only,
 // which torch's argument parser takes faster than torch.empty's keyword dtype and device, on every
 // output of every call's host path.
