@@ -182,27 +182,33 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
   return handle;
 }
 
-// recv_x and recv_x_scales of n rows, as alloc_dispatch_outputs (python/moelink/_arena.py) makes
-// them without an arena, in its order: the scales keep the caller's layout (column-major is what
-// fp8 GEMMs read).
+// recv_x (n rows like x) and recv_x_scales (n rows like x_scales: the caller's dtype and layout,
+// column-major being what fp8 GEMMs read), as alloc_dispatch_outputs (python/moelink/_arena.py)
+// makes them without an arena.
+nb::object alloc_rows_like_x(nb::handle x, const moelink::TensorRef& ref, int64_t n, int device,
+                             moelink::TensorRef* out) {
+  moelink::check::dim(ref, 2, "x");
+  const nb::handle like = template_for(x, ref, ref.dtype, device);
+  nb::object dtype = like.is_valid() ? nb::object() : x.attr("dtype");
+  return torch_empty({n, ref.size(1)}, dtype.ptr(), ref.dtype, device, out, {}, like);
+}
+
+nb::object alloc_rows_like_scales(nb::handle x_scales, const moelink::TensorRef& ref, int64_t n, int device,
+                                  moelink::TensorRef* out) {
+  moelink::check::dim(ref, 2, "x_scales");
+  const nb::handle like = template_for(x_scales, ref, ref.dtype, device);
+  nb::object dtype = like.is_valid() ? nb::object() : x_scales.attr("dtype");
+  // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
+  std::vector<int64_t> strides;
+  if (ref.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
+  return torch_empty({n, ref.size(1)}, dtype.ptr(), ref.dtype, device, out, std::move(strides), like);
+}
+
 std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
                                                int64_t n, int device, moelink::DispatchOutputs* out) {
-  moelink::check::dim(in.x, 2, "x");
-  const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
-  nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
-  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x, {}, like_x);
+  nb::object recv_x = alloc_rows_like_x(x, in.x, n, device, &out->recv_x);
   nb::object recv_x_scales = nb::none();
-  if (in.x_scales.defined()) {
-    moelink::check::dim(in.x_scales, 2, "x_scales");
-    const int64_t num_scales = in.x_scales.size(1);
-    const nb::handle like_scales = template_for(x_scales, in.x_scales, in.x_scales.dtype, device);
-    nb::object scales_dtype = like_scales.is_valid() ? nb::object() : x_scales.attr("dtype");
-    // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
-    std::vector<int64_t> strides;
-    if (in.x_scales.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
-    recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales,
-                                std::move(strides), like_scales);
-  }
+  if (in.x_scales.defined()) recv_x_scales = alloc_rows_like_scales(x_scales, in.x_scales, n, device, &out->recv_x_scales);
   return {std::move(recv_x), std::move(recv_x_scales)};
 }
 
@@ -341,23 +347,12 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   }
   const int64_t n = plan.num_recv_tokens;
   moelink::DispatchOutputs out;
-  moelink::check::dim(in.x, 2, "x");
-  const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
-  nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
-  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.recv_x, {}, like_x);
+  nb::object recv_x = alloc_rows_like_x(x, in.x, n, device, &out.recv_x);
   nb::object recv_x_scales = nb::none(), recv_topk_idx = nb::none(), recv_topk_weights = nb::none(), recv_src_idx;
   // The small outputs, as alloc_dispatch_outputs (python/moelink/_arena.py) makes them.
   const auto alloc_small = [&](moelink::DispatchOutputs* o, moelink::DispatchHandle* h) {
-    if (in.x_scales.defined()) {
-      moelink::check::dim(in.x_scales, 2, "x_scales");
-      const nb::handle like_scales = template_for(x_scales, in.x_scales, in.x_scales.dtype, device);
-      nb::object scales_dtype = like_scales.is_valid() ? nb::object() : x_scales.attr("dtype");
-      // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
-      std::vector<int64_t> strides;
-      if (in.x_scales.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
-      recv_x_scales = torch_empty({n, in.x_scales.size(1)}, scales_dtype.ptr(), in.x_scales.dtype, device,
-                                  &o->recv_x_scales, std::move(strides), like_scales);
-    }
+    if (in.x_scales.defined())
+      recv_x_scales = alloc_rows_like_scales(x_scales, in.x_scales, n, device, &o->recv_x_scales);
     if (in.topk_idx.defined()) {
       moelink::check::dim(in.topk_idx, 2, "topk_idx");
       const int64_t k = in.topk_idx.size(1);

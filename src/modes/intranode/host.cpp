@@ -43,6 +43,7 @@ int blocks_per_sm();
 struct DispatchShape {
   int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
   int num_topk = 0, num_scales = 0, num_channels = 0, num_experts = 0;
+  int64_t ring_bytes = 0;  // what the operation's rings (and mirrors) take of num_nvl_bytes
   bool fp8 = false;
   DType scales_dtype = DType::kFloat32;  // or kInt32: packed UE8M0 exponents (moved as opaque 4-byte words)
 };
@@ -169,8 +170,9 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   const auto layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
                                                 s.num_scales, s.num_topk);
   const bool mirrors = ctx.lane_fake_puts;
-  if (layout.total_bytes(mirrors) > ctx.num_nvl_bytes)
-    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", layout.total_bytes(mirrors), " bytes of NVLink buffer (",
+  s.ring_bytes = layout.total_bytes(mirrors);
+  if (s.ring_bytes > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", s.ring_bytes, " bytes of NVLink buffer (",
           R, " ranks, ", s.num_channels, " channels, ", config.num_max_nvl_chunked_recv_tokens, " ring slots, ",
           s.row_bytes, "-byte rows", mirrors ? ", and a mirror of every ring for the put path" : "",
           ") but the Buffer has ", ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
@@ -368,9 +370,7 @@ void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config,
   });
   const int R = ctx.topo.num_ranks;
   ctx.staging = {};
-  ctx.staging.ring_bytes = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
-                                            s.num_scales, s.num_topk)
-                               .total_bytes(ctx.lane_fake_puts);
+  ctx.staging.ring_bytes = s.ring_bytes;
   ctx.staging.num_channels = s.num_channels;
   NotifyArgs a{};
   a.is_token_in_rank = static_cast<const bool*>(in.is_token_in_rank.data);
@@ -638,57 +638,50 @@ EventHandle finish_staged(Context& ctx, const DispatchOutputs* out, const Dispat
     return EventHandle();
   }
   const Context::Staging st = std::exchange(ctx.staging, {});
-  CopyList copies;
-  // However the copies' checks end, the operation ends: the compute stream joins it.
-  struct End {
-    Context& ctx;
-    const StreamOrder& order;
-    bool ended = false;
-    EventHandle finish() {
-      ended = true;
-      EventHandle done = ctx.end_op(order);
-      ctx.raise_at_end(order.compute_stream);
-      return done;
+  try {
+    CopyList copies;
+    if (out != nullptr && h != nullptr) {
+      const int R = ctx.topo.num_ranks, C = st.num_channels;
+      const auto add = [&](const TensorRef& from, const TensorRef& to, const char* arg) {
+        if (!from.defined()) return;
+        // The caller's tensor as stage_outputs laid out its staging: the copy is one flat range.
+        expect(to, from.shape, from.dtype, ctx.device, arg, false);
+        if (to.strides != from.strides && !(from.strides.empty() && to.is_contiguous()))
+          raise(ErrorKind::kValue, arg, ": expected the strides of the dispatch's staged ", arg);
+        copies.entry[copies.count++] = {from.data, to.data, from.numel() * dtype_size(from.dtype)};
+      };
+      add(st.src_idx, h->recv_src_idx, "recv_src_idx");
+      add(st.topk_idx, out->recv_topk_idx, "recv_topk_idx");
+      add(st.topk_weights, out->recv_topk_weights, "recv_topk_weights");
+      add(st.scales, out->recv_x_scales, "recv_x_scales");
+      // The handle's matrices and info, from the notify's results (where the kernel read them; the
+      // next notify, queued behind these copies, rewrites them).
+      const NotifyResults* results = &ctx.header()->intranode.notify_results;
+      expect(h->rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "rank_prefix_matrix");
+      expect(h->channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "channel_prefix_matrix");
+      expect(h->recv_channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "recv_channel_prefix_matrix");
+      handle_info(*h, ctx.device);
+      copies.entry[copies.count++] = {results->rank_prefix_matrix, h->rank_prefix_matrix.data, int64_t{R} * R * 4};
+      copies.entry[copies.count++] = {results->channel_prefix_matrix, h->channel_prefix_matrix.data,
+                                      int64_t{R} * C * 4};
+      copies.entry[copies.count++] = {results->recv_channel_prefix_matrix, h->recv_channel_prefix_matrix.data,
+                                      int64_t{R} * C * 4};
+      copies.entry[copies.count++] = {results->info, h->info.data, 16};
+      ++ctx.staged_dispatches;
     }
-    ~End() {
-      if (!ended) {
-        try {
-          ctx.end_op(order);
-        } catch (...) {  // already raising: the first error is the one to report
-        }
-      }
+    launch_copies(copies, ctx.comm_stream);
+  } catch (...) {
+    // However the copies end, the operation ends (the compute stream joins it); the first error is
+    // the one to report.
+    try {
+      ctx.end_op(st.order);
+    } catch (...) {
     }
-  } end{ctx, st.order};
-  if (out != nullptr && h != nullptr) {
-    const int R = ctx.topo.num_ranks, C = st.num_channels;
-    const auto add = [&](const TensorRef& from, const TensorRef& to, const char* arg) {
-      if (!from.defined()) return;
-      // The caller's tensor as stage_outputs laid out its staging: the copy is one flat range.
-      expect(to, from.shape, from.dtype, ctx.device, arg, false);
-      if (to.strides != from.strides && !(from.strides.empty() && to.is_contiguous()))
-        raise(ErrorKind::kValue, arg, ": expected the strides of the dispatch's staged ", arg);
-      copies.entry[copies.count++] = {from.data, to.data, from.numel() * dtype_size(from.dtype)};
-    };
-    add(st.src_idx, h->recv_src_idx, "recv_src_idx");
-    add(st.topk_idx, out->recv_topk_idx, "recv_topk_idx");
-    add(st.topk_weights, out->recv_topk_weights, "recv_topk_weights");
-    add(st.scales, out->recv_x_scales, "recv_x_scales");
-    // The handle's matrices and info, from the notify's results (where the kernel read them; the
-    // next notify, queued behind these copies, rewrites them).
-    const NotifyResults* results = &ctx.header()->intranode.notify_results;
-    expect(h->rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "rank_prefix_matrix");
-    expect(h->channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "channel_prefix_matrix");
-    expect(h->recv_channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "recv_channel_prefix_matrix");
-    handle_info(*h, ctx.device);
-    copies.entry[copies.count++] = {results->rank_prefix_matrix, h->rank_prefix_matrix.data, int64_t{R} * R * 4};
-    copies.entry[copies.count++] = {results->channel_prefix_matrix, h->channel_prefix_matrix.data, int64_t{R} * C * 4};
-    copies.entry[copies.count++] = {results->recv_channel_prefix_matrix, h->recv_channel_prefix_matrix.data,
-                                    int64_t{R} * C * 4};
-    copies.entry[copies.count++] = {results->info, h->info.data, 16};
-    ++ctx.staged_dispatches;
+    throw;
   }
-  launch_copies(copies, ctx.comm_stream);
-  return end.finish();
+  EventHandle done = ctx.end_op(st.order);
+  ctx.raise_at_end(st.order.compute_stream);
+  return done;
 }
 
 EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle& h, const CombineOutputs& out,
