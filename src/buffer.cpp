@@ -348,17 +348,6 @@ EventHandle Buffer::intranode_dispatch(const DispatchInputs& in, const DispatchH
   return intranode::dispatch(*ctx_, in, handle, out, config, order, cached);
 }
 
-bool Buffer::intranode_stage_outputs(const DispatchInputs& in, int64_t num_recv_tokens, DispatchOutputs* out,
-                                     DispatchHandle* handle) {
-  return intranode::stage_outputs(*ctx_, in, num_recv_tokens, out, handle);
-}
-
-EventHandle Buffer::intranode_finish_staged(const DispatchOutputs* out, const DispatchHandle* handle) {
-  return intranode::finish_staged(*ctx_, out, handle);
-}
-
-int64_t Buffer::staged_dispatches() const { return ctx_->staged_dispatches; }
-
 EventHandle Buffer::intranode_combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                                       const Config& config, const StreamOrder& order) {
   return intranode::combine(*ctx_, in, handle, out, config, order);

@@ -128,20 +128,6 @@ class Buffer {
   EventHandle intranode_dispatch(const DispatchInputs& in, const DispatchHandle& handle,
                                  const DispatchOutputs& out, const Config& config, const StreamOrder& order,
                                  bool cached);
-  // An uncached dispatch whose small outputs (scales, top-k ids and weights, recv_src_idx) wait in
-  // the NVLink buffer beyond its rings while the caller allocates them, so that between the notify's
-  // host wait and the dispatch's launch only recv_x is allocated. After intranode_notify_wait:
-  // intranode_stage_outputs points out's and handle's small tensors there (false, changing nothing,
-  // when num_nvl_bytes has no room for them or num_worst_tokens > 0); intranode_dispatch then
-  // launches (handle's matrices and info may be undefined; the returned event is empty) and the
-  // operation stays open until intranode_finish_staged, which copies them into the caller's tensors
-  // (allocated meanwhile, shaped and laid out as staged) and returns the operation's event. Call it
-  // exactly once after a staged dispatch; with null pointers it only ends the operation.
-  bool intranode_stage_outputs(const DispatchInputs& in, int64_t num_recv_tokens, DispatchOutputs* out,
-                               DispatchHandle* handle);
-  EventHandle intranode_finish_staged(const DispatchOutputs* out, const DispatchHandle* handle);
-  // Staged dispatches finished with their outputs so far (for tests: whether staging engaged).
-  int64_t staged_dispatches() const;
   EventHandle intranode_combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                                 const Config& config, const StreamOrder& order);
 

@@ -182,33 +182,27 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
   return handle;
 }
 
-// recv_x (n rows like x) and recv_x_scales (n rows like x_scales: the caller's dtype and layout,
-// column-major being what fp8 GEMMs read), as alloc_dispatch_outputs (python/moelink/_arena.py)
-// makes them without an arena.
-nb::object alloc_rows_like_x(nb::handle x, const moelink::TensorRef& ref, int64_t n, int device,
-                             moelink::TensorRef* out) {
-  moelink::check::dim(ref, 2, "x");
-  const nb::handle like = template_for(x, ref, ref.dtype, device);
-  nb::object dtype = like.is_valid() ? nb::object() : x.attr("dtype");
-  return torch_empty({n, ref.size(1)}, dtype.ptr(), ref.dtype, device, out, {}, like);
-}
-
-nb::object alloc_rows_like_scales(nb::handle x_scales, const moelink::TensorRef& ref, int64_t n, int device,
-                                  moelink::TensorRef* out) {
-  moelink::check::dim(ref, 2, "x_scales");
-  const nb::handle like = template_for(x_scales, ref, ref.dtype, device);
-  nb::object dtype = like.is_valid() ? nb::object() : x_scales.attr("dtype");
-  // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
-  std::vector<int64_t> strides;
-  if (ref.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
-  return torch_empty({n, ref.size(1)}, dtype.ptr(), ref.dtype, device, out, std::move(strides), like);
-}
-
+// recv_x and recv_x_scales of n rows, as alloc_dispatch_outputs (python/moelink/_arena.py) makes
+// them without an arena, in its order: the scales keep the caller's layout (column-major is what
+// fp8 GEMMs read).
 std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
                                                int64_t n, int device, moelink::DispatchOutputs* out) {
-  nb::object recv_x = alloc_rows_like_x(x, in.x, n, device, &out->recv_x);
+  moelink::check::dim(in.x, 2, "x");
+  const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
+  nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
+  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x, {}, like_x);
   nb::object recv_x_scales = nb::none();
-  if (in.x_scales.defined()) recv_x_scales = alloc_rows_like_scales(x_scales, in.x_scales, n, device, &out->recv_x_scales);
+  if (in.x_scales.defined()) {
+    moelink::check::dim(in.x_scales, 2, "x_scales");
+    const int64_t num_scales = in.x_scales.size(1);
+    const nb::handle like_scales = template_for(x_scales, in.x_scales, in.x_scales.dtype, device);
+    nb::object scales_dtype = like_scales.is_valid() ? nb::object() : x_scales.attr("dtype");
+    // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
+    std::vector<int64_t> strides;
+    if (in.x_scales.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
+    recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales,
+                                std::move(strides), like_scales);
+  }
   return {std::move(recv_x), std::move(recv_x_scales)};
 }
 
@@ -305,19 +299,15 @@ moelink::LowLatencyCombineInputs ll_combine_inputs(nb::handle x, nb::handle topk
 // An uncached dispatch after its inputs were read: the notify launch, the handle's tensors
 // (allocated while it runs), the host wait, the outputs and the dispatch launch, as
 // intranode_dispatch_uncached returns them; `express` appends the hidden size and local_errors.
-// With `stage` (Buffer._stage_outputs) the small outputs and the handle's tensors are allocated
-// after the launch, the kernel having written them to the NVLink buffer beyond its rings
-// (Buffer::intranode_stage_outputs): between the host wait and the launch only recv_x is
-// allocated, and nothing between the notify's launch and its wait. Where num_nvl_bytes has no room
-// for them, every output is allocated before the launch, the handle's tensors after the wait.
 nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs& in, nb::handle x,
                             nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
                             nb::handle num_tokens_per_rank, const moelink::Config& config,
-                            const moelink::StreamOrder& stream_order, bool express, bool stage) {
+                            const moelink::StreamOrder& stream_order, bool express) {
   {
     nb::gil_scoped_release release;
     self.intranode_notify_launch(in, config, stream_order);
   }
+  // The handle's matrices and info, allocated while the notify runs (its kernel fills them).
   const Torch& torch = torch_objects();
   const int device = in.x.device;
   const int64_t num_ranks = self.topology().num_ranks, num_channels = config.num_sms / 2;
@@ -326,20 +316,15 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device);
   const nb::handle like_float32 = template_for(topk_weights, in.topk_weights, moelink::DType::kFloat32, device);
   moelink::DispatchHandle handle;
+  nb::object rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32,
+                                              device, &handle.rank_prefix_matrix, {}, like_int32);
+  nb::object channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32,
+                                                 device, &handle.channel_prefix_matrix, {}, like_int32);
+  nb::object recv_channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32,
+                                                      moelink::DType::kInt32, device,
+                                                      &handle.recv_channel_prefix_matrix, {}, like_int32);
+  nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info, {}, like_int64);
   handle.is_token_in_rank = in.is_token_in_rank;
-  nb::object rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, info;
-  // The handle's matrices and info (the dispatch kernel, or a staged dispatch's copies, fill them).
-  const auto alloc_handle = [&](moelink::DispatchHandle* h) {
-    rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32, device,
-                                     &h->rank_prefix_matrix, {}, like_int32);
-    channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32, device,
-                                        &h->channel_prefix_matrix, {}, like_int32);
-    recv_channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32, device,
-                                             &h->recv_channel_prefix_matrix, {}, like_int32);
-    info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &h->info, {}, like_int64);
-  };
-  const bool try_stage = stage && in.num_worst_tokens == 0;
-  if (!try_stage) alloc_handle(&handle);  // while the notify runs
   moelink::DispatchPlan plan;
   {
     nb::gil_scoped_release release;  // blocks the host until the peers' counts arrive
@@ -347,42 +332,20 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   }
   const int64_t n = plan.num_recv_tokens;
   moelink::DispatchOutputs out;
-  nb::object recv_x = alloc_rows_like_x(x, in.x, n, device, &out.recv_x);
-  nb::object recv_x_scales = nb::none(), recv_topk_idx = nb::none(), recv_topk_weights = nb::none(), recv_src_idx;
-  // The small outputs, as alloc_dispatch_outputs (python/moelink/_arena.py) makes them.
-  const auto alloc_small = [&](moelink::DispatchOutputs* o, moelink::DispatchHandle* h) {
-    if (in.x_scales.defined())
-      recv_x_scales = alloc_rows_like_scales(x_scales, in.x_scales, n, device, &o->recv_x_scales);
-    if (in.topk_idx.defined()) {
-      moelink::check::dim(in.topk_idx, 2, "topk_idx");
-      const int64_t k = in.topk_idx.size(1);
-      recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &o->recv_topk_idx, {}, like_int64);
-      if (in.topk_weights.defined())
-        recv_topk_weights = torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device,
-                                        &o->recv_topk_weights, {}, like_float32);
-    }
-    recv_src_idx = torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &h->recv_src_idx, {}, like_int32);
-  };
+  auto [recv_x, recv_x_scales] = alloc_recv_x(x, x_scales, in, n, device, &out);
+  nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
+  if (in.topk_idx.defined()) {
+    moelink::check::dim(in.topk_idx, 2, "topk_idx");
+    const int64_t k = in.topk_idx.size(1);
+    recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx, {}, like_int64);
+    if (in.topk_weights.defined())
+      recv_topk_weights = torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights,
+                                      {}, like_float32);
+  }
+  nb::object recv_src_idx =
+      torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx, {}, like_int32);
   moelink::EventHandle event;
-  moelink::DispatchOutputs staged_out = out;
-  moelink::DispatchHandle staged_handle = handle;
-  if (try_stage && self.intranode_stage_outputs(in, n, &staged_out, &staged_handle)) {
-    try {
-      {
-        nb::gil_scoped_release release;
-        self.intranode_dispatch(in, staged_handle, staged_out, config, stream_order, false);
-      }
-      alloc_small(&out, &handle);
-      alloc_handle(&handle);
-    } catch (...) {
-      self.intranode_finish_staged(nullptr, nullptr);  // ends the operation (or clears the staging)
-      throw;
-    }
-    nb::gil_scoped_release release;
-    event = self.intranode_finish_staged(&out, &handle);
-  } else {
-    if (try_stage) alloc_handle(&handle);
-    alloc_small(&out, &handle);
+  {
     nb::gil_scoped_release release;
     event = self.intranode_dispatch(in, handle, out, config, stream_order, false);
   }
@@ -564,7 +527,6 @@ void bind_buffer(nb::module_& m) {
       .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
       .def("serve_as_internode_lane", &Buffer::serve_as_internode_lane)
       .def_prop_ro("lane_window", &Buffer::lane_window)
-      .def_prop_ro("staged_dispatches", &Buffer::staged_dispatches)
       .def("take_local_errors", &Buffer::take_local_errors)
       .def("debug_halt_next_sends", &Buffer::debug_halt_next_sends)
 
@@ -698,18 +660,18 @@ void bind_buffer(nb::module_& m) {
           [](Buffer& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx, nb::handle topk_weights,
              nb::handle is_token_in_rank, nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert,
              int num_experts, int expert_alignment, int num_worst_tokens, const moelink::Config& config,
-             nb::handle order, bool stage) {
+             nb::handle order) {
             moelink::StreamOrder stream_order;
             const moelink::DispatchInputs in =
                 notify_inputs(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                               num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, order,
                               &stream_order);
             return dispatch_uncached(self, in, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, config,
-                                     stream_order, false, stage);
+                                     stream_order, false);
           },
           "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(),
           "is_token_in_rank"_a.none(), "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(),
-          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a, "stage"_a = false)
+          "num_experts"_a, "expert_alignment"_a, "num_worst_tokens"_a, "config"_a, "order"_a)
       // The express calls: dispatch and combine as a framework calls them by default (no config,
       // previous_event, async_finish, comm-stream allocation or arena), each one extension call
       // from the Python layer's first lines, with the tensors' types and ranks checked here and the
@@ -721,7 +683,7 @@ void bind_buffer(nb::module_& m) {
           "intranode_dispatch_uncached_express",
           [](Buffer& self, nb::handle x, nb::handle topk_idx, nb::handle topk_weights, nb::handle is_token_in_rank,
              nb::handle num_tokens_per_rank, nb::handle num_tokens_per_expert, int expert_alignment,
-             int num_worst_tokens, const moelink::Config& config, uintptr_t compute_stream, bool stage) -> nb::object {
+             int num_worst_tokens, const moelink::Config& config, uintptr_t compute_stream) -> nb::object {
             nb::handle data, scales;
             if (!split_x(x, &data, &scales) || !is_tensor(is_token_in_rank) || !is_tensor(num_tokens_per_rank) ||
                 !is_tensor(num_tokens_per_expert) || !tensor_or_none(topk_idx) || !tensor_or_none(topk_weights) ||
@@ -738,11 +700,11 @@ void bind_buffer(nb::module_& m) {
               return nb::none();
             in.num_experts = static_cast<int>(in.num_tokens_per_expert.numel());
             return dispatch_uncached(self, in, data, scales, topk_idx, topk_weights, num_tokens_per_rank, config,
-                                     stream_order, true, stage);
+                                     stream_order, true);
           },
           "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "is_token_in_rank"_a.none(),
           "num_tokens_per_rank"_a.none(), "num_tokens_per_expert"_a.none(), "expert_alignment"_a,
-          "num_worst_tokens"_a, "config"_a, "compute_stream"_a, "stage"_a = false)
+          "num_worst_tokens"_a, "config"_a, "compute_stream"_a)
       .def(
           "intranode_dispatch_express",
           [](Buffer& self, nb::handle x, const moelink::DispatchHandle& refs, const moelink::Config& config,

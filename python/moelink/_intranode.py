@@ -108,7 +108,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         if handle is None:
             result = buf.runtime.intranode_dispatch_uncached_express(
                 x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                expert_alignment, num_worst_tokens, config, stream, buf._stage_outputs)
+                expert_alignment, num_worst_tokens, config, stream)
             if result is not None:
                 event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \
                     rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, refs, \
@@ -198,8 +198,7 @@ def dispatch(buf: "Buffer", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
             rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info, refs = \
             runtime.intranode_dispatch_uncached(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
                                                 num_tokens_per_rank, num_tokens_per_expert, num_experts,
-                                                expert_alignment, num_worst_tokens, config, streams.order,
-                                                buf._stage_outputs)
+                                                expert_alignment, num_worst_tokens, config, streams.order)
     else:
         refs = None
         event, num_recv_tokens_per_expert_list, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, \

@@ -119,11 +119,6 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self._destroyed = False
         self._low_latency_combines = 0  # alternates get_next_low_latency_combine_buffer's areas
-        # An uncached dispatch's small outputs written to the NVLink buffer beyond its rings and
-        # copied into their tensors after the launch (Buffer::intranode_stage_outputs), so that only
-        # recv_x is allocated between the host wait and the launch. Off until its GPU suite and
-        # timing have run (bench/NOTES.md, tenth session); read per call.
-        self._stage_outputs = False
         # The runtime was built on the current device and reports it back; asking torch again
         # could differ if the bootstrap collective had switched devices.
         self._device = runtime.device_id

@@ -260,12 +260,6 @@ int64_t Context::offset_in_arena(const TensorRef& ref, int64_t bytes) const {
   return static_cast<const char*>(ref.data) - static_cast<const char*>(data());
 }
 
-int64_t Context::offset_in_staging(const TensorRef& ref, int64_t bytes) const {
-  if (ref.data == nullptr || staging.hi == 0) return -1;
-  const int64_t offset = static_cast<const char*>(ref.data) - static_cast<const char*>(data());
-  return offset >= staging.lo && offset + bytes <= staging.hi ? offset : -1;
-}
-
 kernels::ErrorSink Context::error_sink(double timeout) const {
   kernels::ErrorSink sink{};
   sink.fault = &mailbox_dev->fault;

@@ -110,19 +110,6 @@ class Context {
     cudaStream_t compute_stream = nullptr;
     cudaEvent_t previous_event = nullptr;
   } notify_join;
-  // An uncached dispatch whose small outputs are staged (intranode::stage_outputs): the kernel
-  // writes them to [lo, hi) of the data region beyond its rings, where peers reach them as they
-  // reach an arena, and finish_staged copies them into the caller's tensors. ring_bytes is the
-  // last notify's dispatch layout (what the rings of that dispatch use of num_nvl_bytes).
-  struct Staging {
-    int64_t ring_bytes = 0;
-    int num_channels = 0;
-    int64_t lo = 0, hi = 0;  // set by stage_outputs, cleared by finish_staged
-    bool pending = false;    // the dispatch is launched and owes finish_staged its end
-    StreamOrder order;
-    TensorRef scales, topk_idx, topk_weights, src_idx;  // where the kernel writes them
-  } staging;
-  int64_t staged_dispatches = 0;  // finished with their outputs (Buffer::staged_dispatches)
   bool halt_next_sends = false;  // test hook (Buffer::debug_halt_next_sends), taken by the next data kernel
   std::string broken;  // non-empty once a peer was lost: the protocol state can't be trusted
   ErrorKind broken_kind = ErrorKind::kTimeout;  // what raising `broken` throws
@@ -149,8 +136,6 @@ class Context {
   // Where `bytes` at `ref` sit relative to our data region, as peers address them; -1 unless they
   // lie wholly in our receive arena (only there may peers read or write a caller's tensor).
   int64_t offset_in_arena(const TensorRef& ref, int64_t bytes) const;
-  // The same for the staging of an uncached dispatch's small outputs (`staging`): -1 unless inside it.
-  int64_t offset_in_staging(const TensorRef& ref, int64_t bytes) const;
 
   // Unmaps the peers and frees everything; marks the context destroyed. Idempotent. The comm
   // stream goes back to a pool instead of being destroyed: the caching allocator may still hold

@@ -372,7 +372,6 @@ def _fake_buffer(max_num_sms=40, group_size=4):
     class FakeBuffer:
         num_sms = 24
         _express = False  # the full path: these fakes have no express calls
-        _stage_outputs = False
 
         def _check_usable(self, op):
             pass
@@ -455,12 +454,9 @@ class _PendingErrorRuntime(_FakeRuntime):
 
     def intranode_dispatch_uncached(self, *args):
         """The extension's one call of the default path, in its order: the notify's launch (the same
-        twelve arguments; the thirteenth is the staging switch), its wait, then the dispatch's
-        launch, with outputs the extension allocates."""
+        twelve arguments), its wait, then the dispatch's launch, with outputs the extension allocates."""
         import torch
 
-        assert len(args) == 13 and args[12] is False, "Buffer._stage_outputs is passed, off by default"
-        args = args[:12]
         self.intranode_notify_launch(*args)
         num_recv, per_expert = self.intranode_notify_wait()
         x, x_scales, topk_idx, topk_weights, config = args[0], args[1], args[2], args[3], args[10]
@@ -585,7 +581,7 @@ class _ExpressRuntime(_PendingErrorRuntime):
 
     def intranode_dispatch_uncached_express(self, x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                                             num_tokens_per_expert, expert_alignment, num_worst_tokens, config,
-                                            stream, stage):
+                                            stream):
         import torch
 
         self.log.append(("uncached express", config.num_sms, stream))

@@ -12,8 +12,6 @@ using moelink::intranode::channel_of;
 using moelink::intranode::channel_range;
 using moelink::intranode::ChannelRange;
 using moelink::intranode::RingLayout;
-using moelink::intranode::staging_layout;
-using moelink::intranode::StagingLayout;
 
 MOELINK_TEST(channel_ranges_partition_the_tokens_in_order) {
   for (int tokens : {0, 1, 7, 127, 128, 4096, 4097}) {
@@ -92,35 +90,4 @@ MOELINK_TEST(size_hint_is_the_layout_the_kernels_use_at_the_largest_row) {
       EXPECT_LE(RingLayout::make(ranks, channels, slots, 7168, 56, 8).total_bytes(), hint);
     }
   }
-}
-
-MOELINK_TEST(staged_outputs_sit_after_the_rings_aligned_disjoint_and_inside_the_buffer) {
-  constexpr int64_t kAlign = 512;
-  for (int64_t rows : {1, 7, 14700}) {
-    for (int64_t topk : {0, 1, 8}) {
-      for (bool weights : {false, true}) {
-        for (int64_t scales : {0, 56}) {
-          const int64_t ring_bytes = 1000 * 1000 + 3;
-          const StagingLayout l = staging_layout(ring_bytes, int64_t{1} << 40, rows, topk, weights && topk > 0,
-                                                 scales, kAlign);
-          EXPECT_TRUE(l.fits);
-          EXPECT_GE(l.lo, ring_bytes);
-          const int64_t offsets[] = {l.src_idx, l.topk_idx, l.topk_weights, l.scales};
-          const int64_t bytes[] = {rows * 4, rows * topk * 8, weights && topk > 0 ? rows * topk * 4 : 0,
-                                   rows * scales * 4};
-          int64_t end = l.lo;
-          for (int f = 0; f < 4; ++f) {
-            EXPECT_EQ(offsets[f] % kAlign, 0);
-            EXPECT_GE(offsets[f], end);  // in order, no overlap with the field before
-            end = offsets[f] + bytes[f];
-          }
-          EXPECT_LE(end, l.hi);
-          // One byte less than it needs: no room, the dispatch takes exact outputs.
-          EXPECT_FALSE(staging_layout(ring_bytes, l.hi - 1, rows, topk, weights && topk > 0, scales, kAlign).fits);
-          EXPECT_TRUE(staging_layout(ring_bytes, l.hi, rows, topk, weights && topk > 0, scales, kAlign).fits);
-        }
-      }
-    }
-  }
-  EXPECT_FALSE(staging_layout(4096, int64_t{1} << 40, 0, 8, true, 56, kAlign).fits);  // nothing to stage
 }

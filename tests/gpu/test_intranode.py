@@ -148,38 +148,6 @@ def test_arena_lifetime(num_ranks):
     launcher.run_ranks(num_ranks, _arena_lifetime, 7000 * num_ranks, timeout_s=120)
 
 
-def _staged_outputs(rank, num_ranks, seed, rounds):
-    """With Buffer._stage_outputs an uncached dispatch's small outputs (scales, top-k ids and
-    weights, recv_src_idx) are written to the NVLink buffer beyond its rings and copied into their
-    tensors after the launch, with the handle's matrices and info (Buffer::intranode_stage_outputs).
-    Every round is checked against the reference (dispatch, a cached dispatch and a combine through
-    its handle), on the express and the full path, and the staging must have engaged: the buffer is
-    sized for bf16 rows, so fp8 dispatches have room (bf16 ones may fall back to exact outputs)."""
-    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
-    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,))
-    buf._stage_outputs = True
-    before = buf.runtime.staged_dispatches
-    for i in range(rounds):
-        case = Case(f"staged {i}", (256, 1, 1024)[i % 3], 2048, 8, 64, fp8=i % 2 == 1,
-                    scales_col_major=i % 4 == 3, drop_prob=0.05 * (i % 3), alignment=(1, 128)[i % 2],
-                    worst=i % 5 == 4, num_bias=i % 3, use_async=i % 6 == 5).resolved(num_ranks)
-        if case is None:
-            continue
-        buf._express = i % 3 != 2
-        summary = run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
-        if i % 4 == 0 or i == rounds - 1:
-            common.log(rank, f"[R={num_ranks}] {summary}")
-    staged = buf.runtime.staged_dispatches - before
-    assert staged > 0, f"rank {rank}: no dispatch was staged in {rounds} rounds"
-    common.log(rank, f"[R={num_ranks}] staged {staged} of {rounds} dispatches: ok")
-    buf.destroy()
-
-
-@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
-def test_staged_outputs(num_ranks):
-    launcher.run_ranks(num_ranks, _staged_outputs, 9300 * num_ranks, 12, timeout_s=180)
-
-
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)

@@ -266,19 +266,6 @@ struct DispatchArgs {
 // their rings and inboxes, or the put path's protocol over the same IPC mappings (the internode
 // lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake; its host sends every row through the rings).
 void launch_dispatch(const DispatchArgs& args, window::Policy window, cudaStream_t stream);
-
-// Flat device-to-device copies in one launch: a staged dispatch's small outputs (and its handle's
-// matrices and info, from the notify's results) into the caller's tensors (host.cpp, finish_staged).
-inline constexpr int kMaxCopies = 8;
-struct CopyList {
-  struct Entry {
-    const void* from;
-    void* to;
-    int64_t bytes;  // a multiple of 4
-  } entry[kMaxCopies];
-  int count = 0;
-};
-void launch_copies(const CopyList& copies, cudaStream_t stream);
 static_assert(offsetof(SegmentOffer, handle) % 16 == 0 && offsetof(SegmentNews, handle) % 16 == 0 &&
               offsetof(HeaderSection, segment_offers) % 16 == 0 && offsetof(MailboxSection, segment_news) % 16 == 0,
               "the kernels copy IPC handles in 16-byte words");

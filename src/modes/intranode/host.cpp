@@ -43,7 +43,6 @@ int blocks_per_sm();
 struct DispatchShape {
   int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
   int num_topk = 0, num_scales = 0, num_channels = 0, num_experts = 0;
-  int64_t ring_bytes = 0;  // what the operation's rings (and mirrors) take of num_nvl_bytes
   bool fp8 = false;
   DType scales_dtype = DType::kFloat32;  // or kInt32: packed UE8M0 exponents (moved as opaque 4-byte words)
 };
@@ -170,9 +169,8 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   const auto layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
                                                 s.num_scales, s.num_topk);
   const bool mirrors = ctx.lane_fake_puts;
-  s.ring_bytes = layout.total_bytes(mirrors);
-  if (s.ring_bytes > ctx.num_nvl_bytes)
-    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", s.ring_bytes, " bytes of NVLink buffer (",
+  if (layout.total_bytes(mirrors) > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", layout.total_bytes(mirrors), " bytes of NVLink buffer (",
           R, " ranks, ", s.num_channels, " channels, ", config.num_max_nvl_chunked_recv_tokens, " ring slots, ",
           s.row_bytes, "-byte rows", mirrors ? ", and a mirror of every ring for the put path" : "",
           ") but the Buffer has ", ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
@@ -184,7 +182,6 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
 bool place_for_peers(Context& ctx, bool segments, const TensorRef& ref, int64_t bytes, long long& offset,
                      unsigned long long& key, SegmentOffer& offer) {
   offset = ctx.offset_in_arena(ref, bytes);
-  if (offset < 0) offset = ctx.offset_in_staging(ref, bytes);
   if (offset >= 0 || !segments) return offset >= 0;
   const window::SegmentExports::Export e = ctx.segment_exports.find(ref.data, bytes, ctx.device);
   if (e.key == 0) return false;
@@ -369,9 +366,6 @@ void notify_launch(Context& ctx, const DispatchInputs& in, const Config& config,
     return shape;
   });
   const int R = ctx.topo.num_ranks;
-  ctx.staging = {};
-  ctx.staging.ring_bytes = s.ring_bytes;
-  ctx.staging.num_channels = s.num_channels;
   NotifyArgs a{};
   a.is_token_in_rank = static_cast<const bool*>(in.is_token_in_rank.data);
   a.num_tokens_per_expert = static_cast<const int*>(in.num_tokens_per_expert.data);
@@ -467,11 +461,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   // An uncached dispatch was opened by its notify (whose wait raised what it found); a cached one
   // opens here.
   if (cached) ctx.check_on_entry(true);
-  // Staged (stage_outputs): the handle's matrices and info are not allocated yet; finish_staged
-  // fills them, and the small outputs, after this launch.
-  const bool staged = !cached && ctx.staging.hi != 0;
-  if (!staged) ctx.staging = {};
-  const auto checks = [&] { return validate_dispatch(ctx, in, staged ? nullptr : &h, config, cached, false, "dispatch"); };
+  const auto checks = [&] { return validate_dispatch(ctx, in, &h, config, cached, false, "dispatch"); };
   const DispatchShape s = cached ? checked(ctx, checks) : checks();
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");
@@ -481,7 +471,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   expect(h.recv_src_idx, {N}, DType::kInt32, ctx.device, "recv_src_idx");
   if (!cached) {
     // The kernel fills the handle's info (and its matrices, checked with the inputs).
-    if (!staged) handle_info(h, ctx.device);
+    handle_info(h, ctx.device);
     // A dispatch without topk_idx (routed by is_token_in_rank alone) has no recv_topk_idx.
     if (s.num_topk > 0) expect(out.recv_topk_idx, {N, s.num_topk}, DType::kInt64, ctx.device, "recv_topk_idx");
     if (in.topk_weights.data) expect(out.recv_topk_weights, {N, s.num_topk}, DType::kFloat32, ctx.device, "recv_topk_weights");
@@ -533,7 +523,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
     a.rank_prefix_matrix = results->rank_prefix_matrix;
     a.channel_prefix_matrix = results->channel_prefix_matrix;
     a.recv_channel_prefix_matrix = results->recv_channel_prefix_matrix;
-    a.handle_copy.from = staged ? nullptr : results;
+    a.handle_copy.from = results;
     a.handle_copy.rank_prefix_matrix = static_cast<int*>(h.rank_prefix_matrix.data);
     a.handle_copy.channel_prefix_matrix = static_cast<int*>(h.channel_prefix_matrix.data);
     a.handle_copy.recv_channel_prefix_matrix = static_cast<int*>(h.recv_channel_prefix_matrix.data);
@@ -578,109 +568,10 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   launch_dispatch(a, ctx.window_policy(), ctx.comm_stream);
   owed.paid();
   host_stamps::mark(cached ? "dispatch_cached.launch" : "dispatch.launch");
-  if (staged) {
-    // The operation ends in finish_staged, after the copies into the caller's tensors.
-    ctx.staging.pending = true;
-    ctx.staging.order = order;
-    return EventHandle();
-  }
   EventHandle done = ctx.end_op(order);
   host_stamps::mark(cached ? "dispatch_cached.end_op" : "dispatch.end_op");
   ctx.raise_at_end(order.compute_stream);
   host_stamps::mark(cached ? "dispatch_cached.raise_at_end" : "dispatch.raise_at_end");
-  return done;
-}
-
-bool stage_outputs(Context& ctx, const DispatchInputs& in, int64_t num_rows, DispatchOutputs* out,
-                   DispatchHandle* h) {
-  Context::Staging& st = ctx.staging;
-  if (num_rows <= 0 || in.num_worst_tokens > 0 || ctx.ring_only || st.pending || st.hi != 0 || st.ring_bytes <= 0)
-    return false;
-  if (!in.x.defined() || in.x.dim() != 2 || (in.x_scales.defined() && in.x_scales.dim() != 2) ||
-      (in.topk_idx.defined() && in.topk_idx.dim() != 2))
-    return false;
-  const int64_t n = num_rows, K = in.topk_idx.defined() ? in.topk_idx.size(1) : 0;
-  const int64_t S = in.x_scales.defined() ? in.x_scales.size(1) : 0;
-  const bool weights = in.topk_weights.defined() && K > 0;
-  const StagingLayout l = staging_layout(st.ring_bytes, ctx.num_nvl_bytes, n, K, weights, S, runtime::kArenaAlignment);
-  if (!l.fits) return false;  // no room beyond this dispatch's rings: exact outputs
-  const auto carve = [&](TensorRef* ref, int64_t offset, DType dtype, std::vector<int64_t> shape,
-                         std::vector<int64_t> strides) {
-    ref->data = static_cast<char*>(ctx.data()) + offset;
-    ref->dtype = dtype;
-    ref->shape = std::move(shape);
-    ref->strides = std::move(strides);
-    ref->device = ctx.device;
-  };
-  carve(&st.src_idx, l.src_idx, DType::kInt32, {n}, {});
-  st.topk_idx = st.topk_weights = st.scales = TensorRef();
-  if (K > 0) carve(&st.topk_idx, l.topk_idx, DType::kInt64, {n, K}, {});
-  if (weights) carve(&st.topk_weights, l.topk_weights, DType::kFloat32, {n, K}, {});
-  if (S > 0) {
-    // The caller's layout: the copy into its tensor is then one flat range.
-    std::vector<int64_t> strides;
-    if (in.x_scales.stride(1) != 1) strides = {1, n};
-    carve(&st.scales, l.scales, in.x_scales.dtype, {n, S}, std::move(strides));
-  }
-  st.lo = l.lo;
-  st.hi = l.hi;
-  out->recv_x_scales = st.scales;
-  out->recv_topk_idx = st.topk_idx;
-  out->recv_topk_weights = st.topk_weights;
-  h->recv_src_idx = st.src_idx;
-  h->rank_prefix_matrix = h->channel_prefix_matrix = h->recv_channel_prefix_matrix = h->info = TensorRef();
-  return true;
-}
-
-EventHandle finish_staged(Context& ctx, const DispatchOutputs* out, const DispatchHandle* h) {
-  if (!ctx.staging.pending) {
-    ctx.staging = {};
-    return EventHandle();
-  }
-  const Context::Staging st = std::exchange(ctx.staging, {});
-  try {
-    CopyList copies;
-    if (out != nullptr && h != nullptr) {
-      const int R = ctx.topo.num_ranks, C = st.num_channels;
-      const auto add = [&](const TensorRef& from, const TensorRef& to, const char* arg) {
-        if (!from.defined()) return;
-        // The caller's tensor as stage_outputs laid out its staging: the copy is one flat range.
-        expect(to, from.shape, from.dtype, ctx.device, arg, false);
-        if (to.strides != from.strides && !(from.strides.empty() && to.is_contiguous()))
-          raise(ErrorKind::kValue, arg, ": expected the strides of the dispatch's staged ", arg);
-        copies.entry[copies.count++] = {from.data, to.data, from.numel() * dtype_size(from.dtype)};
-      };
-      add(st.src_idx, h->recv_src_idx, "recv_src_idx");
-      add(st.topk_idx, out->recv_topk_idx, "recv_topk_idx");
-      add(st.topk_weights, out->recv_topk_weights, "recv_topk_weights");
-      add(st.scales, out->recv_x_scales, "recv_x_scales");
-      // The handle's matrices and info, from the notify's results (where the kernel read them; the
-      // next notify, queued behind these copies, rewrites them).
-      const NotifyResults* results = &ctx.header()->intranode.notify_results;
-      expect(h->rank_prefix_matrix, {R, R}, DType::kInt32, ctx.device, "rank_prefix_matrix");
-      expect(h->channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "channel_prefix_matrix");
-      expect(h->recv_channel_prefix_matrix, {R, C}, DType::kInt32, ctx.device, "recv_channel_prefix_matrix");
-      handle_info(*h, ctx.device);
-      copies.entry[copies.count++] = {results->rank_prefix_matrix, h->rank_prefix_matrix.data, int64_t{R} * R * 4};
-      copies.entry[copies.count++] = {results->channel_prefix_matrix, h->channel_prefix_matrix.data,
-                                      int64_t{R} * C * 4};
-      copies.entry[copies.count++] = {results->recv_channel_prefix_matrix, h->recv_channel_prefix_matrix.data,
-                                      int64_t{R} * C * 4};
-      copies.entry[copies.count++] = {results->info, h->info.data, 16};
-      ++ctx.staged_dispatches;
-    }
-    launch_copies(copies, ctx.comm_stream);
-  } catch (...) {
-    // However the copies end, the operation ends (the compute stream joins it); the first error is
-    // the one to report.
-    try {
-      ctx.end_op(st.order);
-    } catch (...) {
-    }
-    throw;
-  }
-  EventHandle done = ctx.end_op(st.order);
-  ctx.raise_at_end(st.order.compute_stream);
   return done;
 }
 

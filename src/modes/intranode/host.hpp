@@ -19,15 +19,6 @@ DispatchPlan notify(runtime::Context& ctx, const DispatchInputs& in, const Dispa
                     const StreamOrder& order);
 EventHandle dispatch(runtime::Context& ctx, const DispatchInputs& in, const DispatchHandle& handle,
                      const DispatchOutputs& out, const Config& config, const StreamOrder& order, bool cached);
-// An uncached dispatch's small outputs staged (Buffer::intranode_stage_outputs): after notify_wait,
-// stage_outputs points out's scales, top-k ids and weights and h's recv_src_idx at the room beyond
-// this dispatch's rings in num_nvl_bytes (false, changing nothing, when there is none); dispatch then
-// launches without the handle's other tensors and leaves the operation open; finish_staged (always
-// called once after, with null pointers when the caller gives up) copies them into the caller's
-// tensors and ends it.
-bool stage_outputs(runtime::Context& ctx, const DispatchInputs& in, int64_t num_rows, DispatchOutputs* out,
-                   DispatchHandle* h);
-EventHandle finish_staged(runtime::Context& ctx, const DispatchOutputs* out, const DispatchHandle* h);
 // The largest num_sms at which every rank sharing this GPU runs these kernels at once.
 // The largest num_sms whose blocks fit on this GPU at once with ranks_per_gpu ranks on it (0: this
 // Buffer's own count of ranks sharing its GPU).

@@ -89,32 +89,6 @@ struct RingLayout {
   }
 };
 
-// Where a staged uncached dispatch's small outputs sit in the data region (host.cpp, stage_outputs):
-// after the dispatch's rings, each field on its own `align`-byte boundary, in this order. `fits`
-// is false when they would run past num_nvl_bytes (the dispatch then takes exact outputs).
-struct StagingLayout {
-  int64_t src_idx = 0, topk_idx = 0, topk_weights = 0, scales = 0;  // offsets; a field of 0 bytes gets one too
-  int64_t lo = 0, hi = 0;
-  bool fits = false;
-};
-inline StagingLayout staging_layout(int64_t ring_bytes, int64_t num_nvl_bytes, int64_t rows, int64_t num_topk,
-                                    bool weights, int64_t num_scales, int64_t align) {
-  StagingLayout l;
-  const auto up = [align](int64_t v) { return (v + align - 1) / align * align; };
-  int64_t at = l.lo = up(ring_bytes);
-  const auto place = [&](int64_t* offset, int64_t bytes) {
-    *offset = at;
-    at = up(at + bytes);
-  };
-  place(&l.src_idx, rows * 4);
-  place(&l.topk_idx, rows * num_topk * 8);
-  place(&l.topk_weights, weights ? rows * num_topk * 4 : 0);
-  place(&l.scales, rows * num_scales * 4);
-  l.hi = at;
-  l.fits = rows > 0 && ring_bytes > 0 && l.hi <= num_nvl_bytes;
-  return l;
-}
-
 // Tokens [begin, end) of a rank's T tokens that channel c carries; the same split on every rank.
 struct ChannelRange {
   int begin, end;
