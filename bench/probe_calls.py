@@ -7,7 +7,9 @@ An operation's host path is a handful of such calls (tensor allocations, event r
 launches) ahead of its kernel, and under MPS with several ranks each one costs several times what
 it does in one process (bench/NOTES.md, tenth session): this says how many microseconds each kind
 of call is worth, to choose what to cut. Per rank count it prints, for each call, the median µs of
-the slowest process, after the barrier ("lockstep") and alone. No moelink code is involved.
+the slowest process, after the barrier ("lockstep") and alone. Where moelink is importable it also
+times one uncached dispatch's nine outputs made as the extension makes them, through torch's C
+shim and through Python (moelink._moelink.make_outputs; python/bindings/convert.hpp's Outputs).
 """
 
 from __future__ import annotations
@@ -39,7 +41,31 @@ def _calls(torch):
         "data_ptr()": lambda: ids.data_ptr(),
         "zeros(64) (a fill launch)": lambda: torch.zeros(64, dtype=torch.int32, device="cuda"),
         "elementwise launch": lambda: x.add_(1),
+        **_moelink_calls(),
     }
+
+
+def _moelink_calls():
+    try:
+        from moelink import _moelink
+    except ImportError:
+        return {}
+    # An uncached dispatch's outputs at 4096 tokens x 4 ranks: recv_x, scales, top-k ids and weights,
+    # recv_src_idx and the handle's four.
+    n = 16384
+    specs = [((n, 7168), "float8_e4m3fn", (), 0), ((n, 56), "float32", (1, n), 0), ((n, 8), "int64", (), 0),
+             ((n, 8), "float32", (), 0), ((n,), "int32", (), 0), ((4, 4), "int32", (), 0), ((4, 12), "int32", (), 0),
+             ((4, 12), "int32", (), 0), ((2,), "int64", (), 0)]
+
+    def made(shim: bool):
+        def call():
+            _moelink.use_torch_shim(shim)
+            _moelink.make_outputs(specs)
+        return call
+
+    if not _moelink.use_torch_shim(True):
+        return {"9 outputs via Python (no shim here)": made(False)}
+    return {"9 outputs via torch's C shim": made(True), "9 outputs via Python": made(False)}
 
 
 def _worker(rank: int, barrier, results, calls: int) -> None:

@@ -4,8 +4,10 @@
 // and stream ordering as an order tuple
 // (compute_stream, previous_event, async_finish, allocate_on_comm_stream); see
 // docs/internal/BINDING_API.md. These are the only translations the extension does.
+#include <dlfcn.h>
 #include <nanobind/nanobind.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -155,6 +157,8 @@ struct Torch {
   PyObject* bfloat16;
   PyObject* float8_e4m3fn;
   PyObject* bool_;
+  PyObject* uint8;
+  PyObject* float16;
   PyObject* kwnames;  // ("dtype", "device")
   PyTypeObject* tensor;  // torch.Tensor
 };
@@ -171,6 +175,8 @@ inline const Torch& torch_objects() {
     o.bfloat16 = nb::object(torch.attr("bfloat16")).release().ptr();
     o.float8_e4m3fn = nb::object(torch.attr("float8_e4m3fn")).release().ptr();
     o.bool_ = nb::object(torch.attr("bool")).release().ptr();
+    o.uint8 = nb::object(torch.attr("uint8")).release().ptr();
+    o.float16 = nb::object(torch.attr("float16")).release().ptr();
     o.kwnames = nb::make_tuple("dtype", "device").release().ptr();
     o.tensor = reinterpret_cast<PyTypeObject*>(nb::object(torch.attr("Tensor")).release().ptr());
     return o;
@@ -214,7 +220,7 @@ inline nb::object torch_empty(std::vector<int64_t> shape, PyObject* dtype, DType
           PyObject_VectorcallMethod(kNewEmptyStrided, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
     }
   } else {
-    nb::int_ ordinal(device);
+    nb::object ordinal = device < 0 ? nb::object(nb::str("cpu")) : nb::object(nb::int_(device));
     if (strides.empty()) {
       PyObject* args[] = {size.ptr(), dtype, ordinal.ptr()};
       tensor = nb::steal(PyObject_Vectorcall(torch.empty, args, 1, torch.kwnames));
@@ -243,6 +249,186 @@ inline nb::handle template_for(nb::handle tensor, const TensorRef& ref, DType dt
     return nb::handle();
   return tensor;
 }
+
+// torch's dtype object for a core DType.
+inline PyObject* torch_dtype(DType dtype) {
+  const Torch& t = torch_objects();
+  switch (dtype) {
+    case DType::kBool: return t.bool_;
+    case DType::kUInt8: return t.uint8;
+    case DType::kInt32: return t.int32;
+    case DType::kInt64: return t.int64;
+    case DType::kFloat32: return t.float32;
+    case DType::kBFloat16: return t.bfloat16;
+    case DType::kFloat8E4M3: return t.float8_e4m3fn;
+    case DType::kFloat16: return t.float16;
+  }
+  throw Error(ErrorKind::kType, "moelink: an output of unknown dtype");
+}
+
+// torch's C shim (torch/csrc/inductor/aoti_torch/c/shim.h: AOTInductor's stable C ABI, exported by
+// the libtorch every torch >= 2.3 loads): an output allocated through it is one C++ call into torch's
+// allocator (~2 µs) instead of a Python call (~10-15 µs under MPS, bench/probe_calls.py), and the
+// outputs of a call become Python tensors in one Python call, made after the launch. Found in the
+// torch the process has loaded (dlopen of torch._C with RTLD_NOLOAD: never a second copy), so the
+// extension is still built without torch's headers and loads with any torch.
+struct TorchShim {
+  using Status = int32_t;  // AOTITorchError: 0 is success
+  using Handle = void*;    // AtenTensorHandle: an owned at::Tensor
+  Status (*empty_strided)(int64_t ndim, const int64_t* sizes, const int64_t* strides, int32_t dtype,
+                          int32_t device_type, int32_t device_index, Handle* out);
+  Status (*get_data_ptr)(Handle tensor, void** data);
+  Status (*delete_tensor)(Handle tensor);
+  int32_t dtype[8];  // by DType
+  int32_t cuda, cpu;
+  PyObject* wrap;  // torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs: handles in, tensors out
+};
+
+namespace detail {
+// Whether the shim is used (MOELINK_TORCH_SHIM, python/moelink/_knobs.py; Buffer._torch_shim).
+inline bool& torch_shim_wanted() {
+  static bool wanted = true;
+  return wanted;
+}
+
+struct MissingEntry {};
+
+// The shim's entries, and a check that they make what this extension expects: one CPU tensor of
+// every dtype, strided, wrapped and read back through Python. A torch whose shim differs (an entry
+// missing, a dtype code or the stealing call changed) is then used through Python only.
+inline const TorchShim* load_torch_shim() {
+  try {
+    nb::module_ torch_c = nb::module_::import_("torch._C");
+    nb::object wrap = nb::module_::import_("torch._C._aoti").attr("alloc_tensors_by_stealing_from_void_ptrs");
+    const std::string path = nb::cast<std::string>(torch_c.attr("__file__"));
+    void* lib = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == nullptr) return nullptr;
+    TorchShim s{};
+    const auto entry = [&](const char* name) {
+      void* f = dlsym(lib, name);
+      if (f == nullptr) throw MissingEntry{};
+      return f;
+    };
+    const auto code = [&](const char* name) { return reinterpret_cast<int32_t (*)()>(entry(name))(); };
+    s.empty_strided = reinterpret_cast<decltype(s.empty_strided)>(entry("aoti_torch_empty_strided"));
+    s.get_data_ptr = reinterpret_cast<decltype(s.get_data_ptr)>(entry("aoti_torch_get_data_ptr"));
+    s.delete_tensor = reinterpret_cast<decltype(s.delete_tensor)>(entry("aoti_torch_delete_tensor_object"));
+    s.cuda = code("aoti_torch_device_type_cuda");
+    s.cpu = code("aoti_torch_device_type_cpu");
+    const char* names[8] = {"aoti_torch_dtype_bool",    "aoti_torch_dtype_uint8",     "aoti_torch_dtype_int32",
+                            "aoti_torch_dtype_int64",   "aoti_torch_dtype_float32",   "aoti_torch_dtype_bfloat16",
+                            "aoti_torch_dtype_float8_e4m3fn", "aoti_torch_dtype_float16"};
+    for (int i = 0; i < 8; ++i) s.dtype[i] = code(names[i]);
+    const int64_t sizes[2] = {2, 3}, strides[2] = {1, 2};
+    for (int i = 0; i < 8; ++i) {
+      TorchShim::Handle h = nullptr;
+      void* data = nullptr;
+      if (s.empty_strided(2, sizes, strides, s.dtype[i], s.cpu, 0, &h) != 0 || h == nullptr) return nullptr;
+      if (s.get_data_ptr(h, &data) != 0) {
+        s.delete_tensor(h);
+        return nullptr;
+      }
+      nb::list handles;
+      handles.append(nb::steal(PyCapsule_New(h, nullptr, nullptr)));
+      nb::object tensors = wrap(handles);  // owns h from here
+      nb::object t = tensors[0];
+      if (t.attr("dtype").ptr() != torch_dtype(static_cast<DType>(i)) ||
+          !nb::cast<bool>(t.attr("shape").equal(nb::make_tuple(2, 3))) ||
+          !nb::cast<bool>(t.attr("stride")().equal(nb::make_tuple(1, 2))) ||
+          nb::cast<uintptr_t>(t.attr("data_ptr")()) != reinterpret_cast<uintptr_t>(data))
+        return nullptr;
+    }
+    s.wrap = wrap.release().ptr();
+    return new TorchShim(s);  // for the process, as torch_objects()
+  } catch (const nb::python_error&) {
+    return nullptr;  // no torch._C._aoti, or the check's Python failed
+  } catch (const MissingEntry&) {
+    return nullptr;
+  }
+}
+}  // namespace detail
+
+// The shim where it loaded and is wanted, else null (outputs are then made through Python).
+inline const TorchShim* torch_shim() {
+  static const TorchShim* const shim = detail::load_torch_shim();
+  return detail::torch_shim_wanted() ? shim : nullptr;
+}
+
+// The outputs of one extension call, made as torch tensors on the current stream. Through the shim
+// each add() is a C++ allocation and finish() makes every one a Python tensor in one call, after the
+// launch that the adds were in front of; without it each add() is torch_empty (Python, `like` as
+// there). An add the shim refuses (out of memory) is made by torch_empty, whose error is torch's.
+class Outputs {
+ public:
+  static constexpr int kNone = -1;
+
+  Outputs() : shim_(torch_shim()) {}
+  Outputs(const Outputs&) = delete;
+  Outputs& operator=(const Outputs&) = delete;
+  ~Outputs() {
+    for (TorchShim::Handle h : handles_)
+      if (h != nullptr) shim_->delete_tensor(h);
+  }
+
+  // A tensor of `shape` (`strides`; empty: contiguous) and `dtype` on CUDA device `device` (the CPU
+  // for -1: tests); fills `ref`. Returns its slot for get().
+  int add(std::vector<int64_t> shape, DType dtype, int device, TensorRef* ref, std::vector<int64_t> strides = {},
+          nb::handle like = nb::handle()) {
+    const int slot = static_cast<int>(objects_.size());
+    handles_.push_back(nullptr);
+    objects_.emplace_back();
+    if (shim_ != nullptr) {
+      std::vector<int64_t> dense = strides;
+      if (dense.empty()) {
+        dense.assign(shape.size(), 1);
+        for (size_t i = shape.size(); i-- > 1;) dense[i - 1] = dense[i] * std::max<int64_t>(shape[i], 1);
+      }
+      TorchShim::Handle h = nullptr;
+      void* data = nullptr;
+      if (shim_->empty_strided(static_cast<int64_t>(shape.size()), shape.data(), dense.data(),
+                               shim_->dtype[static_cast<int>(dtype)], device < 0 ? shim_->cpu : shim_->cuda,
+                               std::max(device, 0), &h) == 0) {
+        if (shim_->get_data_ptr(h, &data) == 0) {
+          handles_[slot] = h;
+          ref->data = data;
+          ref->dtype = dtype;
+          ref->shape = std::move(shape);
+          ref->strides = std::move(strides);
+          ref->device = device;
+          return slot;
+        }
+        shim_->delete_tensor(h);
+      }
+    }
+    objects_[slot] = torch_empty(std::move(shape), like.is_valid() ? nullptr : torch_dtype(dtype), dtype, device, ref,
+                                 std::move(strides), like);
+    return slot;
+  }
+
+  // Every added tensor as a Python object (one call into torch for those the shim made).
+  void finish() {
+    nb::list handles;
+    for (TorchShim::Handle h : handles_)
+      if (h != nullptr) handles.append(nb::steal(PyCapsule_New(h, nullptr, nullptr)));
+    if (nb::len(handles) == 0) return;
+    nb::object tensors = nb::steal(PyObject_CallOneArg(shim_->wrap, handles.ptr()));
+    if (!tensors.is_valid()) throw nb::python_error();
+    size_t next = 0;
+    for (size_t i = 0; i < handles_.size(); ++i) {
+      if (handles_[i] == nullptr) continue;
+      objects_[i] = tensors[next++];
+      handles_[i] = nullptr;  // the tensor owns it now
+    }
+  }
+
+  // After finish(): the tensor of `slot`, or None for kNone.
+  nb::object get(int slot) const { return slot == kNone ? nb::none() : objects_[static_cast<size_t>(slot)]; }
+
+ private:
+  const TorchShim* shim_;
+  std::vector<TorchShim::Handle> handles_;  // the shim's, until finish()
+  std::vector<nb::object> objects_;
+};
 
 inline cudaStream_t to_stream(nb::handle value, const char* arg) {
   return static_cast<cudaStream_t>(to_pointer(value, arg));

@@ -39,7 +39,7 @@ using moelink::bindings::to_stream_order;
 using moelink::bindings::to_tensor_ref;
 using moelink::bindings::Torch;
 using moelink::bindings::template_for;
-using moelink::bindings::torch_empty;
+using moelink::bindings::Outputs;
 using moelink::bindings::torch_objects;
 using moelink::bindings::is_tensor;
 
@@ -184,26 +184,20 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
 
 // recv_x and recv_x_scales of n rows, as alloc_dispatch_outputs (python/moelink/_arena.py) makes
 // them without an arena, in its order: the scales keep the caller's layout (column-major is what
-// fp8 GEMMs read).
-std::pair<nb::object, nb::object> alloc_recv_x(nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
-                                               int64_t n, int device, moelink::DispatchOutputs* out) {
+// fp8 GEMMs read). Their slots in `outs` (recv_x_scales kNone without scales).
+std::pair<int, int> add_recv_x(Outputs& outs, nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
+                               int64_t n, int device, moelink::DispatchOutputs* out) {
   moelink::check::dim(in.x, 2, "x");
-  const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
-  nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
-  nb::object recv_x = torch_empty({n, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out->recv_x, {}, like_x);
-  nb::object recv_x_scales = nb::none();
-  if (in.x_scales.defined()) {
-    moelink::check::dim(in.x_scales, 2, "x_scales");
-    const int64_t num_scales = in.x_scales.size(1);
-    const nb::handle like_scales = template_for(x_scales, in.x_scales, in.x_scales.dtype, device);
-    nb::object scales_dtype = like_scales.is_valid() ? nb::object() : x_scales.attr("dtype");
-    // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
-    std::vector<int64_t> strides;
-    if (in.x_scales.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
-    recv_x_scales = torch_empty({n, num_scales}, scales_dtype.ptr(), in.x_scales.dtype, device, &out->recv_x_scales,
-                                std::move(strides), like_scales);
-  }
-  return {std::move(recv_x), std::move(recv_x_scales)};
+  const int recv_x = outs.add({n, in.x.size(1)}, in.x.dtype, device, &out->recv_x, {},
+                              template_for(x, in.x, in.x.dtype, device));
+  if (!in.x_scales.defined()) return {recv_x, Outputs::kNone};
+  const moelink::TensorRef& ref = in.x_scales;
+  moelink::check::dim(ref, 2, "x_scales");
+  // Column-major: the strides of empty((num_scales, n)).t(), which the Python path makes (for n = 0 too).
+  std::vector<int64_t> strides;
+  if (ref.stride(1) != 1) strides = {1, std::max<int64_t>(n, 1)};
+  return {recv_x, outs.add({n, ref.size(1)}, ref.dtype, device, &out->recv_x_scales, std::move(strides),
+                           template_for(x_scales, ref, ref.dtype, device))};
 }
 
 // dispatch's x, a tensor or a (data, scales) pair of tensors, split; false for anything else (the
@@ -249,8 +243,8 @@ moelink::StreamOrder default_order(uintptr_t compute_stream, bool async_finish =
 // kernel's send half writes both words in its last block, faulted or not (low_latency/call.cuh's
 // run_call), before anything reads them, and a fill is one more launch on a host path that is the
 // whole of a hook's send call.
-nb::object ll_state(int device, moelink::TensorRef* ref, nb::handle like_int64) {
-  return torch_empty({2}, torch_objects().int64, moelink::DType::kInt64, device, ref, {}, like_int64);
+int add_ll_state(Outputs& outs, int device, moelink::TensorRef* ref, nb::handle like_int64) {
+  return outs.add({2}, moelink::DType::kInt64, device, ref, {}, like_int64);
 }
 
 // The local errors an operation left (what EventOverlap's finish would warn about), or None.
@@ -308,22 +302,22 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
     self.intranode_notify_launch(in, config, stream_order);
   }
   // The handle's matrices and info, allocated while the notify runs (its kernel fills them).
-  const Torch& torch = torch_objects();
+  using moelink::DType;
   const int device = in.x.device;
   const int64_t num_ranks = self.topology().num_ranks, num_channels = config.num_sms / 2;
   // The notify checked these inputs' dtypes and devices: outputs of the same dtype are made from them.
-  const nb::handle like_int32 = template_for(num_tokens_per_rank, in.num_tokens_per_rank, moelink::DType::kInt32, device);
-  const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device);
-  const nb::handle like_float32 = template_for(topk_weights, in.topk_weights, moelink::DType::kFloat32, device);
+  const nb::handle like_int32 = template_for(num_tokens_per_rank, in.num_tokens_per_rank, DType::kInt32, device);
+  const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, DType::kInt64, device);
+  const nb::handle like_float32 = template_for(topk_weights, in.topk_weights, DType::kFloat32, device);
   moelink::DispatchHandle handle;
-  nb::object rank_prefix_matrix = torch_empty({num_ranks, num_ranks}, torch.int32, moelink::DType::kInt32,
-                                              device, &handle.rank_prefix_matrix, {}, like_int32);
-  nb::object channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32, moelink::DType::kInt32,
-                                                 device, &handle.channel_prefix_matrix, {}, like_int32);
-  nb::object recv_channel_prefix_matrix = torch_empty({num_ranks, num_channels}, torch.int32,
-                                                      moelink::DType::kInt32, device,
-                                                      &handle.recv_channel_prefix_matrix, {}, like_int32);
-  nb::object info = torch_empty({2}, torch.int64, moelink::DType::kInt64, device, &handle.info, {}, like_int64);
+  Outputs outs;
+  const int rank_prefix_matrix =
+      outs.add({num_ranks, num_ranks}, DType::kInt32, device, &handle.rank_prefix_matrix, {}, like_int32);
+  const int channel_prefix_matrix =
+      outs.add({num_ranks, num_channels}, DType::kInt32, device, &handle.channel_prefix_matrix, {}, like_int32);
+  const int recv_channel_prefix_matrix =
+      outs.add({num_ranks, num_channels}, DType::kInt32, device, &handle.recv_channel_prefix_matrix, {}, like_int32);
+  const int info = outs.add({2}, DType::kInt64, device, &handle.info, {}, like_int64);
   handle.is_token_in_rank = in.is_token_in_rank;
   moelink::DispatchPlan plan;
   {
@@ -332,30 +326,31 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   }
   const int64_t n = plan.num_recv_tokens;
   moelink::DispatchOutputs out;
-  auto [recv_x, recv_x_scales] = alloc_recv_x(x, x_scales, in, n, device, &out);
-  nb::object recv_topk_idx = nb::none(), recv_topk_weights = nb::none();
+  const auto [recv_x, recv_x_scales] = add_recv_x(outs, x, x_scales, in, n, device, &out);
+  int recv_topk_idx = Outputs::kNone, recv_topk_weights = Outputs::kNone;
   if (in.topk_idx.defined()) {
     moelink::check::dim(in.topk_idx, 2, "topk_idx");
     const int64_t k = in.topk_idx.size(1);
-    recv_topk_idx = torch_empty({n, k}, torch.int64, moelink::DType::kInt64, device, &out.recv_topk_idx, {}, like_int64);
+    recv_topk_idx = outs.add({n, k}, DType::kInt64, device, &out.recv_topk_idx, {}, like_int64);
     if (in.topk_weights.defined())
-      recv_topk_weights = torch_empty({n, k}, torch.float32, moelink::DType::kFloat32, device, &out.recv_topk_weights,
-                                      {}, like_float32);
+      recv_topk_weights = outs.add({n, k}, DType::kFloat32, device, &out.recv_topk_weights, {}, like_float32);
   }
-  nb::object recv_src_idx =
-      torch_empty({n}, torch.int32, moelink::DType::kInt32, device, &handle.recv_src_idx, {}, like_int32);
+  const int recv_src_idx = outs.add({n}, DType::kInt32, device, &handle.recv_src_idx, {}, like_int32);
   moelink::EventHandle event;
   {
     nb::gil_scoped_release release;
     event = self.intranode_dispatch(in, handle, out, config, stream_order, false);
   }
+  outs.finish();
   nb::object per_expert = nb::cast(plan.num_recv_tokens_per_expert);
   if (!express)
-    return nb::make_tuple(event, per_expert, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                          rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info,
+    return nb::make_tuple(event, per_expert, outs.get(recv_x), outs.get(recv_x_scales), outs.get(recv_topk_idx),
+                          outs.get(recv_topk_weights), outs.get(rank_prefix_matrix), outs.get(channel_prefix_matrix),
+                          outs.get(recv_channel_prefix_matrix), outs.get(recv_src_idx), outs.get(info),
                           nb::cast(handle));
-  return nb::make_tuple(event, per_expert, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, info,
+  return nb::make_tuple(event, per_expert, outs.get(recv_x), outs.get(recv_x_scales), outs.get(recv_topk_idx),
+                        outs.get(recv_topk_weights), outs.get(rank_prefix_matrix), outs.get(channel_prefix_matrix),
+                        outs.get(recv_channel_prefix_matrix), outs.get(recv_src_idx), outs.get(info),
                         nb::cast(handle), in.x.size(1), local_errors(self));
 }
 
@@ -559,26 +554,24 @@ void bind_buffer(nb::module_& m) {
             const int device = self.device_id();
             const int64_t num_ranks = self.topology().num_ranks;
             const int64_t num_tokens = topk.dim() >= 1 ? topk.size(0) : 0;
-            const Torch& torch = torch_objects();
+            using moelink::DType;
             moelink::LayoutOutputs out;
-            nb::object per_rank =
-                torch_empty({num_ranks}, torch.int32, moelink::DType::kInt32, device, &out.num_tokens_per_rank);
-            // The other int32 outputs from the first: one keyword parse each fewer.
-            const nb::handle like_int32 = template_for(per_rank, out.num_tokens_per_rank, moelink::DType::kInt32, device);
-            nb::object per_rdma_rank = nb::none();
-            if (num_rdma_ranks > 1)
-              per_rdma_rank = torch_empty({num_rdma_ranks}, torch.int32, moelink::DType::kInt32, device,
-                                          &out.num_tokens_per_rdma_rank, {}, like_int32);
-            nb::object per_expert = torch_empty({std::max(num_experts, 0)}, torch.int32, moelink::DType::kInt32,
-                                                device, &out.num_tokens_per_expert, {}, like_int32);
-            nb::object in_rank = torch_empty({num_tokens, num_ranks}, torch.bool_, moelink::DType::kBool, device,
-                                             &out.is_token_in_rank);
+            Outputs outs;
+            const int per_rank = outs.add({num_ranks}, DType::kInt32, device, &out.num_tokens_per_rank);
+            const int per_rdma_rank = num_rdma_ranks > 1 ? outs.add({num_rdma_ranks}, DType::kInt32, device,
+                                                                    &out.num_tokens_per_rdma_rank)
+                                                         : Outputs::kNone;
+            const int per_expert =
+                outs.add({std::max(num_experts, 0)}, DType::kInt32, device, &out.num_tokens_per_expert);
+            const int in_rank = outs.add({num_tokens, num_ranks}, DType::kBool, device, &out.is_token_in_rank);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
               event = self.get_dispatch_layout(topk, num_experts, out, stream_order);
             }
-            return nb::make_tuple(per_rank, per_rdma_rank, per_expert, in_rank, event);
+            outs.finish();
+            return nb::make_tuple(outs.get(per_rank), outs.get(per_rdma_rank), outs.get(per_expert), outs.get(in_rank),
+                                  event);
           },
           "topk_idx"_a.none(), "num_experts"_a, "num_rdma_ranks"_a, "order"_a)
       .def(
@@ -716,7 +709,8 @@ void bind_buffer(nb::module_& m) {
             self.check_faults();
             moelink::DispatchInputs in;
             moelink::DispatchOutputs out;
-            nb::object recv_x, recv_x_scales;
+            Outputs outs;
+            int recv_x = Outputs::kNone, recv_x_scales = Outputs::kNone;
             bool checked = true;
             // The kernel opens the operation: a rank that raises before its launch abstains.
             read_or_abstain(self, [&] {
@@ -724,7 +718,7 @@ void bind_buffer(nb::module_& m) {
               if (!checked) return;
               in.is_token_in_rank = refs.is_token_in_rank;
               std::tie(recv_x, recv_x_scales) =
-                  alloc_recv_x(data, scales, in, refs.recv_src_idx.size(0), self.device_id(), &out);
+                  add_recv_x(outs, data, scales, in, refs.recv_src_idx.size(0), self.device_id(), &out);
             });
             if (!checked) return nb::none();
             in.expert_alignment = 1;
@@ -735,7 +729,8 @@ void bind_buffer(nb::module_& m) {
               nb::gil_scoped_release release;
               event = self.intranode_dispatch(in, handle, out, config, default_order(compute_stream), true);
             }
-            return nb::make_tuple(event, recv_x, recv_x_scales, local_errors(self));
+            outs.finish();
+            return nb::make_tuple(event, outs.get(recv_x), outs.get(recv_x_scales), local_errors(self));
           },
           "x"_a.none(), "refs"_a, "config"_a, "compute_stream"_a)
       .def(
@@ -748,7 +743,8 @@ void bind_buffer(nb::module_& m) {
             self.check_faults();
             moelink::CombineInputs in;
             moelink::CombineOutputs out;
-            nb::object combined_x, combined_topk_weights = nb::none();
+            Outputs outs;
+            int combined_x = Outputs::kNone, combined_topk_weights = Outputs::kNone;
             bool checked = true;
             read_or_abstain(self, [&] {
               checked = read_2d(x, "x", topk_weights, "topk_weights", &in.x, &in.topk_weights);
@@ -756,15 +752,13 @@ void bind_buffer(nb::module_& m) {
               // As combine (python/moelink/_intranode.py) allocates them, on the caller's stream.
               const int64_t num_tokens = refs.is_token_in_rank.size(0);
               const int device = self.device_id();
-              const nb::handle like_x = template_for(x, in.x, in.x.dtype, device);
-              nb::object x_dtype = like_x.is_valid() ? nb::object() : x.attr("dtype");
-              combined_x = torch_empty({num_tokens, in.x.size(1)}, x_dtype.ptr(), in.x.dtype, device, &out.combined_x,
-                                       {}, like_x);
+              combined_x = outs.add({num_tokens, in.x.size(1)}, in.x.dtype, device, &out.combined_x, {},
+                                    template_for(x, in.x, in.x.dtype, device));
               if (in.topk_weights.defined())
-                combined_topk_weights = torch_empty(
-                    {num_tokens, in.topk_weights.size(1)}, torch_objects().float32, moelink::DType::kFloat32, device,
-                    &out.combined_topk_weights, {},
-                    template_for(topk_weights, in.topk_weights, moelink::DType::kFloat32, device));
+                combined_topk_weights =
+                    outs.add({num_tokens, in.topk_weights.size(1)}, moelink::DType::kFloat32, device,
+                             &out.combined_topk_weights, {},
+                             template_for(topk_weights, in.topk_weights, moelink::DType::kFloat32, device));
             });
             if (!checked) return nb::none();
             moelink::DispatchHandle handle = refs;
@@ -774,7 +768,8 @@ void bind_buffer(nb::module_& m) {
               nb::gil_scoped_release release;
               event = self.intranode_combine(in, handle, out, config, default_order(compute_stream));
             }
-            return nb::make_tuple(event, combined_x, combined_topk_weights, local_errors(self));
+            outs.finish();
+            return nb::make_tuple(event, outs.get(combined_x), outs.get(combined_topk_weights), local_errors(self));
           },
           "x"_a.none(), "topk_weights"_a.none(), "refs"_a, "hidden"_a, "config"_a, "compute_stream"_a)
       .def(
@@ -859,37 +854,33 @@ void bind_buffer(nb::module_& m) {
                                    wait_stats, use_fp8, round_scale, use_ue8m0);
             if (in.x.dim() != 2) return nb::none();
             // As python/moelink/_low_latency.py's dispatch makes them.
-            const Torch& torch = torch_objects();
+            using moelink::DType;
             const int device = self.device_id();
             const int64_t E = num_experts / R, rows = R * num_max_dispatch_tokens_per_rank, H = in.x.size(1);
             moelink::LowLatencyDispatchOutputs out;
-            const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device);
-            nb::object recv_x = torch_empty({E, rows, H}, use_fp8 ? torch.float8_e4m3fn : torch.bfloat16,
-                                            use_fp8 ? moelink::DType::kFloat8E4M3 : moelink::DType::kBFloat16, device,
-                                            &out.recv_x, {},
-                                            use_fp8 ? nb::handle() : template_for(x, in.x, moelink::DType::kBFloat16, device));
-            nb::object recv_x_scales = nb::none();
+            Outputs outs;
+            const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, DType::kInt64, device);
+            const int recv_x = outs.add({E, rows, H}, use_fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, device,
+                                        &out.recv_x, {}, use_fp8 ? nb::handle() : template_for(x, in.x, DType::kBFloat16, device));
+            int recv_x_scales = Outputs::kNone;
             if (use_fp8) {
               // Column-major in the last two dims: the strides of empty((E, columns, rows)).transpose(1, 2).
               const int64_t columns = H / 128 / (use_ue8m0 ? 4 : 1);
-              recv_x_scales = torch_empty({E, rows, columns}, use_ue8m0 ? torch.int32 : torch.float32,
-                                          use_ue8m0 ? moelink::DType::kInt32 : moelink::DType::kFloat32, device,
-                                          &out.recv_x_scales, {rows * std::max<int64_t>(columns, 1), 1, rows});
+              recv_x_scales = outs.add({E, rows, columns}, use_ue8m0 ? DType::kInt32 : DType::kFloat32, device,
+                                       &out.recv_x_scales, {rows * std::max<int64_t>(columns, 1), 1, rows});
             }
-            nb::object recv_count = torch_empty({E}, torch.int32, moelink::DType::kInt32, device, &out.recv_count);
-            // The second int32 output from the first: one keyword parse fewer.
-            nb::object src_info = torch_empty({E, rows}, torch.int32, moelink::DType::kInt32, device, &out.src_info, {},
-                                              template_for(recv_count, out.recv_count, moelink::DType::kInt32, device));
-            nb::object layout_range =
-                torch_empty({E, R}, torch.int64, moelink::DType::kInt64, device, &out.layout_range, {}, like_int64);
-            nb::object state = ll_state(device, &out.state, like_int64);
+            const int recv_count = outs.add({E}, DType::kInt32, device, &out.recv_count);
+            const int src_info = outs.add({E, rows}, DType::kInt32, device, &out.src_info);
+            const int layout_range = outs.add({E, R}, DType::kInt64, device, &out.layout_range, {}, like_int64);
+            const int state = add_ll_state(outs, device, &out.state, like_int64);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
               event = self.low_latency_dispatch(in, out, to_phase(phase), default_order(compute_stream, async_finish));
             }
-            return nb::make_tuple(event, recv_x, recv_x_scales, recv_count, src_info, layout_range, state,
-                                  local_errors(self));
+            outs.finish();
+            return nb::make_tuple(event, outs.get(recv_x), outs.get(recv_x_scales), outs.get(recv_count),
+                                  outs.get(src_info), outs.get(layout_range), outs.get(state), local_errors(self));
           },
           "x"_a.none(), "topk_idx"_a.none(), "num_max_dispatch_tokens_per_rank"_a, "num_experts"_a,
           "cumulative_local_expert_recv_stats"_a.none(), "dispatch_wait_recv_cost_stats"_a.none(), "use_fp8"_a,
@@ -908,22 +899,25 @@ void bind_buffer(nb::module_& m) {
                 ll_combine_inputs(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
                                   num_experts, wait_stats, dispatch_state, use_logfmt);
             if (in.topk_idx.dim() != 2) return nb::none();
-            const Torch& torch = torch_objects();
             const int device = self.device_id();
             moelink::LowLatencyCombineOutputs out;
-            nb::object result = nb::borrow(combined_x);
+            Outputs outs;
+            int result = Outputs::kNone;
             if (combined_x.is_none())
-              result = torch_empty({in.topk_idx.size(0), hidden}, torch.bfloat16, moelink::DType::kBFloat16, device,
-                                   &out.combined_x, {}, template_for(x, in.x, moelink::DType::kBFloat16, device));
+              result = outs.add({in.topk_idx.size(0), hidden}, moelink::DType::kBFloat16, device, &out.combined_x, {},
+                                template_for(x, in.x, moelink::DType::kBFloat16, device));
             else
               out.combined_x = to_tensor_ref(combined_x, "out");
-            nb::object state = ll_state(device, &out.state, template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device));
+            const int state =
+                add_ll_state(outs, device, &out.state, template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device));
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
               event = self.low_latency_combine(in, out, to_phase(phase), default_order(compute_stream, async_finish));
             }
-            return nb::make_tuple(event, result, state, local_errors(self));
+            outs.finish();
+            return nb::make_tuple(event, result == Outputs::kNone ? nb::borrow(combined_x) : outs.get(result),
+                                  outs.get(state), local_errors(self));
           },
           "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a.none(), "src_info"_a.none(), "layout_range"_a.none(),
           "num_max_dispatch_tokens_per_rank"_a, "hidden"_a, "num_experts"_a, "combine_wait_recv_cost_stats"_a.none(),
@@ -996,6 +990,39 @@ NB_MODULE(_moelink, m) {
   m.def("nvshmem_require", &moelink::window::nvshmem_require,
         "Loads the NVSHMEM transport plugin, or raises RuntimeError saying what to install.");
   m.def("device_count", &device_count);
+  // Whether outputs are made through torch's C shim (convert.hpp's TorchShim) when it loaded: the
+  // Python layer passes MOELINK_TORCH_SHIM once (Buffer._torch_shim sets it too, for side-by-side
+  // timing). Returns whether the shim is in use now.
+  m.def(
+      "use_torch_shim",
+      [](bool use) {
+        moelink::bindings::detail::torch_shim_wanted() = use;
+        return moelink::bindings::torch_shim() != nullptr;
+      },
+      "use"_a);
+  m.def("torch_shim_in_use", [] { return moelink::bindings::torch_shim() != nullptr; });
+  // Tensors made as the operations make their outputs (Outputs), from (shape, dtype name, strides,
+  // device) tuples (strides () for contiguous, device -1 for the CPU): for tests of both ways of
+  // making them, and for timing them (bench/probe_calls.py).
+  m.def(
+      "make_outputs",
+      [](nb::handle specs) {
+        Outputs outs;
+        std::vector<int> slots;
+        for (nb::handle spec : specs) {
+          nb::tuple t = nb::borrow<nb::tuple>(spec);
+          std::vector<int64_t> shape = moelink::bindings::to_int_vector(t[0], "specs", "shape");
+          std::vector<int64_t> strides = moelink::bindings::to_int_vector(t[2], "specs", "strides");
+          moelink::TensorRef ref;
+          slots.push_back(outs.add(std::move(shape), moelink::bindings::dtype_for_arg(nb::cast<std::string>(t[1]), "specs"),
+                                   nb::cast<int>(t[3]), &ref, std::move(strides)));
+        }
+        outs.finish();
+        nb::list tensors;
+        for (int slot : slots) tensors.append(outs.get(slot));
+        return tensors;
+      },
+      "specs"_a);
   // What the extension reads from a tensor argument, as a TRef tuple: for tests (a torch.Tensor,
   // or any object with its attributes) and for callers checking their own tensor types.
   m.def(

@@ -98,6 +98,7 @@ class Buffer:
         if enable_shrink and not low_latency_mode:
             raise ValueError("enable_shrink: masking lost ranks is a low-latency feature; it needs low_latency_mode=True")
         _, group_size, _ = _bootstrap.rank_and_all_gather(group, comm)
+        _moelink.use_torch_shim(_knobs.torch_shim())
         # An inner Buffer of internode mode is one NVLink domain, whatever MOELINK_NVL_RANKS says.
         nvl_ranks = group_size if isinstance(group, _bootstrap.SubGroup) else _knobs.nvl_ranks(group_size)
         # Internode normal mode runs on Buffers of its own (_internode.py), which take the buffer
@@ -159,6 +160,17 @@ class Buffer:
         # The runtime raises too, but Python must not first allocate on, or record on, a freed stream.
         if self._destroyed:
             raise RuntimeError(f"moelink.Buffer.{op}: the Buffer was destroyed")
+
+    @property
+    def _torch_shim(self) -> bool:
+        """Whether the extension makes output tensors through torch's C shim (MOELINK_TORCH_SHIM,
+        read at construction). Process-wide; settable for side-by-side timing
+        (``bench/interleaved.py --switch python:_torch_shim=False``)."""
+        return _moelink.torch_shim_in_use()
+
+    @_torch_shim.setter
+    def _torch_shim(self, use: bool) -> None:
+        _moelink.use_torch_shim(bool(use))
 
     # ---- static configuration ----------------------------------------------------------------------
 

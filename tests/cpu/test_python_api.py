@@ -918,3 +918,61 @@ def test_low_latency_arguments_the_express_calls_do_not_take_go_the_full_way(tor
     buf._destroyed = True
     _ll_dispatch(buf, x, topk_idx)
     assert [entry[0] for entry in buf.runtime.log] == ["dispatch"]  # the fake's _check_usable lets it through
+
+
+# ---- outputs made through torch's C shim ---------------------------------------------------------
+
+_OUTPUT_SPECS = [((3, 4), "int32", (), -1), ((5, 2), "float32", (1, 5), -1), ((0, 56), "float32", (1, 1), -1),
+                 ((7,), "bool", (), -1), ((2, 3, 4), "bfloat16", (), -1), ((0, 8), "int64", (), -1),
+                 ((4, 128), "float8_e4m3fn", (), -1), ((6,), "uint8", (), -1), ((2, 2), "float16", (2, 1), -1),
+                 ((2, 5, 3), "int32", (15, 1, 5), -1)]
+
+
+def _made(use_shim: bool):
+    assert _moelink.use_torch_shim(use_shim) is use_shim
+    try:
+        return _moelink.make_outputs(_OUTPUT_SPECS)
+    finally:
+        _moelink.use_torch_shim(True)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_outputs_are_the_same_tensors_either_way():
+    import torch
+
+    assert _moelink.use_torch_shim(True), "the CPU torch's C shim should load and pass the extension's check"
+    for use_shim in (True, False):
+        tensors = _made(use_shim)
+        assert len(tensors) == len(_OUTPUT_SPECS)
+        for t, (shape, dtype, strides, _) in zip(tensors, _OUTPUT_SPECS):
+            assert type(t) is torch.Tensor and t.device.type == "cpu", (use_shim, dtype)
+            assert t.dtype == getattr(torch, dtype) and tuple(t.shape) == shape, (use_shim, dtype)
+            expected = strides or torch.empty(shape).stride()
+            assert t.stride() == tuple(expected), (use_shim, dtype, t.stride())
+        # Each its own memory, writable, and alive after the call (the handles were stolen, not freed).
+        live = [t for t in tensors if t.numel() > 0]
+        assert len({t.data_ptr() for t in live}) == len(live)
+        for t in live:
+            t.copy_(torch.ones(t.shape).to(t.dtype))
+        for t in live:
+            assert bool((t.to(torch.float32) == 1).all()), t.dtype
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_shim_switch():
+    assert _moelink.use_torch_shim(False) is False and not _moelink.torch_shim_in_use()
+    assert moelink.Buffer._torch_shim.fget(None) is False
+    moelink.Buffer._torch_shim.fset(None, True)
+    assert _moelink.torch_shim_in_use() and moelink.Buffer._torch_shim.fget(None)
+
+
+def test_torch_shim_knob(monkeypatch):
+    from moelink import _knobs
+
+    monkeypatch.delenv("MOELINK_TORCH_SHIM", raising=False)
+    assert _knobs.torch_shim() is True
+    monkeypatch.setenv("MOELINK_TORCH_SHIM", "0")
+    assert _knobs.torch_shim() is False
+    monkeypatch.setenv("MOELINK_TORCH_SHIM", "yes")
+    with pytest.raises(ValueError, match="MOELINK_TORCH_SHIM"):
+        _knobs.torch_shim()

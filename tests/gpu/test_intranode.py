@@ -148,6 +148,39 @@ def test_arena_lifetime(num_ranks):
     launcher.run_ranks(num_ranks, _arena_lifetime, 7000 * num_ranks, timeout_s=120)
 
 
+def _outputs_either_way(rank, num_ranks, seed, rounds):
+    """The extension makes the operations' outputs through torch's C shim where the loaded torch has
+    one that passes its check (python/bindings/convert.hpp, Outputs), and through Python calls
+    otherwise. The GPU machine's torch must take the shim (the default path's host time counts on
+    it); rounds alternate between the two ways, on the express and the full path, each checked
+    against the reference (dispatch, cached dispatch, combine)."""
+    import torch
+
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    buf = common.make_buffer(num_ranks, (config, combine_config), (2048,))
+    assert buf._torch_shim, f"rank {rank}: torch {torch.__version__}'s C shim was not taken"
+    try:
+        for i in range(rounds):
+            case = Case(f"outputs {i}", (256, 1, 1024)[i % 3], 2048, 8, 64, fp8=i % 2 == 1,
+                        scales_col_major=i % 4 == 3, drop_prob=0.05 * (i % 3), alignment=(1, 128)[i % 2],
+                        worst=i % 5 == 4, num_bias=i % 3, use_async=i % 6 == 5).resolved(num_ranks)
+            if case is None:
+                continue
+            buf._torch_shim = (i // 2) % 2 == 0
+            buf._express = i % 3 != 2
+            summary = run_case(buf, rank, num_ranks, case, seed + i, config, combine_config)
+            if i % 4 == 0 or i == rounds - 1:
+                common.log(rank, f"[R={num_ranks}] shim={buf._torch_shim} {summary}")
+    finally:
+        buf._torch_shim = True
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_outputs_either_way(num_ranks):
+    launcher.run_ranks(num_ranks, _outputs_either_way, 9300 * num_ranks, 12, timeout_s=180)
+
+
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)
