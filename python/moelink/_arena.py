@@ -47,6 +47,13 @@ def arena_tensors(buf: "Buffer", parts: Sequence[Tuple[tuple, torch.dtype]],
     return out
 
 
+def scales_column_major(x_scales: torch.Tensor) -> bool:
+    """Whether [T, S] scales are column-major as torch makes them (empty((S, T)).t()): a token stride
+    of 1 under more than one scale. With one token both strides are 1, and only the token stride
+    tells it from row-major (the extension's add_recv_x decides it the same way)."""
+    return x_scales.size(1) > 1 and x_scales.stride(0) == 1
+
+
 def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,
                            num_recv_tokens: int, num_topk: int = 0, with_weights: bool = False,
                            with_src_idx: bool = False, stream: Optional[int] = None
@@ -60,7 +67,7 @@ def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[to
     n, device = num_recv_tokens, buf._device
     parts = [((n, hidden), x.dtype)]
     # Keep the caller's scale layout (column-major is what fp8 GEMMs read).
-    scales_col_major = x_scales is not None and x_scales.stride(1) != 1
+    scales_col_major = x_scales is not None and scales_column_major(x_scales)
     if x_scales is not None:
         num_scales = x_scales.size(1)
         parts.append(((num_scales, n) if scales_col_major else (n, num_scales), x_scales.dtype))

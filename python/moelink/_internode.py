@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from . import _bootstrap, _knobs, _moelink
+from . import _arena, _bootstrap, _knobs, _moelink
 from ._checks import _check_config, _check_int, _check_tensor, _split_bias, _split_x, _tensors
 from ._streams import check_order
 from ._moelink import Config
@@ -492,12 +492,12 @@ def _unpack(handle: Any) -> InternodeHandle:
 
 def _scales_like(recv_x: Any, x_scales: Optional[torch.Tensor]) -> Any:
     """recv_x with its scales in the caller's layout: column-major in, column-major out (as
-    intranode decides it: a scales tensor whose stride(1) is not 1). The inner legs decide it from
+    intranode decides it: _arena.scales_column_major). The inner legs decide it from
     their own inputs, which a forwarder that received 0 or 1 rows cannot tell apart."""
     if x_scales is None or not isinstance(recv_x, tuple):
         return recv_x
     data, scales = recv_x
-    col_major = x_scales.dim() == 2 and x_scales.stride(1) != 1
+    col_major = x_scales.dim() == 2 and _arena.scales_column_major(x_scales)
     if col_major and scales.size(0) > 1 and scales.stride(1) == 1:
         scales = scales.t().contiguous().t()
     return data, scales
