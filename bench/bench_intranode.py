@@ -19,6 +19,7 @@ GB/s = bytes / time / 1e9.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -212,6 +213,24 @@ def _path(buf, impl: str, name: str):
     return bool(runtime.last_combine_pulled if name.startswith("combine") else runtime.last_dispatch_direct)
 
 
+def placement() -> dict:
+    """Where the calling thread runs now: its CPU, that CPU's physical core ("package/core") and NUMA
+    node (Linux; {} elsewhere). moelink's 2x24 rows took one of two times per process launch
+    (bench/NOTES.md, eleventh session), and which CPUs the ranks' threads share is the first suspect."""
+    try:
+        with open("/proc/thread-self/stat") as f:
+            cpu = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39, "processor"
+        topo = f"/sys/devices/system/cpu/cpu{cpu}"
+        with open(f"{topo}/topology/physical_package_id") as f:
+            package = f.read().strip()
+        with open(f"{topo}/topology/core_id") as f:
+            core = f.read().strip()
+        nodes = [n[4:] for n in os.listdir(topo) if n.startswith("node") and n[4:].isdigit()]
+        return {"cpu": cpu, "core": f"{package}/{core}", "node": nodes[0] if nodes else "?"}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def prepared_calls(buf, rank: int, num_ranks: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int,
                    seed: int = 0) -> SimpleNamespace:
     """This rank's inputs, its layout and one uncached dispatch (for the handle and recv_x) on
@@ -307,9 +326,10 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
         if name == "dispatch_bf16_step":
             held.clear()  # the layers of a step take that memory (num_held of them, as above)
             op_warmup = 2 * num_held + warmup  # timed from the third step on: keys seen in two steps before
+        where = placement()
         try:
             mine[name] = (_time_us(op, flush, iters, op_warmup, host=name == "layout_host",
-                                   back_to_back=name.endswith("_b2b")), nbytes, _path(buf, impl, name))
+                                   back_to_back=name.endswith("_b2b")), nbytes, _path(buf, impl, name), where)
         except Exception:  # noqa: BLE001 - an op the library refuses is a result, not a crash
             errors[name] = traceback.format_exc(limit=3)
         if not everyone_ok(name):
@@ -337,6 +357,7 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
         paths = [g["ops"][name][2] for g in gathered]
         if all(p is not None for p in paths):
             entry["in_place_ranks"] = sum(paths)  # ranks whose last timed call went direct / pulled
+        entry["placement"] = [g["ops"][name][3] for g in gathered]  # each rank's, as the op's timing began
         if all(nbytes):
             gbps = [b / (t * 1e-6) / 1e9 for b, t in zip(nbytes, times)]
             entry.update(gbps_mean=statistics.mean(gbps), gbps_min=min(gbps))

@@ -329,6 +329,17 @@ def format_table(cells: list[dict], info: dict, anchor_note: str) -> str:
         lines.append("moelink ranks whose last timed call wrote rows in place (dispatch direct, combine pulled): "
                      + "; ".join(paths) + ".")
         lines.append("")
+    placements = []
+    for cell in cells:
+        for impl, result in cell["results"].items():
+            op = _op(result, "dispatch_fp8") if result and "error" not in result else None
+            where = op.get("placement") if op else None
+            if where and all(where):
+                placements.append(f"{cell['ranks']}x{cell['num_sms']} {impl}: {placement_text(where)}")
+    if placements:
+        lines.append("Where each rank's thread ran as its uncached fp8 dispatch's timing began (CPU, package/core, "
+                     "NUMA node): " + "; ".join(placements) + ".")
+        lines.append("")
     lines.append(f"Anchor: {anchor_note}. Two-touch limit: {info.get('copy_gbps', 0):.0f} GB/s copy rate "
                  "(read + write) / (2 x ranks per GPU).")
     return "\n".join(lines)
@@ -386,6 +397,18 @@ def run_cell(run: dict, impl: str, args: argparse.Namespace, anchor_path: str | 
     except launcher.RankFailure as failure:
         print(f"{label}: FAILED\n{failure}", flush=True)
         return {"impl": impl, "error": str(failure)}
+
+
+def placement_text(where: list) -> str:
+    """Ranks' placements (bench_intranode.placement) as one phrase, naming ranks that share a core."""
+    text = ", ".join(f"rank {r} cpu {p['cpu']} ({p['core']}, node {p['node']})" for r, p in enumerate(where))
+    by_core = {}
+    for r, p in enumerate(where):
+        by_core.setdefault(p["core"], []).append(r)
+    shared = [ranks for ranks in by_core.values() if len(ranks) > 1]
+    if shared:
+        text += "; sharing a core: " + ", ".join("/".join(map(str, ranks)) for ranks in shared)
+    return text
 
 
 def main(argv=None) -> int:

@@ -225,6 +225,31 @@ def test_table_says_which_path_moelink_took(run_all):
     assert "last timed call" not in plain  # DeepEP-only or older results: no line
 
 
+def test_table_says_where_the_ranks_ran(run_all):
+    info = {"copy_gbps": 4000.0, "gpu_count": 1}
+    mine = fake_result(run_all)
+    mine["ops"]["dispatch_fp8"]["placement"] = [{"cpu": 3, "core": "0/3", "node": "0"},
+                                                {"cpu": 4, "core": "0/4", "node": "0"},
+                                                {"cpu": 11, "core": "0/3", "node": "0"},
+                                                {"cpu": 5, "core": "0/5", "node": "0"}]
+    table = run_all.format_table([{**RUN, "results": {"moelink": mine}}], info, "none")
+    line = next(line for line in table.splitlines() if line.startswith("Where each rank's thread ran"))
+    assert "4x24 moelink: rank 0 cpu 3 (0/3, node 0)" in line and "sharing a core: 0/2" in line
+    plain = run_all.format_table([{**RUN, "results": {"moelink": fake_result(run_all)}}], info, "none")
+    assert "Where each rank" not in plain
+
+
+def test_placement_reads_this_machine(repo_root, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    import bench_intranode
+
+    where = bench_intranode.placement()
+    assert set(where) == {"cpu", "core", "node"} and where["cpu"] in os.sched_getaffinity(0)
+    assert "/" in where["core"]
+
+
 def test_two_touch_limit(run_all):
     assert run_all.two_touch_limit(4000.0, 4, 1) == 500.0
     assert run_all.two_touch_limit(4000.0, 8, 8) == 2000.0  # one rank per GPU
