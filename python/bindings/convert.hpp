@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moelink/buffer.hpp"
@@ -282,7 +284,39 @@ struct TorchShim {
   int32_t dtype[8];  // by DType
   int32_t cuda, cpu;
   PyObject* wrap;  // torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs: handles in, tensors out
+  // Reading arguments (to_tensor_refs): a new handle per tensor, then its fields through C calls.
+  // Null where this torch lacks them or they failed the check.
+  PyObject* handles_of;  // torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors: tensors in, handles out
+  Status (*get_dtype)(Handle tensor, int32_t* dtype);
+  Status (*get_dim)(Handle tensor, int64_t* dim);
+  Status (*get_sizes)(Handle tensor, int64_t** sizes);
+  Status (*get_strides)(Handle tensor, int64_t** strides);
+  Status (*get_device_type)(Handle tensor, int32_t* type);
+  Status (*get_device_index)(Handle tensor, int32_t* index);
 };
+
+// A tensor's reading through the shim (data pointer, dtype, shape, strides, device as get_device()
+// gives it: -1 off CUDA); false where a call fails or the dtype is none of the core's.
+inline bool read_handle(const TorchShim& s, TorchShim::Handle h, TensorRef* ref) {
+  void* data = nullptr;
+  int32_t dtype = 0, device_type = 0, device_index = 0;
+  int64_t dim = 0;
+  int64_t *sizes = nullptr, *strides = nullptr;
+  if (s.get_data_ptr(h, &data) != 0 || s.get_dtype(h, &dtype) != 0 || s.get_dim(h, &dim) != 0 ||
+      s.get_sizes(h, &sizes) != 0 || s.get_strides(h, &strides) != 0 || s.get_device_type(h, &device_type) != 0 ||
+      s.get_device_index(h, &device_index) != 0)
+    return false;
+  int found = -1;
+  for (int i = 0; i < 8; ++i)
+    if (s.dtype[i] == dtype) found = i;
+  if (found < 0) return false;
+  ref->data = data;
+  ref->dtype = static_cast<DType>(found);
+  ref->shape.assign(sizes, sizes + dim);
+  ref->strides.assign(strides, strides + dim);
+  ref->device = device_type == s.cuda ? device_index : -1;
+  return true;
+}
 
 namespace detail {
 // Whether the shim is used (MOELINK_TORCH_SHIM, python/moelink/_knobs.py; Buffer._torch_shim).
@@ -292,6 +326,47 @@ inline bool& torch_shim_wanted() {
 }
 
 struct MissingEntry {};
+
+// The shim's reading entries, checked on a strided CPU tensor read back field by field; left null
+// (arguments then read through their Python attributes) where any is missing or reads wrong.
+inline void load_reading(void* lib, TorchShim& s) {
+  nb::object handles_of = nb::getattr(nb::module_::import_("torch._C._aoti"), "unsafe_alloc_void_ptrs_from_tensors",
+                                      nb::none());
+  if (handles_of.is_none()) return;
+  TorchShim r = s;
+  const auto entry = [&](auto& f, const char* name) {
+    f = reinterpret_cast<std::remove_reference_t<decltype(f)>>(dlsym(lib, name));
+    return f != nullptr;
+  };
+  if (!entry(r.get_dtype, "aoti_torch_get_dtype") || !entry(r.get_dim, "aoti_torch_get_dim") ||
+      !entry(r.get_sizes, "aoti_torch_get_sizes") || !entry(r.get_strides, "aoti_torch_get_strides") ||
+      !entry(r.get_device_type, "aoti_torch_get_device_type") ||
+      !entry(r.get_device_index, "aoti_torch_get_device_index"))
+    return;
+  nb::object t = nb::module_::import_("torch").attr("empty")(nb::make_tuple(5, 3)).attr("t")();
+  nb::list tensors;
+  tensors.append(t);
+  nb::object handles = nb::steal(PyObject_CallOneArg(handles_of.ptr(), tensors.ptr()));
+  if (!handles.is_valid() || !PyList_Check(handles.ptr()) || PyList_GET_SIZE(handles.ptr()) != 1) {
+    PyErr_Clear();
+    return;
+  }
+  PyObject* capsule = PyList_GET_ITEM(handles.ptr(), 0);
+  auto* h = static_cast<TorchShim::Handle>(PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)));
+  if (h == nullptr) {
+    PyErr_Clear();
+    return;
+  }
+  TensorRef ref;
+  const bool read = read_handle(r, h, &ref);
+  r.delete_tensor(h);
+  if (!read || ref.dtype != DType::kFloat32 || ref.shape != std::vector<int64_t>{3, 5} ||
+      ref.strides != std::vector<int64_t>{1, 3} || ref.device != -1 ||
+      reinterpret_cast<uintptr_t>(ref.data) != nb::cast<uintptr_t>(t.attr("data_ptr")()))
+    return;
+  r.handles_of = handles_of.release().ptr();
+  s = r;
+}
 
 // The shim's entries, and a check that they make what this extension expects: one CPU tensor of
 // every dtype, strided, wrapped and read back through Python. A torch whose shim differs (an entry
@@ -339,6 +414,7 @@ inline const TorchShim* load_torch_shim() {
         return nullptr;
     }
     s.wrap = wrap.release().ptr();
+    load_reading(lib, s);
     return new TorchShim(s);  // for the process, as torch_objects()
   } catch (const nb::python_error&) {
     return nullptr;  // no torch._C._aoti, or the check's Python failed
@@ -352,6 +428,49 @@ inline const TorchShim* load_torch_shim() {
 inline const TorchShim* torch_shim() {
   static const TorchShim* const shim = detail::load_torch_shim();
   return detail::torch_shim_wanted() ? shim : nullptr;
+}
+
+// One argument of an extension call: its object (a tensor, None, or a TRef tuple), its name for
+// errors, and where its reading goes.
+struct TensorArg {
+  nb::handle object;
+  const char* arg;
+  TensorRef* ref;
+};
+
+// to_tensor_ref of each argument, with the plain torch.Tensor ones (not subclasses: their storage
+// may not be what their Python attributes say) read through the shim: one Python call for all of
+// them instead of five per tensor (data_ptr(), dtype, shape, stride(), get_device()), on the host
+// path in front of every launch. The rest, and all of them without the shim, as to_tensor_ref.
+inline void to_tensor_refs(std::initializer_list<TensorArg> args) {
+  const TorchShim* shim = torch_shim();
+  PyTypeObject* const tensor_type = torch_objects().tensor;
+  bool read[16] = {};
+  if (shim != nullptr && shim->handles_of != nullptr && args.size() <= 16) {
+    nb::list tensors;
+    for (const TensorArg& a : args)
+      if (Py_TYPE(a.object.ptr()) == tensor_type) tensors.append(a.object);
+    nb::object handles = nb::steal(PyObject_CallOneArg(shim->handles_of, tensors.ptr()));
+    if (!handles.is_valid()) throw nb::python_error();
+    // Every handle is a new reference to its tensor, deleted here whatever happens.
+    size_t next = 0, i = 0;
+    const Py_ssize_t count = PyList_Check(handles.ptr()) ? PyList_GET_SIZE(handles.ptr()) : 0;
+    for (const TensorArg& a : args) {
+      if (Py_TYPE(a.object.ptr()) == tensor_type && static_cast<Py_ssize_t>(next) < count) {
+        PyObject* capsule = PyList_GET_ITEM(handles.ptr(), next++);
+        auto* h = static_cast<TorchShim::Handle>(PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)));
+        if (h == nullptr) throw nb::python_error();
+        read[i] = read_handle(*shim, h, a.ref);
+        shim->delete_tensor(h);
+      }
+      ++i;
+    }
+  }
+  size_t i = 0;
+  for (const TensorArg& a : args) {
+    if (!read[i]) *a.ref = to_tensor_ref(a.object, a.arg);
+    ++i;
+  }
 }
 
 // The outputs of one extension call, made as torch tensors on the current stream. Through the shim

@@ -37,6 +37,7 @@ using moelink::bindings::to_byte_vector;
 using moelink::bindings::to_bytes;
 using moelink::bindings::to_stream_order;
 using moelink::bindings::to_tensor_ref;
+using moelink::bindings::to_tensor_refs;
 using moelink::bindings::Torch;
 using moelink::bindings::template_for;
 using moelink::bindings::Outputs;
@@ -153,13 +154,13 @@ moelink::DispatchInputs notify_inputs(moelink::Buffer& self, nb::handle x, nb::h
                                       moelink::StreamOrder* stream_order) {
   moelink::DispatchInputs in;
   read_or_abstain(self, [&] {
-    in.x = to_tensor_ref(x, "x");
-    in.x_scales = to_tensor_ref(x_scales, "x_scales");
-    in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-    in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-    in.is_token_in_rank = to_tensor_ref(is_token_in_rank, "is_token_in_rank");
-    in.num_tokens_per_rank = to_tensor_ref(num_tokens_per_rank, "num_tokens_per_rank");
-    in.num_tokens_per_expert = to_tensor_ref(num_tokens_per_expert, "num_tokens_per_expert");
+    to_tensor_refs({{x, "x", &in.x},
+                    {x_scales, "x_scales", &in.x_scales},
+                    {topk_idx, "topk_idx", &in.topk_idx},
+                    {topk_weights, "topk_weights", &in.topk_weights},
+                    {is_token_in_rank, "is_token_in_rank", &in.is_token_in_rank},
+                    {num_tokens_per_rank, "num_tokens_per_rank", &in.num_tokens_per_rank},
+                    {num_tokens_per_expert, "num_tokens_per_expert", &in.num_tokens_per_expert}});
     if (order.is_valid()) *stream_order = to_stream_order(order);
   });
   in.num_experts = num_experts;
@@ -228,8 +229,7 @@ bool tensor_or_none(nb::handle value) { return value.is_none() || is_tensor(valu
 // name that error).
 bool read_2d(nb::handle first, const char* first_name, nb::handle second, const char* second_name,
              moelink::TensorRef* first_ref, moelink::TensorRef* second_ref) {
-  *first_ref = to_tensor_ref(first, first_name);
-  *second_ref = to_tensor_ref(second, second_name);
+  to_tensor_refs({{first, first_name, first_ref}, {second, second_name, second_ref}});
   return first_ref->dim() == 2 && (!second_ref->defined() || second_ref->dim() == 2);
 }
 
@@ -262,15 +262,15 @@ moelink::LowLatencyDispatchInputs ll_dispatch_inputs(nb::handle x, nb::handle to
                                                      nb::handle wait_stats, bool use_fp8, bool round_scale,
                                                      bool use_ue8m0) {
   moelink::LowLatencyDispatchInputs in;
-  in.x = to_tensor_ref(x, "x");
-  in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
+  to_tensor_refs({{x, "x", &in.x},
+                  {topk_idx, "topk_idx", &in.topk_idx},
+                  {cumulative_stats, "cumulative_local_expert_recv_stats", &in.cumulative_local_expert_recv_stats},
+                  {wait_stats, "dispatch_wait_recv_cost_stats", &in.dispatch_wait_recv_cost_stats}});
   in.num_max_dispatch_tokens_per_rank = max_tokens;
   in.num_experts = num_experts;
   in.use_fp8 = use_fp8;
   in.round_scale = round_scale;
   in.use_ue8m0 = use_ue8m0;
-  in.cumulative_local_expert_recv_stats = to_tensor_ref(cumulative_stats, "cumulative_local_expert_recv_stats");
-  in.dispatch_wait_recv_cost_stats = to_tensor_ref(wait_stats, "dispatch_wait_recv_cost_stats");
   return in;
 }
 
@@ -280,15 +280,15 @@ moelink::LowLatencyCombineInputs ll_combine_inputs(nb::handle x, nb::handle topk
                                                    bool use_logfmt) {
   moelink::LowLatencyCombineInputs in;
   in.use_logfmt = use_logfmt;
-  in.x = to_tensor_ref(x, "x");
-  in.topk_idx = to_tensor_ref(topk_idx, "topk_idx");
-  in.topk_weights = to_tensor_ref(topk_weights, "topk_weights");
-  in.src_info = to_tensor_ref(src_info, "src_info");
-  in.layout_range = to_tensor_ref(layout_range, "layout_range");
+  to_tensor_refs({{x, "x", &in.x},
+                  {topk_idx, "topk_idx", &in.topk_idx},
+                  {topk_weights, "topk_weights", &in.topk_weights},
+                  {src_info, "src_info", &in.src_info},
+                  {layout_range, "layout_range", &in.layout_range},
+                  {wait_stats, "combine_wait_recv_cost_stats", &in.combine_wait_recv_cost_stats},
+                  {dispatch_state, "handle state", &in.dispatch_state}});
   in.num_max_dispatch_tokens_per_rank = max_tokens;
   in.num_experts = num_experts;
-  in.combine_wait_recv_cost_stats = to_tensor_ref(wait_stats, "combine_wait_recv_cost_stats");
-  in.dispatch_state = to_tensor_ref(dispatch_state, "handle state");
   return in;
 }
 
@@ -1031,7 +1031,8 @@ NB_MODULE(_moelink, m) {
       "tensor_ref",
       [](nb::handle tensor, const char* arg) -> nb::object {
         if (tensor.is_none()) return nb::none();
-        const moelink::TensorRef ref = to_tensor_ref(tensor, arg);
+        moelink::TensorRef ref;
+        to_tensor_refs({{tensor, arg, &ref}});  // as the operations read their arguments
         return nb::make_tuple(reinterpret_cast<uintptr_t>(ref.data), moelink::dtype_name(ref.dtype),
                               nb::tuple(nb::cast(ref.shape)), nb::tuple(nb::cast(ref.strides)), ref.device);
       },

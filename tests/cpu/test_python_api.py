@@ -976,3 +976,32 @@ def test_torch_shim_knob(monkeypatch):
     monkeypatch.setenv("MOELINK_TORCH_SHIM", "yes")
     with pytest.raises(ValueError, match="MOELINK_TORCH_SHIM"):
         _knobs.torch_shim()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_arguments_read_the_same_either_way():
+    """The operations read plain tensors through the shim (to_tensor_refs) and everything else through
+    Python attributes: both readings agree on views, strides, offsets, empty and 0-d tensors and
+    every dtype, a subclass is read through Python, and an unknown dtype still names the argument."""
+    import torch
+
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+
+    class Sub(torch.Tensor):
+        pass
+
+    tensors = [base, base.t(), base[2:, 3:7], base[:, ::3], torch.empty(0, 8, dtype=torch.int64),
+               torch.zeros((), dtype=torch.int32), torch.empty(4, 7168, dtype=torch.bfloat16),
+               torch.empty(3, dtype=torch.bool), torch.empty(2, 2, dtype=torch.float8_e4m3fn),
+               torch.empty(5, dtype=torch.uint8), torch.empty(2, 3, dtype=torch.float16).t(), base.as_subclass(Sub)]
+    try:
+        assert _moelink.use_torch_shim(True)
+        through_shim = [_moelink.tensor_ref(t) for t in tensors]
+        _moelink.use_torch_shim(False)
+        through_python = [_moelink.tensor_ref(t) for t in tensors]
+    finally:
+        _moelink.use_torch_shim(True)
+    assert through_shim == through_python
+    assert through_shim[2][0] == base[2:, 3:7].data_ptr() and through_shim[1][3] == (1, 10)
+    with pytest.raises(TypeError, match="x: dtype"):
+        _moelink.tensor_ref(torch.empty(2, dtype=torch.float64), "x")
