@@ -444,9 +444,9 @@ struct TensorArg {
 // path in front of every launch. The rest, and all of them without the shim, as to_tensor_ref.
 inline void to_tensor_refs(std::initializer_list<TensorArg> args) {
   const TorchShim* shim = torch_shim();
-  PyTypeObject* const tensor_type = torch_objects().tensor;
   bool read[16] = {};
   if (shim != nullptr && shim->handles_of != nullptr && args.size() <= 16) {
+    PyTypeObject* const tensor_type = torch_objects().tensor;  // torch is imported: the shim came from it
     nb::list tensors;
     for (const TensorArg& a : args)
       if (Py_TYPE(a.object.ptr()) == tensor_type) tensors.append(a.object);
