@@ -29,11 +29,13 @@
 //     disagree; a block whose wait for one failed has recorded a fault, at which every wait ends.
 //     A halting combine (test hook) always pushes, so it never splits. A split channel's short last
 //     batch shares each of its tokens among several warps, a slice of the row apiece.
-//   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake, whose host
-//     never lets a rank be pulled): a sender group copies each chunk into its own mirror of s's ring,
-//     and after the group barrier its first thread copies the chunk into s's ring and adds n to the
-//     tail (ring_puts.cuh). The receiver's side is unchanged. The kernel's opening runs over the
-//     same window (its digest and epoch put to each peer: common/barrier.cuh).
+//   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake or nvshmem,
+//     whose host never lets a rank be pulled): a sender group copies each chunk into its own mirror
+//     of s's ring, and after the group barrier its first thread puts the chunk into s's ring and
+//     adds n to the ring's 64-bit tail (ring_puts.cuh). The receiver waits for that tail in its own
+//     memory and returns credit with W::credit; no peer's source or segments are read or
+//     published. The kernel's opening runs over the same window (its digest and epoch put to each
+//     peer: common/barrier.cuh).
 //   No deadlock: B <= slots - chunk, so the rows a batch waits for always fit beside a chunk the
 //   sender may still be writing. Counters reset themselves as in dispatch.
 //   The kernel opens its operation itself (open_in_kernel, common/opening.cuh), which gates it:
@@ -96,7 +98,7 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
 
   const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
   const int row_base = rows.base, total = rows.count;
-  int* tail_remote = L.tail(a.peers.data[s], channel, rank);
+  auto* tail_remote = ring_tail<W>(L, a.peers.data[s], channel, rank);
   const int* head_local = L.head(a.peers.data[rank], channel, s);
   char* ring = L.ring(a.peers.data[s], channel, rank);
   const int group_threads = warps_per_group * 32;
@@ -140,7 +142,8 @@ __device__ void send_channel(const CombineArgs& a, Epoch seq, int channel) {
     if (kHalt) return;
     if constexpr (W::kPuts) {
       // The group barrier above ordered the group's mirror writes before this thread's copy.
-      if (gw == 0 && lane == 0) put_batch<W>(L, K > 0 ? kRingCombineFields : kRingX, ring, staged, sent, n, tail_remote);
+      if (gw == 0 && lane == 0)
+        put_batch<W>(L, K > 0 ? kRingCombineFields : kRingX, ring, staged, sent, n, tail_remote, s);
       sent += n;
     } else {
       sent += n;
@@ -160,8 +163,10 @@ __device__ void wait_pulled(const CombineArgs& a, Epoch seq, int channel) {
 enum RecvResult { kReceived, kNotNeeded, kFailed };  // kNotNeeded: part 1 when the channel is not split
 
 // The token side of channel c. Part 0 is the channel's receiver block; part 1 its sender block,
-// which calls it only when this rank's own input is pulled. self_pulled: agreed_pull said 1.
-template <int kRanks>
+// which calls it only when this rank's own input is pulled. self_pulled: agreed_pull said 1. W: as
+// the senders'; on the put path no peer is pulled, the tails are this rank's 64-bit words and the
+// credits puts.
+template <int kRanks, class W>
 __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel, int part, bool self_pulled) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
@@ -188,7 +193,8 @@ __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel,
   }
   if (threadIdx.x == 0) failed = false;
   __syncthreads();
-  if (threadIdx.x < R && threadIdx.x != rank) {
+  // The put path's peers (a lane's, whose host never lets a rank be pulled) are not read.
+  if (!W::kPuts && threadIdx.x < R && threadIdx.x != rank) {
     const int d = threadIdx.x;
     const CombineSource* source = &a.sections[d]->combine_source;
     const volatile CombineSource* v = source;  // volatile: an earlier combine's values may sit in L1
@@ -301,7 +307,8 @@ __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel,
           char* ring = L.ring(a.peers.data[rank], channel, d);
           row_ptr = L.slot_x(ring, pos % L.slots);
           weight_ptr = L.slot_weights(ring, pos % L.slots);
-          ok = window::wait(L.tail(a.peers.data[rank], channel, d), pos + 1, a.err, d, kStepCombineRecv, channel);
+          ok = window::wait(ring_tail<W>(L, a.peers.data[rank], channel, d), pos + 1, a.err, d, kStepCombineRecv,
+                            channel);
         }
         rows_smem[warp][d] = row_ptr;
         weights_smem[warp][d] = weight_ptr;
@@ -385,14 +392,15 @@ __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel,
       const int d = threadIdx.x;
       consumed[d] += batch_count[d];
       if (batch_count[d] > 0 && d != rank && !pull[d])
-        window::signal(L.head(a.peers.data[d], channel, rank), consumed[d] == channel_total[d] ? 0 : consumed[d]);
+        return_credit<W>(L.head(a.peers.data[d], channel, rank), consumed[d] == channel_total[d] ? 0 : consumed[d], d);
     }
     __syncthreads();
   }
-  if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) st_volatile(L.tail(a.peers.data[rank], channel, threadIdx.x), 0);
+  if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0)
+    st_volatile(ring_tail<W>(L, a.peers.data[rank], channel, threadIdx.x), 0);
   // Every read of a pulled peer's rows fed a store before the last barrier: release its input,
   // this part's half of it, or both halves when the channel is not split.
-  if (threadIdx.x < R && pull[threadIdx.x])
+  if (!W::kPuts && threadIdx.x < R && pull[threadIdx.x])
     for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
       window::signal(&a.sections[threadIdx.x]->pull_done[p][channel][rank], seq);
   return kReceived;
@@ -460,8 +468,9 @@ __device__ void report_source_segments(const CombineArgs& a, int d, Epoch seq) {
 template <int kRanks, class W, bool kHalt>
 __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
-  // First, before any wait: publish_source on every peer waits for what this rank has mapped.
-  if (blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
+  // First, before any wait: publish_source on every peer waits for what this rank has mapped (the
+  // put path names no segment, and cannot write a peer's header).
+  if (!W::kPuts && blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_source(a, seq);
   const int pulled = agreed_pull(a, seq);
   if (blockIdx.x % 2 == 0) {
@@ -473,12 +482,12 @@ __device__ void combine_channel(const CombineArgs& a, Epoch seq) {
     // My input is pulled: this block receives the channel's second half when every peer's input is
     // pulled too (never in a halting combine, which always pushes), then waits for the owners; a
     // failed receive only makes those waits end at the fault it recorded.
-    if (!kHalt) recv_channel<kRanks>(a, seq, channel, 1, true);
+    if (!kHalt) recv_channel<kRanks, W>(a, seq, channel, 1, true);
     wait_pulled(a, seq, channel);
   } else {
-    recv_channel<kRanks>(a, seq, channel, 0, !kHalt && pulled > 0);
+    recv_channel<kRanks, W>(a, seq, channel, 0, !kHalt && pulled > 0);
     // Last, off the rows' path.
-    if (blockIdx.x == 1 && threadIdx.x < a.layout.num_ranks && threadIdx.x != a.rank)
+    if (!W::kPuts && blockIdx.x == 1 && threadIdx.x < a.layout.num_ranks && threadIdx.x != a.rank)
       report_source_segments(a, threadIdx.x, seq);
   }
 }

@@ -26,12 +26,15 @@
 //   The kernel runs only when the opening left the gate open and no fault is known; otherwise, or
 //   when a block gives up, every output is poisoned (common/poison.cuh).
 //   Every wait is bounded by the timeout and reports (rank, peer, step, channel).
-//   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake, whose host
-//     makes every destination a ring one): the sender's warps write a batch's ring rows and fields
-//     into its own mirror of each destination's ring instead, and after the batch barrier thread d
-//     copies d's batch into d's ring and adds its count to the tail (ring_puts.cuh). The receiver's
-//     side is unchanged: it never learns which policy filled its ring. A cached dispatch's opening
-//     runs over the same window (its digest and epoch put to each peer: common/barrier.cuh).
+//   The put path (W::kPuts; the internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake or nvshmem,
+//     whose host makes every destination a ring one): the sender's warps write a batch's ring rows
+//     and fields into its own mirror of each destination's ring instead, and after the batch
+//     barrier thread d puts d's batch into d's ring and adds its count to the ring's 64-bit tail
+//     (ring_puts.cuh). The receiver waits for that tail in its own memory, as it waits for the
+//     stores path's, and returns credit with W::credit. Nothing reads or writes a peer's header
+//     outside W: no target is waited for (no peer is direct), no segment is published. A cached
+//     dispatch's opening runs over the same window (its digest and epoch put to each peer:
+//     common/barrier.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -158,6 +161,9 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       o.topk_weights = a.recv_topk_weights;
       o.src_idx = a.write_src_idx ? a.recv_src_idx : nullptr;
       o.num_rows = a.num_out_rows;
+    } else if constexpr (W::kPuts) {
+      // The put path's receivers (a lane's, whose host is ring-only) take every row through their
+      // rings, and one on another node cannot be read from here: its target is not waited for.
     } else {
       // Every receiver says, once per dispatch, whether it takes rows directly and where.
       const DirectTarget* target = &a.sections[d]->direct_target;
@@ -362,7 +368,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         // The block barrier above ordered every warp's mirror writes before this thread's copy.
         if (!direct[d] && batch_count[d] > 0)
           put_batch<W>(L, kRingDispatchFields, L.ring(a.peers.data[d], channel, rank), staged_ring(d), sent[d],
-                       batch_count[d], L.tail(a.peers.data[d], channel, rank));
+                       batch_count[d], ring_tail<W>(L, a.peers.data[d], channel, rank), d);
         sent[d] += batch_count[d];
       } else {
         sent[d] += batch_count[d];
@@ -371,6 +377,8 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     }
     __syncthreads();
   }
+  // The put path has no direct peer and reads no peer's header: nothing below concerns it.
+  if constexpr (W::kPuts) return kSent;
   // Direct destinations learn that this part's rows (possibly none) have all landed; a sender that
   // did not split also speaks for the part it did not need.
   if (threadIdx.x < R && threadIdx.x != rank && direct[threadIdx.x]) {
@@ -422,6 +430,8 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   a.mailbox->last_direct_seq = seq;
 }
 
+// W: as the sender's; on the put path the tail is this rank's 64-bit word and the credit a put.
+template <class W>
 __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool self_direct) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
@@ -452,7 +462,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
   const int s = peer_of_group(group, rank);
   const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
   const int row_base = rows.base, total = rows.count;
-  int* tail_local = L.tail(a.peers.data[rank], channel, s);
+  auto* tail_local = ring_tail<W>(L, a.peers.data[rank], channel, s);
   int* head_remote = L.head(a.peers.data[s], channel, rank);
   char* ring = L.ring(a.peers.data[rank], channel, s);
   const int group_threads = warps_per_group * 32;
@@ -469,7 +479,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
     // head release frequent enough for the sender to stream.
     if (gw == 0 && lane == 0) {
       if (!window::wait(tail_local, consumed + 1, a.err, s, kStepDispatchRecv, channel)) abort_group[group] = true;
-      available[group] = ld_acquire_sys(tail_local);
+      available[group] = static_cast<int>(ld_acquire_sys(tail_local));
     }
     group_barrier(1 + group, group_threads);
     if (abort_group[group]) return;
@@ -520,7 +530,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
       group_barrier(1 + group, group_threads);
     }
     consumed += n;
-    if (gw == 0 && lane == 0) window::signal(head_remote, consumed == total ? 0 : consumed);
+    if (gw == 0 && lane == 0) return_credit<W>(head_remote, consumed == total ? 0 : consumed, s);
   }
   if (total > 0 && gw == 0 && lane == 0) st_volatile(tail_local, 0);
 }
@@ -528,13 +538,14 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
 template <class W, bool kHalt>
 __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   const int channel = blockIdx.x / 2;
-  if (blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
+  // The put path names no segment (its host is ring-only), and cannot write a peer's header.
+  if (!W::kPuts && blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
   __shared__ bool self_direct;
   if (blockIdx.x % 2 == 0)
     send_channel<W, kHalt>(a, seq, channel, 0, &self_direct);
   else if (send_channel<W, kHalt>(a, seq, channel, 1, &self_direct) != kFailed)
-    recv_channel(a, seq, channel, self_direct);
+    recv_channel<W>(a, seq, channel, self_direct);
 }
 
 // An uncached dispatch's handle gets its notify's results whether or not the operation runs: a

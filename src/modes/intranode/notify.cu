@@ -104,12 +104,12 @@ __device__ __forceinline__ void put_inboxes(const NotifyArgs& a, const int* coun
     // One thread per destination: its puts to d, then the epoch, which lands after them.
     const int d = threadIdx.x;
     HeaderSection* dst = a.sections[d];
-    W::put(dst->inbox_rank_counts[rank], stage[d].rank_counts, 4LL * R);
-    W::put(dst->inbox_channel_counts[rank], stage[d].channel_counts, 4LL * C);
-    if (E > 0) W::put(dst->inbox_expert_counts[rank], stage[d].expert_counts, 4LL * E);
-    W::put(&dst->inbox_bad_expert[rank], &stage[d].bad_expert, sizeof(long long));
-    W::put(&dst->inbox_worst_tokens[rank], &stage[d].worst_tokens, sizeof(int));
-    W::signal_set(&a.peers.header[d]->barrier_signal[rank], barrier_epoch);
+    W::put(dst->inbox_rank_counts[rank], stage[d].rank_counts, 4LL * R, d);
+    W::put(dst->inbox_channel_counts[rank], stage[d].channel_counts, 4LL * C, d);
+    if (E > 0) W::put(dst->inbox_expert_counts[rank], stage[d].expert_counts, 4LL * E, d);
+    W::put(&dst->inbox_bad_expert[rank], &stage[d].bad_expert, sizeof(long long), d);
+    W::put(&dst->inbox_worst_tokens[rank], &stage[d].worst_tokens, sizeof(int), d);
+    W::signal_set(&a.peers.header[d]->barrier_signal[rank], barrier_epoch, d);
     // The stage is rewritten by the next notify; Puts must have read it by then.
     W::quiet();
   }
