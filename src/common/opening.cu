@@ -1,18 +1,10 @@
-#include "common/launch.cuh"
-#include "common/opening.cuh"
+// The opening kernel's libmoelink builds (common/opening_kernel.cuh).
 #include "common/opening.hpp"
+#include "common/opening_kernel.cuh"
 
 namespace moelink::kernels {
 
 namespace {
-
-template <class W>
-__global__ void opening_kernel(PeerTable peers, int rank, int num_ranks, Opening opening, ErrorSink err) {
-  if (threadIdx.x == 0) {
-    Epoch epoch;
-    open_operation<W>(peers, rank, num_ranks, opening, err, &epoch);
-  }
-}
 
 const KernelRegistration registrations[] = {
     {reinterpret_cast<const void*>(&opening_kernel<window::Stores>), "opening", 32, 0},
