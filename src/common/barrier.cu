@@ -1,6 +1,7 @@
 // The barrier kernel's libmoelink builds (common/barrier_kernel.cuh).
 #include "common/barrier.hpp"
 #include "common/barrier_kernel.cuh"
+#include "window/nvshmem.hpp"
 
 namespace moelink::kernels {
 
@@ -16,7 +17,9 @@ const KernelRegistration registrations[] = {
 void launch_barrier(const PeerTable& peers, int rank, int num_ranks, int tag, const ErrorSink& err,
                     window::Policy policy, cudaStream_t stream) {
   const LaunchShape shape{1, 32, 0};
-  if (policy == window::Policy::kFakePuts)
+  if (policy == window::Policy::kPuts)
+    window::nvshmem_lane_barrier(peers, rank, num_ranks, tag, err, stream);
+  else if (policy == window::Policy::kFakePuts)
     launch("barrier", &barrier_kernel<window::FakePuts>, shape, stream, peers, rank, num_ranks, tag, err);
   else
     launch("barrier", &barrier_kernel<window::Stores>, shape, stream, peers, rank, num_ranks, tag, err);

@@ -69,8 +69,9 @@ struct FakePuts {
     kernels::st_release_sys(word, value);
   }
   // A receiver's credit: its consumed count into the sender's head word. Nothing the receiver
-  // wrote has to land before it (it only read the ring), so no fence is asked for; the release
-  // keeps the stores path's semantics (Puts: a plain put of the word).
+  // wrote has to land before it (it only read the ring); one thread's stores to one word land in
+  // order, and the release keeps the stores path's semantics (Puts: a fence, which keeps the
+  // credits in order, and a put of the word).
   static __device__ __forceinline__ void credit(int* head, int consumed, int /*peer*/) {
     kernels::st_release_sys(head, consumed);
   }

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "window/nvshmem.hpp"
+
 namespace moelink::intranode {
 
 namespace {
@@ -48,7 +50,9 @@ int combine_blocks_per_sm() {
 
 void launch_combine(const CombineArgs& a, window::Policy window, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  if (window == window::Policy::kFakePuts) {
+  if (window == window::Policy::kPuts) {
+    window::nvshmem_lane_combine(a, stream);
+  } else if (window == window::Policy::kFakePuts) {
     if (a.halt_sends)
       launch_combine_for_ranks<FakePuts, true>(a, shape, stream);
     else

@@ -397,8 +397,11 @@ __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel,
     }
     __syncthreads();
   }
-  if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0)
+  if (threadIdx.x < R && threadIdx.x != rank && channel_total[threadIdx.x] > 0) {
     st_volatile(ring_tail<W>(L, a.peers.data[rank], channel, threadIdx.x), 0);
+    // The last credit (the head's reset) complete before the next opening, as in dispatch's receiver.
+    if constexpr (W::kPuts) W::quiet();
+  }
   // Every read of a pulled peer's rows fed a store before the last barrier: release its input,
   // this part's half of it, or both halves when the channel is not split.
   if (!W::kPuts && threadIdx.x < R && pull[threadIdx.x])

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "window/nvshmem.hpp"
+
 namespace moelink::intranode {
 
 namespace {
@@ -31,7 +33,9 @@ int dispatch_blocks_per_sm() {
 
 void launch_dispatch(const DispatchArgs& a, window::Policy window, cudaStream_t stream) {
   const LaunchShape shape{a.layout.num_channels * 2, kThreads, 0};
-  if (window == window::Policy::kFakePuts)
+  if (window == window::Policy::kPuts)
+    window::nvshmem_lane_dispatch(a, stream);
+  else if (window == window::Policy::kFakePuts)
     launch_dispatch_over<FakePuts>(a, shape, stream);
   else
     launch_dispatch_over<Stores>(a, shape, stream);

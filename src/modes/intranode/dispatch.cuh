@@ -534,6 +534,11 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
     if (gw == 0 && lane == 0) return_credit<W>(head_remote, consumed == total ? 0 : consumed, s);
   }
   if (total > 0 && gw == 0 && lane == 0) st_volatile(tail_local, 0);
+  // NOTES: the last credit (0, the head's reset) must land before this rank's next opening signals
+  // its peers, or it could undo the next operation's first credit; a kernel's end does not complete
+  // a put over a proxy transport, quiet does.
+  if constexpr (W::kPuts)
+    if (total > 0 && gw == 0 && lane == 0) W::quiet();
 }
 
 template <class W, bool kHalt>

@@ -2,6 +2,7 @@
 // over the put path's protocol on IPC (FakePuts); the NVSHMEM plugin builds it over puts
 // (window/nvshmem/lane_notify.cu).
 #include "modes/intranode/notify.cuh"
+#include "window/nvshmem.hpp"
 
 namespace moelink::intranode {
 
@@ -17,7 +18,9 @@ const KernelRegistration registrations[] = {
 
 void launch_notify(const NotifyArgs& a, window::Policy window, cudaStream_t stream) {
   const LaunchShape shape{1, kNotifyThreads, 0};
-  if (window == window::Policy::kFakePuts)
+  if (window == window::Policy::kPuts)
+    window::nvshmem_lane_notify(a, stream);
+  else if (window == window::Policy::kFakePuts)
     launch("intranode notify", &notify_kernel<window::FakePuts>, shape, stream, a);
   else
     launch("intranode notify", &notify_kernel<window::Stores>, shape, stream, a);
