@@ -271,8 +271,8 @@ void Buffer::serve_as_internode_lane() {
                   "peer segments; make it a lane before its first dispatch or combine");
   const knobs::LanePut put = knobs::debug_lane_force_put();
   if (put == knobs::LanePut::kNvshmem)
-    detail::raise(ErrorKind::kState, "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem: the lane's NVSHMEM put build is not "
-                  "written yet (docs/internal/INTERNODE_LANE.md, step 3); use fake, or unset it");
+    detail::raise(ErrorKind::kState, "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem: the lane's NVSHMEM region and host "
+                  "wiring are not written yet (docs/internal/INTERNODE_LANE.md, step 3); use fake, or unset it");
   ctx_->ring_only = true;
   ctx_->peer_segments_enabled = false;
   ctx_->lane_fake_puts = put == knobs::LanePut::kFake;

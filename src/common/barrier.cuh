@@ -51,8 +51,8 @@ __device__ __forceinline__ Epoch barrier_one_thread(const PeerTable& peers, int 
     // the staged digest before any peer hears of the epoch.
     __threadfence_system();
     for (int p = 0; p < num_ranks; ++p) {
-      if (digest != nullptr && p != rank) W::put(peers.header[p]->digest[epoch & 1][rank].w, staged, sizeof(Digest));
-      W::signal_set(&peers.header[p]->barrier_signal[rank], epoch);
+      if (digest != nullptr && p != rank) W::put(peers.header[p]->digest[epoch & 1][rank].w, staged, sizeof(Digest), p);
+      W::signal_set(&peers.header[p]->barrier_signal[rank], epoch, p);
     }
     // The staged slot is rewritten two barriers on; Puts must have read it by then.
     W::quiet();

@@ -1,18 +1,11 @@
-#include "common/launch.cuh"
-#include "common/opening.cuh"
+// The opening kernel's libmoelink builds (common/opening_kernel.cuh).
 #include "common/opening.hpp"
+#include "common/opening_kernel.cuh"
+#include "window/nvshmem.hpp"
 
 namespace moelink::kernels {
 
 namespace {
-
-template <class W>
-__global__ void opening_kernel(PeerTable peers, int rank, int num_ranks, Opening opening, ErrorSink err) {
-  if (threadIdx.x == 0) {
-    Epoch epoch;
-    open_operation<W>(peers, rank, num_ranks, opening, err, &epoch);
-  }
-}
 
 const KernelRegistration registrations[] = {
     {reinterpret_cast<const void*>(&opening_kernel<window::Stores>), "opening", 32, 0},
@@ -24,7 +17,9 @@ const KernelRegistration registrations[] = {
 void launch_opening(const PeerTable& peers, int rank, int num_ranks, const Opening& opening, const ErrorSink& err,
                     window::Policy policy, cudaStream_t stream) {
   const LaunchShape shape{1, 32, 0};
-  if (policy == window::Policy::kFakePuts)
+  if (policy == window::Policy::kPuts)
+    window::nvshmem_lane_opening(peers, rank, num_ranks, opening, err, stream);
+  else if (policy == window::Policy::kFakePuts)
     launch("opening", &opening_kernel<window::FakePuts>, shape, stream, peers, rank, num_ranks, opening, err);
   else
     launch("opening", &opening_kernel<window::Stores>, shape, stream, peers, rank, num_ranks, opening, err);

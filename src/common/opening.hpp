@@ -11,5 +11,8 @@ namespace moelink::kernels {
 
 void launch_opening(const PeerTable& peers, int rank, int num_ranks, const Opening& opening, const ErrorSink& err,
                     window::Policy policy, cudaStream_t stream);
+// The NVSHMEM plugin's build (window/nvshmem/lane.cu), which launch_opening reaches for kPuts.
+void launch_opening_puts(const PeerTable& peers, int rank, int num_ranks, const Opening& opening, const ErrorSink& err,
+                         cudaStream_t stream);
 
 }  // namespace moelink::kernels

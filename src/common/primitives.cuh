@@ -25,6 +25,9 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int v) {
 __device__ __forceinline__ void red_add_release_sys(int* ptr, int v) {
   asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
 }
+__device__ __forceinline__ void red_add_release_sys(unsigned long long* ptr, unsigned long long v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+}
 
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* ptr) {
   unsigned long long v;
@@ -50,6 +53,9 @@ __device__ __forceinline__ int ld_volatile(const int* ptr) {
 
 __device__ __forceinline__ void st_volatile(int* ptr, int v) {
   asm volatile("st.volatile.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_volatile(unsigned long long* ptr, unsigned long long v) {
+  asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
 // Streaming read of data this kernel reads once and nobody writes during the kernel.

@@ -21,15 +21,19 @@ struct Stores {
 
 // The put path's protocol over stores (the internode lane's MOELINK_DEBUG_LANE_FORCE_PUT=fake): a
 // sender stages what it sends in its own memory (a mirror) and one thread copies it into the peer's
-// mapped memory and signals it, exactly where window/nvshmem/device.cuh's Puts issues a
-// put-with-signal. Over IPC the copy is complete when put() returns, so quiet() has nothing left to
-// wait for; the kernels still call it where Puts must (before a mirror is rewritten).
+// mapped memory and signals it, exactly where window/nvshmem/device.cuh's Puts issues a put and a
+// signal. Over IPC the copy is complete when put() returns, so quiet() has nothing left to wait
+// for; the kernels still call it where Puts must (before a mirror is rewritten).
+//
+// Every call names the destination by its peer index in the kernel's group (`peer`): Puts turns it
+// into the peer's PE, and reaches `dest` there by its symmetric address; here `dest` is already
+// the peer's mapped address and the index is not needed.
 struct FakePuts {
   static constexpr bool kPuts = true;
 
   // One thread: `bytes` (a multiple of 4; dest and source equally aligned mod 16, as a mirror and
   // the ring it mirrors are) from this rank's `source` to a peer's mapped `dest`.
-  static __device__ __forceinline__ void put(void* dest, const void* source, int64_t bytes) {
+  static __device__ __forceinline__ void put(void* dest, const void* source, int64_t bytes, int /*peer*/) {
     char* d = static_cast<char*>(dest);
     const char* s = static_cast<const char*>(source);
     int64_t done = 0;
@@ -52,17 +56,24 @@ struct FakePuts {
     for (done += words * 16; done < bytes; done += 4)
       *reinterpret_cast<int*>(d + done) = kernels::ld_cg(reinterpret_cast<const int*>(s + done));
   }
-  // A counted signal: `rows` more have landed. A release add at system scope (a system fence and
-  // the add in one), so the copies this thread made before are visible to whoever sees the new
-  // count (Puts: the put's own signal ADD, ordered after the bytes).
-  static __device__ __forceinline__ void signal_add(int* counter, int rows) {
-    kernels::red_add_release_sys(counter, rows);
+  // A counted signal on a 64-bit counter (the width of NVSHMEM's signal words): `rows` more have
+  // landed. A release add at system scope (a system fence and the add in one), so the copies this
+  // thread made before are visible to whoever sees the new count (Puts: a fence, then the signal's
+  // ADD).
+  static __device__ __forceinline__ void signal_add(unsigned long long* counter, int rows, int /*peer*/) {
+    kernels::red_add_release_sys(counter, static_cast<unsigned long long>(rows));
   }
   // One thread: an epoch into a peer's word (a barrier's arrival), after the puts this thread made
-  // to that peer before. A release store at system scope (Puts: the last put's own signal SET, or a
-  // fence and the word's put).
-  static __device__ __forceinline__ void signal_set(kernels::Epoch* word, kernels::Epoch value) {
+  // to that peer before. A release store at system scope (Puts: a fence, then the signal's SET).
+  static __device__ __forceinline__ void signal_set(kernels::Epoch* word, kernels::Epoch value, int /*peer*/) {
     kernels::st_release_sys(word, value);
+  }
+  // A receiver's credit: its consumed count into the sender's head word. Nothing the receiver
+  // wrote has to land before it (it only read the ring); one thread's stores to one word land in
+  // order, and the release keeps the stores path's semantics (Puts: a fence, which keeps the
+  // credits in order, and a put of the word).
+  static __device__ __forceinline__ void credit(int* head, int consumed, int /*peer*/) {
+    kernels::st_release_sys(head, consumed);
   }
   static __device__ __forceinline__ void quiet() {}
 };

@@ -96,6 +96,21 @@ void nvshmem_low_latency_combine(const low_latency::CombineArgs& args, int block
   ops().low_latency_combine(args, blocks, stream);
 }
 int nvshmem_low_latency_blocks_per_sm() { return ops().low_latency_blocks_per_sm(); }
+void nvshmem_lane_peers(const std::vector<int>& pes) { ops().lane_peers(pes); }
+void nvshmem_lane_notify(const intranode::NotifyArgs& args, cudaStream_t stream) { ops().lane_notify(args, stream); }
+void nvshmem_lane_dispatch(const intranode::DispatchArgs& args, cudaStream_t stream) {
+  ops().lane_dispatch(args, stream);
+}
+void nvshmem_lane_combine(const intranode::CombineArgs& args, cudaStream_t stream) { ops().lane_combine(args, stream); }
+void nvshmem_lane_opening(const kernels::PeerTable& peers, int rank, int num_ranks, const kernels::Opening& opening,
+                          const kernels::ErrorSink& err, cudaStream_t stream) {
+  ops().lane_opening(peers, rank, num_ranks, opening, err, stream);
+}
+void nvshmem_lane_barrier(const kernels::PeerTable& peers, int rank, int num_ranks, int tag,
+                          const kernels::ErrorSink& err, cudaStream_t stream) {
+  ops().lane_barrier(peers, rank, num_ranks, tag, err, stream);
+}
+int nvshmem_lane_blocks_per_sm() { return ops().lane_blocks_per_sm(); }
 bool nvshmem_self_test() {
   bool mapped = false;
   const std::string error = ops().self_test(&mapped);

@@ -12,6 +12,16 @@ namespace moelink::low_latency {
 struct DispatchArgs;
 struct CombineArgs;
 }  // namespace moelink::low_latency
+namespace moelink::intranode {
+struct NotifyArgs;
+struct DispatchArgs;
+struct CombineArgs;
+}  // namespace moelink::intranode
+namespace moelink::kernels {
+struct PeerTable;
+struct ErrorSink;
+struct Opening;
+}  // namespace moelink::kernels
 
 namespace moelink::window {
 
@@ -34,5 +44,17 @@ void* nvshmem_peer_pointer(void* symmetric, int pe);
 void nvshmem_low_latency_dispatch(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream);
 void nvshmem_low_latency_combine(const low_latency::CombineArgs& args, int blocks, cudaStream_t stream);
 int nvshmem_low_latency_blocks_per_sm();
+// The internode lane's kernels built for the put path (the plugin's; window::Policy::kPuts):
+// intranode notify, dispatch and combine, the opening and the barrier. After join, and after
+// nvshmem_lane_peers has named the PE of each lane peer (pes[p] for lane rank p).
+void nvshmem_lane_peers(const std::vector<int>& pes);
+void nvshmem_lane_notify(const intranode::NotifyArgs& args, cudaStream_t stream);
+void nvshmem_lane_dispatch(const intranode::DispatchArgs& args, cudaStream_t stream);
+void nvshmem_lane_combine(const intranode::CombineArgs& args, cudaStream_t stream);
+void nvshmem_lane_opening(const kernels::PeerTable& peers, int rank, int num_ranks, const kernels::Opening& opening,
+                          const kernels::ErrorSink& err, cudaStream_t stream);
+void nvshmem_lane_barrier(const kernels::PeerTable& peers, int rank, int num_ranks, int tag,
+                          const kernels::ErrorSink& err, cudaStream_t stream);
+int nvshmem_lane_blocks_per_sm();
 
 }  // namespace moelink::window

@@ -60,13 +60,20 @@ MOELINK_TEST(ring_fields_are_disjoint_aligned_and_inside_the_ring) {
 
 MOELINK_TEST(mirrors_follow_the_rings_laid_out_as_them) {
   // The put path copies slot ranges from a mirror to the ring it mirrors at the same offsets, so a
-  // mirror must be as aligned as its ring, clear of every ring, and inside total_bytes(true).
+  // mirror must be as aligned as its ring, clear of every ring, and inside total_bytes(true), as
+  // its tails must be.
   const RingLayout l = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8);
   std::vector<char> base(static_cast<size_t>(l.total_bytes(true)));
-  EXPECT_EQ(l.total_bytes(true) - l.total_bytes(), l.total_bytes() - l.counters_bytes);
+  EXPECT_EQ(l.total_bytes(true) - l.total_bytes(), l.total_bytes() - l.counters_bytes + l.put_tails_bytes());
   const char* last_ring_end = l.ring(base.data(), 11, 7) + l.ring_bytes;
   EXPECT_LE(last_ring_end, l.mirror(base.data(), 0, 0));
-  EXPECT_EQ(l.mirror(base.data(), 11, 7) + l.ring_bytes, base.data() + base.size());
+  // The put path's 64-bit tails follow the last mirror, aligned for NVSHMEM's signal words, and
+  // end inside the layout.
+  const char* last_mirror_end = l.mirror(base.data(), 11, 7) + l.ring_bytes;
+  EXPECT_EQ(reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)), last_mirror_end);
+  EXPECT_EQ((last_mirror_end - base.data()) % 128, 0);
+  EXPECT_LE(reinterpret_cast<const char*>(l.put_tail(base.data(), 11, 7) + 1), base.data() + base.size());
+  EXPECT_EQ(l.put_tail(base.data(), 11, 7) - l.put_tail(base.data(), 0, 0), 11 * 8 + 7);
   for (int c : {0, 5, 11})
     for (int p : {0, 3, 7}) {
       EXPECT_EQ((l.mirror(base.data(), c, p) - l.ring(base.data(), c, p)) % 128, 0);

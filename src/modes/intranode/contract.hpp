@@ -316,6 +316,14 @@ static_assert(sizeof(CombineArgs) <= 4096, "kernel parameters past 4 KB need CUD
 int dispatch_blocks_per_sm();
 int combine_blocks_per_sm();
 
+// The lane's kernels built over puts (window::Policy::kPuts): the NVSHMEM plugin's
+// (window/nvshmem/lane_*.cu), which the launches above reach through window/nvshmem.hpp.
+void launch_notify_puts(const NotifyArgs& args, cudaStream_t stream);
+void launch_dispatch_puts(const DispatchArgs& args, cudaStream_t stream);
+void launch_combine_puts(const CombineArgs& args, cudaStream_t stream);
+int dispatch_blocks_per_sm_puts();
+int combine_blocks_per_sm_puts();
+
 // 24 warps: at most 80 registers per thread; 32 warps (64 registers) spilled and measured slower.
 inline constexpr int kThreads = 768;
 

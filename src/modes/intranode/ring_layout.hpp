@@ -3,7 +3,7 @@
 // hints, "buffer too small" checks) and the kernels, so they cannot disagree.
 //
 //   [ counters: tail[C][R] | head[C][R] ]  [ ring(c=0,peer=0) | ring(0,1) | ... | ring(C-1,R-1) ]
-//   [ mirror(0,0) | ... | mirror(C-1,R-1) ]   (the put path only: total_bytes(true))
+//   [ mirror(0,0) | ... | mirror(C-1,R-1) | put_tail[C][R] ]   (the put path only: total_bytes(true))
 //
 // ring(c, p) in rank d's buffer carries channel c's rows from peer p to d. Each ring is `slots`
 // entries deep, stored field by field: x rows, source token index, top-k ids, top-k weights, scales.
@@ -11,6 +11,8 @@
 // head[c][q] (in p's buffer)  = rows q has consumed from p's ring in q's buffer; written by q.
 // mirror(c, d) in p's buffer is laid out as ring(c, p) in d's buffer: on the put path p stages the
 // rows it sends d there, and copies them to the same slots of d's ring a batch at a time.
+// put_tail[c][p] (in d's buffer) is the put path's tail of ring(c, p): 64-bit, the width of
+// NVSHMEM's signal words, which the put path adds the rows of each batch to; tail[c][p] is then unused.
 #include <cstdint>
 
 #include <vector_types.h>
@@ -52,9 +54,13 @@ struct RingLayout {
     return l;
   }
 
-  // with_mirrors: the put path's layout, a mirror per ring after the rings.
+  // with_mirrors: the put path's layout, a mirror per ring after the rings, then its 64-bit tails.
   MOELINK_HOST_DEVICE int64_t total_bytes(bool with_mirrors = false) const {
-    return counters_bytes + (with_mirrors ? 2 : 1) * static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
+    const int64_t rings = static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
+    return counters_bytes + rings + (with_mirrors ? rings + put_tails_bytes() : 0);
+  }
+  MOELINK_HOST_DEVICE int64_t put_tails_bytes() const {
+    return align_up(static_cast<int64_t>(num_channels) * num_ranks * 8, 128);
   }
 
   // All pointers below are relative to the base of some rank's data region.
@@ -70,6 +76,9 @@ struct RingLayout {
   }
   MOELINK_HOST_DEVICE char* mirror(void* base, int channel, int peer) const {
     return ring(base, channel, peer) + static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
+  }
+  MOELINK_HOST_DEVICE unsigned long long* put_tail(void* base, int channel, int peer) const {
+    return reinterpret_cast<unsigned long long*>(mirror(base, num_channels, 0)) + channel * num_ranks + peer;
   }
   MOELINK_HOST_DEVICE int4* slot_x(char* ring, int slot) const {
     return reinterpret_cast<int4*>(ring) + static_cast<int64_t>(slot) * hidden_int4;

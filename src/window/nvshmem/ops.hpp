@@ -9,11 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "common/header.hpp"
+#include "modes/intranode/contract.hpp"
 #include "modes/low_latency/contract.hpp"
 
 namespace moelink::window::nvshmem_plugin {
 
-inline constexpr int kAbi = 3;
+inline constexpr int kAbi = 4;
 inline constexpr const char* kLibrary = "libmoelink_nvshmem.so";
 inline constexpr const char* kEntry = "moelink_nvshmem_ops";
 
@@ -37,9 +39,22 @@ struct Ops {
   void (*low_latency_dispatch)(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream);
   void (*low_latency_combine)(const low_latency::CombineArgs& args, int blocks, cudaStream_t stream);
   int (*low_latency_blocks_per_sm)();
+  // The internode lane's kernels built with puts (window/nvshmem/lane*.cu), launched as libmoelink
+  // launches its own builds of them; lane_peers first, once per membership: pes[p] is lane rank
+  // p's PE, which every later lane kernel's puts go to.
+  void (*lane_peers)(const std::vector<int>& pes);
+  void (*lane_notify)(const intranode::NotifyArgs& args, cudaStream_t stream);
+  void (*lane_dispatch)(const intranode::DispatchArgs& args, cudaStream_t stream);
+  void (*lane_combine)(const intranode::CombineArgs& args, cudaStream_t stream);
+  void (*lane_opening)(const kernels::PeerTable& peers, int rank, int num_ranks, const kernels::Opening& opening,
+                       const kernels::ErrorSink& err, cudaStream_t stream);
+  void (*lane_barrier)(const kernels::PeerTable& peers, int rank, int num_ranks, int tag,
+                       const kernels::ErrorSink& err, cudaStream_t stream);
+  int (*lane_blocks_per_sm)();
 };
 
-std::string self_test(bool* mapped);  // self_test.cu
+std::string self_test(bool* mapped);                 // self_test.cu
+void set_lane_peers(const int* pes, int num_peers);  // lane.cu
 
 }  // namespace moelink::window::nvshmem_plugin
 

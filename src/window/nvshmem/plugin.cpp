@@ -1,8 +1,8 @@
 // NVSHMEM symmetric heap for the RDMA buffer (contract in window/nvshmem.hpp): the body of
 // libmoelink_nvshmem.so, which the core opens on first use (window/nvshmem.cpp, nvshmem/ops.hpp).
 //
-// The plugin's kernels call NVSHMEM device functions (self_test.cu, and the low-latency kernels'
-// put-path build, low_latency_*.cu), so it is built with
+// The plugin's kernels call NVSHMEM device functions (self_test.cu, and the put-path builds of the
+// low-latency kernels, low_latency_*.cu, and of the internode lane's, lane*.cu), so it is built with
 // separable compilation against libnvshmem_device.a, and initialisation must go through
 // nvshmemi_init_thread from that library (it also fills the device state of this module). The
 // header-inline nvshmemx_init_attr wraps the same call but exit()s the process on failure; calling
@@ -12,6 +12,8 @@
 
 #include <string>
 
+#include "common/barrier.hpp"
+#include "common/opening.hpp"
 #include "moelink/error.hpp"
 
 #include <cuda_runtime.h>
@@ -229,6 +231,22 @@ int low_latency_blocks_per_sm() {
   return std::min(low_latency::dispatch_blocks_per_sm_puts(), low_latency::combine_blocks_per_sm_puts());
 }
 
+void lane_peers(const std::vector<int>& pes) {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "the lane's peers");
+  for (const int pe : pes) {
+    if (pe < 0 || pe >= state.num_pes)
+      throw Error(ErrorKind::kValue, "moelink: a lane peer's PE must be in [0, " + std::to_string(state.num_pes) +
+                                         "), got " + std::to_string(pe) + " " + where(state));
+  }
+  set_lane_peers(pes.data(), static_cast<int>(pes.size()));
+}
+
+int lane_blocks_per_sm() {
+  return std::min(intranode::dispatch_blocks_per_sm_puts(), intranode::combine_blocks_per_sm_puts());
+}
+
 const Ops ops{kAbi,
               unique_id,
               join,
@@ -240,7 +258,14 @@ const Ops ops{kAbi,
               peer_pointer,
               low_latency::launch_dispatch_puts,
               low_latency::launch_combine_puts,
-              low_latency_blocks_per_sm};
+              low_latency_blocks_per_sm,
+              lane_peers,
+              intranode::launch_notify_puts,
+              intranode::launch_dispatch_puts,
+              intranode::launch_combine_puts,
+              kernels::launch_opening_puts,
+              kernels::launch_barrier_puts,
+              lane_blocks_per_sm};
 
 }  // namespace
 
