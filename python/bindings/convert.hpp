@@ -450,7 +450,8 @@ inline void to_tensor_refs(std::initializer_list<TensorArg> args) {
     nb::list tensors;
     for (const TensorArg& a : args)
       if (Py_TYPE(a.object.ptr()) == tensor_type) tensors.append(a.object);
-    nb::object handles = nb::steal(PyObject_CallOneArg(shim->handles_of, tensors.ptr()));
+    nb::object handles =
+        nb::len(tensors) == 0 ? nb::list() : nb::steal(PyObject_CallOneArg(shim->handles_of, tensors.ptr()));
     if (!handles.is_valid()) throw nb::python_error();
     // Every handle is a new reference to its tensor, deleted here whatever happens.
     size_t next = 0, i = 0;

@@ -863,7 +863,8 @@ void bind_buffer(nb::module_& m) {
             Outputs outs;
             const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, DType::kInt64, device);
             const int recv_x = outs.add({E, rows, H}, use_fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, device,
-                                        &out.recv_x, {}, use_fp8 ? nb::handle() : template_for(x, in.x, DType::kBFloat16, device));
+                                        &out.recv_x, {},
+                                        use_fp8 ? nb::handle() : template_for(x, in.x, DType::kBFloat16, device));
             int recv_x_scales = Outputs::kNone;
             if (use_fp8) {
               // Column-major in the last two dims: the strides of empty((E, columns, rows)).transpose(1, 2).
@@ -910,8 +911,8 @@ void bind_buffer(nb::module_& m) {
                                 template_for(x, in.x, moelink::DType::kBFloat16, device));
             else
               out.combined_x = to_tensor_ref(combined_x, "out");
-            const int state =
-                add_ll_state(outs, device, &out.state, template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device));
+            const nb::handle like_int64 = template_for(topk_idx, in.topk_idx, moelink::DType::kInt64, device);
+            const int state = add_ll_state(outs, device, &out.state, like_int64);
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
@@ -1016,8 +1017,8 @@ NB_MODULE(_moelink, m) {
           std::vector<int64_t> shape = moelink::bindings::to_int_vector(t[0], "specs", "shape");
           std::vector<int64_t> strides = moelink::bindings::to_int_vector(t[2], "specs", "strides");
           moelink::TensorRef ref;
-          slots.push_back(outs.add(std::move(shape), moelink::bindings::dtype_for_arg(nb::cast<std::string>(t[1]), "specs"),
-                                   nb::cast<int>(t[3]), &ref, std::move(strides)));
+          const moelink::DType dtype = moelink::bindings::dtype_for_arg(nb::cast<std::string>(t[1]), "specs");
+          slots.push_back(outs.add(std::move(shape), dtype, nb::cast<int>(t[3]), &ref, std::move(strides)));
         }
         outs.finish();
         nb::list tensors;
