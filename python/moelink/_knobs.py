@@ -44,9 +44,10 @@ def experimental_internode() -> bool:
 def torch_shim() -> bool:
     """``MOELINK_TORCH_SHIM`` (0/1, default 1): the extension makes an operation's output tensors
     through torch's C shim (one C++ allocation each, the Python tensors made after the kernel's
-    launch) where the loaded torch has one that passes the extension's check; 0 makes every output
-    with a Python call into torch, as before (python/bindings/convert.hpp, Outputs). Read at each
-    Buffer's construction."""
+    launch) and reads the express calls' tensor arguments through it, where the loaded torch has one
+    that passes the extension's check; 0 makes every output with a Python call into torch and reads
+    every argument through its Python attributes, as before (python/bindings/convert.hpp). Read at
+    each Buffer's construction."""
     value = os.environ.get("MOELINK_TORCH_SHIM", "1")
     if value not in ("0", "1"):
         raise ValueError(f"MOELINK_TORCH_SHIM must be 0 or 1, got {value!r}")
