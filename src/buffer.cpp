@@ -187,6 +187,7 @@ void Buffer::sync(const std::vector<int>& device_ids, const std::vector<std::vec
   c.nvl_window.open(node_handles, node_ranks);
   for (int p = 0; p < c.topo.num_nvl_ranks; ++p) {
     c.peers.header[p] = static_cast<kernels::CommonHeader*>(c.nvl_window.member(p));
+    c.fault_peers[p] = c.peers.header[p];
     c.peers.data[p] = static_cast<char*>(c.nvl_window.member(p)) + runtime::kNvlHeaderBytes;
     if (c.ipc_low_latency_bytes() > 0) {
       c.low_latency_regions[p] = static_cast<char*>(c.peers.data[p]) + runtime::low_latency_offset(c.num_nvl_bytes);
@@ -264,15 +265,25 @@ void Buffer::raise_pending_errors() const { ctx_->raise_at_end(); }
 
 void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 
-void Buffer::serve_as_internode_lane() {
+std::vector<uint8_t> Buffer::prepare_nvshmem_lane() const {
+  ctx_->require_usable("prepare_nvshmem_lane");
+  window::nvshmem_require();
+  return ctx_->topo.rank == 0 ? window::nvshmem_unique_id() : std::vector<uint8_t>{};
+}
+
+void Buffer::serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id) {
   ctx_->require_usable("serve_as_internode_lane");
   if (ctx_->peer_segments)
     detail::raise(ErrorKind::kState, "serve_as_internode_lane: this Buffer already ran an operation that could map "
                   "peer segments; make it a lane before its first dispatch or combine");
   const knobs::LanePut put = knobs::debug_lane_force_put();
-  if (put == knobs::LanePut::kNvshmem)
-    detail::raise(ErrorKind::kState, "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem: the lane's NVSHMEM region and host "
-                  "wiring are not written yet (docs/internal/INTERNODE_LANE.md, step 3); use fake, or unset it");
+  if (put == knobs::LanePut::kNvshmem && root_unique_id.empty())
+    detail::raise(ErrorKind::kValue, "root_unique_id: MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem needs the unique id "
+                  "prepare_nvshmem_lane() returned on lane rank 0");
+  if (put != knobs::LanePut::kNvshmem && !root_unique_id.empty())
+    detail::raise(ErrorKind::kValue, "root_unique_id: only a lane with MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem takes "
+                  "one (is the knob set on some ranks only?)");
+  if (put == knobs::LanePut::kNvshmem) ctx_->open_symmetric_lane(root_unique_id);
   ctx_->ring_only = true;
   ctx_->peer_segments_enabled = false;
   ctx_->lane_fake_puts = put == knobs::LanePut::kFake;
@@ -280,7 +291,7 @@ void Buffer::serve_as_internode_lane() {
 
 std::string Buffer::lane_window() const {
   if (!ctx_->ring_only) return "";
-  return ctx_->lane_fake_puts ? "fake" : "stores";
+  return ctx_->lane_puts ? "nvshmem" : ctx_->lane_fake_puts ? "fake" : "stores";
 }
 
 void Buffer::abstain(bool /*waits_on_host*/) { ctx_->abstain(); }

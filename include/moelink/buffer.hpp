@@ -194,11 +194,20 @@ class Buffer {
   // every dispatch and combine row goes through the rings (no direct writes, no pull combine, no
   // peer segments), and with MOELINK_DEBUG_LANE_FORCE_PUT=fake its kernels (the ring senders, the
   // notify's inbox, the openings and barriers) move their bytes by the put path's protocol over IPC.
-  // A lost peer is then named "rank n (node n)": a lane's rank n is node n. Raises kState for
-  // =nvshmem (the put build is not written yet), or when an operation already mapped peer segments.
-  void serve_as_internode_lane();
-  // How this Buffer's ring senders write: "" (not a lane), "stores" or "fake" (the put protocol).
-  // For tests and diagnostics.
+  // With =nvshmem, collective over the lane: it joins NVSHMEM as PE rank of the lane's ranks (the
+  // root's id from prepare_nvshmem_lane, which every rank calls first), moves its header and rings
+  // into one symmetric allocation, and its kernels are the plugin's builds over NVSHMEM puts
+  // (docs/internal/INTERNODE_LANE.md, step 3; one host only: the lane's ranks are its own job).
+  // A lost peer is then named "rank n (node n)": a lane's rank n is node n. Raises kValue when
+  // root_unique_id is missing with =nvshmem or given without it, kState when an operation already
+  // mapped peer segments.
+  void serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id = {});
+  // Before serve_as_internode_lane with =nvshmem, on every lane rank: loads the NVSHMEM plugin (a
+  // rank without it raises before any rank joins) and returns the root's unique id on lane rank 0
+  // (empty elsewhere).
+  std::vector<uint8_t> prepare_nvshmem_lane() const;
+  // How this Buffer's ring senders write: "" (not a lane), "stores", "fake" (the put protocol over
+  // IPC) or "nvshmem". For tests and diagnostics.
   std::string lane_window() const;
   // Bad input this rank alone saw in a low-latency call, which went on (its peers with it): expert
   // ids outside [-1, num_experts) or named twice in a token. The rows they spoilt are poisoned; each

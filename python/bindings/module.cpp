@@ -25,6 +25,7 @@
 #include "moelink/tensor.hpp"
 #include "moelink/topology.hpp"
 #include "common/header.hpp"       // kMaxLocalExperts: one definition for C++ and Python
+#include "runtime/knobs.hpp"       // MOELINK_DEBUG_LANE_FORCE_PUT, read where the core reads it
 #include "runtime/memory_map.hpp"  // kArenaAlignment: one definition for C++ and Python
 #include "window/nvshmem.hpp"  // nvshmem_compiled(): a build property, not public API
 
@@ -522,7 +523,16 @@ void bind_buffer(nb::module_& m) {
       // It drains the comm stream first (up to timeout + 2 s) when a record is pending.
       .def("raise_pending_errors", &Buffer::raise_pending_errors, Release())
       .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
-      .def("serve_as_internode_lane", &Buffer::serve_as_internode_lane)
+      .def(
+          "serve_as_internode_lane",
+          [](Buffer& self, nb::handle root_unique_id) {
+            std::vector<uint8_t> root;
+            if (!root_unique_id.is_none()) root = to_byte_vector(root_unique_id, "root_unique_id");
+            nb::gil_scoped_release release;  // an NVSHMEM lane joins with its peers
+            self.serve_as_internode_lane(root);
+          },
+          "root_unique_id"_a.none() = nb::none())
+      .def("prepare_nvshmem_lane", [](const Buffer& self) { return to_bytes(self.prepare_nvshmem_lane()); })
       .def_prop_ro("lane_window", &Buffer::lane_window)
       .def("take_local_errors", &Buffer::take_local_errors)
       .def("debug_halt_next_sends", &Buffer::debug_halt_next_sends)
@@ -990,6 +1000,15 @@ NB_MODULE(_moelink, m) {
   // before any leg, so every rank raises it with its own message instead of a leg's.
   m.attr("MAX_LOCAL_EXPERTS") = moelink::kernels::kMaxLocalExperts;
   m.def("nvshmem_compiled", &moelink::window::nvshmem_compiled);
+  // MOELINK_DEBUG_LANE_FORCE_PUT as internode mode's construction reads it: every rank gathers it
+  // (they must agree) before an NVSHMEM lane joins. Raises ValueError on a malformed value.
+  m.def("debug_lane_force_put", [] {
+    switch (moelink::knobs::debug_lane_force_put()) {
+      case moelink::knobs::LanePut::kFake: return "fake";
+      case moelink::knobs::LanePut::kNvshmem: return "nvshmem";
+      default: return "stores";
+    }
+  });
   m.def("nvshmem_require", &moelink::window::nvshmem_require,
         "Loads the NVSHMEM transport plugin, or raises RuntimeError saying what to install.");
   m.def("device_count", &device_count);

@@ -10,8 +10,9 @@ A group of N nodes x L GPUs (global rank n * L + l) gets two inner Buffers on ev
   real nodes is not implemented yet and Buffer construction says so. The lane takes the rings only
   (no direct writes, pull combine or peer segments: none of them reaches another node), and with
   MOELINK_DEBUG_LANE_FORCE_PUT=fake its kernels (ring senders, notify, openings, barriers) run the
-  put path's protocol over IPC (docs/internal/INTERNODE_LANE.md). Its rank n is node n: errors
-  name a lost lane peer by its node.
+  put path's protocol over IPC; with =nvshmem the lane's ranks join an NVSHMEM job of their own and
+  its kernels put over a symmetric region (docs/internal/INTERNODE_LANE.md; not run on a GPU yet).
+  Its rank n is node n: errors name a lost lane peer by its node.
 - the *node* Buffer over the L ranks of node n: the forwarder sends each token it received on to the
   ranks of its node that hold one of its experts, and combine sums a node's rows at the forwarder,
   so one partial row per (token, node) crosses back.
@@ -113,19 +114,24 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
     num_nodes = topology.num_rdma_ranks
     # Every rank decides the same from the same gathered facts, so all raise together or none.
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    facts = all_gather((socket.gethostname(), str(props.uuid), num_rdma_bytes))
-    hosts = [host for host, _, _ in facts]
-    ranks_per_gpu = sum(1 for _, uuid, _ in facts if uuid == str(props.uuid))
+    try:
+        lane_put = _moelink.debug_lane_force_put()
+    except ValueError:
+        lane_put = None  # serve_as_internode_lane raises it below, on every rank together
+    facts = all_gather((socket.gethostname(), str(props.uuid), num_rdma_bytes, lane_put))
+    hosts = [host for host, _, _, _ in facts]
+    ranks_per_gpu = sum(1 for _, uuid, _, _ in facts if uuid == str(props.uuid))
     if len(set(hosts)) > 1:
         raise NotImplementedError("moelink internode mode runs its node-to-node leg over CUDA IPC for now, so every "
                                   "rank must be on one host (emulated nodes); the NVSHMEM leg between hosts is not "
                                   f"implemented yet (ranks are on {len(set(hosts))} hosts)")
     if num_nodes > 8:
         raise NotImplementedError(f"moelink internode mode reaches at most 8 nodes, got {num_nodes}")
-    short = [r for r, (_, _, nbytes) in enumerate(facts) if not isinstance(nbytes, int) or nbytes <= 0]
+    short = [r for r, (_, _, nbytes, _) in enumerate(facts) if not isinstance(nbytes, int) or nbytes <= 0]
     if short:
         raise ValueError(f"num_rdma_bytes: internode mode needs a node-to-node buffer (rank {short[0]} passed "
                          f"{facts[short[0]][2]}); size it with Config.get_rdma_buffer_size_hint")
+    _check_lane_puts([put for _, _, _, put in facts])
     node_members, lane_members = _members(topology)
     common = dict(num_rdma_bytes=0, explicitly_destroy=buf.explicitly_destroy, num_arena_bytes=0)
     built: List["Buffer"] = []
@@ -134,11 +140,17 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
             built.append(_together(all_gather, name, lambda m=members, b=nbytes: Buffer(
                 _bootstrap.SubGroup(all_gather, m, rank), b, **common)))
         lane = built[1]
+        root_unique_id = None
+        if lane_put == "nvshmem":
+            # The lane's ranks form an NVSHMEM job of their own (one host), rooted at its rank on node
+            # 0; every rank loads the plugin first, so that none joins while a peer cannot.
+            ids = _gathered(all_gather, "lane", lane.runtime.prepare_nvshmem_lane)
+            root_unique_id = ids[lane_members[0]]
 
         def as_lane() -> "Buffer":
             # Before its first operation: the lane takes the rings only, and the window the knob names
-            # (MOELINK_DEBUG_LANE_FORCE_PUT); it refuses one that is not built.
-            lane.runtime.serve_as_internode_lane()
+            # (MOELINK_DEBUG_LANE_FORCE_PUT); with nvshmem it joins and moves into a symmetric region.
+            lane.runtime.serve_as_internode_lane(root_unique_id)
             return lane
 
         _together(all_gather, "lane", as_lane)
@@ -170,6 +182,32 @@ def _together(all_gather: Any, name: str, build: Any) -> Any:
         r, message = failed[0]
         raise RuntimeError(f"moelink internode Buffer: rank {r} could not build its {name} Buffer ({message})")
     return result
+
+
+def _check_lane_puts(puts: List[Optional[str]]) -> None:
+    """Every rank's MOELINK_DEBUG_LANE_FORCE_PUT (None: malformed there). An NVSHMEM lane joins with
+    its peers, so a rank that took another window would leave them waiting in the join."""
+    if "nvshmem" in puts and any(put != "nvshmem" for put in puts):
+        other = next(r for r, put in enumerate(puts) if put != "nvshmem")
+        raise ValueError(f"MOELINK_DEBUG_LANE_FORCE_PUT: every rank must set it alike; rank {puts.index('nvshmem')} "
+                         f"has nvshmem, rank {other} {puts[other] or 'a malformed value'}")
+
+
+def _gathered(all_gather: Any, name: str, make: Any) -> List[Any]:
+    """make() on every rank, then every rank's result: a failure on one rank raises on every rank
+    (as _together does), before any of them uses the results."""
+    try:
+        result, error = make(), None
+    except Exception as caught:  # noqa: BLE001 - reported to every rank, then re-raised here
+        result, error = None, caught
+    gathered = all_gather((None if error is None else f"{type(error).__name__}: {error}", result))
+    if error is not None:
+        raise error
+    failed = [(r, verdict) for r, (verdict, _) in enumerate(gathered) if verdict is not None]
+    if failed:
+        r, message = failed[0]
+        raise RuntimeError(f"moelink internode Buffer: rank {r} could not prepare its {name} Buffer ({message})")
+    return [value for _, value in gathered]
 
 
 def _stages(buf: "Buffer", op: str, collective: bool = True) -> Stages:

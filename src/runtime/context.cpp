@@ -59,6 +59,27 @@ std::string describe_digest_word(int word, unsigned long long v) {
   }
 }
 
+// A header whose epoch-valued words all hold epoch_start: every rank's start at the same value.
+std::unique_ptr<NvlHeader> epoch_image(unsigned long long epoch_start) {
+  auto image = std::make_unique<NvlHeader>();
+  std::memset(static_cast<void*>(image.get()), 0, sizeof(NvlHeader));
+  image->common.epoch = epoch_start;
+  for (auto& s : image->common.barrier_signal) s = epoch_start;
+  image->intranode.direct_target.seq = epoch_start;
+  image->intranode.combine_source.seq = epoch_start;
+  for (auto& part : image->intranode.direct_done)
+    for (auto& channel : part)
+      for (auto& s : channel) s = epoch_start;
+  for (auto& part : image->intranode.pull_done)
+    for (auto& channel : part)
+      for (auto& s : channel) s = epoch_start;
+  for (auto& opened : image->intranode.segments_opened) opened.seq = epoch_start;
+  image->low_latency.seq = epoch_start;
+  for (auto& parity : image->low_latency.recv_done)
+    for (auto& s : parity) s = epoch_start;
+  return image;
+}
+
 }  // namespace
 
 kernels::Digest make_digest(int op, int num_channels, int slots, int chunk, int64_t hidden, DType dtype, int num_topk,
@@ -143,23 +164,7 @@ Context::Context(const BufferOptions& o) {
   // The arena needs no zeroing: every output row is written before it is read.
   MOELINK_CUDA_CHECK(cudaMemsetAsync(nvl_base, 0, bytes, comm_stream));
   if (epoch_start != 0) {
-    // Every epoch-valued word starts at the same value on every rank.
-    auto image = std::make_unique<NvlHeader>();
-    std::memset(static_cast<void*>(image.get()), 0, sizeof(NvlHeader));
-    image->common.epoch = epoch_start;
-    for (auto& s : image->common.barrier_signal) s = epoch_start;
-    image->intranode.direct_target.seq = epoch_start;
-    image->intranode.combine_source.seq = epoch_start;
-    for (auto& part : image->intranode.direct_done)
-      for (auto& channel : part)
-        for (auto& s : channel) s = epoch_start;
-    for (auto& part : image->intranode.pull_done)
-      for (auto& channel : part)
-        for (auto& s : channel) s = epoch_start;
-    for (auto& opened : image->intranode.segments_opened) opened.seq = epoch_start;
-    image->low_latency.seq = epoch_start;
-    for (auto& parity : image->low_latency.recv_done)
-      for (auto& s : parity) s = epoch_start;
+    const auto image = epoch_image(epoch_start);
     MOELINK_CUDA_CHECK(cudaMemcpyAsync(nvl_base, image.get(), sizeof(NvlHeader), cudaMemcpyHostToDevice, comm_stream));
   }
   MOELINK_CUDA_CHECK(cudaStreamSynchronize(comm_stream));
@@ -206,6 +211,14 @@ void Context::release() {
         if (broken.empty()) window::nvshmem_barrier_all();
         window::nvshmem_release(low_latency_allocation);
         low_latency_allocation = nullptr;
+      }
+      // The lane's region: destroy()'s barrier ran over it already (its puts quieted), and this
+      // one keeps a peer still in that barrier's last signals from landing in freed memory.
+      if (lane_allocation != nullptr) {
+        if (broken.empty()) window::nvshmem_barrier_all();
+        window::nvshmem_release(lane_allocation);
+        lane_allocation = nullptr;
+        lane_puts = false;
       }
       window::nvshmem_release(rdma);
       window::nvshmem_leave();
@@ -255,6 +268,54 @@ void Context::open_symmetric_low_latency() {
   }
 }
 
+void Context::open_symmetric_lane(const std::vector<uint8_t>& root_unique_id) {
+  const int R = topo.num_nvl_ranks;
+  if (arena || nvshmem_joined || R != topo.num_ranks)
+    raise(ErrorKind::kState, "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem: rank ", topo.rank, " is not an inner lane Buffer "
+          "(one NVLink domain, no arena, no NVSHMEM of its own); only internode mode makes lanes");
+  try {
+    MOELINK_CUDA_CHECK(cudaSetDevice(device));  // NVSHMEM binds to the current device at its join
+    window::nvshmem_join(topo.rank, R, root_unique_id);
+    nvshmem_joined = true;
+    // Zeroed, as the IPC header was at construction: no barrier word or tail matches a call yet.
+    lane_allocation = window::nvshmem_alloc(kNvlHeaderBytes + kernels::align_up(num_nvl_bytes, 128));
+    char* base = static_cast<char*>(lane_allocation);
+    const unsigned long long epoch_start = knobs::debug_epoch_start();
+    if (epoch_start != 0) {
+      const auto image = epoch_image(epoch_start);
+      MOELINK_CUDA_CHECK(cudaMemcpy(base, image.get(), sizeof(NvlHeader), cudaMemcpyHostToDevice));
+    }
+    // The IPC region is not used again (sync's barrier has drained from it): every rank unmaps its
+    // peers' before any rank frees its own.
+    nvl_window.close();
+    window::nvshmem_barrier_all();
+    nvl_memory.reset();
+    nvl_base = base;
+    // A peer's copy is reached by its PE, at this rank's own symmetric address (window::Puts).
+    std::vector<int> pes(R);
+    for (int p = 0; p < R; ++p) {
+      peers.header[p] = reinterpret_cast<kernels::CommonHeader*>(base);
+      peers.data[p] = base + kNvlHeaderBytes;
+      void* mapped = p == topo.rank ? base : window::nvshmem_peer_pointer(base, p);
+      fault_peers[p] = static_cast<kernels::CommonHeader*>(mapped);
+      pes[p] = p;  // the lane's job is its R ranks, in order
+    }
+    MOELINK_CUDA_CHECK(cudaMemcpy(header()->common.peer_data, peers.data, sizeof(peers.data), cudaMemcpyHostToDevice));
+    window::nvshmem_lane_peers(pes);
+    // Its occupancy queries load the plugin's kernels now, as the constructor's preload does
+    // libmoelink's: with lazy module loading a first launch would block the host.
+    lane_blocks_per_sm = window::nvshmem_lane_blocks_per_sm();
+    lane_puts = true;
+    // No rank's first put may land before its peer's region holds the epoch image.
+    window::nvshmem_barrier_all();
+  } catch (const Error& e) {
+    broken = str(e.what(), " (making lane rank ", topo.rank, " an NVSHMEM lane; this Buffer is unusable now: destroy "
+                 "it)");
+    broken_kind = e.kind();
+    throw Error(broken_kind, broken);
+  }
+}
+
 int64_t Context::offset_in_arena(const TensorRef& ref, int64_t bytes) const {
   if (ref.data == nullptr || !arena || !arena->contains(ref.data, bytes)) return -1;
   return static_cast<const char*>(ref.data) - static_cast<const char*>(data());
@@ -267,7 +328,7 @@ kernels::ErrorSink Context::error_sink(double timeout) const {
   sink.local = &mailbox_dev->local;
   sink.data_lost = &mailbox_dev->data_lost;
   sink.self = &header()->common;
-  for (int p = 0; p < topo.num_nvl_ranks; ++p) sink.peers[p] = peers.header[p];
+  for (int p = 0; p < topo.num_nvl_ranks; ++p) sink.peers[p] = fault_peers[p];
   sink.rank = topo.nvl_rank;
   sink.num_ranks = topo.num_nvl_ranks;
   sink.timeout_ns = static_cast<uint64_t>((timeout > 0 ? timeout : timeout_s) * 1e9);
@@ -411,7 +472,8 @@ void Context::fail_host_wait(const std::string& message, int step) {
     cudaStream_t side = nullptr;
     if (cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) == cudaSuccess) {
       for (int p = 0; p < topo.num_nvl_ranks; ++p)
-        cudaMemcpyAsync(&peers.header[p]->fault, &word, sizeof(int), cudaMemcpyHostToDevice, side);
+        if (fault_peers[p] != nullptr)
+          cudaMemcpyAsync(&fault_peers[p]->fault, &word, sizeof(int), cudaMemcpyHostToDevice, side);
       cudaStreamSynchronize(side);
       cudaStreamDestroy(side);
     }

@@ -66,7 +66,16 @@ class Context {
   // the ring senders, the notify's inbox, the openings and the barriers (window_policy()).
   bool ring_only = false;
   bool lane_fake_puts = false;
-  window::Policy window_policy() const { return lane_fake_puts ? window::Policy::kFakePuts : window::Policy::kStores; }
+  // With the knob nvshmem (open_symmetric_lane): the plugin's builds of the lane kernels, over the
+  // lane's symmetric region, and the blocks of them one SM holds (for the co-residency check).
+  bool lane_puts = false;
+  int lane_blocks_per_sm = 0;
+  // The lane's header and data, one symmetric allocation: nvl_base points into it then, and the
+  // IPC allocation (nvl_memory) is gone.
+  void* lane_allocation = nullptr;
+  window::Policy window_policy() const {
+    return lane_puts ? window::Policy::kPuts : lane_fake_puts ? window::Policy::kFakePuts : window::Policy::kStores;
+  }
   window::PeerSegments::Limits segment_limits;  // knobs::segment_window(), segment_mapped_mb()
   window::SegmentExports segment_exports;
   std::unique_ptr<window::PeerSegments> peer_segments;
@@ -78,6 +87,10 @@ class Context {
   kernels::Epoch combine_segment_news_seen[kMaxNvlRanks] = {};  // the same of combine's news
   window::Window nvl_window;                 // the node's NVLink buffers, ours included
   kernels::PeerTable peers{};
+  // Whose fault words a kernel that gives up raises (ErrorSink::peers) and fail_host_wait writes:
+  // peers.header, except on an NVSHMEM lane, whose peers' headers are reached by PE and only those
+  // NVSHMEM maps here are written (null: a peer that hears of the fault by its own timeout).
+  kernels::CommonHeader* fault_peers[kMaxNvlRanks] = {};
   char* low_latency_regions[kMaxNvlRanks] = {};  // every rank's low-latency region, in this process
                                                  // (null: a rank the put path reaches)
   low_latency::HeaderSection* low_latency_headers[kMaxNvlRanks] = {};  // their header sections, likewise
@@ -132,6 +145,11 @@ class Context {
   int64_t ipc_low_latency_bytes() const { return low_latency_symmetric ? 0 : low_latency_bytes; }
   // At sync(), after the NVSHMEM join: the symmetric region, its peers' addresses and their PEs.
   void open_symmetric_low_latency();
+  // An internode lane with the knob nvshmem, after sync() and before its first operation
+  // (collective over the lane): joins NVSHMEM as PE rank of the lane's ranks, moves the header and
+  // the data region from the IPC allocation into one symmetric allocation, and points the kernels'
+  // tables at it. Any failure breaks the Buffer (its tables may be half moved).
+  void open_symmetric_lane(const std::vector<uint8_t>& root_unique_id);
   NvlHeader* peer_header(int nvl_rank) const { return reinterpret_cast<NvlHeader*>(peers.header[nvl_rank]); }
   // Where `bytes` at `ref` sit relative to our data region, as peers address them; -1 unless they
   // lie wholly in our receive arena (only there may peers read or write a caller's tensor).

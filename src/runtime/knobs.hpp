@@ -53,8 +53,9 @@ bool debug_low_latency_force_put();
 // (the node-to-node leg, python/moelink/_internode.py) fills its peers' rings. Unset, by stores;
 // fake, by the put path's protocol over the same IPC mappings (mirrors, one ranged copy per batch,
 // counted tail signals: docs/internal/INTERNODE_LANE.md), so that it is tested without NVSHMEM;
-// nvshmem, by NVSHMEM puts, which are not built yet (the lane then refuses to start). Must agree on
-// every rank. Read for each lane Buffer, and by the RDMA size hint (the put path's mirrors).
+// nvshmem, by NVSHMEM puts (the plugin's builds, over a symmetric region: Context::open_symmetric_lane;
+// one host only). Must agree on every rank. Read for each lane Buffer, and by the RDMA size hint
+// (the put path's mirrors).
 enum class LanePut { kStores, kFake, kNvshmem };
 LanePut debug_lane_force_put();
 

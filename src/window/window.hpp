@@ -12,8 +12,8 @@ namespace moelink::window {
 // The device policy (window/device.cuh) a launch takes, as the host names it: the host picks the
 // kernel's instantiation, the kernel never asks. kFakePuts: the put path's protocol over IPC (the
 // internode lane with MOELINK_DEBUG_LANE_FORCE_PUT=fake). kPuts: the same over NVSHMEM, the
-// plugin's build of the lane's kernels (window/nvshmem/lane_*.cu); its region and host wiring are
-// not written yet, so no host picks it (docs/internal/INTERNODE_LANE.md, step 3).
+// plugin's build of the lane's kernels (window/nvshmem/lane_*.cu), which a lane picks once it has
+// moved into its symmetric region (Context::open_symmetric_lane; docs/internal/INTERNODE_LANE.md, step 3).
 enum class Policy { kStores, kFakePuts, kPuts };
 
 struct Transport {

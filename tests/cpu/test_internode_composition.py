@@ -582,3 +582,57 @@ def test_a_pending_error_is_raised_at_the_end_of_the_operation(num_nodes, per_no
     assert message is not None and "rejected" in message and "global ranks" in message, seen[holder]
     assert log == ["open"] * node_legs + ["raise"], log  # after every leg, not before
     assert all(seen[r][0] is None for r in seen if r != holder), seen
+
+
+def test_an_nvshmem_lane_needs_every_rank_to_take_it():
+    """MOELINK_DEBUG_LANE_FORCE_PUT as every rank read it at construction: a lane joins NVSHMEM with
+    its peers, so nvshmem on some ranks only is refused (naming one of each); stores and fake mixes
+    are left to the lane as before."""
+    _internode._check_lane_puts(["nvshmem"] * 4)
+    _internode._check_lane_puts(["stores", "fake", "stores"])
+    _internode._check_lane_puts([None, "stores"])
+    with pytest.raises(ValueError, match="rank 1 has nvshmem, rank 0 stores"):
+        _internode._check_lane_puts(["stores", "nvshmem"])
+    with pytest.raises(ValueError, match="rank 0 has nvshmem, rank 2 a malformed value"):
+        _internode._check_lane_puts(["nvshmem", "nvshmem", None])
+
+
+def test_the_lane_root_id_is_gathered_or_every_rank_raises():
+    """prepare_nvshmem_lane on every rank, then every rank's result (the root's unique id among
+    them); a rank that failed raises its own error, every other rank a RuntimeError naming it."""
+    board = Board(3)
+    got, errors = {}, {}
+
+    def rank(index):
+        def make():
+            if index == 2:
+                raise RuntimeError("no plugin here")
+            return b"id" if index == 0 else b""
+
+        try:
+            got[index] = _internode._gathered(lambda obj: board.all_gather(index, obj), "lane", make)
+        except Exception as error:  # noqa: BLE001 - checked below
+            errors[index] = error
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not got
+    assert str(errors[2]) == "no plugin here"
+    for index in (0, 1):
+        assert "rank 2 could not prepare its lane Buffer (RuntimeError: no plugin here)" in str(errors[index])
+    board = Board(2)
+    ok = {}
+
+    def fine(index):
+        ok[index] = _internode._gathered(lambda obj: board.all_gather(index, obj), "lane",
+                                         lambda: b"id" if index == 0 else b"")
+
+    threads = [threading.Thread(target=fine, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ok == {0: [b"id", b""], 1: [b"id", b""]}

@@ -16,8 +16,9 @@ and step 2's (the lane's notify, openings and barriers on the put path too), hav
 step 3's change to the put path (its 64-bit ring tails and the receivers' credit over the window).
 
 test_nvshmem_lane_is_bit_equal_to_stores runs the bit-equality with the lane on NVSHMEM's puts
-(MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, NVSHMEM_REMOTE_TRANSPORT=none, the PEs on one GPU): skipped
-until the lane's symmetric region and host wiring exist (INTERNODE_LANE.md step 3); never run.
+(MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, NVSHMEM_REMOTE_TRANSPORT=none, the PEs on one GPU; each lane
+its own NVSHMEM job, its header and rings one symmetric allocation: INTERNODE_LANE.md step 3); never
+run on a GPU.
 
 A lost peer (test_internode_peer_loss, over both lanes): at 2 x 2 global rank 3 (node 1, GPU 1) dies
 before a dispatch; its lane's survivor raises TimeoutError naming lane rank 1 and node 1 (its lane
@@ -226,14 +227,11 @@ NVSHMEM_ENV = {
 
 
 @pytest.mark.skipif(not moelink._moelink.nvshmem_compiled(), reason="built without NVSHMEM")
-@pytest.mark.skip(reason="INTERNODE_LANE.md step 3: the plugin builds the lane's kernels over NVSHMEM, but the "
-                  "lane's symmetric region and host wiring are not written, so the host refuses "
-                  "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem; drop this mark with that wiring")
 @pytest.mark.parametrize("nodes, per_node", [(2, 2), (4, 2)])
 def test_nvshmem_lane_is_bit_equal_to_stores(nodes, per_node):
     """The fake-puts comparison with the lane on NVSHMEM's puts (the plugin's build of the same
     kernels): the same rounds over the IPC stores lane and the NVSHMEM lane, every output bit-equal.
-    Not run on a GPU yet."""
+    The NVSHMEM lane's Buffer must say so (lane_window "nvshmem"). Not run on a GPU yet."""
     launcher.run_ranks(nodes * per_node, _bit_equal, 87000 + nodes, "nvshmem", timeout_s=600,
                        env={**env(nodes, per_node), **NVSHMEM_ENV})
 

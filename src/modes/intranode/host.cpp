@@ -38,7 +38,7 @@ const runtime::WaitStepRegistration wait_steps{
     {kStepCombineRecv, "combine (receiver waiting for rows from"},
 };
 
-int blocks_per_sm();
+int blocks_per_sm(const Context& ctx);
 
 struct DispatchShape {
   int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
@@ -83,7 +83,7 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
   if (!ctx.topo.is_intranode())
     raise(ErrorKind::kState, op, ": internode normal mode is not implemented yet (num_rdma_ranks = ", ctx.topo.num_rdma_ranks, ")");
   config.validate();
-  ctx.require_coresident(config.num_sms, blocks_per_sm(), "config");
+  ctx.require_coresident(config.num_sms, blocks_per_sm(ctx), "config");
   const int R = ctx.topo.num_ranks;
   DispatchShape s;
   s.num_channels = config.num_channels();
@@ -337,16 +337,17 @@ const long long* handle_info(const DispatchHandle& h, int device) {
   return static_cast<const long long*>(h.info.data);
 }
 
-int blocks_per_sm() {
+// An NVSHMEM lane runs the plugin's builds, whose count the lane took when it joined.
+int blocks_per_sm(const Context& ctx) {
   static const int blocks = std::min(dispatch_blocks_per_sm(), combine_blocks_per_sm());
-  return blocks;
+  return ctx.lane_puts ? ctx.lane_blocks_per_sm : blocks;
 }
 
 }  // namespace
 
 int max_num_sms(const Context& ctx, int ranks_per_gpu) {
-  if (ranks_per_gpu <= 0) return ctx.max_num_sms(blocks_per_sm());
-  const int fit = ctx.sm_count * blocks_per_sm() / ranks_per_gpu;
+  if (ranks_per_gpu <= 0) return ctx.max_num_sms(blocks_per_sm(ctx));
+  const int fit = ctx.sm_count * blocks_per_sm(ctx) / ranks_per_gpu;
   return fit - fit % 2;
 }
 
@@ -589,7 +590,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   int K = 0;
   const long long* info = checked(ctx, [&] {
   config.validate();
-  ctx.require_coresident(config.num_sms, blocks_per_sm(), "config");
+  ctx.require_coresident(config.num_sms, blocks_per_sm(ctx), "config");
   check::defined(in.x, "x");
   check::dtype(in.x, DType::kBFloat16, "x");
   check::dim(in.x, 2, "x");
