@@ -36,6 +36,16 @@ def _rank_counts() -> tuple:
 
 RANK_COUNTS = _rank_counts()
 MIB = 1 << 20
+# NVSHMEM with several PEs on one GPU under MPS and no NIC: P2P only, no NVLS or NCCL, a symmetric
+# heap that fits beside the other ranks, the bootstrap on loopback, MPS's thread limit not read.
+NVSHMEM_ONE_GPU_ENV = {
+    "NVSHMEM_REMOTE_TRANSPORT": "none",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "NVSHMEM_DISABLE_NCCL": "1",
+    "NVSHMEM_SYMMETRIC_SIZE": "512m",
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+    "NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "1",
+}
 
 
 def num_sms_for(num_ranks: int) -> int:

@@ -216,14 +216,7 @@ def test_fake_puts_lane_is_bit_equal_to_stores(nodes, per_node):
 
 # The lane over NVSHMEM (MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, docs/internal/INTERNODE_LANE.md step
 # 3): several PEs share one GPU under MPS and there is no NIC, as test_low_latency_nvshmem.py runs them.
-NVSHMEM_ENV = {
-    "NVSHMEM_REMOTE_TRANSPORT": "none",
-    "NVSHMEM_DISABLE_NVLS": "1",
-    "NVSHMEM_DISABLE_NCCL": "1",
-    "NVSHMEM_SYMMETRIC_SIZE": "512m",
-    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
-    "NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "1",
-}
+NVSHMEM_ENV = common.NVSHMEM_ONE_GPU_ENV
 
 
 @pytest.mark.skipif(not moelink._moelink.nvshmem_compiled(), reason="built without NVSHMEM")

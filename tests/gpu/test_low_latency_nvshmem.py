@@ -24,15 +24,7 @@ import launcher  # noqa: E402
 import test_low_latency as base  # noqa: E402
 from test_low_latency import LLCase  # noqa: E402
 
-ENV = {
-    **base.ENV,
-    "NVSHMEM_REMOTE_TRANSPORT": "none",
-    "NVSHMEM_DISABLE_NVLS": "1",
-    "NVSHMEM_DISABLE_NCCL": "1",
-    "NVSHMEM_SYMMETRIC_SIZE": "512m",
-    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
-    "NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "1",
-}
+ENV = {**base.ENV, **common.NVSHMEM_ONE_GPU_ENV}
 
 # Small shapes: every PE's symmetric heap is carved from the one GPU.
 CASES = [
