@@ -50,6 +50,26 @@ __device__ __forceinline__ void batch_positions(const bool* is_token_in_rank, in
   positions_from_flags(flags, batch, num_ranks, base, position, batch_count);
 }
 
+// Called by the whole block: adds to count[d], for every rank d < num_ranks, the tokens of
+// [begin, end) routed to d, one atomic per warp and rank. A channel whose tokens two blocks split
+// (all direct, or all pulled) starts its second block's positions after the first block's tokens.
+template <int kRanks>
+__device__ __forceinline__ void add_token_counts(const bool* is_token_in_rank, int begin, int end, int num_ranks,
+                                                 int* count) {
+  unsigned counts[kRanks] = {};
+  for (int t = begin + static_cast<int>(threadIdx.x); t < end; t += blockDim.x) {
+    const unsigned flags = valid_token_flags(is_token_in_rank, t, true, num_ranks);
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) counts[d] += (flags >> d) & 1u;
+  }
+  const int lane = lane_id();
+#pragma unroll
+  for (int d = 0; d < kRanks; ++d) {
+    const unsigned total = __reduce_add_sync(0xffffffffu, counts[d]);
+    if (lane == 0 && d < num_ranks && total) atomicAdd(&count[d], static_cast<int>(total));
+  }
+}
+
 // A token's routing row loaded a batch ahead: the loads go out now and nothing reads them until
 // flags() (valid_token_flags' bits), so their latency hides behind whatever the warp does between.
 template <int kRanks>

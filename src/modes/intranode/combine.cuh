@@ -232,18 +232,8 @@ __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel,
   if (split) {
     const int mid = range.begin + (range.end - range.begin + 1) / 2;
     if (part == 1) {
-      // Part 1's rows in every rank's input start after part 0's tokens: count them per rank.
-      unsigned counts[kRanks] = {};
-      for (int t = range.begin + static_cast<int>(threadIdx.x); t < mid; t += blockDim.x) {
-        const unsigned flags = valid_token_flags(a.is_token_in_rank, t, true, R);
-#pragma unroll
-        for (int d = 0; d < kRanks; ++d) counts[d] += (flags >> d) & 1u;
-      }
-#pragma unroll
-      for (int d = 0; d < kRanks; ++d) {
-        const unsigned total = __reduce_add_sync(0xffffffffu, counts[d]);
-        if (lane == 0 && d < R && total) atomicAdd(&consumed[d], static_cast<int>(total));
-      }
+      // Part 1's rows in every rank's input start after part 0's tokens.
+      add_token_counts<kRanks>(a.is_token_in_rank, range.begin, mid, R, consumed);
       __syncthreads();
       range.begin = mid;
     } else {
