@@ -407,15 +407,8 @@ __device__ void publish_source(const CombineArgs& a, Epoch seq) {
   HeaderSection* self = a.sections[a.rank];
   CombineSource* s = &self->combine_source;
   const CombineSource& mine = a.source;
-  bool pull = mine.pull != 0, named = false;
-  for (int f = 0; f < kNumSourceFields; ++f) {
-    named |= mine.key[f] != 0;
-    if (mine.key[f] != 0) {
-      self->combine_offers[f].key = mine.key[f];
-      self->combine_offers[f].bytes = a.offers[f].bytes;
-      self->combine_offers[f].handle = a.offers[f].handle;
-    }
-  }
+  bool pull = mine.pull != 0;
+  const bool named = publish_offers(mine.key, a.offers, self->combine_offers);
   // A timeout there is recorded; the senders and owners stop at their own waits.
   if (named && pull) pull = all_opened(self, mine.key, a.rank, a.layout.num_ranks, seq, a.err, kStepCombineSegments);
   s->x = mine.x;

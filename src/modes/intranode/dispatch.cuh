@@ -393,15 +393,8 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   DirectTarget* t = &a.sections[a.rank]->direct_target;
   HeaderSection* self = a.sections[a.rank];
   const DirectTarget& mine = a.target;
-  bool direct = mine.direct != 0, named = false;
-  for (int f = 0; f < kNumTargetFields; ++f) {
-    named |= mine.key[f] != 0;
-    if (mine.key[f] != 0) {
-      self->segment_offers[f].key = mine.key[f];
-      self->segment_offers[f].bytes = a.offers[f].bytes;
-      self->segment_offers[f].handle = a.offers[f].handle;
-    }
-  }
+  bool direct = mine.direct != 0;
+  const bool named = publish_offers(mine.key, a.offers, self->segment_offers);
   // A timeout there is recorded; the senders stop at their own waits.
   if (named && direct) direct = all_opened(self, mine.key, a.rank, a.layout.num_ranks, seq, a.err, kStepDispatchOpened);
   for (int f = 0; f < kNumTargetFields; ++f) t->key[f] = mine.key[f];

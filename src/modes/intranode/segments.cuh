@@ -32,6 +32,23 @@ __device__ __forceinline__ void publish_opened(const SegmentTable* table, Header
   if (lane == 0) window::signal(&opened->seq, seq);
 }
 
+// Publishes in the header the offers (handle and size) of the segments `keys` names (a nonzero
+// key), where peers open them from; whether any was named.
+template <int kFields>
+__device__ __forceinline__ bool publish_offers(const unsigned long long (&keys)[kFields], const SegmentOffer* offers,
+                                               SegmentOffer* published) {
+  bool named = false;
+  for (int f = 0; f < kFields; ++f) {
+    named |= keys[f] != 0;
+    if (keys[f] != 0) {
+      published[f].key = keys[f];
+      published[f].bytes = offers[f].bytes;
+      published[f].handle = offers[f].handle;
+    }
+  }
+  return named;
+}
+
 // Whether every other rank said, in this operation, that it has all of `keys` (0 = no segment)
 // mapped. Waits for each one's SegmentsOpened; false on a timeout (the fault is recorded).
 template <int kFields>
