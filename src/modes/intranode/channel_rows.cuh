@@ -70,6 +70,22 @@ __device__ __forceinline__ void add_token_counts(const bool* is_token_in_rank, i
   }
 }
 
+// A channel split over its two blocks: part 0 takes the first half of its tokens, part 1 the rest,
+// with its positions counted past part 0's tokens in count[d] (ring positions for dispatch, rows of
+// each rank's input for combine). Part 1 reads `count` after the block's barrier.
+template <int kRanks>
+__device__ __forceinline__ void take_half(ChannelRange& range, int part, const bool* is_token_in_rank, int num_ranks,
+                                          int* count) {
+  const int mid = range.begin + (range.end - range.begin + 1) / 2;
+  if (part == 0) {
+    range.end = mid;
+    return;
+  }
+  add_token_counts<kRanks>(is_token_in_rank, range.begin, mid, num_ranks, count);
+  __syncthreads();
+  range.begin = mid;
+}
+
 // A token's routing row loaded a batch ahead: the loads go out now and nothing reads them until
 // flags() (valid_token_flags' bits), so their latency hides behind whatever the warp does between.
 template <int kRanks>

@@ -229,17 +229,7 @@ __device__ RecvResult recv_channel(const CombineArgs& a, Epoch seq, int channel,
   bool split = self_pulled;
   for (int d = 0; d < R; ++d) split &= d == rank || pull[d];
   if (part == 1 && !split) return kNotNeeded;
-  if (split) {
-    const int mid = range.begin + (range.end - range.begin + 1) / 2;
-    if (part == 1) {
-      // Part 1's rows in every rank's input start after part 0's tokens.
-      add_token_counts<kRanks>(a.is_token_in_rank, range.begin, mid, R, consumed);
-      __syncthreads();
-      range.begin = mid;
-    } else {
-      range.end = mid;
-    }
-  }
+  if (split) take_half<kRanks>(range, part, a.is_token_in_rank, R, consumed);
 
   const int4* bias_0 = static_cast<const int4*>(a.bias_0);
   const int4* bias_1 = static_cast<const int4*>(a.bias_1);

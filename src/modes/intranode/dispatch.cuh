@@ -212,17 +212,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   bool split = *self_direct;
   for (int d = 0; d < R; ++d) split &= direct[d];
   if (part == 1 && !split) return kNotNeeded;
-  if (split) {
-    const int mid = range.begin + (range.end - range.begin + 1) / 2;
-    if (part == 1) {
-      // Part 1's ring positions start after part 0's tokens.
-      add_token_counts<kMaxNvlRanks>(a.is_token_in_rank, range.begin, mid, R, sent);
-      __syncthreads();
-      range.begin = mid;
-    } else {
-      range.end = mid;
-    }
-  }
+  if (split) take_half<kMaxNvlRanks>(range, part, a.is_token_in_rank, R, sent);
 
   for (int begin = range.begin; begin < range.end; begin += batch) {
     if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
