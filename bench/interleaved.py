@@ -39,7 +39,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests" / "gpu"):
 
 import anchor as anchor_lib  # noqa: E402
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
-from run_all import MAX_RANKS, OP_TITLES, gpu_problem, parse_cells  # noqa: E402
+from run_all import MAX_RANKS, OP_TITLES, gpu_problem, parse_cells, placement_text  # noqa: E402
 
 # bench_intranode.prepared_calls' ops: one call each, timed alone (the back-to-back, held-output and
 # host-time rows are bench_intranode's own).
@@ -103,7 +103,8 @@ def contestants(args: argparse.Namespace, with_anchor: bool) -> list[str]:
 # ---- on each rank -------------------------------------------------------------------------------
 
 def interleaved_cell(rank, num_ranks, params: dict) -> dict:
-    """{op: {contestant: [µs per round]}} on this rank; every rank makes the same calls in order."""
+    """{op: {contestant: [µs per round]}} on this rank, and "_placement" (bench_intranode.placement);
+    every rank makes the same calls in order."""
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
@@ -132,7 +133,7 @@ def interleaved_cell(rank, num_ranks, params: dict) -> dict:
         finally:
             setattr(buf, attr, saved)
 
-    results = {}
+    results = {"_placement": bench.placement()}  # where this rank's thread ran as the rounds began
     for op in params["ops"]:
         for name in names:
             for _ in range(params["warmup"]):
@@ -157,7 +158,7 @@ def summarize(per_rank: list[dict], names: list[str]) -> dict:
     ratio is the contestant's time over moelink's in the same round (< 1: the contestant is faster),
     its median over rounds, then the mean over ranks."""
     out = {}
-    for op in per_rank[0]:
+    for op in (op for op in per_rank[0] if not op.startswith("_")):
         out[op] = {}
         for name in names:
             medians = [statistics.median(r[op][name]) for r in per_rank]
@@ -205,6 +206,10 @@ def main(argv=None) -> int:
                                       timeout_s=600)
         cells.append({"cell": f"{ranks}x{sms}", "summary": summarize(per_rank, names), "raw": per_rank})
         print(format_table(cells[-1:]), flush=True)
+        where = [r.get("_placement") for r in per_rank]
+        if all(where):
+            print(f"{ranks}x{sms}: where each rank's thread ran (CPU, package/core, NUMA node): "
+                  f"{placement_text(where)}", flush=True)
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -239,6 +239,19 @@ def test_table_says_where_the_ranks_ran(run_all):
     assert "Where each rank" not in plain
 
 
+def test_interleaved_summary_leaves_the_placement_out(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_interleaved", repo_root / "bench" / "interleaved.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rank = {"_placement": {"cpu": 1, "core": "0/1", "node": "0"},
+            "dispatch_fp8": {"moelink": [100.0, 110.0], "deep_ep": [200.0, 220.0]}}
+    summary = module.summarize([rank, rank], ["moelink", "deep_ep"])
+    assert list(summary) == ["dispatch_fp8"]
+    assert summary["dispatch_fp8"]["deep_ep"]["ratio"] == pytest.approx(2.0)
+
+
 def test_placement_reads_this_machine(repo_root, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
