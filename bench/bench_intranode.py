@@ -11,8 +11,8 @@ sequence are identical; only the module differs.
 
 Timing: each op is timed alone with CUDA events on the caller's stream, median over `iters`. Before
 every iteration a 256 MB tensor is zeroed (evicting L2, so inputs come from HBM), the device is
-synchronized and all ranks meet at a barrier, so one rank's time does not include waiting for a
-peer that started late. Bytes per rank, as DeepEP's tests count them: dispatch bf16 = recv_rows *
+synchronized and all ranks start together (start_together: a shared deadline on the host's
+monotonic clock, spun to), so one rank's time does not include waiting for a peer that started late. Bytes per rank, as DeepEP's tests count them: dispatch bf16 = recv_rows *
 H * 2; fp8 = recv_rows * H * (1 + 4/128) (data plus float32 scales); combine = recv_rows * H * 2;
 GB/s = bytes / time / 1e9.
 """
@@ -92,6 +92,39 @@ def load_impl(impl: str, anchor_path: str | None):
     return moelink
 
 
+# How far past the last rank's arrival the shared start is set. The release of a gloo collective
+# reaches the ranks tens of µs apart, up to ~1 ms for a rank whose core slept; a rank that arrives
+# after the deadline starts at once and is counted in LATE_STARTS.
+START_MARGIN_NS = 1_500_000
+START_METHODS = ("together", "barrier")
+START_METHOD = "together"
+LATE_STARTS = [0]
+START_LOG: list[int] = []  # monotonic ns at which each timed call began, when collecting
+
+
+def start_together(method: str | None = None) -> int | None:
+    """Every rank returns at about the same instant. A gloo barrier releases the ranks up to
+    ~100 µs apart, and which rank is late, by how much, holds for a whole process launch (the 2x24
+    modes of bench/NOTES.md, eleventh session); a timed collective call then includes its early
+    peers' wait for the late one. Here the ranks agree on a deadline on CLOCK_MONOTONIC, which every
+    process of one host shares, and spin to it; the deadline is returned (None for `barrier`, the
+    plain barrier, kept to compare)."""
+    method = method or START_METHOD
+    if method == "barrier":
+        dist.barrier()
+        return None
+    if method != "together":
+        raise ValueError(f"start method: {method!r} is not one of {', '.join(START_METHODS)}")
+    latest = torch.tensor([time.monotonic_ns()], dtype=torch.int64)
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX)
+    deadline = int(latest.item()) + START_MARGIN_NS
+    if time.monotonic_ns() > deadline:
+        LATE_STARTS[0] += 1
+    while time.monotonic_ns() < deadline:
+        pass
+    return deadline
+
+
 def _time_us(op, flush, iters: int, warmup: int, barrier: bool = True, host: bool = False,
              back_to_back: bool = False) -> float:
     """Median µs of op: CUDA events around it on the caller's stream, or (host) the caller's thread
@@ -113,7 +146,7 @@ def back_to_back_samples_us(op, flush, iters: int) -> list[float]:
     time an op (their bench(), which averages all but the first)."""
     flush.zero_()
     torch.cuda.synchronize()
-    dist.barrier()
+    start_together()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     for start, end in events:
         start.record()
@@ -123,17 +156,19 @@ def back_to_back_samples_us(op, flush, iters: int) -> list[float]:
     return [start.elapsed_time(end) * 1e3 for start, end in events]
 
 
-def timed_samples_us(op, flush, iters: int, barrier: bool = True) -> list[float]:
+def timed_samples_us(op, flush, iters: int, barrier: bool = True, start_method: str | None = None) -> list[float]:
     """µs of each of `iters` calls of op, CUDA events around it on the caller's stream, each made
-    with L2 flushed (`flush` zeroed), the device synchronized and (`barrier`) all ranks met. The one
+    with L2 flushed (`flush` zeroed), the device synchronized and (`barrier`) all ranks started
+    together (start_together, by `start_method` or START_METHOD). The one
     device-timing loop of the benchmarks (probe_host --timeline traces it)."""
     samples = []
     for _ in range(iters):
         flush.zero_()
         torch.cuda.synchronize()
         if barrier:
-            dist.barrier()
+            start_together(start_method)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        START_LOG.append(time.monotonic_ns())
         start.record()
         op()
         end.record()
@@ -153,7 +188,7 @@ def host_samples_us(op, iters: int, flush=None, barrier: bool = True, after=None
             flush.zero_()
         torch.cuda.synchronize()
         if barrier:
-            dist.barrier()
+            start_together()
         start = time.perf_counter()
         out = op()
         samples.append((time.perf_counter() - start) * 1e6)
@@ -337,13 +372,15 @@ def bench_cell(rank, num_ranks, impl, num_sms, num_tokens=4096, hidden=7168, num
     step_outputs.clear()
     del held
     gathered = [None] * num_ranks
-    dist.all_gather_object(gathered, {"ops": mine, "errors": errors, "recv_rows": recv_rows})
+    dist.all_gather_object(gathered, {"ops": mine, "errors": errors, "recv_rows": recv_rows,
+                                      "late_starts": LATE_STARTS[0]})
     if not any(g["errors"] for g in gathered):
         buf.destroy()
 
     summary = {"impl": impl, "version": getattr(mod, "__version__", "?"), "ranks": num_ranks, "num_sms": num_sms,
                "tokens": num_tokens, "hidden": hidden, "topk": num_topk, "experts": num_experts, "iters": iters,
-               "recv_rows": [g["recv_rows"] for g in gathered], "held": num_held, "ops": {}, "errors": {}}
+               "recv_rows": [g["recv_rows"] for g in gathered], "held": num_held, "ops": {}, "errors": {},
+               "late_starts": [g.get("late_starts", 0) for g in gathered]}  # the process's so far, per rank
     for name in OP_NAMES:
         failed = [g["errors"][name] for g in gathered if name in g["errors"]]
         if failed:

@@ -7,7 +7,7 @@ Each (ranks, experts) runs R ranks as processes (several per GPU under MPS) with
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, checks one round against the GPU suite's reference checks, then
 times: dispatch bf16, dispatch fp8, combine (bf16, of the bf16 dispatch's layout), and the send call
 of a hook-mode dispatch (return_recv_hook=True; the hook runs untimed after it). Timing: all ranks
-meet at a barrier, then CUDA events around one call on the caller's stream; per iteration the
+start together (bench_intranode.start_together), then CUDA events around one call on the caller's stream; per iteration the
 slowest rank's time counts; the median over iterations is shown. No L2 flush: decode runs these
 back to back on warm data.
 
@@ -49,15 +49,16 @@ MEASURES = ("call", "host", "back_to_back", "graph")
 
 def _event_us(iters: int, reps: int, timed, after=None) -> list[float]:
     """Per call, over `reps` calls of timed() queued back to back between two events, after all
-    ranks met at a barrier; after(result) runs untimed. With reps > 1 the skew between ranks'
-    starts (processes under MPS) is spread over the reps instead of counting in full."""
+    ranks started together (bench_intranode.start_together); after(result) runs untimed. With
+    reps > 1 what skew is left between ranks' starts is spread over the reps."""
     import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
+
+    from bench_intranode import start_together  # noqa: PLC0415
 
     samples = []
     for _ in range(iters):
         torch.cuda.synchronize()
-        dist.barrier()
+        start_together()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):

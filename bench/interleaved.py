@@ -6,19 +6,23 @@ per-round ratio sees through it where two medians minutes apart cannot.
 
     python3 bench/interleaved.py [--cells 2x24,4x24] [--ops dispatch_fp8,dispatch_fp8_cached]
                                  [--rounds 100] [--warmup 5] [--anchor auto|none|PATH]
-                                 [--switch NAME:ATTR=EXPR ...] [--tokens 4096] [--hidden 7168]
+                                 [--switch NAME:ATTR=EXPR ...] [--starts together[,barrier]]
+                                 [--tokens 4096] [--hidden 7168]
                                  [--topk 8] [--experts 256] [--dry-run]
 
 Contestants: moelink (this build), DeepEP V1 (the anchor, when there is one: bench/anchor.py) and
 one moelink variant per --switch, which sets `buffer.ATTR = eval(EXPR)` on moelink's Buffer for its
 calls only (e.g. `--switch exact:_dispatch_sizing=None` with wip/guessed_rows.patch applied, whose
 binding skips its guess for a call without the memo). All share one process per rank and one moelink Buffer, so a switch must be
-something a call reads afresh. The order of the contestants rotates from round to round.
+something a call reads afresh. Each start method after the first in --starts
+(bench_intranode.start_together) adds moelink@METHOD and deep_ep@METHOD: the same calls, the ranks
+released by that method instead. The order of the contestants rotates from round to round.
 
 Per (cell, op, contestant) it prints the mean over ranks of each rank's median µs, and the median
 over rounds of (its time / moelink's time) in the same round, with that ratio's quartiles: DeepEP's
 row is the ratio #11 asks for (DeepEP's time over moelink's), measured in pairs; a variant's row is
-below 1 where the variant is faster. Ops are bench_intranode.py's.
+below 1 where the variant is faster. "skew" is the median over rounds of the spread of the ranks'
+start instants (last minus first, µs). Ops are bench_intranode.py's.
 The table goes to $OUT/interleaved.md (and .json) when OUT is set.
 """
 
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--anchor", default="auto", help="DeepEP: auto (.anchors/), none, or a wheel / directory")
     parser.add_argument("--switch", type=parse_switch, action="append", default=[],
                         help="a moelink variant NAME:ATTR=EXPR (repeatable)")
+    parser.add_argument("--starts", default="together",
+                        help="comma-separated start methods (bench_intranode.START_METHODS); the first is the "
+                             "contestants' own, each other adds NAME@METHOD contestants (default together)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--topk", type=int, default=8)
@@ -90,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"cell {ranks}x{sms}: ranks in [1, {MAX_RANKS}] dividing --experts, SMs even and >= 2")
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be >= 1 and --warmup >= 0")
+    args.starts = [m for m in args.starts.split(",") if m]
+    if not args.starts or len(set(args.starts)) != len(args.starts) or set(args.starts) - {"together", "barrier"}:
+        parser.error("--starts: distinct methods of together, barrier")
     names = [name for name, _, _ in args.switch]
     if len(set(names)) != len(names) or {"moelink", "deep_ep"} & set(names):
         parser.error("--switch names must be unique and neither 'moelink' nor 'deep_ep'")
@@ -97,7 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def contestants(args: argparse.Namespace, with_anchor: bool) -> list[str]:
-    return ["moelink"] + (["deep_ep"] if with_anchor else []) + [f"moelink:{name}" for name, _, _ in args.switch]
+    impls = ["moelink"] + (["deep_ep"] if with_anchor else [])
+    return (impls + [f"moelink:{name}" for name, _, _ in args.switch]
+            + [f"{impl}@{method}" for method in args.starts[1:] for impl in impls])
 
 
 # ---- on each rank -------------------------------------------------------------------------------
@@ -118,10 +130,14 @@ def interleaved_cell(rank, num_ranks, params: dict) -> dict:
         buffers[impl] = bench._make_buffer(mod, impl, num_ranks, T, H)
         ops[impl] = bench.prepared_calls(buffers[impl], rank, num_ranks, T, H, K, E).ops
     switches = {f"moelink:{name}": (attr, eval(expr)) for name, attr, expr in params["switch"]}  # noqa: S307
-    names = list(ops) + list(switches)
+    starts = params["starts"]
+    methods = {name: starts[0] for name in list(ops) + list(switches)}
+    methods.update({f"{impl}@{method}": method for method in starts[1:] for impl in ops})
+    names = list(methods)
     flush = torch.empty(bench.FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
 
     def call(name: str, op: str):
+        name = name.split("@", 1)[0]
         if name not in switches:
             return ops[name][op]()
         attr, value = switches[name]
@@ -139,11 +155,16 @@ def interleaved_cell(rank, num_ranks, params: dict) -> dict:
             for _ in range(params["warmup"]):
                 call(name, op)
         times = {name: [] for name in names}
+        began = {name: [] for name in names}
         for r in range(params["rounds"]):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
-                times[name].append(bench.timed_samples_us(lambda: call(name, op), flush, 1)[0])
+                times[name].append(bench.timed_samples_us(lambda: call(name, op), flush, 1,
+                                                          start_method=methods[name])[0])
+                began[name].append(bench.START_LOG.pop())
         results[op] = times
+        results[f"_began_{op}"] = began
+    results["_late_starts"] = bench.LATE_STARTS[0]
     torch.cuda.synchronize()
     dist.barrier()
     for buf in buffers.values():
@@ -163,6 +184,9 @@ def summarize(per_rank: list[dict], names: list[str]) -> dict:
         for name in names:
             medians = [statistics.median(r[op][name]) for r in per_rank]
             entry = {"us": statistics.mean(medians)}
+            began = [r.get(f"_began_{op}", {}).get(name) for r in per_rank]
+            if all(began):
+                entry["skew_us"] = statistics.median((max(b) - min(b)) / 1e3 for b in zip(*began))
             if name != "moelink":
                 ratios = [[c / m for m, c in zip(r[op]["moelink"], r[op][name])] for r in per_rank]
                 quartiles = [statistics.quantiles(x, n=4) if len(x) > 1 else [x[0]] * 3 for x in ratios]
@@ -173,13 +197,14 @@ def summarize(per_rank: list[dict], names: list[str]) -> dict:
 
 
 def format_table(cells: list[dict]) -> str:
-    lines = ["| cell | op | contestant | µs (median) | its µs / moelink's, same round: median (q1-q3) |",
-             "|---|---|---|---|---|"]
+    lines = ["| cell | op | contestant | µs (median) | its µs / moelink's, same round: median (q1-q3) | skew µs |",
+             "|---|---|---|---|---|---|"]
     for cell in cells:
         for op, by_name in cell["summary"].items():
             for name, entry in by_name.items():
                 ratio = "-" if "ratio" not in entry else f"{entry['ratio']:.3f} ({entry['q1']:.3f}-{entry['q3']:.3f})"
-                lines.append(f"| {cell['cell']} | {OP_TITLES.get(op, op)} | {name} | {entry['us']:.1f} | {ratio} |")
+                skew = f"{entry['skew_us']:.1f}" if "skew_us" in entry else "-"
+                lines.append(f"| {cell['cell']} | {OP_TITLES.get(op, op)} | {name} | {entry['us']:.1f} | {ratio} | {skew} |")
     return "\n".join(lines)
 
 
@@ -201,7 +226,8 @@ def main(argv=None) -> int:
     for ranks, sms in args.cells:
         params = {"num_sms": sms, "tokens": args.tokens, "hidden": args.hidden, "topk": args.topk,
                   "experts": args.experts, "ops": args.ops, "rounds": args.rounds, "warmup": args.warmup,
-                  "anchor_path": anchor.path, "with_anchor": anchor.available, "switch": args.switch}
+                  "anchor_path": anchor.path, "with_anchor": anchor.available, "switch": args.switch,
+                  "starts": args.starts}
         per_rank = launcher.run_ranks(ranks, ("interleaved", "interleaved_cell", str(Path(__file__).resolve())), params,
                                       timeout_s=600)
         cells.append({"cell": f"{ranks}x{sms}", "summary": summarize(per_rank, names), "raw": per_rank})
@@ -210,6 +236,9 @@ def main(argv=None) -> int:
         if all(where):
             print(f"{ranks}x{sms}: where each rank's thread ran (CPU, package/core, NUMA node): "
                   f"{placement_text(where)}", flush=True)
+        late = [r.get("_late_starts", 0) for r in per_rank]
+        if any(late):
+            print(f"{ranks}x{sms}: calls started past the shared deadline, per rank: {late}", flush=True)
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

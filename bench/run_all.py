@@ -340,6 +340,13 @@ def format_table(cells: list[dict], info: dict, anchor_note: str) -> str:
         lines.append("Where each rank's thread ran as its uncached fp8 dispatch's timing began (CPU, package/core, "
                      "NUMA node): " + "; ".join(placements) + ".")
         lines.append("")
+    late = [f"{cell['ranks']}x{cell['num_sms']} {impl}: {result['late_starts']}" for cell in cells
+            for impl, result in cell["results"].items()
+            if result and "error" not in result and any(result.get("late_starts") or ())]
+    if late:
+        lines.append("Timed calls that started past the ranks' shared deadline (bench_intranode.start_together), "
+                     "per rank: " + "; ".join(late) + ".")
+        lines.append("")
     lines.append(f"Anchor: {anchor_note}. Two-touch limit: {info.get('copy_gbps', 0):.0f} GB/s copy rate "
                  "(read + write) / (2 x ranks per GPU).")
     return "\n".join(lines)

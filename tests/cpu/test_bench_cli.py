@@ -67,7 +67,10 @@ def test_interleaved_plans_without_a_gpu_and_checks_its_arguments(repo_root):
     assert "2x24" in result.stdout and "moelink, deep_ep, moelink:exact" in result.stdout
     result = run("--dry-run", "--anchor", "none", "--ops", "combine")
     assert result.returncode == 0 and "combine x 100 rounds: moelink\n" in result.stdout + "\n", result.stdout
-    for bad in (["--switch", "no-colon"], ["--switch", "x:1a=2"], ["--switch", "moelink:a=1"], ["--ops", "layout"]):
+    result = run("--dry-run", "--cells", "2x24", "--starts", "together,barrier")
+    assert result.returncode == 0 and "moelink, deep_ep, moelink@barrier, deep_ep@barrier" in result.stdout
+    for bad in (["--switch", "no-colon"], ["--switch", "x:1a=2"], ["--switch", "moelink:a=1"], ["--ops", "layout"],
+                ["--starts", "soon"], ["--starts", "barrier,barrier"], ["--starts", ""]):
         result = run("--dry-run", *bad)
         assert result.returncode == 2, (bad, result.stdout)
 
@@ -250,6 +253,61 @@ def test_interleaved_summary_leaves_the_placement_out(repo_root, monkeypatch):
     summary = module.summarize([rank, rank], ["moelink", "deep_ep"])
     assert list(summary) == ["dispatch_fp8"]
     assert summary["dispatch_fp8"]["deep_ep"]["ratio"] == pytest.approx(2.0)
+    assert "skew_us" not in summary["dispatch_fp8"]["moelink"]
+
+
+def test_interleaved_skew_is_the_spread_of_the_ranks_starts(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_interleaved", repo_root / "bench" / "interleaved.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = {"moelink": [100.0, 110.0, 120.0]}
+    ranks = [{"dispatch_fp8": times, "_began_dispatch_fp8": {"moelink": [1_000, 5_000, 9_000]}},
+             {"dispatch_fp8": times, "_began_dispatch_fp8": {"moelink": [3_000, 6_000, 19_000]}},
+             {"dispatch_fp8": times, "_began_dispatch_fp8": {"moelink": [2_000, 5_500, 9_000]}}]
+    # Per round, last minus first: 2, 1 and 10 µs; their median.
+    assert module.summarize(ranks, ["moelink"])["dispatch_fp8"]["moelink"]["skew_us"] == pytest.approx(2.0)
+
+
+def _start_rank(rank: int, port: int, paths: list[str], results) -> None:
+    sys.path[:0] = paths
+    import torch.distributed as dist  # noqa: PLC0415
+
+    import bench_intranode  # noqa: PLC0415
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            time.sleep(0.05)  # arrives late: the shared deadline is set from its arrival
+        deadlines = [(bench_intranode.start_together(), time.monotonic_ns()) for _ in range(3)]
+        results.put((rank, deadlines, bench_intranode.start_together("barrier"), bench_intranode.LATE_STARTS[0]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_start_together_releases_every_rank_at_one_shared_deadline(repo_root):
+    """Both ranks get the same deadline each time, and neither returns before it."""
+    pytest.importorskip("torch")
+    import multiprocessing  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    paths = [str(repo_root / "bench"), str(repo_root / "tests"), str(repo_root / "tests" / "gpu")]
+    procs = [ctx.Process(target=_start_rank, args=(r, port, paths, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, rest) for r, *rest in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    (d0, barrier0, _), (d1, barrier1, _) = got[0], got[1]
+    assert [d for d, _ in d0] == [d for d, _ in d1]
+    assert all(returned >= deadline for deadline, returned in d0 + d1)
+    assert barrier0 is None and barrier1 is None
 
 
 def test_placement_reads_this_machine(repo_root, monkeypatch):
