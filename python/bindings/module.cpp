@@ -195,11 +195,11 @@ std::pair<int, int> add_recv_x(Outputs& outs, nb::handle x, nb::handle x_scales,
   if (!in.x_scales.defined()) return {recv_x, Outputs::kNone};
   const moelink::TensorRef& ref = in.x_scales;
   moelink::check::dim(ref, 2, "x_scales");
-  // Column-major (alloc_dispatch_outputs' test: a token stride of 1 under more than one scale, which
-  // one token's (1, 1) strides pass too): the strides of empty((num_scales, n)).t(), as the Python
-  // path makes them (for n = 0 too).
+  // Column-major (_arena.scales_column_major's test: a token stride of 1, and more than one scale or
+  // a scale stride other than 1): the strides of empty((num_scales, n)).t(), as the Python path makes
+  // them (for n = 0 too).
   std::vector<int64_t> strides;
-  if (ref.size(1) > 1 && ref.stride(0) == 1) strides = {1, std::max<int64_t>(n, 1)};
+  if (ref.stride(0) == 1 && (ref.size(1) > 1 || ref.stride(1) != 1)) strides = {1, std::max<int64_t>(n, 1)};
   return {recv_x, outs.add({n, ref.size(1)}, ref.dtype, device, &out->recv_x_scales, std::move(strides),
                            template_for(x_scales, ref, ref.dtype, device))};
 }

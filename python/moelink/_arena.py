@@ -49,9 +49,11 @@ def arena_tensors(buf: "Buffer", parts: Sequence[Tuple[tuple, torch.dtype]],
 
 def scales_column_major(x_scales: torch.Tensor) -> bool:
     """Whether [T, S] scales are column-major as torch makes them (empty((S, T)).t()): a token stride
-    of 1 under more than one scale. With one token both strides are 1, and only the token stride
-    tells it from row-major (the extension's add_recv_x decides it the same way)."""
-    return x_scales.size(1) > 1 and x_scales.stride(0) == 1
+    of 1, and either more than one scale or a scale stride other than 1. One token's column-major
+    strides are (1, 1), so only the token stride tells them from row-major's (S, 1); one scale's
+    are (1, T), where row-major's are (1, 1), so only the scale stride tells them (ue8m0 packs
+    H 512 into one int32 column). The extension's add_recv_x decides it the same way."""
+    return x_scales.stride(0) == 1 and (x_scales.size(1) > 1 or x_scales.stride(1) != 1)
 
 
 def alloc_dispatch_outputs(buf: "Buffer", x: torch.Tensor, x_scales: Optional[torch.Tensor], hidden: int,

@@ -336,7 +336,7 @@ def _gather_rows(t: Any, order: torch.Tensor) -> Any:
         return tuple(_gather_rows(part, order) for part in t)
     if t.dtype == torch.float8_e4m3fn:  # moved as bytes: index kernels need not support fp8
         return _gather_rows(t.view(torch.uint8), order).view(torch.float8_e4m3fn)
-    if t.dim() == 2 and t.stride(0) == 1 and t.size(1) > 1:
+    if t.dim() == 2 and _arena.scales_column_major(t):
         return t.t().index_select(1, order).t()
     return t.index_select(0, order)
 

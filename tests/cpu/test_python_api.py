@@ -749,6 +749,20 @@ def test_a_fault_still_raises_on_entry_before_anything_is_launched(torch_and_buf
     assert buf.runtime.abstained == []
 
 
+def test_scales_majorness_is_told_in_every_corner(torch_and_buffer):
+    """Column-major as torch makes it (empty((S, T)).t()), row-major as torch makes it, for one
+    token (column-major strides (1, 1)), one scale (column-major (1, T): ue8m0 packs H 512 into one
+    int32), both, and a column of a wider row-major tensor."""
+    torch, _ = torch_and_buffer
+    from moelink._arena import scales_column_major
+
+    for t, s in ((4, 3), (1, 3), (4, 1), (1, 1)):
+        assert not scales_column_major(torch.zeros((t, s)))
+        assert scales_column_major(torch.zeros((s, t)).t()) == (t > 1 or s > 1)
+    assert not scales_column_major(torch.zeros((4, 8))[:, :1])
+    assert scales_column_major(torch.zeros((8, 4))[:1].t())
+
+
 @pytest.mark.parametrize("arena", [False, True])
 def test_dispatch_outputs_follow_the_inputs_and_the_row_count(torch_and_buffer, arena):
     """A dispatch's outputs: x's dtype, the scales' dtype and layout (column-major kept), the
