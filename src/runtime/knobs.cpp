@@ -79,6 +79,11 @@ bool prefetch() {
   return enabled;
 }
 
+bool scales_gather() {
+  static const bool enabled = flag("MOELINK_SCALES_GATHER", true);
+  return enabled;
+}
+
 bool debug() {
   static const bool enabled = flag("MOELINK_DEBUG", false);
   return enabled;
@@ -138,10 +143,11 @@ void log_once() {
   std::call_once(once, [] {
     std::fprintf(stderr,
                  "moelink: knobs: MOELINK_TIMEOUT_S=%g MOELINK_L2_HINTS=%d MOELINK_L2_DISCARD=%d MOELINK_PREFETCH=%d "
-                 "MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
+                 "MOELINK_SCALES_GATHER=%d MOELINK_DEBUG_EPOCH_START=%llu MOELINK_SPIN_BACKOFF_NS=%u MOELINK_LL_TRANSPORT=%s "
                  "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_DEBUG_LANE_FORCE_PUT=%s MOELINK_PEER_SEGMENTS=%d "
                  "MOELINK_SEGMENT_WINDOW=%d MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
-                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, prefetch() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
+                 timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, prefetch() ? 1 : 0,
+                 scales_gather() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
                  transport_name(low_latency_transport()), debug_low_latency_force_put() ? 1 : 0,
                  lane_put_name(debug_lane_force_put()), peer_segments() ? 1 : 0, segment_window(), segment_mapped_mb());
   });

@@ -22,6 +22,12 @@ bool l2_discard();
 // next measurement of where a cold call's time goes.
 bool prefetch();
 
+// MOELINK_SCALES_GATHER (0/1, default 1): a direct dispatch writes a batch's column-major scales to
+// each destination after the batch, one coalesced run per scale index (1), or each warp its own
+// token's scales, strided, as row-major ones are written (0). For measuring what column-major
+// outputs cost (bench/NOTES.md, twelfth session).
+bool scales_gather();
+
 // MOELINK_DEBUG (0/1, default 0): log the knobs' values once.
 bool debug();
 

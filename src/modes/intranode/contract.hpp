@@ -245,6 +245,7 @@ struct DispatchArgs {
   bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
   bool l2_discard;  // discard consumed ring lines from L2 (MOELINK_L2_DISCARD)
   bool prefetch;    // ask L2 for the inputs read a batch at a time (MOELINK_PREFETCH)
+  bool scales_gather;  // column-major scales of direct rows written per batch (MOELINK_SCALES_GATHER)
   // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
   // rows come through the rings). Its seq is filled on the device.
   DirectTarget target;

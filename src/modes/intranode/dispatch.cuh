@@ -205,7 +205,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     o.expert_begin = d * a.num_local_experts;
     outs[d] = o;
     direct[d] = is_direct;
-    gather_scales[d] = is_direct && hoisted && column_major(o);
+    gather_scales[d] = is_direct && hoisted && column_major(o) && a.scales_gather;
   }
   __syncthreads();
   if (failed) return kFailed;

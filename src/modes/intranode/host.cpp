@@ -545,6 +545,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   a.prefetch = knobs::prefetch();
+  a.scales_gather = knobs::scales_gather();
   const bool segments = segments_allowed(ctx, order);
   host_stamps::mark(cached ? "dispatch_cached.args" : "dispatch.args");
   if (segments) take_segment_news(ctx);
