@@ -293,6 +293,11 @@ struct TorchShim {
   Status (*get_strides)(Handle tensor, int64_t** strides);
   Status (*get_device_type)(Handle tensor, int32_t* type);
   Status (*get_device_index)(Handle tensor, int32_t* index);
+  // Views (Outputs::add_packed): several small outputs carved from one allocation. Null where this
+  // torch lacks them or they failed the check; each output is then an allocation of its own.
+  Status (*view_dtype)(Handle tensor, int32_t dtype, Handle* out);
+  Status (*reinterpret)(Handle tensor, int64_t ndim, const int64_t* sizes, const int64_t* strides,
+                        int64_t storage_offset, Handle* out);
 };
 
 // A tensor's reading through the shim (data pointer, dtype, shape, strides, device as get_device()
@@ -368,6 +373,45 @@ inline void load_reading(void* lib, TorchShim& s) {
   s = r;
 }
 
+// The shim's view entries, checked on a CPU block carved into an int64 view at an offset, wrapped
+// and read back through Python; left null (no packing) where either is missing or reads wrong.
+inline void load_views(void* lib, TorchShim& s, nb::handle wrap) {
+  TorchShim r = s;
+  r.view_dtype = reinterpret_cast<decltype(r.view_dtype)>(dlsym(lib, "aoti_torch_view_dtype"));
+  r.reinterpret = reinterpret_cast<decltype(r.reinterpret)>(dlsym(lib, "aoti_torch__reinterpret_tensor"));
+  if (r.view_dtype == nullptr || r.reinterpret == nullptr) return;
+  const int64_t block_size = 64, block_stride = 1, sizes[2] = {2, 3}, strides[2] = {1, 2};
+  TorchShim::Handle block = nullptr, wide = nullptr, view = nullptr;
+  void *base = nullptr, *data = nullptr;
+  if (r.empty_strided(1, &block_size, &block_stride, r.dtype[static_cast<int>(DType::kUInt8)], r.cpu, 0, &block) != 0)
+    return;
+  const bool made = r.get_data_ptr(block, &base) == 0 &&
+                    r.view_dtype(block, r.dtype[static_cast<int>(DType::kInt64)], &wide) == 0 &&
+                    r.reinterpret(wide, 2, sizes, strides, 1, &view) == 0 && r.get_data_ptr(view, &data) == 0;
+  if (wide != nullptr) r.delete_tensor(wide);
+  r.delete_tensor(block);
+  if (!made) {
+    if (view != nullptr) r.delete_tensor(view);
+    return;
+  }
+  nb::list handles;
+  handles.append(nb::steal(PyCapsule_New(view, nullptr, nullptr)));
+  nb::object t = nb::steal(PyObject_CallOneArg(wrap.ptr(), handles.ptr()));  // owns view from here
+  if (!t.is_valid()) {
+    PyErr_Clear();
+    return;
+  }
+  t = t[0];
+  if (t.attr("dtype").ptr() != torch_dtype(DType::kInt64) ||
+      !nb::cast<bool>(t.attr("shape").equal(nb::make_tuple(2, 3))) ||
+      !nb::cast<bool>(t.attr("stride")().equal(nb::make_tuple(1, 2))) ||
+      nb::cast<uintptr_t>(t.attr("data_ptr")()) != reinterpret_cast<uintptr_t>(base) + 8 ||
+      reinterpret_cast<uintptr_t>(data) != reinterpret_cast<uintptr_t>(base) + 8)
+    return;
+  s.view_dtype = r.view_dtype;
+  s.reinterpret = r.reinterpret;
+}
+
 // The shim's entries, and a check that they make what this extension expects: one CPU tensor of
 // every dtype, strided, wrapped and read back through Python. A torch whose shim differs (an entry
 // missing, a dtype code or the stealing call changed) is then used through Python only.
@@ -413,6 +457,7 @@ inline const TorchShim* load_torch_shim() {
           nb::cast<uintptr_t>(t.attr("data_ptr")()) != reinterpret_cast<uintptr_t>(data))
         return nullptr;
     }
+    load_views(lib, s, wrap);
     s.wrap = wrap.release().ptr();
     load_reading(lib, s);
     return new TorchShim(s);  // for the process, as torch_objects()
@@ -525,6 +570,48 @@ class Outputs {
     return slot;
   }
 
+  // One output of add_packed.
+  struct Part {
+    std::vector<int64_t> shape;
+    DType dtype;
+    TensorRef* ref;
+    std::vector<int64_t> strides = {};  // empty: contiguous
+    nb::handle like = nb::handle();
+  };
+
+  // Small outputs of one call in one allocation, each a view at its own 256-byte aligned offset:
+  // through the shim an allocation is ~5 µs on the host path in front of a launch (bench/NOTES.md,
+  // eleventh session) and a view well under one. Only for outputs that live about as long as each
+  // other (a view keeps the whole block): never a call's recv_x. Without the shim's views each
+  // part is add()'s. Returns the parts' slots, in order.
+  std::vector<int> add_packed(int device, std::vector<Part> parts) {
+    std::vector<int> slots;
+    if (shim_ != nullptr && shim_->view_dtype != nullptr && shim_->reinterpret != nullptr && parts.size() > 1) {
+      std::vector<int64_t> offsets;
+      std::vector<std::vector<int64_t>> strides;
+      int64_t total = 0;
+      for (const Part& p : parts) {
+        std::vector<int64_t> st = p.strides;
+        if (st.empty()) {
+          st.assign(p.shape.size(), 1);
+          for (size_t i = p.shape.size(); i-- > 1;) st[i - 1] = st[i] * std::max<int64_t>(p.shape[i], 1);
+        }
+        int64_t extent = 1;  // elements from the first to one past the last
+        for (size_t i = 0; i < p.shape.size(); ++i) {
+          if (p.shape[i] == 0) extent = 0;
+          if (extent > 0) extent += (p.shape[i] - 1) * st[i];
+        }
+        strides.push_back(std::move(st));
+        offsets.push_back(total);
+        total += (extent * dtype_size(p.dtype) + 255) / 256 * 256;
+      }
+      total = std::max<int64_t>(total, 256);
+      if (carve(device, total, parts, strides, offsets, slots)) return slots;
+    }
+    for (Part& p : parts) slots.push_back(add(std::move(p.shape), p.dtype, device, p.ref, std::move(p.strides), p.like));
+    return slots;
+  }
+
   // Every added tensor as a Python object (one call into torch for those the shim made).
   void finish() {
     nb::list handles;
@@ -545,6 +632,48 @@ class Outputs {
   nb::object get(int slot) const { return slot == kNone ? nb::none() : objects_[static_cast<size_t>(slot)]; }
 
  private:
+  // add_packed's block of `total` bytes and its views; false (nothing kept, `slots` untouched)
+  // where any shim call fails, and the caller allocates each part instead.
+  bool carve(int device, int64_t total, const std::vector<Part>& parts,
+             const std::vector<std::vector<int64_t>>& strides, const std::vector<int64_t>& offsets,
+             std::vector<int>& slots) {
+    const int64_t stride = 1;
+    TorchShim::Handle block = nullptr;
+    void* base = nullptr;
+    if (shim_->empty_strided(1, &total, &stride, shim_->dtype[static_cast<int>(DType::kUInt8)],
+                             device < 0 ? shim_->cpu : shim_->cuda, std::max(device, 0), &block) != 0)
+      return false;
+    std::vector<TorchShim::Handle> views;
+    bool ok = shim_->get_data_ptr(block, &base) == 0;
+    for (size_t i = 0; ok && i < parts.size(); ++i) {
+      const Part& p = parts[i];
+      const int64_t size = dtype_size(p.dtype);
+      TorchShim::Handle typed = nullptr, view = nullptr;
+      ok = shim_->view_dtype(block, shim_->dtype[static_cast<int>(p.dtype)], &typed) == 0 &&
+           shim_->reinterpret(typed, static_cast<int64_t>(p.shape.size()), p.shape.data(), strides[i].data(),
+                              offsets[i] / size, &view) == 0;
+      if (typed != nullptr) shim_->delete_tensor(typed);
+      if (view != nullptr) views.push_back(view);
+    }
+    shim_->delete_tensor(block);  // the views hold its storage
+    if (!ok) {
+      for (TorchShim::Handle v : views) shim_->delete_tensor(v);
+      return false;
+    }
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const Part& p = parts[i];
+      slots.push_back(static_cast<int>(objects_.size()));
+      handles_.push_back(views[i]);
+      objects_.emplace_back();
+      p.ref->data = static_cast<char*>(base) + offsets[i];
+      p.ref->dtype = p.dtype;
+      p.ref->shape = p.shape;
+      p.ref->strides = p.strides;
+      p.ref->device = device;
+    }
+    return true;
+  }
+
   const TorchShim* shim_;
   std::vector<TorchShim::Handle> handles_;  // the shim's, until finish()
   std::vector<nb::object> objects_;

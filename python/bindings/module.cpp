@@ -187,12 +187,9 @@ moelink::DispatchHandle dispatch_handle(nb::handle rank_prefix_matrix, nb::handl
 // recv_x and recv_x_scales of n rows, as alloc_dispatch_outputs (python/moelink/_arena.py) makes
 // them without an arena, in its order: the scales keep the caller's layout (column-major is what
 // fp8 GEMMs read). Their slots in `outs` (recv_x_scales kNone without scales).
-std::pair<int, int> add_recv_x(Outputs& outs, nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
-                               int64_t n, int device, moelink::DispatchOutputs* out) {
-  moelink::check::dim(in.x, 2, "x");
-  const int recv_x = outs.add({n, in.x.size(1)}, in.x.dtype, device, &out->recv_x, {},
-                              template_for(x, in.x, in.x.dtype, device));
-  if (!in.x_scales.defined()) return {recv_x, Outputs::kNone};
+// recv_x_scales of n rows, as add_recv_x adds it.
+Outputs::Part recv_scales_part(nb::handle x_scales, const moelink::DispatchInputs& in, int64_t n, int device,
+                               moelink::DispatchOutputs* out) {
   const moelink::TensorRef& ref = in.x_scales;
   moelink::check::dim(ref, 2, "x_scales");
   // Column-major (_arena.scales_column_major's test: a token stride of 1, and more than one scale or
@@ -200,8 +197,23 @@ std::pair<int, int> add_recv_x(Outputs& outs, nb::handle x, nb::handle x_scales,
   // them (for n = 0 too).
   std::vector<int64_t> strides;
   if (ref.stride(0) == 1 && (ref.size(1) > 1 || ref.stride(1) != 1)) strides = {1, std::max<int64_t>(n, 1)};
-  return {recv_x, outs.add({n, ref.size(1)}, ref.dtype, device, &out->recv_x_scales, std::move(strides),
-                           template_for(x_scales, ref, ref.dtype, device))};
+  return {{n, ref.size(1)}, ref.dtype, &out->recv_x_scales, std::move(strides),
+          template_for(x_scales, ref, ref.dtype, device)};
+}
+
+int add_recv_x_only(Outputs& outs, nb::handle x, const moelink::DispatchInputs& in, int64_t n, int device,
+                    moelink::DispatchOutputs* out) {
+  moelink::check::dim(in.x, 2, "x");
+  return outs.add({n, in.x.size(1)}, in.x.dtype, device, &out->recv_x, {}, template_for(x, in.x, in.x.dtype, device));
+}
+
+std::pair<int, int> add_recv_x(Outputs& outs, nb::handle x, nb::handle x_scales, const moelink::DispatchInputs& in,
+                               int64_t n, int device, moelink::DispatchOutputs* out) {
+  const int recv_x = add_recv_x_only(outs, x, in, n, device, out);
+  if (!in.x_scales.defined()) return {recv_x, Outputs::kNone};
+  Outputs::Part scales = recv_scales_part(x_scales, in, n, device, out);
+  return {recv_x, outs.add(std::move(scales.shape), scales.dtype, device, scales.ref, std::move(scales.strides),
+                           scales.like)};
 }
 
 // dispatch's x, a tensor or a (data, scales) pair of tensors, split; false for anything else (the
@@ -246,8 +258,13 @@ moelink::StreamOrder default_order(uintptr_t compute_stream, bool async_finish =
 // kernel's send half writes both words in its last block, faulted or not (low_latency/call.cuh's
 // run_call), before anything reads them, and a fill is one more launch on a host path that is the
 // whole of a hook's send call.
+Outputs::Part ll_state_part(moelink::TensorRef* ref, nb::handle like_int64) {
+  return {{2}, moelink::DType::kInt64, ref, {}, like_int64};
+}
+
 int add_ll_state(Outputs& outs, int device, moelink::TensorRef* ref, nb::handle like_int64) {
-  return outs.add({2}, moelink::DType::kInt64, device, ref, {}, like_int64);
+  Outputs::Part part = ll_state_part(ref, like_int64);
+  return outs.add(std::move(part.shape), part.dtype, device, ref, {}, like_int64);
 }
 
 // The local errors an operation left (what EventOverlap's finish would warn about), or None.
@@ -314,13 +331,15 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   const nb::handle like_float32 = template_for(topk_weights, in.topk_weights, DType::kFloat32, device);
   moelink::DispatchHandle handle;
   Outputs outs;
-  const int rank_prefix_matrix =
-      outs.add({num_ranks, num_ranks}, DType::kInt32, device, &handle.rank_prefix_matrix, {}, like_int32);
-  const int channel_prefix_matrix =
-      outs.add({num_ranks, num_channels}, DType::kInt32, device, &handle.channel_prefix_matrix, {}, like_int32);
-  const int recv_channel_prefix_matrix =
-      outs.add({num_ranks, num_channels}, DType::kInt32, device, &handle.recv_channel_prefix_matrix, {}, like_int32);
-  const int info = outs.add({2}, DType::kInt64, device, &handle.info, {}, like_int64);
+  // The handle's four live as long as it does: one allocation (Outputs::add_packed).
+  const std::vector<int> matrices =
+      outs.add_packed(device, {{{num_ranks, num_ranks}, DType::kInt32, &handle.rank_prefix_matrix, {}, like_int32},
+                               {{num_ranks, num_channels}, DType::kInt32, &handle.channel_prefix_matrix, {}, like_int32},
+                               {{num_ranks, num_channels}, DType::kInt32, &handle.recv_channel_prefix_matrix, {},
+                                like_int32},
+                               {{2}, DType::kInt64, &handle.info, {}, like_int64}});
+  const int rank_prefix_matrix = matrices[0], channel_prefix_matrix = matrices[1],
+            recv_channel_prefix_matrix = matrices[2], info = matrices[3];
   handle.is_token_in_rank = in.is_token_in_rank;
   moelink::DispatchPlan plan;
   {
@@ -329,16 +348,24 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   }
   const int64_t n = plan.num_recv_tokens;
   moelink::DispatchOutputs out;
-  const auto [recv_x, recv_x_scales] = add_recv_x(outs, x, x_scales, in, n, device, &out);
-  int recv_topk_idx = Outputs::kNone, recv_topk_weights = Outputs::kNone;
+  // Between the wait and the launch every allocation is on the critical path: recv_x gets its own
+  // (its life ends when the experts are done with it), the small ones share one (add_packed).
+  const int recv_x = add_recv_x_only(outs, x, in, n, device, &out);
+  std::vector<Outputs::Part> small;
+  if (in.x_scales.defined()) small.push_back(recv_scales_part(x_scales, in, n, device, &out));
   if (in.topk_idx.defined()) {
     moelink::check::dim(in.topk_idx, 2, "topk_idx");
     const int64_t k = in.topk_idx.size(1);
-    recv_topk_idx = outs.add({n, k}, DType::kInt64, device, &out.recv_topk_idx, {}, like_int64);
-    if (in.topk_weights.defined())
-      recv_topk_weights = outs.add({n, k}, DType::kFloat32, device, &out.recv_topk_weights, {}, like_float32);
+    small.push_back({{n, k}, DType::kInt64, &out.recv_topk_idx, {}, like_int64});
+    if (in.topk_weights.defined()) small.push_back({{n, k}, DType::kFloat32, &out.recv_topk_weights, {}, like_float32});
   }
-  const int recv_src_idx = outs.add({n}, DType::kInt32, device, &handle.recv_src_idx, {}, like_int32);
+  small.push_back({{n}, DType::kInt32, &handle.recv_src_idx, {}, like_int32});
+  const std::vector<int> slots = outs.add_packed(device, std::move(small));
+  size_t next = 0;
+  const int recv_x_scales = in.x_scales.defined() ? slots[next++] : Outputs::kNone;
+  const int recv_topk_idx = in.topk_idx.defined() ? slots[next++] : Outputs::kNone;
+  const int recv_topk_weights = in.topk_idx.defined() && in.topk_weights.defined() ? slots[next++] : Outputs::kNone;
+  const int recv_src_idx = slots[next];
   moelink::EventHandle event;
   {
     nb::gil_scoped_release release;
@@ -875,17 +902,23 @@ void bind_buffer(nb::module_& m) {
             const int recv_x = outs.add({E, rows, H}, use_fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, device,
                                         &out.recv_x, {},
                                         use_fp8 ? nb::handle() : template_for(x, in.x, DType::kBFloat16, device));
-            int recv_x_scales = Outputs::kNone;
+            // The rest share one allocation (Outputs::add_packed): the handle's three and the counts
+            // live as long as each other, the scales about as long as recv_x.
+            std::vector<Outputs::Part> small;
             if (use_fp8) {
               // Column-major in the last two dims: the strides of empty((E, columns, rows)).transpose(1, 2).
               const int64_t columns = H / 128 / (use_ue8m0 ? 4 : 1);
-              recv_x_scales = outs.add({E, rows, columns}, use_ue8m0 ? DType::kInt32 : DType::kFloat32, device,
-                                       &out.recv_x_scales, {rows * std::max<int64_t>(columns, 1), 1, rows});
+              small.push_back({{E, rows, columns}, use_ue8m0 ? DType::kInt32 : DType::kFloat32, &out.recv_x_scales,
+                               {rows * std::max<int64_t>(columns, 1), 1, rows}});
             }
-            const int recv_count = outs.add({E}, DType::kInt32, device, &out.recv_count);
-            const int src_info = outs.add({E, rows}, DType::kInt32, device, &out.src_info);
-            const int layout_range = outs.add({E, R}, DType::kInt64, device, &out.layout_range, {}, like_int64);
-            const int state = add_ll_state(outs, device, &out.state, like_int64);
+            small.push_back({{E}, DType::kInt32, &out.recv_count});
+            small.push_back({{E, rows}, DType::kInt32, &out.src_info});
+            small.push_back({{E, R}, DType::kInt64, &out.layout_range, {}, like_int64});
+            small.push_back(ll_state_part(&out.state, like_int64));
+            const std::vector<int> slots = outs.add_packed(device, std::move(small));
+            const int recv_x_scales = use_fp8 ? slots[0] : Outputs::kNone;
+            const int recv_count = slots[use_fp8 ? 1 : 0], src_info = slots[use_fp8 ? 2 : 1],
+                      layout_range = slots[use_fp8 ? 3 : 2], state = slots[use_fp8 ? 4 : 3];
             moelink::EventHandle event;
             {
               nb::gil_scoped_release release;
@@ -1023,28 +1056,43 @@ NB_MODULE(_moelink, m) {
       },
       "use"_a);
   m.def("torch_shim_in_use", [] { return moelink::bindings::torch_shim() != nullptr; });
+  // Whether small outputs share one allocation (Outputs::add_packed): the shim in use, with views.
+  m.def("torch_shim_packs", [] {
+    const moelink::bindings::TorchShim* shim = moelink::bindings::torch_shim();
+    return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr;
+  });
   // Tensors made as the operations make their outputs (Outputs), from (shape, dtype name, strides,
-  // device) tuples (strides () for contiguous, device -1 for the CPU): for tests of both ways of
-  // making them, and for timing them (bench/probe_calls.py).
+  // device) tuples (strides () for contiguous, device -1 for the CPU), each its own allocation or
+  // (packed) all in one, as add_packed makes them (every spec on the first one's device): for tests
+  // of the ways of making them, and for timing them (bench/probe_calls.py).
   m.def(
       "make_outputs",
-      [](nb::handle specs) {
+      [](nb::handle specs, bool packed) {
         Outputs outs;
         std::vector<int> slots;
+        std::vector<Outputs::Part> parts;
+        std::vector<moelink::TensorRef> refs(nb::len(specs));
+        int device = 0;
+        size_t i = 0;
         for (nb::handle spec : specs) {
           nb::tuple t = nb::borrow<nb::tuple>(spec);
           std::vector<int64_t> shape = moelink::bindings::to_int_vector(t[0], "specs", "shape");
           std::vector<int64_t> strides = moelink::bindings::to_int_vector(t[2], "specs", "strides");
-          moelink::TensorRef ref;
           const moelink::DType dtype = moelink::bindings::dtype_for_arg(nb::cast<std::string>(t[1]), "specs");
-          slots.push_back(outs.add(std::move(shape), dtype, nb::cast<int>(t[3]), &ref, std::move(strides)));
+          if (i == 0) device = nb::cast<int>(t[3]);
+          if (packed)
+            parts.push_back({std::move(shape), dtype, &refs[i], std::move(strides)});
+          else
+            slots.push_back(outs.add(std::move(shape), dtype, nb::cast<int>(t[3]), &refs[i], std::move(strides)));
+          ++i;
         }
+        if (packed) slots = outs.add_packed(device, std::move(parts));
         outs.finish();
         nb::list tensors;
         for (int slot : slots) tensors.append(outs.get(slot));
         return tensors;
       },
-      "specs"_a);
+      "specs"_a, "packed"_a = false);
   // What the extension reads from a tensor argument, as a TRef tuple: for tests (a torch.Tensor,
   // or any object with its attributes) and for callers checking their own tensor types.
   m.def(

@@ -973,6 +973,42 @@ def test_outputs_are_the_same_tensors_either_way():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_packed_outputs_are_the_same_tensors_in_one_block():
+    """add_packed's outputs: the shapes, dtypes and strides add's have, each a view of one block at
+    a 256-byte aligned offset, none overlapping another (each filled with its own value, all read
+    back), alive after the call; without the shim, separate allocations as before."""
+    import torch
+
+    assert _moelink.use_torch_shim(True)
+    assert _moelink.torch_shim_packs(), "the CPU torch's shim should have the view entries"
+    for use_shim in (True, False):
+        _moelink.use_torch_shim(use_shim)
+        try:
+            tensors = _moelink.make_outputs(_OUTPUT_SPECS, packed=True)
+        finally:
+            _moelink.use_torch_shim(True)
+        assert len(tensors) == len(_OUTPUT_SPECS)
+        for t, (shape, dtype, strides, _) in zip(tensors, _OUTPUT_SPECS):
+            assert type(t) is torch.Tensor and t.dtype == getattr(torch, dtype) and tuple(t.shape) == shape
+            assert t.stride() == tuple(strides or torch.empty(shape).stride()), (use_shim, dtype, t.stride())
+        live = [t for t in tensors if t.numel() > 0]
+        bases = {t.untyped_storage().data_ptr() for t in live}
+        assert len(bases) == (1 if use_shim else len(live)), use_shim
+        if use_shim:
+            base = bases.pop()
+            assert all((t.data_ptr() - base) % 256 == 0 for t in live)
+        for i, t in enumerate(live):
+            t.copy_(torch.full(t.shape, i + 1).to(t.dtype))
+        for i, t in enumerate(live):
+            want = 1 if t.dtype == torch.bool else i + 1
+            assert bool((t.to(torch.float32) == want).all()), (use_shim, t.dtype)
+    del tensors, live
+    # One spec alone is an allocation of its own.
+    (only,) = _moelink.make_outputs(_OUTPUT_SPECS[:1], packed=True)
+    assert only.shape == (3, 4) and only.untyped_storage().nbytes() == 48
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_torch_shim_switch():
     assert _moelink.use_torch_shim(False) is False and not _moelink.torch_shim_in_use()
     assert moelink.Buffer._torch_shim.fget(None) is False
