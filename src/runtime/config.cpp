@@ -74,10 +74,13 @@ int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) c
   if (num_nodes > kMaxNvlRanks)
     detail::raise(ErrorKind::kValue, "num_ranks: internode mode reaches at most ", kMaxNvlRanks, " nodes, got ",
                   num_nodes);
+  // A lane forced onto the put path also holds its 64-bit tails and a mirror of every ring
+  // (MOELINK_DEBUG_LANE_FORCE_PUT).
+  const bool puts = knobs::debug_lane_force_put() != knobs::LanePut::kStores;
   const auto layout = intranode::RingLayout::make(num_nodes, num_channels(), num_max_rdma_chunked_recv_tokens,
-                                                hidden_bytes, static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK);
-  // A lane forced onto the put path also holds a mirror of every ring (MOELINK_DEBUG_LANE_FORCE_PUT).
-  return layout.total_bytes(knobs::debug_lane_force_put() != knobs::LanePut::kStores);
+                                                hidden_bytes, static_cast<int>(hidden_bytes / 128), kernels::kMaxTopK,
+                                                puts);
+  return layout.total_bytes(puts);
 }
 
 Config default_dispatch_config(int num_ranks, int num_sms) {

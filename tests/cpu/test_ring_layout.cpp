@@ -62,23 +62,54 @@ MOELINK_TEST(mirrors_follow_the_rings_laid_out_as_them) {
   // The put path copies slot ranges from a mirror to the ring it mirrors at the same offsets, so a
   // mirror must be as aligned as its ring, clear of every ring, and inside total_bytes(true), as
   // its tails must be.
-  const RingLayout l = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8);
+  const RingLayout l = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8, true);
+  const RingLayout stores = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8);
   std::vector<char> base(static_cast<size_t>(l.total_bytes(true)));
-  EXPECT_EQ(l.total_bytes(true) - l.total_bytes(), l.total_bytes() - l.counters_bytes + l.put_tails_bytes());
+  EXPECT_EQ(l.total_bytes(true) - stores.total_bytes(), stores.total_bytes() - stores.counters_bytes + l.put_tails_bytes());
   const char* last_ring_end = l.ring(base.data(), 11, 7) + l.ring_bytes;
   EXPECT_LE(last_ring_end, l.mirror(base.data(), 0, 0));
-  // The put path's 64-bit tails follow the last mirror, aligned for NVSHMEM's signal words, and
-  // end inside the layout.
-  const char* last_mirror_end = l.mirror(base.data(), 11, 7) + l.ring_bytes;
-  EXPECT_EQ(reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)), last_mirror_end);
-  EXPECT_EQ((last_mirror_end - base.data()) % 128, 0);
-  EXPECT_LE(reinterpret_cast<const char*>(l.put_tail(base.data(), 11, 7) + 1), base.data() + base.size());
+  EXPECT_LE(l.mirror(base.data(), 11, 7) + l.ring_bytes, base.data() + base.size());
+  // The put path's 64-bit tails follow the 32-bit counters, aligned for NVSHMEM's signal words,
+  // and end before the first ring.
+  EXPECT_EQ(reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)) - base.data(), stores.counters_bytes);
+  EXPECT_EQ(stores.counters_bytes % 128, 0);
+  EXPECT_LE(reinterpret_cast<const char*>(l.head(base.data(), 11, 7) + 1), reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)));
+  EXPECT_LE(reinterpret_cast<const char*>(l.put_tail(base.data(), 11, 7) + 1), l.ring(base.data(), 0, 0));
   EXPECT_EQ(l.put_tail(base.data(), 11, 7) - l.put_tail(base.data(), 0, 0), 11 * 8 + 7);
   for (int c : {0, 5, 11})
     for (int p : {0, 3, 7}) {
       EXPECT_EQ((l.mirror(base.data(), c, p) - l.ring(base.data(), c, p)) % 128, 0);
       EXPECT_EQ(l.mirror(base.data(), c, p) - l.mirror(base.data(), 0, 0), l.ring(base.data(), c, p) - l.ring(base.data(), 0, 0));
     }
+  EXPECT_EQ(l.counters_bytes, stores.counters_bytes + l.put_tails_bytes());
+}
+
+MOELINK_TEST(put_tails_stay_put_whatever_the_rows) {
+  // A receiver zeroes only its own operation's tails, so the next operation on the Buffer, whatever
+  // its rows (hidden bytes, fp8 scales, top-k, slots), must find its tails at the same words and
+  // no ring or mirror of any operation may reach them. The fake-puts lane's 2x2 run faulted when
+  // the tails followed the mirrors: an fp8 H 2048 cached dispatch (no top-k) read as its tails the
+  // rows a bf16 H 2056 top-4 dispatch had staged, and took them for counts.
+  for (int ranks : {2, 8}) {
+    for (int channels : {4, 12}) {
+      const RingLayout first = RingLayout::make(ranks, channels, 128, 2 * 2056, 0, 4, true);
+      std::vector<char> base(static_cast<size_t>(first.counters_bytes));
+      const auto offset = [&](const void* p) { return static_cast<const char*>(p) - base.data(); };
+      for (int slots : {2, 16, 128})
+        for (int64_t row_bytes : {16, 2048, 2 * 2056, 2 * 7168})
+          for (int scales : {0, 16, 56})
+            for (int topk : {0, 4, 8}) {
+              const RingLayout l = RingLayout::make(ranks, channels, slots, row_bytes, scales, topk, true);
+              EXPECT_EQ(l.counters_bytes, first.counters_bytes);
+              for (int c = 0; c < channels; ++c)
+                for (int p = 0; p < ranks; ++p) {
+                  EXPECT_EQ(offset(l.put_tail(base.data(), c, p)), offset(first.put_tail(base.data(), c, p)));
+                  // Every ring (and so every mirror, after the rings) of this layout starts past them.
+                  EXPECT_LE(offset(l.put_tail(base.data(), c, p) + 1), offset(l.ring(base.data(), 0, 0)));
+                }
+            }
+    }
+  }
 }
 
 MOELINK_TEST(size_hint_is_the_layout_the_kernels_use_at_the_largest_row) {

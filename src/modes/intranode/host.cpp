@@ -40,6 +40,10 @@ const runtime::WaitStepRegistration wait_steps{
 
 int blocks_per_sm(const Context& ctx);
 
+// Whether the kernels run the put path (FakePuts or Puts), whose ring layout the host must size and
+// hand them: its tails and mirrors are not where the stores path has rings.
+bool put_path(const Context& ctx) { return ctx.window_policy() != window::Policy::kStores; }
+
 struct DispatchShape {
   int64_t num_tokens = 0, hidden = 0, row_bytes = 0;
   int num_topk = 0, num_scales = 0, num_channels = 0, num_experts = 0;
@@ -166,9 +170,9 @@ DispatchShape validate_dispatch(Context& ctx, const DispatchInputs& in, const Di
     if (in.expert_alignment < 1) raise(ErrorKind::kValue, "expert_alignment: expected >= 1, got ", in.expert_alignment);
     if (in.num_worst_tokens < 0) raise(ErrorKind::kValue, "num_worst_tokens: expected >= 0, got ", in.num_worst_tokens);
   }
+  const bool mirrors = put_path(ctx);
   const auto layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
-                                                s.num_scales, s.num_topk);
-  const bool mirrors = ctx.lane_fake_puts;
+                                                s.num_scales, s.num_topk, mirrors);
   if (layout.total_bytes(mirrors) > ctx.num_nvl_bytes)
     raise(ErrorKind::kValue, "num_nvl_bytes: this ", op, " needs ", layout.total_bytes(mirrors), " bytes of NVLink buffer (",
           R, " ranks, ", s.num_channels, " channels, ", config.num_max_nvl_chunked_recv_tokens, " ring slots, ",
@@ -540,7 +544,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.write_src_idx = !cached;
   a.num_out_rows = static_cast<int>(N);
   a.layout = RingLayout::make(R, s.num_channels, config.num_max_nvl_chunked_recv_tokens, s.row_bytes,
-                                       s.num_scales, s.num_topk);
+                                       s.num_scales, s.num_topk, put_path(ctx));
   a.chunk = config.num_max_nvl_chunked_send_tokens;
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
@@ -625,10 +629,11 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   if (in.bias_0.data || in.bias_0.dim() > 0) expect(in.bias_0, {T, H}, DType::kBFloat16, ctx.device, "bias[0]");
   if (in.bias_1.data || in.bias_1.dim() > 0) expect(in.bias_1, {T, H}, DType::kBFloat16, ctx.device, "bias[1]");
   expect(out.combined_x, {T, H}, DType::kBFloat16, ctx.device, "combined_x");
-  const auto needed = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
-  if (needed.total_bytes(ctx.lane_fake_puts) > ctx.num_nvl_bytes)
-    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", needed.total_bytes(ctx.lane_fake_puts),
-          " bytes of NVLink buffer", ctx.lane_fake_puts ? " (rings and their put-path mirrors)" : "",
+  const bool mirrors = put_path(ctx);
+  const auto needed = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K, mirrors);
+  if (needed.total_bytes(mirrors) > ctx.num_nvl_bytes)
+    raise(ErrorKind::kValue, "num_nvl_bytes: this combine needs ", needed.total_bytes(mirrors),
+          " bytes of NVLink buffer", mirrors ? " (rings and their put-path mirrors)" : "",
           " but the Buffer has ", ctx.num_nvl_bytes, "; size it with Config.get_nvl_buffer_size_hint");
   const long long* handle = handle_info(h, ctx.device);
   host_stamps::mark("combine.validate");
@@ -636,7 +641,7 @@ EventHandle combine(Context& ctx, const CombineInputs& in, const DispatchHandle&
   host_stamps::mark("combine.begin_op");
   return handle;
   });
-  const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K);
+  const auto layout = RingLayout::make(R, C, config.num_max_nvl_chunked_recv_tokens, H * 2, 0, K, put_path(ctx));
 
   // The opening (in the kernel) checks, on the device, that all ranks agree and that x has every
   // row the handle names: no rank reads outside any allocation.

@@ -2,8 +2,9 @@
 // The named layout of the intranode part of an NVLink buffer. One definition serves the host (size
 // hints, "buffer too small" checks) and the kernels, so they cannot disagree.
 //
-//   [ counters: tail[C][R] | head[C][R] ]  [ ring(c=0,peer=0) | ring(0,1) | ... | ring(C-1,R-1) ]
-//   [ mirror(0,0) | ... | mirror(C-1,R-1) | put_tail[C][R] ]   (the put path only: total_bytes(true))
+//   [ counters: tail[C][R] | head[C][R] | put_tail[C][R] (the put path only) ]
+//   [ ring(c=0,peer=0) | ring(0,1) | ... | ring(C-1,R-1) ]
+//   [ mirror(0,0) | ... | mirror(C-1,R-1) ]   (the put path only: total_bytes(true))
 //
 // ring(c, p) in rank d's buffer carries channel c's rows from peer p to d. Each ring is `slots`
 // entries deep, stored field by field: x rows, source token index, top-k ids, top-k weights, scales.
@@ -13,6 +14,10 @@
 // rows it sends d there, and copies them to the same slots of d's ring a batch at a time.
 // put_tail[c][p] (in d's buffer) is the put path's tail of ring(c, p): 64-bit, the width of
 // NVSHMEM's signal words, which the put path adds the rows of each batch to; tail[c][p] is then unused.
+// It sits with the other counters because a receiver zeroes only its own operation's tails, and
+// the next operation must find them zero: anywhere the rows' size (hidden bytes, scales, top-k,
+// slots) moves it, such as after the mirrors, it lands on bytes an earlier operation's rows left,
+// which the receiver takes for a count.
 #include <cstdint>
 
 #include <vector_types.h>
@@ -35,8 +40,9 @@ struct RingLayout {
   int64_t ring_bytes = 0;
   int64_t counters_bytes = 0;
 
+  // puts: the put path's layout (a window with kPuts), whose counters also hold the 64-bit tails.
   MOELINK_HOST_DEVICE static RingLayout make(int num_ranks, int num_channels, int slots, int64_t row_bytes,
-                                             int num_scales, int num_topk) {
+                                             int num_scales, int num_topk, bool puts = false) {
     RingLayout l;
     l.num_ranks = num_ranks;
     l.num_channels = num_channels;
@@ -50,14 +56,18 @@ struct RingLayout {
     l.weights_bytes = align_up(static_cast<int64_t>(slots) * num_topk * 4, 128);
     l.scales_bytes = align_up(static_cast<int64_t>(slots) * num_scales * 4, 128);
     l.ring_bytes = l.x_bytes + l.src_idx_bytes + l.topk_idx_bytes + l.weights_bytes + l.scales_bytes;
-    l.counters_bytes = align_up(2LL * num_channels * num_ranks * 4, 128);
+    l.counters_bytes = l.int_counters_bytes() + (puts ? l.put_tails_bytes() : 0);
     return l;
   }
 
-  // with_mirrors: the put path's layout, a mirror per ring after the rings, then its 64-bit tails.
+  // with_mirrors: the put path's layout (made with puts), a mirror per ring after the rings.
   MOELINK_HOST_DEVICE int64_t total_bytes(bool with_mirrors = false) const {
     const int64_t rings = static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
-    return counters_bytes + rings + (with_mirrors ? rings + put_tails_bytes() : 0);
+    return counters_bytes + rings + (with_mirrors ? rings : 0);
+  }
+  // The 32-bit tail and head words; the put path's tails follow them.
+  MOELINK_HOST_DEVICE int64_t int_counters_bytes() const {
+    return align_up(2LL * num_channels * num_ranks * 4, 128);
   }
   MOELINK_HOST_DEVICE int64_t put_tails_bytes() const {
     return align_up(static_cast<int64_t>(num_channels) * num_ranks * 8, 128);
@@ -78,7 +88,8 @@ struct RingLayout {
     return ring(base, channel, peer) + static_cast<int64_t>(num_channels) * num_ranks * ring_bytes;
   }
   MOELINK_HOST_DEVICE unsigned long long* put_tail(void* base, int channel, int peer) const {
-    return reinterpret_cast<unsigned long long*>(mirror(base, num_channels, 0)) + channel * num_ranks + peer;
+    return reinterpret_cast<unsigned long long*>(reinterpret_cast<char*>(base) + int_counters_bytes()) +
+           channel * num_ranks + peer;
   }
   MOELINK_HOST_DEVICE int4* slot_x(char* ring, int slot) const {
     return reinterpret_cast<int4*>(ring) + static_cast<int64_t>(slot) * hidden_int4;
