@@ -469,6 +469,12 @@ inline const TorchShim* load_torch_shim() {
 }
 }  // namespace detail
 
+// Whether Outputs::add_packed packs (Buffer._pack_outputs: for side-by-side timing).
+inline bool& packing_wanted() {
+  static bool wanted = true;
+  return wanted;
+}
+
 // The shim where it loaded and is wanted, else null (outputs are then made through Python).
 inline const TorchShim* torch_shim() {
   static const TorchShim* const shim = detail::load_torch_shim();
@@ -586,7 +592,8 @@ class Outputs {
   // part is add()'s. Returns the parts' slots, in order.
   std::vector<int> add_packed(int device, std::vector<Part> parts) {
     std::vector<int> slots;
-    if (shim_ != nullptr && shim_->view_dtype != nullptr && shim_->reinterpret != nullptr && parts.size() > 1) {
+    if (shim_ != nullptr && shim_->view_dtype != nullptr && shim_->reinterpret != nullptr && parts.size() > 1 &&
+        packing_wanted()) {
       std::vector<int64_t> offsets;
       std::vector<std::vector<int64_t>> strides;
       int64_t total = 0;

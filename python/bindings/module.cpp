@@ -1056,11 +1056,21 @@ NB_MODULE(_moelink, m) {
       },
       "use"_a);
   m.def("torch_shim_in_use", [] { return moelink::bindings::torch_shim() != nullptr; });
-  // Whether small outputs share one allocation (Outputs::add_packed): the shim in use, with views.
+  // Whether small outputs share one allocation (Outputs::add_packed): the shim in use, with views,
+  // and packing not switched off (use_packing, Buffer._pack_outputs).
   m.def("torch_shim_packs", [] {
     const moelink::bindings::TorchShim* shim = moelink::bindings::torch_shim();
-    return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr;
+    return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr &&
+           moelink::bindings::packing_wanted();
   });
+  m.def(
+      "use_packing",
+      [](bool use) {
+        moelink::bindings::packing_wanted() = use;
+        const moelink::bindings::TorchShim* shim = moelink::bindings::torch_shim();
+        return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr && use;
+      },
+      "use"_a);
   // Tensors made as the operations make their outputs (Outputs), from (shape, dtype name, strides,
   // device) tuples (strides () for contiguous, device -1 for the CPU), each its own allocation or
   // (packed) all in one, as add_packed makes them (every spec on the first one's device): for tests

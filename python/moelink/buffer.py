@@ -172,6 +172,17 @@ class Buffer:
     def _torch_shim(self, use: bool) -> None:
         _moelink.use_torch_shim(bool(use))
 
+    @property
+    def _pack_outputs(self) -> bool:
+        """Whether a call's small outputs share one allocation, as views (through the shim, where
+        it has them). Process-wide; settable for side-by-side timing
+        (``bench/interleaved.py --switch single:_pack_outputs=False``)."""
+        return _moelink.torch_shim_packs()
+
+    @_pack_outputs.setter
+    def _pack_outputs(self, use: bool) -> None:
+        _moelink.use_packing(bool(use))
+
     # ---- static configuration ----------------------------------------------------------------------
 
     @staticmethod

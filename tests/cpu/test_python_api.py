@@ -1003,6 +1003,15 @@ def test_packed_outputs_are_the_same_tensors_in_one_block():
             want = 1 if t.dtype == torch.bool else i + 1
             assert bool((t.to(torch.float32) == want).all()), (use_shim, t.dtype)
     del tensors, live
+    # Switched off (Buffer._pack_outputs), each its own allocation.
+    moelink.Buffer._pack_outputs.fset(None, False)
+    try:
+        assert not _moelink.torch_shim_packs() and not moelink.Buffer._pack_outputs.fget(None)
+        apart = [t for t in _moelink.make_outputs(_OUTPUT_SPECS, packed=True) if t.numel() > 0]
+        assert len({t.untyped_storage().data_ptr() for t in apart}) == len(apart)
+    finally:
+        moelink.Buffer._pack_outputs.fset(None, True)
+    assert _moelink.torch_shim_packs()
     # One spec alone is an allocation of its own.
     (only,) = _moelink.make_outputs(_OUTPUT_SPECS[:1], packed=True)
     assert only.shape == (3, 4) and only.untyped_storage().nbytes() == 48
