@@ -242,12 +242,18 @@ def test_table_says_where_the_ranks_ran(run_all):
     assert "Where each rank" not in plain
 
 
-def test_interleaved_summary_leaves_the_placement_out(repo_root, monkeypatch):
+@pytest.fixture
+def interleaved(repo_root, monkeypatch):
     monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
     monkeypatch.syspath_prepend(str(repo_root / "bench"))
     spec = importlib.util.spec_from_file_location("bench_interleaved", repo_root / "bench" / "interleaved.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_summary_leaves_the_placement_out(interleaved):
+    module = interleaved
     rank = {"_placement": {"cpu": 1, "core": "0/1", "node": "0"},
             "dispatch_fp8": {"moelink": [100.0, 110.0], "deep_ep": [200.0, 220.0]}}
     summary = module.summarize([rank, rank], ["moelink", "deep_ep"])
@@ -256,12 +262,8 @@ def test_interleaved_summary_leaves_the_placement_out(repo_root, monkeypatch):
     assert "skew_us" not in summary["dispatch_fp8"]["moelink"]
 
 
-def test_interleaved_skew_is_the_spread_of_the_ranks_starts(repo_root, monkeypatch):
-    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
-    monkeypatch.syspath_prepend(str(repo_root / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_interleaved", repo_root / "bench" / "interleaved.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_interleaved_skew_is_the_spread_of_the_ranks_starts(interleaved):
+    module = interleaved
     times = {"moelink": [100.0, 110.0, 120.0]}
     ranks = [{"dispatch_fp8": times, "_began_dispatch_fp8": {"moelink": [1_000, 5_000, 9_000]}},
              {"dispatch_fp8": times, "_began_dispatch_fp8": {"moelink": [3_000, 6_000, 19_000]}},
