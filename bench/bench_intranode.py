@@ -12,8 +12,9 @@ sequence are identical; only the module differs.
 Timing: each op is timed alone with CUDA events on the caller's stream, median over `iters`. Before
 every iteration a 256 MB tensor is zeroed (evicting L2, so inputs come from HBM), the device is
 synchronized and all ranks start together (start_together: a shared deadline on the host's
-monotonic clock, spun to), so one rank's time does not include waiting for a peer that started late. Bytes per rank, as DeepEP's tests count them: dispatch bf16 = recv_rows *
-H * 2; fp8 = recv_rows * H * (1 + 4/128) (data plus float32 scales); combine = recv_rows * H * 2;
+monotonic clock, spun to), so one rank's time does not include waiting for a peer that started
+late. Bytes per rank, as DeepEP's tests count them: dispatch bf16 = recv_rows * H * 2;
+fp8 = recv_rows * H * (1 + 4/128) (data plus float32 scales); combine = recv_rows * H * 2;
 GB/s = bytes / time / 1e9.
 """
 
@@ -99,16 +100,15 @@ START_MARGIN_NS = 1_500_000
 START_METHODS = ("together", "barrier")
 START_METHOD = "together"
 LATE_STARTS = [0]
-START_LOG: list[int] = []  # monotonic ns at which each timed call began, when collecting
+START_LOG: list[int] = []  # monotonic ns at which each timed call began (interleaved.py pops them)
 
 
 def start_together(method: str | None = None) -> int | None:
-    """Every rank returns at about the same instant. A gloo barrier releases the ranks up to
-    ~100 µs apart, and which rank is late, by how much, holds for a whole process launch (the 2x24
-    modes of bench/NOTES.md, eleventh session); a timed collective call then includes its early
-    peers' wait for the late one. Here the ranks agree on a deadline on CLOCK_MONOTONIC, which every
-    process of one host shares, and spin to it; the deadline is returned (None for `barrier`, the
-    plain barrier, kept to compare)."""
+    """Every rank returns at about the same instant. A gloo barrier releases the ranks 15-35 µs
+    apart under MPS (bench/NOTES.md, twelfth session), so a timed collective call would include its
+    early peers' wait for the late one. Here the ranks agree on a deadline on CLOCK_MONOTONIC, which
+    every process of one host shares, and spin to it; the deadline is returned (None for `barrier`,
+    the plain barrier, kept to compare)."""
     method = method or START_METHOD
     if method == "barrier":
         dist.barrier()

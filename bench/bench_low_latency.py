@@ -7,8 +7,8 @@ Each (ranks, experts) runs R ranks as processes (several per GPU under MPS) with
 MOELINK_EXPERIMENTAL_LOW_LATENCY=1, checks one round against the GPU suite's reference checks, then
 times: dispatch bf16, dispatch fp8, combine (bf16, of the bf16 dispatch's layout), and the send call
 of a hook-mode dispatch (return_recv_hook=True; the hook runs untimed after it). Timing: all ranks
-start together (bench_intranode.start_together), then CUDA events around one call on the caller's stream; per iteration the
-slowest rank's time counts; the median over iterations is shown. No L2 flush: decode runs these
+start together (bench_intranode.start_together), then CUDA events around one call on the caller's
+stream; per iteration the slowest rank's time counts; the median over iterations is shown. No L2 flush: decode runs these
 back to back on warm data.
 
 Floor: the time the same bytes take at this GPU's copy rate (1 GiB device-to-device, read + write

@@ -204,7 +204,8 @@ def format_table(cells: list[dict]) -> str:
             for name, entry in by_name.items():
                 ratio = "-" if "ratio" not in entry else f"{entry['ratio']:.3f} ({entry['q1']:.3f}-{entry['q3']:.3f})"
                 skew = f"{entry['skew_us']:.1f}" if "skew_us" in entry else "-"
-                lines.append(f"| {cell['cell']} | {OP_TITLES.get(op, op)} | {name} | {entry['us']:.1f} | {ratio} | {skew} |")
+                lines.append(f"| {cell['cell']} | {OP_TITLES.get(op, op)} | {name} | {entry['us']:.1f} | {ratio} "
+                             f"| {skew} |")
     return "\n".join(lines)
 
 

@@ -615,7 +615,8 @@ class Outputs {
       total = std::max<int64_t>(total, 256);
       if (carve(device, total, parts, strides, offsets, slots)) return slots;
     }
-    for (Part& p : parts) slots.push_back(add(std::move(p.shape), p.dtype, device, p.ref, std::move(p.strides), p.like));
+    for (Part& p : parts)
+      slots.push_back(add(std::move(p.shape), p.dtype, device, p.ref, std::move(p.strides), p.like));
     return slots;
   }
 

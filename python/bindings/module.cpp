@@ -332,12 +332,11 @@ nb::tuple dispatch_uncached(moelink::Buffer& self, const moelink::DispatchInputs
   moelink::DispatchHandle handle;
   Outputs outs;
   // The handle's four live as long as it does: one allocation (Outputs::add_packed).
-  const std::vector<int> matrices =
-      outs.add_packed(device, {{{num_ranks, num_ranks}, DType::kInt32, &handle.rank_prefix_matrix, {}, like_int32},
-                               {{num_ranks, num_channels}, DType::kInt32, &handle.channel_prefix_matrix, {}, like_int32},
-                               {{num_ranks, num_channels}, DType::kInt32, &handle.recv_channel_prefix_matrix, {},
-                                like_int32},
-                               {{2}, DType::kInt64, &handle.info, {}, like_int64}});
+  const std::vector<int> matrices = outs.add_packed(
+      device, {{{num_ranks, num_ranks}, DType::kInt32, &handle.rank_prefix_matrix, {}, like_int32},
+               {{num_ranks, num_channels}, DType::kInt32, &handle.channel_prefix_matrix, {}, like_int32},
+               {{num_ranks, num_channels}, DType::kInt32, &handle.recv_channel_prefix_matrix, {}, like_int32},
+               {{2}, DType::kInt64, &handle.info, {}, like_int64}});
   const int rank_prefix_matrix = matrices[0], channel_prefix_matrix = matrices[1],
             recv_channel_prefix_matrix = matrices[2], info = matrices[3];
   handle.is_token_in_rank = in.is_token_in_rank;

@@ -65,7 +65,8 @@ MOELINK_TEST(mirrors_follow_the_rings_laid_out_as_them) {
   const RingLayout l = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8, true);
   const RingLayout stores = RingLayout::make(8, 12, 6, 2 * 2056, 56, 8);
   std::vector<char> base(static_cast<size_t>(l.total_bytes(true)));
-  EXPECT_EQ(l.total_bytes(true) - stores.total_bytes(), stores.total_bytes() - stores.counters_bytes + l.put_tails_bytes());
+  EXPECT_EQ(l.total_bytes(true) - stores.total_bytes(),
+            stores.total_bytes() - stores.counters_bytes + l.put_tails_bytes());
   const char* last_ring_end = l.ring(base.data(), 11, 7) + l.ring_bytes;
   EXPECT_LE(last_ring_end, l.mirror(base.data(), 0, 0));
   EXPECT_LE(l.mirror(base.data(), 11, 7) + l.ring_bytes, base.data() + base.size());
@@ -73,7 +74,8 @@ MOELINK_TEST(mirrors_follow_the_rings_laid_out_as_them) {
   // and end before the first ring.
   EXPECT_EQ(reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)) - base.data(), stores.counters_bytes);
   EXPECT_EQ(stores.counters_bytes % 128, 0);
-  EXPECT_LE(reinterpret_cast<const char*>(l.head(base.data(), 11, 7) + 1), reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)));
+  EXPECT_LE(reinterpret_cast<const char*>(l.head(base.data(), 11, 7) + 1),
+            reinterpret_cast<const char*>(l.put_tail(base.data(), 0, 0)));
   EXPECT_LE(reinterpret_cast<const char*>(l.put_tail(base.data(), 11, 7) + 1), l.ring(base.data(), 0, 0));
   EXPECT_EQ(l.put_tail(base.data(), 11, 7) - l.put_tail(base.data(), 0, 0), 11 * 8 + 7);
   for (int c : {0, 5, 11})
