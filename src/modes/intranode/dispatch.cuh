@@ -328,21 +328,17 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     // sent[d] advances below without a barrier in between. The output's fields are read into
     // registers first: a store through a generic pointer could alias shared memory, so read in the
     // loop they would be reloaded after every store.
-    // A warp per (destination, scale index), a lane per batch row (a batch is at most kNumWarps <= 32
-    // rows): one coalesced run per item, each lane's row looked up once per destination, and no
-    // division per element. The items d * S + i are dealt round-robin over the warps, so that
-    // every warp gets about R * S / kNumWarps of them whatever S is.
-    static_assert(kNumWarps <= 32, "a batch's rows must fit the lanes of one warp");
     for (int d = 0; d < R; ++d) {
-      if (!gather_scales[d] || lane >= batch_count[d]) continue;
-      const int64_t row = gather_row[d][lane];
-      // Past num_worst_tokens (reported by notify): the row is dropped.
-      if (row >= outs[d].num_rows) continue;
-      float* const out = outs[d].scales + row * outs[d].scales_stride_token;
-      const int64_t stride_scale = outs[d].scales_stride_scale;
-      const float* const src = batch_scales[warp_of[d][lane]];
-      for (int i = (warp + kNumWarps - (d * S) % kNumWarps) % kNumWarps; i < S; i += kNumWarps)
-        out[i * stride_scale] = src[i];
+      if (!gather_scales[d]) continue;
+      float* const scales = outs[d].scales;
+      const int64_t stride_token = outs[d].scales_stride_token, stride_scale = outs[d].scales_stride_scale;
+      const int num_rows = outs[d].num_rows, n = batch_count[d];
+      for (int e = threadIdx.x; e < S * n; e += blockDim.x) {
+        const int i = e / n, j = e - i * n;
+        const int64_t row = gather_row[d][j];
+        // Past num_worst_tokens (reported by notify): the row is dropped.
+        if (row < num_rows) scales[row * stride_token + i * stride_scale] = batch_scales[warp_of[d][j]][i];
+      }
     }
     // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so (on
     // the put path they stay in the mirror: a peer whose puts stop is seen the same way).
