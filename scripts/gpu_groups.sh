@@ -5,10 +5,10 @@
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
 # Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 internodenvshmem internodeloss peerloss peerlossmid
-#         peerlosslane peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll bench probehost interleaved variants. anchorsuite:
+#         peerlosslane peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll benchinternode bench probehost interleaved variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). cputorch: the CPU tests that need torch (skipped where it is missing, as in CI). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
-# Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, PROBE_ARGS, INTERLEAVED_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
+# Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, BENCH_INTERNODE_ARGS, PROBE_ARGS, INTERLEAVED_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
 #      MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
@@ -91,6 +91,7 @@ for g in $TEST_GROUPS; do
     cputorch) group cputorch 300 $P tests/cpu/test_python_api.py tests/cpu/test_deep_ep_compat.py tests/cpu/test_internode_composition.py tests/cpu/test_reference.py tests/cpu/test_bench_cli.py ;;
     anchorsuite) group anchorsuite 400 python3 tests/gpu/anchor_suite.py ;;
     benchll) group benchll 300 python3 bench/bench_low_latency.py ${BENCH_LL_ARGS:-} ;;
+    benchinternode) group benchinternode 300 python3 bench/bench_internode.py ${BENCH_INTERNODE_ARGS:-} ;;
     probehost) group probehost 150 python3 bench/probe_host.py ${PROBE_ARGS:-} ;;
     interleaved) group interleaved 540 python3 bench/interleaved.py ${INTERLEAVED_ARGS:-} ;;
     variants)

@@ -532,3 +532,51 @@ def test_repeat_must_be_positive(run_all):
     with pytest.raises(SystemExit):
         run_all.parse_args(["--repeat", "0"])
     assert run_all.parse_args(["--repeat", "3"]).repeat == 3
+
+
+# ---- bench_internode.py --------------------------------------------------------------------------
+
+@pytest.fixture
+def bench_internode(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_internode_cli", repo_root / "bench" / "bench_internode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_internode_plans_without_a_gpu_and_checks_its_arguments(repo_root):
+    script = str(repo_root / "bench" / "bench_internode.py")
+    run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True,  # noqa: E731
+                                       timeout=120)
+    result = run("--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "2x4 (8 ranks, stores lane, 16 SMs), then intranode 8x16" in result.stdout
+    assert run("--dry-run", "--nodes", "4", "--per-node", "2", "--lane", "fake").returncode == 0
+    for bad in (["--nodes", "1"], ["--experts", "100"], ["--sms", "15"], ["--lane", "ucx"], ["--iters", "0"]):
+        assert run("--dry-run", *bad).returncode == 2, bad
+
+
+def test_lane_rows_count_other_nodes_once_per_token(bench_internode):
+    # 2 nodes x 2 ranks; rank 1 (node 0) sends: token 0 to ranks 2 and 3 (node 1 once), token 1 to
+    # its own node only, token 2 to rank 0 and rank 3, token 3 nowhere.
+    flags = [[False, False, True, True], [True, True, False, False], [True, False, False, True], [False] * 4]
+    assert bench_internode.lane_rows(flags, 1, 2) == 2
+    assert bench_internode.lane_rows(flags, 2, 2) == 2  # node 1: tokens 1 and 2 reach node 0
+    assert bench_internode.lane_rows(flags, 0, 4) == 0  # one node: nothing crosses
+    assert bench_internode.row_bytes("dispatch_fp8_cached", 7168) == 7168 + 224
+    assert bench_internode.row_bytes("combine", 7168) == 2 * 7168
+
+
+def test_bench_internode_summary_and_table(bench_internode):
+    ops = {name: 100.0 for name, _ in bench_internode.OPS}
+    rank = {"internode": {"ops": ops, "recv_rows": 1000, "lane_rows": 500},
+            "intranode": {"ops": {k: v / 2 for k, v in ops.items()}, "recv_rows": 1000, "lane_rows": 0}}
+    summary = bench_internode.summarize([rank, rank], 7168)
+    assert summary["internode"]["combine"]["gbps"] == pytest.approx(1000 * 2 * 7168 / 100e-6 / 1e9)
+    assert summary["lane_mb"]["dispatch_bf16"] == pytest.approx(500 * 2 * 7168 / 1e6)
+    args = bench_internode.parse_args([])
+    table = bench_internode.format_table(summary, args)
+    assert "| combine of recv_x | 100.0 |" in table and "| 2.00 |" in table
+
