@@ -129,6 +129,8 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
                         help="run each cell's libraries this many times, alternating, and report per op the run "
                              "of median time (default 1): a machine drifts within a call")
     parser.add_argument("--dry-run", action="store_true", help="print the runs this would do and exit (no GPU needed)")
+    parser.add_argument("--source-digest", action="store_true",
+                        help="print the digest of this tree's sources that a run's header names, and exit")
     return parser
 
 
@@ -352,6 +354,33 @@ def format_table(cells: list[dict], info: dict, anchor_note: str) -> str:
     return "\n".join(lines)
 
 
+SOURCE_PARTS = ("CMakeLists.txt", "cmake", "include", "src", "python", "bench")
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """12 hex digits of SHA-256 over the paths and bytes of the files that decide what a run
+    measures (SOURCE_PARTS; caches left out). The machine that runs the benchmark may hold an older
+    `.git` than its files (a copy of the working tree), so the commit it prints can be stale; the
+    digest is of the files themselves. `run_all.py --source-digest` prints it for a local tree."""
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    for part in SOURCE_PARTS:
+        base = root / part
+        if base.is_file():
+            files = [base]
+        elif base.is_dir():
+            files = sorted(p for p in base.rglob("*") if p.is_file())
+        else:
+            files = []
+        for path in files:
+            # Notes and results change after a run without changing what it ran.
+            if "__pycache__" in path.parts or path.suffix in (".pyc", ".md") or path.name == "last_run.json":
+                continue
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -422,6 +451,9 @@ def main(argv=None) -> int:
     quick = os.environ.get("MOELINK_BENCH_QUICK", "0") not in ("", "0")
     args = parse_args(argv, quick)
     runs = plan(args)
+    if args.source_digest:
+        print(source_digest())
+        return 0
     if args.dry_run:
         for run in runs:
             print(run_label(run))
@@ -439,7 +471,7 @@ def main(argv=None) -> int:
         print(f"moelink bench: the anchor {args.anchor} is not usable: {anchor.reason}", file=sys.stderr)
         return EXIT_RUN
     impls = ["moelink"] + (["deep_ep"] if anchor.available else []) + (["moelink+arena"] if args.arena else [])
-    report = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
+    report = {"commit": git_commit(), "sources": source_digest(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
               "iters": args.iters, "warmup": args.warmup, "repeat": args.repeat, "runs": runs, "impls": impls,
               "anchor": {"path": anchor.path, "version": anchor.version, "reason": anchor.reason}, "cells": []}
     try:
@@ -449,7 +481,8 @@ def main(argv=None) -> int:
         return EXIT_RUN
     report["device"] = info
     print(f"device: {info['name']}, {info['sm_count']} SMs, {info['memory_gib']} GiB, driver {info['driver']} "
-          f"(torch {info['torch']}, CUDA {info['cuda']}); commit {report['commit']}", flush=True)
+          f"(torch {info['torch']}, CUDA {info['cuda']}); commit {report['commit']}, sources {report['sources']}",
+          flush=True)
     print(f"anchor: {anchor.describe()}", flush=True)
 
     out_dir = os.environ.get("OUT")
@@ -500,8 +533,8 @@ def main(argv=None) -> int:
     footer = [f"copy bandwidth (1 GiB device-to-device, read + write): {info['copy_gbps']:.0f} GB/s"]
     if not report["verify"]["ok"]:
         footer.append("VERIFY FAILED: the numbers above come from a build that does not match the reference")
-    text = "\n".join([f"{info['name']} ({info['sm_count']} SMs, driver {info['driver']}), commit {report['commit']}, "
-                      f"median of {args.iters} iterations{repeats}", "", table, "", *footer])
+    text = "\n".join([f"{info['name']} ({info['sm_count']} SMs, driver {info['driver']}), commit {report['commit']} "
+                      f"(sources {report['sources']}), median of {args.iters} iterations{repeats}", "", table, "", *footer])
     print("\n" + text, flush=True)
 
     if out_dir:

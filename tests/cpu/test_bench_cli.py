@@ -580,3 +580,23 @@ def test_bench_internode_summary_and_table(bench_internode):
     table = bench_internode.format_table(summary, args)
     assert "| combine of recv_x | 100.0 |" in table and "| 2.00 |" in table
 
+
+
+def test_source_digest_follows_the_code_not_the_notes(run_all, tmp_path):
+    """A run's header names the digest of its sources: the same tree gives the same digest, a code
+    change another one; notes, caches and the last run's JSON do not count."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "bench" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "src" / "a.cu").write_text("kernel")
+    (tmp_path / "CMakeLists.txt").write_text("project(x)")
+    first = run_all.source_digest(tmp_path)
+    assert len(first) == 12 and run_all.source_digest(tmp_path) == first
+    (tmp_path / "bench" / "NOTES.md").write_text("measured")
+    (tmp_path / "bench" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (tmp_path / "bench" / "last_run.json").write_text("{}")
+    assert run_all.source_digest(tmp_path) == first
+    (tmp_path / "src" / "a.cu").write_text("kernel v2")
+    assert run_all.source_digest(tmp_path) != first
+    result = subprocess.run([sys.executable, str(run_all.REPO_ROOT / "bench" / "run_all.py"), "--source-digest"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == run_all.source_digest()
