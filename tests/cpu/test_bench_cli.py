@@ -242,14 +242,19 @@ def test_table_says_where_the_ranks_ran(run_all):
     assert "Where each rank" not in plain
 
 
-@pytest.fixture
-def interleaved(repo_root, monkeypatch):
+def _bench_module(repo_root, monkeypatch, name: str):
+    """bench/NAME.py loaded as the benchmarks load each other (bench/ and tests/gpu on the path)."""
     monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
     monkeypatch.syspath_prepend(str(repo_root / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_interleaved", repo_root / "bench" / "interleaved.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_cli", repo_root / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def interleaved(repo_root, monkeypatch):
+    return _bench_module(repo_root, monkeypatch, "interleaved")
 
 
 def test_interleaved_summary_leaves_the_placement_out(interleaved):
@@ -538,12 +543,7 @@ def test_repeat_must_be_positive(run_all):
 
 @pytest.fixture
 def bench_internode(repo_root, monkeypatch):
-    monkeypatch.syspath_prepend(str(repo_root / "tests" / "gpu"))
-    monkeypatch.syspath_prepend(str(repo_root / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_internode_cli", repo_root / "bench" / "bench_internode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module(repo_root, monkeypatch, "bench_internode")
 
 
 def test_bench_internode_plans_without_a_gpu_and_checks_its_arguments(repo_root):
