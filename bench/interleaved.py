@@ -29,6 +29,7 @@ The table goes to $OUT/interleaved.md (and .json) when OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -136,31 +137,36 @@ def interleaved_cell(rank, num_ranks, params: dict) -> dict:
     names = list(methods)
     flush = torch.empty(bench.FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
 
-    def call(name: str, op: str):
+    @contextlib.contextmanager
+    def switched(name: str):
+        # Set around the timed call, not inside it: a property's Python and extension calls would
+        # otherwise be host time in front of the variant's launch, a few µs its rows paid alone.
         name = name.split("@", 1)[0]
         if name not in switches:
-            return ops[name][op]()
+            yield ops[name]
+            return
         attr, value = switches[name]
         buf = buffers["moelink"]
         saved = getattr(buf, attr)
         setattr(buf, attr, value)
         try:
-            return ops["moelink"][op]()
+            yield ops["moelink"]
         finally:
             setattr(buf, attr, saved)
 
     results = {"_placement": bench.placement()}  # where this rank's thread ran as the rounds began
     for op in params["ops"]:
         for name in names:
-            for _ in range(params["warmup"]):
-                call(name, op)
+            with switched(name) as calls:
+                for _ in range(params["warmup"]):
+                    calls[op]()
         times = {name: [] for name in names}
         began = {name: [] for name in names}
         for r in range(params["rounds"]):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
-                times[name].append(bench.timed_samples_us(lambda: call(name, op), flush, 1,
-                                                          start_method=methods[name])[0])
+                with switched(name) as calls:
+                    times[name].append(bench.timed_samples_us(calls[op], flush, 1, start_method=methods[name])[0])
                 began[name].append(bench.START_LOG.pop())
         results[op] = times
         results[f"_began_{op}"] = began
