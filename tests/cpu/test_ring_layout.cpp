@@ -11,6 +11,7 @@
 using moelink::intranode::channel_of;
 using moelink::intranode::channel_range;
 using moelink::intranode::ChannelRange;
+using moelink::intranode::kCounterChannels;
 using moelink::intranode::RingLayout;
 
 MOELINK_TEST(channel_ranges_partition_the_tokens_in_order) {
@@ -84,6 +85,33 @@ MOELINK_TEST(mirrors_follow_the_rings_laid_out_as_them) {
       EXPECT_EQ(l.mirror(base.data(), c, p) - l.mirror(base.data(), 0, 0), l.ring(base.data(), c, p) - l.ring(base.data(), 0, 0));
     }
   EXPECT_EQ(l.counters_bytes, stores.counters_bytes + l.put_tails_bytes());
+}
+
+MOELINK_TEST(counters_stay_put_whatever_the_channel_count) {
+  // The next operation on a Buffer may use another num_sms. Every counter it uses (tails, heads,
+  // the put path's tails) must be at the same word as in any earlier operation, and before every
+  // ring and mirror of every channel count: with the block sized by the channel count, 8 ranks
+  // going from 16 SMs to 24 found their heads in ring(0, 0) of the earlier layout.
+  for (int ranks : {2, 8})
+    for (bool puts : {false, true}) {
+      const RingLayout first = RingLayout::make(ranks, 8, 128, 2 * 7168, 56, 8, puts);
+      std::vector<char> base(static_cast<size_t>(first.counters_bytes));
+      const auto offset = [&](const void* p) { return static_cast<const char*>(p) - base.data(); };
+      for (int channels = 1; channels <= kCounterChannels; ++channels) {
+        const RingLayout l = RingLayout::make(ranks, channels, 6, 2 * 2056, 0, 4, puts);
+        EXPECT_EQ(l.counters_bytes, first.counters_bytes);
+        for (int c = 0; c < channels; ++c)
+          for (int p = 0; p < ranks; ++p) {
+            EXPECT_EQ(offset(l.tail(base.data(), c, p)), offset(first.tail(base.data(), c, p)));
+            EXPECT_EQ(offset(l.head(base.data(), c, p)), offset(first.head(base.data(), c, p)));
+            EXPECT_LE(offset(l.head(base.data(), c, p) + 1), offset(first.ring(base.data(), 0, 0)));
+            if (puts) EXPECT_EQ(offset(l.put_tail(base.data(), c, p)), offset(first.put_tail(base.data(), c, p)));
+          }
+      }
+    }
+  // Past kCounterChannels the block grows with the operation (no GPU has that many SMs).
+  EXPECT_GT(RingLayout::make(8, kCounterChannels + 1, 6, 2 * 2056, 0, 4).counters_bytes,
+            RingLayout::make(8, kCounterChannels, 6, 2 * 2056, 0, 4).counters_bytes);
 }
 
 MOELINK_TEST(put_tails_stay_put_whatever_the_rows) {

@@ -181,6 +181,27 @@ def test_outputs_either_way(num_ranks):
     launcher.run_ranks(num_ranks, _outputs_either_way, 9300 * num_ranks, 12, timeout_s=180)
 
 
+def _num_sms_changes(rank, num_ranks, seed):
+    """Operations alternating between two num_sms on one Buffer, through the rings: each finds its
+    ring counters zero at the same words whatever channel count came before (ring_layout.hpp). With
+    the counter block sized by the channel count, the wider layout's heads lay in the narrower
+    one's first ring, on rows the operation before had left."""
+    os.environ["MOELINK_PEER_SEGMENTS"] = "0"  # every row through the rings
+    low, high = {1: (8, 24), 2: (8, 24), 4: (8, 24), 8: (8, 16)}[num_ranks]
+    pairs = [common.make_configs(num_ranks, n) for n in (low, high)]
+    buf = common.make_buffer(num_ranks, [c for pair in pairs for c in pair], (2048,))
+    for i in range(6):
+        config, combine_config = pairs[i % 2]
+        case = Case(f"num_sms {config.num_sms}", 256, 2048, 8, 64, fp8=i % 3 == 2).resolved(num_ranks)
+        common.log(rank, f"[R={num_ranks}] " + run_case(buf, rank, num_ranks, case, seed + i, config, combine_config))
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_num_sms_changes_between_operations(num_ranks):
+    launcher.run_ranks(num_ranks, _num_sms_changes, 7700 * num_ranks, timeout_s=180)
+
+
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)

@@ -2,7 +2,7 @@
 // The named layout of the intranode part of an NVLink buffer. One definition serves the host (size
 // hints, "buffer too small" checks) and the kernels, so they cannot disagree.
 //
-//   [ counters: tail[C][R] | head[C][R] | put_tail[C][R] (the put path only) ]
+//   [ counters: tail[N][R] | head[N][R] | put_tail[N][R] (the put path only) ], N = counter_channels
 //   [ ring(c=0,peer=0) | ring(0,1) | ... | ring(C-1,R-1) ]
 //   [ mirror(0,0) | ... | mirror(C-1,R-1) ]   (the put path only: total_bytes(true))
 //
@@ -17,7 +17,12 @@
 // It sits with the other counters because a receiver zeroes only its own operation's tails, and
 // the next operation must find them zero: anywhere the rows' size (hidden bytes, scales, top-k,
 // slots) moves it, such as after the mirrors, it lands on bytes an earlier operation's rows left,
-// which the receiver takes for a count.
+// which the receiver takes for a count. For the same reason the counter block is laid out for
+// kCounterChannels channels, not for this operation's C: the next operation may use another
+// num_sms, and with the block sized by C its heads and tails would move onto words the last one's
+// rows had left (at 8 ranks, from 16 SMs to 24 the heads land in ring(0, 0)). Every counter an
+// operation uses is zero when it ends, and the region is zeroed when the Buffer is made, so every
+// operation finds its counters zero whatever channel count came before.
 #include <cstdint>
 
 #include <vector_types.h>
@@ -28,9 +33,14 @@ namespace moelink::intranode {
 
 using kernels::align_up;
 
+// Channels the counter block is laid out for: num_sms / 2 for any num_sms up to 256 (Hopper has
+// 132 SMs). An operation with more channels gets a block of its own size, which moves.
+constexpr int kCounterChannels = 128;
+
 struct RingLayout {
   int num_ranks = 0;
   int num_channels = 0;
+  int counter_channels = 0;  // the counter block's channel stride: max(num_channels, kCounterChannels)
   int slots = 0;
   int hidden_int4 = 0;  // row bytes / 16
   int num_scales = 0;   // float32 per row
@@ -46,6 +56,7 @@ struct RingLayout {
     RingLayout l;
     l.num_ranks = num_ranks;
     l.num_channels = num_channels;
+    l.counter_channels = num_channels > kCounterChannels ? num_channels : kCounterChannels;
     l.slots = slots;
     l.hidden_int4 = static_cast<int>(row_bytes / 16);
     l.num_scales = num_scales;
@@ -67,10 +78,10 @@ struct RingLayout {
   }
   // The 32-bit tail and head words; the put path's tails follow them.
   MOELINK_HOST_DEVICE int64_t int_counters_bytes() const {
-    return align_up(2LL * num_channels * num_ranks * 4, 128);
+    return align_up(2LL * counter_channels * num_ranks * 4, 128);
   }
   MOELINK_HOST_DEVICE int64_t put_tails_bytes() const {
-    return align_up(static_cast<int64_t>(num_channels) * num_ranks * 8, 128);
+    return align_up(static_cast<int64_t>(counter_channels) * num_ranks * 8, 128);
   }
 
   // All pointers below are relative to the base of some rank's data region.
@@ -78,7 +89,7 @@ struct RingLayout {
     return reinterpret_cast<int*>(base) + channel * num_ranks + peer;
   }
   MOELINK_HOST_DEVICE int* head(void* base, int channel, int peer) const {
-    return reinterpret_cast<int*>(base) + num_channels * num_ranks + channel * num_ranks + peer;
+    return reinterpret_cast<int*>(base) + counter_channels * num_ranks + channel * num_ranks + peer;
   }
   MOELINK_HOST_DEVICE char* ring(void* base, int channel, int peer) const {
     return reinterpret_cast<char*>(base) + counters_bytes +
