@@ -13,7 +13,8 @@ per-round ratio sees through it where two medians minutes apart cannot.
 Contestants: moelink (this build), DeepEP V1 (the anchor, when there is one: bench/anchor.py) and
 one moelink variant per --switch, which sets `buffer.ATTR = eval(EXPR)` on moelink's Buffer for its
 calls only (e.g. `--switch exact:_dispatch_sizing=None` with wip/guessed_rows.patch applied, whose
-binding skips its guess for a call without the memo). All share one process per rank and one moelink Buffer, so a switch must be
+binding skips its guess for a call without the memo), or with ATTR `env.NAME` the environment
+variable NAME to str(eval(EXPR)) (a knob read at every call, e.g. `gather:env.MOELINK_SCALES_GATHER=1`). All share one process per rank and one moelink Buffer, so a switch must be
 something a call reads afresh. Each start method after the first in --starts
 (bench_intranode.start_together) adds moelink@METHOD and deep_ep@METHOD: the same calls, the ranks
 released by that method instead. The order of the contestants rotates from round to round.
@@ -60,7 +61,7 @@ def parse_switch(text: str) -> tuple[str, str, str]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"a switch is NAME:ATTR=EXPR (e.g. exact:_dispatch_sizing=None), "
                                          f"got {text!r}") from None
-    if not name or not attr.isidentifier():
+    if not name or not (attr.isidentifier() or (attr.startswith("env.") and attr[4:].isidentifier())):
         raise argparse.ArgumentTypeError(f"a switch needs a name and an attribute name, got {text!r}")
     return name, attr, expr
 
@@ -146,6 +147,18 @@ def interleaved_cell(rank, num_ranks, params: dict) -> dict:
             yield ops[name]
             return
         attr, value = switches[name]
+        if attr.startswith("env."):
+            var = attr[4:]
+            saved = os.environ.get(var)
+            os.environ[var] = str(value)
+            try:
+                yield ops["moelink"]
+            finally:
+                if saved is None:
+                    del os.environ[var]
+                else:
+                    os.environ[var] = saved
+            return
         buf = buffers["moelink"]
         saved = getattr(buf, attr)
         setattr(buf, attr, value)

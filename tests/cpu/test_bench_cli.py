@@ -65,11 +65,13 @@ def test_interleaved_plans_without_a_gpu_and_checks_its_arguments(repo_root):
     result = run("--dry-run", "--cells", "2x24", "--switch", "exact:_dispatch_sizing=None")
     assert result.returncode == 0, result.stderr
     assert "2x24" in result.stdout and "moelink, deep_ep, moelink:exact" in result.stdout
+    result = run("--dry-run", "--cells", "2x24", "--switch", "gather:env.MOELINK_SCALES_GATHER=1")
+    assert result.returncode == 0 and "moelink, deep_ep, moelink:gather" in result.stdout, result.stderr
     result = run("--dry-run", "--anchor", "none", "--ops", "combine")
     assert result.returncode == 0 and "combine x 100 rounds: moelink\n" in result.stdout + "\n", result.stdout
     result = run("--dry-run", "--cells", "2x24", "--starts", "together,barrier")
     assert result.returncode == 0 and "moelink, deep_ep, moelink@barrier, deep_ep@barrier" in result.stdout
-    for bad in (["--switch", "no-colon"], ["--switch", "x:1a=2"], ["--switch", "moelink:a=1"], ["--ops", "layout"],
+    for bad in (["--switch", "no-colon"], ["--switch", "x:1a=2"], ["--switch", "x:env.1a=2"], ["--switch", "moelink:a=1"], ["--ops", "layout"],
                 ["--starts", "soon"], ["--starts", "barrier,barrier"], ["--starts", ""]):
         result = run("--dry-run", *bad)
         assert result.returncode == 2, (bad, result.stdout)
