@@ -79,10 +79,7 @@ bool prefetch() {
   return enabled;
 }
 
-bool scales_gather() {
-  static const bool enabled = flag("MOELINK_SCALES_GATHER", true);
-  return enabled;
-}
+int scales_mode() { return static_cast<int>(integer("MOELINK_SCALES_GATHER", 0, 2, 2, "0, 1 or 2")); }
 
 bool debug() {
   static const bool enabled = flag("MOELINK_DEBUG", false);
@@ -147,7 +144,7 @@ void log_once() {
                  "MOELINK_DEBUG_LL_FORCE_PUT=%d MOELINK_DEBUG_LANE_FORCE_PUT=%s MOELINK_PEER_SEGMENTS=%d "
                  "MOELINK_SEGMENT_WINDOW=%d MOELINK_SEGMENT_MAPPED_MB=%lld MOELINK_DEBUG=1\n",
                  timeout_seconds(), l2_hints() ? 1 : 0, l2_discard() ? 1 : 0, prefetch() ? 1 : 0,
-                 scales_gather() ? 1 : 0, debug_epoch_start(), spin_backoff_ns(),
+                 scales_mode(), debug_epoch_start(), spin_backoff_ns(),
                  transport_name(low_latency_transport()), debug_low_latency_force_put() ? 1 : 0,
                  lane_put_name(debug_lane_force_put()), peer_segments() ? 1 : 0, segment_window(), segment_mapped_mb());
   });

@@ -22,11 +22,13 @@ bool l2_discard();
 // next measurement of where a cold call's time goes.
 bool prefetch();
 
-// MOELINK_SCALES_GATHER (0/1, default 1): a direct dispatch writes a batch's column-major scales to
-// each destination after the batch, one coalesced run per scale index (1), or each warp its own
-// token's scales, strided, as row-major ones are written (0). For measuring what column-major
-// outputs cost (bench/NOTES.md, twelfth session).
-bool scales_gather();
+// MOELINK_SCALES_GATHER (0/1/2, default 2): how a direct dispatch writes column-major scales.
+// 2: senders stage them row-major in the receiver's unused rings and the receiver transposes them
+// into its output once its senders are done; 1: after each batch, one coalesced run per scale index
+// to each destination; 0: each warp its own token's scales, strided, as row-major ones are written.
+// For measuring what column-major outputs cost (bench/NOTES.md, twelfth and thirteenth sessions).
+// Read at every dispatch, so that one process can time the modes against each other.
+int scales_mode();
 
 // MOELINK_DEBUG (0/1, default 0): log the knobs' values once.
 bool debug();

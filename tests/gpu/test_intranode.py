@@ -9,6 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import common  # noqa: E402
 import launcher  # noqa: E402
+import moelink  # noqa: E402
 from checks import COVERING_CASES, Case, check_recv_x, make_inputs_all, make_routing_all, run_case  # noqa: E402
 
 from reference import moe_reference as ref  # noqa: E402
@@ -200,6 +201,48 @@ def _num_sms_changes(rank, num_ranks, seed):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_num_sms_changes_between_operations(num_ranks):
     launcher.run_ranks(num_ranks, _num_sms_changes, 7700 * num_ranks, timeout_s=180)
+
+
+def _column_major_scales_every_way(rank, num_ranks, seed):
+    """Column-major fp8 scales of rows written directly (every rank's outputs in its arena) in each of
+    the dispatch's three ways (MOELINK_SCALES_GATHER, read at every dispatch): staged row-major in the
+    receiver's rings and written into its output by the receiver (2, the default), gathered per batch
+    by the senders (1), strided per warp (0). With rings of 8 slots a channel of 4096 tokens has more
+    rows than its ring holds staged, so those senders fall back to the gather while smaller channels
+    stage; packed UE8M0 (S words not a multiple of 4) takes the receiver's word-at-a-time reads."""
+    config, combine_config = common.make_configs(num_ranks, common.num_sms_for(num_ranks))
+    tiny = (moelink.Config(config.num_sms, 4, 8), moelink.Config(combine_config.num_sms, 4, 8))
+    buf = common.make_buffer(num_ranks, (config, combine_config) + tiny, (2048, 7168),
+                             num_arena_bytes=512 * common.MIB)
+    cases = [Case("colmajor", 1024, 7168, 8, 256, fp8=True, scales_col_major=True),
+             Case("colmajor-worst-silent", 300, 2048, 8, 64, fp8=True, scales_col_major=True, worst=True,
+                  silent="empty"),
+             Case("colmajor-ue8m0", 517, 7168, 8, 64, fp8=True, scales_col_major=True, ue8m0=True),
+             Case("colmajor-tiny-rings", 4096, 2048, 8, 64, fp8=True, scales_col_major=True, nowhere_prob=0.05),
+             Case("rowmajor", 257, 2048, 4, 64, fp8=True)]
+    saved = os.environ.get("MOELINK_SCALES_GATHER")
+    try:
+        i = 0
+        for way in ("2", "1", "0"):
+            os.environ["MOELINK_SCALES_GATHER"] = way
+            for case in cases:
+                pair = tiny if "tiny" in case.name else (config, combine_config)
+                case = case.resolved(num_ranks)
+                summary = run_case(buf, rank, num_ranks, case, seed + i, *pair)
+                assert _on_every_rank(buf.runtime.last_dispatch_direct), f"rank {rank}: {case.name} was not direct"
+                common.log(rank, f"[R={num_ranks}] MOELINK_SCALES_GATHER={way} {summary}")
+                i += 1
+    finally:
+        if saved is None:
+            os.environ.pop("MOELINK_SCALES_GATHER", None)
+        else:
+            os.environ["MOELINK_SCALES_GATHER"] = saved
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_column_major_scales_every_way(num_ranks):
+    launcher.run_ranks(num_ranks, _column_major_scales_every_way, 8100 * num_ranks, timeout_s=240)
 
 
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)

@@ -53,6 +53,9 @@ struct DirectTarget {
   unsigned long long key[kNumTargetFields];  // 0: the field's offset is from the data region
   int num_rows;  // rows the outputs hold; rows past it are dropped (num_worst_tokens overflow)
   int direct;    // host side: the receiver's wish; in the header: the agreed choice
+  // 1: column-major scales come staged row-major in this rank's own rings, which a direct receiver
+  // does not use, and this rank writes them into its output itself (dispatch.cuh, stage_scales).
+  int stage_scales;
   Epoch seq;     // written last, with release semantics
 };
 
@@ -245,7 +248,7 @@ struct DispatchArgs {
   bool l2_hints;  // evict-first policy on x and recv_x (MOELINK_L2_HINTS)
   bool l2_discard;  // discard consumed ring lines from L2 (MOELINK_L2_DISCARD)
   bool prefetch;    // ask L2 for the inputs read a batch at a time (MOELINK_PREFETCH)
-  bool scales_gather;  // column-major scales of direct rows written per batch (MOELINK_SCALES_GATHER)
+  int scales_mode;  // how column-major scales of direct rows are written (MOELINK_SCALES_GATHER: 0, 1, 2)
   // Direct dispatch: this rank's outputs as offsets from its data region (target.direct = 0: its
   // rows come through the rings). Its seq is filled on the device.
   DirectTarget target;

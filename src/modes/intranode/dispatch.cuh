@@ -104,11 +104,27 @@ __device__ __forceinline__ bool column_major(const DirectOut& o) {
   return o.scales_stride_token == 1 && o.scales_stride_scale != 1;
 }
 
+// Rows of staged scales one ring holds (stage_scales): a (channel, source) with more rows than that
+// has its sender write them into the output itself, as if nothing were staged; sender and receiver
+// both see the count, so they agree.
+__device__ __forceinline__ int64_t staged_capacity(const RingLayout& L) {
+  return L.ring_bytes / (4LL * L.num_scales);
+}
+
+// Column-major scales staged (the receiver's published stage_scales): written by the senders like
+// row-major ones, each row's scales one coalesced run, into the receiver's own ring for (channel,
+// sender), which a receiver that takes its rows directly leaves unused; once every sender of the
+// channel is done, the channel's two blocks write them into the output, a warp per 32 rows, so
+// that each scale index of them is one 128-byte store. Per batch, the senders' gather (above) held
+// the block for a phase of short strided runs: 29 us of a 4x24 dispatch (bench/NOTES.md, twelfth
+// session); this is one pass over 224 bytes a row at the kernel's end.
+
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), its own instantiation so that
 // the kernel every caller runs is compiled as if the hook did not exist. W: the window policy
 // (window/device.cuh); with W::kPuts the host made every destination but this rank a ring one.
 template <class W, bool kHalt>
-__device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part, bool* self_direct) {
+__device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel, int part, bool* self_direct,
+                                   bool* self_stage) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank, K = L.num_topk, S = L.num_scales, H4 = L.hidden_int4;
   const int warp = threadIdx.x / 32, lane = lane_id();
@@ -128,6 +144,8 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   __shared__ DirectOut outs[kMaxNvlRanks];
   __shared__ bool direct[kMaxNvlRanks];
   __shared__ bool gather_scales[kMaxNvlRanks];  // d's scales are written by the block after each batch
+  __shared__ bool stage_target[kMaxNvlRanks];   // d stages column-major scales (it waits for this rank's done)
+  __shared__ float* stage_out[kMaxNvlRanks];    // where this channel's staged scales for d go, or nullptr
   __shared__ bool failed;
 
   ChannelRange range = channel_range(a.num_tokens, C, channel);
@@ -145,15 +163,17 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     const int d = threadIdx.x;
     sent[d] = 0;
     DirectOut o{};
-    bool is_direct = d == rank;
+    bool is_direct = d == rank, stage = false;
     if (d == rank) {
       // This rank's own rows always go straight into its outputs; whether its peers' do was
       // agreed in publish_target.
       const volatile DirectTarget* t = &a.sections[d]->direct_target;
       if (!window::wait_published(&a.sections[d]->direct_target.seq, seq, a.err, d, kStepDispatchTarget, channel))
         failed = true;
-      else
+      else {
         *self_direct = t->direct != 0;
+        *self_stage = stage = t->direct != 0 && t->stage_scales != 0;
+      }
       o.x = static_cast<int4*>(a.recv_x);
       o.scales = a.recv_x_scales;
       o.scales_stride_token = a.recv_scales_stride_token;
@@ -175,6 +195,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       } else {
         if (t->direct) {
           is_direct = true;
+          stage = t->stage_scales != 0;
           // Each output's base: the receiver's data region (its arena), or one of its segments.
           char* base[kNumTargetFields];
           bool missing = false;
@@ -205,7 +226,12 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     o.expert_begin = d * a.num_local_experts;
     outs[d] = o;
     direct[d] = is_direct;
-    gather_scales[d] = is_direct && hoisted && column_major(o) && a.scales_gather;
+    const int count = a.channel_prefix_matrix[d * C + channel] - (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
+    stage_target[d] = is_direct && stage;
+    stage_out[d] = stage_target[d] && count <= staged_capacity(L)
+                       ? reinterpret_cast<float*>(L.ring(a.peers.data[d], channel, rank))
+                       : nullptr;
+    gather_scales[d] = is_direct && hoisted && column_major(o) && a.scales_mode >= 1 && stage_out[d] == nullptr;
   }
   __syncthreads();
   if (failed) return kFailed;
@@ -301,8 +327,13 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
             if (o.topk_idx) o.topk_idx[row * K + lane] = mine ? id - o.expert_begin : -1;
             if (o.topk_weights) o.topk_weights[row * K + lane] = mine ? weight : 0.f;
           }
-          scales_out = o.scales + row * o.scales_stride_token;
-          scales_stride = o.scales_stride_scale;
+          if (stage_out[d] != nullptr) {
+            scales_out = stage_out[d] + static_cast<int64_t>(pos) * S;
+            scales_stride = 1;
+          } else {
+            scales_out = o.scales + row * o.scales_stride_token;
+            scales_stride = o.scales_stride_scale;
+          }
         } else {
           char* ring = staged_ring(d);
           const int slot = pos % L.slots;
@@ -361,8 +392,9 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   // The put path has no direct peer and reads no peer's header: nothing below concerns it.
   if constexpr (W::kPuts) return kSent;
   // Direct destinations learn that this part's rows (possibly none) have all landed; a sender that
-  // did not split also speaks for the part it did not need.
-  if (threadIdx.x < R && threadIdx.x != rank && direct[threadIdx.x]) {
+  // did not split also speaks for the part it did not need. This rank's own blocks wait for its
+  // own parts too when it stages scales.
+  if (threadIdx.x < R && direct[threadIdx.x] && (threadIdx.x != rank || stage_target[threadIdx.x])) {
     __threadfence_system();
     for (int p = split ? part : 0; p <= (split ? part : 1); ++p)
       window::signal(&a.sections[threadIdx.x]->direct_done[p][channel][rank], seq);
@@ -396,6 +428,7 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   t->topk_weights = mine.topk_weights;
   t->src_idx = mine.src_idx;
   t->num_rows = mine.num_rows;
+  t->stage_scales = direct ? mine.stage_scales : 0;
   t->direct = direct;
   window::signal(&t->seq, seq);
   // For the host, after the word every sender waits for.
@@ -404,9 +437,72 @@ __device__ void publish_target(const DispatchArgs& a, Epoch seq) {
   a.mailbox->last_direct_seq = seq;
 }
 
+// stage_scales' receiving end, for the channel's block `part`: waits for both parts of every
+// sender of the channel, this rank included, then writes the staged scales of (source, 32 rows)
+// items 2 * kNumWarps apart: lane j reads row j's scales in 16-byte words and the warp stores each
+// scale index of its 32 rows as one run.
+__device__ void write_staged_scales(const DispatchArgs& a, Epoch seq, int channel, int part) {
+  const RingLayout& L = a.layout;
+  const int R = L.num_ranks, C = L.num_channels, rank = a.rank, S = L.num_scales;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  __shared__ bool stage_failed;
+  if (threadIdx.x == 0) stage_failed = false;
+  __syncthreads();
+  {
+    const int s = threadIdx.x % kMaxNvlRanks, p = threadIdx.x / kMaxNvlRanks;
+    if (p < 2 && s < R && !window::wait(&a.sections[rank]->direct_done[p][channel][s], seq, a.err, s, kStepDispatchRecv, channel))
+      stage_failed = true;
+  }
+  __syncthreads();
+  if (stage_failed) return;
+  const int64_t capacity = staged_capacity(L);
+  const bool words = S % 4 == 0;
+  const int64_t stride_token = a.recv_scales_stride_token, stride_scale = a.recv_scales_stride_scale;
+  int item = 0;  // items of the sources before s
+  for (int s = 0; s < R; ++s) {
+    const RowSpan rows = received_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, R, C, rank, s, channel);
+    if (rows.count > capacity) continue;  // its sender wrote them into the output itself
+    const float* staged = reinterpret_cast<const float*>(L.ring(a.peers.data[rank], channel, s));
+    const int items = (rows.count + 31) / 32;
+    // The first of s's items that is this warp's: (item + k) % (2 * kNumWarps) == part * kNumWarps + warp.
+    const int mine = part * kNumWarps + warp;
+    for (int k = ((mine - item) % (2 * kNumWarps) + 2 * kNumWarps) % (2 * kNumWarps); k < items; k += 2 * kNumWarps) {
+      const int j = k * 32 + lane;
+      const int64_t row = static_cast<int64_t>(rows.base) + j;
+      // Past num_worst_tokens (reported by notify): the row is dropped, as its sender dropped it.
+      const bool valid = j < rows.count && row < a.num_out_rows;
+      const float* src = staged + static_cast<int64_t>(j) * S;
+      float* dst = a.recv_x_scales + row * stride_token;
+      constexpr int kChunk = 16;
+      for (int i0 = 0; i0 < S; i0 += kChunk) {
+        float v[kChunk];
+        if (words) {
+#pragma unroll
+          for (int u = 0; u < kChunk / 4; ++u)
+            if (valid && i0 + 4 * u < S) {
+              const int4 w = ld_cg(reinterpret_cast<const int4*>(src + i0) + u);
+              v[4 * u] = __int_as_float(w.x);
+              v[4 * u + 1] = __int_as_float(w.y);
+              v[4 * u + 2] = __int_as_float(w.z);
+              v[4 * u + 3] = __int_as_float(w.w);
+            }
+        } else {
+#pragma unroll
+          for (int u = 0; u < kChunk; ++u)
+            if (valid && i0 + u < S) v[u] = ld_cg(src + i0 + u);
+        }
+#pragma unroll
+        for (int u = 0; u < kChunk; ++u)
+          if (valid && i0 + u < S) dst[(i0 + u) * stride_scale] = v[u];
+      }
+    }
+    item += items;
+  }
+}
+
 // W: as the sender's; on the put path the tail is this rank's 64-bit word and the credit a put.
 template <class W>
-__device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool self_direct) {
+__device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool self_direct, bool stage) {
   const RingLayout& L = a.layout;
   const int R = L.num_ranks, C = L.num_channels, rank = a.rank;
   const int warps_per_group = kNumWarps / max(R - 1, 1);
@@ -423,6 +519,7 @@ __device__ void recv_channel(const DispatchArgs& a, Epoch seq, int channel, bool
       if (a.recv_topk_weights) a.recv_topk_weights[static_cast<int64_t>(row) * L.num_topk + k] = 0.f;
     }
   }
+  if (self_direct && stage) return;  // write_staged_scales waits for the senders
   if (self_direct) {
     // The senders write straight into my outputs; the kernel ends once every one of them has
     // finished this channel.
@@ -520,11 +617,15 @@ __device__ void dispatch_channel(const DispatchArgs& a, Epoch seq) {
   // The put path names no segment (its host is ring-only), and cannot write a peer's header.
   if (!W::kPuts && blockIdx.x == 0) publish_opened(a.segments, a.sections, a.rank, a.layout.num_ranks, seq);
   if (blockIdx.x == 1 && threadIdx.x == 0) publish_target(a, seq);
-  __shared__ bool self_direct;
-  if (blockIdx.x % 2 == 0)
-    send_channel<W, kHalt>(a, seq, channel, 0, &self_direct);
-  else if (send_channel<W, kHalt>(a, seq, channel, 1, &self_direct) != kFailed)
-    recv_channel<W>(a, seq, channel, self_direct);
+  __shared__ bool self_direct, self_stage;
+  // A halted sender (kHalt) never says it is done, so its own blocks do not wait for it: its staged
+  // scales are left where they are, as a dead rank's would be.
+  const int part = blockIdx.x % 2;
+  const SendResult sent = send_channel<W, kHalt>(a, seq, channel, part, &self_direct, &self_stage);
+  if (sent == kFailed) return;
+  const bool stage = self_direct && self_stage && !kHalt;
+  if (part == 1) recv_channel<W>(a, seq, channel, self_direct, stage);
+  if (stage) write_staged_scales(a, seq, channel, part);
 }
 
 // An uncached dispatch's handle gets its notify's results whether or not the operation runs: a

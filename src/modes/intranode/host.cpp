@@ -468,6 +468,7 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   if (cached) ctx.check_on_entry(true);
   const auto checks = [&] { return validate_dispatch(ctx, in, &h, config, cached, false, "dispatch"); };
   const DispatchShape s = cached ? checked(ctx, checks) : checks();
+  const int scales_mode = knobs::scales_mode();  // before the operation begins: it may raise
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");
   check::dim(out.recv_x, 2, "recv_x");
@@ -549,12 +550,15 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   a.prefetch = knobs::prefetch();
-  a.scales_gather = knobs::scales_gather();
+  a.scales_mode = scales_mode;
   const bool segments = segments_allowed(ctx, order);
   host_stamps::mark(cached ? "dispatch_cached.args" : "dispatch.args");
   if (segments) take_segment_news(ctx);
   host_stamps::mark(cached ? "dispatch_cached.news" : "dispatch.news");
   a.target = direct_target(ctx, out, h, s, N, cached, segments, a.offers);
+  // A receiver that takes its rows directly has rings no sender writes to in this dispatch.
+  a.target.stage_scales = a.target.direct && a.scales_mode == 2 && s.fp8 && s.num_scales > 0 &&
+                          out.recv_x_scales.stride(0) == 1 && out.recv_x_scales.stride(1) != 1;
   host_stamps::mark(cached ? "dispatch_cached.direct_target" : "dispatch.direct_target");
   // After the notes: the copy of a changed table goes before this kernel, so no kernel queued after
   // a drop's mark (retire) reads a table that still holds the dropped mapping.
