@@ -8,9 +8,10 @@
 //     earlier channel tokens routed to d); the block waits until every ring it writes has room
 //     (head[c][d] in my buffer, written by d, >= sent + count - slots); each warp reads its x row
 //     once and writes it to all its destinations (rows for this rank go straight into recv_x);
-//     the batch's fp8 scales are staged in shared memory, and those for column-major outputs are
-//     written by the whole block after the rows; then tail[c][me] in each d's buffer is released
-//     by the batch's count (system scope).
+//     the batch's fp8 scales are staged in shared memory; those for a direct receiver's column-major
+//     outputs go row-major into its unused ring (stage_scales), which it writes out itself at the
+//     end, or are written by the whole block after the rows; then tail[c][me] in each d's buffer is
+//     released by the batch's count (system scope).
 //   Receiver, warp group per source s: waits (acquire) until tail[c][s] moves, copies what landed
 //     to recv_x rows rank_prefix(s) + recv_channel_prefix[s][c] + i, so rows are ordered by source
 //     rank then source token, and releases head[c][me] in s's buffer.
@@ -104,20 +105,19 @@ __device__ __forceinline__ bool column_major(const DirectOut& o) {
   return o.scales_stride_token == 1 && o.scales_stride_scale != 1;
 }
 
-// Rows of staged scales one ring holds (stage_scales): a (channel, source) with more rows than that
-// has its sender write them into the output itself, as if nothing were staged; sender and receiver
-// both see the count, so they agree.
-__device__ __forceinline__ int64_t staged_capacity(const RingLayout& L) {
-  return L.ring_bytes / (4LL * L.num_scales);
-}
-
 // Column-major scales staged (the receiver's published stage_scales): written by the senders like
 // row-major ones, each row's scales one coalesced run, into the receiver's own ring for (channel,
 // sender), which a receiver that takes its rows directly leaves unused; once every sender of the
 // channel is done, the channel's two blocks write them into the output, a warp per 32 rows, so
 // that each scale index of them is one 128-byte store. Per batch, the senders' gather (above) held
 // the block for a phase of short strided runs: 29 us of a 4x24 dispatch (bench/NOTES.md, twelfth
-// session); this is one pass over 224 bytes a row at the kernel's end.
+// session); this is one pass over 224 bytes a row at the kernel's end, on blocks that only waited.
+// A ring holds staged_capacity rows of them: a (channel, source) with more has its sender write
+// them into the output itself, as if nothing were staged; sender and receiver both see the count,
+// so they agree.
+__device__ __forceinline__ int64_t staged_capacity(const RingLayout& L) {
+  return L.ring_bytes / (4LL * L.num_scales);
+}
 
 // kHalt: the test hook's variant (Buffer::debug_halt_next_sends), its own instantiation so that
 // the kernel every caller runs is compiled as if the hook did not exist. W: the window policy
