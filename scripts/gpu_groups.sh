@@ -75,7 +75,7 @@ for g in $TEST_GROUPS; do
     internode8) group internode8 300 $P tests/gpu/test_internode.py -k "(2-4 or 4-2 or default_configs) and not fake and not nvshmem" ;;
     internodefake) group internodefake 400 $P tests/gpu/test_internode.py -k "fake and (2-2 or back_to_back or bit_equal)" ;;
     internodefake8) group internodefake8 400 $P tests/gpu/test_internode.py -k "fake and (2-4 or 4-2) and not bit_equal" ;;
-    # internodenvshmem: the NVSHMEM lane bit-equal to the stores lane (2 x 2, 4 x 2); passed on one H200 (2026-12-03)
+    # internodenvshmem: the NVSHMEM lane bit-equal to the stores lane (2 x 2, 4 x 2 passed on one H200, 2026-12-03; 2 x 4 added after)
     # (docs/internal/INTERNODE_LANE.md step 3: the lane's symmetric region and host wiring, first run).
     internodenvshmem) group internodenvshmem 400 $P tests/gpu/test_internode.py -k nvshmem_lane ;;
     # internodeloss (about 1 min): a rank of a 2 x 2 internode Buffer lost, over the stores and the fake-puts lane.

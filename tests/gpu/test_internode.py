@@ -11,21 +11,22 @@ fake: mirrors, one ranged copy per batch, counted tail signals; docs/internal/IN
 1), with two tiny-ring configs whose lane rings hold two of its chunks, so that they wrap and every
 sender waits for credit; and the fake-puts lane's outputs are compared bit for bit with the stores
 lane's on the same inputs. On step 1's code (the ring senders on the put path) the 2 x 2 fake-puts
-cases, the back-to-back rounds and the bit-equality passed on one H200 (2026-12-03); the 8-rank ones,
-and step 2's (the lane's notify, openings and barriers on the put path too), have not run yet, nor
-step 3's change to the put path (its 64-bit ring tails and the receivers' credit over the window).
+cases, the back-to-back rounds and the bit-equality passed on one H200 (2026-12-03), and with steps 2
+and 3 (the lane's notify, openings and barriers on the put path; 64-bit ring tails, the receivers'
+credit over the window) the 2 x 2 group and the 8-rank ones passed too (2026-12-03, thirteenth session).
 
 test_nvshmem_lane_is_bit_equal_to_stores runs the bit-equality with the lane on NVSHMEM's puts
 (MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, NVSHMEM_REMOTE_TRANSPORT=none, the PEs on one GPU; each lane
-its own NVSHMEM job, its header and rings one symmetric allocation: INTERNODE_LANE.md step 3); never
-run on a GPU.
+its own NVSHMEM job, its header and rings one symmetric allocation: INTERNODE_LANE.md step 3); 2 x 2
+and 4 x 2 passed on one H200 (2026-12-03, thirteenth session); 2 x 4 not run yet.
 
 A lost peer (test_internode_peer_loss, over both lanes): at 2 x 2 global rank 3 (node 1, GPU 1) dies
 before a dispatch; its lane's survivor raises TimeoutError naming lane rank 1 and node 1 (its lane
 notify waits for it), its node's survivor TimeoutError naming in-node rank 1 and global rank 3 (its
 node legs do), both within timeout + 5 s; the fourth rank, which shares no Buffer with it, hears at
 most of a peer's failure (bounded); every survivor's destroy() comes back. The mid-kernel losses of
-a fake-puts lane are tests/gpu/test_peer_loss.py's test_lane_peer_loss. Not run on a GPU yet.
+a fake-puts lane are tests/gpu/test_peer_loss.py's test_lane_peer_loss. Both passed on one H200
+(2026-12-03, thirteenth session).
 
 Passed on one H200 with the ranks under MPS (2026-12-01), before the cases routed by
 is_token_in_rank alone were added. Needs MOELINK_EXPERIMENTAL_INTERNODE=1, which the launcher sets
@@ -220,11 +221,12 @@ NVSHMEM_ENV = common.NVSHMEM_ONE_GPU_ENV
 
 
 @pytest.mark.skipif(not moelink._moelink.nvshmem_compiled(), reason="built without NVSHMEM")
-@pytest.mark.parametrize("nodes, per_node", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("nodes, per_node", [(2, 2), (4, 2), (2, 4)])
 def test_nvshmem_lane_is_bit_equal_to_stores(nodes, per_node):
     """The fake-puts comparison with the lane on NVSHMEM's puts (the plugin's build of the same
     kernels): the same rounds over the IPC stores lane and the NVSHMEM lane, every output bit-equal.
-    The NVSHMEM lane's Buffer must say so (lane_window "nvshmem"). Not run on a GPU yet."""
+    The NVSHMEM lane's Buffer must say so (lane_window "nvshmem"). 2 x 2 and 4 x 2 passed on one
+    H200 (2026-12-03); 2 x 4 (four lanes of two PEs each) not run yet."""
     launcher.run_ranks(nodes * per_node, _bit_equal, 87000 + nodes, "nvshmem", timeout_s=600,
                        env={**env(nodes, per_node), **NVSHMEM_ENV})
 
