@@ -468,7 +468,6 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   if (cached) ctx.check_on_entry(true);
   const auto checks = [&] { return validate_dispatch(ctx, in, &h, config, cached, false, "dispatch"); };
   const DispatchShape s = cached ? checked(ctx, checks) : checks();
-  const int scales_mode = knobs::scales_mode();  // before the operation begins: it may raise
   const int R = ctx.topo.num_ranks;
   check::defined(out.recv_x, "recv_x");
   check::dim(out.recv_x, 2, "recv_x");
@@ -550,7 +549,10 @@ EventHandle dispatch(Context& ctx, const DispatchInputs& in, const DispatchHandl
   a.l2_hints = knobs::l2_hints();
   a.l2_discard = knobs::l2_discard();
   a.prefetch = knobs::prefetch();
-  a.scales_mode = scales_mode;
+  // Read at every dispatch (bench/interleaved.py switches it), where the other knobs are read: a
+  // bad value raises behind OpeningOwed, so a cached dispatch abstains rather than leaving its
+  // peers waiting in the opening.
+  a.scales_mode = knobs::scales_mode();
   const bool segments = segments_allowed(ctx, order);
   host_stamps::mark(cached ? "dispatch_cached.args" : "dispatch.args");
   if (segments) take_segment_news(ctx);

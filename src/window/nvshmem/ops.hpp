@@ -15,7 +15,8 @@
 
 namespace moelink::window::nvshmem_plugin {
 
-inline constexpr int kAbi = 4;
+// 5: DispatchArgs and DirectTarget changed (staged column-major scales).
+inline constexpr int kAbi = 5;
 inline constexpr const char* kLibrary = "libmoelink_nvshmem.so";
 inline constexpr const char* kEntry = "moelink_nvshmem_ops";
 
