@@ -40,7 +40,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):
         sys.path.insert(0, str(_path))
 
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
-from run_all import EXIT_NO_GPU, EXIT_RUN, gpu_problem, job  # noqa: E402
+from run_all import EXIT_NO_GPU, EXIT_RUN, add_problem_arguments, gpu_problem, job  # noqa: E402
 
 OPS = (("dispatch_bf16", "dispatch bf16, uncached"), ("dispatch_fp8", "dispatch fp8, uncached, row-major scales"),
        ("dispatch_fp8_colmajor", "dispatch fp8, uncached, column-major scales"),
@@ -153,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--per-node", type=int, default=4, help="GPUs (ranks) per emulated node")
     parser.add_argument("--sms", type=int, default=16, help="Buffer.set_num_sms for both layouts (even)")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=256)
+    add_problem_arguments(parser)
     parser.add_argument("--lane", choices=LANES, default="stores",
                         help="how the node-to-node leg fills its peers' rings (MOELINK_DEBUG_LANE_FORCE_PUT)")
     parser.add_argument("--iters", type=int, default=20)

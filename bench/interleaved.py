@@ -45,7 +45,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests" / "gpu"):
 
 import anchor as anchor_lib  # noqa: E402
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
-from run_all import MAX_RANKS, OP_TITLES, gpu_problem, parse_cells, placement_text  # noqa: E402
+from run_all import MAX_RANKS, OP_TITLES, add_problem_arguments, gpu_problem, parse_cells, placement_text  # noqa: E402
 
 # bench_intranode.prepared_calls' ops: one call each, timed alone (the back-to-back, held-output and
 # host-time rows are bench_intranode's own).
@@ -79,10 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--starts", default="together",
                         help="comma-separated start methods (bench_intranode.START_METHODS); the first is the "
                              "contestants' own, each other adds NAME@METHOD contestants (default together)")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=256)
+    add_problem_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     return parser
 

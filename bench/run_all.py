@@ -171,6 +171,15 @@ def plan(args: argparse.Namespace) -> list[dict]:
             for (ranks, sms), tokens, hidden in itertools.product(args.cells, args.tokens, args.hidden)]
 
 
+def add_problem_arguments(parser) -> None:
+    """The one-shape options of the single-cell benchmarks (interleaved.py, bench_internode.py): the
+    DeepSeek-V3-class shape #11 and #12 measure, per rank."""
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+
+
 def gpu_problem() -> str | None:
     """Why the benchmark cannot run here, or None."""
     result = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=300)
