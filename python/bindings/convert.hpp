@@ -475,6 +475,11 @@ inline bool& packing_wanted() {
   return wanted;
 }
 
+// Whether Outputs::add_packed can pack through `shim` (it has views) and is wanted to.
+inline bool packs_with(const TorchShim* shim) {
+  return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr && packing_wanted();
+}
+
 // The shim where it loaded and is wanted, else null (outputs are then made through Python).
 inline const TorchShim* torch_shim() {
   static const TorchShim* const shim = detail::load_torch_shim();
@@ -576,7 +581,7 @@ class Outputs {
     return slot;
   }
 
-  // One output of add_packed.
+  // One output of add_packed, or of add(device, part).
   struct Part {
     std::vector<int64_t> shape;
     DType dtype;
@@ -585,6 +590,10 @@ class Outputs {
     nb::handle like = nb::handle();
   };
 
+  int add(int device, Part p) {
+    return add(std::move(p.shape), p.dtype, device, p.ref, std::move(p.strides), p.like);
+  }
+
   // Small outputs of one call in one allocation, each a view at its own 256-byte aligned offset:
   // through the shim an allocation is ~5 µs on the host path in front of a launch (bench/NOTES.md,
   // eleventh session) and a view well under one. Only for outputs that live about as long as each
@@ -592,8 +601,7 @@ class Outputs {
   // part is add()'s. Returns the parts' slots, in order.
   std::vector<int> add_packed(int device, std::vector<Part> parts) {
     std::vector<int> slots;
-    if (shim_ != nullptr && shim_->view_dtype != nullptr && shim_->reinterpret != nullptr && parts.size() > 1 &&
-        packing_wanted()) {
+    if (parts.size() > 1 && packs_with(shim_)) {
       std::vector<int64_t> offsets;
       std::vector<std::vector<int64_t>> strides;
       int64_t total = 0;
@@ -615,8 +623,7 @@ class Outputs {
       total = std::max<int64_t>(total, 256);
       if (carve(device, total, parts, strides, offsets, slots)) return slots;
     }
-    for (Part& p : parts)
-      slots.push_back(add(std::move(p.shape), p.dtype, device, p.ref, std::move(p.strides), p.like));
+    for (Part& p : parts) slots.push_back(add(device, std::move(p)));
     return slots;
   }
 

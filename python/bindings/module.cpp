@@ -211,9 +211,7 @@ std::pair<int, int> add_recv_x(Outputs& outs, nb::handle x, nb::handle x_scales,
                                int64_t n, int device, moelink::DispatchOutputs* out) {
   const int recv_x = add_recv_x_only(outs, x, in, n, device, out);
   if (!in.x_scales.defined()) return {recv_x, Outputs::kNone};
-  Outputs::Part scales = recv_scales_part(x_scales, in, n, device, out);
-  return {recv_x, outs.add(std::move(scales.shape), scales.dtype, device, scales.ref, std::move(scales.strides),
-                           scales.like)};
+  return {recv_x, outs.add(device, recv_scales_part(x_scales, in, n, device, out))};
 }
 
 // dispatch's x, a tensor or a (data, scales) pair of tensors, split; false for anything else (the
@@ -263,8 +261,7 @@ Outputs::Part ll_state_part(moelink::TensorRef* ref, nb::handle like_int64) {
 }
 
 int add_ll_state(Outputs& outs, int device, moelink::TensorRef* ref, nb::handle like_int64) {
-  Outputs::Part part = ll_state_part(ref, like_int64);
-  return outs.add(std::move(part.shape), part.dtype, device, ref, {}, like_int64);
+  return outs.add(device, ll_state_part(ref, like_int64));
 }
 
 // The local errors an operation left (what EventOverlap's finish would warn about), or None.
@@ -1057,17 +1054,12 @@ NB_MODULE(_moelink, m) {
   m.def("torch_shim_in_use", [] { return moelink::bindings::torch_shim() != nullptr; });
   // Whether small outputs share one allocation (Outputs::add_packed): the shim in use, with views,
   // and packing not switched off (use_packing, Buffer._pack_outputs).
-  m.def("torch_shim_packs", [] {
-    const moelink::bindings::TorchShim* shim = moelink::bindings::torch_shim();
-    return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr &&
-           moelink::bindings::packing_wanted();
-  });
+  m.def("torch_shim_packs", [] { return moelink::bindings::packs_with(moelink::bindings::torch_shim()); });
   m.def(
       "use_packing",
       [](bool use) {
         moelink::bindings::packing_wanted() = use;
-        const moelink::bindings::TorchShim* shim = moelink::bindings::torch_shim();
-        return shim != nullptr && shim->view_dtype != nullptr && shim->reinterpret != nullptr && use;
+        return moelink::bindings::packs_with(moelink::bindings::torch_shim());
       },
       "use"_a);
   // Tensors made as the operations make their outputs (Outputs), from (shape, dtype name, strides,
