@@ -40,7 +40,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):
         sys.path.insert(0, str(_path))
 
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
-from run_all import EXIT_NO_GPU, EXIT_RUN, add_problem_arguments, gpu_problem, job  # noqa: E402
+from run_all import EXIT_NO_GPU, EXIT_RUN, add_problem_arguments, job, refused_without_gpu  # noqa: E402
 
 OPS = (("dispatch_bf16", "dispatch bf16, uncached"), ("dispatch_fp8", "dispatch fp8, uncached, row-major scales"),
        ("dispatch_fp8_colmajor", "dispatch fp8, uncached, column-major scales"),
@@ -185,9 +185,7 @@ def main(argv=None) -> int:
         print(f"{args.nodes}x{args.per_node} ({ranks} ranks, {args.lane} lane, {args.sms} SMs), then intranode "
               f"{ranks}x{args.sms}: {', '.join(name for name, _ in OPS)} x {args.iters} iterations")
         return 0
-    problem = gpu_problem()
-    if problem:
-        print(f"moelink bench_internode: no usable GPU: {problem}", file=sys.stderr)
+    if refused_without_gpu("bench_internode"):
         return EXIT_NO_GPU
     info = launcher.run_ranks(1, job("device_info"), timeout_s=120)[0]
     print(f"device: {info['name']}, {info['sm_count']} SMs, copy {info['copy_gbps']:.0f} GB/s (read + write)",

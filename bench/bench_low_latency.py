@@ -38,7 +38,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests", REPO_ROOT / "tests" / "gpu"):
         sys.path.insert(0, str(_path))
 
 import launcher  # noqa: E402 - imports no torch
-from run_all import EXIT_NO_GPU, EXIT_RUN, EXIT_VERIFY, Progress, gpu_problem, int_list, job  # noqa: E402
+from run_all import EXIT_NO_GPU, EXIT_RUN, EXIT_VERIFY, Progress, int_list, job, refused_without_gpu  # noqa: E402
 
 ENV = {"MOELINK_EXPERIMENTAL_LOW_LATENCY": "1"}
 OPS = ("dispatch_bf16", "dispatch_fp8", "combine", "dispatch_send_hook")
@@ -211,9 +211,7 @@ def main(argv=None) -> int:
         for experts in args.experts:
             if experts % ranks:
                 parser.error(f"--experts {experts} is not a multiple of {ranks} ranks")
-    problem = gpu_problem()
-    if problem:
-        print(f"moelink bench: {problem}; the benchmark needs PyTorch with CUDA and a Hopper GPU", file=sys.stderr)
+    if refused_without_gpu("bench"):
         return EXIT_NO_GPU
     info = launcher.run_ranks(1, job("device_info"), timeout_s=120)[0]
     print(f"device: {info['name']}, {info['sm_count']} SMs, copy {info['copy_gbps']:.0f} GB/s (read + write)")

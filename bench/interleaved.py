@@ -45,7 +45,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "tests" / "gpu"):
 
 import anchor as anchor_lib  # noqa: E402
 import launcher  # noqa: E402 - imports no torch; the ranks it spawns do
-from run_all import MAX_RANKS, OP_TITLES, add_problem_arguments, gpu_problem, parse_cells, placement_text  # noqa: E402
+from run_all import EXIT_NO_GPU, MAX_RANKS, OP_TITLES, add_problem_arguments, parse_cells, placement_text, refused_without_gpu  # noqa: E402
 
 # bench_intranode.prepared_calls' ops: one call each, timed alone (the back-to-back, held-output and
 # host-time rows are bench_intranode's own).
@@ -232,10 +232,8 @@ def main(argv=None) -> int:
             print(f"{ranks}x{sms}: {', '.join(args.ops)} x {args.rounds} rounds: "
                   f"{', '.join(contestants(args, args.anchor != 'none'))}")
         return 0
-    problem = gpu_problem()
-    if problem:
-        print(f"moelink interleaved: no usable GPU: {problem}", file=sys.stderr)
-        return 3
+    if refused_without_gpu("interleaved"):
+        return EXIT_NO_GPU
     anchor = anchor_lib.resolve(args.anchor, REPO_ROOT)
     print(f"anchor: {anchor.describe()}", flush=True)
     names = contestants(args, anchor.available)

@@ -180,6 +180,15 @@ def add_problem_arguments(parser) -> None:
     parser.add_argument("--experts", type=int, default=256)
 
 
+def refused_without_gpu(tool: str) -> bool:
+    """True, having said why on stderr, when the GPU benchmark `tool` cannot run here (its caller
+    then exits EXIT_NO_GPU)."""
+    problem = gpu_problem()
+    if problem:
+        print(f"moelink {tool}: {problem}; the benchmark needs PyTorch with CUDA and a Hopper GPU", file=sys.stderr)
+    return problem is not None
+
+
 def gpu_problem() -> str | None:
     """Why the benchmark cannot run here, or None."""
     result = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=300)
@@ -467,9 +476,7 @@ def main(argv=None) -> int:
         for run in runs:
             print(run_label(run))
         return 0
-    problem = gpu_problem()
-    if problem:
-        print(f"moelink bench: {problem}; the benchmark needs PyTorch with CUDA and a Hopper GPU", file=sys.stderr)
+    if refused_without_gpu("bench"):
         return EXIT_NO_GPU
 
     import anchor as anchor_lookup  # noqa: PLC0415 - bench/ is on sys.path
