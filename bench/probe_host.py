@@ -35,7 +35,7 @@ import launcher  # noqa: E402 - imports no torch
 
 
 def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms: int, calls: int,
-          profile: bool, trace: bool, timeline: bool = False, split: bool = False) -> str:
+          profile: bool, trace: bool, timeline: bool = False, split: bool = False, gpu_only: bool = False) -> str:
     import cProfile
     import io
     import os
@@ -106,7 +106,7 @@ def probe(rank: int, num_ranks: int, impl: str, anchor_path: str | None, num_sms
     if timeline:
         flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
         for name, op in ops:
-            elapsed = _timeline(rank, impl, name, op, flush, os.environ.get("OUT"))
+            elapsed = _timeline(rank, impl, name, op, flush, os.environ.get("OUT"), gpu_only=gpu_only)
             lines.append(f"{impl} rank {rank} {name}: timed as the benchmark does, under the profiler: "
                          f"median {elapsed:.1f} µs")
     if trace:
@@ -153,10 +153,12 @@ def _split(op, flush, calls: int) -> tuple[float, float, float]:
     return alone, ahead, statistics.mean(b2b[1:])
 
 
-def _timeline(rank: int, impl: str, name: str, op, flush, out_dir: str | None, calls: int = 12) -> float:
+def _timeline(rank: int, impl: str, name: str, op, flush, out_dir: str | None, calls: int = 12,
+              gpu_only: bool = False) -> float:
     """Every rank's kernels and CUDA calls over `calls` calls made as the benchmark times them (L2
     flushed, device synchronized, ranks at a barrier, events around the call), one chrome trace per
-    rank: where the time between the start event and the end event goes."""
+    rank: where the time between the start event and the end event goes. gpu_only records no host
+    ops (CUPTI's kernels and runtime calls only), so the host path is slowed less."""
     import statistics
 
     from torch.profiler import ProfilerActivity, profile
@@ -165,7 +167,8 @@ def _timeline(rank: int, impl: str, name: str, op, flush, out_dir: str | None, c
 
     for _ in range(3):
         op()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] if gpu_only else [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         samples = bi.timed_samples_us(op, flush, calls)
     if out_dir:
         prof.export_chrome_trace(str(Path(out_dir) / f"timeline_{impl}_{name.replace(' ', '_')}_rank{rank}.json"))
@@ -205,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace", action="store_true", help="add torch.profiler tables of rank 0's kernels")
     parser.add_argument("--timeline", action="store_true",
                         help="chrome traces of every rank's calls timed as the benchmark times them, in $OUT")
+    parser.add_argument("--timeline-gpu", action="store_true",
+                        help="as --timeline, recording CUDA activity only (no host ops): a host path slowed less")
     parser.add_argument("--split", action="store_true",
                         help="each call timed alone, with the GPU ahead of the host, and back to back")
     args = parser.parse_args(argv)
@@ -215,8 +220,8 @@ def main(argv=None) -> int:
     impls = ["moelink"] + (["deep_ep"] if found.available else [])
     for impl in impls:
         results = launcher.run_ranks(args.ranks, ("probe_host", "probe", str(Path(__file__).resolve())), impl,
-                                     found.path, args.sms, args.calls, args.profile, args.trace, args.timeline,
-                                     args.split,
+                                     found.path, args.sms, args.calls, args.profile, args.trace,
+                                     args.timeline or args.timeline_gpu, args.split, args.timeline_gpu,
                                      timeout_s=300)
         for text in results:
             print(text)

@@ -146,6 +146,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   __shared__ bool gather_scales[kMaxNvlRanks];  // d's scales are written by the block after each batch
   __shared__ bool stage_target[kMaxNvlRanks];   // d stages column-major scales (it waits for this rank's done)
   __shared__ float* stage_out[kMaxNvlRanks];    // where this channel's staged scales for d go, or nullptr
+  __shared__ int stage_count[kMaxNvlRanks];     // the rows d's staged scales hold: this channel's for d
   __shared__ bool failed;
 
   ChannelRange range = channel_range(a.num_tokens, C, channel);
@@ -228,6 +229,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
     direct[d] = is_direct;
     const int count = a.channel_prefix_matrix[d * C + channel] - (channel ? a.channel_prefix_matrix[d * C + channel - 1] : 0);
     stage_target[d] = is_direct && stage;
+    stage_count[d] = count;
     stage_out[d] = stage_target[d] && count <= staged_capacity(L)
                        ? reinterpret_cast<float*>(L.ring(a.peers.data[d], channel, rank))
                        : nullptr;
@@ -328,6 +330,9 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
             if (o.topk_weights) o.topk_weights[row * K + lane] = mine ? weight : 0.f;
           }
           if (stage_out[d] != nullptr) {
+            // A position past the channel's count (a handle whose is_token_in_rank disagrees with
+            // its matrices) would land in the next ring: dropped, as a row past num_rows is.
+            if (pos >= stage_count[d]) continue;
             scales_out = stage_out[d] + static_cast<int64_t>(pos) * S;
             scales_stride = 1;
           } else {
