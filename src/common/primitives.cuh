@@ -124,23 +124,6 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int 
     asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
 }
 
-// 4 bytes from global to shared memory without a register (cp.async): a load that is waited for
-// only where cp_async_wait_all says, so a batch's inputs can be fetched under the previous batch.
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-// Closes this thread's cp.async copies issued since the last commit into a group.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Every group of this thread's but the last committed one has landed (other threads see them after
-// a barrier): the previous batch's copies, while the next batch's may still be in flight.
-__device__ __forceinline__ void cp_async_wait_prior() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
-// Every cp.async copy of this thread's has landed.
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 // Drops the 128-byte L2 line at `line` without writing it back: a weak write of undefined data, so
 // it must follow every read of the line and precede the release that hands the line to a writer.
 __device__ __forceinline__ void discard_l2_line(const void* line) {

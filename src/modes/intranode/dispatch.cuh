@@ -131,12 +131,9 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   const int batch = min(kNumWarps, L.slots);
   const bool hoisted = S <= 32 * kHoistedScales;
   __shared__ int position[kNumWarps][kMaxNvlRanks];
-  // [half][warp][scale], when hoisted: one half is the batch's, the other fills with the next
-  // batch's. The pad word: staging, and a column-major gather, touch one scale index of many warps'
-  // tokens at once, which without it all sit in one bank (24-way conflicts).
-  __shared__ float batch_scales[2][kNumWarps][32 * kHoistedScales + 1];
-  // [warp][d]: the next batch's routing bytes (is_token_in_rank), loaded under this batch's copy.
-  __shared__ unsigned char next_routed[kNumWarps][kMaxNvlRanks];
+  // [warp][scale], when hoisted. The pad word: staging, and a column-major gather, touch one scale
+  // index of many warps' tokens at once, which without it all sit in one bank (24-way conflicts).
+  __shared__ float batch_scales[kNumWarps][32 * kHoistedScales + 1];
   // Warp and output row of d's j-th batch row, when gather_scales[d]: read by consecutive threads in
   // the gather, so without bank conflicts (position[w][d] would have eight-way ones).
   __shared__ int warp_of[kMaxNvlRanks][kNumWarps];
@@ -245,38 +242,16 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
   if (part == 1 && !split) return kNotNeeded;
   if (split) take_half<kMaxNvlRanks>(range, part, a.is_token_in_rank, R, sent);
 
-  // A batch's routing flags and scales are fetched under the previous batch's copy (the flags a
-  // byte per thread, the scales by cp.async into the other half of batch_scales), and a token's
-  // top-k under its own row's loads; only the first batch waits for its own. Fetched in front of
-  // the copy, each was a memory round trip on every batch's path, which fp8's short rows feel
-  // most (bench/NOTES.md, fourteenth session).
-  int buf = 0;
-  // Tokens fastest: a column-major x_scales is read in runs of consecutive tokens.
-  const auto stage_scales = [&](int first, int half) {
-    const int n = min(batch, range.end - first);
-    for (int e = threadIdx.x; e < S * n; e += blockDim.x) {
-      const int i = e / n, w = e - i * n;
-      cp_async_4(&batch_scales[half][w][i], a.x_scales + (first + w) * a.x_scales_stride_token + i * a.x_scales_stride_scale);
-    }
-  };
-  if (hoisted && range.begin < range.end) stage_scales(range.begin, 0);
-  cp_async_commit();
   for (int begin = range.begin; begin < range.end; begin += batch) {
-    const int next = begin + batch;  // the next batch's first token, if < range.end
-    if (warp == 0) {
-      if (begin == range.begin) {
-        batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
-      } else {
-        // Loaded by the previous batch's warps (a batch with a successor is whole).
-        unsigned flags = 0;
-        if (lane < batch && begin + lane < range.end)
-          for (int d = 0; d < R; ++d) flags |= (next_routed[lane][d] != 0 ? 1u : 0u) << d;
-        positions_from_flags(flags, batch, R, sent, position, batch_count);
+    if (warp == 0) batch_positions(a.is_token_in_rank, begin, range.end, batch, R, sent, position, batch_count);
+    if (hoisted) {
+      // Tokens fastest: a column-major x_scales is read in runs of consecutive tokens.
+      const int n = min(batch, range.end - begin);
+      for (int e = threadIdx.x; e < S * n; e += blockDim.x) {
+        const int i = e / n, w = e - i * n;
+        batch_scales[w][i] = a.x_scales[(begin + w) * a.x_scales_stride_token + i * a.x_scales_stride_scale];
       }
     }
-    if (hoisted && next < range.end) stage_scales(next, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait_prior();  // this batch's scales, issued a batch ago
     __syncthreads();
     // Room in every destination ring this batch writes to: sent + count - head <= slots.
     if (threadIdx.x < R && !direct[threadIdx.x] && batch_count[threadIdx.x] > 0) {
@@ -287,10 +262,7 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       if constexpr (W::kPuts) before_staging<W>(&quiet_lap, sent[d], batch_count[d], L.slots);
     }
     __syncthreads();
-    if (failed) {
-      cp_async_wait_all();
-      return kFailed;
-    }
+    if (failed) return kFailed;
 
     const int t = begin + warp;
     if (warp < batch && t < range.end) {
@@ -312,14 +284,6 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         }
       }
       __syncwarp();
-      // The next batch's routing, and this token's ids and weights (read once, before the
-      // destinations: per destination they cost a round trip each), go out with the row's loads.
-      const unsigned char routed_ahead =
-          lane < R && next + warp < range.end
-              ? reinterpret_cast<const unsigned char*>(a.is_token_in_rank)[static_cast<int64_t>(next + warp) * R + lane]
-              : 0;
-      const int64_t id = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
-      const float weight = lane < K && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
       int4* const* dst = dst_rows[warp];
       const int4* src = x + static_cast<int64_t>(t) * H4;
       constexpr int kUnroll = 8;
@@ -344,8 +308,12 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
             }
         }
       }
-      // Metadata: final outputs for direct destinations, ring fields for the others (the token's
-      // scales were staged with the batch's).
+      // Metadata: final outputs for direct destinations, ring fields for the others. The token's
+      // ids and weights are read once, before the destinations (its scales were staged with the
+      // batch's): read per destination they cost one memory round trip each, which fp8's short
+      // rows feel most.
+      const int64_t id = lane < K ? a.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+      const float weight = lane < K && a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.f;
       for (int d = 0; d < R; ++d) {
         const int pos = position[warp][d];
         if (pos < 0) continue;
@@ -384,14 +352,12 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         }
         if (gather_scales[d]) continue;  // the block writes them after the batch
         if (hoisted) {
-          for (int i = lane; i < S; i += 32) scales_out[i * scales_stride] = batch_scales[buf][warp][i];
+          for (int i = lane; i < S; i += 32) scales_out[i * scales_stride] = batch_scales[warp][i];
         } else {
           for (int i = lane; i < S; i += 32)
             scales_out[i * scales_stride] = a.x_scales[t * a.x_scales_stride_token + i * a.x_scales_stride_scale];
         }
       }
-      // Read by warp 0 after the batch's last barrier, rewritten only after the next one's first.
-      if (lane < R) next_routed[warp][lane] = routed_ahead;
     }
     __syncthreads();
     // The row of d's j-th batch token is the one its warp recorded, not first_row + sent[d] + j:
@@ -407,15 +373,12 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
         const int i = e / n, j = e - i * n;
         const int64_t row = gather_row[d][j];
         // Past num_worst_tokens (reported by notify): the row is dropped.
-        if (row < num_rows) scales[row * stride_token + i * stride_scale] = batch_scales[buf][warp_of[d][j]][i];
+        if (row < num_rows) scales[row * stride_token + i * stride_scale] = batch_scales[warp_of[d][j]][i];
       }
     }
     // A rank dying mid-kernel, as its peers see it: this batch's rows landed, nothing says so (on
     // the put path they stay in the mirror: a peer whose puts stop is seen the same way).
-    if (kHalt) {
-      cp_async_wait_all();
-      return kSent;
-    }
+    if (kHalt) return kSent;
     if (threadIdx.x < R) {
       const int d = threadIdx.x;
       if constexpr (W::kPuts) {
@@ -430,7 +393,6 @@ __device__ SendResult send_channel(const DispatchArgs& a, Epoch seq, int channel
       }
     }
     __syncthreads();
-    buf ^= 1;
   }
   // The put path has no direct peer and reads no peer's header: nothing below concerns it.
   if constexpr (W::kPuts) return kSent;
