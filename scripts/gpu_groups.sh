@@ -4,7 +4,7 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 internodenvshmem internodeloss peerloss peerlossmid
+# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 internodenvshmem internodenvshmemall internodeloss peerloss peerlossmid
 #         peerlosslane peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll benchinternode bench probehost interleaved variants. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). cputorch: the CPU tests that need torch (skipped where it is missing, as in CI). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
@@ -75,11 +75,13 @@ for g in $TEST_GROUPS; do
     internode8) group internode8 300 $P tests/gpu/test_internode.py -k "(2-4 or 4-2 or default_configs) and not fake and not nvshmem" ;;
     internodefake) group internodefake 400 $P tests/gpu/test_internode.py -k "fake and (2-2 or back_to_back or bit_equal)" ;;
     internodefake8) group internodefake8 400 $P tests/gpu/test_internode.py -k "fake and (2-4 or 4-2) and not bit_equal" ;;
-    # internodenvshmem: the NVSHMEM lane bit-equal to the stores lane (2 x 2, 4 x 2 passed on one H200, 2026-12-03; 2 x 4 added after)
-    # (docs/internal/INTERNODE_LANE.md step 3: the lane's symmetric region and host wiring, first run).
+    # internodenvshmem: the NVSHMEM lane bit-equal to the stores lane (2 x 2, 4 x 2, 2 x 4 passed on one H200, 2026-12-03/04)
+    # (docs/internal/INTERNODE_LANE.md step 3); internodenvshmemall: every internode test over the NVSHMEM lane
+    # (the case matrix at the three layouts, 200 rounds, the bit-equality, the peer loss).
     internodenvshmem) group internodenvshmem 400 $P tests/gpu/test_internode.py -k nvshmem_lane ;;
+    internodenvshmemall) group internodenvshmemall 540 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_internode.py -k nvshmem ;;
     # internodeloss (about 1 min): a rank of a 2 x 2 internode Buffer lost, over the stores and the fake-puts lane.
-    internodeloss) group internodeloss 180 $P tests/gpu/test_internode.py -k peer_loss ;;
+    internodeloss) group internodeloss 180 $P tests/gpu/test_internode.py -k "peer_loss and not nvshmem" ;;
     peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py -k "not lane" ;;
     peerlossmid) group peerlossmid 150 $P tests/gpu/test_peer_loss.py -k "during and not lane" ;;
     # peerlosslane (about 2.5 min): test_peer_loss's ten losses on a fake-puts lane Buffer.

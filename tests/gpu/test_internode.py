@@ -3,7 +3,8 @@
 node. The same cases as intranode (checks.run_case: layout incl. num_tokens_per_rdma_rank, uncached
 and cached dispatch, combine with biases, fp8 with row- and column-major scales, alignment,
 num_worst_tokens, async with previous_event, silent and deaf ranks), against the same reference,
-with tiny rings so that every leg wraps around; then 50 back-to-back rounds. The composition itself
+with tiny rings so that every leg wraps around; then 200 back-to-back rounds (50 until the fourteenth
+session). The composition itself
 is also checked on the CPU (tests/cpu/test_internode_composition.py).
 
 Every case also runs with the lane on the put path's protocol over IPC (MOELINK_DEBUG_LANE_FORCE_PUT=
@@ -18,7 +19,10 @@ credit over the window) the 2 x 2 group and the 8-rank ones passed too (2026-12-
 test_nvshmem_lane_is_bit_equal_to_stores runs the bit-equality with the lane on NVSHMEM's puts
 (MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, NVSHMEM_REMOTE_TRANSPORT=none, the PEs on one GPU; each lane
 its own NVSHMEM job, its header and rings one symmetric allocation: INTERNODE_LANE.md step 3); 2 x 2
-and 4 x 2 passed on one H200 (2026-12-03, thirteenth session); 2 x 4 not run yet.
+and 4 x 2 passed on one H200 (2026-12-03, thirteenth session), 2 x 4 too (2026-12-04). Since then
+the NVSHMEM lane is also one of LANE_WINDOWS (when the build has NVSHMEM): the whole case matrix at
+2 x 2, 2 x 4 and 4 x 2 with every ring config, the back-to-back rounds and the peer loss run over it
+as over the other two.
 
 A lost peer (test_internode_peer_loss, over both lanes): at 2 x 2 global rank 3 (node 1, GPU 1) dies
 before a dispatch; its lane's survivor raises TimeoutError naming lane rank 1 and node 1 (its lane
@@ -64,14 +68,17 @@ TINY_LANE = dict(num_sms=8, num_max_nvl_chunked_send_tokens=8, num_max_nvl_chunk
                  num_max_rdma_chunked_send_tokens=3, num_max_rdma_chunked_recv_tokens=6)
 RING_CONFIGS = {"rings": None, "tiny-rings": TINY, "tiny-lane": TINY_LANE}
 
-# How the lane's senders fill its rings: stores (the default), or the put path's protocol over IPC.
-LANE_WINDOWS = ["stores", "fake"]
+# How the lane's senders fill its rings: stores (the default), the put path's protocol over IPC, or
+# NVSHMEM's puts (when the build has NVSHMEM; its PEs share this GPU, NVSHMEM_REMOTE_TRANSPORT=none).
+LANE_WINDOWS = ["stores", "fake"] + (["nvshmem"] if moelink._moelink.nvshmem_compiled() else [])
 
 
 def env(nodes, per_node, lane="stores"):
     values = {"MOELINK_EXPERIMENTAL_INTERNODE": "1", "MOELINK_NVL_RANKS": str(per_node)}
-    if lane == "fake":
-        values["MOELINK_DEBUG_LANE_FORCE_PUT"] = "fake"
+    if lane != "stores":
+        values["MOELINK_DEBUG_LANE_FORCE_PUT"] = lane
+    if lane == "nvshmem":
+        values.update(common.NVSHMEM_ONE_GPU_ENV)
     return values
 
 
@@ -104,7 +111,7 @@ def _cases(rank, num_ranks, seed, rings, lane):
     buf.destroy()
 
 
-# (ring config, lane window): tiny-lane is there for the fake-puts lane's wrap-around and stalls.
+# (ring config, lane window): tiny-lane is there for the put paths' (fake, nvshmem) wrap-around and stalls.
 RUNS = [(rings, lane) for rings in RING_CONFIGS for lane in LANE_WINDOWS if (rings, lane) != ("tiny-lane", "stores")]
 
 
@@ -116,14 +123,17 @@ def test_internode_cases(nodes, per_node, rings, lane):
     launcher.run_ranks(num_ranks, _cases, seed, rings, lane, timeout_s=600, env=env(nodes, per_node, lane))
 
 
+BACK_TO_BACK_ROUNDS = 200
+
+
 def _back_to_back(rank, num_ranks, seed, lane):
     config = moelink.Config(8, 8, 128, 8, 128)
     buf = make_buffer(num_ranks, config, (2048,))
     check_lane_window(buf, lane)
-    for i in range(50):
+    for i in range(BACK_TO_BACK_ROUNDS):
         case = Case(f"round {i}", 256, 2048, 8, 64, fp8=i % 3 == 1, drop_prob=0.05 * (i % 4)).resolved(num_ranks)
         checks.run_case(buf, rank, num_ranks, case, seed + i, config, config)
-    common.log(rank, f"[R={num_ranks}] 50 internode rounds exact")
+    common.log(rank, f"[R={num_ranks}] {BACK_TO_BACK_ROUNDS} internode rounds exact")
     buf.destroy()
 
 
