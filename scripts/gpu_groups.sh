@@ -4,11 +4,11 @@
 # own limit and by what is left of the budget, packs the logs into $OUT/logs.tar.gz and prints one
 # summary line per group ($OUT/summary.txt). scripts/test.sh runs the same tests without a budget.
 #   OUT=/tmp/out bash scripts/gpu_groups.sh 540 api intranode24 lowlatency
-# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 internodenvshmem internodenvshmemall internodeloss peerloss peerlossmid
-#         peerlosslane peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll benchinternode bench probehost interleaved variants. anchorsuite:
+# Groups: api lifecycle intranode24 intranode8 segments failures v2 graphs lowlatency llshrink llnvshmem logfmt frameworks internode internode8 internodefake internodefake8 internodenvshmem internodenvshmemall internodeworld internodeloss peerloss peerlossmid
+#         peerlosslane peerlossall soak sanitize benchsmoke cputorch anchorsuite benchll benchinternode bench probehost interleaved variants pytest. anchorsuite:
 #         DeepEP's own intranode test against moelink (tests/gpu/anchor_suite.py; needs
 #         .anchors/deepep_tests). cputorch: the CPU tests that need torch (skipped where it is missing, as in CI). variants: scripts/bench_variants.sh on $VARIANTS (patch files, or base).
-# Env: SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, BENCH_INTERNODE_ARGS, PROBE_ARGS, INTERLEAVED_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
+# Env: PYTEST_ARGS, PYTEST_LIMIT_S, SOAK_ARGS, SOAK_LIMIT_S and SANITIZE_LIMIT_S (default 300 s each), BENCH_ARGS, BENCH_LL_ARGS, BENCH_INTERNODE_ARGS, PROBE_ARGS, INTERLEAVED_ARGS, VARIANTS, VARIANT_BENCH_ARGS, VARIANT_RUN,
 #      MOELINK_SANITIZE_TOOLS.
 set -u
 cd "$(dirname "$0")/.."
@@ -79,7 +79,11 @@ for g in $TEST_GROUPS; do
     # (docs/internal/INTERNODE_LANE.md step 3); internodenvshmemall: every internode test over the NVSHMEM lane
     # (the case matrix at the three layouts, 200 rounds, the bit-equality, the peer loss).
     internodenvshmem) group internodenvshmem 400 $P tests/gpu/test_internode.py -k nvshmem_lane ;;
-    internodenvshmemall) group internodenvshmemall 540 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_internode.py -k nvshmem ;;
+    internodenvshmemall) group internodenvshmemall 540 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/gpu/test_internode.py -k nvshmem ;;
+    # internodeworld: one NVSHMEM world shared by a low-latency Buffer and an internode Buffer's lanes.
+    internodeworld) group internodeworld 300 $P tests/gpu/test_internode.py -k world_is_shared ;;
+    # pytest: any selection (PYTEST_ARGS, under PYTEST_LIMIT_S, default 300 s), every failure shown.
+    pytest) group pytest "${PYTEST_LIMIT_S:-300}" python3 -m pytest -q -p no:cacheprovider --durations=0 ${PYTEST_ARGS:-} ;;
     # internodeloss (about 1 min): a rank of a 2 x 2 internode Buffer lost, over the stores and the fake-puts lane.
     internodeloss) group internodeloss 180 $P tests/gpu/test_internode.py -k "peer_loss and not nvshmem" ;;
     peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py -k "not lane" ;;

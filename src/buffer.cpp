@@ -265,13 +265,19 @@ void Buffer::raise_pending_errors() const { ctx_->raise_at_end(); }
 
 void Buffer::defer_data_errors(bool defer) { ctx_->defer_data_errors = defer; }
 
-std::vector<uint8_t> Buffer::prepare_nvshmem_lane() const {
+std::vector<uint8_t> Buffer::prepare_nvshmem_lane(bool world_root) const {
   ctx_->require_usable("prepare_nvshmem_lane");
   window::nvshmem_require();
-  return ctx_->topo.rank == 0 ? window::nvshmem_unique_id() : std::vector<uint8_t>{};
+  return world_root ? window::nvshmem_unique_id() : std::vector<uint8_t>{};
 }
 
-void Buffer::serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id) {
+Buffer::NvshmemWorld Buffer::nvshmem_world() {
+  window::NvshmemWorldInfo info = window::nvshmem_world();
+  return {std::move(info.id), info.pe, info.num_pes};
+}
+
+void Buffer::serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id, int world_pe, int world_size,
+                                     const std::vector<int>& lane_pes) {
   ctx_->require_usable("serve_as_internode_lane");
   if (ctx_->peer_segments)
     detail::raise(ErrorKind::kState, "serve_as_internode_lane: this Buffer already ran an operation that could map "
@@ -283,7 +289,25 @@ void Buffer::serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id)
   if (put != knobs::LanePut::kNvshmem && !root_unique_id.empty())
     detail::raise(ErrorKind::kValue, "root_unique_id: only a lane with MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem takes "
                   "one (is the knob set on some ranks only?)");
-  if (put == knobs::LanePut::kNvshmem) ctx_->open_symmetric_lane(root_unique_id);
+  if (put == knobs::LanePut::kNvshmem) {
+    const int R = ctx_->topo.num_ranks;
+    if (world_size < R || world_pe < 0 || world_pe >= world_size)
+      detail::raise(ErrorKind::kValue, "world_pe: expected 0 <= world_pe < world_size and world_size >= the lane's ",
+                    R, " ranks, got ", world_pe, " of ", world_size);
+    if (static_cast<int>(lane_pes.size()) != R)
+      detail::raise(ErrorKind::kValue, "lane_pes: expected one PE per lane rank (", R, "), got ", lane_pes.size());
+    for (int p = 0; p < R; ++p) {
+      if (lane_pes[p] < 0 || lane_pes[p] >= world_size)
+        detail::raise(ErrorKind::kValue, "lane_pes[", p, "]: expected a PE in [0, ", world_size, "), got ", lane_pes[p]);
+      for (int q = 0; q < p; ++q)
+        if (lane_pes[q] == lane_pes[p])
+          detail::raise(ErrorKind::kValue, "lane_pes: lane ranks ", q, " and ", p, " are both PE ", lane_pes[p]);
+    }
+    if (lane_pes[ctx_->topo.rank] != world_pe)
+      detail::raise(ErrorKind::kValue, "lane_pes[", ctx_->topo.rank, "]: this lane rank is PE ", world_pe,
+                    ", the table says ", lane_pes[ctx_->topo.rank]);
+    ctx_->open_symmetric_lane(root_unique_id, world_pe, world_size, lane_pes);
+  }
   ctx_->ring_only = true;
   ctx_->peer_segments_enabled = false;
   ctx_->lane_fake_puts = put == knobs::LanePut::kFake;

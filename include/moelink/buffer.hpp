@@ -98,6 +98,18 @@ class Buffer {
   long long peer_segments_closed() const;
   // The NVSHMEM unique id; only meaningful on the rank whose rdma_rank == 0 and when RDMA is used.
   std::vector<uint8_t> local_nvshmem_unique_id() const;
+  // The process's NVSHMEM world. There is one per process (NVSHMEM is a singleton), shared by every
+  // Buffer over its ranks: a low-latency Buffer and an internode Buffer's lanes over one group join
+  // it once, and it is finalised when the last of them is destroyed. `id` is the root unique id it
+  // was joined with, empty when the process is in none. A bootstrap that finds every rank in one
+  // world as pe == rank of num_ranks passes that id to sync() as root_unique_id to share it; sync
+  // raises kState for any other id while the process is in a world.
+  struct NvshmemWorld {
+    std::vector<uint8_t> id;
+    int pe = -1;
+    int num_pes = 0;
+  };
+  static NvshmemWorld nvshmem_world();
   // device_ids / ipc_handles: one entry per global rank. root_unique_id: empty when no RDMA.
   void sync(const std::vector<int>& device_ids, const std::vector<std::vector<uint8_t>>& ipc_handles,
             const std::vector<uint8_t>& root_unique_id);
@@ -194,18 +206,26 @@ class Buffer {
   // every dispatch and combine row goes through the rings (no direct writes, no pull combine, no
   // peer segments), and with MOELINK_DEBUG_LANE_FORCE_PUT=fake its kernels (the ring senders, the
   // notify's inbox, the openings and barriers) move their bytes by the put path's protocol over IPC.
-  // With =nvshmem, collective over the lane: it joins NVSHMEM as PE rank of the lane's ranks (the
-  // root's id from prepare_nvshmem_lane, which every rank calls first), moves its header and rings
-  // into one symmetric allocation, and its kernels are the plugin's builds over NVSHMEM puts
-  // (docs/internal/INTERNODE_LANE.md, step 3; one host only: the lane's ranks are its own job).
+  // With =nvshmem it joins NVSHMEM (below), moves its header and rings into one symmetric
+  // allocation, and its kernels are the plugin's builds over NVSHMEM puts
+  // (docs/internal/INTERNODE_LANE.md, step 3).
   // A lost peer is then named "rank n (node n)": a lane's rank n is node n. Raises kValue when
   // root_unique_id is missing with =nvshmem or given without it, kState when an operation already
   // mapped peer segments.
-  void serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id = {});
-  // Before serve_as_internode_lane with =nvshmem, on every lane rank: loads the NVSHMEM plugin (a
-  // rank without it raises before any rank joins) and returns the root's unique id on lane rank 0
-  // (empty elsewhere).
-  std::vector<uint8_t> prepare_nvshmem_lane() const;
+  //
+  // With =nvshmem the lane's ranks are PEs of the internode group's NVSHMEM world (every rank of the
+  // group, PE = its global rank: world_pe of world_size, the world's root id from
+  // prepare_nvshmem_lane on global rank 0, or the id of the world the process shares already,
+  // nvshmem_world()); lane_pes[p] is the PE of lane rank p. The call is then collective over the
+  // whole group, and every rank's lane must have the same num_nvl_bytes (one symmetric allocation).
+  // One world, not one job per lane: each job's init has its first PE ask the MPS control daemon,
+  // and NVSHMEM exits the process when a concurrent job's ask gets that refused.
+  void serve_as_internode_lane(const std::vector<uint8_t>& root_unique_id = {}, int world_pe = -1, int world_size = 0,
+                               const std::vector<int>& lane_pes = {});
+  // Before serve_as_internode_lane with =nvshmem, on every rank of the group: loads the NVSHMEM
+  // plugin (a rank without it raises before any rank joins) and returns a new root unique id when
+  // world_root (empty otherwise).
+  std::vector<uint8_t> prepare_nvshmem_lane(bool world_root) const;
   // How this Buffer's ring senders write: "" (not a lane), "stores", "fake" (the put protocol over
   // IPC) or "nvshmem". For tests and diagnostics.
   std::string lane_window() const;

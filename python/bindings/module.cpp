@@ -548,14 +548,18 @@ void bind_buffer(nb::module_& m) {
       .def("defer_data_errors", &Buffer::defer_data_errors, "defer"_a)
       .def(
           "serve_as_internode_lane",
-          [](Buffer& self, nb::handle root_unique_id) {
+          [](Buffer& self, nb::handle root_unique_id, int world_pe, int world_size, const std::vector<int>& lane_pes) {
             std::vector<uint8_t> root;
             if (!root_unique_id.is_none()) root = to_byte_vector(root_unique_id, "root_unique_id");
             nb::gil_scoped_release release;  // an NVSHMEM lane joins with its peers
-            self.serve_as_internode_lane(root);
+            self.serve_as_internode_lane(root, world_pe, world_size, lane_pes);
           },
-          "root_unique_id"_a.none() = nb::none())
-      .def("prepare_nvshmem_lane", [](const Buffer& self) { return to_bytes(self.prepare_nvshmem_lane()); })
+          "root_unique_id"_a.none() = nb::none(), "world_pe"_a = -1, "world_size"_a = 0,
+          "lane_pes"_a = std::vector<int>{})
+      .def(
+          "prepare_nvshmem_lane",
+          [](const Buffer& self, bool world_root) { return to_bytes(self.prepare_nvshmem_lane(world_root)); },
+          "world_root"_a)
       .def_prop_ro("lane_window", &Buffer::lane_window)
       .def("take_local_errors", &Buffer::take_local_errors)
       .def("debug_halt_next_sends", &Buffer::debug_halt_next_sends)
@@ -1029,6 +1033,12 @@ NB_MODULE(_moelink, m) {
   // before any leg, so every rank raises it with its own message instead of a leg's.
   m.attr("MAX_LOCAL_EXPERTS") = moelink::kernels::kMaxLocalExperts;
   m.def("nvshmem_compiled", &moelink::window::nvshmem_compiled);
+  // (root unique id, pe, num_pes) of the process's NVSHMEM world, or None when it is in none.
+  m.def("nvshmem_world", []() -> nb::object {
+    const moelink::Buffer::NvshmemWorld world = moelink::Buffer::nvshmem_world();
+    if (world.id.empty()) return nb::none();
+    return nb::make_tuple(to_bytes(world.id), world.pe, world.num_pes);
+  });
   // MOELINK_DEBUG_LANE_FORCE_PUT as internode mode's construction reads it: every rank gathers it
   // (they must agree) before an NVSHMEM lane joins. Raises ValueError on a malformed value.
   m.def("debug_lane_force_put", [] {

@@ -118,20 +118,30 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
         lane_put = _moelink.debug_lane_force_put()
     except ValueError:
         lane_put = None  # serve_as_internode_lane raises it below, on every rank together
-    facts = all_gather((socket.gethostname(), str(props.uuid), num_rdma_bytes, lane_put))
-    hosts = [host for host, _, _, _ in facts]
-    ranks_per_gpu = sum(1 for _, uuid, _, _ in facts if uuid == str(props.uuid))
+    facts = all_gather((socket.gethostname(), str(props.uuid), num_rdma_bytes, lane_put, _moelink.nvshmem_world()))
+    hosts = [host for host, _, _, _, _ in facts]
+    ranks_per_gpu = sum(1 for _, uuid, _, _, _ in facts if uuid == str(props.uuid))
     if len(set(hosts)) > 1:
         raise NotImplementedError("moelink internode mode runs its node-to-node leg over CUDA IPC for now, so every "
                                   "rank must be on one host (emulated nodes); the NVSHMEM leg between hosts is not "
                                   f"implemented yet (ranks are on {len(set(hosts))} hosts)")
     if num_nodes > 8:
         raise NotImplementedError(f"moelink internode mode reaches at most 8 nodes, got {num_nodes}")
-    short = [r for r, (_, _, nbytes, _) in enumerate(facts) if not isinstance(nbytes, int) or nbytes <= 0]
+    short = [r for r, (_, _, nbytes, _, _) in enumerate(facts) if not isinstance(nbytes, int) or nbytes <= 0]
     if short:
         raise ValueError(f"num_rdma_bytes: internode mode needs a node-to-node buffer (rank {short[0]} passed "
                          f"{facts[short[0]][2]}); size it with Config.get_rdma_buffer_size_hint")
-    _check_lane_puts([put for _, _, _, put in facts])
+    _check_lane_puts([put for _, _, _, put, _ in facts])
+    shared_world = None
+    if lane_put == "nvshmem":
+        # The lanes are PEs of one NVSHMEM world over the whole group (PE = global rank), so their
+        # regions are one symmetric allocation: the same size on every rank.
+        sizes = sorted({nbytes for _, _, nbytes, _, _ in facts})
+        if len(sizes) > 1:
+            other = next(r for r, fact in enumerate(facts) if fact[2] != facts[0][2])
+            raise ValueError(f"num_rdma_bytes: every rank must pass the same size for the NVSHMEM lanes' symmetric "
+                             f"region; rank 0 passed {facts[0][2]}, rank {other} {facts[other][2]}")
+        shared_world = _bootstrap.shared_world([world for _, _, _, _, world in facts], num_ranks)
     node_members, lane_members = _members(topology)
     common = dict(num_rdma_bytes=0, explicitly_destroy=buf.explicitly_destroy, num_arena_bytes=0)
     built: List["Buffer"] = []
@@ -142,15 +152,22 @@ def build_stages(buf: "Buffer", group: Any, comm: Any, num_nvl_bytes: int, num_r
         lane = built[1]
         root_unique_id = None
         if lane_put == "nvshmem":
-            # The lane's ranks form an NVSHMEM job of their own (one host), rooted at its rank on node
-            # 0; every rank loads the plugin first, so that none joins while a peer cannot.
-            ids = _gathered(all_gather, "lane", lane.runtime.prepare_nvshmem_lane)
-            root_unique_id = ids[lane_members[0]]
+            # Every lane is a team of the group's one NVSHMEM world (PE = global rank, rooted at rank
+            # 0, or the world the processes share already with a low-latency Buffer): one job, so one
+            # first PE asks the MPS control daemon at init. One job per lane had 2 to 4 first PEs ask
+            # at once, and NVSHMEM exits the process when the daemon refuses one (bench/NOTES.md,
+            # fourteenth session). Every rank loads the plugin first, so that none joins while a peer
+            # cannot.
+            ids = _gathered(all_gather, "lane", lambda: lane.runtime.prepare_nvshmem_lane(rank == 0))
+            root_unique_id = shared_world if shared_world is not None else ids[0]
 
         def as_lane() -> "Buffer":
             # Before its first operation: the lane takes the rings only, and the window the knob names
             # (MOELINK_DEBUG_LANE_FORCE_PUT); with nvshmem it joins and moves into a symmetric region.
-            lane.runtime.serve_as_internode_lane(root_unique_id)
+            if lane_put == "nvshmem":
+                lane.runtime.serve_as_internode_lane(root_unique_id, rank, num_ranks, lane_members)
+            else:
+                lane.runtime.serve_as_internode_lane(root_unique_id)
             return lane
 
         _together(all_gather, "lane", as_lane)

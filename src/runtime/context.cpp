@@ -268,14 +268,17 @@ void Context::open_symmetric_low_latency() {
   }
 }
 
-void Context::open_symmetric_lane(const std::vector<uint8_t>& root_unique_id) {
+void Context::open_symmetric_lane(const std::vector<uint8_t>& root_unique_id, int world_pe, int world_size,
+                                  const std::vector<int>& lane_pes) {
   const int R = topo.num_nvl_ranks;
   if (arena || nvshmem_joined || R != topo.num_ranks)
     raise(ErrorKind::kState, "MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem: rank ", topo.rank, " is not an inner lane Buffer "
           "(one NVLink domain, no arena, no NVSHMEM of its own); only internode mode makes lanes");
   try {
     MOELINK_CUDA_CHECK(cudaSetDevice(device));  // NVSHMEM binds to the current device at its join
-    window::nvshmem_join(topo.rank, R, root_unique_id);
+    // Every rank of the internode group is here at once (the world's collectives below are over
+    // all of them, not over the lane).
+    window::nvshmem_join(world_pe, world_size, root_unique_id);
     nvshmem_joined = true;
     // Zeroed, as the IPC header was at construction: no barrier word or tail matches a call yet.
     lane_allocation = window::nvshmem_alloc(kNvlHeaderBytes + kernels::align_up(num_nvl_bytes, 128));
@@ -292,16 +295,14 @@ void Context::open_symmetric_lane(const std::vector<uint8_t>& root_unique_id) {
     nvl_memory.reset();
     nvl_base = base;
     // A peer's copy is reached by its PE, at this rank's own symmetric address (window::Puts).
-    std::vector<int> pes(R);
     for (int p = 0; p < R; ++p) {
       peers.header[p] = reinterpret_cast<kernels::CommonHeader*>(base);
       peers.data[p] = base + kNvlHeaderBytes;
-      void* mapped = p == topo.rank ? base : window::nvshmem_peer_pointer(base, p);
+      void* mapped = p == topo.rank ? base : window::nvshmem_peer_pointer(base, lane_pes[p]);
       fault_peers[p] = static_cast<kernels::CommonHeader*>(mapped);
-      pes[p] = p;  // the lane's job is its R ranks, in order
     }
     MOELINK_CUDA_CHECK(cudaMemcpy(header()->common.peer_data, peers.data, sizeof(peers.data), cudaMemcpyHostToDevice));
-    window::nvshmem_lane_peers(pes);
+    window::nvshmem_lane_peers(lane_pes);
     // Its occupancy queries load the plugin's kernels now, as the constructor's preload does
     // libmoelink's: with lazy module loading a first launch would block the host.
     lane_blocks_per_sm = window::nvshmem_lane_blocks_per_sm();

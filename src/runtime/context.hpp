@@ -146,10 +146,12 @@ class Context {
   // At sync(), after the NVSHMEM join: the symmetric region, its peers' addresses and their PEs.
   void open_symmetric_low_latency();
   // An internode lane with the knob nvshmem, after sync() and before its first operation
-  // (collective over the lane): joins NVSHMEM as PE rank of the lane's ranks, moves the header and
-  // the data region from the IPC allocation into one symmetric allocation, and points the kernels'
-  // tables at it. Any failure breaks the Buffer (its tables may be half moved).
-  void open_symmetric_lane(const std::vector<uint8_t>& root_unique_id);
+  // (collective over the internode group): joins (or shares) the group's NVSHMEM world as PE
+  // world_pe of world_size, moves the header and the data region from the IPC allocation into one
+  // symmetric allocation, and points the kernels' tables at it, lane rank p at PE lane_pes[p]. Any
+  // failure breaks the Buffer (its tables may be half moved).
+  void open_symmetric_lane(const std::vector<uint8_t>& root_unique_id, int world_pe, int world_size,
+                           const std::vector<int>& lane_pes);
   NvlHeader* peer_header(int nvl_rank) const { return reinterpret_cast<NvlHeader*>(peers.header[nvl_rank]); }
   // Where `bytes` at `ref` sit relative to our data region, as peers address them; -1 unless they
   // lie wholly in our receive arena (only there may peers read or write a caller's tensor).

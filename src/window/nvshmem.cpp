@@ -12,6 +12,7 @@
 
 #include "moelink/error.hpp"
 #include "window/nvshmem/ops.hpp"
+#include "window/nvshmem_world.hpp"
 
 namespace moelink::window {
 
@@ -74,6 +75,16 @@ const Ops& ops() {
   return *loaded.ops;
 }
 
+struct World {
+  std::mutex mutex;
+  NvshmemWorld record;
+};
+
+World& world() {
+  static World w;
+  return w;
+}
+
 }  // namespace
 
 bool nvshmem_compiled() { return MOELINK_NVSHMEM_PLUGIN != 0; }
@@ -82,12 +93,24 @@ void nvshmem_require() { ops(); }
 
 std::vector<uint8_t> nvshmem_unique_id() { return ops().unique_id(); }
 void nvshmem_join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
-  ops().join(pe, num_pes, root_unique_id);
+  World& w = world();
+  std::lock_guard<std::mutex> lock(w.mutex);
+  if (w.record.admit(pe, num_pes, root_unique_id) == NvshmemWorld::Join::kInit) ops().join(pe, num_pes, root_unique_id);
+  w.record.joined(pe, num_pes, root_unique_id);
+}
+NvshmemWorldInfo nvshmem_world() {
+  World& w = world();
+  std::lock_guard<std::mutex> lock(w.mutex);
+  return {w.record.id(), w.record.pe(), w.record.num_pes()};
 }
 void* nvshmem_alloc(int64_t bytes) { return ops().alloc(bytes); }
 void nvshmem_release(void* ptr) { ops().release(ptr); }
 void nvshmem_barrier_all() { ops().barrier_all(); }
-void nvshmem_leave() { ops().leave(); }
+void nvshmem_leave() {
+  World& w = world();
+  std::lock_guard<std::mutex> lock(w.mutex);
+  if (w.record.left()) ops().leave();
+}
 void* nvshmem_peer_pointer(void* symmetric, int pe) { return ops().peer_pointer(symmetric, pe); }
 void nvshmem_low_latency_dispatch(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream) {
   ops().low_latency_dispatch(args, blocks, stream);

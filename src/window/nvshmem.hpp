@@ -30,11 +30,19 @@ void nvshmem_require();   // loads the plugin, or throws the reason it cannot be
 // 128-byte unique id, created by the root PE (rdma rank 0 of each NVL lane).
 std::vector<uint8_t> nvshmem_unique_id();
 // Joins the job as PE `pe` of `num_pes` using the root's unique id; binds to the current CUDA device.
+// A process is in one world at a time (nvshmem_world.hpp): a join with the id of the world it is in
+// already (and the same pe and num_pes) shares it, and the world is finalised at its last leave.
 void nvshmem_join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id);
+struct NvshmemWorldInfo {
+  std::vector<uint8_t> id;  // the root's unique id it was joined with; empty when not joined
+  int pe = -1;
+  int num_pes = 0;
+};
+NvshmemWorldInfo nvshmem_world();  // needs no plugin: nothing is joined without one
 void* nvshmem_alloc(int64_t bytes);  // collective, zero-filled
 void nvshmem_release(void* ptr);     // collective
 void nvshmem_barrier_all();          // host-blocking barrier over all PEs
-void nvshmem_leave();                // collective finalize
+void nvshmem_leave();                // the last member's leave: collective finalize
 // Collective, after join: the device API end to end (nvshmem/self_test.cu); throws kCuda with the
 // reason when it fails. Returns whether the store path to a mapped peer ran too.
 bool nvshmem_self_test();

@@ -636,3 +636,26 @@ def test_the_lane_root_id_is_gathered_or_every_rank_raises():
     for t in threads:
         t.join()
     assert ok == {0: [b"id", b""], 1: [b"id", b""]}
+
+
+def test_a_buffer_shares_the_nvshmem_world_its_ranks_are_in_or_every_rank_raises():
+    """NVSHMEM is one world per process: a Buffer whose ranks are all in one world as pe == rank
+    (a low-latency Buffer beside an internode Buffer's lanes, over one group) shares its id; no
+    world at all makes a new one; any mix raises on every rank alike, since each rank decides from
+    the same gathered list (a rank that inits a world while its peers join another waits forever)."""
+    from moelink import _bootstrap  # noqa: PLC0415 - needs torch, as this module does
+
+    world = b"w" * 128
+    assert _bootstrap.shared_world([None] * 4, 4) is None
+    assert _bootstrap.shared_world([(world, r, 4) for r in range(4)], 4) == world
+    with pytest.raises(ValueError, match="rank 0 is pe 0 of 2 in one, rank 1 in none"):
+        _bootstrap.shared_world([(world, 0, 2), None], 2)
+    with pytest.raises(ValueError, match="rank 0 is in none, rank 2 pe 2 of 3 in one"):
+        _bootstrap.shared_world([None, None, (world, 2, 3)], 3)
+    with pytest.raises(ValueError, match="rank 1 pe 1 of 2 in one"):
+        _bootstrap.shared_world([(world, 0, 2), (b"v" * 128, 1, 2)], 2)
+    # The processes' world spans other ranks: a Buffer over a subset, or in another order, cannot use it.
+    with pytest.raises(ValueError, match="rank 0 is pe 1 of 2 in the NVSHMEM world"):
+        _bootstrap.shared_world([(world, 1, 2), (world, 0, 2)], 2)
+    with pytest.raises(ValueError, match="rank 0 is pe 0 of 8 in the NVSHMEM world"):
+        _bootstrap.shared_world([(world, 0, 8), (world, 1, 8)], 2)

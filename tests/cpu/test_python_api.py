@@ -139,6 +139,7 @@ def test_device_count_is_an_int():
 def test_build_flags_are_bools():
     assert isinstance(_moelink.is_sm90_compiled(), bool)
     assert isinstance(_moelink.nvshmem_compiled(), bool)
+    assert _moelink.nvshmem_world() is None  # no Buffer joined one in this process
 
 
 def test_version():

@@ -14,6 +14,7 @@
 #include "runtime/device_free_list.hpp"
 #include "runtime/knobs.hpp"
 #include "runtime/wait_steps.hpp"
+#include "window/nvshmem_world.hpp"
 #include "window/window.hpp"
 
 using moelink::ErrorKind;
@@ -211,6 +212,29 @@ MOELINK_TEST(window_opens_every_peer_and_closes_what_it_opened) {
   EXPECT_EQ(opened, 1);
   EXPECT_EQ(closed, 1);
   EXPECT_FALSE(windows[0].is_open());
+}
+
+MOELINK_TEST(nvshmem_world_is_shared_by_its_ranks_and_finalised_by_the_last_to_leave) {
+  using moelink::window::NvshmemWorld;
+  NvshmemWorld world;
+  const std::vector<uint8_t> id(128, 7), other(128, 8);
+  EXPECT_TRUE(world.admit(2, 4, id) == NvshmemWorld::Join::kInit);
+  world.joined(2, 4, id);
+  // A second Buffer over the same ranks (an internode Buffer's lane beside a low-latency Buffer).
+  EXPECT_TRUE(world.admit(2, 4, id) == NvshmemWorld::Join::kShare);
+  world.joined(2, 4, id);
+  EXPECT_EQ(world.members(), 2);
+  // Another world, or this one as another PE, would be a second NVSHMEM job in one process.
+  EXPECT_THROW_KIND(world.admit(2, 4, other), ErrorKind::kState, "cannot join another one");
+  EXPECT_THROW_KIND(world.admit(1, 4, id), ErrorKind::kState, "asked to be pe 1 of 4");
+  EXPECT_THROW_KIND(world.admit(2, 8, id), ErrorKind::kState, "asked to be pe 2 of 8");
+  EXPECT_FALSE(world.left());  // the other Buffer still puts over it
+  EXPECT_EQ(world.pe(), 2);
+  EXPECT_TRUE(world.left());
+  EXPECT_TRUE(world.id().empty());
+  EXPECT_THROW_KIND(world.left(), ErrorKind::kState, "without a join");
+  // Once left, any world may be joined again.
+  EXPECT_TRUE(world.admit(0, 2, other) == NvshmemWorld::Join::kInit);
 }
 
 MOELINK_TEST(device_free_list_hands_out_only_what_its_device_gave_back) {

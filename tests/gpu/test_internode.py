@@ -16,14 +16,17 @@ and 3 (the lane's notify, openings and barriers on the put path; 64-bit ring tai
 credit over the window) the 2 x 2 group and the 8-rank ones passed too (2026-12-03, thirteenth session).
 
 test_nvshmem_lane_is_bit_equal_to_stores runs the bit-equality with the lane on NVSHMEM's puts
-(MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, NVSHMEM_REMOTE_TRANSPORT=none, the PEs on one GPU; each lane
-its own NVSHMEM job, its header and rings one symmetric allocation: INTERNODE_LANE.md step 3); 2 x 2
+(MOELINK_DEBUG_LANE_FORCE_PUT=nvshmem, NVSHMEM_REMOTE_TRANSPORT=none, the PEs on one GPU; until
+2026-12-04 each lane its own NVSHMEM job, its header and rings one symmetric allocation:
+INTERNODE_LANE.md step 3); 2 x 2
 and 4 x 2 passed on one H200 (2026-12-03, thirteenth session), 2 x 4 too (2026-12-04). Since then
 the NVSHMEM lane is also one of LANE_WINDOWS (when the build has NVSHMEM): the whole case matrix at
 2 x 2, 2 x 4 and 4 x 2 with every ring config, the back-to-back rounds and the peer loss run over it
 as over the other two. On one H200 (2026-12-04) the 2 x 2 matrix, its 200 rounds and the default
 rings at 2 x 4 and 4 x 2 passed; six 8-rank runs failed, by what shows elsewhere as NVSHMEM's init
-exiting when two lanes' jobs ask the MPS control daemon at once (wip/nvshmem_lane_turns.patch).
+exiting when two lanes' jobs ask the MPS control daemon at once. Since then the lanes are teams of
+one NVSHMEM world over the whole group (PE = global rank), which a low-latency Buffer over the same
+ranks shares (test_nvshmem_world_is_shared_with_low_latency).
 
 A lost peer (test_internode_peer_loss, over every lane; the NVSHMEM one not run yet): at 2 x 2 global rank 3 (node 1, GPU 1) dies
 before a dispatch; its lane's survivor raises TimeoutError naming lane rank 1 and node 1 (its lane
@@ -240,6 +243,56 @@ def test_nvshmem_lane_is_bit_equal_to_stores(nodes, per_node):
     H200 (2026-12-03); 2 x 4 (four lanes of two PEs each) not run yet."""
     launcher.run_ranks(nodes * per_node, _bit_equal, 87000 + nodes, "nvshmem", timeout_s=600,
                        env={**env(nodes, per_node), **NVSHMEM_ENV})
+
+
+def _world_shared_with_low_latency(rank, num_ranks, seed):
+    """A low-latency Buffer and an internode Buffer with NVSHMEM lanes over one group, in either
+    order of construction and destruction: one NVSHMEM world (PE = global rank) that both use, that
+    outlives the first Buffer destroyed (the other still runs right after), and that is gone when
+    the last one is. Each call is checked against its reference."""
+    import test_low_latency as ll  # noqa: PLC0415 - the low-latency suite's cases and checks
+
+    ll_case = ll.LLCase("bf16", 64, 17, 2048, 8, 32).resolved(num_ranks)
+    case = Case("shared-world", 127, 2048, 8, 64, drop_prob=0.2).resolved(num_ranks)
+    config = moelink.Config(8, 8, 128, 8, 128)
+    step = [0]
+
+    def both(ll_buf, buf, what):
+        step[0] += 1
+        if ll_buf is not None:
+            ll.one_round(ll_buf, ll_case, seed + step[0], rank, num_ranks, what=f"rank {rank} {what}")
+        if buf is not None:
+            common.log(rank, f"{what}: " + checks.run_case(buf, rank, num_ranks, case, seed + step[0], config, config))
+
+    for ll_first in (True, False):
+        order = "low-latency first" if ll_first else "internode first"
+        make_ll = lambda: ll.make_ll_buffer(num_ranks, [ll_case])  # noqa: E731
+        make_internode = lambda: make_buffer(num_ranks, config, (case.hidden,))  # noqa: E731
+        first = make_ll() if ll_first else make_internode()
+        second = make_internode() if ll_first else make_ll()
+        ll_buf, buf = (first, second) if ll_first else (second, first)
+        assert ll_buf.runtime.uses_nvshmem, "the low-latency Buffer across nodes must be on NVSHMEM"
+        check_lane_window(buf, "nvshmem")
+        world = moelink._moelink.nvshmem_world()
+        assert world is not None and world[1:] == (rank, num_ranks), f"{order}: the world is {world}"
+        both(ll_buf, buf, order)
+        both(ll_buf, buf, order + ", again")
+        # The first built goes first: the world stays for the other.
+        first.destroy()
+        assert moelink._moelink.nvshmem_world() == world, f"{order}: the world went with the first Buffer"
+        both(None if ll_first else ll_buf, buf if ll_first else None, order + ", the other destroyed")
+        second.destroy()
+        assert moelink._moelink.nvshmem_world() is None, f"{order}: the world outlived both Buffers"
+    common.log(rank, f"[R={num_ranks}] one NVSHMEM world shared by a low-latency and an internode Buffer")
+
+
+@pytest.mark.skipif(not moelink._moelink.nvshmem_compiled(), reason="built without NVSHMEM")
+@pytest.mark.parametrize("nodes, per_node", [(2, 2), (2, 4)])
+def test_nvshmem_world_is_shared_with_low_latency(nodes, per_node):
+    import test_low_latency as ll  # noqa: PLC0415
+
+    launcher.run_ranks(nodes * per_node, _world_shared_with_low_latency, 88000 + nodes * per_node, timeout_s=600,
+                       env={**env(nodes, per_node, "nvshmem"), **ll.ENV})
 
 
 def test_default_configs_fit_every_rank_of_the_gpu():
