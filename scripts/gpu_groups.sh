@@ -83,7 +83,8 @@ for g in $TEST_GROUPS; do
     # internodeworld: one NVSHMEM world shared by a low-latency Buffer and an internode Buffer's lanes.
     internodeworld) group internodeworld 300 $P tests/gpu/test_internode.py -k world_is_shared ;;
     # pytest: any selection (PYTEST_ARGS, under PYTEST_LIMIT_S, default 300 s), every failure shown.
-    pytest) group pytest "${PYTEST_LIMIT_S:-300}" python3 -m pytest -q -p no:cacheprovider --durations=0 ${PYTEST_ARGS:-} ;;
+    # PYTEST_ARGS is shell words (a quoted -k expression stays one argument).
+    pytest) group pytest "${PYTEST_LIMIT_S:-300}" bash -c "python3 -m pytest -q -p no:cacheprovider --durations=0 ${PYTEST_ARGS:-}" ;;
     # internodeloss (about 1 min): a rank of a 2 x 2 internode Buffer lost, over the stores and the fake-puts lane.
     internodeloss) group internodeloss 180 $P tests/gpu/test_internode.py -k "peer_loss and not nvshmem" ;;
     peerloss) group peerloss 300 $P tests/gpu/test_peer_loss.py -k "not lane" ;;
