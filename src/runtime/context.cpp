@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -205,22 +206,25 @@ void Context::release() {
   nvl_window.close();
   if (nvshmem_joined) {
     try {
-      // destroy() has drained the comm stream; the barrier keeps any peer's puts from landing in an
-      // allocation this rank has freed. Not when broken: a lost peer would never arrive.
-      if (low_latency_allocation != nullptr) {
-        if (broken.empty()) window::nvshmem_barrier_all();
-        window::nvshmem_release(low_latency_allocation);
-        low_latency_allocation = nullptr;
+      // NVSHMEM's frees and finalize are collectives of the whole world that wait without bound, and
+      // the world spans more ranks than this Buffer's peers (an internode Buffer's lanes, a
+      // low-latency Buffer beside them): a rank lost anywhere in it would hang every survivor here.
+      // So every member first runs the world's bounded barrier, broken or not (all must take the
+      // same branch), and only when every PE arrived are the allocations freed collectively; the
+      // barrier also keeps any peer's puts (destroy() drained this rank's) from landing in freed
+      // memory. Otherwise they are leaked with the membership.
+      const int missing = window::nvshmem_world_barrier(timeout_s);
+      if (missing == -1) {
+        if (low_latency_allocation != nullptr) window::nvshmem_release(low_latency_allocation);
+        if (lane_allocation != nullptr) window::nvshmem_release(lane_allocation);
+        window::nvshmem_release(rdma);
+      } else {
+        std::fprintf(stderr, "moelink: rank %d: NVSHMEM pe %d did not reach the world's barrier in destroy() within "
+                     "%g s; leaving the symmetric memory and the NVSHMEM world without its collectives\n", topo.rank,
+                     missing, timeout_s);
       }
-      // The lane's region: destroy()'s barrier ran over it already (its puts quieted), and this
-      // one keeps a peer still in that barrier's last signals from landing in freed memory.
-      if (lane_allocation != nullptr) {
-        if (broken.empty()) window::nvshmem_barrier_all();
-        window::nvshmem_release(lane_allocation);
-        lane_allocation = nullptr;
-        lane_puts = false;
-      }
-      window::nvshmem_release(rdma);
+      low_latency_allocation = lane_allocation = rdma = nullptr;
+      lane_puts = false;
       window::nvshmem_leave();
     } catch (const Error&) {
     }

@@ -109,7 +109,17 @@ void nvshmem_barrier_all() { ops().barrier_all(); }
 void nvshmem_leave() {
   World& w = world();
   std::lock_guard<std::mutex> lock(w.mutex);
+  const bool lost = w.record.lost();
   if (w.record.left()) ops().leave();
+  else if (lost && w.record.members() == 0) ops().abandon();
+}
+int nvshmem_world_barrier(double timeout_s) {
+  World& w = world();
+  std::lock_guard<std::mutex> lock(w.mutex);
+  if (w.record.lost()) return w.record.lost_pe();  // a PE known gone: no collective can complete
+  const int missing = ops().world_barrier(timeout_s);
+  if (missing != -1) w.record.lose(missing);
+  return missing;
 }
 void* nvshmem_peer_pointer(void* symmetric, int pe) { return ops().peer_pointer(symmetric, pe); }
 void nvshmem_low_latency_dispatch(const low_latency::DispatchArgs& args, int blocks, cudaStream_t stream) {

@@ -42,7 +42,12 @@ NvshmemWorldInfo nvshmem_world();  // needs no plugin: nothing is joined without
 void* nvshmem_alloc(int64_t bytes);  // collective, zero-filled
 void nvshmem_release(void* ptr);     // collective
 void nvshmem_barrier_all();          // host-blocking barrier over all PEs
-void nvshmem_leave();                // the last member's leave: collective finalize
+void nvshmem_leave();                // the last member's leave: collective finalize (none once lost)
+// On every member of the world together, before NVSHMEM's own collectives (which wait without
+// bound): -1 when every PE arrived within timeout_s; otherwise the world is lost (no collective is
+// made in it again, its memory is leaked, no later join in this process) and this returns the
+// lowest PE that did not arrive (-2: this PE's CUDA calls failed).
+int nvshmem_world_barrier(double timeout_s);
 // Collective, after join: the device API end to end (nvshmem/self_test.cu); throws kCuda with the
 // reason when it fails. Returns whether the store path to a mapped peer ran too.
 bool nvshmem_self_test();

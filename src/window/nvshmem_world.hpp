@@ -20,6 +20,9 @@ class NvshmemWorld {
   // or in this one as another PE: two worlds cannot coexist in one process.
   enum class Join { kInit, kShare };
   Join admit(int pe, int num_pes, const std::vector<uint8_t>& id) const {
+    if (lost_pe_ >= 0)
+      throw Error(ErrorKind::kState, "moelink: this process's NVSHMEM world lost pe " + std::to_string(lost_pe_) +
+                                         "; NVSHMEM cannot be entered again in this process: restart it");
     if (members_ == 0) return Join::kInit;
     if (id != id_)
       throw Error(ErrorKind::kState, "moelink: this process is in an NVSHMEM world already (pe " + std::to_string(pe_) +
@@ -39,15 +42,22 @@ class NvshmemWorld {
       num_pes_ = num_pes;
     }
   }
-  // Whether the caller must finalise NVSHMEM now (the last member left).
+  // Whether the caller must finalise NVSHMEM now (the last member left a world that lost no PE).
   bool left() {
     if (members_ == 0) throw Error(ErrorKind::kState, "moelink: nvshmem_leave without a join");
-    if (--members_ > 0) return false;
+    if (--members_ > 0 || lost_pe_ >= 0) return false;
     id_.clear();
     pe_ = -1;
     num_pes_ = 0;
     return true;
   }
+  // The world lost `pe` (its bounded barrier timed out on it): every member leaves without
+  // NVSHMEM's collectives, and no Buffer of this process joins one again.
+  void lose(int pe) {
+    if (lost_pe_ < 0) lost_pe_ = pe;
+  }
+  bool lost() const { return lost_pe_ >= 0; }
+  int lost_pe() const { return lost_pe_; }
   int members() const { return members_; }
   const std::vector<uint8_t>& id() const { return id_; }  // empty when not joined
   int pe() const { return pe_; }
@@ -58,6 +68,7 @@ class NvshmemWorld {
   int pe_ = -1;
   int num_pes_ = 0;
   int members_ = 0;
+  int lost_pe_ = -1;
 };
 
 }  // namespace moelink::window

@@ -235,6 +235,16 @@ MOELINK_TEST(nvshmem_world_is_shared_by_its_ranks_and_finalised_by_the_last_to_l
   EXPECT_THROW_KIND(world.left(), ErrorKind::kState, "without a join");
   // Once left, any world may be joined again.
   EXPECT_TRUE(world.admit(0, 2, other) == NvshmemWorld::Join::kInit);
+
+  // A world that lost a PE is left without finalize by every member, and never entered again.
+  NvshmemWorld broken;
+  broken.joined(0, 2, id);
+  broken.joined(0, 2, id);
+  broken.lose(1);
+  EXPECT_EQ(broken.lost_pe(), 1);
+  EXPECT_FALSE(broken.left());
+  EXPECT_FALSE(broken.left());  // the last member too: NVSHMEM's finalize would wait for pe 1
+  EXPECT_THROW_KIND(broken.admit(0, 2, id), ErrorKind::kState, "lost pe 1");
 }
 
 MOELINK_TEST(device_free_list_hands_out_only_what_its_device_gave_back) {

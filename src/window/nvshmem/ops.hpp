@@ -16,7 +16,7 @@
 namespace moelink::window::nvshmem_plugin {
 
 // 5: DispatchArgs and DirectTarget changed (staged column-major scales).
-inline constexpr int kAbi = 5;
+inline constexpr int kAbi = 6;
 inline constexpr const char* kLibrary = "libmoelink_nvshmem.so";
 inline constexpr const char* kEntry = "moelink_nvshmem_ops";
 
@@ -52,10 +52,17 @@ struct Ops {
   void (*lane_barrier)(const kernels::PeerTable& peers, int rank, int num_ranks, int tag,
                        const kernels::ErrorSink& err, cudaStream_t stream);
   int (*lane_blocks_per_sm)();
+  // After join, on every PE together: the world's bounded barrier (world_barrier.cu). -1 when every
+  // PE arrived within timeout_s, else the lowest PE that did not (-2: this PE's CUDA calls failed).
+  int (*world_barrier)(double timeout_s);
+  // The world lost a PE: this process leaves it without NVSHMEM's collectives (which would wait for
+  // that PE forever), leaking its symmetric heap; NVSHMEM cannot be joined again in this process.
+  void (*abandon)();
 };
 
 std::string self_test(bool* mapped);                 // self_test.cu
 void set_lane_peers(const int* pes, int num_peers);  // lane.cu
+int world_barrier(uint64_t* words, uint64_t epoch, double timeout_s);  // world_barrier.cu
 
 }  // namespace moelink::window::nvshmem_plugin
 

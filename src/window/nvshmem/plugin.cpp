@@ -40,6 +40,9 @@ struct Membership {
   int pe = -1;
   int num_pes = 0;
   int device = -1;
+  uint64_t* barrier_words = nullptr;  // symmetric [num_pes], the bounded barrier's (world_barrier.cu)
+  uint64_t barrier_epoch = 0;
+  bool abandoned = false;  // left without finalize after a lost PE: NVSHMEM stays initialised
 };
 
 Membership& membership() {
@@ -103,6 +106,11 @@ void join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
     throw Error(ErrorKind::kState, "moelink: nvshmem_join called while this process is already " + where(state) +
                                        "; call nvshmem_leave first");
   }
+  if (state.abandoned) {
+    throw Error(ErrorKind::kState, "moelink: this process left an NVSHMEM world that had lost a PE, without "
+                                   "NVSHMEM's finalize (it would wait for that PE forever); NVSHMEM cannot be joined "
+                                   "again in this process: restart it " + context);
+  }
 
   // NVSHMEM binds to whatever device is current at init; the caller chose it with cudaSetDevice and
   // it is only read here. cudaFree(nullptr) makes sure its primary context exists, so init does not
@@ -157,10 +165,33 @@ void join(int pe, int num_pes, const std::vector<uint8_t>& root_unique_id) {
     fail("join", got, device_context);
   }
 
+  // Every PE is in this init together, so the barrier's words are one more collective of it.
+  state.barrier_words = static_cast<uint64_t*>(::nvshmem_calloc(static_cast<size_t>(num_pes), sizeof(uint64_t)));
+  if (state.barrier_words == nullptr) {
+    finalize();
+    fail("nvshmem_calloc (the world barrier's words)", "a null pointer", device_context);
+  }
+  state.barrier_epoch = 0;
   state.joined = true;
   state.pe = pe;
   state.num_pes = num_pes;
   state.device = device;
+}
+
+int checked_world_barrier(double timeout_s) {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "the world barrier");
+  return world_barrier(state.barrier_words, ++state.barrier_epoch, timeout_s);
+}
+
+void abandon() {
+  Membership& state = membership();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  require_joined(state, "nvshmem_abandon");
+  state.joined = false;
+  state.abandoned = true;
+  state.barrier_words = nullptr;
 }
 
 void* alloc(int64_t bytes) {
@@ -205,6 +236,8 @@ void leave() {
   Membership& state = membership();
   std::lock_guard<std::mutex> lock(state.mutex);
   require_joined(state, "nvshmem_leave");
+  ::nvshmem_free(state.barrier_words);
+  state.barrier_words = nullptr;
   finalize();
   state.joined = false;
   state.pe = -1;
@@ -265,7 +298,9 @@ const Ops ops{kAbi,
               intranode::launch_combine_puts,
               kernels::launch_opening_puts,
               kernels::launch_barrier_puts,
-              lane_blocks_per_sm};
+              lane_blocks_per_sm,
+              checked_world_barrier,
+              abandon};
 
 }  // namespace
 
