@@ -11,8 +11,13 @@ class EventHandle {
   EventHandle() = default;
   // Records a new event on `stream`.
   explicit EventHandle(cudaStream_t stream);
+  // An event on `stream` (of `device`) recorded at its first use (get, a wait, synchronize, query),
+  // not now: the end of a call whose work the caller's own stream already holds, which the caller
+  // rarely looks at, so that the call itself makes no CUDA call for it. Recorded later it covers at
+  // least the work queued before the call returned (and whatever the stream got since).
+  static EventHandle deferred(cudaStream_t stream, int device);
 
-  bool valid() const { return event_ != nullptr; }
+  bool valid() const { return state_ != nullptr; }
   cudaEvent_t get() const;
   // Makes `stream` wait for the event (GPU-side; the host never blocks).
   void stream_wait(cudaStream_t stream) const;
@@ -23,7 +28,8 @@ class EventHandle {
   bool query() const;
 
  private:
-  std::shared_ptr<CUevent_st> event_;
+  struct State;
+  std::shared_ptr<State> state_;
 };
 
 }  // namespace moelink

@@ -1,5 +1,7 @@
 #include "moelink/event.hpp"
 
+#include <mutex>
+
 #include "runtime/device_free_list.hpp"
 #include "runtime/errors.hpp"
 
@@ -19,24 +21,64 @@ runtime::DeviceFreeList<cudaEvent_t>& event_pool() {
 
 }  // namespace
 
-EventHandle::EventHandle(cudaStream_t stream) {
+struct EventHandle::State {
   int device = 0;
-  MOELINK_CUDA_CHECK(cudaGetDevice(&device));
-  cudaEvent_t event = event_pool().take(device);
-  if (event == nullptr) MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-  event_.reset(event, [device](cudaEvent_t e) {
-    if (!event_pool().keep(device, e)) cudaEventDestroy(e);
-  });
-  const cudaError_t status = cudaEventRecord(event, stream);
-  if (status != cudaSuccess) {
-    event_.reset();  // an event that failed to record goes back unrecorded, which is harmless
-    MOELINK_CUDA_CHECK(status);
+  cudaEvent_t event = nullptr;
+  // A deferred handle: the stream its record goes on, made once (a failed record is tried again).
+  bool deferred = false;
+  cudaStream_t stream = nullptr;
+  std::once_flag recorded;
+
+  ~State() {
+    if (event != nullptr && !event_pool().keep(device, event)) cudaEventDestroy(event);
   }
+
+  void record() {
+    if (event == nullptr) {
+      event = event_pool().take(device);
+      if (event == nullptr) MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    }
+    MOELINK_CUDA_CHECK(cudaEventRecord(event, stream));
+  }
+};
+
+EventHandle::EventHandle(cudaStream_t stream) {
+  auto state = std::make_shared<State>();
+  MOELINK_CUDA_CHECK(cudaGetDevice(&state->device));
+  state->stream = stream;
+  // An event that failed to record goes back to the pool unrecorded, which is harmless.
+  state->record();
+  state_ = std::move(state);
+}
+
+EventHandle EventHandle::deferred(cudaStream_t stream, int device) {
+  EventHandle handle;
+  auto state = std::make_shared<State>();
+  state->deferred = true;
+  state->device = device;
+  state->stream = stream;
+  handle.state_ = std::move(state);
+  return handle;
 }
 
 cudaEvent_t EventHandle::get() const {
-  if (!event_) detail::raise(ErrorKind::kState, "EventHandle: the handle holds no event");
-  return event_.get();
+  if (!state_) detail::raise(ErrorKind::kState, "EventHandle: the handle holds no event");
+  State& s = *state_;
+  if (s.deferred)
+    std::call_once(s.recorded, [&s] {
+      // On the stream's device, whichever is current now: the event is made there, and the legacy
+      // stream (null) is the current device's.
+      int current = 0;
+      MOELINK_CUDA_CHECK(cudaGetDevice(&current));
+      if (current == s.device) return s.record();
+      MOELINK_CUDA_CHECK(cudaSetDevice(s.device));
+      struct Restore {
+        int device;
+        ~Restore() { cudaSetDevice(device); }
+      } restore{current};
+      s.record();
+    });
+  return s.event;
 }
 
 void EventHandle::stream_wait(cudaStream_t stream) const { MOELINK_CUDA_CHECK(cudaStreamWaitEvent(stream, get(), 0)); }

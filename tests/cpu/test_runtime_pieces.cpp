@@ -9,6 +9,7 @@
 
 #include "common/header.hpp"
 #include "harness.hpp"
+#include "moelink/event.hpp"
 #include "moelink/config.hpp"
 #include "runtime/context.hpp"
 #include "runtime/device_free_list.hpp"
@@ -266,3 +267,12 @@ MOELINK_TEST(device_free_list_hands_out_only_what_its_device_gave_back) {
   for (int i = 0; i < 1000; ++i) EXPECT_TRUE(unbounded.keep(0, &a));
 }
 
+
+MOELINK_TEST(deferred_event_handle_is_valid_before_any_cuda_call) {
+  // No GPU here: a handle that made a CUDA call would fail. Its record waits for the first use.
+  const moelink::EventHandle deferred = moelink::EventHandle::deferred(nullptr, 0);
+  EXPECT_TRUE(deferred.valid());
+  const moelink::EventHandle copy = deferred;  // copies share the one event, recorded once
+  EXPECT_TRUE(copy.valid());
+  EXPECT_FALSE(moelink::EventHandle().valid());
+}
