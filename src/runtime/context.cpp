@@ -147,6 +147,8 @@ Context::Context(const BufferOptions& o) {
   kernels::preload_kernels();
   comm_stream = acquire_comm_stream(device);
   MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&order_event, cudaEventDisableTiming));
+  MOELINK_CUDA_CHECK(cudaEventCreateWithFlags(&join_event, cudaEventDisableTiming));
+  launch_order = LaunchOrder(comm_stream);
 
   // The header (barrier signals, peer table, notify inbox) always exists so barriers work even
   // for a Buffer with no NVLink data region.
@@ -183,9 +185,14 @@ Context::~Context() { release(); }
 
 bool Context::drain(double seconds, bool strict) {
   if (comm_stream == nullptr) return true;
+  // A low-latency call may have run on the caller's stream last; a query of a stream being
+  // captured would end its capture (and its queued work is none of this Buffer's eager work).
+  cudaStream_t last = launch_order.eager_stream();
+  if (last == comm_stream || stream_capturing(last)) last = comm_stream;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   for (;;) {
-    const cudaError_t status = cudaStreamQuery(comm_stream);
+    cudaError_t status = cudaStreamQuery(last);
+    if (status == cudaSuccess && last != comm_stream) status = cudaStreamQuery(comm_stream);
     if (status == cudaSuccess) return true;
     if (status != cudaErrorNotReady) {
       cudaGetLastError();
@@ -238,6 +245,8 @@ void Context::release() {
   mailbox = mailbox_dev = nullptr;
   if (order_event) cudaEventDestroy(order_event);
   order_event = nullptr;
+  if (join_event) cudaEventDestroy(join_event);
+  join_event = nullptr;
   give_back_comm_stream(comm_stream, device);
   comm_stream = nullptr;
   destroyed = true;
@@ -492,6 +501,20 @@ bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
 }
+
+// For LaunchOrder. The legacy stream is never captured, and a query of it while another stream is
+// being captured (in the global mode) would end that capture, so it is not asked.
+Capture capture_of(cudaStream_t stream) {
+  Capture c;
+  if (stream == nullptr) return c;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamGetCaptureInfo(stream, &status, &c.id) != cudaSuccess) {
+    cudaGetLastError();
+    return Capture{};
+  }
+  c.active = status != cudaStreamCaptureStatusNone;
+  return c;
+}
 }  // namespace
 
 bool Context::comm_stream_capturing() const { return capturing(comm_stream); }
@@ -513,11 +536,20 @@ void Context::raise_at_end(cudaStream_t compute_stream) {
   runtime::raise_at_end(*this, host_wait_limit_s());
 }
 
-void Context::release_claim(int* claim, bool in_op) {
+void Context::release_claim(int* claim, std::optional<cudaStream_t> op_stream) {
   // Captured inside an operation, the memset gives the claim back at each replay (a Buffer may be
   // used by replays alone); and, deferred, once outside the capture for the eager calls after it.
-  const bool captured = capturing(comm_stream);
-  if (!captured || in_op) cudaMemsetAsync(claim, 0, sizeof(int), comm_stream);
+  const cudaStream_t stream = op_stream ? *op_stream : comm_stream;
+  const bool captured = op_stream ? capturing(stream) : capture_in_the_way(stream);
+  if (!captured || op_stream) {
+    // Never throws: an operation's end (op_stream, entered already) joins nothing; elsewhere a join
+    // that cannot be made leaves the claim taken, as a failed memset would.
+    try {
+      queue_on(stream);
+      cudaMemsetAsync(claim, 0, sizeof(int), stream);
+    } catch (const Error&) {
+    }
+  }
   if (!captured) return;
   for (int*& slot : deferred_claims)
     if (slot == nullptr || slot == claim) {
@@ -526,12 +558,33 @@ void Context::release_claim(int* claim, bool in_op) {
     }
 }
 
-void Context::release_deferred_claims() {
-  if (deferred_claims[0] == nullptr || capturing(comm_stream)) return;
+bool Context::capture_in_the_way(cudaStream_t stream) const {
+  const cudaStream_t eager = launch_order.eager_stream(), captured = launch_order.captured_stream();
+  return capturing(stream) || (eager != stream && stream_capturing(eager)) ||
+         (captured != stream && stream_capturing(captured));
+}
+
+void Context::release_deferred_claims(cudaStream_t stream) {
+  if (deferred_claims[0] == nullptr || capture_in_the_way(stream)) return;
+  queue_on(stream);
   for (int*& slot : deferred_claims) {
-    if (slot != nullptr) cudaMemsetAsync(slot, 0, sizeof(int), comm_stream);
+    if (slot != nullptr) cudaMemsetAsync(slot, 0, sizeof(int), stream);
     slot = nullptr;
   }
+}
+
+void Context::queue_on(cudaStream_t stream, std::optional<cudaStream_t> covered) {
+  if (launch_order.settled(stream)) return;
+  const LaunchOrder::Join join = launch_order.plan(stream, capture_of(stream), capture_of, covered);
+  if (join.hidden)
+    raise(ErrorKind::kState, "moelink: rank ", topo.rank, ": this Buffer's previous call was queued on a stream that "
+          "is being captured into a CUDA graph now, before that capture began, and this call is not part of the "
+          "capture: nothing can order it after that call. End the capture first, or make this call inside it");
+  if (join.needed) {
+    MOELINK_CUDA_CHECK(cudaEventRecord(join_event, join.record_on));
+    MOELINK_CUDA_CHECK(cudaStreamWaitEvent(stream, join_event, 0));
+  }
+  launch_order.take(join);
 }
 
 void Context::begin_op(const StreamOrder& order) {
@@ -547,6 +600,10 @@ void Context::begin_op(const StreamOrder& order) {
     MOELINK_CUDA_CHECK(cudaEventRecord(order_event, order.compute_stream));
     MOELINK_CUDA_CHECK(cudaStreamWaitEvent(comm_stream, order_event, 0));
   }
+  // After the join above, so that the comm stream's capture state is the operation's. With
+  // previous_event the comm stream has not waited for the caller's stream, which may hold the
+  // Buffer's latest work (a low-latency call launched there): queue_on joins it then.
+  queue_on(comm_stream, order.previous_event ? std::nullopt : std::optional<cudaStream_t>(order.compute_stream));
 }
 
 void Context::begin_dispatch_after_notify(const StreamOrder& order, int seq) {
@@ -568,13 +625,13 @@ void Context::check_allocation_order(const StreamOrder& order) {
 EventHandle Context::end_op(const StreamOrder& order) {
   // Collected before the event, so that a claim given back here is ordered after the kernel and
   // covered by what the caller joins, captured or not (async_finish included).
-  collect_local_errors(true);
+  collect_local_errors(comm_stream);
   EventHandle done(comm_stream);
   if (!order.async_finish) done.stream_wait(order.compute_stream);
   return done;
 }
 
-void Context::collect_local_errors(bool in_op) {
+void Context::collect_local_errors(std::optional<cudaStream_t> op_stream) {
   if (mailbox == nullptr) return;
   volatile kernels::ErrorRecord* local = &mailbox->local;
   const int code = local->code;
@@ -612,7 +669,7 @@ void Context::collect_local_errors(bool in_op) {
   }
   // Only the first local error since the last read is kept; the next one may be recorded now.
   local->code = kernels::kErrNone;
-  release_claim(&header()->common.local_claim, in_op);
+  release_claim(&header()->common.local_claim, op_stream);
   local_errors.push_back(std::move(message));
 }
 
@@ -625,6 +682,7 @@ std::vector<std::string> Context::take_local_errors() {
 }
 
 void Context::launch_opening(const kernels::Opening& opening) {
+  queue_on(comm_stream);
   kernels::launch_opening(peers, topo.nvl_rank, topo.num_nvl_ranks, opening, error_sink(), window_policy(), comm_stream);
 }
 
@@ -640,6 +698,7 @@ void Context::abstain() noexcept {
 }
 
 void Context::launch_barrier(int tag, double timeout) {
+  queue_on(comm_stream);
   kernels::launch_barrier(peers, topo.nvl_rank, topo.num_nvl_ranks, tag, error_sink(timeout), window_policy(),
                           comm_stream);
 }

@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "moelink/buffer.hpp"
 #include "moelink/error.hpp"
 #include "runtime/arena.hpp"
+#include "runtime/launch_order.hpp"
 #include "runtime/memory_map.hpp"
 #include "runtime/pending_errors.hpp"
 #include "window/peer_segments.hpp"
@@ -101,6 +103,10 @@ class Context {
   HostMailbox* mailbox = nullptr;      // host view
   HostMailbox* mailbox_dev = nullptr;  // device alias
   cudaEvent_t order_event = nullptr;   // reused to order the comm stream after the compute stream
+  // Where the Buffer's latest work is, and the event queue_on joins another stream after it with
+  // (runtime/launch_order.hpp).
+  LaunchOrder launch_order{nullptr};
+  cudaEvent_t join_event = nullptr;
   void* rdma = nullptr;
   bool nvshmem_joined = false;
   std::vector<uint8_t> unique_id;
@@ -161,7 +167,8 @@ class Context {
   // stream goes back to a pool instead of being destroyed: the caching allocator may still hold
   // tensors recorded on it, and freeing one records an event on the stream.
   void release();
-  // Waits until the comm stream has drained, at most `seconds`; false when it has not. Lenient
+  // Waits until the comm stream (and the stream of the latest eager work, when that is another)
+  // has drained, at most `seconds`; false when it has not. Lenient
   // (destroy) takes a refused query as drained, since tearing down must go on; strict (the end of
   // a call, which frees outputs on the raise) takes it as not drained, and the error stays recorded.
   bool drain(double seconds, bool strict = false);
@@ -204,24 +211,37 @@ class Context {
   bool defer_data_errors = false;
   // Local errors (header.hpp) never raise inside an operation (the rank's peers went on with it):
   // end_op moves them from the local record into local_errors, and take_local_errors hands them out.
-  void collect_local_errors(bool in_op = false);
+  // op_stream: the stream the operation ending now launched on (none outside an operation).
+  void collect_local_errors(std::optional<cudaStream_t> op_stream = std::nullopt);
   // Gives an error record's claim back (the word a kernel takes before it fills the record) once
-  // the host has read the record: a memset on the comm stream, in order with the kernels. While
-  // that stream is being captured into a CUDA graph the memset runs at each replay and not now, so
-  // it is also issued again at the next call that is not captured (begin_op, take_local_errors);
-  // without that the claim stays taken and eager calls after the capture record no error.
-  // Captured, the memset is queued only from end_op (in_op), before the event the caller joins, so
-  // it stays after the kernel; anywhere else it would be work the capture never joins (ending the
-  // capture fails), so there it is deferred only.
-  void release_claim(int* claim, bool in_op = false);
-  void release_deferred_claims();
+  // the host has read the record: a memset in order with the kernels, on the stream of the
+  // operation ending now (op_stream) or else the comm stream. While that stream is being captured
+  // into a CUDA graph the memset runs at each replay and not now, so it is also issued again at
+  // the next call that is not captured (begin_op, take_local_errors); without that the claim stays
+  // taken and eager calls after the capture record no error.
+  // Captured, the memset is queued only at an operation's end (op_stream), before the event the
+  // caller joins, so it stays after the kernel; anywhere else it would be work the capture never
+  // joins (ending the capture fails), so there it is deferred only, and so it is while the stream
+  // of the Buffer's latest work is being captured (no join reaches it from the comm stream).
+  void release_claim(int* claim, std::optional<cudaStream_t> op_stream = std::nullopt);
+  // Whether work queued on `stream` now would be captured, or would have to join the Buffer's latest
+  // work where a capture keeps it out of reach: then a claim's memset is deferred.
+  bool capture_in_the_way(cudaStream_t stream) const;
+  // The deferred memsets, on `stream` (an operation's launch stream, once queue_on entered it).
+  void release_deferred_claims(cudaStream_t stream);
+  void release_deferred_claims() { release_deferred_claims(comm_stream); }
   int* deferred_claims[2] = {nullptr, nullptr};
   std::vector<std::string> take_local_errors();
   std::vector<std::string> local_errors;
   // A host-side wait in `step` gave up: the Buffer is broken, and its queued kernels and its peers
   // learn so (they name this rank as the one lost).
   [[noreturn]] void fail_host_wait(const std::string& message, int step);
-  // Orders the comm stream after previous_event or the compute stream.
+  // Before queuing work on `stream`: makes it wait for the Buffer's latest work where that is on
+  // another stream (launch_order.hpp has the rule; nothing at all on the same stream). Every piece
+  // of work the Buffer queues, on any stream, is queued after this. `covered`: a stream whose work
+  // `stream` already waits for. Raises kState where the latest eager work sits behind a capture.
+  void queue_on(cudaStream_t stream, std::optional<cudaStream_t> covered = std::nullopt);
+  // Orders the comm stream after previous_event or the compute stream (and the Buffer's latest work).
   void begin_op(const StreamOrder& order);
   // begin_op for the uncached dispatch whose notify (`seq`) opened it: without the join when that
   // notify joined the same order (then the close idleness sampled by its begin_op stands too).

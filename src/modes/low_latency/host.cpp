@@ -315,6 +315,8 @@ void clean(Context& ctx, int max_tokens, int hidden, int num_experts) {
     MOELINK_CUDA_CHECK(cudaStreamSynchronize(ctx.comm_stream));
     window::nvshmem_barrier_all();
   }
+  // The barrier entered the comm stream (Context::queue_on), so the zeroing follows this rank's
+  // low-latency kernels on whatever stream they ran.
   MOELINK_CUDA_CHECK(cudaMemsetAsync(ctx.low_latency_base(), 0, 2 * L.signal_bytes, ctx.comm_stream));
   // The put path's row counters (written by peers) and running totals (this rank's own, as a
   // sender) start again together on every rank, between the two barriers.
