@@ -11,8 +11,9 @@ class EventOverlap:
     """A CUDA event recorded at the end of a communication operation.
 
     Arguments:
-        event: a ``_moelink.EventHandle`` recorded on the communication stream, or None (nothing to
-            wait for).
+        event: a ``_moelink.EventHandle`` recorded at the operation's end on the communication
+            stream (a low-latency call with neither previous_event nor async_finish: on the
+            caller's stream, when first used), or None (nothing to wait for).
         extra_tensors: tensors to keep alive until this object is dropped. With ``async_finish`` the
             communication stream may still read or write them after the call returned, so the
             caller's references alone must not decide when their memory is reused.

@@ -606,6 +606,28 @@ void Context::begin_op(const StreamOrder& order) {
   queue_on(comm_stream, order.previous_event ? std::nullopt : std::optional<cudaStream_t>(order.compute_stream));
 }
 
+cudaStream_t Context::begin_op_on_caller(const StreamOrder& order) {
+  if (!on_caller_stream(order)) {
+    begin_op(order);
+    return comm_stream;
+  }
+  notify_join = {};
+  idle_at_begin = peer_segments && peer_segments->closing() > 0 && !comm_stream_capturing() &&
+                  !stream_capturing(order.compute_stream) && stream_idle(comm_stream) &&
+                  stream_idle(order.compute_stream);
+  queue_on(order.compute_stream);
+  release_deferred_claims(order.compute_stream);
+  return order.compute_stream;
+}
+
+EventHandle Context::end_op_on_caller(const StreamOrder& order) {
+  if (!on_caller_stream(order)) return end_op(order);
+  // The claim's memset on the launch stream, after the kernel; the caller's stream holds both, so
+  // there is nothing to join and the event is recorded only if someone waits for it.
+  collect_local_errors(order.compute_stream);
+  return EventHandle::deferred(order.compute_stream, device);
+}
+
 void Context::begin_dispatch_after_notify(const StreamOrder& order, int seq) {
   const NotifyJoin join = std::exchange(notify_join, {});
   const cudaEvent_t previous = order.previous_event ? order.previous_event->get() : nullptr;

@@ -243,6 +243,19 @@ class Context {
   void queue_on(cudaStream_t stream, std::optional<cudaStream_t> covered = std::nullopt);
   // Orders the comm stream after previous_event or the compute stream (and the Buffer's latest work).
   void begin_op(const StreamOrder& order);
+  // Whether an operation with this order launches on the caller's stream (begin_op_on_caller):
+  // the default order only, where the caller's stream waits for the operation's end anyway. With
+  // previous_event (the comm stream waits for that event instead, deep_ep's meaning), async_finish
+  // or outputs on the comm stream the operation keeps the comm stream.
+  static bool on_caller_stream(const StreamOrder& order) {
+    return !order.previous_event && !order.async_finish && !order.allocate_on_comm_stream;
+  }
+  // begin_op for an operation that may launch on the caller's stream; returns the stream it
+  // launches on: the caller's with the default order, entered by queue_on (so a run of calls on
+  // one stream makes no CUDA call here), else the comm stream through begin_op.
+  cudaStream_t begin_op_on_caller(const StreamOrder& order);
+  // Its end_op: on the caller's stream, the returned event is deferred (recorded only if used).
+  EventHandle end_op_on_caller(const StreamOrder& order);
   // begin_op for the uncached dispatch whose notify (`seq`) opened it: without the join when that
   // notify joined the same order (then the close idleness sampled by its begin_op stands too).
   void begin_dispatch_after_notify(const StreamOrder& order, int seq);
