@@ -10,7 +10,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 import common  # noqa: E402
 import launcher  # noqa: E402
 import moelink  # noqa: E402
-from checks import COVERING_CASES, Case, check_recv_x, make_inputs_all, make_routing_all, run_case  # noqa: E402
+from checks import (ARENA_POISON, COVERING_CASES, Case, check_dispatch, check_recv_x, make_inputs_all,  # noqa: E402
+                    make_routing_all, poison_arena, run_case)
 
 from reference import moe_reference as ref  # noqa: E402
 
@@ -248,6 +249,146 @@ def test_column_major_scales_every_way(num_ranks):
 @pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
 def test_back_to_back(num_ranks):
     launcher.run_ranks(num_ranks, _back_to_back, 5000 * num_ranks, 200, timeout_s=240)
+
+
+# The NVLink buffer past the config's size hint, which no ring of these dispatches reaches: the
+# staged-bound test fills it and checks nobody wrote there.
+CANARY_BYTES = 1 * common.MIB
+CANARY = 0x3C
+
+
+def _rows_among(rows, table) -> "torch.Tensor":
+    """[n] bool: whether each of `rows` equals, byte for byte, some row of `table` or a row of arena
+    poison. Rows are compared by a 64-bit key of their words (wrapping int64 arithmetic): every pair
+    compared in full would take n x m x row bytes of memory."""
+    def words(t):
+        return t.contiguous().view(torch.uint8).reshape(t.size(0), -1).view(torch.int32).to(torch.int64)
+
+    gen = torch.Generator().manual_seed(0x5EED)
+    width = words(table[:1]).size(1)
+    weights = (torch.randint(1, 2**62, (width,), generator=gen, dtype=torch.int64) | 1).to(rows.device)
+    poison = torch.full((1, width * 4), ARENA_POISON, dtype=torch.uint8, device=rows.device)
+    known = torch.cat([(words(table) * weights).sum(dim=1), (words(poison) * weights).sum(dim=1)])
+    return torch.isin((words(rows) * weights).sum(dim=1), known)
+
+
+def _staged_bound(rank, num_ranks, seed):
+    """A cached dispatch whose handle is a plain tuple holding another is_token_in_rank than its
+    matrices describe: the liar (rank R - 1) flags every token for every rank, its matrices count
+    under 200 a (channel, destination). Positions come from the flags, the rows' places and the
+    staged rows' count from the matrices, and nothing compares the two (the handle's id and status
+    are all the opening checks), so the runtime takes it silently; a ValueError on every rank is
+    accepted too. What must hold is that the lie stays in the liar's own rows: the other sources'
+    rows exact, the liar's rows rows of its own x and scales (or poison), nothing written past the
+    rings, and the next dispatch with the original handle exact.
+
+    Why it fails without the bound (send_channel's `pos >= stage_count[d]`): a staged row goes to
+    pos * S floats into the receiver's ring (channel, liar), and its ring holds 266 of them (H 2048 fp8, 8
+    slots, no top-k in a cached dispatch: 17024 bytes, 64 a row). Positions from the count to 265 would
+    stay in that ring, unread; 266..1023 of the liar's 1024-token channels land past it: channel 0's
+    over ring(1, 0) onward, the other sources' staged rows of channel 1, racing their own senders'
+    writes (that check fails only when the liar writes last); channel 1's 47 KiB past the last ring,
+    onto the canary, whatever the timing. The canary starts at the size hint, whose rings hold 32 top-k
+    ids and weights a slot (2 KiB a ring more), so 8, 16 or 32 KiB (2, 4, 8 ranks) after this dispatch's
+    last ring: the overflow runs 39, 31 or 15 KiB into it. Every count is under 200 so that every
+    (channel, source) stages (266 rows fit; a count past them makes its sender gather instead, and its
+    positions never reach the staging). num_worst_tokens = R * T keeps the liar's positions under
+    num_rows, the sender's other bound, which comes first: with num_rows the real count, the last
+    source's positions past its own rows would be dropped there, bound or not.
+
+    The liar is the last rank because its x rows are bounded by num_rows only: past a channel's
+    count they spill onto the rows after it, for the last source its own and the padding. A liar
+    before other sources overwrites their x rows, so their rows could not be checked."""
+    liar = num_ranks - 1
+    config = moelink.Config(4, 4, 8)  # 2 channels of 1024 tokens, rings of 8 slots
+    case = Case("staged bound", 2048, 2048, 2, 8 * num_ranks, fp8=True, scales_col_major=True, drop_prob=0.0,
+                nowhere_prob=0.85, worst=True).resolved(num_ranks)
+    what = f"rank {rank}/{num_ranks} {case.name}"
+    num_experts, num_worst = case.num_experts, num_ranks * case.num_tokens
+    routing = make_routing_all(case, seed, num_ranks)
+    per_channel = case.num_tokens // 2
+    for s in range(num_ranks):
+        in_rank = ref.layout_np(routing[s], num_experts, num_ranks)[2]
+        most = max(int(in_rank[c * per_channel:(c + 1) * per_channel].sum(axis=0).max()) for c in range(2))
+        assert most <= 200, f"{what}: rank {s} sends {most} tokens of a channel to one rank, past what stages"
+    inputs = make_inputs_all(case, seed, num_ranks)
+    mine = inputs[rank]
+
+    hint = config.get_nvl_buffer_size_hint(case.hidden, num_ranks)  # fp8: a row is H bytes
+    buf = moelink.Buffer(common.world_group(), num_nvl_bytes=hint + CANARY_BYTES, explicitly_destroy=True,
+                         num_arena_bytes=128 * common.MIB)
+    topk_idx = torch.from_numpy(routing[rank]).cuda()
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buf.get_dispatch_layout(topk_idx,
+                                                                                                 num_experts)
+    want = ref.reference_dispatch(routing, [inp.dispatch_x(True) for inp in inputs],
+                                  [inp.topk_weights for inp in inputs], rank, num_experts, num_ranks)
+    poison_arena(buf)
+    out = buf.dispatch(mine.dispatch_x(True), num_tokens_per_rank=num_tokens_per_rank,
+                       is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                       topk_idx=topk_idx, topk_weights=mine.topk_weights, num_worst_tokens=num_worst, config=config)
+    check_dispatch(out, want, num_worst, case, what)
+    handle = out[4]
+    del out
+    torch.cuda.synchronize()  # the kernel writes the flag: read it once it ran
+    assert _on_every_rank(buf.runtime.last_dispatch_direct), f"{what}: the dispatch was not direct (nothing staged)"
+
+    canary = buf.get_local_buffer_tensor(torch.uint8, offset=hint)
+    canary.fill_(CANARY)
+
+    def check_canary(canary, after: str) -> None:
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group=common.world_group())  # every rank's kernels, the writers, done
+        bad = torch.nonzero(canary != CANARY).flatten()
+        assert bad.numel() == 0, (f"{what}: after {after}, {bad.numel()} bytes past the rings were written, the "
+                                  f"first {bad[0].item()} bytes past the size hint")
+
+    flags = torch.ones_like(is_token_in_rank) if rank == liar else is_token_in_rank
+    rebuilt = (handle[0], handle[1], handle[2], handle[3], flags, handle[5])
+    poison_arena(buf)
+    error, lied = None, None
+    try:
+        lied = buf.dispatch(mine.dispatch_x(True), handle=rebuilt, config=config)
+        torch.cuda.synchronize()
+        buf.get_dispatch_layout(topk_idx, num_experts)  # a data error the device recorded is raised by now
+    except ValueError as e:
+        error, lied = e, None
+    raised_everywhere, raised_nowhere = _on_every_rank(error is not None), _on_every_rank(error is None)
+    assert raised_everywhere or raised_nowhere, f"{what}: the disagreeing handle raised on some ranks only: {error}"
+    if lied is not None:
+        n = want.num_recv_tokens
+        honest = int((want.plan.src_rank != liar).sum())
+        data, scales = lied[0]
+        assert scales.t().is_contiguous(), f"{what}: column-major scales came back with strides {scales.stride()}"
+        common.assert_bits_equal(data[:honest], want.recv_x[0][:honest], f"{what}: other sources' recv_x")
+        common.assert_bits_equal(scales[:honest], want.recv_x[1][:honest], f"{what}: other sources' scales")
+        for got, table, name in ((data, inputs[liar].x_fp8, "recv_x"), (scales, inputs[liar].x_scales, "scales")):
+            among = _rows_among(got[honest:n], table)
+            assert bool(among.all()), (f"{what}: {int((~among).sum())} of rank {liar}'s {n - honest} {name} rows are "
+                                       f"neither its own rows nor poison")
+        del lied, data, scales
+    check_canary(canary, "the disagreeing cached dispatch")
+    common.log(rank, f"[R={num_ranks}] disagreeing is_token_in_rank: "
+                     + (f"ValueError on every rank ({error})" if raised_everywhere else
+                        "taken; other sources' rows exact, nothing past the rings"))
+
+    # The original handle right after, with fresh data: stale rows or a ring left dirty would show.
+    fresh = make_inputs_all(case, seed, num_ranks, salt=1)
+    want_fresh = ref.reference_dispatch(routing, [inp.dispatch_x(True) for inp in fresh], None, rank, num_experts,
+                                        num_ranks)
+    poison_arena(buf)
+    again = buf.dispatch(fresh[rank].dispatch_x(True), handle=handle, config=config)
+    check_recv_x(again[0], want_fresh, num_worst, case, f"{what} (original handle after)")
+    torch.cuda.synchronize()
+    assert _on_every_rank(buf.runtime.last_dispatch_direct), f"{what}: the cached dispatch after was not direct"
+    check_canary(canary, "the cached dispatch with the original handle")
+    common.log(rank, f"[R={num_ranks}] cached dispatch with the original handle after it: exact")
+    del again, canary
+    buf.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", common.RANK_COUNTS)
+def test_staged_scales_disagreeing_handle(num_ranks):
+    launcher.run_ranks(num_ranks, _staged_bound, 8300 * num_ranks, timeout_s=120, env={"MOELINK_SCALES_GATHER": "2"})
 
 
 def _one_rank_out(rank, num_ranks, seed, config, combine_config, flag, what):
