@@ -98,7 +98,17 @@ void run_pe(int pe, int num_pes, const fs::path& dir) {
     id = await_id(dir, pe);
   }
   transport::nvshmem_join(pe, num_pes, id);
-  expect_state_error([&] { transport::nvshmem_join(pe, num_pes, id); }, "a second nvshmem_join", pe);
+  // One world per process: a join with its id shares it (a second Buffer over the same ranks), one
+  // with any other id, or as another PE, is refused.
+  transport::nvshmem_join(pe, num_pes, id);
+  std::vector<uint8_t> other = id;
+  other[0] ^= 0xff;
+  expect_state_error([&] { transport::nvshmem_join(pe, num_pes, other); }, "a join of another world", pe);
+  expect_state_error([&] { transport::nvshmem_join((pe + 1) % num_pes, num_pes + 1, id); }, "a join as another PE", pe);
+  const auto world = transport::nvshmem_world();
+  if (world.id != id || world.pe != pe || world.num_pes != num_pes)
+    throw std::runtime_error("pe " + std::to_string(pe) + ": nvshmem_world() does not name the world joined");
+  transport::nvshmem_leave();  // the sharing member: the world stays
 
   void* buffer = transport::nvshmem_alloc(kAllocBytes);
   std::vector<uint8_t> host(kAllocBytes, 0xff);
@@ -113,8 +123,12 @@ void run_pe(int pe, int num_pes, const fs::path& dir) {
   std::printf("pe %d: device self-test ok (%s)\n", pe, mapped ? "store to a mapped peer and put-with-signal"
                                                              : "put-with-signal; the next PE was not mapped");
   std::fflush(stdout);
+  if (transport::nvshmem_world_barrier(10.0) != -1)
+    throw std::runtime_error("pe " + std::to_string(pe) + ": the world's bounded barrier failed with every PE alive");
   transport::nvshmem_release(buffer);
   transport::nvshmem_leave();
+  if (!transport::nvshmem_world().id.empty())
+    throw std::runtime_error("pe " + std::to_string(pe) + ": the world outlived its last member");
   expect_state_error([] { transport::nvshmem_barrier_all(); }, "nvshmem_barrier_all after leave", pe);
 }
 

@@ -398,7 +398,11 @@ SLACK_S = 5.0         # the contract's allowance on top of it
 
 
 def _peer_loss_before_dispatch(rank, num_ranks, seed, lane):
+    import faulthandler
     import time
+
+    # A survivor stuck past every bound shows where (its stack on stderr) before the launcher kills it.
+    faulthandler.dump_traceback_later(3 * (PEER_TIMEOUT_S + SLACK_S), exit=False)
 
     config = moelink.Config(8, 8, 128, 8, 128)
     buf = make_buffer(num_ranks, config, (2048,))
@@ -444,6 +448,7 @@ def _peer_loss_before_dispatch(rank, num_ranks, seed, lane):
         assert error is None or isinstance(error, (TimeoutError, RuntimeError, ValueError)), f"{what}: {error!r}"
         limit = 2 * (PEER_TIMEOUT_S + SLACK_S)
     assert elapsed <= limit, f"{what}: the dispatch took {elapsed:.1f} s, limit {limit:.0f} s"
+    print(f"{what}: dispatch after {elapsed:.1f} s: {error!r}; destroying", flush=True)
     start = time.perf_counter()
     try:
         buf.destroy()
