@@ -20,7 +20,7 @@ class NvshmemWorld {
   // or in this one as another PE: two worlds cannot coexist in one process.
   enum class Join { kInit, kShare };
   Join admit(int pe, int num_pes, const std::vector<uint8_t>& id) const {
-    if (lost_pe_ >= 0)
+    if (lost_)
       throw Error(ErrorKind::kState, "moelink: this process's NVSHMEM world lost pe " + std::to_string(lost_pe_) +
                                          "; NVSHMEM cannot be entered again in this process: restart it");
     if (members_ == 0) return Join::kInit;
@@ -45,7 +45,7 @@ class NvshmemWorld {
   // Whether the caller must finalise NVSHMEM now (the last member left a world that lost no PE).
   bool left() {
     if (members_ == 0) throw Error(ErrorKind::kState, "moelink: nvshmem_leave without a join");
-    if (--members_ > 0 || lost_pe_ >= 0) return false;
+    if (--members_ > 0 || lost_) return false;
     id_.clear();
     pe_ = -1;
     num_pes_ = 0;
@@ -53,10 +53,12 @@ class NvshmemWorld {
   }
   // The world lost `pe` (its bounded barrier timed out on it): every member leaves without
   // NVSHMEM's collectives, and no Buffer of this process joins one again.
+  // pe < 0: not known which (this PE's own CUDA calls failed).
   void lose(int pe) {
-    if (lost_pe_ < 0) lost_pe_ = pe;
+    if (!lost_) lost_pe_ = pe;
+    lost_ = true;
   }
-  bool lost() const { return lost_pe_ >= 0; }
+  bool lost() const { return lost_; }
   int lost_pe() const { return lost_pe_; }
   int members() const { return members_; }
   const std::vector<uint8_t>& id() const { return id_; }  // empty when not joined
@@ -69,6 +71,7 @@ class NvshmemWorld {
   int num_pes_ = 0;
   int members_ = 0;
   int lost_pe_ = -1;
+  bool lost_ = false;
 };
 
 }  // namespace moelink::window

@@ -7,9 +7,8 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
-#include <chrono>
 #include <cstdint>
-#include <thread>
+#include <cstdio>
 
 #include "window/nvshmem/ops.hpp"
 
@@ -47,36 +46,37 @@ __global__ void __launch_bounds__(kThreads) arrive_and_wait(uint64_t* words, uin
 }  // namespace
 
 int world_barrier(uint64_t* words, uint64_t epoch, double timeout_s) {
+  // As the self-test (self_test.cu) does it: a managed flag and a synchronize. The kernel bounds
+  // its own waits, so the synchronize returns within timeout_s once it has started. A failure says
+  // which call failed on stderr (this runs in destroy, which reports and goes on).
+  const auto failed = [](cudaError_t status, const char* what) {
+    std::fprintf(stderr, "moelink: the NVSHMEM world barrier: %s failed with %s\n", what, cudaGetErrorString(status));
+    return -2;
+  };
+  cudaGetLastError();  // an earlier call's error is not this barrier's
   int* missing = nullptr;
-  if (cudaHostAlloc(reinterpret_cast<void**>(&missing), sizeof(int), cudaHostAllocMapped) != cudaSuccess) return -2;
+  cudaError_t status = cudaMallocManaged(&missing, sizeof(int));
+  if (status != cudaSuccess) return failed(status, "cudaMallocManaged");
   *missing = 0x7fffffff;
   cudaStream_t stream = nullptr;
-  int result = -2;
-  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess) {
-    int* missing_dev = nullptr;
-    cudaHostGetDevicePointer(reinterpret_cast<void**>(&missing_dev), missing, 0);
-    arrive_and_wait<<<1, kThreads, 0, stream>>>(words, epoch, static_cast<unsigned long long>(timeout_s * 1e9),
-                                                missing_dev);
-    // The kernel bounds its own waits; the host's margin covers one that never started.
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s + 5.0);
-    cudaError_t status = cudaGetLastError();
-    while (status == cudaSuccess && (status = cudaStreamQuery(stream)) == cudaErrorNotReady) {
-      if (std::chrono::steady_clock::now() > deadline) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    if (status == cudaSuccess) {
-      const int lowest = *reinterpret_cast<volatile int*>(missing);
-      result = lowest == 0x7fffffff ? -1 : lowest;
-    } else {
-      cudaGetLastError();
-    }
-    // A kernel still running keeps the stream and the flag (leaked) rather than free them under it.
-    if (status == cudaSuccess) cudaStreamDestroy(stream);
-    if (status == cudaSuccess) cudaFreeHost(missing);
-    return result;
+  status = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (status != cudaSuccess) {
+    cudaFree(missing);
+    return failed(status, "cudaStreamCreateWithFlags");
   }
-  cudaFreeHost(missing);
-  return result;
+  arrive_and_wait<<<1, kThreads, 0, stream>>>(words, epoch, static_cast<unsigned long long>(timeout_s * 1e9), missing);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    cudaStreamDestroy(stream);
+    cudaFree(missing);
+    return failed(status, "the launch");
+  }
+  status = cudaStreamSynchronize(stream);
+  cudaStreamDestroy(stream);
+  if (status != cudaSuccess) return failed(status, "the kernel");
+  const int lowest = *missing;
+  cudaFree(missing);
+  return lowest == 0x7fffffff ? -1 : lowest;
 }
 
 }  // namespace moelink::window::nvshmem_plugin
